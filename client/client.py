@@ -1,0 +1,373 @@
+"""The Python SDK: ``TrainerClient`` and the ``Session`` handle.
+
+Needs grpcio, protobuf and numpy only. Arrays go in as numpy (or torch tensors, converted on the
+CPU) and come back as numpy; results are small dataclasses. Every call has a deadline.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterable, Iterator
+from types import TracebackType
+from typing import Any, TypeVar
+
+import grpc
+import numpy as np
+import numpy.typing as npt
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from client import codec
+from client.errors import from_rpc_error
+from client.types import (
+    BackwardResult,
+    ForwardResult,
+    FreezeResult,
+    Graph,
+    GraphNode,
+    NamedTensor,
+    Optimizer,
+    ParameterInfo,
+    ParameterList,
+    SessionInfo,
+    Stats,
+)
+from trainer.v1 import trainer_pb2 as pb
+from trainer.v1 import trainer_pb2_grpc
+
+MIB = 1024 * 1024
+SERVICE = "trainer.v1.TrainerService"
+
+# Calls that change nothing may be retried when the server is briefly UNAVAILABLE; calls that
+# change a session (Forward, Backward, Step, ...) never are.
+_IDEMPOTENT = ("DescribeSession", "ListParameters", "GetGradients", "GetParameters", "GetGraph")
+_SERVICE_CONFIG = json.dumps(
+    {
+        "methodConfig": [
+            {
+                "name": [{"service": SERVICE, "method": m} for m in _IDEMPOTENT] + [{"service": "grpc.health.v1.Health"}],
+                "retryPolicy": {
+                    "maxAttempts": 4,
+                    "initialBackoff": "0.1s",
+                    "maxBackoff": "2s",
+                    "backoffMultiplier": 2,
+                    "retryableStatusCodes": ["UNAVAILABLE"],
+                },
+            }
+        ]
+    }
+)
+
+_LOSSES = {
+    "sum": pb.LOSS_FUNCTION_SUM_DIFFERENCE,
+    "cross_entropy": pb.LOSS_FUNCTION_CROSS_ENTROPY,
+    "mse": pb.LOSS_FUNCTION_MSE,
+}
+_OPTIMIZER_KINDS = {"sgd": pb.OPTIMIZER_KIND_SGD, "adam": pb.OPTIMIZER_KIND_ADAM, "adamw": pb.OPTIMIZER_KIND_ADAMW}
+_OPTIMIZER_NAMES = {v: k for k, v in _OPTIMIZER_KINDS.items()}
+_OPTIMIZER_FIELDS = ("lr", "momentum", "dampening", "weight_decay", "nesterov", "beta1", "beta2", "eps", "amsgrad")
+
+Req = TypeVar("Req")
+Resp = TypeVar("Resp")
+
+
+def as_array(x: Any, dtype: npt.DTypeLike | None = None) -> npt.NDArray[Any]:
+    """A numpy array from numpy, a nested list or a torch tensor (detached, moved to the CPU)."""
+    if hasattr(x, "detach") and hasattr(x, "cpu"):
+        x = x.detach().cpu().numpy()
+    arr = np.asarray(x)
+    if dtype is not None:
+        return arr.astype(dtype, copy=False)
+    if arr.dtype.kind == "f" and arr.dtype != np.float32:
+        return arr.astype(np.float32)
+    return arr
+
+
+def _input(x: Any, dtype: npt.DTypeLike | None = None) -> pb.TensorInput:
+    return pb.TensorInput(tensor=codec.encode(as_array(x, dtype)))
+
+
+def _stats(msg: pb.TensorStats) -> Stats:
+    return Stats(msg.norm, msg.min, msg.max, msg.mean, msg.non_finite_count, msg.num_elements)
+
+
+def _optimizer_message(optimizer: Optimizer) -> pb.OptimizerConfig:
+    if optimizer.kind not in _OPTIMIZER_KINDS:
+        raise ValueError(f"optimizer kind must be one of {sorted(_OPTIMIZER_KINDS)}, got {optimizer.kind!r}")
+    config = pb.OptimizerConfig(kind=_OPTIMIZER_KINDS[optimizer.kind])
+    for name in _OPTIMIZER_FIELDS:
+        value = getattr(optimizer, name)
+        if value is not None:
+            setattr(config, name, value)
+    return config
+
+
+def _optimizer(msg: pb.OptimizerConfig) -> Optimizer:
+    return Optimizer(_OPTIMIZER_NAMES.get(msg.kind, "sgd"), **{name: getattr(msg, name) for name in _OPTIMIZER_FIELDS})
+
+
+def _session_info(msg: pb.SessionInfo) -> SessionInfo:
+    return SessionInfo(
+        msg.session_id, msg.model, msg.weights, msg.device, msg.num_classes, _optimizer(msg.optimizer),
+        msg.step_count, msg.pending_forward_id, msg.trainable_parameters, msg.frozen_parameters, msg.is_default,
+    )
+
+
+def _transfer_type(dtype: str) -> int:
+    if dtype not in ("float32", "float16", "bfloat16"):
+        raise ValueError(f"dtype must be float32, float16 or bfloat16, got {dtype!r}")
+    return codec.DATA_TYPES_BY_NAME[dtype]
+
+
+class TrainerClient:
+    """A connection to a training server.
+
+    ``with TrainerClient("localhost:50051") as client:`` closes the channel on exit. ``timeout`` is
+    the deadline in seconds of every call (each method also takes its own ``timeout``).
+    """
+
+    def __init__(
+        self,
+        target: str = "localhost:50051",
+        *,
+        timeout: float = 120.0,
+        max_message_bytes: int = 512 * MIB,
+        options: Iterable[tuple[str, Any]] = (),
+    ) -> None:
+        self.target = target
+        self.timeout = timeout
+        self._channel = grpc.insecure_channel(
+            target,
+            options=[
+                ("grpc.max_send_message_length", max_message_bytes),
+                ("grpc.max_receive_message_length", max_message_bytes),
+                ("grpc.enable_retries", 1),
+                ("grpc.service_config", _SERVICE_CONFIG),
+                *options,
+            ],
+        )
+        self._stub = trainer_pb2_grpc.TrainerServiceStub(self._channel)  # type: ignore[no-untyped-call]
+        self._health = health_pb2_grpc.HealthStub(self._channel)
+        self._closed = False
+
+    def __enter__(self) -> TrainerClient:
+        return self
+
+    def __exit__(self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Closes the channel; calling it again does nothing."""
+        if not self._closed:
+            self._closed = True
+            self._channel.close()
+
+    def call(self, method: Callable[..., Resp], request: Any, timeout: float | None = None) -> Resp:
+        """Runs a unary call with the deadline, turning a failure into a ``TrainerError``."""
+        try:
+            return method(request, timeout=self.timeout if timeout is None else timeout)
+        except grpc.RpcError as exc:
+            raise from_rpc_error(exc) from exc
+
+    def stream(self, method: Callable[..., Iterable[Resp]], request: Any, timeout: float | None = None) -> Iterator[Resp]:
+        """Runs a server-streaming call with the deadline, turning a failure into a ``TrainerError``."""
+        try:
+            yield from method(request, timeout=self.timeout if timeout is None else timeout)
+        except grpc.RpcError as exc:
+            raise from_rpc_error(exc) from exc
+
+    @property
+    def stub(self) -> trainer_pb2_grpc.TrainerServiceStub:
+        """The raw generated stub, for what the SDK does not wrap."""
+        return self._stub
+
+    def health(self, service: str = "", timeout: float | None = None) -> str:
+        """The server's health status name: "SERVING", "NOT_SERVING", ..."""
+        response = self.call(self._health.Check, health_pb2.HealthCheckRequest(service=service), timeout)
+        return str(health_pb2.HealthCheckResponse.ServingStatus.Name(response.status))
+
+    def session(self, session_id: str = "") -> Session:
+        """A handle on an existing session; no id means the server's default session."""
+        return Session(self, session_id)
+
+    def create_session(
+        self,
+        weights: str = "random",
+        *,
+        num_classes: int = 0,
+        optimizer: Optimizer | None = None,
+        seed: int = 0,
+        timeout: float | None = None,
+    ) -> Session:
+        """A new session: "random" (seeded) weights, "imagenet", or a weights file in the server's data dir.
+
+        Use it as a context manager to close it on exit.
+        """
+        request = pb.CreateSessionRequest(weights=weights, num_classes=num_classes, seed=seed)
+        if optimizer is not None:
+            request.optimizer.CopyFrom(_optimizer_message(optimizer))
+        response = self.call(self._stub.CreateSession, request, timeout)
+        return Session(self, response.session.session_id)
+
+
+class Session:
+    """One session on the server: a model with its optimizer, gradients and pending forward."""
+
+    def __init__(self, client: TrainerClient, session_id: str = "") -> None:
+        self._client = client
+        self._stub = client.stub
+        self.session_id = session_id
+        self._closed = False
+
+    def __enter__(self) -> Session:
+        return self
+
+    def __exit__(self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None) -> None:
+        self.close()
+
+    def close(self, timeout: float | None = None) -> None:
+        """Closes the session on the server; idempotent, and a no-op for the default session."""
+        if self.session_id not in ("", "default") and not self._closed:
+            self._closed = True
+            self._client.call(self._stub.CloseSession, pb.CloseSessionRequest(session_id=self.session_id), timeout)
+
+    def info(self, timeout: float | None = None) -> SessionInfo:
+        """What the session holds."""
+        response = self._client.call(self._stub.DescribeSession, pb.DescribeSessionRequest(session_id=self.session_id), timeout)
+        return _session_info(response.session)
+
+    def forward(
+        self, x: Any, *, eval_mode: bool = False, no_grad: bool = False, stats_only: bool = False, timeout: float | None = None
+    ) -> ForwardResult:
+        """``model(x)`` on the server for a float batch (N, 3, H, W); keeps the graph unless ``no_grad``."""
+        request = pb.ForwardRequest(
+            session_id=self.session_id, input=_input(x, np.float32), eval_mode=eval_mode, no_grad=no_grad,
+            output_format=pb.OUTPUT_FORMAT_STATS_ONLY if stats_only else pb.OUTPUT_FORMAT_RAW,
+        )
+        response = self._client.call(self._stub.Forward, request, timeout)
+        logits = codec.decode(response.logits) if response.HasField("logits") else None
+        return ForwardResult(response.forward_id, logits, _stats(response.logits_stats))  # type: ignore[arg-type]
+
+    def backward(
+        self,
+        loss: str | None = None,
+        labels: Any = None,
+        *,
+        output_gradient: Any = None,
+        retain_graph: bool = False,
+        forward_id: int = 0,
+        timeout: float | None = None,
+    ) -> BackwardResult:
+        """Backpropagates from the pending forward.
+
+        ``loss`` "sum" is the tutorial's ``(prediction - labels).sum()``; "cross_entropy" takes class
+        indices; "mse" is the mean squared error. Or pass ``output_gradient``, the gradient of your own
+        loss with respect to the logits (``prediction.backward(gradient=...)``).
+        """
+        request = pb.BackwardRequest(session_id=self.session_id, forward_id=forward_id, retain_graph=retain_graph)
+        if loss is not None:
+            if loss not in _LOSSES:
+                raise ValueError(f"loss must be one of {sorted(_LOSSES)}, got {loss!r}")
+            if labels is None:
+                raise ValueError(f"loss {loss!r} needs labels")
+            request.loss.function = _LOSSES[loss]  # type: ignore[assignment]
+            request.loss.labels.CopyFrom(_input(labels, np.int64 if loss == "cross_entropy" else np.float32))
+        if output_gradient is not None:
+            request.output_gradient.CopyFrom(_input(output_gradient, np.float32))
+        response = self._client.call(self._stub.Backward, request, timeout)
+        return BackwardResult(
+            response.forward_id, response.loss if response.HasField("loss") else None,
+            response.parameters_with_grad, response.grad_norm,
+        )
+
+    def step(self, timeout: float | None = None) -> int:
+        """One optimizer step; returns the session's step count."""
+        return self._client.call(self._stub.Step, pb.StepRequest(session_id=self.session_id), timeout).step_count
+
+    def zero_grad(self, set_to_none: bool = True, timeout: float | None = None) -> int:
+        """Clears every .grad (to None, or to zeros); returns how many were set."""
+        request = pb.ZeroGradRequest(session_id=self.session_id, set_to_none=set_to_none)
+        return self._client.call(self._stub.ZeroGrad, request, timeout).parameters_cleared
+
+    def configure_optimizer(self, optimizer: Optimizer | None = None, timeout: float | None = None, **values: Any) -> Optimizer:
+        """Replaces the optimizer: ``configure_optimizer(kind="sgd", lr=1e-2, momentum=0.9)``."""
+        optimizer = optimizer or Optimizer(**values)
+        request = pb.ConfigureOptimizerRequest(session_id=self.session_id, optimizer=_optimizer_message(optimizer))
+        return _optimizer(self._client.call(self._stub.ConfigureOptimizer, request, timeout).optimizer)
+
+    def freeze(self, *patterns: str, timeout: float | None = None) -> FreezeResult:
+        """Freezes parameters by name pattern ("layer4.*", a module prefix "layer1", or "*")."""
+        return self._freeze(patterns, False, timeout)
+
+    def unfreeze(self, *patterns: str, timeout: float | None = None) -> FreezeResult:
+        """Unfreezes parameters by name pattern."""
+        return self._freeze(patterns, True, timeout)
+
+    def _freeze(self, patterns: Iterable[str], unfreeze: bool, timeout: float | None) -> FreezeResult:
+        request = pb.FreezeLayersRequest(session_id=self.session_id, patterns=list(patterns), unfreeze=unfreeze)
+        response = self._client.call(self._stub.FreezeLayers, request, timeout)
+        return FreezeResult(list(response.changed), list(response.trainable), response.frozen_count)
+
+    def replace_head(self, num_classes: int, seed: int = 0, timeout: float | None = None) -> SessionInfo:
+        """``model.fc = nn.Linear(512, num_classes)`` after ``torch.manual_seed(seed)``; the optimizer is rebuilt."""
+        request = pb.ReplaceHeadRequest(session_id=self.session_id, num_classes=num_classes, seed=seed)
+        return _session_info(self._client.call(self._stub.ReplaceHead, request, timeout).session)
+
+    def list_parameters(self, timeout: float | None = None) -> ParameterList:
+        """Every parameter with shape, dtype, requires_grad and whether it has a .grad."""
+        response = self._client.call(self._stub.ListParameters, pb.ListParametersRequest(session_id=self.session_id), timeout)
+        return ParameterList(
+            [
+                ParameterInfo(
+                    p.name, tuple(p.shape), codec.DATA_TYPE_NAMES.get(p.data_type, "unknown"),
+                    p.requires_grad, p.has_grad, p.num_elements,
+                )
+                for p in response.parameters
+            ],
+            response.trainable_count, response.frozen_count, response.trainable_elements, response.total_elements,
+        )
+
+    def gradients(
+        self, *patterns: str, stats_only: bool = False, dtype: str = "float32", timeout: float | None = None
+    ) -> dict[str, NamedTensor]:
+        """The .grad of every parameter (or those matching ``patterns``), by name, in model order."""
+        request = pb.GetGradientsRequest(
+            session_id=self.session_id, patterns=list(patterns), stats_only=stats_only,
+            transfer_data_type=_transfer_type(dtype),  # type: ignore[arg-type]
+        )
+        chunks = (r.chunk for r in self._client.stream(self._stub.GetGradients, request, timeout))
+        return self._assemble(chunks, not stats_only)
+
+    def parameters(
+        self,
+        *patterns: str,
+        stats_only: bool = False,
+        dtype: str = "float32",
+        include_buffers: bool = False,
+        timeout: float | None = None,
+    ) -> dict[str, NamedTensor]:
+        """The values of every parameter (or those matching ``patterns``), and buffers if asked."""
+        request = pb.GetParametersRequest(
+            session_id=self.session_id, patterns=list(patterns), stats_only=stats_only,
+            transfer_data_type=_transfer_type(dtype), include_buffers=include_buffers,  # type: ignore[arg-type]
+        )
+        chunks = (r.chunk for r in self._client.stream(self._stub.GetParameters, request, timeout))
+        return self._assemble(chunks, not stats_only)
+
+    @staticmethod
+    def _assemble(chunks: Iterable[pb.TensorChunk], with_data: bool) -> dict[str, NamedTensor]:
+        return {
+            t.name: NamedTensor(t.name, t.shape, t.present, _stats(t.stats) if t.stats else None, t.array)  # type: ignore[arg-type]
+            for t in codec.assemble_chunks(chunks, with_data)
+        }
+
+    def graph(self, timeout: float | None = None) -> Graph:
+        """The autograd graph of the pending forward."""
+        response = self._client.call(self._stub.GetGraph, pb.GetGraphRequest(session_id=self.session_id), timeout)
+        return Graph(
+            response.forward_id,
+            response.root_id,
+            [GraphNode(n.id, n.function, n.parameter) for n in response.nodes],
+            [(e.from_id, e.to_id) for e in response.edges],
+            list(response.leaf_parameters),
+            list(response.excluded_parameters),
+        )

@@ -1,0 +1,148 @@
+"""The SDK's results: small dataclasses holding numpy arrays, never protobuf messages."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import numpy.typing as npt
+
+FloatArray = npt.NDArray[np.floating]
+
+
+@dataclass(frozen=True)
+class Stats:
+    """Summary of a tensor as the server holds it (float32 arithmetic on its device)."""
+
+    norm: float
+    min: float
+    max: float
+    mean: float
+    non_finite_count: int
+    num_elements: int
+
+
+@dataclass(frozen=True)
+class ForwardResult:
+    """The logits of a forward, and its id for Backward. ``logits`` is None when only stats were asked for."""
+
+    forward_id: int
+    logits: FloatArray | None
+    stats: Stats
+
+
+@dataclass(frozen=True)
+class BackwardResult:
+    """What a backward did: the loss (when the server computed it), gradients present, their norm."""
+
+    forward_id: int
+    loss: float | None
+    parameters_with_grad: int
+    grad_norm: float
+
+
+@dataclass(frozen=True)
+class NamedTensor:
+    """A parameter's gradient or value.
+
+    ``present`` False means the parameter has no .grad (frozen, or no backward yet); ``array`` is
+    None then, and also when only statistics were asked for.
+    """
+
+    name: str
+    shape: tuple[int, ...]
+    present: bool
+    stats: Stats | None
+    array: FloatArray | None
+
+
+@dataclass(frozen=True)
+class ParameterInfo:
+    """One parameter of the model."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: str
+    requires_grad: bool
+    has_grad: bool
+    num_elements: int
+
+
+@dataclass(frozen=True)
+class ParameterList:
+    """All parameters in model order, with counts."""
+
+    parameters: list[ParameterInfo]
+    trainable_count: int
+    frozen_count: int
+    trainable_elements: int
+    total_elements: int
+
+    def __getitem__(self, name: str) -> ParameterInfo:
+        for p in self.parameters:
+            if p.name == name:
+                return p
+        raise KeyError(name)
+
+
+@dataclass(frozen=True)
+class Optimizer:
+    """A torch.optim optimizer: kind "sgd", "adam" or "adamw"; None fields take torch's defaults."""
+
+    kind: str = "sgd"
+    lr: float | None = None
+    momentum: float | None = None
+    dampening: float | None = None
+    weight_decay: float | None = None
+    nesterov: bool | None = None
+    beta1: float | None = None
+    beta2: float | None = None
+    eps: float | None = None
+    amsgrad: bool | None = None
+
+
+@dataclass(frozen=True)
+class SessionInfo:
+    """What a session holds."""
+
+    session_id: str
+    model: str
+    weights: str
+    device: str
+    num_classes: int
+    optimizer: Optimizer
+    step_count: int
+    pending_forward_id: int
+    trainable_parameters: int
+    frozen_parameters: int
+    is_default: bool
+
+
+@dataclass(frozen=True)
+class FreezeResult:
+    """What a freeze or unfreeze changed, and what is trainable afterwards."""
+
+    changed: list[str]
+    trainable: list[str]
+    frozen_count: int
+
+
+@dataclass(frozen=True)
+class GraphNode:
+    """A node of the autograd graph: a backward function, or AccumulateGrad of ``parameter``."""
+
+    id: int
+    function: str
+    parameter: str = ""
+
+
+@dataclass(frozen=True)
+class Graph:
+    """The autograd graph of the pending forward; edges run from output towards the leaves."""
+
+    forward_id: int
+    root_id: int
+    nodes: list[GraphNode]
+    edges: list[tuple[int, int]]
+    leaf_parameters: list[str]
+    excluded_parameters: list[str] = field(default_factory=list)

@@ -1,0 +1,186 @@
+"""Conversions between trainer.v1 messages and the engine's torch tensors and dataclasses.
+
+Byte layout is the codec's (``client.codec``, shared with the SDK); this module only adds torch and
+the engine's types on the server's side.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterator
+
+import numpy as np
+import torch
+
+from client import codec
+from server.engine import (
+    Distribution,
+    LossName,
+    NamedTensor,
+    OptimizerName,
+    OptimizerSpec,
+    SessionDescription,
+    Stats,
+    generate,
+)
+from server.errors import ResourceExhausted, invalid
+from trainer.v1 import trainer_pb2 as pb
+
+# Inputs are decoded as read-only numpy views of the request's bytes and never written to; torch
+# warns about such views, so that one warning is silenced here.
+warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+
+_DISTRIBUTIONS: dict[int, Distribution] = {
+    pb.DISTRIBUTION_ZEROS: "zeros",
+    pb.DISTRIBUTION_ONES: "ones",
+    pb.DISTRIBUTION_UNIFORM: "uniform",
+    pb.DISTRIBUTION_NORMAL: "normal",
+    pb.DISTRIBUTION_RANDINT: "randint",
+}
+LOSSES: dict[int, LossName] = {
+    pb.LOSS_FUNCTION_SUM_DIFFERENCE: "sum",
+    pb.LOSS_FUNCTION_CROSS_ENTROPY: "cross_entropy",
+    pb.LOSS_FUNCTION_MSE: "mse",
+}
+_OPTIMIZERS: dict[int, OptimizerName] = {
+    pb.OPTIMIZER_KIND_UNSPECIFIED: "sgd",
+    pb.OPTIMIZER_KIND_SGD: "sgd",
+    pb.OPTIMIZER_KIND_ADAM: "adam",
+    pb.OPTIMIZER_KIND_ADAMW: "adamw",
+}
+_OPTIMIZER_KINDS = {"sgd": pb.OPTIMIZER_KIND_SGD, "adam": pb.OPTIMIZER_KIND_ADAM, "adamw": pb.OPTIMIZER_KIND_ADAMW}
+_TRANSFER_TYPES: dict[int, torch.dtype] = {
+    pb.DATA_TYPE_UNSPECIFIED: torch.float32,
+    pb.DATA_TYPE_FLOAT32: torch.float32,
+    pb.DATA_TYPE_FLOAT16: torch.float16,
+    pb.DATA_TYPE_BFLOAT16: torch.bfloat16,
+}
+TORCH_TO_WIRE: dict[torch.dtype, int] = {
+    torch.float32: pb.DATA_TYPE_FLOAT32,
+    torch.float16: pb.DATA_TYPE_FLOAT16,
+    torch.bfloat16: pb.DATA_TYPE_BFLOAT16,
+    torch.float64: pb.DATA_TYPE_FLOAT64,
+    torch.int64: pb.DATA_TYPE_INT64,
+    torch.int32: pb.DATA_TYPE_INT32,
+}
+
+
+def input_tensor(msg: pb.TensorInput, field: str, max_elements: int, integer: bool = False) -> tuple[torch.Tensor, bool]:
+    """The tensor a ``TensorInput`` carries, and whether it was written as numbers (or generated).
+
+    ``integer`` asks for int64 from numbers and zeros/ones (class indices). Size limits are checked
+    from the shape before anything is allocated.
+    """
+    source = msg.WhichOneof("source")
+    if source is None:
+        raise invalid(field, f"{field} is missing: give tensor, values or generate", "MISSING_TENSOR")
+    try:
+        if source == "tensor":
+            _check_size(msg.tensor.shape, field, max_elements)
+            return torch.from_numpy(codec.decode(msg.tensor)), False
+        if source == "values":
+            _check_size(msg.values.shape, field, max_elements)
+            array = codec.values_to_array(msg.values, np.int64 if integer else np.float32)
+            return torch.from_numpy(array), True
+    except codec.CodecError as exc:
+        raise invalid(f"{field}.{source}", f"{field}: {exc}", exc.reason) from exc
+    spec = msg.generate
+    shape = _check_size(spec.shape, field, max_elements)
+    distribution = _DISTRIBUTIONS.get(spec.distribution)
+    if distribution is None:
+        raise invalid(f"{field}.generate.distribution", f"{field}: choose a distribution", "BAD_GENERATOR")
+    tensor = generate(shape, distribution, spec.seed, spec.high)
+    if integer and distribution in ("zeros", "ones"):
+        tensor = tensor.long()
+    return tensor, True
+
+
+def _check_size(shape: object, field: str, max_elements: int) -> tuple[int, ...]:
+    try:
+        dims = codec.check_shape(shape)  # type: ignore[arg-type]
+    except codec.CodecError as exc:
+        raise invalid(field, f"{field}: {exc}", exc.reason) from exc
+    count = codec.num_elements(dims)
+    if count > max_elements:
+        raise ResourceExhausted(
+            f"{field} has {count} elements, over the limit max_input_elements={max_elements}",
+            "INPUT_TOO_LARGE",
+            metadata={"limit": str(max_elements)},
+        )
+    return dims
+
+
+def raw_bytes(t: torch.Tensor) -> bytes:
+    """The tensor's elements as wire bytes (bfloat16 as its bit pattern)."""
+    if t.dtype == torch.bfloat16:
+        t = t.view(torch.int16)
+    return t.numpy().tobytes()
+
+
+def output_tensor(t: torch.Tensor) -> pb.Tensor:
+    """A CPU tensor as a raw wire ``Tensor``."""
+    return codec.encode_raw(raw_bytes(t), t.shape, TORCH_TO_WIRE[t.dtype])
+
+
+def output_values(t: torch.Tensor) -> pb.TensorValues:
+    """A CPU tensor as a ``TensorValues`` list of numbers."""
+    return codec.array_to_values(t.float().numpy())
+
+
+def stats_message(stats: Stats) -> pb.TensorStats:
+    """Engine statistics as a ``TensorStats``."""
+    return pb.TensorStats(
+        norm=stats.norm, min=stats.min, max=stats.max, mean=stats.mean,
+        non_finite_count=stats.non_finite_count, num_elements=stats.num_elements,
+    )
+
+
+def transfer_dtype(code: int) -> torch.dtype:
+    """The element type for a tensor stream: float32, float16 or bfloat16."""
+    if code not in _TRANSFER_TYPES:
+        raise invalid("transfer_data_type", "transfer_data_type must be FLOAT32, FLOAT16 or BFLOAT16", "BAD_TRANSFER_TYPE")
+    return _TRANSFER_TYPES[code]
+
+
+def chunk_stream(tensors: list[NamedTensor], chunk_bytes: int) -> Iterator[pb.TensorChunk]:
+    """Named tensors as a stream of ``TensorChunk`` messages."""
+    for item in tensors:
+        if item.stats is None:
+            yield from codec.encode_chunks(item.name, None, item.shape, pb.DATA_TYPE_FLOAT32, None, chunk_bytes)
+            continue
+        t = item.tensor
+        data_type = TORCH_TO_WIRE[t.dtype] if t is not None else pb.DATA_TYPE_UNSPECIFIED
+        raw = raw_bytes(t) if t is not None else b""
+        yield from codec.encode_chunks(item.name, raw, item.shape, data_type, stats_message(item.stats), chunk_bytes)
+
+
+def optimizer_spec(config: pb.OptimizerConfig) -> OptimizerSpec:
+    """An ``OptimizerConfig`` with torch's defaults for the unset fields."""
+    kind = _OPTIMIZERS.get(config.kind)
+    if kind is None:
+        raise invalid("optimizer.kind", f"unknown optimizer kind {config.kind}", "BAD_OPTIMIZER_VALUE")
+    given = {
+        name: getattr(config, name)
+        for name in ("lr", "momentum", "dampening", "weight_decay", "nesterov", "beta1", "beta2", "eps", "amsgrad")
+        if config.HasField(name)
+    }
+    return OptimizerSpec.with_defaults(kind, **given)
+
+
+def optimizer_config(spec: OptimizerSpec) -> pb.OptimizerConfig:
+    """An ``OptimizerSpec`` as an ``OptimizerConfig`` with every field set."""
+    return pb.OptimizerConfig(
+        kind=_OPTIMIZER_KINDS[spec.kind], lr=spec.lr, momentum=spec.momentum, dampening=spec.dampening,
+        weight_decay=spec.weight_decay, nesterov=spec.nesterov, beta1=spec.beta1, beta2=spec.beta2,
+        eps=spec.eps, amsgrad=spec.amsgrad,
+    )
+
+
+def session_info(session_id: str, desc: SessionDescription, is_default: bool) -> pb.SessionInfo:
+    """A session's description as a ``SessionInfo``."""
+    return pb.SessionInfo(
+        session_id=session_id, model=desc.model, weights=desc.weights, device=desc.device,
+        num_classes=desc.num_classes, optimizer=optimizer_config(desc.optimizer), step_count=desc.step_count,
+        pending_forward_id=desc.pending_forward_id, trainable_parameters=desc.trainable_parameters,
+        frozen_parameters=desc.frozen_parameters, is_default=is_default,
+    )
