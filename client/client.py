@@ -145,7 +145,7 @@ class TrainerClient:
                 *options,
             ],
         )
-        self._stub = trainer_pb2_grpc.TrainerServiceStub(self._channel)  # type: ignore[no-untyped-call]
+        self._stub = trainer_pb2_grpc.TrainerServiceStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
         self._closed = False
 
@@ -269,7 +269,7 @@ class Session:
                 raise ValueError(f"loss must be one of {sorted(_LOSSES)}, got {loss!r}")
             if labels is None:
                 raise ValueError(f"loss {loss!r} needs labels")
-            request.loss.function = _LOSSES[loss]  # type: ignore[assignment]
+            request.loss.function = _LOSSES[loss]
             request.loss.labels.CopyFrom(_input(labels, np.int64 if loss == "cross_entropy" else np.float32))
         if output_gradient is not None:
             request.output_gradient.CopyFrom(_input(output_gradient, np.float32))

@@ -175,7 +175,7 @@ def encode_chunks(
     """
     dims = list(shape)
     if raw is None:
-        yield pb.TensorChunk(name=name, shape=dims, data_type=data_type, present=False, last=True)
+        yield pb.TensorChunk(name=name, shape=dims, data_type=pb.DataType.ValueType(data_type), present=False, last=True)
         return
     total = len(raw)
     view = memoryview(raw)

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from server.errors import FailedPrecondition, NotFound, ResourceExhausted, invalid
-from server.models import new_head
+from server.models import head_of, new_head
 
 LossName = Literal["sum", "cross_entropy", "mse"]
 OptimizerName = Literal["sgd", "adam", "adamw"]
@@ -359,7 +359,7 @@ class SessionEngine:
                 raise invalid("source", "give exactly one of loss or output_gradient", "NO_BACKWARD_SOURCE")
             if loss is not None:
                 root = self._loss(loss, logits, labels)
-                root.backward(retain_graph=retain_graph)
+                root.backward(retain_graph=retain_graph)  # type: ignore[no-untyped-call]
                 loss_value: float | None = float(root.detach())
             else:
                 assert output_gradient is not None
@@ -371,7 +371,7 @@ class SessionEngine:
                         "BAD_OUTPUT_GRADIENT_SHAPE",
                     )
                 _require_finite(output_gradient, "output_gradient")
-                logits.backward(gradient=output_gradient.to(self._device, non_blocking=True), retain_graph=retain_graph)
+                logits.backward(gradient=output_gradient.to(self._device, non_blocking=True), retain_graph=retain_graph)  # type: ignore[no-untyped-call]
                 loss_value = None
             if not retain_graph:
                 pending.logits = None
@@ -447,7 +447,7 @@ class SessionEngine:
         """``model.fc = nn.Linear(512, num_classes)`` seeded, then a new optimizer over all parameters."""
         if num_classes < 1 or num_classes > 1_000_000:
             raise invalid("num_classes", f"num_classes must be in 1..1000000, got {num_classes}", "BAD_NUM_CLASSES")
-        head = new_head(self._model.fc.in_features, num_classes, seed)  # type: ignore[union-attr, arg-type]
+        head = new_head(head_of(self._model).in_features, num_classes, seed)
         with self._lock:
             self._model.fc = head.to(self._device)
             self._optimizer = self._spec.build(self._model.parameters())
@@ -550,12 +550,11 @@ class SessionEngine:
     def _describe(self) -> SessionDescription:
         params = list(self._model.parameters())
         trainable = sum(1 for p in params if p.requires_grad)
-        fc = self._model.fc
         return SessionDescription(
             model="resnet18",
             weights=self._weights,
             device=str(self._device),
-            num_classes=int(fc.out_features),  # type: ignore[union-attr, arg-type]
+            num_classes=head_of(self._model).out_features,
             optimizer=self._spec,
             step_count=self._step_count,
             pending_forward_id=self._pending.forward_id if self._pending and self._pending.logits is not None else 0,

@@ -34,20 +34,29 @@ def seeded(seed: int) -> Iterator[None]:
 
 def imagenet_weights_path() -> Path:
     """Where torchvision keeps ResNet18_Weights.DEFAULT in the torch hub cache ($TORCH_HOME/hub)."""
-    filename = os.path.basename(ResNet18_Weights.DEFAULT.url)
-    return Path(torch.hub.get_dir()) / "checkpoints" / filename
+    filename: str = os.path.basename(ResNet18_Weights.DEFAULT.url)
+    return Path(str(torch.hub.get_dir())) / "checkpoints" / filename
 
 
 def random_model(num_classes: int, seed: int) -> nn.Module:
     """resnet18 initialised as ``torch.manual_seed(seed); resnet18(num_classes=num_classes)``."""
     with seeded(seed):
-        return resnet18(weights=None, num_classes=num_classes)
+        model: nn.Module = resnet18(weights=None, num_classes=num_classes)
+    return model
 
 
 def new_head(in_features: int, num_classes: int, seed: int) -> nn.Linear:
     """A classifier head as ``torch.manual_seed(seed); nn.Linear(in_features, num_classes)``."""
     with seeded(seed):
         return nn.Linear(in_features, num_classes)
+
+
+def head_of(model: nn.Module) -> nn.Linear:
+    """The classifier head ``model.fc`` (an nn.Linear in every model this server builds)."""
+    head = model.fc
+    if not isinstance(head, nn.Linear):
+        raise TypeError(f"model.fc is a {type(head).__name__}, not an nn.Linear")
+    return head
 
 
 def load_state_dict_file(path: Path) -> dict[str, torch.Tensor]:
@@ -73,13 +82,13 @@ def model_from_state_dict(state: dict[str, torch.Tensor], num_classes: int, seed
     fc = state.get("fc.weight")
     if fc is None or fc.dim() != 2:
         raise invalid("weights", f"{source} is not a resnet18 state_dict (no 2-D fc.weight)", "WEIGHTS_MISMATCH")
-    model = resnet18(weights=None, num_classes=int(fc.shape[0]))
+    model: nn.Module = resnet18(weights=None, num_classes=int(fc.shape[0]))
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as exc:
         raise invalid("weights", f"{source} does not fit resnet18: {exc}", "WEIGHTS_MISMATCH") from exc
     if num_classes and num_classes != fc.shape[0]:
-        model.fc = new_head(model.fc.in_features, num_classes, seed)
+        model.fc = new_head(head_of(model).in_features, num_classes, seed)
     return model
 
 
