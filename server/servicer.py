@@ -59,16 +59,16 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
     @unary
     def Forward(self, request: pb.ForwardRequest, context: grpc.ServicerContext) -> pb.ForwardResponse:
         engine = self._store.get(request.session_id)
+        fmt = request.output_format
+        if fmt not in pb.OutputFormat.values():
+            raise invalid("output_format", f"unknown output_format {fmt}", "BAD_OUTPUT_FORMAT")
         x, as_numbers = wire.input_tensor(request.input, "input", self._limits.max_input_elements)
         result = engine.forward(x, eval_mode=request.eval_mode, no_grad=request.no_grad)
         response = pb.ForwardResponse(forward_id=result.forward_id, logits_stats=wire.stats_message(result.stats))
-        fmt = request.output_format
         if fmt == pb.OUTPUT_FORMAT_VALUES or fmt == pb.OUTPUT_FORMAT_UNSPECIFIED and as_numbers:
             response.logits_values.CopyFrom(wire.output_values(result.logits))
-        elif fmt in (pb.OUTPUT_FORMAT_RAW, pb.OUTPUT_FORMAT_UNSPECIFIED):
-            response.logits.CopyFrom(wire.output_tensor(result.logits))
         elif fmt != pb.OUTPUT_FORMAT_STATS_ONLY:
-            raise invalid("output_format", f"unknown output_format {fmt}", "BAD_OUTPUT_FORMAT")
+            response.logits.CopyFrom(wire.output_tensor(result.logits))
         return response
 
     @unary
