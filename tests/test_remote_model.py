@@ -1,0 +1,182 @@
+"""RemoteModel: the tutorial's own torch code against a real server, compared with local PyTorch."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from client import FailedPreconditionError, NotFoundError, Session, TrainerClient
+from client.remote import SGD, RemoteModel, RemoteParameter
+from tests.conftest import assert_equal_to_local
+
+
+def rand(*shape: int, seed: int) -> torch.Tensor:
+    return torch.rand(shape, generator=torch.Generator().manual_seed(seed))
+
+
+def assert_grads_match(model: RemoteModel, local: nn.Module) -> None:
+    remote = model.session.gradients()
+    for name, param in local.named_parameters():
+        if param.grad is None:
+            assert not remote[name].present, name
+        else:
+            assert_equal_to_local(remote[name].array, param.grad)
+
+
+def assert_params_match(model: RemoteModel, local: nn.Module) -> None:
+    remote = model.fetch_state_dict()
+    for name, value in local.state_dict().items():
+        assert_equal_to_local(remote[name].numpy(), value)
+
+
+def test_tutorial_training_step_with_a_local_loss_matches_local(session: Session, local: nn.Module) -> None:
+    model = RemoteModel(session)
+    data, labels = rand(1, 3, 64, 64, seed=1), rand(1, 1000, seed=2)
+
+    prediction = model(data)                          # forward pass on the server
+    assert prediction.requires_grad and prediction.shape == (1, 1000)
+    loss = (prediction - labels).sum()                # computed here
+    loss.backward()                                   # backward pass: through the server
+    optim = model.sgd(lr=1e-2, momentum=0.9)
+    optim.step()                                      # gradient descent on the server
+
+    local_prediction = local(data)
+    assert_equal_to_local(prediction.detach().numpy(), local_prediction)
+    local_loss = (local_prediction - labels).sum()
+    local_loss.backward()
+    assert loss.item() == pytest.approx(local_loss.item(), rel=1e-5)
+    assert model.last_backward is not None and model.last_backward.parameters_with_grad == 62
+    assert_grads_match(model, local)
+    # The handle fetches .grad on demand; d(loss)/d(fc.bias) is 1 for every class, as the tutorial's
+    # `9*a**2 == a.grad` checks hold exactly.
+    fc_bias_grad = model.fc.bias.grad
+    assert fc_bias_grad is not None and torch.equal(fc_bias_grad, torch.ones(1000))
+    fc_weight_grad = model.fc.weight.grad
+    assert fc_weight_grad is not None
+    assert_equal_to_local(fc_weight_grad.numpy(), local.fc.weight.grad)  # type: ignore[arg-type]
+
+    torch.optim.SGD(local.parameters(), lr=1e-2, momentum=0.9).step()
+    assert_params_match(model, local)
+    assert_equal_to_local(model.layer1[0].conv1.weight.data.numpy(), local.layer1[0].conv1.weight)  # type: ignore[index]
+
+
+def test_any_loss_backpropagates_into_the_server_and_gradients_accumulate(session: Session, local: nn.Module) -> None:
+    model = RemoteModel(session)
+    data, targets = rand(2, 3, 64, 64, seed=3), torch.tensor([3, 917])
+    for _ in range(2):  # two backward passes accumulate in .grad, as locally
+        out = model(data)
+        (F.cross_entropy(out, targets) + 0.01 * out.pow(2).mean()).backward()
+        local_out = local(data)
+        (F.cross_entropy(local_out, targets) + 0.01 * local_out.pow(2).mean()).backward()
+    assert_grads_match(model, local)
+
+    model.zero_grad()
+    assert model.fc.weight.grad is None
+
+
+def test_freezing_by_requires_grad_and_a_new_head_finetune_like_the_tutorial(session: Session, local: nn.Module) -> None:
+    model = RemoteModel(session)
+    for param in model.parameters():                  # for param in model.parameters(): param.requires_grad = False
+        param.requires_grad = False
+    assert not model.layer4[1].conv2.weight.requires_grad
+    model.replace_head(10, seed=7)                    # model.fc = nn.Linear(512, 10)
+    optimizer = SGD(model.parameters(), lr=1e-2, momentum=0.9)
+
+    for param in local.parameters():
+        param.requires_grad = False
+    torch.manual_seed(7)
+    local.fc = nn.Linear(512, 10)
+    local_optimizer = torch.optim.SGD(local.parameters(), lr=1e-2, momentum=0.9)
+
+    assert [name for name, p in model.named_parameters() if p.requires_grad] == ["fc.weight", "fc.bias"]
+    assert model.fc.weight.shape == (10, 512)
+    data, targets = rand(4, 3, 64, 64, seed=4), torch.tensor([0, 1, 2, 9])
+    for step in range(2):
+        optimizer.zero_grad()
+        prediction = model(data)
+        graph = model.graph()                         # the DAG of this forward: only the head is in it
+        assert graph.leaf_parameters == ["fc.weight", "fc.bias"]
+        assert len(graph.excluded_parameters) == 60
+        F.cross_entropy(prediction, targets).backward()
+        optimizer.step()
+
+        local_optimizer.zero_grad()
+        F.cross_entropy(local(data), targets).backward()
+        local_optimizer.step()
+    assert_grads_match(model, local)                  # frozen parameters have no .grad
+    assert_params_match(model, local)
+
+
+def test_no_grad_and_eval_mode(session: Session, local: nn.Module) -> None:
+    model = RemoteModel(session)
+    data = rand(1, 3, 64, 64, seed=5)
+    model.eval()
+    local.eval()
+    with torch.no_grad():
+        prediction = model(data)
+        expected = local(data)
+    assert not prediction.requires_grad
+    assert_equal_to_local(prediction.numpy(), expected)
+    assert_params_match(model, local)                 # eval mode left the BatchNorm statistics alone
+    with pytest.raises(FailedPreconditionError) as exc:  # no graph was kept on the server either
+        session.backward(output_gradient=torch.ones(1, 1000))
+    assert exc.value.reason == "NO_GRAPH"
+
+    model.train()
+    out = model(data)
+    assert out.requires_grad
+    out.sum().backward()
+    assert model.fc.bias.grad is not None
+
+
+def test_a_stale_prediction_cannot_backpropagate_into_a_newer_forward(session: Session) -> None:
+    model = RemoteModel(session)
+    first = model(rand(1, 3, 64, 64, seed=6))
+    model(rand(1, 3, 64, 64, seed=7))
+    with pytest.raises(FailedPreconditionError) as exc:
+        first.sum().backward()
+    assert exc.value.reason == "STALE_FORWARD"
+
+
+def test_handles_and_mistakes(session: Session) -> None:
+    model = RemoteModel(session)
+    fc = model.fc
+    assert [name for name, _ in fc.named_parameters()] == ["weight", "bias"]
+    assert isinstance(model.layer2[0].downsample[0].weight, RemoteParameter)
+    with pytest.raises(AttributeError):
+        model.classifier
+    with pytest.raises(TypeError, match="replace_head"):
+        model.fc = nn.Linear(512, 10)
+    with pytest.raises(ValueError, match="every parameter"):
+        SGD(model.fc.parameters(), lr=0.1)
+    model.requires_grad_(False)
+    assert model.info().trainable_parameters == 0
+    model.layer4.requires_grad_(True)
+    assert model.info().trainable_parameters == 15
+
+
+def test_create_owns_and_closes_its_session(target: str) -> None:
+    with RemoteModel.create(target, "random", seed=3, num_classes=10) as model:
+        info = model.info()
+        assert (info.weights, info.num_classes, info.is_default) == ("random(seed=3)", 10, False)
+        session_id = model.session.session_id
+    with RemoteModel(target) as default:
+        assert default.info().is_default
+    with TrainerClient(target) as client, pytest.raises(NotFoundError):
+        client.session(session_id).info()
+
+
+def test_the_sdk_imports_without_torch() -> None:
+    code = (
+        "import sys; sys.modules['torch'] = None\n"
+        "import client, client.graphviz\n"
+        "try:\n    import client.remote\nexcept ImportError:\n    print('no torch: ok')\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "no torch: ok"
