@@ -174,7 +174,7 @@ def test_create_owns_and_closes_its_session(target: str) -> None:
 def test_the_sdk_imports_without_torch() -> None:
     code = (
         "import sys; sys.modules['torch'] = None\n"
-        "import client, client.graphviz\n"
+        "import client, client.cli, client.graphviz\n"
         "try:\n    import client.remote\nexcept ImportError:\n    print('no torch: ok')\n"
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False)

@@ -1,0 +1,140 @@
+"""trainer-client against a real server: each command, its output, and one-line errors with exit status 1."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from client import Session
+from client.cli import main
+from client.graphviz import dot_available
+from tests.conftest import assert_equal_to_local
+
+CLI = Path(sys.executable).with_name("trainer-client")
+
+
+def run(capsys: pytest.CaptureFixture[str], target: str, session: Session | None, *args: str) -> tuple[int, str, str]:
+    argv = ["--target", target, *(["--session", session.session_id] if session else []), *args]
+    status = main(argv)
+    out, err = capsys.readouterr()
+    return status, out, err
+
+
+def test_health_and_info(capsys: pytest.CaptureFixture[str], target: str, session: Session) -> None:
+    assert run(capsys, target, None, "health") == (0, "SERVING\n", "")
+    status, out, _ = run(capsys, target, session, "info", "--parameters")
+    assert status == 0
+    assert re.search(r"^model: +resnet18$", out, re.M)
+    assert re.search(r"^parameters: +62 tensors, 11,689,512 elements$", out, re.M)
+    assert re.search(r"^optimizer: +sgd\(lr=0.01, momentum=0.9,", out, re.M)
+    assert re.search(r"^layer4\.1\.conv2\.weight +512x512x3x3 +yes +-$", out, re.M)
+
+
+def test_step_on_npy_data_prints_the_loss_of_each_step_as_local_pytorch(
+    capsys: pytest.CaptureFixture[str], target: str, session: Session, local: nn.Module, tmp_path: Path
+) -> None:
+    rng = np.random.default_rng(0)
+    x, y = rng.random((4, 3, 32, 32), dtype=np.float32), rng.random((4, 1000), dtype=np.float32)
+    np.save(tmp_path / "x.npy", x)
+    np.save(tmp_path / "y.npy", y)
+    status, out, err = run(capsys, target, session, "step", "-n", "3", "--batch", "2",
+                           "--data", str(tmp_path / "x.npy"), "--labels", str(tmp_path / "y.npy"), "--progress")
+    assert status == 0
+    lines = out.splitlines()
+    assert [line.split()[1] for line in lines] == ["1/3", "2/3", "3/3"]
+    assert "3/3" in err and "#" * 30 in err  # the progress bar, full at the end
+    optim = torch.optim.SGD(local.parameters(), lr=1e-2, momentum=0.9)
+    for i, line in enumerate(lines):
+        index = np.arange(i * 2, i * 2 + 2) % 4
+        optim.zero_grad()
+        loss = (local(torch.from_numpy(x[index])) - torch.from_numpy(y[index])).sum()
+        loss.backward()
+        optim.step()
+        assert float(line.split()[3]) == pytest.approx(loss.item(), rel=1e-5, abs=1e-4)
+    assert session.info().step_count == 3
+
+
+def test_step_on_generated_data_with_cross_entropy(capsys: pytest.CaptureFixture[str], target: str, session: Session) -> None:
+    status, out, err = run(capsys, target, session, "step", "-n", "2", "--loss", "cross_entropy", "--size", "32")
+    assert status == 0 and err == ""
+    assert len(out.splitlines()) == 2 and all(0 < float(line.split()[3]) < 20 for line in out.splitlines())
+
+
+def test_freeze_replace_head_grads_and_save(capsys: pytest.CaptureFixture[str], target: str, session: Session, tmp_path: Path) -> None:
+    assert run(capsys, target, session, "replace-head", "10", "--seed", "3")[0] == 0
+    status, out, _ = run(capsys, target, session, "freeze", "*")
+    assert status == 0 and out.startswith("froze 62 parameters; 0 trainable, 62 frozen")
+    status, out, _ = run(capsys, target, session, "freeze", "--unfreeze", "fc")
+    assert status == 0 and "trainable: fc.weight, fc.bias" in out
+    info = session.info()
+    assert (info.num_classes, info.trainable_parameters) == (10, 2)
+
+    assert run(capsys, target, session, "step", "--loss", "cross_entropy", "--size", "32")[0] == 0
+    status, out, _ = run(capsys, target, session, "grads", "fc", "layer4.1.bn2.bias", "--save", str(tmp_path / "g.npz"))
+    assert status == 0
+    assert re.search(r"^fc\.weight +10x512 +\d", out, re.M)
+    assert re.search(r"^layer4\.1\.bn2\.bias +512 +no grad$", out, re.M)
+    assert "2 of 3 parameters have a gradient" in out
+    saved = np.load(tmp_path / "g.npz")
+    remote = session.gradients("fc")
+    assert sorted(saved.files) == ["fc.bias", "fc.weight"]
+    assert_equal_to_local(saved["fc.weight"], torch.from_numpy(remote["fc.weight"].array.copy()))  # type: ignore[union-attr]
+
+
+def test_graph_summary_dot_and_image(capsys: pytest.CaptureFixture[str], target: str, session: Session, tmp_path: Path) -> None:
+    status, out, _ = run(capsys, target, session, "graph", "--dot", str(tmp_path / "g.dot"))
+    assert status == 0
+    assert re.search(r"^forward 1: \d+ nodes, \d+ edges; 62 leaf parameters, 0 excluded \(frozen\)$", out, re.M)
+    assert "ConvolutionBackward0 x20" in out
+    dot = (tmp_path / "g.dot").read_text()
+    assert dot.startswith('digraph "autograd"') and '"fc.weight"' in dot
+    # BatchNorm statistics were left alone (an eval-mode forward), and the graph is the pending forward's.
+    status, out, _ = run(capsys, target, session, "graph", "--pending", "--dot", "-")
+    assert status == 0 and out.startswith('digraph "autograd"')
+    if dot_available():
+        status, out, _ = run(capsys, target, session, "graph", "--pending", "--image", str(tmp_path / "g.png"))
+        assert status == 0
+        assert (tmp_path / "g.png").read_bytes().startswith(b"\x89PNG")
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["--session", "no-such-session", "info"], "trainer-client: error: NOT_FOUND: "),
+        (["grads", "no_such_layer"], "trainer-client: error: NOT_FOUND: no parameter or module named 'no_such_layer' [PARAMETER_NOT_FOUND]"),
+        (["replace-head", "0"], "trainer-client: error: INVALID_ARGUMENT: num_classes must be in 1..1000000, got 0 [BAD_NUM_CLASSES]"),
+        (["step", "--data", "/no/such.npy", "--labels", "/no/such.npy"], "trainer-client: error: cannot read --data /no/such.npy: "),
+        (["step", "--size", "8"], "trainer-client: error: INVALID_ARGUMENT: input images must be at least 32x32, got 8x8 [IMAGE_TOO_SMALL]"),
+    ],
+)
+def test_failures_exit_1_with_one_line(
+    capsys: pytest.CaptureFixture[str], target: str, session: Session, args: list[str], expected: str
+) -> None:
+    status = main(["--target", target, *([] if "--session" in args else ["--session", session.session_id]), *args])
+    out, err = capsys.readouterr()
+    assert status == 1 and out == ""
+    assert err.startswith(expected) and err.count("\n") == 1, err
+
+
+def test_entry_point_help_and_unreachable_server() -> None:
+    done = subprocess.run([str(CLI), "--help"], capture_output=True, text=True, timeout=60, check=False)
+    assert done.returncode == 0
+    for command in ("health", "info", "step", "grads", "freeze", "replace-head", "graph"):
+        assert re.search(rf"^    {command} ", done.stdout, re.M), command
+    done = subprocess.run([str(CLI), "step", "--help"], capture_output=True, text=True, timeout=60, check=False)
+    assert done.returncode == 0 and "--loss {sum,cross_entropy,mse}" in done.stdout
+
+    done = subprocess.run([str(CLI), "--target", "127.0.0.1:1", "--timeout", "5", "health"],
+                          capture_output=True, text=True, timeout=60, check=False)
+    assert done.returncode == 1 and done.stdout == ""
+    assert done.stderr.startswith("trainer-client: error: UNAVAILABLE: ") and done.stderr.count("\n") == 1
+
+    done = subprocess.run([str(CLI), "no-such-command"], capture_output=True, text=True, timeout=60, check=False)
+    assert done.returncode == 2 and "invalid choice" in done.stderr
