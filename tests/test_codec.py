@@ -1,0 +1,75 @@
+"""The wire codec, shared by the SDK and the server: round trips and refusals."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from client import codec
+from server import wire
+from trainer.v1 import trainer_pb2 as pb
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float16, np.float64, np.int64, np.int32])
+def test_round_trip_keeps_values_and_layout(dtype: type) -> None:
+    array = (np.arange(24).reshape(2, 3, 4) * 1.5).astype(dtype)
+    msg = codec.encode(array)
+    assert msg.raw_data == array.astype(np.dtype(dtype).newbyteorder("<")).tobytes()  # little-endian, row-major
+    np.testing.assert_array_equal(codec.decode(msg), array)
+
+
+def test_non_contiguous_and_big_endian_arrays_are_sent_row_major_little_endian() -> None:
+    array = np.arange(12, dtype=">f4").reshape(3, 4).T
+    np.testing.assert_array_equal(codec.decode(codec.encode(array)), array)
+
+
+def test_decode_is_a_view_without_copy() -> None:
+    msg = codec.encode(np.ones((64, 64), np.float32))
+    assert not codec.decode(msg).flags.owndata
+
+
+def test_bfloat16_matches_torch_rounding() -> None:
+    values = torch.randn(1000, generator=torch.Generator().manual_seed(0)) * 1000
+    ours = codec.decode(codec.encode(values.numpy(), pb.DATA_TYPE_BFLOAT16))
+    np.testing.assert_array_equal(ours, values.to(torch.bfloat16).float().numpy())
+    server_side = wire.output_tensor(values.to(torch.bfloat16))
+    np.testing.assert_array_equal(codec.decode(server_side), ours)
+
+
+def test_wrong_byte_length_is_refused() -> None:
+    with pytest.raises(codec.CodecError) as err:
+        codec.decode(pb.Tensor(shape=[2, 2], data_type=pb.DATA_TYPE_FLOAT32, raw_data=b"\0" * 15))
+    assert err.value.reason == "BYTE_LENGTH_MISMATCH"
+
+
+def test_bool_arrays_are_refused() -> None:
+    with pytest.raises(codec.CodecError):
+        codec.encode(np.zeros(3, bool))
+
+
+def test_values_to_integers_must_be_whole() -> None:
+    values = pb.TensorValues(shape=[3], values=[1, 2, 3])
+    assert codec.values_to_array(values, np.int64).dtype == np.int64
+    with pytest.raises(codec.CodecError):
+        codec.values_to_array(pb.TensorValues(shape=[1], values=[0.5]), np.int64)
+
+
+@pytest.mark.parametrize("size", [0, 1, 1000, 4096, 4097, 10_000])
+def test_chunks_reassemble(size: int) -> None:
+    array = np.arange(size, dtype=np.float32)
+    stats = pb.TensorStats(norm=1.0)
+    chunks = list(codec.encode_chunks("w", array.tobytes(), array.shape, pb.DATA_TYPE_FLOAT32, stats, 4096))
+    assert all(len(c.data) <= 4096 for c in chunks) and chunks[-1].last
+    absent = list(codec.encode_chunks("g", None, (3,), pb.DATA_TYPE_FLOAT32, None, 4096))
+    out = list(codec.assemble_chunks(chunks + absent))
+    assert [t.name for t in out] == ["w", "g"]
+    np.testing.assert_array_equal(out[0].array, array)
+    assert out[0].stats == stats
+    assert not out[1].present and out[1].array is None
+
+
+def test_out_of_order_chunks_are_refused() -> None:
+    chunks = list(codec.encode_chunks("w", b"\0" * 8192, (2048,), pb.DATA_TYPE_FLOAT32, None, 4096))
+    with pytest.raises(codec.CodecError):
+        list(codec.assemble_chunks([chunks[0], chunks[0], chunks[1]]))

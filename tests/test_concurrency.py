@@ -1,0 +1,106 @@
+"""Sessions used from several threads: isolated from each other, serialised within one."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import torch
+from torch import nn
+from torchvision.models import resnet18
+
+from client import TrainerClient
+from tests.conftest import WEIGHTS_NAME, assert_equal_to_local, rand
+
+
+def run_threads(*targets: Callable[[], None]) -> None:
+    errors: list[BaseException] = []
+
+    def wrap(fn: Callable[[], None]) -> Callable[[], None]:
+        def run() -> None:
+            try:
+                fn()
+            except BaseException as exc:  # collected and re-raised in the test thread
+                errors.append(exc)
+        return run
+
+    threads = [threading.Thread(target=wrap(t)) for t in targets]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=600)
+    assert not errors, errors
+
+
+def test_two_sessions_from_two_threads_stay_isolated(client: TrainerClient, local: nn.Module, state_dict: dict[str, torch.Tensor]) -> None:
+    a, b = client.create_session(WEIGHTS_NAME), client.create_session(WEIGHTS_NAME)
+    data = {"a": [rand(2, 3, 32, 32, seed=i) for i in range(3)], "b": [rand(2, 3, 32, 32, seed=100 + i) for i in range(3)]}
+    labels = rand(2, 1000, seed=7)
+
+    def train(session_name: str) -> Callable[[], None]:
+        session = a if session_name == "a" else b
+
+        def run() -> None:
+            for x in data[session_name]:
+                session.zero_grad()
+                session.forward(x)
+                session.backward("sum", labels)
+                session.step()
+        return run
+
+    run_threads(train("a"), train("b"))
+
+    for name, session in (("a", a), ("b", b)):
+        model = resnet18()
+        model.load_state_dict(state_dict)
+        optim = torch.optim.SGD(model.parameters(), lr=1e-2, momentum=0.9)
+        for x in data[name]:
+            optim.zero_grad()
+            (model(torch.from_numpy(x)) - torch.from_numpy(labels)).sum().backward()
+            optim.step()
+        remote = session.parameters("fc", "conv1")
+        for pname in remote:
+            assert_equal_to_local(remote[pname].array, dict(model.named_parameters())[pname])
+        session.close()
+
+
+def test_concurrent_calls_on_one_session_are_serialised(client: TrainerClient, local: nn.Module) -> None:
+    """Eight threads run Backward through one retained graph while others read the gradients.
+
+    Serialised calls mean every Backward adds exactly one copy of the gradient, and every read sees
+    a whole number of them: never a tensor caught half-way through an accumulation.
+    """
+    session = client.create_session(WEIGHTS_NAME)
+    x, labels = rand(2, 3, 32, 32), rand(2, 1000)
+    session.forward(x)
+    (local(torch.from_numpy(x)) - torch.from_numpy(labels)).sum().backward()
+    single = local.fc.weight.grad.numpy()  # type: ignore[union-attr]
+    reads: list[np.ndarray] = []
+
+    def backward() -> None:
+        session.backward("sum", labels, retain_graph=True)
+
+    def read() -> None:
+        for _ in range(3):
+            g = session.gradients("fc.weight")["fc.weight"]
+            if g.present:
+                reads.append(g.array)  # type: ignore[arg-type]
+
+    with ThreadPoolExecutor(max_workers=12) as pool:
+        futures = [pool.submit(backward) for _ in range(8)] + [pool.submit(read) for _ in range(4)]
+        for f in futures:
+            f.result(timeout=600)
+
+    final = session.gradients("fc.weight")["fc.weight"].array
+    np.testing.assert_allclose(final, 8 * single, rtol=1e-5, atol=1e-5)
+    for seen in reads:
+        # Each read is k * single for one whole k in 1..8 (sums of equal terms round alike).
+        k = round(float(np.abs(seen).sum() / np.abs(single).sum()))
+        assert 1 <= k <= 8
+        np.testing.assert_allclose(seen, k * single, rtol=1e-5, atol=1e-5)
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        step_counts = sorted(pool.map(lambda _: session.step(), range(4)))
+    assert step_counts == [1, 2, 3, 4]
+    session.close()

@@ -1,0 +1,69 @@
+"""The torch work without gRPC: the session engine against local PyTorch, and its refusals."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torchvision.models import resnet18
+
+from server.engine import Limits, OptimizerSpec, SessionEngine, generate, match_patterns, tensor_stats
+from server.errors import InvalidArgument, NotFound
+
+NAMES = ["conv1.weight", "bn1.weight", "layer1.0.conv1.weight", "layer1.0.bn1.bias", "layer10.weight", "fc.weight", "fc.bias"]
+
+
+def engine_and_local() -> tuple[SessionEngine, torch.nn.Module]:
+    torch.manual_seed(0)
+    model = resnet18(num_classes=10)
+    local = copy.deepcopy(model)
+    return SessionEngine(model, torch.device("cpu"), "test", OptimizerSpec.tutorial(), Limits()), local
+
+
+def test_forward_backward_step_equal_local() -> None:
+    engine, local = engine_and_local()
+    x = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    labels = torch.tensor([1, 9])
+    result = engine.forward(x)
+    back = engine.backward(loss="cross_entropy", labels=labels)
+    engine.step()
+    optim = torch.optim.SGD(local.parameters(), lr=1e-2, momentum=0.9)
+    logits = local(x)
+    loss = torch.nn.functional.cross_entropy(logits, labels)
+    loss.backward()
+    optim.step()
+    torch.testing.assert_close(result.logits, logits.detach(), rtol=1e-5, atol=1e-6)
+    assert back.loss == pytest.approx(loss.item(), rel=1e-6)
+    for got, want in zip(engine.parameters([]), local.parameters()):
+        assert got.tensor is not None
+        torch.testing.assert_close(got.tensor, want.detach(), rtol=1e-5, atol=1e-7)
+
+
+def test_patterns_globs_and_module_prefixes() -> None:
+    assert match_patterns(NAMES, ["layer1"]) == ["layer1.0.conv1.weight", "layer1.0.bn1.bias"]
+    assert match_patterns(NAMES, ["layer1*"]) == ["layer1.0.conv1.weight", "layer1.0.bn1.bias", "layer10.weight"]
+    assert match_patterns(NAMES, ["fc.*", "conv1.weight"]) == ["conv1.weight", "fc.weight", "fc.bias"]
+    assert match_patterns(NAMES, ["*"]) == NAMES
+    with pytest.raises(NotFound):
+        match_patterns(NAMES, ["layer2"])
+    with pytest.raises(InvalidArgument):
+        match_patterns(NAMES, ["layer2.*"])
+
+
+def test_stats_count_non_finite_values() -> None:
+    stats = tensor_stats(torch.tensor([1.0, float("nan"), float("inf"), -2.0]))
+    assert stats.non_finite_count == 2 and stats.num_elements == 4
+    clean = tensor_stats(torch.tensor([3.0, -4.0]))
+    assert (clean.norm, clean.min, clean.max, clean.mean, clean.non_finite_count) == (5.0, -4.0, 3.0, -0.5, 0)
+
+
+def test_generated_tensors_are_reproducible_with_torch_generator() -> None:
+    expected = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(7))
+    torch.testing.assert_close(generate((1, 3, 64, 64), "uniform", 7), expected, rtol=0, atol=0)
+    assert generate((4,), "randint", 1, high=10).dtype == torch.int64
+
+
+def test_optimizer_defaults_follow_torch() -> None:
+    assert OptimizerSpec.with_defaults("adamw").weight_decay == 0.01
+    assert OptimizerSpec.with_defaults("sgd", lr=0.5).momentum == 0.0

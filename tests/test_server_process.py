@@ -1,0 +1,91 @@
+"""The server as users start it: `python -m server` with flags and environment twins, stopped by SIGTERM."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from client import TrainerClient
+from server.settings import Settings, parse_settings
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def start(*args: str, env: dict[str, str] | None = None) -> tuple[subprocess.Popen[str], int, list[str]]:
+    """Starts the server on a free port and reads the port from its 'listening on' log line.
+
+    The rest of its log is collected by a thread (so the pipe never fills) into the returned list.
+    """
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "server", "--port", "0", *args],
+        cwd=ROOT, stderr=subprocess.PIPE, text=True, env={**os.environ, **(env or {})},
+    )
+    assert proc.stderr is not None
+    deadline = time.monotonic() + 120
+    for line in proc.stderr:
+        found = re.search(r"listening on \S+:(\d+)", line)
+        if found:
+            log: list[str] = []
+            threading.Thread(target=lambda: log.extend(proc.stderr), daemon=True).start()  # type: ignore[arg-type]
+            return proc, int(found.group(1)), log
+        if time.monotonic() > deadline:
+            break
+    proc.kill()
+    raise AssertionError(f"server did not start: {proc.stderr.read()}")
+
+
+@pytest.fixture
+def process() -> Iterator[tuple[subprocess.Popen[str], int, list[str]]]:
+    proc, port, log = start("--weights", "random", env={"TRAINER_SEED": "5", "TRAINER_MAX_SESSIONS": "3"})
+    yield proc, port, log
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait()
+
+
+def test_serves_then_stops_cleanly_on_sigterm(process: tuple[subprocess.Popen[str], int, list[str]]) -> None:
+    proc, port, log = process
+    with TrainerClient(f"localhost:{port}", timeout=60) as client:
+        assert client.health() == "SERVING"
+        assert client.health("trainer.v1.TrainerService") == "SERVING"
+        info = client.session().info()
+        assert info.weights == "random(seed=5)" and info.device == "cpu"
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=60) == 0
+    time.sleep(0.5)  # let the reader thread take the last lines
+    text = "".join(log)
+    assert "received SIGTERM: shutting down" in text and "stopped" in text
+    assert "rpc=DescribeSession session=- status=OK" in text  # one log line per call
+
+
+def test_missing_imagenet_weights_stop_startup_with_the_path(tmp_path: Path) -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "server", "--port", "0", "--weights", "imagenet"],
+        cwd=ROOT, capture_output=True, text=True, timeout=120, env={**os.environ, "TORCH_HOME": str(tmp_path)},
+    )
+    assert done.returncode == 2
+    assert str(tmp_path / "hub" / "checkpoints" / "resnet18-f37072fd.pth") in done.stderr
+
+
+def test_flags_environment_and_defaults() -> None:
+    assert parse_settings([], {}) == Settings()
+    settings = parse_settings(["--port", "6000", "--max-batch", "8"], {"TRAINER_PORT": "7000", "TRAINER_DEVICE": "cpu"})
+    assert (settings.port, settings.max_batch, settings.device) == (6000, 8, "cpu")
+    with pytest.raises(SystemExit):
+        parse_settings(["--max-sessions", "0"], {})
+
+
+def test_help_names_every_environment_twin() -> None:
+    done = subprocess.run([sys.executable, "-m", "server", "--help"], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0
+    for name in ("TRAINER_HOST", "TRAINER_PORT", "TRAINER_WEIGHTS", "TRAINER_DEVICE", "TRAINER_MAX_SESSIONS"):
+        assert name in done.stdout
