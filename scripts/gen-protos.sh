@@ -4,7 +4,9 @@
 # `scripts/gen-protos.sh --check` fails when they are not current (CI runs it).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-PY=${PYTHON:-python}
+PY=${PYTHON:-.venv/bin/python}
+# protoc finds the mypy-protobuf plugins (protoc-gen-mypy, protoc-gen-mypy_grpc) beside that python.
+PATH="$(dirname "$PY"):$PATH"
 out=.
 if [ "${1:-}" = "--check" ]; then
   out=$(mktemp -d)

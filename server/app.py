@@ -7,39 +7,51 @@ import logging
 import signal
 import threading
 from concurrent import futures
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 from types import FrameType
+from typing import Any
 
 import grpc
-from torch import nn
+from google.protobuf import message_factory
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+from torch import nn
 
+from server.auth import AuthInterceptor, TokenAuth
 from server.engine import Limits, OptimizerSpec, SessionEngine
+from server.metrics import Metrics
 from server.models import build_model, resolve_device
 from server.servicer import TrainerServicer
 from server.sessions import SessionStore
 from server.settings import Settings
-from trainer.v1 import trainer_pb2, trainer_pb2_grpc
+from trainer.v1 import trainer_pb2
 
 log = logging.getLogger(__name__)
 
-SERVICE_NAME = trainer_pb2.DESCRIPTOR.services_by_name["TrainerService"].full_name
+SERVICE = trainer_pb2.DESCRIPTOR.services_by_name["TrainerService"]
+SERVICE_NAME = SERVICE.full_name
 
 
 @dataclass
 class TrainerServer:
-    """A started server: the grpc server, the port it listens on, its health service and sessions."""
+    """A started server: the grpc server, its port, health service, sessions and metrics."""
 
     server: grpc.Server
     port: int
     health: health.HealthServicer
     store: SessionStore
+    metrics: Metrics
+    metrics_port: int | None = None
+    _stopping: threading.Event = field(default_factory=threading.Event)
 
     def stop(self, grace: float | None) -> threading.Event:
         """Reports NOT_SERVING, refuses new calls and lets in-flight ones finish within ``grace`` seconds."""
+        self._stopping.set()
         self.health.enter_graceful_shutdown()
-        return self.server.stop(grace)
+        done = self.server.stop(grace)
+        self.metrics.close()
+        return done
 
 
 def create_server(settings: Settings) -> TrainerServer:
@@ -51,12 +63,15 @@ def create_server(settings: Settings) -> TrainerServer:
     limits = Limits(max_input_elements=settings.max_input_elements, max_batch=settings.max_batch)
     model, source = build_model(settings.weights, settings.num_classes, settings.seed, trusted_path=True)
     default = SessionEngine(model, device, source, OptimizerSpec.tutorial(), limits, settings.seed)
-    store = SessionStore(default, settings.max_sessions)
+    store = SessionStore(default, settings.max_sessions, settings.max_sessions_per_token, settings.session_idle_seconds)
+    auth = TokenAuth.from_settings(settings)
+    metrics = Metrics(store.__len__)
     factory = functools.partial(_client_model, data_dir=settings.data_dir)
-    servicer = TrainerServicer(store, factory, device, limits, settings.chunk_bytes)
+    servicer = TrainerServicer(store, factory, device, settings, auth, metrics)
 
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=settings.max_workers, thread_name_prefix="rpc"),
+        interceptors=[AuthInterceptor(auth)] if auth else [],
         options=[
             # Batches and parameter tensors are far over gRPC's 4 MiB default.
             ("grpc.max_receive_message_length", settings.max_message_bytes),
@@ -71,19 +86,68 @@ def create_server(settings: Settings) -> TrainerServer:
             ("grpc.keepalive_permit_without_calls", 1),
         ],
     )
-    trainer_pb2_grpc.add_TrainerServiceServicer_to_server(servicer, server)
+    server.add_generic_rpc_handlers((_counted_handlers(servicer, metrics),))
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
         (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), server
     )
     host = f"[{settings.host}]" if ":" in settings.host and not settings.host.startswith("[") else settings.host
-    port = server.add_insecure_port(f"{host}:{settings.port}")
+    port = server.add_secure_port(f"{host}:{settings.port}", _tls(settings)) if settings.tls_cert else \
+        server.add_insecure_port(f"{host}:{settings.port}")
+    metrics_port = metrics.serve(settings.host, settings.metrics_port) if settings.metrics_port >= 0 else None
     server.start()
     for name in ("", SERVICE_NAME):
         health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    log.info("listening on %s:%d (device %s, weights %s)", settings.host, port, device, source)
-    return TrainerServer(server, port, health_servicer, store)
+    running = TrainerServer(server, port, health_servicer, store, metrics, metrics_port)
+    if settings.session_idle_seconds:
+        threading.Thread(target=_expire_sessions, args=(running,), name="session-expiry", daemon=True).start()
+    log.info(
+        "listening on %s:%d (device %s, weights %s, %s, %s)", settings.host, port, device, source,
+        "TLS" + (" with client certificates" if settings.tls_client_ca else "") if settings.tls_cert else "plaintext",
+        "tokens required" if auth else "no authentication",
+    )
+    return running
+
+
+def _tls(settings: Settings) -> grpc.ServerCredentials:
+    """Server TLS credentials; with a client CA, clients must present a certificate it signed."""
+    ca = Path(settings.tls_client_ca).read_bytes() if settings.tls_client_ca else None
+    return grpc.ssl_server_credentials(
+        [(Path(settings.tls_key).read_bytes(), Path(settings.tls_cert).read_bytes())],
+        root_certificates=ca,
+        require_client_auth=ca is not None,
+    )
+
+
+def _counted_handlers(servicer: TrainerServicer, metrics: Metrics) -> grpc.GenericRpcHandler[Any, Any]:
+    """TrainerService's method handlers, as the generated code makes them, but counting the bytes
+    of every message as it is parsed or serialised (the sizes come free there)."""
+    handlers: dict[str, grpc.RpcMethodHandler[Any, Any]] = {}
+    for method in SERVICE.methods:
+        request_class = message_factory.GetMessageClass(method.input_type)
+
+        def deserialize(data: bytes, cls: Any = request_class, name: str = method.name) -> Any:
+            metrics.received(name, len(data))
+            return cls.FromString(data)
+
+        def serialize(message: Any, name: str = method.name) -> bytes:
+            data: bytes = message.SerializeToString()
+            metrics.sent(name, len(data))
+            return data
+
+        make = grpc.unary_stream_rpc_method_handler if method.server_streaming else grpc.unary_unary_rpc_method_handler
+        handlers[method.name] = make(
+            getattr(servicer, method.name), request_deserializer=deserialize, response_serializer=serialize
+        )
+    return grpc.method_handlers_generic_handler(SERVICE_NAME, handlers)
+
+
+def _expire_sessions(running: TrainerServer) -> None:
+    """Closes idle sessions, checking four times per idle period (at most every 30 s)."""
+    interval = min(running.store.idle_seconds / 4, 30.0)
+    while not running._stopping.wait(interval):
+        running.store.expire_idle()
 
 
 def _client_model(weights: str, num_classes: int, seed: int, *, data_dir: str) -> tuple[nn.Module, str]:

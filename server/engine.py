@@ -14,7 +14,8 @@ import fnmatch
 import math
 import threading
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, replace
+import copy
+from dataclasses import asdict, dataclass, replace
 from typing import Literal
 
 import torch
@@ -204,6 +205,20 @@ class _Pending:
     logits: torch.Tensor | None
     unusable_because: str = ""
     reason: str = ""
+
+
+CHECKPOINT_FORMAT = "trainer.v1/session-checkpoint/1"
+
+
+def _to_cpu(value: object) -> object:
+    """A copy of a (nested) optimizer state with every tensor on the CPU."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().to("cpu", copy=True)
+    if isinstance(value, dict):
+        return {k: _to_cpu(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_to_cpu(v) for v in value]
+    return value
 
 
 def tensor_stats(t: torch.Tensor) -> Stats:
@@ -455,6 +470,59 @@ class SessionEngine:
                 fid = self._pending.forward_id
                 self._pending = _Pending(fid, None, f"forward {fid} was made with the old head, replaced since", "HEAD_REPLACED")
             return self._describe()
+
+    # -- checkpoints -----------------------------------------------------------------------------
+
+    def checkpoint(self) -> dict[str, object]:
+        """Everything needed to go on bit-identically: weights and buffers, head size, frozen set,
+        optimizer settings and state (momentum buffers), step count. Gradients are not kept."""
+        with self._lock:
+            return {
+                "format": CHECKPOINT_FORMAT,
+                "weights": self._weights,
+                "num_classes": head_of(self._model).out_features,
+                "model": {k: v.detach().to("cpu", copy=True) for k, v in self._model.state_dict().items()},
+                "frozen": [n for n, p in self._model.named_parameters() if not p.requires_grad],
+                "optimizer_spec": asdict(self._spec),
+                "optimizer_state": _to_cpu(self._optimizer.state_dict()),
+                "step_count": self._step_count,
+            }
+
+    def restore(self, state: dict[str, object]) -> SessionDescription:
+        """Puts the session in the state of ``checkpoint()``; the pending forward and gradients are dropped.
+
+        Everything is checked and built aside first, so a bad checkpoint leaves the session as it was.
+        """
+        with self._lock:
+            return self._restore(state)
+
+    def _restore(self, state: dict[str, object]) -> SessionDescription:
+        try:
+            if state.get("format") != CHECKPOINT_FORMAT:
+                raise ValueError(f"unknown checkpoint format {state.get('format')!r}")
+            spec = OptimizerSpec(**state["optimizer_spec"])  # type: ignore[arg-type]
+            spec.validate()
+            num_classes = int(state["num_classes"])  # type: ignore[call-overload]
+            weights = state["model"]
+            frozen = set(state["frozen"])  # type: ignore[call-overload]
+            step_count = int(state["step_count"])  # type: ignore[call-overload]
+            model = copy.deepcopy(self._model)
+            if head_of(model).out_features != num_classes:
+                model.fc = nn.Linear(head_of(model).in_features, num_classes)
+            model.load_state_dict(weights, strict=True)  # type: ignore[arg-type]
+            model = model.to(self._device)
+            for name, p in model.named_parameters():
+                p.requires_grad_(name not in frozen)
+                p.grad = None
+            optimizer = spec.build(model.parameters())
+            optimizer.load_state_dict(state["optimizer_state"])  # type: ignore[arg-type]
+        except (KeyError, TypeError, ValueError, RuntimeError) as exc:
+            raise invalid("name", f"the checkpoint does not fit this session: {exc}", "BAD_CHECKPOINT") from exc
+        self._model, self._optimizer, self._spec = model, optimizer, spec
+        self._step_count = step_count
+        self._weights = str(state.get("weights", self._weights))
+        self._pending = None
+        return self._describe()
 
     # -- reading state -------------------------------------------------------------------------
 

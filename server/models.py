@@ -105,21 +105,26 @@ def imagenet_model(num_classes: int, seed: int) -> nn.Module:
     return model_from_state_dict(load_state_dict_file(path), num_classes, seed, "imagenet")
 
 
+def resolve_inside(name: str, directory: str, field_name: str) -> Path:
+    """A client-named file inside ``directory``: no absolute paths, no "..", no symlinks out."""
+    root = Path(directory).resolve()
+    candidate = Path(name)
+    if not name or candidate.is_absolute() or ".." in candidate.parts:
+        raise invalid(field_name, f"{name!r} must be a relative name inside the server's directory", "PATH_OUTSIDE_DATA_DIR")
+    resolved = (root / candidate).resolve()
+    if not resolved.is_relative_to(root):
+        raise invalid(field_name, f"{name!r} leads outside the server's directory", "PATH_OUTSIDE_DATA_DIR")
+    return resolved
+
+
 def resolve_in_data_dir(name: str, data_dir: str) -> Path:
-    """A client-named file inside the server's data directory; nothing outside it is reachable."""
+    """A client-named weights file inside the server's data directory."""
     if not data_dir:
         raise FailedPrecondition(
             "this server has no data directory (--data-dir), so clients cannot name weight files",
             "NO_DATA_DIR",
         )
-    root = Path(data_dir).resolve()
-    candidate = Path(name)
-    if candidate.is_absolute() or ".." in candidate.parts or not name:
-        raise invalid("weights", f"weights file {name!r} must be a relative name inside the data directory", "PATH_OUTSIDE_DATA_DIR")
-    resolved = (root / candidate).resolve()
-    if not resolved.is_relative_to(root):
-        raise invalid("weights", f"weights file {name!r} leads outside the data directory", "PATH_OUTSIDE_DATA_DIR")
-    return resolved
+    return resolve_inside(name, data_dir, "weights")
 
 
 def build_model(weights: str, num_classes: int, seed: int, *, data_dir: str = "", trusted_path: bool = False) -> tuple[nn.Module, str]:

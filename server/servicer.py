@@ -2,18 +2,25 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import grpc
 import torch
 
-from server import wire
+from server import checkpoints, wire
+from server.auth import TokenAuth, caller
 from server.engine import Limits, OptimizerSpec, SessionEngine
 from server.errors import invalid
+from server.metrics import Metrics
 from server.sessions import DEFAULT_SESSION_ID, SessionStore
+from server.settings import Settings
 from server.status import streaming, unary
 from trainer.v1 import trainer_pb2 as pb
 from trainer.v1 import trainer_pb2_grpc
+
+log = logging.getLogger(__name__)
 
 # Builds a model for CreateSession: (weights, num_classes, seed) -> (model, description).
 ModelFactory = Callable[[str, int, int], tuple[torch.nn.Module, str]]
@@ -23,17 +30,33 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
     """Serves trainer.v1.TrainerService over a session store."""
 
     def __init__(
-        self, store: SessionStore, build_model: ModelFactory, device: torch.device, limits: Limits, chunk_bytes: int
+        self,
+        store: SessionStore,
+        build_model: ModelFactory,
+        device: torch.device,
+        settings: Settings,
+        auth: TokenAuth | None,
+        metrics: Metrics,
     ) -> None:
         self._store = store
         self._build_model = build_model
         self._device = device
-        self._limits = limits
-        self._chunk_bytes = chunk_bytes
+        self._limits = Limits(max_input_elements=settings.max_input_elements, max_batch=settings.max_batch)
+        self._chunk_bytes = settings.chunk_bytes
+        self._checkpoint_dir = settings.checkpoint_dir
+        self._checkpoint_every = settings.checkpoint_every
+        self._auth = auth
+        self.metrics = metrics
+
+    def _session(self, session_id: str, context: grpc.ServicerContext) -> SessionEngine:
+        return self._store.get(session_id, caller(self._auth, context))
 
     def _info(self, session_id: str, engine: SessionEngine) -> pb.SessionInfo:
         sid = session_id or DEFAULT_SESSION_ID
         return wire.session_info(sid, engine.describe(), sid == DEFAULT_SESSION_ID)
+
+    def _checkpoint_path(self, name: str, context: grpc.ServicerContext) -> Path:
+        return checkpoints.checkpoint_path(name, self._checkpoint_dir, caller(self._auth, context))
 
     @unary
     def CreateSession(self, request: pb.CreateSessionRequest, context: grpc.ServicerContext) -> pb.CreateSessionResponse:
@@ -44,21 +67,21 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
             model, source = self._build_model(request.weights, request.num_classes, request.seed)
             return SessionEngine(model, self._device, source, spec, self._limits, request.seed)
 
-        session_id, engine = self._store.create(build)
+        session_id, engine = self._store.create(build, caller(self._auth, context))
         return pb.CreateSessionResponse(session=self._info(session_id, engine))
 
     @unary
     def CloseSession(self, request: pb.CloseSessionRequest, context: grpc.ServicerContext) -> pb.CloseSessionResponse:
-        self._store.close(request.session_id)
+        self._store.close(request.session_id, caller(self._auth, context))
         return pb.CloseSessionResponse(session_id=request.session_id)
 
     @unary
     def DescribeSession(self, request: pb.DescribeSessionRequest, context: grpc.ServicerContext) -> pb.DescribeSessionResponse:
-        return pb.DescribeSessionResponse(session=self._info(request.session_id, self._store.get(request.session_id)))
+        return pb.DescribeSessionResponse(session=self._info(request.session_id, self._session(request.session_id, context)))
 
     @unary
     def Forward(self, request: pb.ForwardRequest, context: grpc.ServicerContext) -> pb.ForwardResponse:
-        engine = self._store.get(request.session_id)
+        engine = self._session(request.session_id, context)
         fmt = request.output_format
         if fmt not in pb.OutputFormat.values():
             raise invalid("output_format", f"unknown output_format {fmt}", "BAD_OUTPUT_FORMAT")
@@ -73,7 +96,7 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
 
     @unary
     def Backward(self, request: pb.BackwardRequest, context: grpc.ServicerContext) -> pb.BackwardResponse:
-        engine = self._store.get(request.session_id)
+        engine = self._session(request.session_id, context)
         source = request.WhichOneof("source")
         max_elements = self._limits.max_input_elements
         if source == "loss":
@@ -97,37 +120,42 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
 
     @unary
     def Step(self, request: pb.StepRequest, context: grpc.ServicerContext) -> pb.StepResponse:
-        step_count, updated = self._store.get(request.session_id).step()
+        engine = self._session(request.session_id, context)
+        step_count, updated = engine.step()
+        if self._checkpoint_every and step_count % self._checkpoint_every == 0:
+            name = f"auto-{request.session_id or DEFAULT_SESSION_ID}.ckpt"
+            checkpoints.save(engine.checkpoint(), self._checkpoint_path(name, context))
+            log.info("session %s checkpointed to %s at step %d", request.session_id or DEFAULT_SESSION_ID, name, step_count)
         return pb.StepResponse(step_count=step_count, parameters_updated=updated)
 
     @unary
     def ZeroGrad(self, request: pb.ZeroGradRequest, context: grpc.ServicerContext) -> pb.ZeroGradResponse:
         set_to_none = request.set_to_none if request.HasField("set_to_none") else True
-        cleared = self._store.get(request.session_id).zero_grad(set_to_none)
+        cleared = self._session(request.session_id, context).zero_grad(set_to_none)
         return pb.ZeroGradResponse(parameters_cleared=cleared)
 
     @unary
     def ConfigureOptimizer(
         self, request: pb.ConfigureOptimizerRequest, context: grpc.ServicerContext
     ) -> pb.ConfigureOptimizerResponse:
-        engine = self._store.get(request.session_id)
+        engine = self._session(request.session_id, context)
         spec = engine.configure_optimizer(wire.optimizer_spec(request.optimizer))
         return pb.ConfigureOptimizerResponse(optimizer=wire.optimizer_config(spec))
 
     @unary
     def FreezeLayers(self, request: pb.FreezeLayersRequest, context: grpc.ServicerContext) -> pb.FreezeLayersResponse:
-        result = self._store.get(request.session_id).freeze(list(request.patterns), unfreeze=request.unfreeze)
+        result = self._session(request.session_id, context).freeze(list(request.patterns), unfreeze=request.unfreeze)
         return pb.FreezeLayersResponse(changed=result.changed, trainable=result.trainable, frozen_count=result.frozen_count)
 
     @unary
     def ReplaceHead(self, request: pb.ReplaceHeadRequest, context: grpc.ServicerContext) -> pb.ReplaceHeadResponse:
-        engine = self._store.get(request.session_id)
+        engine = self._session(request.session_id, context)
         engine.replace_head(request.num_classes, request.seed)
         return pb.ReplaceHeadResponse(session=self._info(request.session_id, engine))
 
     @unary
     def ListParameters(self, request: pb.ListParametersRequest, context: grpc.ServicerContext) -> pb.ListParametersResponse:
-        params = self._store.get(request.session_id).parameters_info()
+        params = self._session(request.session_id, context).parameters_info()
         response = pb.ListParametersResponse()
         for p in params:
             count = 1
@@ -147,23 +175,21 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
 
     @streaming
     def GetGradients(self, request: pb.GetGradientsRequest, context: grpc.ServicerContext) -> Iterator[pb.GetGradientsResponse]:
-        engine = self._store.get(request.session_id)
+        engine = self._session(request.session_id, context)
         tensors = engine.gradients(list(request.patterns), request.stats_only, wire.transfer_dtype(request.transfer_data_type))
-        for chunk in wire.chunk_stream(tensors, self._chunk_bytes):
-            yield pb.GetGradientsResponse(chunk=chunk)
+        yield from wire.chunk_responses(tensors, self._chunk_bytes, pb.GetGradientsResponse)
 
     @streaming
     def GetParameters(self, request: pb.GetParametersRequest, context: grpc.ServicerContext) -> Iterator[pb.GetParametersResponse]:
-        engine = self._store.get(request.session_id)
+        engine = self._session(request.session_id, context)
         tensors = engine.parameters(
             list(request.patterns), request.stats_only, wire.transfer_dtype(request.transfer_data_type), request.include_buffers
         )
-        for chunk in wire.chunk_stream(tensors, self._chunk_bytes):
-            yield pb.GetParametersResponse(chunk=chunk)
+        yield from wire.chunk_responses(tensors, self._chunk_bytes, pb.GetParametersResponse)
 
     @unary
     def GetGraph(self, request: pb.GetGraphRequest, context: grpc.ServicerContext) -> pb.GetGraphResponse:
-        graph = self._store.get(request.session_id).graph()
+        graph = self._session(request.session_id, context).graph()
         return pb.GetGraphResponse(
             forward_id=graph.forward_id,
             root_id=graph.root_id,
@@ -172,3 +198,17 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
             leaf_parameters=graph.leaf_parameters,
             excluded_parameters=graph.excluded_parameters,
         )
+
+    @unary
+    def SaveCheckpoint(self, request: pb.SaveCheckpointRequest, context: grpc.ServicerContext) -> pb.SaveCheckpointResponse:
+        engine = self._session(request.session_id, context)
+        path = self._checkpoint_path(request.name, context)
+        state = engine.checkpoint()
+        size = checkpoints.save(state, path)
+        return pb.SaveCheckpointResponse(name=request.name, step_count=int(state["step_count"]), size_bytes=size)  # type: ignore[call-overload]
+
+    @unary
+    def LoadCheckpoint(self, request: pb.LoadCheckpointRequest, context: grpc.ServicerContext) -> pb.LoadCheckpointResponse:
+        engine = self._session(request.session_id, context)
+        engine.restore(checkpoints.load(self._checkpoint_path(request.name, context)))
+        return pb.LoadCheckpointResponse(session=self._info(request.session_id, engine))

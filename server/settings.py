@@ -48,6 +48,26 @@ class Settings:
     grace_seconds: float = 10.0
     # Python logging level name.
     log_level: str = "INFO"
+    # Bearer tokens accepted, comma-separated, each "token" or "name:token"; empty (and no
+    # tokens_file): no authentication. Every RPC but health then needs "authorization: Bearer TOKEN".
+    tokens: str = ""
+    # A file of tokens, one "token" or "name:token" a line (# comments allowed).
+    tokens_file: str = ""
+    # Most sessions one token may hold (0: only max_sessions applies).
+    max_sessions_per_token: int = 0
+    # TLS: the server's certificate chain and private key (PEM); empty: plaintext.
+    tls_cert: str = ""
+    tls_key: str = ""
+    # TLS: CA certificate (PEM) that client certificates must be signed by (mutual TLS); empty: none asked.
+    tls_client_ca: str = ""
+    # Directory of checkpoints (SaveCheckpoint/LoadCheckpoint); empty: checkpoints disabled.
+    checkpoint_dir: str = ""
+    # Each session checkpoints itself every N steps to auto-SESSION.ckpt (0: never).
+    checkpoint_every: int = 0
+    # Sessions unused this many seconds are closed (0: never); the default session never expires.
+    session_idle_seconds: float = 0.0
+    # Port of the Prometheus metrics HTTP endpoint (-1: off; 0: a free port, logged).
+    metrics_port: int = -1
 
 
 _HELP = {
@@ -66,6 +86,16 @@ _HELP = {
     "max_workers": "threads serving RPCs",
     "grace_seconds": "seconds in-flight calls get to finish on SIGTERM",
     "log_level": "DEBUG | INFO | WARNING | ERROR",
+    "tokens": "accepted bearer tokens, comma-separated, each TOKEN or NAME:TOKEN (empty: no authentication)",
+    "tokens_file": "file of accepted tokens, one TOKEN or NAME:TOKEN a line",
+    "max_sessions_per_token": "most sessions one token may hold (0: no per-token limit)",
+    "tls_cert": "PEM certificate chain of the server (enables TLS)",
+    "tls_key": "PEM private key of the server",
+    "tls_client_ca": "PEM CA that client certificates must be signed by (enables mutual TLS)",
+    "checkpoint_dir": "directory of session checkpoints (empty: checkpoints off)",
+    "checkpoint_every": "each session checkpoints itself every N steps (0: never)",
+    "session_idle_seconds": "close sessions idle this long (0: never)",
+    "metrics_port": "Prometheus metrics HTTP port (-1: off, 0: a free port)",
 }
 
 
@@ -110,6 +140,22 @@ def validate(settings: Settings) -> list[str]:
             problems.append(f"{name.replace('_', '-')} must be at least 1")
     if settings.num_classes < 0:
         problems.append("num-classes must not be negative")
-    if settings.data_dir and not Path(settings.data_dir).is_dir():
-        problems.append(f"data-dir {settings.data_dir!r} is not a directory")
+    for name in ("data_dir", "checkpoint_dir"):
+        value = getattr(settings, name)
+        if value and not Path(value).is_dir():
+            problems.append(f"{name.replace('_', '-')} {value!r} is not a directory")
+    for name in ("tokens_file", "tls_cert", "tls_key", "tls_client_ca"):
+        value = getattr(settings, name)
+        if value and not Path(value).is_file():
+            problems.append(f"{name.replace('_', '-')} {value!r} is not a file")
+    if bool(settings.tls_cert) != bool(settings.tls_key):
+        problems.append("tls-cert and tls-key go together")
+    if settings.tls_client_ca and not settings.tls_cert:
+        problems.append("tls-client-ca needs tls-cert and tls-key")
+    if settings.checkpoint_every < 0 or settings.max_sessions_per_token < 0 or settings.session_idle_seconds < 0:
+        problems.append("checkpoint-every, max-sessions-per-token and session-idle-seconds must not be negative")
+    if settings.checkpoint_every and not settings.checkpoint_dir:
+        problems.append("checkpoint-every needs checkpoint-dir")
+    if not -1 <= settings.metrics_port <= 65535:
+        problems.append(f"metrics-port {settings.metrics_port} is not in -1..65535")
     return problems

@@ -13,7 +13,7 @@ import logging
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import grpc
 import torch
@@ -21,6 +21,7 @@ from google.protobuf import any_pb2
 from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
+from server.metrics import Metrics
 from server.errors import (
     FailedPrecondition,
     InvalidArgument,
@@ -86,14 +87,22 @@ def _status_for(exc: BaseException, method: str) -> grpc.Status:
     return to_status(grpc.StatusCode.INTERNAL, f"internal error in {method} (ref {ref}; see the server log)", "INTERNAL")
 
 
-def _log_call(method: str, request: Any, code: grpc.StatusCode, start: float) -> None:
+class Observed(Protocol):
+    """A servicer whose calls are counted in ``metrics``."""
+
+    metrics: Metrics
+
+
+def _finish(servicer: Observed, method: str, request: Any, code: grpc.StatusCode, start: float) -> None:
+    seconds = time.perf_counter() - start
+    servicer.metrics.observe(method, code.name, seconds)
     log.info(
         "rpc=%s session=%s status=%s duration_ms=%.1f",
-        method, getattr(request, "session_id", "") or "-", code.name, (time.perf_counter() - start) * 1000,
+        method, getattr(request, "session_id", "") or "-", code.name, seconds * 1000,
     )
 
 
-S = TypeVar("S")
+S = TypeVar("S", bound=Observed)
 Req = TypeVar("Req")
 Resp = TypeVar("Resp")
 
@@ -113,7 +122,7 @@ def unary(method: Callable[[S, Req, grpc.ServicerContext], Resp]) -> Callable[[S
             context.abort_with_status(status)
             raise  # abort_with_status raises; this line is never reached
         finally:
-            _log_call(method.__name__, request, code, start)
+            _finish(self, method.__name__, request, code, start)
 
     return wrapper
 
@@ -138,6 +147,6 @@ def streaming(
             context.abort_with_status(status)
             raise
         finally:
-            _log_call(method.__name__, request, code, start)
+            _finish(self, method.__name__, request, code, start)
 
     return wrapper

@@ -106,6 +106,16 @@ class TrainerServiceStub:
                 request_serializer=trainer_dot_v1_dot_trainer__pb2.GetGraphRequest.SerializeToString,
                 response_deserializer=trainer_dot_v1_dot_trainer__pb2.GetGraphResponse.FromString,
                 _registered_method=True)
+        self.SaveCheckpoint = channel.unary_unary(
+                '/trainer.v1.TrainerService/SaveCheckpoint',
+                request_serializer=trainer_dot_v1_dot_trainer__pb2.SaveCheckpointRequest.SerializeToString,
+                response_deserializer=trainer_dot_v1_dot_trainer__pb2.SaveCheckpointResponse.FromString,
+                _registered_method=True)
+        self.LoadCheckpoint = channel.unary_unary(
+                '/trainer.v1.TrainerService/LoadCheckpoint',
+                request_serializer=trainer_dot_v1_dot_trainer__pb2.LoadCheckpointRequest.SerializeToString,
+                response_deserializer=trainer_dot_v1_dot_trainer__pb2.LoadCheckpointResponse.FromString,
+                _registered_method=True)
 
 
 class TrainerServiceServicer:
@@ -216,6 +226,20 @@ class TrainerServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SaveCheckpoint(self, request, context):
+        """SaveCheckpoint writes the session's state to the server's checkpoint directory, atomically.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def LoadCheckpoint(self, request, context):
+        """LoadCheckpoint puts a session in the state a checkpoint holds.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_TrainerServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -288,6 +312,16 @@ def add_TrainerServiceServicer_to_server(servicer, server):
                     servicer.GetGraph,
                     request_deserializer=trainer_dot_v1_dot_trainer__pb2.GetGraphRequest.FromString,
                     response_serializer=trainer_dot_v1_dot_trainer__pb2.GetGraphResponse.SerializeToString,
+            ),
+            'SaveCheckpoint': grpc.unary_unary_rpc_method_handler(
+                    servicer.SaveCheckpoint,
+                    request_deserializer=trainer_dot_v1_dot_trainer__pb2.SaveCheckpointRequest.FromString,
+                    response_serializer=trainer_dot_v1_dot_trainer__pb2.SaveCheckpointResponse.SerializeToString,
+            ),
+            'LoadCheckpoint': grpc.unary_unary_rpc_method_handler(
+                    servicer.LoadCheckpoint,
+                    request_deserializer=trainer_dot_v1_dot_trainer__pb2.LoadCheckpointRequest.FromString,
+                    response_serializer=trainer_dot_v1_dot_trainer__pb2.LoadCheckpointResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -670,6 +704,60 @@ class TrainerService:
             '/trainer.v1.TrainerService/GetGraph',
             trainer_dot_v1_dot_trainer__pb2.GetGraphRequest.SerializeToString,
             trainer_dot_v1_dot_trainer__pb2.GetGraphResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SaveCheckpoint(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/trainer.v1.TrainerService/SaveCheckpoint',
+            trainer_dot_v1_dot_trainer__pb2.SaveCheckpointRequest.SerializeToString,
+            trainer_dot_v1_dot_trainer__pb2.SaveCheckpointResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def LoadCheckpoint(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/trainer.v1.TrainerService/LoadCheckpoint',
+            trainer_dot_v1_dot_trainer__pb2.LoadCheckpointRequest.SerializeToString,
+            trainer_dot_v1_dot_trainer__pb2.LoadCheckpointResponse.FromString,
             options,
             channel_credentials,
             insecure,

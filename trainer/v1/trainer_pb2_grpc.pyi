@@ -77,6 +77,10 @@ class TrainerServiceStub:
     """
     GetGraph: _grpc.UnaryUnaryMultiCallable[_trainer_pb2.GetGraphRequest, _trainer_pb2.GetGraphResponse]
     """GetGraph returns the autograd graph of the session's pending forward."""
+    SaveCheckpoint: _grpc.UnaryUnaryMultiCallable[_trainer_pb2.SaveCheckpointRequest, _trainer_pb2.SaveCheckpointResponse]
+    """SaveCheckpoint writes the session's state to the server's checkpoint directory, atomically."""
+    LoadCheckpoint: _grpc.UnaryUnaryMultiCallable[_trainer_pb2.LoadCheckpointRequest, _trainer_pb2.LoadCheckpointResponse]
+    """LoadCheckpoint puts a session in the state a checkpoint holds."""
 
 @_typing.type_check_only
 class TrainerServiceAsyncStub(TrainerServiceStub):
@@ -121,6 +125,10 @@ class TrainerServiceAsyncStub(TrainerServiceStub):
     """
     GetGraph: _aio.UnaryUnaryMultiCallable[_trainer_pb2.GetGraphRequest, _trainer_pb2.GetGraphResponse]  # type: ignore[assignment]
     """GetGraph returns the autograd graph of the session's pending forward."""
+    SaveCheckpoint: _aio.UnaryUnaryMultiCallable[_trainer_pb2.SaveCheckpointRequest, _trainer_pb2.SaveCheckpointResponse]  # type: ignore[assignment]
+    """SaveCheckpoint writes the session's state to the server's checkpoint directory, atomically."""
+    LoadCheckpoint: _aio.UnaryUnaryMultiCallable[_trainer_pb2.LoadCheckpointRequest, _trainer_pb2.LoadCheckpointResponse]  # type: ignore[assignment]
+    """LoadCheckpoint puts a session in the state a checkpoint holds."""
 
 class TrainerServiceServicer(metaclass=_abc_1.ABCMeta):
     """TrainerService runs PyTorch's autograd tutorial remotely: Forward,
@@ -246,5 +254,21 @@ class TrainerServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_trainer_pb2.GetGraphResponse, _abc.Awaitable[_trainer_pb2.GetGraphResponse]]:
         """GetGraph returns the autograd graph of the session's pending forward."""
+
+    @_abc_1.abstractmethod
+    def SaveCheckpoint(
+        self,
+        request: _trainer_pb2.SaveCheckpointRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_trainer_pb2.SaveCheckpointResponse, _abc.Awaitable[_trainer_pb2.SaveCheckpointResponse]]:
+        """SaveCheckpoint writes the session's state to the server's checkpoint directory, atomically."""
+
+    @_abc_1.abstractmethod
+    def LoadCheckpoint(
+        self,
+        request: _trainer_pb2.LoadCheckpointRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_trainer_pb2.LoadCheckpointResponse, _abc.Awaitable[_trainer_pb2.LoadCheckpointResponse]]:
+        """LoadCheckpoint puts a session in the state a checkpoint holds."""
 
 def add_TrainerServiceServicer_to_server(servicer: TrainerServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
