@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable, Iterable, Iterator
 from types import TracebackType
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import grpc
 import numpy as np
@@ -118,11 +118,50 @@ def _transfer_type(dtype: str) -> int:
     return codec.DATA_TYPES_BY_NAME[dtype]
 
 
+class _CallDetails(grpc.ClientCallDetails):
+    def __init__(self, details: grpc.ClientCallDetails, metadata: tuple[tuple[str, str | bytes], ...]) -> None:
+        self.method = details.method
+        self.timeout = details.timeout
+        self.metadata = metadata
+        self.credentials = details.credentials
+        self.wait_for_ready = details.wait_for_ready
+        self.compression = details.compression
+
+
+if TYPE_CHECKING:  # the stubs make the interceptor classes generic; at run time they are not
+    _UnaryInterceptor = grpc.UnaryUnaryClientInterceptor[Any, Any]
+    _StreamInterceptor = grpc.UnaryStreamClientInterceptor[Any, Any]
+else:
+    _UnaryInterceptor = grpc.UnaryUnaryClientInterceptor
+    _StreamInterceptor = grpc.UnaryStreamClientInterceptor
+
+
+class _BearerToken(_UnaryInterceptor, _StreamInterceptor):
+    """Adds ``authorization: Bearer <token>`` to every call on the channel (the raw stub's too)."""
+
+    def __init__(self, token: str) -> None:
+        self._header = ("authorization", f"Bearer {token}")
+
+    def _details(self, details: grpc.ClientCallDetails) -> grpc.ClientCallDetails:
+        return _CallDetails(details, (*(details.metadata or ()), self._header))
+
+    def intercept_unary_unary(self, continuation: Any, details: grpc.ClientCallDetails, request: Any) -> Any:
+        return continuation(self._details(details), request)
+
+    def intercept_unary_stream(self, continuation: Any, details: grpc.ClientCallDetails, request: Any) -> Any:
+        return continuation(self._details(details), request)
+
+
 class TrainerClient:
     """A connection to a training server.
 
     ``with TrainerClient("localhost:50051") as client:`` closes the channel on exit. ``timeout`` is
     the deadline in seconds of every call (each method also takes its own ``timeout``).
+
+    ``token`` is sent as ``authorization: Bearer <token>`` on every call. ``tls`` (implied by any
+    certificate) encrypts the channel; ``ca_cert`` is the PEM of the CA that signed the server's
+    certificate (default: the system's roots), ``client_cert`` and ``client_key`` the PEM pair for a
+    server that asks for client certificates (mutual TLS).
     """
 
     def __init__(
@@ -130,21 +169,31 @@ class TrainerClient:
         target: str = "localhost:50051",
         *,
         timeout: float = 120.0,
+        token: str | None = None,
+        tls: bool = False,
+        ca_cert: bytes | None = None,
+        client_cert: bytes | None = None,
+        client_key: bytes | None = None,
         max_message_bytes: int = 512 * MIB,
         options: Iterable[tuple[str, Any]] = (),
     ) -> None:
         self.target = target
         self.timeout = timeout
-        self._channel = grpc.insecure_channel(
-            target,
-            options=[
-                ("grpc.max_send_message_length", max_message_bytes),
-                ("grpc.max_receive_message_length", max_message_bytes),
-                ("grpc.enable_retries", 1),
-                ("grpc.service_config", _SERVICE_CONFIG),
-                *options,
-            ],
-        )
+        channel_options = [
+            ("grpc.max_send_message_length", max_message_bytes),
+            ("grpc.max_receive_message_length", max_message_bytes),
+            ("grpc.enable_retries", 1),
+            ("grpc.service_config", _SERVICE_CONFIG),
+            *options,
+        ]
+        if tls or ca_cert or client_cert or client_key:
+            credentials = grpc.ssl_channel_credentials(ca_cert, client_key, client_cert)
+            self._channel = grpc.secure_channel(target, credentials, options=channel_options)
+        else:
+            self._channel = grpc.insecure_channel(target, options=channel_options)
+        self._base_channel = self._channel
+        if token:
+            self._channel = grpc.intercept_channel(self._channel, _BearerToken(token))
         self._stub = trainer_pb2_grpc.TrainerServiceStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
         self._closed = False
@@ -159,7 +208,7 @@ class TrainerClient:
         """Closes the channel; calling it again does nothing."""
         if not self._closed:
             self._closed = True
-            self._channel.close()
+            self._base_channel.close()
 
     def call(self, method: Callable[..., Resp], request: Any, timeout: float | None = None) -> Resp:
         """Runs a unary call with the deadline, turning a failure into a ``TrainerError``."""
@@ -359,6 +408,16 @@ class Session:
             t.name: NamedTensor(t.name, t.shape, t.present, _stats(t.stats) if t.stats else None, t.array)  # type: ignore[arg-type]
             for t in codec.assemble_chunks(chunks, with_data)
         }
+
+    def save_checkpoint(self, name: str, timeout: float | None = None) -> int:
+        """Writes the session's state to checkpoint ``name`` on the server; returns the step count saved."""
+        request = pb.SaveCheckpointRequest(session_id=self.session_id, name=name)
+        return self._client.call(self._stub.SaveCheckpoint, request, timeout).step_count
+
+    def load_checkpoint(self, name: str, timeout: float | None = None) -> SessionInfo:
+        """Puts the session in the state of checkpoint ``name`` (gradients and pending forward cleared)."""
+        request = pb.LoadCheckpointRequest(session_id=self.session_id, name=name)
+        return _session_info(self._client.call(self._stub.LoadCheckpoint, request, timeout).session)
 
     def graph(self, timeout: float | None = None) -> Graph:
         """The autograd graph of the pending forward."""
