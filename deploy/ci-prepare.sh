@@ -49,6 +49,10 @@ else
     log "dockerd is up: $(docker info --format '{{.ServerVersion}} {{.Driver}}')"
 fi
 
+# Images left untagged by earlier builds (a changed lock leaves a 6 GB one
+# behind); only dangling ones, never the layer cache of tagged images.
+docker image prune --force >/dev/null 2>&1 || true
+
 started=$SECONDS
 bash deploy/build-base-image.sh || give_up "could not build the base image"
 log "base image ready ($((SECONDS - started))s)"
