@@ -82,8 +82,9 @@ def as_array(x: Any, dtype: npt.DTypeLike | None = None) -> npt.NDArray[Any]:
     return arr
 
 
-def _input(x: Any, dtype: npt.DTypeLike | None = None) -> pb.TensorInput:
-    return pb.TensorInput(tensor=codec.encode(as_array(x, dtype)))
+def _fill_input(target: pb.TensorInput, x: Any, dtype: npt.DTypeLike | None = None) -> None:
+    # Written in place into the request: a sub-message passed to a constructor or CopyFrom is copied.
+    codec.encode_into(target.tensor, as_array(x, dtype))
 
 
 def _stats(msg: pb.TensorStats) -> Stats:
@@ -289,9 +290,10 @@ class Session:
     ) -> ForwardResult:
         """``model(x)`` on the server for a float batch (N, 3, H, W); keeps the graph unless ``no_grad``."""
         request = pb.ForwardRequest(
-            session_id=self.session_id, input=_input(x, np.float32), eval_mode=eval_mode, no_grad=no_grad,
+            session_id=self.session_id, eval_mode=eval_mode, no_grad=no_grad,
             output_format=pb.OUTPUT_FORMAT_STATS_ONLY if stats_only else pb.OUTPUT_FORMAT_RAW,
         )
+        _fill_input(request.input, x, np.float32)
         response = self._client.call(self._stub.Forward, request, timeout)
         logits = codec.decode(response.logits) if response.HasField("logits") else None
         return ForwardResult(response.forward_id, logits, _stats(response.logits_stats))  # type: ignore[arg-type]
@@ -319,9 +321,9 @@ class Session:
             if labels is None:
                 raise ValueError(f"loss {loss!r} needs labels")
             request.loss.function = _LOSSES[loss]
-            request.loss.labels.CopyFrom(_input(labels, np.int64 if loss == "cross_entropy" else np.float32))
+            _fill_input(request.loss.labels, labels, np.int64 if loss == "cross_entropy" else np.float32)
         if output_gradient is not None:
-            request.output_gradient.CopyFrom(_input(output_gradient, np.float32))
+            _fill_input(request.output_gradient, output_gradient, np.float32)
         response = self._client.call(self._stub.Backward, request, timeout)
         return BackwardResult(
             response.forward_id, response.loss if response.HasField("loss") else None,

@@ -9,8 +9,9 @@ The server uses this module too, so both ends agree byte for byte.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
+from typing import TypeVar
 
 import numpy as np
 import numpy.typing as npt
@@ -80,7 +81,9 @@ def num_elements(shape: Iterable[int]) -> int:
 
 def bf16_bits_to_float32(bits: npt.NDArray[np.uint16]) -> npt.NDArray[np.float32]:
     """bfloat16 bit patterns to float32 (exact: bfloat16 is the upper half of float32)."""
-    return (bits.astype(np.uint32) << 16).view(np.float32)
+    wide = bits.astype(np.uint32)
+    wide <<= 16  # in place: a shift of a 0-d array would give a numpy scalar, not an array
+    return wide.view(np.float32)
 
 
 def float32_to_bf16_bits(values: npt.NDArray[np.float32]) -> npt.NDArray[np.uint16]:
@@ -100,15 +103,31 @@ def encode(array: npt.ArrayLike, data_type: int | None = None) -> pb.Tensor:
     ``data_type`` BFLOAT16 rounds float32 values to bfloat16; otherwise the array's own dtype is
     sent (bool and other unsupported dtypes are refused).
     """
+    tensor = pb.Tensor()
+    encode_into(tensor, array, data_type)
+    return tensor
+
+
+def encode_into(tensor: pb.Tensor, array: npt.ArrayLike, data_type: int | None = None) -> None:
+    """``encode`` written into a ``Tensor`` that is already part of a request (``request.input.tensor``).
+
+    Filling the request in place saves a copy of the whole tensor: protobuf copies a sub-message
+    given to a constructor or to ``CopyFrom``.
+    """
     arr = np.asarray(array)
     if data_type == pb.DATA_TYPE_BFLOAT16:
         raw = np.ascontiguousarray(float32_to_bf16_bits(arr.astype(np.float32, copy=False)))
-        return encode_raw(raw.tobytes(), arr.shape, pb.DATA_TYPE_BFLOAT16)
-    wire = _NUMPY_TO_WIRE.get(arr.dtype.newbyteorder("=")) if data_type is None else data_type
-    if wire is None:
-        raise CodecError(f"unsupported dtype {arr.dtype}", "UNSUPPORTED_DTYPE")
-    raw_arr = np.ascontiguousarray(arr, dtype=_wire_dtype(wire))
-    return encode_raw(raw_arr.tobytes(), arr.shape, wire)
+        wire: int = pb.DATA_TYPE_BFLOAT16
+    else:
+        found = _NUMPY_TO_WIRE.get(arr.dtype.newbyteorder("=")) if data_type is None else data_type
+        if found is None:
+            raise CodecError(f"unsupported dtype {arr.dtype}", "UNSUPPORTED_DTYPE")
+        wire = found
+        raw = np.ascontiguousarray(arr, dtype=_wire_dtype(wire))
+    tensor.Clear()
+    tensor.shape.extend(arr.shape)
+    tensor.data_type = pb.DataType.ValueType(wire)
+    tensor.raw_data = raw.tobytes()
 
 
 def encode_raw(raw: bytes, shape: Iterable[int], data_type: int) -> pb.Tensor:
@@ -160,9 +179,12 @@ def array_to_values(array: npt.ArrayLike) -> pb.TensorValues:
     return pb.TensorValues(shape=list(arr.shape), values=arr.astype(np.float64).ravel().tolist())
 
 
+M = TypeVar("M")
+
+
 def encode_chunks(
     name: str,
-    raw: bytes | None,
+    raw: bytes | memoryview | None,
     shape: Iterable[int],
     data_type: int,
     stats: pb.TensorStats | None,
@@ -173,17 +195,42 @@ def encode_chunks(
     ``raw`` None means the tensor is absent (a parameter with no .grad): one chunk says so.
     ``raw`` empty bytes (stats only, or a tensor with no elements) gives one chunk with metadata.
     """
+    return encode_chunk_messages(name, raw, shape, data_type, stats, chunk_bytes, pb.TensorChunk, lambda c: c)
+
+
+def encode_chunk_messages(
+    name: str,
+    raw: bytes | memoryview | None,
+    shape: Iterable[int],
+    data_type: int,
+    stats: pb.TensorStats | None,
+    chunk_bytes: int,
+    message: Callable[[], M],
+    chunk_of: Callable[[M], pb.TensorChunk],
+) -> Iterator[M]:
+    """``encode_chunks``, each chunk written in place into a new ``message()`` at ``chunk_of(message)``.
+
+    A stream's response messages are filled directly, rather than wrapping a finished chunk (which
+    protobuf would copy); ``raw`` may be a memoryview of the tensor's memory, sliced without a copy.
+    """
     dims = list(shape)
     if raw is None:
-        yield pb.TensorChunk(name=name, shape=dims, data_type=pb.DataType.ValueType(data_type), present=False, last=True)
+        msg = message()
+        chunk = chunk_of(msg)
+        chunk.name, chunk.data_type, chunk.present, chunk.last = name, data_type, False, True  # type: ignore[assignment]
+        chunk.shape.extend(dims)
+        yield msg
         return
-    total = len(raw)
-    view = memoryview(raw)
+    view = memoryview(raw).cast("B")
+    total = view.nbytes
     offset = 0
     first = True
     while first or offset < total:
         end = min(offset + chunk_bytes, total)
-        chunk = pb.TensorChunk(name=name, offset=offset, data=view[offset:end].tobytes(), last=end >= total)
+        msg = message()
+        chunk = chunk_of(msg)
+        chunk.name, chunk.offset, chunk.last = name, offset, end >= total
+        chunk.data = view[offset:end].tobytes()
         if first:
             chunk.shape.extend(dims)
             chunk.data_type = data_type  # type: ignore[assignment]
@@ -191,7 +238,7 @@ def encode_chunks(
             chunk.total_bytes = total
             if stats is not None:
                 chunk.stats.CopyFrom(stats)
-        yield chunk
+        yield msg
         offset = end
         first = False
 
@@ -223,10 +270,11 @@ def assemble_chunks(chunks: Iterable[pb.TensorChunk], with_data: bool = True) ->
             received = 0
         elif chunk.name != current.name:
             raise CodecError(f"chunk of {chunk.name!r} arrived inside {current.name!r}", "CHUNK_ORDER")
-        if chunk.offset != received or received + len(chunk.data) > len(buffer):
+        data = chunk.data  # each read of a bytes field copies it: read once
+        if chunk.offset != received or received + len(data) > len(buffer):
             raise CodecError(f"chunk of {chunk.name!r} at offset {chunk.offset} is out of order", "CHUNK_ORDER")
-        buffer[received : received + len(chunk.data)] = chunk.data
-        received += len(chunk.data)
+        buffer[received : received + len(data)] = data
+        received += len(data)
         if not chunk.last:
             continue
         head = current

@@ -6,8 +6,10 @@ the engine's types on the server's side.
 
 from __future__ import annotations
 
+import math
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import TypeVar
 
 import numpy as np
 import torch
@@ -65,6 +67,10 @@ TORCH_TO_WIRE: dict[torch.dtype, int] = {
 }
 
 
+# Most dimensions of an input tensor (no input of this API has more than 4; numpy allows 64).
+MAX_DIMENSIONS = 32
+
+
 def input_tensor(msg: pb.TensorInput, field: str, max_elements: int, integer: bool = False) -> tuple[torch.Tensor, bool]:
     """The tensor a ``TensorInput`` carries, and whether it was written as numbers (or generated).
 
@@ -100,10 +106,14 @@ def _check_size(shape: object, field: str, max_elements: int) -> tuple[int, ...]
         dims = codec.check_shape(shape)  # type: ignore[arg-type]
     except codec.CodecError as exc:
         raise invalid(field, f"{field}: {exc}", exc.reason) from exc
+    if len(dims) > MAX_DIMENSIONS:
+        raise invalid(field, f"{field} has {len(dims)} dimensions, more than {MAX_DIMENSIONS}", "TOO_MANY_DIMENSIONS")
     count = codec.num_elements(dims)
-    if count > max_elements:
+    # Sizes beside a zero count too: numpy and torch refuse a shape such as [0, 2**62] (its strides
+    # overflow), and no dimension larger than the element limit belongs to an accepted tensor.
+    if count > max_elements or math.prod(max(d, 1) for d in dims) > max_elements:
         raise ResourceExhausted(
-            f"{field} has {count} elements, over the limit max_input_elements={max_elements}",
+            f"{field} has {count} elements (shape {list(dims)}), over the limit max_input_elements={max_elements}",
             "INPUT_TOO_LARGE",
             metadata={"limit": str(max_elements)},
         )
@@ -115,6 +125,13 @@ def raw_bytes(t: torch.Tensor) -> bytes:
     if t.dtype == torch.bfloat16:
         t = t.view(torch.int16)
     return t.numpy().tobytes()
+
+
+def raw_view(t: torch.Tensor) -> memoryview:
+    """The elements of a contiguous CPU tensor as wire bytes, without a copy (bfloat16 as its bit pattern)."""
+    if t.dtype == torch.bfloat16:
+        t = t.view(torch.int16)
+    return t.contiguous().numpy().data.cast("B")
 
 
 def output_tensor(t: torch.Tensor) -> pb.Tensor:
@@ -144,14 +161,35 @@ def transfer_dtype(code: int) -> torch.dtype:
 
 def chunk_stream(tensors: list[NamedTensor], chunk_bytes: int) -> Iterator[pb.TensorChunk]:
     """Named tensors as a stream of ``TensorChunk`` messages."""
+    return _chunks(tensors, chunk_bytes, pb.TensorChunk, lambda c: c)
+
+
+R = TypeVar("R", pb.GetGradientsResponse, pb.GetParametersResponse)
+
+
+def chunk_responses(tensors: list[NamedTensor], chunk_bytes: int, response: type[R]) -> Iterator[R]:
+    """Named tensors as a stream of ``response`` messages, each chunk written in place (no copy of the data)."""
+    return _chunks(tensors, chunk_bytes, response, lambda r: r.chunk)
+
+
+M = TypeVar("M")
+
+
+def _chunks(
+    tensors: list[NamedTensor], chunk_bytes: int, message: Callable[[], M], chunk_of: Callable[[M], pb.TensorChunk]
+) -> Iterator[M]:
     for item in tensors:
         if item.stats is None:
-            yield from codec.encode_chunks(item.name, None, item.shape, pb.DATA_TYPE_FLOAT32, None, chunk_bytes)
+            yield from codec.encode_chunk_messages(
+                item.name, None, item.shape, pb.DATA_TYPE_FLOAT32, None, chunk_bytes, message, chunk_of
+            )
             continue
         t = item.tensor
         data_type = TORCH_TO_WIRE[t.dtype] if t is not None else pb.DATA_TYPE_UNSPECIFIED
-        raw = raw_bytes(t) if t is not None else b""
-        yield from codec.encode_chunks(item.name, raw, item.shape, data_type, stats_message(item.stats), chunk_bytes)
+        raw = raw_view(t) if t is not None else b""
+        yield from codec.encode_chunk_messages(
+            item.name, raw, item.shape, data_type, stats_message(item.stats), chunk_bytes, message, chunk_of
+        )
 
 
 def optimizer_spec(config: pb.OptimizerConfig) -> OptimizerSpec:
