@@ -229,6 +229,12 @@ def build_parser() -> argparse.ArgumentParser:
                         help=f"server address (default: $TRAINER_TARGET or {DEFAULT_TARGET})")
     parser.add_argument("--session", default="", metavar="ID", help="session id (default: the server's default session)")
     parser.add_argument("--timeout", type=float, default=120.0, metavar="SECONDS", help="deadline of each call (default: 120)")
+    parser.add_argument("--token", default=os.environ.get("TRAINER_TOKEN"),
+                        help="bearer token for a server that requires one (default: $TRAINER_TOKEN)")
+    parser.add_argument("--tls", action="store_true", help="use TLS with the system's root certificates")
+    parser.add_argument("--ca-cert", metavar="PEM", help="CA certificate that signed the server's (implies --tls)")
+    parser.add_argument("--client-cert", metavar="PEM", help="client certificate, for mutual TLS (implies --tls)")
+    parser.add_argument("--client-key", metavar="PEM", help="client private key, for mutual TLS")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("health", help="the server's health status (exit 0 when SERVING)",
@@ -294,7 +300,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        with TrainerClient(args.target, timeout=args.timeout) as client:
+        def pem(path: str | None) -> bytes | None:
+            return Path(path).read_bytes() if path else None
+
+        with TrainerClient(
+            args.target, timeout=args.timeout, token=args.token, tls=args.tls,
+            ca_cert=pem(args.ca_cert), client_cert=pem(args.client_cert), client_key=pem(args.client_key),
+        ) as client:
             status: int = args.run(client, client.session(args.session), args)
             return status
     except TrainerError as exc:

@@ -113,6 +113,24 @@ def test_mutual_tls_with_tokens(pki_files) -> None:  # type: ignore[no-untyped-d
         running.stop(None).wait()
 
 
+def test_cli_with_token_and_mutual_tls(pki_files, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:  # type: ignore[no-untyped-def]
+    from client.cli import main
+
+    pki, paths = pki_files
+    (tmp_path / "client.crt").write_bytes(pki.client.cert)
+    (tmp_path / "client.key").write_bytes(pki.client.key)
+    running = create_server(Settings(port=0, weights="random", tokens="tok", **paths))
+    common = ["--target", f"localhost:{running.port}", "--ca-cert", paths["tls_client_ca"],
+              "--client-cert", str(tmp_path / "client.crt"), "--client-key", str(tmp_path / "client.key")]
+    try:
+        assert main([*common, "--token", "tok", "info"]) == 0
+        assert "resnet18" in capsys.readouterr().out
+        assert main([*common, "--token", "nope", "info"]) == 1
+        assert "UNAUTHENTICATED" in capsys.readouterr().err
+    finally:
+        running.stop(None).wait()
+
+
 def test_bad_security_settings_are_refused(tmp_path: Path) -> None:
     from server.settings import parse_settings
 
