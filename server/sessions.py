@@ -14,7 +14,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from server.engine import SessionEngine
+from server.engine import SessionEngine, release_freed_memory
 from server.errors import FailedPrecondition, NotFound, ResourceExhausted
 
 log = logging.getLogger(__name__)
@@ -104,6 +104,7 @@ class SessionStore:
         self.get(session_id, owner)  # NOT_FOUND for unknown, expired or someone else's
         with self._lock:
             self._sessions.pop(session_id, None)
+        release_freed_memory()  # the session's memory back to the OS (unless a call still holds it)
         log.info("session %s closed", session_id)
 
     def expire_idle(self) -> list[str]:
@@ -122,6 +123,8 @@ class SessionStore:
                 self._expired.popitem(last=False)
         for sid in stale:
             log.info("session %s expired after %.0f s idle", sid, self._expired[sid])
+        if stale:
+            release_freed_memory()
         return stale
 
     def __len__(self) -> int:
