@@ -1,0 +1,133 @@
+"""``python -m bench.equivalence [--device cuda]``: the server on a device equals local PyTorch on it.
+
+Three training steps (Forward, the tutorial's loss, Backward, SGD Step) through a benchmark server
+on ``--device`` and in local PyTorch on the same device with the same weights and inputs; the logits,
+losses, every gradient and every parameter afterwards must agree within the stated tolerance. Then,
+in local PyTorch only, bf16 autocast and channels_last are measured against fp32: the server has no
+option for either yet (docs/benchmarks.md), and these figures say what tolerance such options need.
+Exits 1 when a check fails.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import numpy as np
+import torch
+
+from bench.__main__ import LocalStep, RemoteStep, start_server
+from client import TrainerClient
+
+# Server and local run the same kernels, but in two processes: cuDNN may pick other algorithms
+# (and reduce in another order), so the tolerance is relative to each tensor's largest magnitude.
+TOLERANCE = {"cpu": 1e-5, "cuda": 1e-3}
+# Options against fp32, as relative L2 error ||a - b|| / ||b||: bf16 keeps 8 bits of mantissa,
+# about 2-3 significant digits after 18 layers; channels_last only reorders the same arithmetic.
+BF16_TOLERANCE = 5e-2
+CHANNELS_LAST_TOLERANCE = 1e-4
+
+
+def relative(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.abs(a - b).max() / max(1e-12, float(np.abs(b).max())))
+
+
+def relative_l2(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.linalg.norm(a - b) / max(1e-12, float(np.linalg.norm(b))))
+
+
+def server_vs_local(device: str, steps: int, shape: tuple[int, int, int, int]) -> bool:
+    dev = torch.device(device)
+    tol = TOLERANCE[dev.type]
+    rng = np.random.default_rng(0)
+    x = rng.random(shape, dtype=np.float32)
+    labels = rng.random((shape[0], 1000), dtype=np.float32)
+    local = LocalStep("full", dev)
+    ok = True
+    with start_server(device, 4) as server, TrainerClient(server.target, timeout=600) as client:
+        with client.create_session("random", seed=0) as session:
+            remote = RemoteStep(session, "full")
+            for i in range(steps):
+                remote(x, labels)
+                local(torch.from_numpy(x), torch.from_numpy(labels))
+                assert remote.logits is not None and local.logits is not None
+                worst = relative(remote.logits, local.logits.cpu().numpy())
+                print(f"step {i + 1}: logits differ by {worst:.2e} (tolerance {tol:.0e})")
+                ok &= worst <= tol
+            session.forward(x)
+            session.backward("sum", labels)
+            prediction = local.model(torch.from_numpy(x).to(dev))
+            (prediction - torch.from_numpy(labels).to(dev)).sum().backward()
+            grads = session.gradients()
+            params = session.parameters()
+            for name, p in local.model.named_parameters():
+                assert p.grad is not None
+                g, v = grads[name].array, params[name].array
+                assert g is not None and v is not None
+                dg, dv = relative(g, p.grad.cpu().numpy()), relative(v, p.detach().cpu().numpy())
+                if dg > tol or dv > tol:
+                    print(f"{name}: gradient differs by {dg:.2e}, value by {dv:.2e} (tolerance {tol:.0e})")
+                    ok = False
+            print(f"gradients and parameters of {len(grads)} tensors checked: {'equal within tolerance' if ok else 'DIFFERENT'}")
+    return ok
+
+
+def precision_options(device: str, shape: tuple[int, int, int, int]) -> bool:
+    """bf16 autocast and channels_last against fp32, in local PyTorch (logits and gradients)."""
+    dev = torch.device(device)
+    x = torch.from_numpy(np.random.default_rng(0).random(shape, dtype=np.float32)).to(dev)
+    reference = LocalStep("full", dev).model
+    direction = torch.randn((shape[0], 1000), generator=torch.Generator().manual_seed(0)).to(dev)
+
+    def run(model: torch.nn.Module, inp: torch.Tensor, autocast: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        model.zero_grad()
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=autocast):
+            out = model(inp)
+        # A fixed random output gradient: the tutorial's sum gives all-ones, whose gradient mostly
+        # cancels in train-mode BatchNorm and leaves rounding noise to compare.
+        out.float().backward(gradient=direction)
+        params = dict(model.named_parameters())
+        fc, conv1 = params["fc.weight"].grad, params["conv1.weight"].grad
+        assert fc is not None and conv1 is not None
+        return out.detach().float().cpu().numpy(), fc.float().cpu().numpy(), conv1.float().cpu().numpy()
+
+    base = run(reference, x, False)
+    ok = True
+    for name, tol, autocast, channels_last in (
+        ("bf16 autocast", BF16_TOLERANCE, True, False),
+        ("channels_last", CHANNELS_LAST_TOLERANCE, False, True),
+    ):
+        model = LocalStep("full", dev).model
+        inp = x
+        if channels_last:
+            model = model.to(memory_format=torch.channels_last)
+            inp = x.contiguous(memory_format=torch.channels_last)
+        out, fc, conv1 = run(model, inp, autocast)
+        d_out, d_fc, d_conv1 = relative_l2(out, base[0]), relative_l2(fc, base[1]), relative_l2(conv1, base[2])
+        verdict = "within" if max(d_out, d_fc) <= tol else "OVER"
+        # The first layer's gradient passes back through 17 BatchNorm layers, which amplify rounding
+        # when batches are small: reported, not checked.
+        print(f"{name}: relative L2 error against fp32: logits {d_out:.2e}, fc gradient {d_fc:.2e} "
+              f"({verdict} {tol:.0e}); conv1 gradient {d_conv1:.2e} (reported only)")
+        ok &= max(d_out, d_fc) <= tol
+    return ok
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.equivalence", description=__doc__.split("\n\n")[0] if __doc__ else None)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--size", type=int, default=64)
+    args = parser.parse_args(argv)
+    shape = (args.batch, 3, args.size, args.size)
+    if args.device.startswith("cuda"):
+        print(f"device: {torch.cuda.get_device_name(torch.device(args.device))}; torch {torch.__version__}")
+    ok = server_vs_local(args.device, args.steps, shape)
+    ok &= precision_options(args.device, shape)
+    print("equivalence: PASS" if ok else "equivalence: FAIL")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# One short run on a GPU machine (issue 5): the CUDA equivalence checks, then the step-overhead
+# benchmark at (32, 3, 224, 224) with the server and local PyTorch on CUDA, side by side.
+# Needs a Python with the project's server extra and a CUDA build of torch (scripts/setup.sh, or
+# PYTHON=/path/to/python). About 3-5 minutes on one H100; writes its log to ${OUT:-.}/gpu_check.log.
+#   bench/gpu_check.sh            # everything
+#   STEP_REPS=5 bench/gpu_check.sh  # fewer repetitions
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY="${PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python3)}"
+LOG="${OUT:-.}/gpu_check.log"
+export PYTHONUNBUFFERED=1
+{
+  echo "== $(date -u '+%Y-%m-%d %H:%M UTC'); $(nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader)"
+  echo "== load average: $(cut -d' ' -f1-3 /proc/loadavg); CPU: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2)"
+  "$PY" -c 'import torch, grpc; assert torch.cuda.is_available(), "no CUDA in this torch"; print("torch", torch.__version__, "grpc", grpc.__version__)'
+
+  echo "== CUDA equivalence: server on cuda vs local cuda, same weights; bf16 autocast and channels_last vs fp32"
+  "$PY" -m bench.equivalence --device cuda --steps 3 --batch 8 --size 224
+
+  echo "== step overhead at 32x3x224x224 on cuda (plus grads and upload, for the transport figures)"
+  "$PY" -m bench --device cuda --sections step,grads,upload --sizes 32x3x224x224 \
+    --reps "${STEP_REPS:-20}" --min-reps 5 --seconds-per-case 40 --warmup 3 --transfer-reps 10 \
+    --json "${OUT:-.}/gpu_bench.json"
+} 2>&1 | tee "$LOG"

@@ -1,0 +1,100 @@
+"""The raw gRPC floor: a plain generic handler with no model and no protobuf, only bytes.
+
+It runs in the benchmark's server process beside the trainer server, with the same message-size
+options, so ``GetGradients`` and ``Forward`` are compared with what gRPC itself costs for the same
+bytes in the same run. It also hands out the server-side timings that ``bench.serve`` records.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import grpc
+
+SERVICE = "bench.v1.Raw"
+MIB = 1024 * 1024
+
+
+class RawFloor:
+    """Handlers of ``bench.v1.Raw``: empty call, download stream, unary and streamed upload, timings."""
+
+    def __init__(self, take_timings: Callable[[], dict[str, list[float]]]) -> None:
+        self._take_timings = take_timings
+        self._lock = threading.Lock()
+        self._chunks: dict[tuple[int, int], list[bytes]] = {}
+
+    def _chunked(self, total: int, chunk: int) -> list[bytes]:
+        # The bytes exist before the call, as a tensor does: the floor pays for sending only.
+        with self._lock:
+            if (total, chunk) not in self._chunks:
+                data = bytes(bytearray(range(256)) * (total // 256 + 1))[:total]
+                self._chunks[(total, chunk)] = [data[i : i + chunk] for i in range(0, total, chunk)]
+            return self._chunks[(total, chunk)]
+
+    def ping(self, request: bytes, context: grpc.ServicerContext) -> bytes:
+        return b""
+
+    def download(self, request: bytes, context: grpc.ServicerContext) -> Iterator[bytes]:
+        spec = json.loads(request)
+        yield from self._chunked(int(spec["total"]), int(spec["chunk"]))
+
+    def upload(self, request: bytes, context: grpc.ServicerContext) -> bytes:
+        return str(len(request)).encode()
+
+    def upload_stream(self, requests: Iterator[bytes], context: grpc.ServicerContext) -> bytes:
+        return str(sum(len(r) for r in requests)).encode()
+
+    def timings(self, request: bytes, context: grpc.ServicerContext) -> bytes:
+        return json.dumps(self._take_timings()).encode()
+
+    def handler(self) -> grpc.GenericRpcHandler[Any, Any]:
+        """The generic handler; no serializers, so requests and responses are plain bytes."""
+        return grpc.method_handlers_generic_handler(
+            SERVICE,
+            {
+                "Ping": grpc.unary_unary_rpc_method_handler(self.ping),
+                "Download": grpc.unary_stream_rpc_method_handler(self.download),
+                "Upload": grpc.unary_unary_rpc_method_handler(self.upload),
+                "UploadStream": grpc.stream_unary_rpc_method_handler(self.upload_stream),
+                "Timings": grpc.unary_unary_rpc_method_handler(self.timings),
+            },
+        )
+
+
+class RawClient:
+    """The floor's client side: what a minimal client of the same bytes would do."""
+
+    def __init__(self, target: str, options: list[tuple[str, Any]]) -> None:
+        self._channel = grpc.insecure_channel(target, options=options)
+        self._ping = self._channel.unary_unary(f"/{SERVICE}/Ping", request_serializer=None, response_deserializer=None)
+        self._download = self._channel.unary_stream(f"/{SERVICE}/Download", request_serializer=None, response_deserializer=None)
+        self._upload = self._channel.unary_unary(f"/{SERVICE}/Upload", request_serializer=None, response_deserializer=None)
+        self._upload_stream = self._channel.stream_unary(f"/{SERVICE}/UploadStream", request_serializer=None, response_deserializer=None)
+        self._timings = self._channel.unary_unary(f"/{SERVICE}/Timings", request_serializer=None, response_deserializer=None)
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def ping(self) -> None:
+        self._ping(b"", timeout=30)
+
+    def download(self, total: int, chunk: int = MIB) -> int:
+        """Receives ``total`` bytes in ``chunk``-byte messages; keeps them (no further copy)."""
+        parts = list(self._download(json.dumps({"total": total, "chunk": chunk}).encode(), timeout=120))
+        return sum(len(p) for p in parts)
+
+    def upload(self, data: bytes) -> int:
+        """Sends ``data`` as one unary message, as Forward sends its batch."""
+        return int(self._upload(data, timeout=120))
+
+    def upload_stream(self, data: bytes, chunk: int = MIB) -> int:
+        """Sends ``data`` as a client stream of ``chunk``-byte messages."""
+        view = memoryview(data)
+        return int(self._upload_stream((view[i : i + chunk].tobytes() for i in range(0, len(data), chunk)), timeout=120))
+
+    def timings(self) -> dict[str, list[float]]:
+        """Server-side durations recorded since the last call (and clears them)."""
+        return dict(json.loads(self._timings(b"", timeout=30)))

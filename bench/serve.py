@@ -1,0 +1,112 @@
+"""The benchmark's server process: the trainer server and the raw floor, each on a free loopback port.
+
+``python -m bench.serve [--device cpu|cuda] [--max-sessions N]`` prints one JSON line with both ports
+and its pid, then serves until its standard input closes. The engine's forward/backward/step and the
+servicer's Forward/Backward/Step are wrapped with timers, so the benchmark can split a remote call
+into the torch work and the rest (transport, encoding, decoding); the raw floor's ``Timings`` call
+hands the durations out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import logging
+import os
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from concurrent import futures
+from typing import Any, TypeVar
+
+import grpc
+
+from bench.raw import RawFloor
+from server.app import create_server
+from server.engine import SessionEngine
+from server.servicer import TrainerServicer
+from server.settings import Settings
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+_timings: dict[str, list[float]] = {}
+_timings_lock = threading.Lock()
+
+
+def _timed(name: str, fn: F) -> F:
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        start = time.perf_counter()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            elapsed = time.perf_counter() - start
+            with _timings_lock:
+                _timings.setdefault(name, []).append(elapsed)
+
+    return wrapper  # type: ignore[return-value]
+
+
+def take_timings() -> dict[str, list[float]]:
+    """The durations recorded since the last call, by name; clears them."""
+    global _timings
+    with _timings_lock:
+        taken, _timings = _timings, {}
+    return taken
+
+
+def install_timers() -> None:
+    """Wraps the engine's and the servicer's step methods (before the server registers them)."""
+    for name in ("forward", "backward", "step"):
+        setattr(SessionEngine, name, _timed(f"engine.{name}", getattr(SessionEngine, name)))
+    for name in ("Forward", "Backward", "Step"):
+        setattr(TrainerServicer, name, _timed(f"handler.{name}", getattr(TrainerServicer, name)))
+
+
+def server_options(settings: Settings) -> list[tuple[str, Any]]:
+    """The raw floor's options: the trainer server's message-size limits."""
+    return [
+        ("grpc.max_receive_message_length", settings.max_message_bytes),
+        ("grpc.max_send_message_length", settings.max_message_bytes),
+        ("grpc.so_reuseport", 0),
+    ]
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.serve")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--max-sessions", type=int, default=16)
+    parser.add_argument("--chunk-bytes", type=int, default=0, help="0: the server's default")
+    parser.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
+    args = parser.parse_args()
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    # The server logs one line per call at INFO, as in production; here to a file nobody reads.
+    log_file = os.path.join(tempfile.gettempdir(), f"bench-server-{os.getpid()}.log")
+    logging.basicConfig(level=logging.INFO, filename=log_file, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+
+    install_timers()
+    extra: dict[str, Any] = {"chunk_bytes": args.chunk_bytes} if args.chunk_bytes else {}
+    settings = Settings(port=0, weights="random", seed=0, device=args.device, max_sessions=args.max_sessions, **extra)
+    trainer = create_server(settings)
+
+    raw_server = grpc.server(futures.ThreadPoolExecutor(max_workers=settings.max_workers), options=server_options(settings))
+    raw_server.add_generic_rpc_handlers((RawFloor(take_timings).handler(),))
+    raw_port = raw_server.add_insecure_port("127.0.0.1:0")
+    raw_server.start()
+
+    print(json.dumps({"trainer_port": trainer.port, "raw_port": raw_port, "pid": os.getpid(), "log": log_file}), flush=True)
+    sys.stdin.read()  # until the benchmark closes our standard input (or exits)
+    raw_server.stop(None)
+    trainer.stop(None).wait()
+    os.unlink(log_file)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
