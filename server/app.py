@@ -14,6 +14,7 @@ from typing import Any
 
 import grpc
 from google.protobuf import message_factory
+from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from torch import nn
@@ -25,6 +26,7 @@ from server.models import build_model, resolve_device
 from server.servicer import TrainerServicer
 from server.sessions import SessionStore
 from server.settings import Settings
+from server.status import Undecodable
 from trainer.v1 import trainer_pb2
 
 log = logging.getLogger(__name__)
@@ -122,14 +124,18 @@ def _tls(settings: Settings) -> grpc.ServerCredentials:
 
 def _counted_handlers(servicer: TrainerServicer, metrics: Metrics) -> grpc.GenericRpcHandler[Any, Any]:
     """TrainerService's method handlers, as the generated code makes them, but counting the bytes
-    of every message as it is parsed or serialised (the sizes come free there)."""
+    of every message as it is parsed or serialised (the sizes come free there), and handing bytes
+    that do not parse to the servicer as ``Undecodable`` (refused as INVALID_ARGUMENT)."""
     handlers: dict[str, grpc.RpcMethodHandler[Any, Any]] = {}
     for method in SERVICE.methods:
         request_class = message_factory.GetMessageClass(method.input_type)
 
         def deserialize(data: bytes, cls: Any = request_class, name: str = method.name) -> Any:
             metrics.received(name, len(data))
-            return cls.FromString(data)
+            try:
+                return cls.FromString(data)
+            except DecodeError as exc:
+                return Undecodable(cls.DESCRIPTOR.full_name, str(exc))
 
         def serialize(message: Any, name: str = method.name) -> bytes:
             data: bytes = message.SerializeToString()

@@ -12,6 +12,7 @@ import functools
 import logging
 import time
 import uuid
+from dataclasses import dataclass
 from collections.abc import Callable, Iterator
 from typing import Any, Protocol, TypeVar
 
@@ -87,6 +88,15 @@ def _status_for(exc: BaseException, method: str) -> grpc.Status:
     return to_status(grpc.StatusCode.INTERNAL, f"internal error in {method} (ref {ref}; see the server log)", "INTERNAL")
 
 
+@dataclass(frozen=True)
+class Undecodable:
+    """Stands in for a request whose bytes did not parse, so the call is refused as the client's
+    mistake (INVALID_ARGUMENT) rather than with gRPC's own INTERNAL "Exception deserializing request!"."""
+
+    message_type: str
+    error: str
+
+
 class Observed(Protocol):
     """A servicer whose calls are counted in ``metrics``."""
 
@@ -102,6 +112,13 @@ def _finish(servicer: Observed, method: str, request: Any, code: grpc.StatusCode
     )
 
 
+def _check_decoded(request: object) -> None:
+    if isinstance(request, Undecodable):
+        raise InvalidArgument(
+            f"the request is not a valid {request.message_type}: {request.error}", "MALFORMED_REQUEST"
+        )
+
+
 S = TypeVar("S", bound=Observed)
 Req = TypeVar("Req")
 Resp = TypeVar("Resp")
@@ -115,6 +132,7 @@ def unary(method: Callable[[S, Req, grpc.ServicerContext], Resp]) -> Callable[[S
         start = time.perf_counter()
         code = grpc.StatusCode.OK
         try:
+            _check_decoded(request)
             return method(self, request, context)
         except Exception as exc:
             status = _status_for(exc, method.__name__)
@@ -137,6 +155,7 @@ def streaming(
         start = time.perf_counter()
         code = grpc.StatusCode.OK
         try:
+            _check_decoded(request)
             yield from method(self, request, context)
         except GeneratorExit:
             code = grpc.StatusCode.CANCELLED

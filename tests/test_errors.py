@@ -218,6 +218,17 @@ def test_create_session_with_bad_optimizer(client: TrainerClient) -> None:
     assert (err.value.code, err.value.reason) == (INVALID, "BAD_OPTIMIZER_VALUE")
 
 
+def test_bytes_that_are_not_a_request(target: str) -> None:
+    with grpc.insecure_channel(target) as channel:
+        for method in ("Forward", "GetGradients"):
+            call = getattr(channel, "unary_stream" if method == "GetGradients" else "unary_unary")(f"/trainer.v1.TrainerService/{method}")
+            with pytest.raises(grpc.RpcError) as err:
+                result = call(b"\xff\xff\xff", timeout=30)
+                list(result) if method == "GetGradients" else result
+            assert err.value.code() == INVALID
+            assert f"not a valid trainer.v1.{method}Request" in err.value.details()
+
+
 def test_too_many_sessions() -> None:
     running = create_server(Settings(port=0, weights="random", max_sessions=2))
     try:
