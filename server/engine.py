@@ -31,6 +31,8 @@ LossName = Literal["sum", "cross_entropy", "mse"]
 OptimizerName = Literal["sgd", "adam", "adamw"]
 Distribution = Literal["zeros", "ones", "uniform", "normal", "randint"]
 
+_FLOAT32_MAX = float(torch.finfo(torch.float32).max)
+
 # ResNet halves the image five times (to 1/32); smaller images collapse before the last stage.
 MIN_IMAGE_SIZE = 32
 
@@ -75,7 +77,9 @@ class OptimizerSpec:
             checks.append(("beta1", self.beta1, 0 <= self.beta1 < 1, "must be in [0, 1)"))
             checks.append(("beta2", self.beta2, 0 <= self.beta2 < 1, "must be in [0, 1)"))
         for name, value, ok, rule in checks:
-            if not math.isfinite(value) or not ok:
+            # torch's kernels take these as float32 scalars (add_(grad, alpha=-lr)): a larger value
+            # would make every later step fail, so "finite" means finite in float32.
+            if not math.isfinite(value) or abs(value) > _FLOAT32_MAX or not ok:
                 raise invalid(f"optimizer.{name}", f"optimizer {name} {rule}, got {value}", "BAD_OPTIMIZER_VALUE")
         if self.kind == "sgd" and self.nesterov and (self.momentum <= 0 or self.dampening != 0):
             raise invalid("optimizer.nesterov", "nesterov momentum needs momentum > 0 and dampening 0", "BAD_OPTIMIZER_VALUE")
@@ -460,6 +464,15 @@ class SessionEngine:
             updated = sum(1 for g in self._optimizer.param_groups for p in g["params"] if p.grad is not None)
             self._optimizer.step()
             self._step_count += 1
+            pending = self._pending
+            if updated and pending is not None and pending.logits is not None:
+                # A graph kept with retain_graph saved the parameters it was made with, and the step
+                # changed them in place: autograd would refuse to backpropagate through it, so it goes.
+                fid = pending.forward_id
+                self._pending = _Pending(
+                    fid, None, f"the parameters changed (step {self._step_count}) since forward {fid}; run Forward again",
+                    "PARAMETERS_CHANGED",
+                )
             return self._step_count, updated
 
     def zero_grad(self, set_to_none: bool = True) -> int:

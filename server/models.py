@@ -23,6 +23,9 @@ from server.errors import FailedPrecondition, InvalidArgument, NotFound, invalid
 # this lock keeps two threads from seeding it at the same time.
 _RNG_LOCK = threading.Lock()
 
+# Largest classifier head a client may ask for (ReplaceHead has the same bound): nn.Linear(512, N) is 2 GiB at a million.
+MAX_CLASSES = 1_000_000
+
 
 @contextlib.contextmanager
 def seeded(seed: int) -> Iterator[None]:
@@ -133,8 +136,8 @@ def build_model(weights: str, num_classes: int, seed: int, *, data_dir: str = ""
     ``weights`` is "random", "imagenet", "auto" (imagenet when cached, else random) or a file: a path
     anywhere when ``trusted_path`` (the operator's flag), else a name inside ``data_dir`` (a client's request).
     """
-    if num_classes < 0:
-        raise invalid("num_classes", f"num_classes must not be negative, got {num_classes}", "BAD_NUM_CLASSES")
+    if num_classes < 0 or num_classes > MAX_CLASSES:
+        raise invalid("num_classes", f"num_classes must be in 0..{MAX_CLASSES}, got {num_classes}", "BAD_NUM_CLASSES")
     if weights == "auto":
         weights = "imagenet" if imagenet_weights_path().is_file() else "random"
     if weights in ("", "random"):
