@@ -170,6 +170,10 @@ def values_to_array(values: pb.TensorValues, dtype: npt.DTypeLike) -> npt.NDArra
     if target.kind in "iu":
         if not np.all(np.isfinite(data)) or not np.all(data == np.round(data)):
             raise CodecError("values must be whole numbers for an integer tensor", "NOT_INTEGRAL")
+        # 2**63 is exact in float64; anything at or beyond it (or below -2**63) does not fit an int64.
+        bound = float(np.iinfo(target).max) + 1
+        if data.size and (data.max() >= bound or data.min() < -bound):
+            raise CodecError(f"values must fit {target.name}", "VALUE_OUT_OF_RANGE")
     return data.astype(target)
 
 

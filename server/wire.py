@@ -83,7 +83,10 @@ def input_tensor(msg: pb.TensorInput, field: str, max_elements: int, integer: bo
     try:
         if source == "tensor":
             _check_size(msg.tensor.shape, field, max_elements)
-            return torch.from_numpy(codec.decode(msg.tensor)), False
+            tensor = torch.from_numpy(codec.decode(msg.tensor))
+            if msg.tensor.data_type == pb.DATA_TYPE_BFLOAT16:
+                tensor = tensor.to(torch.bfloat16)  # exact: the codec widened bfloat16 to float32
+            return tensor, False
         if source == "values":
             _check_size(msg.values.shape, field, max_elements)
             array = codec.values_to_array(msg.values, np.int64 if integer else np.float32)
