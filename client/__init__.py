@@ -1,18 +1,28 @@
 """Python SDK of the training service: ``TrainerClient``, ``Session``, results and errors.
 
-Needs grpcio, protobuf and numpy only; torch tensors are accepted as inputs when torch is installed.
+Needs grpcio, protobuf and numpy only; torch tensors are accepted as inputs when torch is installed
+(``client.remote.RemoteModel``, the server's model as an ``nn.Module``, needs torch).
 """
 
 from client.client import Session, TrainerClient
 from client.errors import (
+    AbortedError,
+    AlreadyExistsError,
+    CancelledError,
+    DataLossError,
+    DeadlineExceededError,
     FailedPreconditionError,
     InternalError,
     InvalidArgumentError,
     NotFoundError,
+    OutOfRangeError,
+    PermissionDeniedError,
     ResourceExhaustedError,
     TrainerError,
     UnauthenticatedError,
     UnavailableError,
+    UnimplementedError,
+    UnknownError,
 )
 from client.types import (
     BackwardResult,
@@ -28,8 +38,9 @@ from client.types import (
 )
 
 __all__ = [
-    "BackwardResult", "FailedPreconditionError", "ForwardResult", "FreezeResult", "Graph", "InternalError",
-    "InvalidArgumentError", "NamedTensor", "NotFoundError", "Optimizer", "ParameterInfo", "ParameterList",
-    "ResourceExhaustedError", "Session", "SessionInfo", "Stats", "TrainerClient", "TrainerError",
-    "UnauthenticatedError", "UnavailableError",
+    "AbortedError", "AlreadyExistsError", "BackwardResult", "CancelledError", "DataLossError",
+    "DeadlineExceededError", "FailedPreconditionError", "ForwardResult", "FreezeResult", "Graph", "InternalError",
+    "InvalidArgumentError", "NamedTensor", "NotFoundError", "Optimizer", "OutOfRangeError", "ParameterInfo",
+    "ParameterList", "PermissionDeniedError", "ResourceExhaustedError", "Session", "SessionInfo", "Stats",
+    "TrainerClient", "TrainerError", "UnauthenticatedError", "UnavailableError", "UnimplementedError", "UnknownError",
 ]

@@ -267,6 +267,7 @@ class Session:
         self._stub = client.stub
         self.session_id = session_id
         self._closed = False
+        self._last_forward_id = 0  # of the last Forward made through this handle
 
     def __enter__(self) -> Session:
         return self
@@ -276,9 +277,10 @@ class Session:
 
     def close(self, timeout: float | None = None) -> None:
         """Closes the session on the server; idempotent, and a no-op for the default session."""
-        if self.session_id not in ("", "default") and not self._closed:
-            self._closed = True
-            self._client.call(self._stub.CloseSession, pb.CloseSessionRequest(session_id=self.session_id), timeout)
+        if self.session_id in ("", "default") or self._closed:
+            return
+        self._client.call(self._stub.CloseSession, pb.CloseSessionRequest(session_id=self.session_id), timeout)
+        self._closed = True  # only now: a close that failed (a timeout, say) can be tried again
 
     def info(self, timeout: float | None = None) -> SessionInfo:
         """What the session holds."""
@@ -295,7 +297,9 @@ class Session:
         )
         _fill_input(request.input, x, np.float32)
         response = self._client.call(self._stub.Forward, request, timeout)
-        logits = codec.decode(response.logits) if response.HasField("logits") else None
+        # A writable copy (the decoded view would be read-only, over the response's bytes); logits are small.
+        logits = codec.decode(response.logits).copy() if response.HasField("logits") else None
+        self._last_forward_id = response.forward_id
         return ForwardResult(response.forward_id, logits, _stats(response.logits_stats))  # type: ignore[arg-type]
 
     def backward(
@@ -305,7 +309,7 @@ class Session:
         *,
         output_gradient: Any = None,
         retain_graph: bool = False,
-        forward_id: int = 0,
+        forward_id: int | None = None,
         timeout: float | None = None,
     ) -> BackwardResult:
         """Backpropagates from the pending forward.
@@ -313,8 +317,15 @@ class Session:
         ``loss`` "sum" is the tutorial's ``(prediction - labels).sum()``; "cross_entropy" takes class
         indices; "mse" is the mean squared error. Or pass ``output_gradient``, the gradient of your own
         loss with respect to the logits (``prediction.backward(gradient=...)``).
+
+        ``forward_id`` defaults to the last forward made through this handle, so that on a shared
+        session a forward someone else made since is refused (STALE_FORWARD), never silently used;
+        0 means whatever forward is pending.
         """
-        request = pb.BackwardRequest(session_id=self.session_id, forward_id=forward_id, retain_graph=retain_graph)
+        if (loss is None) == (output_gradient is None):
+            raise ValueError("give exactly one of loss (with labels) or output_gradient")
+        fid = self._last_forward_id if forward_id is None else forward_id
+        request = pb.BackwardRequest(session_id=self.session_id, forward_id=fid, retain_graph=retain_graph)
         if loss is not None:
             if loss not in _LOSSES:
                 raise ValueError(f"loss must be one of {sorted(_LOSSES)}, got {loss!r}")

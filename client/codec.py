@@ -54,11 +54,6 @@ class CodecError(ValueError):
         self.reason = reason
 
 
-def element_size(data_type: int) -> int:
-    """Bytes per element of a wire data type."""
-    return _wire_dtype(data_type).itemsize
-
-
 def _wire_dtype(data_type: int) -> np.dtype:
     try:
         return _WIRE_DTYPES[data_type]

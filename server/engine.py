@@ -555,7 +555,7 @@ class SessionEngine:
             step_count = int(state["step_count"])  # type: ignore[call-overload]
             model = copy.deepcopy(self._model)
             if head_of(model).out_features != num_classes:
-                model.fc = nn.Linear(head_of(model).in_features, num_classes)
+                model.fc = new_head(head_of(model).in_features, num_classes, 0)  # overwritten by the checkpoint
             model.load_state_dict(weights, strict=True)  # type: ignore[arg-type]
             model = model.to(self._device)
             for name, p in model.named_parameters():
@@ -613,12 +613,12 @@ class SessionEngine:
                     continue
                 value = value.detach()
                 stats = tensor_stats(value)
-                copy = None
+                snapshot = None
                 if not stats_only:
                     # A copy on the CPU in the transfer type, so later steps cannot change what is sent.
                     target = dtype if value.is_floating_point() else value.dtype
-                    copy = value.to("cpu", target, copy=True).contiguous()
-                out.append(NamedTensor(name, tuple(value.shape), copy, stats))
+                    snapshot = value.to("cpu", target, copy=True).contiguous()
+                out.append(NamedTensor(name, tuple(value.shape), snapshot, stats))
             return out
 
     def graph(self) -> Graph:

@@ -52,14 +52,6 @@ class ResourceExhausted(TrainerError):
     """A configured limit was reached, or the device ran out of memory."""
 
 
-class Unavailable(TrainerError):
-    """The server is shutting down."""
-
-
-class PermissionDenied(TrainerError):
-    """The call is understood but not allowed (such as closing the default session)."""
-
-
 def invalid(field_name: str, message: str, reason: str) -> InvalidArgument:
     """An InvalidArgument about one field, carrying its BadRequest violation."""
     return InvalidArgument(message, reason, (FieldViolation(field_name, message),))

@@ -85,7 +85,8 @@ def model_from_state_dict(state: dict[str, torch.Tensor], num_classes: int, seed
     fc = state.get("fc.weight")
     if fc is None or fc.dim() != 2:
         raise invalid("weights", f"{source} is not a resnet18 state_dict (no 2-D fc.weight)", "WEIGHTS_MISMATCH")
-    model: nn.Module = resnet18(weights=None, num_classes=int(fc.shape[0]))
+    with seeded(0):  # its random init is overwritten, but must not draw from the shared generator unlocked
+        model: nn.Module = resnet18(weights=None, num_classes=int(fc.shape[0]))
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as exc:

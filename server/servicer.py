@@ -124,8 +124,11 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
         step_count, updated = engine.step()
         if self._checkpoint_every and step_count % self._checkpoint_every == 0:
             name = f"auto-{request.session_id or DEFAULT_SESSION_ID}.ckpt"
-            checkpoints.save(engine.checkpoint(), self._checkpoint_path(name, context))
-            log.info("session %s checkpointed to %s at step %d", request.session_id or DEFAULT_SESSION_ID, name, step_count)
+            try:
+                checkpoints.save(engine.checkpoint(), self._checkpoint_path(name, context))
+                log.info("session %s checkpointed to %s at step %d", request.session_id or DEFAULT_SESSION_ID, name, step_count)
+            except Exception:  # the step is done: a failed automatic checkpoint must not make it look failed
+                log.exception("automatic checkpoint %s at step %d failed", name, step_count)
         return pb.StepResponse(step_count=step_count, parameters_updated=updated)
 
     @unary

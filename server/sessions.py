@@ -48,7 +48,7 @@ class SessionStore:
         self._max_per_owner = max_per_owner
         self._idle_seconds = idle_seconds
         self._reserved: dict[str, int] = {}  # sessions being built, by owner, counted against the limits
-        self._expired: OrderedDict[str, float] = OrderedDict()
+        self._expired: OrderedDict[str, tuple[str, float]] = OrderedDict()  # id -> (owner, seconds idle)
 
     @property
     def idle_seconds(self) -> float:
@@ -62,10 +62,15 @@ class SessionStore:
             if entry is not None and (sid == DEFAULT_SESSION_ID or entry.owner == owner):
                 entry.last_used = self._clock()
                 return entry.engine
-            idle = self._expired.get(sid)
-        if idle is not None:
-            raise NotFound(f"session {session_id!r} expired after {idle:.0f} s without calls", "SESSION_EXPIRED")
-        raise NotFound(f"no session {session_id!r} (closed, or never created)", "SESSION_NOT_FOUND")
+        raise self._missing(session_id, owner)
+
+    def _missing(self, session_id: str, owner: str) -> NotFound:
+        """The NOT_FOUND for a session that is not there: expired (told only to its owner) or unknown."""
+        with self._lock:
+            expired = self._expired.get(session_id)
+        if expired is not None and expired[0] == owner:  # to anyone else it never existed
+            return NotFound(f"session {session_id!r} expired after {expired[1]:.0f} s without calls", "SESSION_EXPIRED")
+        return NotFound(f"no session {session_id!r} (closed, or never created)", "SESSION_NOT_FOUND")
 
     def create(self, build: Callable[[], SessionEngine], owner: str = "") -> tuple[str, SessionEngine]:
         """Builds a session with ``build`` (outside the lock: it loads a model) and stores it under a new id."""
@@ -101,9 +106,13 @@ class SessionStore:
         """Forgets a session; its memory is freed once in-flight calls on it finish."""
         if session_id in ("", DEFAULT_SESSION_ID):
             raise FailedPrecondition("the default session cannot be closed", "DEFAULT_SESSION")
-        self.get(session_id, owner)  # NOT_FOUND for unknown, expired or someone else's
         with self._lock:
-            self._sessions.pop(session_id, None)
+            entry = self._sessions.get(session_id)
+            mine = entry is not None and entry.owner == owner
+            if mine:
+                del self._sessions[session_id]
+        if not mine:
+            raise self._missing(session_id, owner)  # unknown, expired, or someone else's
         release_freed_memory()  # the session's memory back to the OS (unless a call still holds it)
         log.info("session %s closed", session_id)
 
@@ -118,11 +127,12 @@ class SessionStore:
                 if sid != DEFAULT_SESSION_ID and now - e.last_used > self._idle_seconds
             ]
             for sid in stale:
-                self._expired[sid] = now - self._sessions.pop(sid).last_used
+                entry = self._sessions.pop(sid)
+                self._expired[sid] = (entry.owner, now - entry.last_used)
             while len(self._expired) > _REMEMBERED_EXPIRIES:
                 self._expired.popitem(last=False)
         for sid in stale:
-            log.info("session %s expired after %.0f s idle", sid, self._expired[sid])
+            log.info("session %s expired after %.0f s idle", sid, self._expired[sid][1])
         if stale:
             release_freed_memory()
         return stale

@@ -115,7 +115,12 @@ def parse_settings(argv: Sequence[str] | None = None, environ: dict[str, str] | 
     defaults = Settings()
     for f in fields(Settings):
         kind = type(getattr(defaults, f.name))
-        default = kind(env[env_name(f.name)]) if env_name(f.name) in env else getattr(defaults, f.name)
+        default = getattr(defaults, f.name)
+        if env_name(f.name) in env:
+            try:
+                default = kind(env[env_name(f.name)])
+            except ValueError:
+                parser.error(f"{env_name(f.name)}={env[env_name(f.name)]!r} is not a valid {kind.__name__}")
         parser.add_argument(
             "--" + f.name.replace("_", "-"),
             type=kind,

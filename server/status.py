@@ -29,7 +29,6 @@ from server.errors import (
     NotFound,
     ResourceExhausted,
     TrainerError,
-    Unavailable,
 )
 
 log = logging.getLogger(__name__)
@@ -42,8 +41,9 @@ CODES: dict[type[TrainerError], grpc.StatusCode] = {
     InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,
     FailedPrecondition: grpc.StatusCode.FAILED_PRECONDITION,
     ResourceExhausted: grpc.StatusCode.RESOURCE_EXHAUSTED,
-    Unavailable: grpc.StatusCode.UNAVAILABLE,
 }
+# Shutting down (UNAVAILABLE) and bad tokens (UNAUTHENTICATED, server/auth.py) are answered by gRPC
+# and the auth interceptor before a servicer method runs.
 
 
 def status_code(error: TrainerError) -> grpc.StatusCode:

@@ -162,11 +162,6 @@ def transfer_dtype(code: int) -> torch.dtype:
     return _TRANSFER_TYPES[code]
 
 
-def chunk_stream(tensors: list[NamedTensor], chunk_bytes: int) -> Iterator[pb.TensorChunk]:
-    """Named tensors as a stream of ``TensorChunk`` messages."""
-    return _chunks(tensors, chunk_bytes, pb.TensorChunk, lambda c: c)
-
-
 R = TypeVar("R", pb.GetGradientsResponse, pb.GetParametersResponse)
 
 

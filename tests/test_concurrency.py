@@ -11,7 +11,7 @@ import torch
 from torch import nn
 from torchvision.models import resnet18
 
-from client import TrainerClient
+from client import Session, TrainerClient
 from tests.conftest import WEIGHTS_NAME, assert_equal_to_local, rand
 
 
@@ -31,11 +31,16 @@ def run_threads(*targets: Callable[[], None]) -> None:
         t.start()
     for t in threads:
         t.join(timeout=600)
+    assert not any(t.is_alive() for t in threads), "a thread hung"
     assert not errors, errors
 
 
 def test_two_sessions_from_two_threads_stay_isolated(client: TrainerClient, local: nn.Module, state_dict: dict[str, torch.Tensor]) -> None:
-    a, b = client.create_session(WEIGHTS_NAME), client.create_session(WEIGHTS_NAME)
+    with client.create_session(WEIGHTS_NAME) as a, client.create_session(WEIGHTS_NAME) as b:
+        run_isolation(a, b, local, state_dict)
+
+
+def run_isolation(a: Session, b: Session, local: nn.Module, state_dict: dict[str, torch.Tensor]) -> None:
     data = {"a": [rand(2, 3, 32, 32, seed=i) for i in range(3)], "b": [rand(2, 3, 32, 32, seed=100 + i) for i in range(3)]}
     labels = rand(2, 1000, seed=7)
 
@@ -63,7 +68,6 @@ def test_two_sessions_from_two_threads_stay_isolated(client: TrainerClient, loca
         remote = session.parameters("fc", "conv1")
         for pname in remote:
             assert_equal_to_local(remote[pname].array, dict(model.named_parameters())[pname])
-        session.close()
 
 
 def test_concurrent_calls_on_one_session_are_serialised(client: TrainerClient, local: nn.Module) -> None:
@@ -72,7 +76,11 @@ def test_concurrent_calls_on_one_session_are_serialised(client: TrainerClient, l
     Serialised calls mean every Backward adds exactly one copy of the gradient, and every read sees
     a whole number of them: never a tensor caught half-way through an accumulation.
     """
-    session = client.create_session(WEIGHTS_NAME)
+    with client.create_session(WEIGHTS_NAME) as session:
+        run_serialised(session, local)
+
+
+def run_serialised(session: Session, local: nn.Module) -> None:
     x, labels = rand(2, 3, 32, 32), rand(2, 1000)
     session.forward(x)
     (local(torch.from_numpy(x)) - torch.from_numpy(labels)).sum().backward()
@@ -93,6 +101,7 @@ def test_concurrent_calls_on_one_session_are_serialised(client: TrainerClient, l
         for f in futures:
             f.result(timeout=600)
 
+    assert reads, "the readers saw gradients"
     final = session.gradients("fc.weight")["fc.weight"].array
     np.testing.assert_allclose(final, 8 * single, rtol=1e-5, atol=1e-5)
     for seen in reads:
@@ -103,4 +112,3 @@ def test_concurrent_calls_on_one_session_are_serialised(client: TrainerClient, l
     with ThreadPoolExecutor(max_workers=4) as pool:
         step_counts = sorted(pool.map(lambda _: session.step(), range(4)))
     assert step_counts == [1, 2, 3, 4]
-    session.close()
