@@ -42,8 +42,9 @@ MIB = 1024 * 1024
 # sessions close, so RSS after round one is the baseline, not the size before it. Round two reuses
 # that memory; what a leak would add is far larger than the margin: one session never freed is
 # ~140 MiB, one autograd graph kept per step is ~3 MiB x 16 clients x STEPS. The margin leaves room
-# for allocator fragmentation across 16 threads' arenas.
-GROWTH_MARGIN = 64 * MIB
+# for allocator fragmentation across 16 threads' arenas, which varies with scheduling: up to 81 MiB
+# was seen on a loaded 2-core machine, so the margin sits between that and one leaked session.
+GROWTH_MARGIN = 120 * MIB
 
 
 @dataclass
