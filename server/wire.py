@@ -123,13 +123,6 @@ def _check_size(shape: object, field: str, max_elements: int) -> tuple[int, ...]
     return dims
 
 
-def raw_bytes(t: torch.Tensor) -> bytes:
-    """The tensor's elements as wire bytes (bfloat16 as its bit pattern)."""
-    if t.dtype == torch.bfloat16:
-        t = t.view(torch.int16)
-    return t.numpy().tobytes()
-
-
 def raw_view(t: torch.Tensor) -> memoryview:
     """The elements of a contiguous CPU tensor as wire bytes, without a copy (bfloat16 as its bit pattern)."""
     if t.dtype == torch.bfloat16:
@@ -139,7 +132,7 @@ def raw_view(t: torch.Tensor) -> memoryview:
 
 def output_tensor(t: torch.Tensor) -> pb.Tensor:
     """A CPU tensor as a raw wire ``Tensor``."""
-    return codec.encode_raw(raw_bytes(t), t.shape, TORCH_TO_WIRE[t.dtype])
+    return codec.encode_raw(raw_view(t).tobytes(), t.shape, TORCH_TO_WIRE[t.dtype])
 
 
 def output_values(t: torch.Tensor) -> pb.TensorValues:
