@@ -57,14 +57,10 @@ _SERVICE_CONFIG = json.dumps(
     }
 )
 
-_LOSSES = {
-    "sum": pb.LOSS_FUNCTION_SUM_DIFFERENCE,
-    "cross_entropy": pb.LOSS_FUNCTION_CROSS_ENTROPY,
-    "mse": pb.LOSS_FUNCTION_MSE,
-}
-_OPTIMIZER_KINDS = {"sgd": pb.OPTIMIZER_KIND_SGD, "adam": pb.OPTIMIZER_KIND_ADAM, "adamw": pb.OPTIMIZER_KIND_ADAMW}
+_LOSSES = codec.LOSS_FUNCTIONS
+_OPTIMIZER_KINDS = codec.OPTIMIZER_KINDS
 _OPTIMIZER_NAMES = {v: k for k, v in _OPTIMIZER_KINDS.items()}
-_OPTIMIZER_FIELDS = ("lr", "momentum", "dampening", "weight_decay", "nesterov", "beta1", "beta2", "eps", "amsgrad")
+_OPTIMIZER_FIELDS = codec.OPTIMIZER_FIELDS
 
 Req = TypeVar("Req")
 Resp = TypeVar("Resp")

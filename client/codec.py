@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Literal, TypeVar, get_args
 
 import numpy as np
 import numpy.typing as npt
@@ -44,6 +44,16 @@ DATA_TYPE_NAMES: dict[int, str] = {
     pb.DATA_TYPE_INT32: "int32",
 }
 DATA_TYPES_BY_NAME: dict[str, int] = {name: code for code, name in DATA_TYPE_NAMES.items()}
+# Names of the loss functions and optimizers, the same in the SDK and in the server's engine.
+LOSS_FUNCTIONS: dict[str, pb.LossFunction.ValueType] = {
+    "sum": pb.LOSS_FUNCTION_SUM_DIFFERENCE,
+    "cross_entropy": pb.LOSS_FUNCTION_CROSS_ENTROPY,
+    "mse": pb.LOSS_FUNCTION_MSE,
+}
+OPTIMIZER_KINDS: dict[str, pb.OptimizerKind.ValueType] = {"sgd": pb.OPTIMIZER_KIND_SGD, "adam": pb.OPTIMIZER_KIND_ADAM, "adamw": pb.OPTIMIZER_KIND_ADAMW}
+# The OptimizerConfig fields that carry values (all optional: unset takes torch's default).
+OptimizerField = Literal["lr", "momentum", "dampening", "weight_decay", "nesterov", "beta1", "beta2", "eps", "amsgrad"]
+OPTIMIZER_FIELDS: tuple[OptimizerField, ...] = get_args(OptimizerField)
 
 
 class CodecError(ValueError):

@@ -69,7 +69,7 @@ def create_server(settings: Settings) -> TrainerServer:
     auth = TokenAuth.from_settings(settings)
     metrics = Metrics(store.__len__)
     factory = functools.partial(_client_model, data_dir=settings.data_dir)
-    servicer = TrainerServicer(store, factory, device, settings, auth, metrics)
+    servicer = TrainerServicer(store, factory, device, limits, settings, auth, metrics)
 
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=settings.max_workers, thread_name_prefix="rpc"),

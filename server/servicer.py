@@ -34,6 +34,7 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
         store: SessionStore,
         build_model: ModelFactory,
         device: torch.device,
+        limits: Limits,
         settings: Settings,
         auth: TokenAuth | None,
         metrics: Metrics,
@@ -41,7 +42,7 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
         self._store = store
         self._build_model = build_model
         self._device = device
-        self._limits = Limits(max_input_elements=settings.max_input_elements, max_batch=settings.max_batch)
+        self._limits = limits
         self._chunk_bytes = settings.chunk_bytes
         self._checkpoint_dir = settings.checkpoint_dir
         self._checkpoint_every = settings.checkpoint_every

@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Callable, Iterator
-from typing import TypeVar
+from typing import TypeVar, cast
 
 import numpy as np
 import torch
@@ -39,18 +39,12 @@ _DISTRIBUTIONS: dict[int, Distribution] = {
     pb.DISTRIBUTION_NORMAL: "normal",
     pb.DISTRIBUTION_RANDINT: "randint",
 }
-LOSSES: dict[int, LossName] = {
-    pb.LOSS_FUNCTION_SUM_DIFFERENCE: "sum",
-    pb.LOSS_FUNCTION_CROSS_ENTROPY: "cross_entropy",
-    pb.LOSS_FUNCTION_MSE: "mse",
-}
-_OPTIMIZERS: dict[int, OptimizerName] = {
-    pb.OPTIMIZER_KIND_UNSPECIFIED: "sgd",
-    pb.OPTIMIZER_KIND_SGD: "sgd",
-    pb.OPTIMIZER_KIND_ADAM: "adam",
-    pb.OPTIMIZER_KIND_ADAMW: "adamw",
-}
-_OPTIMIZER_KINDS = {"sgd": pb.OPTIMIZER_KIND_SGD, "adam": pb.OPTIMIZER_KIND_ADAM, "adamw": pb.OPTIMIZER_KIND_ADAMW}
+# The codec's names are the engine's names (LossName, OptimizerName).
+LOSSES = cast(dict[int, LossName], {code: name for name, code in codec.LOSS_FUNCTIONS.items()})
+_OPTIMIZERS = cast(
+    dict[int, OptimizerName],
+    {pb.OPTIMIZER_KIND_UNSPECIFIED: "sgd", **{code: name for name, code in codec.OPTIMIZER_KINDS.items()}},
+)
 _TRANSFER_TYPES: dict[int, torch.dtype] = {
     pb.DATA_TYPE_UNSPECIFIED: torch.float32,
     pb.DATA_TYPE_FLOAT32: torch.float32,
@@ -190,7 +184,7 @@ def optimizer_spec(config: pb.OptimizerConfig) -> OptimizerSpec:
         raise invalid("optimizer.kind", f"unknown optimizer kind {config.kind}", "BAD_OPTIMIZER_VALUE")
     given = {
         name: getattr(config, name)
-        for name in ("lr", "momentum", "dampening", "weight_decay", "nesterov", "beta1", "beta2", "eps", "amsgrad")
+        for name in codec.OPTIMIZER_FIELDS
         if config.HasField(name)
     }
     return OptimizerSpec.with_defaults(kind, **given)
@@ -199,7 +193,7 @@ def optimizer_spec(config: pb.OptimizerConfig) -> OptimizerSpec:
 def optimizer_config(spec: OptimizerSpec) -> pb.OptimizerConfig:
     """An ``OptimizerSpec`` as an ``OptimizerConfig`` with every field set."""
     return pb.OptimizerConfig(
-        kind=_OPTIMIZER_KINDS[spec.kind], lr=spec.lr, momentum=spec.momentum, dampening=spec.dampening,
+        kind=codec.OPTIMIZER_KINDS[spec.kind], lr=spec.lr, momentum=spec.momentum, dampening=spec.dampening,
         weight_decay=spec.weight_decay, nesterov=spec.nesterov, beta1=spec.beta1, beta2=spec.beta2,
         eps=spec.eps, amsgrad=spec.amsgrad,
     )
