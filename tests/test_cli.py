@@ -67,7 +67,9 @@ def test_step_on_generated_data_with_cross_entropy(capsys: pytest.CaptureFixture
     assert len(out.splitlines()) == 2 and all(0 < float(line.split()[3]) < 20 for line in out.splitlines())
 
 
-def test_freeze_replace_head_grads_and_save(capsys: pytest.CaptureFixture[str], target: str, session: Session, tmp_path: Path) -> None:
+def test_freeze_replace_head_grads_and_save(
+    capsys: pytest.CaptureFixture[str], target: str, session: Session, local: nn.Module, tmp_path: Path
+) -> None:
     assert run(capsys, target, session, "replace-head", "10", "--seed", "3")[0] == 0
     status, out, _ = run(capsys, target, session, "freeze", "*")
     assert status == 0 and out.startswith("froze 62 parameters; 0 trainable, 62 frozen")
@@ -76,16 +78,26 @@ def test_freeze_replace_head_grads_and_save(capsys: pytest.CaptureFixture[str], 
     info = session.info()
     assert (info.num_classes, info.trainable_parameters) == (10, 2)
 
-    assert run(capsys, target, session, "step", "--loss", "cross_entropy", "--size", "32")[0] == 0
+    rng = np.random.default_rng(1)
+    x, y = rng.random((2, 3, 32, 32), dtype=np.float32), rng.random((2, 10), dtype=np.float32)
+    np.save(tmp_path / "x.npy", x)
+    np.save(tmp_path / "y.npy", y)
+    assert run(capsys, target, session, "step", "--batch", "2", "--data", str(tmp_path / "x.npy"),
+               "--labels", str(tmp_path / "y.npy"))[0] == 0
     status, out, _ = run(capsys, target, session, "grads", "fc", "layer4.1.bn2.bias", "--save", str(tmp_path / "g.npz"))
     assert status == 0
     assert re.search(r"^fc\.weight +10x512 +\d", out, re.M)
     assert re.search(r"^layer4\.1\.bn2\.bias +512 +no grad$", out, re.M)
     assert "2 of 3 parameters have a gradient" in out
     saved = np.load(tmp_path / "g.npz")
-    remote = session.gradients("fc")
     assert sorted(saved.files) == ["fc.bias", "fc.weight"]
-    assert_equal_to_local(saved["fc.weight"], torch.from_numpy(remote["fc.weight"].array.copy()))  # type: ignore[union-attr]
+    # The same finetuning step in local PyTorch: frozen backbone, seeded 10-class head, the tutorial's loss.
+    local.requires_grad_(False)
+    torch.manual_seed(3)
+    local.fc = nn.Linear(512, 10)
+    (local(torch.from_numpy(x)) - torch.from_numpy(y)).sum().backward()
+    assert_equal_to_local(saved["fc.weight"], local.fc.weight.grad)  # type: ignore[arg-type]
+    assert_equal_to_local(saved["fc.bias"], local.fc.bias.grad)  # type: ignore[arg-type]
 
 
 def test_graph_summary_dot_and_image(capsys: pytest.CaptureFixture[str], target: str, session: Session, tmp_path: Path) -> None:
