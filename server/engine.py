@@ -327,7 +327,6 @@ class SessionEngine:
         weights: str,
         optimizer: OptimizerSpec,
         limits: Limits,
-        seed: int = 0,
     ) -> None:
         optimizer.validate()
         self._lock = threading.Lock()
@@ -335,7 +334,6 @@ class SessionEngine:
         self._device = device
         self._weights = weights
         self._limits = limits
-        self._seed = seed
         self._spec = optimizer
         self._optimizer = optimizer.build(self._model.parameters())
         self._step_count = 0

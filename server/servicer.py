@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -11,7 +12,7 @@ import torch
 
 from server import checkpoints, wire
 from server.auth import TokenAuth, caller
-from server.engine import Limits, OptimizerSpec, SessionEngine
+from server.engine import Limits, OptimizerSpec, SessionDescription, SessionEngine
 from server.errors import invalid
 from server.metrics import Metrics
 from server.sessions import DEFAULT_SESSION_ID, SessionStore
@@ -52,9 +53,9 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
     def _session(self, session_id: str, context: grpc.ServicerContext) -> SessionEngine:
         return self._store.get(session_id, caller(self._auth, context))
 
-    def _info(self, session_id: str, engine: SessionEngine) -> pb.SessionInfo:
+    def _info(self, session_id: str, description: SessionDescription) -> pb.SessionInfo:
         sid = session_id or DEFAULT_SESSION_ID
-        return wire.session_info(sid, engine.describe(), sid == DEFAULT_SESSION_ID)
+        return wire.session_info(sid, description, sid == DEFAULT_SESSION_ID)
 
     def _checkpoint_path(self, name: str, context: grpc.ServicerContext) -> Path:
         return checkpoints.checkpoint_path(name, self._checkpoint_dir, caller(self._auth, context))
@@ -66,10 +67,10 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
 
         def build() -> SessionEngine:
             model, source = self._build_model(request.weights, request.num_classes, request.seed)
-            return SessionEngine(model, self._device, source, spec, self._limits, request.seed)
+            return SessionEngine(model, self._device, source, spec, self._limits)
 
         session_id, engine = self._store.create(build, caller(self._auth, context))
-        return pb.CreateSessionResponse(session=self._info(session_id, engine))
+        return pb.CreateSessionResponse(session=self._info(session_id, engine.describe()))
 
     @unary
     def CloseSession(self, request: pb.CloseSessionRequest, context: grpc.ServicerContext) -> pb.CloseSessionResponse:
@@ -78,7 +79,8 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
 
     @unary
     def DescribeSession(self, request: pb.DescribeSessionRequest, context: grpc.ServicerContext) -> pb.DescribeSessionResponse:
-        return pb.DescribeSessionResponse(session=self._info(request.session_id, self._session(request.session_id, context)))
+        description = self._session(request.session_id, context).describe()
+        return pb.DescribeSessionResponse(session=self._info(request.session_id, description))
 
     @unary
     def Forward(self, request: pb.ForwardRequest, context: grpc.ServicerContext) -> pb.ForwardResponse:
@@ -153,18 +155,15 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
 
     @unary
     def ReplaceHead(self, request: pb.ReplaceHeadRequest, context: grpc.ServicerContext) -> pb.ReplaceHeadResponse:
-        engine = self._session(request.session_id, context)
-        engine.replace_head(request.num_classes, request.seed)
-        return pb.ReplaceHeadResponse(session=self._info(request.session_id, engine))
+        description = self._session(request.session_id, context).replace_head(request.num_classes, request.seed)
+        return pb.ReplaceHeadResponse(session=self._info(request.session_id, description))
 
     @unary
     def ListParameters(self, request: pb.ListParametersRequest, context: grpc.ServicerContext) -> pb.ListParametersResponse:
         params = self._session(request.session_id, context).parameters_info()
         response = pb.ListParametersResponse()
         for p in params:
-            count = 1
-            for d in p.shape:
-                count *= d
+            count = math.prod(p.shape)
             response.parameters.add(
                 name=p.name, shape=p.shape, data_type=wire.TORCH_TO_WIRE[p.dtype],
                 requires_grad=p.requires_grad, has_grad=p.has_grad, num_elements=count,
@@ -214,5 +213,5 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
     @unary
     def LoadCheckpoint(self, request: pb.LoadCheckpointRequest, context: grpc.ServicerContext) -> pb.LoadCheckpointResponse:
         engine = self._session(request.session_id, context)
-        engine.restore(checkpoints.load(self._checkpoint_path(request.name, context)))
-        return pb.LoadCheckpointResponse(session=self._info(request.session_id, engine))
+        description = engine.restore(checkpoints.load(self._checkpoint_path(request.name, context)))
+        return pb.LoadCheckpointResponse(session=self._info(request.session_id, description))
