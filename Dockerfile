@@ -44,8 +44,8 @@ RUN python -m venv /opt/venv \
     && pip install --no-cache-dir -r /tmp/requirements.lock \
     && rm /tmp/requirements.lock
 
-# The project itself (server, client SDK and the generated gRPC code in
-# trainer/), without dependencies: they are all in place, and `pip check`
+# The project itself (the remote_trainer package: contract, engine, server,
+# client SDK), without dependencies: they are all in place, and `pip check`
 # fails the build if the lock no longer satisfies pyproject.toml.
 COPY . /tmp/src
 RUN pip install --no-cache-dir --no-deps --no-build-isolation /tmp/src \

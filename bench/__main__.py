@@ -28,8 +28,8 @@ from torch import nn
 
 from bench.measure import SideBySide, cpu_model, load_average, median, percentile, rss_bytes, timed
 from bench.raw import MIB, RawClient
-from client import Session, TrainerClient, TrainerError
-from server.models import build_model, head_of, new_head
+from remote_trainer.client import Session, TrainerClient, TrainerError
+from remote_trainer.engine.models import build_model, head_of, new_head
 
 SECTIONS = ("step", "grads", "upload", "concurrency", "memory")
 CASES = ("full", "frozen", "client-loss")

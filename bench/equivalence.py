@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from bench.__main__ import LocalStep, RemoteStep, start_server
-from client import TrainerClient
+from remote_trainer.client import TrainerClient
 
 # Server and local run the same kernels, but in two processes: cuDNN may pick other algorithms
 # (and reduce in another order), so the tolerance is relative to each tensor's largest magnitude.

@@ -25,10 +25,10 @@ from typing import Any, TypeVar
 import grpc
 
 from bench.raw import RawFloor
-from server.app import create_server
-from server.engine import SessionEngine
-from server.servicer import TrainerServicer
-from server.settings import Settings
+from remote_trainer.server.app import create_server
+from remote_trainer.engine.session import SessionEngine
+from remote_trainer.server.servicer import TrainerServicer
+from remote_trainer.server.settings import Settings
 
 F = TypeVar("F", bound=Callable[..., Any])
 

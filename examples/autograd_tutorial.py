@@ -20,8 +20,8 @@ import sys
 import torch
 from torch import nn
 
-from client.graphviz import to_dot
-from client.remote import SGD, RemoteModel
+from remote_trainer.client.graphviz import to_dot
+from remote_trainer.client.remote import SGD, RemoteModel
 
 results: list[bool] = []
 

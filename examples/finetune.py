@@ -21,8 +21,8 @@ import time
 import torch
 import torch.nn.functional as F
 
-from client.cli import ProgressBar
-from client.remote import SGD, RemoteModel
+from remote_trainer.client.cli import ProgressBar
+from remote_trainer.client.remote import SGD, RemoteModel
 
 NUM_CLASSES = 10
 

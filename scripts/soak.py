@@ -8,7 +8,7 @@ right after sending it), sends calls with a deadline too short to meet, and send
 call's outcome is checked against what that kind of call may answer: a training step must succeed, a
 bad request must get its client-error code, a cancelled call CANCELLED (or OK when it finished first).
 
-The server is started here (``python -m server --port 0 --weights random``) unless ``--target`` names
+The server is started here (``python -m remote_trainer.server --port 0 --weights random``) unless ``--target`` names
 one; its resident memory (VmRSS) is sampled through the run when its pid is known. At the end it
 prints calls by kind and status, p50/p99 latency by kind and RSS over time, and exits non-zero when
 a call got an answer it should not have, the server stopped serving, or RSS after the run (sessions
@@ -39,8 +39,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from client import Session, TrainerClient, TrainerError  # noqa: E402
-from trainer.v1 import trainer_pb2 as pb  # noqa: E402
+from remote_trainer.client import Session, TrainerClient, TrainerError  # noqa: E402
+from remote_trainer.contract.trainer.v1 import trainer_pb2 as pb  # noqa: E402
 
 MIB = 1024 * 1024
 OK = "OK"
@@ -58,8 +58,8 @@ def rss_of(pid: int) -> int | None:
 
 
 def start_server(args: argparse.Namespace) -> tuple[subprocess.Popen[str], str, list[str]]:
-    """Starts ``python -m server`` on a free port; returns the process, its target and its log tail."""
-    command = [sys.executable, "-m", "server", "--port", "0", "--weights", "random",
+    """Starts ``python -m remote_trainer.server`` on a free port; returns the process, its target and its log tail."""
+    command = [sys.executable, "-m", "remote_trainer.server", "--port", "0", "--weights", "random",
                "--max-sessions", str(args.clients + 4), *args.server_arg]
     proc = subprocess.Popen(command, cwd=ROOT, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
     assert proc.stderr is not None

@@ -15,9 +15,9 @@ import pytest
 import torch
 from torchvision.models import resnet18
 
-from client import Session, TrainerClient
-from server.app import TrainerServer, create_server
-from server.settings import Settings
+from remote_trainer.client import Session, TrainerClient
+from remote_trainer.server.app import TrainerServer, create_server
+from remote_trainer.server.settings import Settings
 
 WEIGHTS_NAME = "resnet18-test.pt"
 

@@ -12,9 +12,9 @@ import pytest
 import torch
 from torch import nn
 
-from client import Session
-from client.cli import main
-from client.graphviz import dot_available
+from remote_trainer.client import Session
+from remote_trainer.client.cli import main
+from remote_trainer.client.graphviz import dot_available
 from tests.conftest import assert_equal_to_local
 
 CLI = Path(sys.executable).with_name("trainer-client")
@@ -125,7 +125,7 @@ def test_graph_summary_dot_and_image(capsys: pytest.CaptureFixture[str], target:
         (["grads", "no_such_layer"], "trainer-client: error: NOT_FOUND: no parameter or module named 'no_such_layer' [PARAMETER_NOT_FOUND]"),
         (["replace-head", "0"], "trainer-client: error: INVALID_ARGUMENT: num_classes must be in 1..1000000, got 0 [BAD_NUM_CLASSES]"),
         (["step", "--data", "/no/such.npy", "--labels", "/no/such.npy"], "trainer-client: error: cannot read --data /no/such.npy: "),
-        (["step", "--size", "8"], "trainer-client: error: INVALID_ARGUMENT: input images must be at least 32x32, got 8x8 [IMAGE_TOO_SMALL]"),
+        (["step", "--size", "0"], "trainer-client: error: INVALID_ARGUMENT: input images must be at least 1x1 (resnet18's 7x7 conv1 with padding 3), got 0x0 [IMAGE_TOO_SMALL]"),
     ],
 )
 def test_failures_exit_1_with_one_line(

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from client import codec
-from server import wire
-from trainer.v1 import trainer_pb2 as pb
+from remote_trainer.contract import codec
+from remote_trainer.server import convert
+from remote_trainer.contract.trainer.v1 import trainer_pb2 as pb
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float16, np.float64, np.int64, np.int32])
@@ -33,7 +33,7 @@ def test_bfloat16_matches_torch_rounding() -> None:
     values = torch.randn(1000, generator=torch.Generator().manual_seed(0)) * 1000
     ours = codec.decode(codec.encode(values.numpy(), pb.DATA_TYPE_BFLOAT16))
     np.testing.assert_array_equal(ours, values.to(torch.bfloat16).float().numpy())
-    server_side = wire.output_tensor(values.to(torch.bfloat16))
+    server_side = convert.output_tensor(values.to(torch.bfloat16))
     np.testing.assert_array_equal(codec.decode(server_side), ours)
 
 

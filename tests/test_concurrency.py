@@ -11,7 +11,7 @@ import torch
 from torch import nn
 from torchvision.models import resnet18
 
-from client import Session, TrainerClient
+from remote_trainer.client import Session, TrainerClient
 from tests.conftest import WEIGHTS_NAME, assert_equal_to_local, rand
 
 

@@ -129,8 +129,8 @@ def healthcheck(env: dict[str, str]) -> subprocess.CompletedProcess[str]:
 
 
 def test_healthcheck_asks_the_grpc_health_service() -> None:
-    from server.app import create_server
-    from server.settings import Settings
+    from remote_trainer.server.app import create_server
+    from remote_trainer.server.settings import Settings
 
     running = create_server(Settings(port=0, weights="random", tokens="secret"))
     try:
@@ -146,8 +146,8 @@ def test_healthcheck_asks_the_grpc_health_service() -> None:
 
 
 def test_healthcheck_speaks_mutual_tls(tmp_path: Path) -> None:
-    from server.app import create_server
-    from server.settings import Settings
+    from remote_trainer.server.app import create_server
+    from remote_trainer.server.settings import Settings
     from tests.certs import make_pki
 
     paths = make_pki().write(tmp_path)
@@ -291,7 +291,7 @@ def grpcurl(address: str, method: str, body: dict[str, Any] | None = None) -> li
 def test_compose_stack_trains_and_stops_cleanly(stack: tuple[Stack, dict[str, Any]]) -> None:
     import torch
 
-    from client import TrainerClient
+    from remote_trainer.client import TrainerClient
 
     compose, state = stack
     started = time.monotonic()

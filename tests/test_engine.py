@@ -8,8 +8,12 @@ import pytest
 import torch
 from torchvision.models import resnet18
 
-from server.engine import Limits, OptimizerSpec, SessionEngine, generate, match_patterns, tensor_stats
-from server.errors import InvalidArgument, NotFound
+from remote_trainer.engine.patterns import match_patterns
+from remote_trainer.engine.limits import Limits
+from remote_trainer.engine.optimizer import OptimizerSpec
+from remote_trainer.engine.session import SessionEngine
+from remote_trainer.engine.tensors import generate, tensor_stats
+from remote_trainer.engine.errors import InvalidArgument, NotFound
 
 NAMES = ["conv1.weight", "bn1.weight", "layer1.0.conv1.weight", "layer1.0.bn1.bias", "layer10.weight", "fc.weight", "fc.bias"]
 
@@ -67,3 +71,18 @@ def test_generated_tensors_are_reproducible_with_torch_generator() -> None:
 def test_optimizer_defaults_follow_torch() -> None:
     assert OptimizerSpec.with_defaults("adamw").weight_decay == 0.01
     assert OptimizerSpec.with_defaults("sgd", lr=0.5).momentum == 0.0
+
+
+def test_domain_errors_survive_pickling_with_every_field() -> None:
+    """An engine in another process (a Ray actor) raises these: code, reason and violations must cross."""
+    import pickle
+
+    from remote_trainer.engine.errors import ResourceExhausted, invalid
+
+    for error in (invalid("input", "input must be float32", "WRONG_DTYPE"),
+                  ResourceExhausted("too big", "INPUT_TOO_LARGE", metadata={"limit": "3"})):
+        copy = pickle.loads(pickle.dumps(error))
+        assert type(copy) is type(error)
+        assert (copy.message, copy.reason, copy.violations, copy.metadata) == (
+            error.message, error.reason, error.violations, error.metadata)
+        assert str(copy) == str(error)

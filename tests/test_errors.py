@@ -10,12 +10,12 @@ import grpc
 import numpy as np
 import pytest
 
-from client import Optimizer, Session, TrainerClient, TrainerError
-from client import codec
-from server.app import create_server
-from server.settings import Settings
+from remote_trainer.client import Optimizer, Session, TrainerClient, TrainerError
+from remote_trainer.contract import codec
+from remote_trainer.server.app import create_server
+from remote_trainer.server.settings import Settings
 from tests.conftest import WEIGHTS_NAME, rand
-from trainer.v1 import trainer_pb2 as pb
+from remote_trainer.contract.trainer.v1 import trainer_pb2 as pb
 
 INVALID = grpc.StatusCode.INVALID_ARGUMENT
 NOT_FOUND = grpc.StatusCode.NOT_FOUND
@@ -81,7 +81,7 @@ def labels_input(array: np.ndarray) -> pb.TensorInput:
 CASES: list[tuple[str, Callable[[Session], Callable[[TrainerClient], Any]], grpc.StatusCode, str]] = [
     ("rank-3 input", lambda s: sdk(s.forward, rand(3, 64, 64)), INVALID, "BAD_INPUT_SHAPE"),
     ("one channel", lambda s: sdk(s.forward, rand(2, 1, 64, 64)), INVALID, "BAD_INPUT_SHAPE"),
-    ("image too small", lambda s: sdk(s.forward, rand(2, 3, 16, 64)), INVALID, "IMAGE_TOO_SMALL"),
+    ("empty image", lambda s: sdk(s.forward, rand(2, 3, 0, 64)), INVALID, "IMAGE_TOO_SMALL"),
     ("one 32x32 image in training mode", lambda s: sdk(s.forward, rand(1, 3, 32, 32)), INVALID, "BATCH_TOO_SMALL_FOR_TRAINING"),
     ("bfloat16 input", lambda s: raw_forward(s, codec.encode(np.zeros((2, 3, 32, 32), np.float32), pb.DATA_TYPE_BFLOAT16)),
      INVALID, "WRONG_DTYPE"),

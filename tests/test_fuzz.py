@@ -37,12 +37,12 @@ from google.protobuf import text_format
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from client import Session, TrainerClient
-from server.app import TrainerServer, create_server
-from server.settings import Settings
+from remote_trainer.client import Session, TrainerClient
+from remote_trainer.server.app import TrainerServer, create_server
+from remote_trainer.server.settings import Settings
 from tests.conftest import rand
 from tests.test_errors import State, assert_same_state, state_of
-from trainer.v1 import trainer_pb2 as pb
+from remote_trainer.contract.trainer.v1 import trainer_pb2 as pb
 
 EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "300"))
 SERVICE = "/trainer.v1.TrainerService/"
@@ -438,7 +438,7 @@ def fuzzer(fuzz_server: TrainerServer) -> Iterator[Fuzzer]:
         victim.backward("sum", rand(2, 1000), retain_graph=True)
         channel = grpc.insecure_channel(f"localhost:{fuzz_server.port}")
         errors = ServerErrors()
-        status_log = logging.getLogger("server.status")
+        status_log = logging.getLogger("remote_trainer.server.status")
         status_log.addHandler(errors)
         try:
             yield Fuzzer(fuzz_server, client, channel, errors)

@@ -21,8 +21,8 @@ import pytest
 import torch
 from torchvision.models import resnet18
 
-from server.app import TrainerServer, create_server
-from server.settings import Settings
+from remote_trainer.server.app import TrainerServer, create_server
+from remote_trainer.server.settings import Settings
 
 ROOT = Path(__file__).resolve().parent.parent
 README = ROOT / "README.md"

@@ -2,7 +2,7 @@
 
 Each client is a thread with its own ``TrainerClient`` and session, doing small training steps
 (forward of a 2x3x32x32 batch, backward, step) and, at random, a gradient fetch (``fc`` in full, or
-statistics of every parameter). The server runs as a real process (``python -m server``), so its
+statistics of every parameter). The server runs as a real process (``python -m remote_trainer.server``), so its
 memory is measured alone, from ``/proc/PID/status``.
 
 Steps per client: ``LOAD_STEPS`` a round (default 10). The issue asks for 100; on the shared 2-core
@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from client import TrainerClient
+from remote_trainer.client import TrainerClient
 from tests.conftest import rand
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -62,12 +62,12 @@ class ServerProcess:
 
 
 def start_server(*args: str, startup_timeout: float = 180) -> ServerProcess:
-    """``python -m server`` on a free port; the port comes from its 'listening on HOST:PORT' log line.
+    """``python -m remote_trainer.server`` on a free port; the port comes from its 'listening on HOST:PORT' log line.
 
     A thread drains its stderr (so the pipe never fills), keeping the last lines for failure messages.
     """
     proc = subprocess.Popen(
-        [sys.executable, "-m", "server", "--port", "0", *args],
+        [sys.executable, "-m", "remote_trainer.server", "--port", "0", *args],
         cwd=ROOT, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True,
     )
     assert proc.stderr is not None

@@ -17,12 +17,12 @@ import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from client import Session, TrainerClient, TrainerError
-from server.app import create_server
-from server.settings import Settings
+from remote_trainer.client import Session, TrainerClient, TrainerError
+from remote_trainer.server.app import create_server
+from remote_trainer.server.settings import Settings
 from tests.conftest import WEIGHTS_NAME, rand
 from tests.test_server_process import start
-from trainer.v1 import trainer_pb2 as pb
+from remote_trainer.contract.trainer.v1 import trainer_pb2 as pb
 
 
 def train(session: Session, steps: range, classes: int = 1000) -> None:
@@ -125,7 +125,7 @@ def test_bad_checkpoint_requests_change_nothing(tmp_path: Path) -> None:
 def test_idle_sessions_expire_and_say_so(caplog: pytest.LogCaptureFixture) -> None:
     running = create_server(Settings(port=0, weights="random", session_idle_seconds=0.6))
     try:
-        with TrainerClient(f"localhost:{running.port}") as client, caplog.at_level(logging.INFO, logger="server.sessions"):
+        with TrainerClient(f"localhost:{running.port}") as client, caplog.at_level(logging.INFO, logger="remote_trainer.server.sessions"):
             idle, busy = client.create_session(), client.create_session()
             deadline = time.monotonic() + 2.0
             while time.monotonic() < deadline:
@@ -212,3 +212,22 @@ def test_prometheus_metrics(tmp_path: Path) -> None:
 
 
 
+
+
+def test_a_forward_whose_logits_could_not_be_sent_changes_nothing() -> None:
+    """Refused before it runs: no BatchNorm statistics updated, the pending forward kept."""
+    running = create_server(Settings(port=0, weights="random", max_message_bytes=1024 * 1024, chunk_bytes=256 * 1024))
+    try:
+        with TrainerClient(f"localhost:{running.port}", max_message_bytes=1024 * 1024) as client:
+            s = client.session()
+            first = s.forward(rand(2, 3, 32, 32))
+            before = s.parameters(include_buffers=True)
+            with pytest.raises(TrainerError) as caught:  # 256 x 1000 logits: 1 MB raw, over the 1 MiB limit less headroom
+                s.forward(rand(256, 3, 1, 1))
+            assert (caught.value.code, caught.value.reason) == (grpc.StatusCode.RESOURCE_EXHAUSTED, "RESPONSE_TOO_LARGE")
+            after = s.parameters(include_buffers=True)
+            assert all(np.array_equal(before[n].array, after[n].array) for n in before)
+            assert s.backward("sum", rand(2, 1000)).forward_id == first.forward_id
+            assert s.forward(rand(256, 3, 1, 1), stats_only=True).stats.num_elements == 256_000  # statistics fit
+    finally:
+        running.stop(None).wait()

@@ -10,8 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from client import FailedPreconditionError, NotFoundError, Session, TrainerClient
-from client.remote import SGD, RemoteModel, RemoteParameter
+from remote_trainer.client import FailedPreconditionError, NotFoundError, Session, TrainerClient
+from remote_trainer.client.remote import SGD, RemoteModel, RemoteParameter
 from tests.conftest import assert_equal_to_local
 
 
@@ -174,8 +174,8 @@ def test_create_owns_and_closes_its_session(target: str) -> None:
 def test_the_sdk_imports_without_torch() -> None:
     code = (
         "import sys; sys.modules['torch'] = None\n"
-        "import client, client.cli, client.graphviz\n"
-        "try:\n    import client.remote\nexcept ImportError:\n    print('no torch: ok')\n"
+        "import remote_trainer.client, remote_trainer.client.cli, remote_trainer.client.graphviz\n"
+        "try:\n    import remote_trainer.client.remote\nexcept ImportError:\n    print('no torch: ok')\n"
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False)
     assert done.returncode == 0, done.stderr

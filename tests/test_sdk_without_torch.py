@@ -33,7 +33,7 @@ SCRIPT = textwrap.dedent(
         raise SystemExit("torch imported despite the block")
 
     import numpy as np
-    from client import TrainerClient, TrainerError
+    from remote_trainer.client import TrainerClient, TrainerError
 
     target, weights, out = sys.argv[1:4]
     with TrainerClient(target) as client:

@@ -9,9 +9,9 @@ from pathlib import Path
 import grpc
 import pytest
 
-from client import TrainerClient, TrainerError
-from server.app import TrainerServer, create_server
-from server.settings import Settings
+from remote_trainer.client import TrainerClient, TrainerError
+from remote_trainer.server.app import TrainerServer, create_server
+from remote_trainer.server.settings import Settings
 from tests.certs import make_pki
 from tests.conftest import rand
 
@@ -114,7 +114,7 @@ def test_mutual_tls_with_tokens(pki_files) -> None:  # type: ignore[no-untyped-d
 
 
 def test_cli_with_token_and_mutual_tls(pki_files, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:  # type: ignore[no-untyped-def]
-    from client.cli import main
+    from remote_trainer.client.cli import main
 
     pki, paths = pki_files
     (tmp_path / "client.crt").write_bytes(pki.client.cert)
@@ -132,7 +132,7 @@ def test_cli_with_token_and_mutual_tls(pki_files, tmp_path: Path, capsys: pytest
 
 
 def test_bad_security_settings_are_refused(tmp_path: Path) -> None:
-    from server.settings import parse_settings
+    from remote_trainer.server.settings import parse_settings
 
     for argv in (["--tls-cert", str(tmp_path / "missing.crt"), "--tls-key", "x"], ["--tls-client-ca", __file__]):
         with pytest.raises(SystemExit):

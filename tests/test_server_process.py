@@ -1,4 +1,4 @@
-"""The server as users start it: `python -m server` with flags and environment twins, stopped by SIGTERM."""
+"""The server as users start it: `python -m remote_trainer.server` with flags and environment twins, stopped by SIGTERM."""
 
 from __future__ import annotations
 
@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from client import TrainerClient
-from server.settings import Settings, parse_settings
+from remote_trainer.client import TrainerClient
+from remote_trainer.server.settings import Settings, parse_settings
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -26,7 +26,7 @@ def start(*args: str, env: dict[str, str] | None = None) -> tuple[subprocess.Pop
     The rest of its log is collected by a thread (so the pipe never fills) into the returned list.
     """
     proc = subprocess.Popen(
-        [sys.executable, "-m", "server", "--port", "0", *args],
+        [sys.executable, "-m", "remote_trainer.server", "--port", "0", *args],
         cwd=ROOT, stderr=subprocess.PIPE, text=True, env={**os.environ, **(env or {})},
     )
     assert proc.stderr is not None
@@ -69,7 +69,7 @@ def test_serves_then_stops_cleanly_on_sigterm(process: tuple[subprocess.Popen[st
 
 def test_missing_imagenet_weights_stop_startup_with_the_path(tmp_path: Path) -> None:
     done = subprocess.run(
-        [sys.executable, "-m", "server", "--port", "0", "--weights", "imagenet"],
+        [sys.executable, "-m", "remote_trainer.server", "--port", "0", "--weights", "imagenet"],
         cwd=ROOT, capture_output=True, text=True, timeout=120, env={**os.environ, "TORCH_HOME": str(tmp_path)},
     )
     assert done.returncode == 2
@@ -85,7 +85,7 @@ def test_flags_environment_and_defaults() -> None:
 
 
 def test_help_names_every_environment_twin() -> None:
-    done = subprocess.run([sys.executable, "-m", "server", "--help"], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    done = subprocess.run([sys.executable, "-m", "remote_trainer.server", "--help"], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert done.returncode == 0
     for name in ("TRAINER_HOST", "TRAINER_PORT", "TRAINER_WEIGHTS", "TRAINER_DEVICE", "TRAINER_MAX_SESSIONS"):
         assert name in done.stdout

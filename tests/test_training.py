@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from client import FailedPreconditionError, Optimizer, Session, TrainerClient
+from remote_trainer.client import FailedPreconditionError, InvalidArgumentError, Optimizer, Session, TrainerClient
 from tests.conftest import WEIGHTS_NAME, assert_equal_to_local, rand
 
 
@@ -308,7 +308,7 @@ def test_autograd_graph_of_a_forward(session: Session) -> None:
 
 def test_generated_and_typed_inputs_match_torch(client: TrainerClient, local: nn.Module) -> None:
     """The grpcurl forms: a generated torch.rand input and hand-typed labels."""
-    from trainer.v1 import trainer_pb2 as pb
+    from remote_trainer.contract.trainer.v1 import trainer_pb2 as pb
 
     stub = client.stub
     with client.create_session(WEIGHTS_NAME) as s:
@@ -331,3 +331,46 @@ def test_generated_and_typed_inputs_match_torch(client: TrainerClient, local: nn
         ))
         loss = (prediction - torch.tensor([labels])).sum()
         assert backward.loss == pytest.approx(loss.item(), rel=1e-5)
+
+
+# Both sides of the line local PyTorch draws for input sizes: resnet18 pools adaptively, so any image
+# of at least 1x1 runs; a training-mode forward fails only where BatchNorm would see one value per
+# channel (one image whose last stage is 1x1, i.e. at most 32x32).
+ACCEPTED_SHAPES = [
+    ((1, 3, 1, 1), True),      # eval: one pixel
+    ((2, 3, 1, 1), False),     # train: two values per channel everywhere
+    ((1, 3, 33, 1), False),    # train: the last stage is 2x1
+    ((1, 3, 16, 40), False),
+    ((0, 3, 64, 64), False),   # an empty batch
+    ((3, 3, 7, 5), True),
+]
+REFUSED_SHAPES = [
+    ((1, 3, 1, 1), False, "BATCH_TOO_SMALL_FOR_TRAINING"),
+    ((1, 3, 32, 32), False, "BATCH_TOO_SMALL_FOR_TRAINING"),
+    ((1, 3, 0, 5), True, "IMAGE_TOO_SMALL"),
+    ((2, 3, 4, 0), False, "IMAGE_TOO_SMALL"),
+]
+
+
+@pytest.mark.parametrize(("shape", "eval_mode"), ACCEPTED_SHAPES)
+def test_small_inputs_that_local_pytorch_runs_run_remotely(
+    session: Session, local: nn.Module, shape: tuple[int, ...], eval_mode: bool
+) -> None:
+    data = rand(*shape)
+    result = session.forward(data, eval_mode=eval_mode)
+    local.train(not eval_mode)
+    assert_equal_to_local(result.logits, local(torch.from_numpy(data)))
+    assert_params_equal(session, local, include_buffers=True)  # BatchNorm statistics too
+
+
+@pytest.mark.parametrize(("shape", "eval_mode", "reason"), REFUSED_SHAPES)
+def test_small_inputs_that_local_pytorch_refuses_are_refused(
+    session: Session, local: nn.Module, shape: tuple[int, ...], eval_mode: bool, reason: str
+) -> None:
+    data = rand(*shape)
+    local.train(not eval_mode)
+    with pytest.raises((ValueError, RuntimeError)):
+        local(torch.from_numpy(data))
+    with pytest.raises(InvalidArgumentError) as caught:
+        session.forward(data, eval_mode=eval_mode)
+    assert caught.value.reason == reason

@@ -12,11 +12,11 @@ import torch
 from safetensors.torch import save_file
 from torchvision.models import resnet18
 
-from client import TrainerClient, TrainerError
-from server.app import create_server
-from server.errors import FailedPrecondition, InvalidArgument
-from server.models import build_model, imagenet_weights_path
-from server.settings import Settings
+from remote_trainer.client import TrainerClient, TrainerError
+from remote_trainer.server.app import create_server
+from remote_trainer.engine.errors import FailedPrecondition, InvalidArgument
+from remote_trainer.engine.models import build_model, imagenet_weights_path
+from remote_trainer.server.settings import Settings
 from tests.conftest import assert_equal_to_local, rand
 
 

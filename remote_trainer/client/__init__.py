@@ -1,0 +1,46 @@
+"""Python SDK of the training service: ``TrainerClient``, ``Session``, results and errors.
+
+Needs grpcio, protobuf and numpy only; torch tensors are accepted as inputs when torch is installed
+(``remote_trainer.client.remote.RemoteModel``, the server's model as an ``nn.Module``, needs torch).
+"""
+
+from remote_trainer.client.client import Session, TrainerClient
+from remote_trainer.client.errors import (
+    AbortedError,
+    AlreadyExistsError,
+    CancelledError,
+    DataLossError,
+    DeadlineExceededError,
+    FailedPreconditionError,
+    InternalError,
+    InvalidArgumentError,
+    NotFoundError,
+    OutOfRangeError,
+    PermissionDeniedError,
+    ResourceExhaustedError,
+    TrainerError,
+    UnauthenticatedError,
+    UnavailableError,
+    UnimplementedError,
+    UnknownError,
+)
+from remote_trainer.client.types import (
+    BackwardResult,
+    ForwardResult,
+    FreezeResult,
+    Graph,
+    NamedTensor,
+    Optimizer,
+    ParameterInfo,
+    ParameterList,
+    SessionInfo,
+    Stats,
+)
+
+__all__ = [
+    "AbortedError", "AlreadyExistsError", "BackwardResult", "CancelledError", "DataLossError",
+    "DeadlineExceededError", "FailedPreconditionError", "ForwardResult", "FreezeResult", "Graph", "InternalError",
+    "InvalidArgumentError", "NamedTensor", "NotFoundError", "Optimizer", "OutOfRangeError", "ParameterInfo",
+    "ParameterList", "PermissionDeniedError", "ResourceExhaustedError", "Session", "SessionInfo", "Stats",
+    "TrainerClient", "TrainerError", "UnauthenticatedError", "UnavailableError", "UnimplementedError", "UnknownError",
+]

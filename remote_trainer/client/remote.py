@@ -1,0 +1,439 @@
+"""The server's resnet18 as a local-looking ``nn.Module``: the tutorial with one line changed.
+
+::
+
+    model = RemoteModel("localhost:50051")       # instead of resnet18(weights=...)
+    prediction = model(data)                     # Forward on the server
+    loss = (prediction - labels).sum()           # computed here, any loss you like
+    loss.backward()                              # d(loss)/d(logits) goes to the server's Backward
+    optim = model.sgd(lr=1e-2, momentum=0.9)     # or SGD(model.parameters(), lr=1e-2, momentum=0.9)
+    optim.step()                                 # Step on the server
+    model.fc.weight.grad                         # fetched from the server
+
+The logits come back through a ``torch.autograd.Function`` (as hivemind's remote experts do):
+its backward sends the gradient of the logits to the server, which backpropagates it through the
+model there, so the parameters' ``.grad`` live on the server. ``model.fc.weight`` is a handle
+whose ``.grad`` and ``.data`` are fetched when read and whose ``requires_grad`` freezes the
+parameter when set. ``torch.no_grad()`` gives a forward that keeps no graph; ``model.eval()`` a
+forward in eval mode. The gradient with respect to the *input* is not sent back (the server
+computes parameter gradients only).
+
+This module needs torch on the client; the rest of the SDK does not (``import remote_trainer.client`` never
+imports this module).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from types import TracebackType
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from remote_trainer.client.client import Session, TrainerClient
+from remote_trainer.client.types import BackwardResult, Graph, Optimizer, ParameterList, SessionInfo, Stats
+
+
+def _tensor(array: Any) -> torch.Tensor:
+    """A writable torch tensor copied from a (possibly read-only) numpy array."""
+    return torch.from_numpy(np.array(array, copy=True))
+
+
+class _RemoteLogits(torch.autograd.Function):
+    """Logits the server computed, joined to the local autograd graph.
+
+    ``anchor`` is an empty tensor that requires grad, so the logits require grad even though no
+    local tensor that made them does; backward sends the logits' gradient to the server.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, anchor: torch.Tensor, logits: torch.Tensor, model: RemoteModel, forward_id: int) -> torch.Tensor:
+        ctx.model = model
+        ctx.forward_id = forward_id
+        return logits.clone()
+
+    @staticmethod
+    def backward(ctx: Any, grad_output: torch.Tensor) -> tuple[None, None, None, None]:
+        model: RemoteModel = ctx.model
+        gradient = grad_output.detach().to("cpu", torch.float32).numpy()
+        model.last_backward = model.session.backward(output_gradient=gradient, forward_id=ctx.forward_id)
+        return None, None, None, None
+
+
+class RemoteParameter:
+    """A handle on one parameter of the server's model; reading ``.grad`` or ``.data`` fetches it.
+
+    ``param.requires_grad = False`` freezes it on the server (``FreezeLayers``), ``True`` unfreezes.
+    """
+
+    def __init__(self, model: RemoteModel, name: str) -> None:
+        self.model = model
+        self.name = name
+
+    @property
+    def shape(self) -> torch.Size:
+        """The parameter's shape (as of the last ``ListParameters``; a new head refreshes it)."""
+        return torch.Size(self.model._parameter_list()[self.name].shape)
+
+    def size(self) -> torch.Size:
+        return self.shape
+
+    def numel(self) -> int:
+        return int(self.shape.numel())
+
+    def dim(self) -> int:
+        return len(self.shape)
+
+    @property
+    def data(self) -> torch.Tensor:
+        """The parameter's current value, fetched from the server (a copy)."""
+        value = self.model.session.parameters(self.name)[self.name].array
+        assert value is not None  # a parameter always has a value
+        return _tensor(value)
+
+    def detach(self) -> torch.Tensor:
+        """Same as ``.data``: the value, fetched."""
+        return self.data
+
+    @property
+    def grad(self) -> torch.Tensor | None:
+        """The parameter's ``.grad`` on the server (a copy), or None when it has none."""
+        value = self.model.session.gradients(self.name)[self.name]
+        return _tensor(value.array) if value.present else None
+
+    @property
+    def grad_stats(self) -> Stats | None:
+        """Statistics of ``.grad`` (norm, min, max, mean), without transferring it; None without a grad."""
+        value = self.model.session.gradients(self.name, stats_only=True)[self.name]
+        return value.stats if value.present else None
+
+    @property
+    def requires_grad(self) -> bool:
+        """Whether autograd computes a gradient for it on the server (asked each time)."""
+        return self.model.session.list_parameters()[self.name].requires_grad
+
+    @requires_grad.setter
+    def requires_grad(self, value: bool) -> None:
+        self.requires_grad_(value)
+
+    def requires_grad_(self, requires_grad: bool = True) -> RemoteParameter:
+        """Freezes (False) or unfreezes (True) this parameter on the server."""
+        self.model._set_requires_grad([self.name], requires_grad)
+        return self
+
+    def __repr__(self) -> str:
+        return f"RemoteParameter({self.name!r}, shape={tuple(self.shape)})"
+
+
+class RemoteModule:
+    """A handle on a submodule of the server's model, by name prefix: ``model.layer4``, ``model.layer1[0]``."""
+
+    def __init__(self, model: RemoteModel, prefix: str) -> None:
+        self._model = model
+        self._prefix = prefix
+
+    @property
+    def name(self) -> str:
+        return self._prefix
+
+    def __getattr__(self, name: str) -> RemoteModule | RemoteParameter:
+        if name.startswith("_"):
+            raise AttributeError(name)
+        return self._model._handle(f"{self._prefix}.{name}")
+
+    def __getitem__(self, index: int) -> RemoteModule | RemoteParameter:
+        return self._model._handle(f"{self._prefix}.{index}")
+
+    def named_parameters(self) -> Iterator[tuple[str, RemoteParameter]]:
+        """(name relative to this module, handle) of every parameter under it, in model order."""
+        start = len(self._prefix) + 1
+        for name in self._model._names():
+            if name.startswith(self._prefix + "."):
+                yield name[start:], RemoteParameter(self._model, name)
+
+    def parameters(self) -> Iterator[RemoteParameter]:
+        return (p for _, p in self.named_parameters())
+
+    def requires_grad_(self, requires_grad: bool = True) -> RemoteModule:
+        """Freezes (False) or unfreezes (True) every parameter under this module, in one call."""
+        self._model._set_requires_grad([self._prefix], requires_grad)
+        return self
+
+    def __repr__(self) -> str:
+        return f"RemoteModule({self._prefix!r})"
+
+
+class RemoteModel(nn.Module):
+    """A session on a training server, used like the local resnet18 it holds.
+
+    ``RemoteModel("localhost:50051")`` drives the server's default session;
+    ``RemoteModel(client.session(id))`` or ``RemoteModel(client)`` use a session of an existing
+    client; ``RemoteModel.create(target, weights=...)`` makes a new session, closed by ``close()``
+    (or on leaving a ``with`` block).
+    """
+
+    last_backward: BackwardResult | None
+
+    def __init__(self, target: str | TrainerClient | Session = "localhost:50051", *, session_id: str = "", timeout: float = 120.0) -> None:
+        super().__init__()
+        self._own_client: TrainerClient | None = None
+        self._own_session = False
+        if isinstance(target, Session):
+            self._session = target
+        else:
+            if isinstance(target, str):
+                target = self._own_client = TrainerClient(target, timeout=timeout)
+            self._session = target.session(session_id)
+        self._parameters_cache: ParameterList | None = None
+        # Requires grad, so that logits made on the server are part of the local autograd graph.
+        self._anchor = torch.empty(0, requires_grad=True)
+        self.last_backward = None
+
+    @classmethod
+    def create(
+        cls,
+        target: str | TrainerClient = "localhost:50051",
+        weights: str = "random",
+        *,
+        num_classes: int = 0,
+        seed: int = 0,
+        optimizer: Optimizer | None = None,
+        timeout: float = 120.0,
+    ) -> RemoteModel:
+        """A new session on the server ("random" seeded weights, "imagenet", or a file in its data dir)."""
+        own = TrainerClient(target, timeout=timeout) if isinstance(target, str) else None
+        client = own or target
+        assert isinstance(client, TrainerClient)
+        try:
+            session = client.create_session(weights, num_classes=num_classes, seed=seed, optimizer=optimizer)
+        except BaseException:
+            if own is not None:
+                own.close()
+            raise
+        model = cls(session)
+        model._own_client = own
+        model._own_session = True
+        return model
+
+    # -- lifetime ------------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Closes the session if this model created it, and the connection if it opened it; idempotent."""
+        try:
+            if self._own_session:
+                self._own_session = False
+                self._session.close()
+        finally:
+            if self._own_client is not None:
+                self._own_client.close()
+                self._own_client = None
+
+    def __enter__(self) -> RemoteModel:
+        return self
+
+    def __exit__(self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None) -> None:
+        self.close()
+
+    @property
+    def session(self) -> Session:
+        """The SDK session underneath, for everything the SDK offers."""
+        return self._session
+
+    # -- forward -------------------------------------------------------------------------------
+
+    def forward(self, x: Any) -> torch.Tensor:
+        """``model(x)`` on the server for a float batch (N, 3, H, W); logits (N, classes) on x's device.
+
+        With grad enabled the logits carry a graph: ``backward`` through them reaches the server.
+        Under ``torch.no_grad()`` the server keeps no graph either. ``model.eval()`` runs the server
+        in eval mode (BatchNorm running statistics used and left alone).
+        """
+        device = x.device if isinstance(x, torch.Tensor) else torch.device("cpu")
+        grad = torch.is_grad_enabled()
+        result = self._session.forward(x, eval_mode=not self.training, no_grad=not grad)
+        logits = _tensor(result.logits)
+        if grad:
+            logits = _RemoteLogits.apply(self._anchor, logits, self, result.forward_id)
+        return logits.to(device)
+
+    # -- parameters ------------------------------------------------------------------------------
+
+    def _parameter_list(self, refresh: bool = False) -> ParameterList:
+        if refresh or self._parameters_cache is None:
+            self._parameters_cache = self._session.list_parameters()
+        return self._parameters_cache
+
+    def _names(self) -> list[str]:
+        return [p.name for p in self._parameter_list().parameters]
+
+    def _handle(self, name: str) -> RemoteModule | RemoteParameter:
+        names = self._names()
+        if name in names:
+            return RemoteParameter(self, name)
+        if any(n.startswith(name + ".") for n in names):
+            return RemoteModule(self, name)
+        raise AttributeError(f"the remote model has no parameter or module {name!r}")
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name.startswith("_"):
+                raise
+        return self._handle(name)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if isinstance(value, nn.Module) and not name.startswith("_") and name in {n.split(".")[0] for n in self._names()}:
+            raise TypeError(
+                f"model.{name} lives on the server and cannot be replaced by a local module; "
+                f"for a new classifier use model.replace_head(num_classes), the server's nn.Linear(512, num_classes)"
+            )
+        super().__setattr__(name, value)
+
+    def named_parameters(self, prefix: str = "", recurse: bool = True, remove_duplicate: bool = True) -> Iterator[tuple[str, RemoteParameter]]:  # type: ignore[override]
+        """(name, handle) of every parameter of the server's model, in model order."""
+        for name in self._names():
+            yield prefix + name, RemoteParameter(self, name)
+
+    def parameters(self, recurse: bool = True) -> Iterator[RemoteParameter]:  # type: ignore[override]
+        """Handles on every parameter of the server's model, in model order."""
+        return (p for _, p in self.named_parameters())
+
+    def list_parameters(self) -> ParameterList:
+        """Every parameter with shape, requires_grad and whether it has a .grad (asked now)."""
+        return self._parameter_list(refresh=True)
+
+    def _set_requires_grad(self, patterns: list[str], requires_grad: bool) -> None:
+        if requires_grad:
+            self._session.unfreeze(*patterns)
+        else:
+            self._session.freeze(*patterns)
+
+    def requires_grad_(self, requires_grad: bool = True) -> RemoteModel:
+        """Freezes (False) or unfreezes (True) every parameter, in one call."""
+        self._set_requires_grad(["*"], requires_grad)
+        return self
+
+    def freeze(self, *patterns: str) -> list[str]:
+        """Freezes parameters by name pattern ("layer4.*", "layer1", "*"); returns the trainable ones after."""
+        return self._session.freeze(*patterns).trainable
+
+    def unfreeze(self, *patterns: str) -> list[str]:
+        """Unfreezes parameters by name pattern; returns the trainable ones after."""
+        return self._session.unfreeze(*patterns).trainable
+
+    def replace_head(self, num_classes: int, seed: int = 0) -> RemoteModule:
+        """``model.fc = nn.Linear(512, num_classes)`` on the server (initialised after ``torch.manual_seed(seed)``).
+
+        The new head is trainable, as a new ``nn.Linear`` is; the server's optimizer is rebuilt over
+        the new parameters. Returns the handle ``model.fc``.
+        """
+        self._session.replace_head(num_classes, seed)
+        self._parameter_list(refresh=True)
+        return RemoteModule(self, "fc")
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Clears every parameter's ``.grad`` on the server."""
+        self._session.zero_grad(set_to_none)
+
+    def fetch_state_dict(self, include_buffers: bool = True) -> dict[str, torch.Tensor]:
+        """Every parameter (and buffer) value as a torch tensor: ``local.load_state_dict(...)`` takes it."""
+        return {
+            name: _tensor(t.array)
+            for name, t in self._session.parameters(include_buffers=include_buffers).items()
+            if t.array is not None
+        }
+
+    # -- the rest ------------------------------------------------------------------------------
+
+    def info(self) -> SessionInfo:
+        """What the session holds: weights, device, classes, optimizer, steps."""
+        return self._session.info()
+
+    def graph(self) -> Graph:
+        """The autograd graph of the last forward (call it before ``backward``, which frees it)."""
+        return self._session.graph()
+
+    def sgd(
+        self, lr: float = 1e-3, momentum: float = 0.0, dampening: float = 0.0, weight_decay: float = 0.0, nesterov: bool = False
+    ) -> SGD:
+        """``torch.optim.SGD(model.parameters(), ...)`` on the server."""
+        return SGD(self.parameters(), lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay, nesterov=nesterov)
+
+    def extra_repr(self) -> str:
+        return f"session={self._session.session_id or 'default'!r}"
+
+
+class RemoteOptimizer:
+    """An optimizer on the server, configured over every parameter of the model.
+
+    The server's optimizer always covers all of the model's parameters, as the tutorial's
+    ``optim.SGD(model.parameters(), ...)`` does: frozen parameters have no ``.grad`` and are left
+    alone. Making one replaces the session's optimizer (its momentum starts anew).
+    """
+
+    def __init__(self, params: Iterable[RemoteParameter] | RemoteModel, config: Optimizer) -> None:
+        handles: list[RemoteParameter] = list(params.parameters() if isinstance(params, RemoteModel) else params)
+        if not handles:
+            raise ValueError("optimizer got an empty parameter list")
+        if any(not isinstance(p, RemoteParameter) for p in handles):
+            raise TypeError("a remote optimizer takes the parameters of a RemoteModel (model.parameters())")
+        model = handles[0].model
+        if any(p.model is not model for p in handles):
+            raise ValueError("the parameters belong to different remote models")
+        if {p.name for p in handles} != set(model._names()):
+            raise ValueError(
+                "the server's optimizer covers every parameter of the model: pass model.parameters() "
+                "and freeze what should not change (param.requires_grad = False)"
+            )
+        self.model = model
+        self.config = model.session.configure_optimizer(config)
+
+    def step(self) -> int:
+        """One optimizer step on the server; returns the session's step count."""
+        return self.model.session.step()
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Clears every parameter's ``.grad`` on the server."""
+        self.model.session.zero_grad(set_to_none)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.config})"
+
+
+class SGD(RemoteOptimizer):
+    """``torch.optim.SGD`` on the server: ``SGD(model.parameters(), lr=1e-2, momentum=0.9)``."""
+
+    def __init__(
+        self,
+        params: Iterable[RemoteParameter] | RemoteModel,
+        lr: float = 1e-3,
+        momentum: float = 0.0,
+        dampening: float = 0.0,
+        weight_decay: float = 0.0,
+        nesterov: bool = False,
+    ) -> None:
+        config = Optimizer("sgd", lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay, nesterov=nesterov)
+        super().__init__(params, config)
+
+
+class Adam(RemoteOptimizer):
+    """``torch.optim.Adam`` on the server (``AdamW`` with ``decoupled=True``)."""
+
+    def __init__(
+        self,
+        params: Iterable[RemoteParameter] | RemoteModel,
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        amsgrad: bool = False,
+        decoupled: bool = False,
+    ) -> None:
+        config = Optimizer(
+            "adamw" if decoupled else "adam", lr=lr, beta1=betas[0], beta2=betas[1], eps=eps,
+            weight_decay=weight_decay, amsgrad=amsgrad,
+        )
+        super().__init__(params, config)

@@ -1,0 +1,19 @@
+"""The vocabulary that the SDK, the server and the engine share: loss functions, optimizers, and
+the distributions of generated inputs, by name.
+
+Plain Python with no generated code, so the engine can use these names without importing the wire;
+``codec`` maps each to its wire enum.
+"""
+
+from __future__ import annotations
+
+from typing import Literal, get_args
+
+# Server-side losses: "sum" is the tutorial's (prediction - labels).sum().
+LossName = Literal["sum", "cross_entropy", "mse"]
+OptimizerName = Literal["sgd", "adam", "adamw"]
+# How the server generates an input it is not sent (zeros, ones, torch.rand, torch.randn, torch.randint).
+Distribution = Literal["zeros", "ones", "uniform", "normal", "randint"]
+# The OptimizerConfig fields that carry values (all optional: unset takes torch's default).
+OptimizerField = Literal["lr", "momentum", "dampening", "weight_decay", "nesterov", "beta1", "beta2", "eps", "amsgrad"]
+OPTIMIZER_FIELDS: tuple[OptimizerField, ...] = get_args(OptimizerField)

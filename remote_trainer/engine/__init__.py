@@ -1,0 +1,19 @@
+"""The torch work of the training service, free of any transport: it imports neither grpc nor the
+generated code, takes and returns tensors and small dataclasses, and raises the typed errors of
+``errors``.
+
+Import each module by name (``from remote_trainer.engine.session import SessionEngine``): this
+package itself imports nothing, so the light ones (``limits``, ``errors``) load without torch.
+
+- ``session``: ``SessionEngine``, one model with its optimizer, gradients and pending forward
+- ``models``: building resnet18 (random, from a file, ImageNet from the hub cache), devices
+- ``optimizer``: ``OptimizerSpec``, the optimizer as validated plain data
+- ``results``: the dataclasses the engine returns
+- ``limits``: the sizes a session accepts
+- ``tensors``: statistics, generated inputs, input checks
+- ``patterns``: choosing parameters by glob or module prefix
+- ``graph``: walking the autograd graph of a forward
+- ``checkpoints``: checkpoint files, written atomically, read without unpickling code
+- ``memory``: giving freed memory back to the operating system
+- ``errors``: the typed domain errors
+"""

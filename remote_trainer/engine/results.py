@@ -1,0 +1,106 @@
+"""What the engine returns: small frozen dataclasses of plain values (tensors on the CPU)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from remote_trainer.engine.optimizer import OptimizerSpec
+
+
+@dataclass(frozen=True)
+class Stats:
+    """Summary of a tensor, computed in float32 on its device."""
+
+    norm: float
+    min: float
+    max: float
+    mean: float
+    non_finite_count: int
+    num_elements: int
+
+
+@dataclass(frozen=True)
+class ForwardResult:
+    """What Forward made: its id and the logits (detached, on the CPU)."""
+
+    forward_id: int
+    logits: torch.Tensor
+    stats: Stats
+
+
+@dataclass(frozen=True)
+class BackwardResult:
+    """What Backward did."""
+
+    forward_id: int
+    loss: float | None
+    parameters_with_grad: int
+    grad_norm: float
+
+
+@dataclass(frozen=True)
+class ParameterInfo:
+    """One parameter as ListParameters shows it."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    requires_grad: bool
+    has_grad: bool
+
+
+@dataclass(frozen=True)
+class NamedTensor:
+    """A snapshot of one parameter's value or gradient, ready to send; ``tensor`` None when absent."""
+
+    name: str
+    shape: tuple[int, ...]
+    tensor: torch.Tensor | None
+    stats: Stats | None
+
+
+@dataclass(frozen=True)
+class FreezeResult:
+    """What FreezeLayers changed and what is trainable afterwards."""
+
+    changed: list[str]
+    trainable: list[str]
+    frozen_count: int
+
+
+@dataclass(frozen=True)
+class GraphNode:
+    """A node of the autograd graph: a backward function, or AccumulateGrad of a parameter."""
+
+    id: int
+    function: str
+    parameter: str = ""
+
+
+@dataclass(frozen=True)
+class Graph:
+    """The autograd graph of a pending forward."""
+
+    forward_id: int
+    root_id: int
+    nodes: list[GraphNode]
+    edges: list[tuple[int, int]]
+    leaf_parameters: list[str]
+    excluded_parameters: list[str]
+
+
+@dataclass(frozen=True)
+class SessionDescription:
+    """What a session holds."""
+
+    model: str
+    weights: str
+    device: str
+    num_classes: int
+    optimizer: OptimizerSpec
+    step_count: int
+    pending_forward_id: int
+    trainable_parameters: int
+    frozen_parameters: int

@@ -1,0 +1,405 @@
+"""The torch work of one session: a resnet18, its optimizer, its gradients and its pending forward.
+
+``SessionEngine`` is the whole interface between the transport and PyTorch. It takes and returns
+torch tensors and small dataclasses, imports neither grpc nor the generated code, and serialises
+its calls with a lock, so a session can be driven from many threads (or, later, live elsewhere).
+
+Every method validates its inputs before it changes anything: a rejected call leaves the session
+exactly as it was.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import threading
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from remote_trainer.contract.names import LossName
+from remote_trainer.engine.errors import FailedPrecondition, ResourceExhausted, invalid
+from remote_trainer.engine.graph import autograd_graph
+from remote_trainer.engine.limits import MAX_CLASSES, Limits
+from remote_trainer.engine.models import head_of, new_head
+from remote_trainer.engine.optimizer import OptimizerSpec
+from remote_trainer.engine.patterns import match_patterns
+from remote_trainer.engine.results import (
+    BackwardResult,
+    ForwardResult,
+    FreezeResult,
+    Graph,
+    NamedTensor,
+    ParameterInfo,
+    SessionDescription,
+)
+from remote_trainer.engine.tensors import require_finite, require_float32, tensor_stats, to_cpu
+
+
+@dataclass
+class _Pending:
+    """The last forward: its logits while its graph lives, or why Backward cannot use it."""
+
+    forward_id: int
+    logits: torch.Tensor | None
+    unusable_because: str = ""
+    reason: str = ""
+
+
+CHECKPOINT_FORMAT = "trainer.v1/session-checkpoint/1"
+
+
+class SessionEngine:
+    """One model with its optimizer, gradients and pending forward; every method is thread-safe."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        device: torch.device,
+        weights: str,
+        optimizer: OptimizerSpec,
+        limits: Limits,
+    ) -> None:
+        optimizer.validate()
+        self._lock = threading.Lock()
+        self._model = model.to(device)
+        self._device = device
+        self._weights = weights
+        self._limits = limits
+        self._spec = optimizer
+        self._optimizer = optimizer.build(self._model.parameters())
+        self._step_count = 0
+        self._forward_count = 0
+        self._pending: _Pending | None = None
+
+    # -- training step -------------------------------------------------------------------------
+
+    def forward(
+        self, x: torch.Tensor, eval_mode: bool = False, no_grad: bool = False, max_logits_elements: int | None = None
+    ) -> ForwardResult:
+        """``model(x)`` in train or eval mode, keeping the graph for Backward unless ``no_grad``.
+
+        ``max_logits_elements`` refuses, before anything runs or changes, a forward whose logits
+        (batch x classes) the caller could not send back.
+        """
+        self._check_input(x, eval_mode)
+        with self._lock:
+            classes = head_of(self._model).out_features
+            if max_logits_elements is not None and x.shape[0] * classes > max_logits_elements:
+                raise ResourceExhausted(
+                    f"the logits of {x.shape[0]} image(s) x {classes} classes ({x.shape[0] * classes} numbers) would not "
+                    f"fit in one response (at most {max_logits_elements} in this output format); send a smaller batch "
+                    "or ask for OUTPUT_FORMAT_STATS_ONLY",
+                    "RESPONSE_TOO_LARGE",
+                    metadata={"limit": str(max_logits_elements)},
+                )
+            self._pending = None  # a new forward replaces the pending one (and frees its graph)
+            self._model.train(not eval_mode)
+            with torch.set_grad_enabled(not no_grad):
+                logits = self._model(x.to(self._device, non_blocking=True))
+            self._forward_count += 1
+            fid = self._forward_count
+            if no_grad:
+                self._pending = _Pending(fid, None, f"forward {fid} ran with no_grad: no graph was kept", "NO_GRAPH")
+            elif not logits.requires_grad:
+                self._pending = _Pending(fid, None, f"forward {fid} has no graph: every parameter is frozen", "NO_TRAINABLE_PARAMETERS")
+            else:
+                self._pending = _Pending(fid, logits)
+            out = logits.detach()
+            return ForwardResult(fid, out.to("cpu"), tensor_stats(out))
+
+    def _check_input(self, x: torch.Tensor, eval_mode: bool) -> None:
+        require_float32(x, "input")
+        if x.dim() != 4:
+            raise invalid("input", f"input must have shape (N, 3, H, W), got rank {x.dim()} shape {list(x.shape)}", "BAD_INPUT_SHAPE")
+        n, c, h, w = x.shape
+        if c != 3:
+            raise invalid("input", f"input must have 3 channels (N, 3, H, W), got {c} in shape {list(x.shape)}", "BAD_INPUT_SHAPE")
+        # What local PyTorch refuses, and nothing more: resnet18 pools adaptively, so any image of at
+        # least 1x1 runs (conv1 is 7x7 with padding 3); an empty batch runs too.
+        if h < 1 or w < 1:
+            raise invalid("input", f"input images must be at least 1x1 (resnet18's 7x7 conv1 with padding 3), got {h}x{w}",
+                          "IMAGE_TOO_SMALL")
+        if n > self._limits.max_batch:
+            raise ResourceExhausted(f"batch {n} is over the limit max_batch={self._limits.max_batch}", "BATCH_TOO_LARGE",
+                                    metadata={"limit": str(self._limits.max_batch)})
+        # Each stage halves the image, rounding up (to ceil(h/32) at the last); train-mode BatchNorm
+        # refuses exactly one value per channel (torch's _verify_batch_size), which the last stage
+        # reaches first.
+        if not eval_mode and n * math.ceil(h / 32) * math.ceil(w / 32) == 1:
+            raise invalid(
+                "input",
+                f"a training-mode forward of 1 image of {h}x{w} leaves BatchNorm one value per channel "
+                "in the last stage; send a batch of 2 or more, images larger than 32x32, or use eval_mode",
+                "BATCH_TOO_SMALL_FOR_TRAINING",
+            )
+        require_finite(x, "input")
+
+    def backward(
+        self,
+        forward_id: int = 0,
+        loss: LossName | None = None,
+        labels: torch.Tensor | None = None,
+        output_gradient: torch.Tensor | None = None,
+        retain_graph: bool = False,
+    ) -> BackwardResult:
+        """Backpropagates from the pending forward: from ``loss(logits, labels)`` or from
+        ``logits.backward(gradient=output_gradient)``; gradients accumulate as in PyTorch."""
+        with self._lock:
+            pending = self._pending
+            if pending is None:
+                raise FailedPrecondition("no pending forward: call Forward first", "NO_PENDING_FORWARD")
+            if forward_id and forward_id != pending.forward_id:
+                raise FailedPrecondition(
+                    f"forward {forward_id} is not the pending forward (that is {pending.forward_id})", "STALE_FORWARD",
+                    metadata={"pending_forward_id": str(pending.forward_id)},
+                )
+            if pending.logits is None:
+                raise FailedPrecondition(pending.unusable_because, pending.reason)
+            logits = pending.logits
+            if (loss is None) == (output_gradient is None):
+                raise invalid("source", "give exactly one of loss or output_gradient", "NO_BACKWARD_SOURCE")
+            if loss is not None:
+                root = self._loss(loss, logits, labels)
+                root.backward(retain_graph=retain_graph)  # type: ignore[no-untyped-call]
+                loss_value: float | None = float(root.detach())
+            else:
+                assert output_gradient is not None
+                require_float32(output_gradient, "output_gradient")
+                if tuple(output_gradient.shape) != tuple(logits.shape):
+                    raise invalid(
+                        "output_gradient",
+                        f"output_gradient must have the logits' shape {list(logits.shape)}, got {list(output_gradient.shape)}",
+                        "BAD_OUTPUT_GRADIENT_SHAPE",
+                    )
+                require_finite(output_gradient, "output_gradient")
+                logits.backward(gradient=output_gradient.to(self._device, non_blocking=True), retain_graph=retain_graph)  # type: ignore[no-untyped-call]
+                loss_value = None
+            if not retain_graph:
+                pending.logits = None
+                pending.unusable_because = (
+                    f"the graph of forward {pending.forward_id} was freed by Backward; "
+                    "pass retain_graph to backpropagate through it again"
+                )
+                pending.reason = "GRAPH_FREED"
+            grads = [p.grad for p in self._model.parameters() if p.grad is not None]
+            norm = float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))) if grads else 0.0
+            return BackwardResult(pending.forward_id, loss_value, len(grads), norm)
+
+    def _loss(self, loss: LossName, logits: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
+        if labels is None:
+            raise invalid("loss.labels", f"loss {loss} needs labels", "MISSING_LABELS")
+        if loss == "cross_entropy":
+            if labels.dtype != torch.int64:
+                raise invalid("loss.labels", f"cross_entropy labels must be int64 class indices, got {labels.dtype}", "WRONG_DTYPE")
+            if tuple(labels.shape) != (logits.shape[0],):
+                raise invalid("loss.labels", f"cross_entropy labels must have shape [{logits.shape[0]}], got {list(labels.shape)}", "BAD_LABEL_SHAPE")
+            classes = logits.shape[1]
+            if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= classes):
+                raise invalid("loss.labels", f"class indices must be in [0, {classes}), got {labels.tolist()}", "CLASS_INDEX_OUT_OF_RANGE")
+            return F.cross_entropy(logits, labels.to(self._device))
+        require_float32(labels, "loss.labels")
+        if tuple(labels.shape) != tuple(logits.shape):
+            raise invalid("loss.labels", f"{loss} labels must have the logits' shape {list(logits.shape)}, got {list(labels.shape)}", "BAD_LABEL_SHAPE")
+        require_finite(labels, "loss.labels")
+        target = labels.to(self._device, non_blocking=True)
+        if loss == "sum":
+            return (logits - target).sum()
+        return F.mse_loss(logits, target)
+
+    def step(self) -> tuple[int, int]:
+        """One optimizer step; returns the step count and how many parameters had a gradient."""
+        with self._lock:
+            updated = sum(1 for g in self._optimizer.param_groups for p in g["params"] if p.grad is not None)
+            self._optimizer.step()
+            self._step_count += 1
+            pending = self._pending
+            if updated and pending is not None and pending.logits is not None:
+                # A graph kept with retain_graph saved the parameters it was made with, and the step
+                # changed them in place: autograd would refuse to backpropagate through it, so it goes.
+                fid = pending.forward_id
+                self._pending = _Pending(
+                    fid, None, f"the parameters changed (step {self._step_count}) since forward {fid}; run Forward again",
+                    "PARAMETERS_CHANGED",
+                )
+            return self._step_count, updated
+
+    def zero_grad(self, set_to_none: bool = True) -> int:
+        """Clears every parameter's .grad; returns how many had one."""
+        with self._lock:
+            cleared = sum(1 for p in self._model.parameters() if p.grad is not None)
+            self._model.zero_grad(set_to_none=set_to_none)
+            return cleared
+
+    # -- model and optimizer changes ---------------------------------------------------------
+
+    def configure_optimizer(self, spec: OptimizerSpec) -> OptimizerSpec:
+        """Replaces the optimizer (its state starts anew)."""
+        spec.validate()
+        with self._lock:
+            self._optimizer = spec.build(self._model.parameters())
+            self._spec = spec
+            return spec
+
+    def freeze(self, patterns: list[str], unfreeze: bool = False) -> FreezeResult:
+        """Sets requires_grad on the parameters matching ``patterns`` (False to freeze)."""
+        with self._lock:
+            params = dict(self._model.named_parameters())
+            if not patterns:
+                raise invalid("patterns", "give at least one pattern ('*' for every parameter)", "NO_PATTERNS")
+            names = match_patterns(list(params), patterns)
+            changed = [n for n in names if params[n].requires_grad != unfreeze]
+            for n in names:
+                params[n].requires_grad_(unfreeze)
+            trainable = [n for n, p in params.items() if p.requires_grad]
+            return FreezeResult(changed, trainable, len(params) - len(trainable))
+
+    def replace_head(self, num_classes: int, seed: int) -> SessionDescription:
+        """``model.fc = nn.Linear(512, num_classes)`` seeded, then a new optimizer over all parameters."""
+        if num_classes < 1 or num_classes > MAX_CLASSES:
+            raise invalid("num_classes", f"num_classes must be in 1..{MAX_CLASSES}, got {num_classes}", "BAD_NUM_CLASSES")
+        head = new_head(head_of(self._model).in_features, num_classes, seed)
+        with self._lock:
+            self._model.fc = head.to(self._device)
+            self._optimizer = self._spec.build(self._model.parameters())
+            if self._pending is not None:
+                fid = self._pending.forward_id
+                self._pending = _Pending(fid, None, f"forward {fid} was made with the old head, replaced since", "HEAD_REPLACED")
+            return self._describe()
+
+    # -- checkpoints -----------------------------------------------------------------------------
+
+    def checkpoint(self) -> dict[str, object]:
+        """Everything needed to go on bit-identically: weights and buffers, head size, frozen set,
+        optimizer settings and state (momentum buffers), step count. Gradients are not kept."""
+        with self._lock:
+            return {
+                "format": CHECKPOINT_FORMAT,
+                "weights": self._weights,
+                "num_classes": head_of(self._model).out_features,
+                "model": {k: v.detach().to("cpu", copy=True) for k, v in self._model.state_dict().items()},
+                "frozen": [n for n, p in self._model.named_parameters() if not p.requires_grad],
+                "optimizer_spec": asdict(self._spec),
+                "optimizer_state": to_cpu(self._optimizer.state_dict()),
+                "step_count": self._step_count,
+            }
+
+    def restore(self, state: dict[str, object]) -> SessionDescription:
+        """Puts the session in the state of ``checkpoint()``; the pending forward and gradients are dropped.
+
+        Everything is checked and built aside first, so a bad checkpoint leaves the session as it was.
+        """
+        with self._lock:
+            return self._restore(state)
+
+    def _restore(self, state: dict[str, object]) -> SessionDescription:
+        try:
+            if state.get("format") != CHECKPOINT_FORMAT:
+                raise ValueError(f"unknown checkpoint format {state.get('format')!r}")
+            spec = OptimizerSpec(**state["optimizer_spec"])  # type: ignore[arg-type]
+            spec.validate()
+            num_classes = int(state["num_classes"])  # type: ignore[call-overload]
+            weights = state["model"]
+            frozen = set(state["frozen"])  # type: ignore[call-overload]
+            step_count = int(state["step_count"])  # type: ignore[call-overload]
+            model = copy.deepcopy(self._model)
+            if head_of(model).out_features != num_classes:
+                model.fc = new_head(head_of(model).in_features, num_classes, 0)  # overwritten by the checkpoint
+            model.load_state_dict(weights, strict=True)  # type: ignore[arg-type]
+            model = model.to(self._device)
+            for name, p in model.named_parameters():
+                p.requires_grad_(name not in frozen)
+                p.grad = None
+            optimizer = spec.build(model.parameters())
+            optimizer.load_state_dict(state["optimizer_state"])  # type: ignore[arg-type]
+        except (KeyError, TypeError, ValueError, RuntimeError) as exc:
+            raise invalid("name", f"the checkpoint does not fit this session: {exc}", "BAD_CHECKPOINT") from exc
+        self._model, self._optimizer, self._spec = model, optimizer, spec
+        self._step_count = step_count
+        self._weights = str(state.get("weights", self._weights))
+        self._pending = None
+        return self._describe()
+
+    # -- reading state -------------------------------------------------------------------------
+
+    def parameters_info(self) -> list[ParameterInfo]:
+        """Every parameter in model order."""
+        with self._lock:
+            return [
+                ParameterInfo(n, tuple(p.shape), p.dtype, p.requires_grad, p.grad is not None)
+                for n, p in self._model.named_parameters()
+            ]
+
+    def gradients(self, patterns: list[str], stats_only: bool = False, dtype: torch.dtype = torch.float32) -> list[NamedTensor]:
+        """Snapshots of the .grad of the parameters matching ``patterns`` (all when empty)."""
+        return self._snapshot(patterns, stats_only, dtype, lambda p: p.grad, include_buffers=False)
+
+    def parameters(
+        self, patterns: list[str], stats_only: bool = False, dtype: torch.dtype = torch.float32, include_buffers: bool = False
+    ) -> list[NamedTensor]:
+        """Snapshots of parameter values (and buffers) matching ``patterns`` (all when empty)."""
+        return self._snapshot(patterns, stats_only, dtype, lambda p: p, include_buffers)
+
+    def _snapshot(
+        self,
+        patterns: list[str],
+        stats_only: bool,
+        dtype: torch.dtype,
+        pick: Callable[[torch.Tensor], torch.Tensor | None],
+        include_buffers: bool,
+    ) -> list[NamedTensor]:
+        with self._lock:
+            tensors: dict[str, torch.Tensor] = dict(self._model.named_parameters())
+            if include_buffers:
+                tensors.update(self._model.named_buffers())
+            names = match_patterns(list(tensors), patterns) if patterns else list(tensors)
+            out = []
+            for name in names:
+                source = tensors[name]
+                value = pick(source)
+                if value is None:
+                    out.append(NamedTensor(name, tuple(source.shape), None, None))
+                    continue
+                value = value.detach()
+                stats = tensor_stats(value)
+                snapshot = None
+                if not stats_only:
+                    # A copy on the CPU in the transfer type, so later steps cannot change what is sent.
+                    target = dtype if value.is_floating_point() else value.dtype
+                    snapshot = value.to("cpu", target, copy=True).contiguous()
+                out.append(NamedTensor(name, tuple(value.shape), snapshot, stats))
+            return out
+
+    def graph(self) -> Graph:
+        """The autograd graph of the pending forward, from the logits' grad_fn to the leaf parameters."""
+        with self._lock:
+            pending = self._pending
+            if pending is None:
+                raise FailedPrecondition("no pending forward: call Forward first", "NO_PENDING_FORWARD")
+            if pending.logits is None or pending.logits.grad_fn is None:
+                raise FailedPrecondition(pending.unusable_because, pending.reason)
+            names = {id(p): n for n, p in self._model.named_parameters()}
+            return autograd_graph(pending.forward_id, pending.logits.grad_fn, names)
+
+    def describe(self) -> SessionDescription:
+        """What the session holds."""
+        with self._lock:
+            return self._describe()
+
+    def _describe(self) -> SessionDescription:
+        params = list(self._model.parameters())
+        trainable = sum(1 for p in params if p.requires_grad)
+        return SessionDescription(
+            model="resnet18",
+            weights=self._weights,
+            device=str(self._device),
+            num_classes=head_of(self._model).out_features,
+            optimizer=self._spec,
+            step_count=self._step_count,
+            pending_forward_id=self._pending.forward_id if self._pending and self._pending.logits is not None else 0,
+            trainable_parameters=trainable,
+            frozen_parameters=len(params) - trainable,
+        )

@@ -1,0 +1,32 @@
+"""``python -m remote_trainer.server`` / ``trainer-server``: run the training service."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import Sequence
+
+from remote_trainer.engine.errors import TrainerError
+from remote_trainer.server.settings import parse_settings
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Parses flags, configures logging and serves until SIGTERM; 0 on a clean stop."""
+    settings = parse_settings(argv)
+    logging.basicConfig(
+        level=settings.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s %(message)s",
+        stream=sys.stderr,
+    )
+    from remote_trainer.server.app import serve  # imports torch: after the flags are known to be good
+
+    try:
+        serve(settings)
+    except TrainerError as exc:
+        logging.getLogger("remote_trainer.server").error("cannot start: %s", exc.message)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,200 @@
+"""Building and running the gRPC server: TrainerService, health and reflection on one port."""
+
+from __future__ import annotations
+
+import functools
+import logging
+import signal
+import threading
+from concurrent import futures
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+import grpc
+from google.protobuf import message_factory
+from google.protobuf.message import DecodeError
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from torch import nn
+
+from remote_trainer.server.auth import AuthInterceptor, TokenAuth
+from remote_trainer.engine.limits import Limits
+from remote_trainer.engine.optimizer import OptimizerSpec
+from remote_trainer.engine.session import SessionEngine
+from remote_trainer.server.metrics import Metrics
+from remote_trainer.engine.models import build_model, resolve_device
+from remote_trainer.server.servicer import TrainerServicer
+from remote_trainer.server.sessions import SessionStore
+from remote_trainer.server.settings import Settings
+from remote_trainer.server.status import Undecodable, rpc_kind
+from remote_trainer.contract.trainer.v1 import trainer_pb2
+
+log = logging.getLogger(__name__)
+
+SERVICE = trainer_pb2.DESCRIPTOR.services_by_name["TrainerService"]
+SERVICE_NAME = SERVICE.full_name
+
+
+@dataclass
+class TrainerServer:
+    """A started server: the grpc server, its port, health service, sessions and metrics."""
+
+    server: grpc.Server
+    port: int
+    health: health.HealthServicer
+    store: SessionStore
+    metrics: Metrics
+    metrics_port: int | None = None
+    _stopping: threading.Event = field(default_factory=threading.Event)
+
+    def stop(self, grace: float | None) -> threading.Event:
+        """Reports NOT_SERVING, refuses new calls and lets in-flight ones finish within ``grace`` seconds."""
+        self._stopping.set()
+        self.health.enter_graceful_shutdown()
+        done = self.server.stop(grace)
+        self.metrics.close()
+        return done
+
+
+def create_server(settings: Settings) -> TrainerServer:
+    """Builds the default session from the settings, binds the port and starts serving.
+
+    Port 0 binds a free port; the returned ``TrainerServer.port`` says which.
+    """
+    device = resolve_device(settings.device)
+    limits = Limits(max_input_elements=settings.max_input_elements, max_batch=settings.max_batch)
+    model, source = build_model(settings.weights, settings.num_classes, settings.seed, trusted_path=True)
+    default = SessionEngine(model, device, source, OptimizerSpec.tutorial(), limits)
+    store = SessionStore(default, settings.max_sessions, settings.max_sessions_per_token, settings.session_idle_seconds)
+    auth = TokenAuth.from_settings(settings)
+    metrics = Metrics(store.__len__)
+    factory = functools.partial(_client_model, data_dir=settings.data_dir)
+    servicer = TrainerServicer(store, factory, device, limits, settings, auth, metrics)
+
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=settings.max_workers, thread_name_prefix="rpc"),
+        interceptors=[AuthInterceptor(auth)] if auth else [],
+        options=[
+            # Batches and parameter tensors are far over gRPC's 4 MiB default.
+            ("grpc.max_receive_message_length", settings.max_message_bytes),
+            ("grpc.max_send_message_length", settings.max_message_bytes),
+            # Never share the port with another process (Linux would otherwise allow two servers on it).
+            ("grpc.so_reuseport", 0),
+            # Ping idle clients every 5 minutes so dead connections are noticed; allow client pings
+            # every 10 s without calls in flight.
+            ("grpc.keepalive_time_ms", 300_000),
+            ("grpc.keepalive_timeout_ms", 20_000),
+            ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+            ("grpc.keepalive_permit_without_calls", 1),
+        ],
+    )
+    server.add_generic_rpc_handlers((_counted_handlers(servicer, metrics),))
+    health_servicer = health.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), server
+    )
+    host = f"[{settings.host}]" if ":" in settings.host and not settings.host.startswith("[") else settings.host
+    port = server.add_secure_port(f"{host}:{settings.port}", _tls(settings)) if settings.tls_cert else \
+        server.add_insecure_port(f"{host}:{settings.port}")
+    metrics_port = metrics.serve(settings.host, settings.metrics_port) if settings.metrics_port >= 0 else None
+    server.start()
+    for name in ("", SERVICE_NAME):
+        health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    running = TrainerServer(server, port, health_servicer, store, metrics, metrics_port)
+    if settings.session_idle_seconds:
+        threading.Thread(target=_expire_sessions, args=(running,), name="session-expiry", daemon=True).start()
+    log.info(
+        "listening on %s:%d (device %s, weights %s, %s, %s)", settings.host, port, device, source,
+        "TLS" + (" with client certificates" if settings.tls_client_ca else "") if settings.tls_cert else "plaintext",
+        "tokens required" if auth else "no authentication",
+    )
+    return running
+
+
+def _tls(settings: Settings) -> grpc.ServerCredentials:
+    """Server TLS credentials; with a client CA, clients must present a certificate it signed."""
+    ca = Path(settings.tls_client_ca).read_bytes() if settings.tls_client_ca else None
+    return grpc.ssl_server_credentials(
+        [(Path(settings.tls_key).read_bytes(), Path(settings.tls_cert).read_bytes())],
+        root_certificates=ca,
+        require_client_auth=ca is not None,
+    )
+
+
+def _counted_handlers(servicer: TrainerServicer, metrics: Metrics) -> grpc.GenericRpcHandler[Any, Any]:
+    """TrainerService's method handlers, one per method of the service descriptor, each of the call
+    shape the descriptor states, counting the bytes of every message as it is parsed or serialised
+    (the sizes come free there), and handing bytes that do not parse to the servicer as
+    ``Undecodable`` (refused as INVALID_ARGUMENT).
+
+    Refuses to start (``RuntimeError``) when the servicer leaves an RPC unimplemented or serves it
+    with a decorator of another call shape, so a new RPC cannot be registered wrongly or forgotten.
+    """
+    handlers: dict[str, grpc.RpcMethodHandler[Any, Any]] = {}
+    for method in SERVICE.methods:
+        kind = rpc_kind(method.client_streaming, method.server_streaming)
+        implementation = getattr(servicer, method.name)
+        served = getattr(implementation, "rpc_kind", None)
+        if served != kind:
+            raise RuntimeError(
+                f"{SERVICE_NAME}/{method.name} is a {kind} RPC but the servicer "
+                + ("does not implement it" if served is None else f"serves it as {served}")
+            )
+        request_class = message_factory.GetMessageClass(method.input_type)
+
+        def deserialize(data: bytes, cls: Any = request_class, name: str = method.name) -> Any:
+            metrics.received(name, len(data))
+            try:
+                return cls.FromString(data)
+            except DecodeError as exc:
+                return Undecodable(cls.DESCRIPTOR.full_name, str(exc))
+
+        def serialize(message: Any, name: str = method.name) -> bytes:
+            data: bytes = message.SerializeToString()
+            metrics.sent(name, len(data))
+            return data
+
+        handlers[method.name] = _HANDLER_FACTORIES[kind](
+            implementation, request_deserializer=deserialize, response_serializer=serialize
+        )
+    return grpc.method_handlers_generic_handler(SERVICE_NAME, handlers)
+
+
+_HANDLER_FACTORIES: dict[str, Any] = {
+    "unary_unary": grpc.unary_unary_rpc_method_handler,
+    "unary_stream": grpc.unary_stream_rpc_method_handler,
+    "stream_unary": grpc.stream_unary_rpc_method_handler,
+    "stream_stream": grpc.stream_stream_rpc_method_handler,
+}
+
+
+def _expire_sessions(running: TrainerServer) -> None:
+    """Closes idle sessions, checking four times per idle period (at most every 30 s)."""
+    interval = min(running.store.idle_seconds / 4, 30.0)
+    while not running._stopping.wait(interval):
+        running.store.expire_idle()
+
+
+def _client_model(weights: str, num_classes: int, seed: int, *, data_dir: str) -> tuple[nn.Module, str]:
+    """Models for CreateSession: files only from the data directory."""
+    return build_model(weights or "random", num_classes, seed, data_dir=data_dir)
+
+
+def serve(settings: Settings) -> None:
+    """Runs the server until SIGTERM or SIGINT, then shuts down gracefully."""
+    running = create_server(settings)
+    stopped = threading.Event()
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        log.info("received %s: shutting down (grace %.1fs)", signal.Signals(signum).name, settings.grace_seconds)
+        running.stop(settings.grace_seconds).wait()
+        stopped.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    running.server.wait_for_termination()
+    stopped.wait()
+    log.info("stopped")

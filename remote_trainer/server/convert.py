@@ -1,0 +1,225 @@
+"""Conversions between trainer.v1 messages and the engine's torch tensors and dataclasses.
+
+The server's one conversion module: every message the servicer answers with is built here. Byte
+layout is the contract's codec (``remote_trainer.contract.codec``, shared with the SDK); this module
+only adds torch and the engine's types on the server's side.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Callable, Iterator
+from typing import TypeVar
+
+import numpy as np
+import torch
+
+from remote_trainer.contract import codec
+from remote_trainer.contract.names import OPTIMIZER_FIELDS, LossName, OptimizerName
+from remote_trainer.engine.optimizer import OptimizerSpec
+from remote_trainer.engine.results import Graph, NamedTensor, ParameterInfo, SessionDescription, Stats
+from remote_trainer.engine.tensors import generate
+from remote_trainer.engine.errors import ResourceExhausted, invalid
+from remote_trainer.contract.trainer.v1 import trainer_pb2 as pb
+
+# Inputs are decoded as read-only numpy views of the request's bytes and never written to; torch
+# warns about such views, so that one warning is silenced here.
+warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+
+LOSSES: dict[int, LossName] = codec.LOSS_NAMES
+_OPTIMIZERS: dict[int, OptimizerName] = {pb.OPTIMIZER_KIND_UNSPECIFIED: "sgd", **codec.OPTIMIZER_NAMES}
+_TRANSFER_TYPES: dict[int, torch.dtype] = {
+    pb.DATA_TYPE_UNSPECIFIED: torch.float32,
+    pb.DATA_TYPE_FLOAT32: torch.float32,
+    pb.DATA_TYPE_FLOAT16: torch.float16,
+    pb.DATA_TYPE_BFLOAT16: torch.bfloat16,
+}
+TORCH_TO_WIRE: dict[torch.dtype, int] = {
+    torch.float32: pb.DATA_TYPE_FLOAT32,
+    torch.float16: pb.DATA_TYPE_FLOAT16,
+    torch.bfloat16: pb.DATA_TYPE_BFLOAT16,
+    torch.float64: pb.DATA_TYPE_FLOAT64,
+    torch.int64: pb.DATA_TYPE_INT64,
+    torch.int32: pb.DATA_TYPE_INT32,
+}
+
+
+# Most dimensions of an input tensor (no input of this API has more than 4; numpy allows 64).
+MAX_DIMENSIONS = 32
+
+
+def input_tensor(msg: pb.TensorInput, field: str, max_elements: int, integer: bool = False) -> tuple[torch.Tensor, bool]:
+    """The tensor a ``TensorInput`` carries, and whether it was written as numbers (or generated).
+
+    ``integer`` asks for int64 from numbers and zeros/ones (class indices). Size limits are checked
+    from the shape before anything is allocated.
+    """
+    source = msg.WhichOneof("source")
+    if source is None:
+        raise invalid(field, f"{field} is missing: give tensor, values or generate", "MISSING_TENSOR")
+    try:
+        if source == "tensor":
+            _check_size(msg.tensor.shape, field, max_elements)
+            tensor = torch.from_numpy(codec.decode(msg.tensor))
+            if msg.tensor.data_type == pb.DATA_TYPE_BFLOAT16:
+                tensor = tensor.to(torch.bfloat16)  # exact: the codec widened bfloat16 to float32
+            return tensor, False
+        if source == "values":
+            _check_size(msg.values.shape, field, max_elements)
+            array = codec.values_to_array(msg.values, np.int64 if integer else np.float32)
+            return torch.from_numpy(array), True
+    except codec.CodecError as exc:
+        raise invalid(f"{field}.{source}", f"{field}: {exc}", exc.reason) from exc
+    spec = msg.generate
+    shape = _check_size(spec.shape, field, max_elements)
+    distribution = codec.DISTRIBUTION_NAMES.get(spec.distribution)
+    if distribution is None:
+        raise invalid(f"{field}.generate.distribution", f"{field}: choose a distribution", "BAD_GENERATOR")
+    tensor = generate(shape, distribution, spec.seed, spec.high)
+    if integer and distribution in ("zeros", "ones"):
+        tensor = tensor.long()
+    return tensor, True
+
+
+def _check_size(shape: object, field: str, max_elements: int) -> tuple[int, ...]:
+    try:
+        dims = codec.check_shape(shape)  # type: ignore[arg-type]
+    except codec.CodecError as exc:
+        raise invalid(field, f"{field}: {exc}", exc.reason) from exc
+    if len(dims) > MAX_DIMENSIONS:
+        raise invalid(field, f"{field} has {len(dims)} dimensions, more than {MAX_DIMENSIONS}", "TOO_MANY_DIMENSIONS")
+    count = codec.num_elements(dims)
+    # Sizes beside a zero count too: numpy and torch refuse a shape such as [0, 2**62] (its strides
+    # overflow), and no dimension larger than the element limit belongs to an accepted tensor.
+    if count > max_elements or math.prod(max(d, 1) for d in dims) > max_elements:
+        raise ResourceExhausted(
+            f"{field} has {count} elements (shape {list(dims)}), over the limit max_input_elements={max_elements}",
+            "INPUT_TOO_LARGE",
+            metadata={"limit": str(max_elements)},
+        )
+    return dims
+
+
+def raw_view(t: torch.Tensor) -> memoryview:
+    """The elements of a contiguous CPU tensor as wire bytes, without a copy (bfloat16 as its bit pattern)."""
+    if t.numel() == 0:
+        return memoryview(b"")  # memoryview cannot cast a view with a zero in its shape
+    if t.dtype == torch.bfloat16:
+        t = t.view(torch.int16)
+    return t.contiguous().numpy().data.cast("B")
+
+
+def output_tensor(t: torch.Tensor) -> pb.Tensor:
+    """A CPU tensor as a raw wire ``Tensor``."""
+    return codec.encode_raw(raw_view(t).tobytes(), t.shape, TORCH_TO_WIRE[t.dtype])
+
+
+def output_values(t: torch.Tensor) -> pb.TensorValues:
+    """A CPU tensor as a ``TensorValues`` list of numbers."""
+    return codec.array_to_values(t.float().numpy())
+
+
+def stats_message(stats: Stats) -> pb.TensorStats:
+    """Engine statistics as a ``TensorStats``."""
+    return pb.TensorStats(
+        norm=stats.norm, min=stats.min, max=stats.max, mean=stats.mean,
+        non_finite_count=stats.non_finite_count, num_elements=stats.num_elements,
+    )
+
+
+def transfer_dtype(code: int) -> torch.dtype:
+    """The element type for a tensor stream: float32, float16 or bfloat16."""
+    if code not in _TRANSFER_TYPES:
+        raise invalid("transfer_data_type", "transfer_data_type must be FLOAT32, FLOAT16 or BFLOAT16", "BAD_TRANSFER_TYPE")
+    return _TRANSFER_TYPES[code]
+
+
+R = TypeVar("R", pb.GetGradientsResponse, pb.GetParametersResponse)
+
+
+def chunk_responses(tensors: list[NamedTensor], chunk_bytes: int, response: type[R]) -> Iterator[R]:
+    """Named tensors as a stream of ``response`` messages, each chunk written in place (no copy of the data)."""
+    return _chunks(tensors, chunk_bytes, response, lambda r: r.chunk)
+
+
+M = TypeVar("M")
+
+
+def _chunks(
+    tensors: list[NamedTensor], chunk_bytes: int, message: Callable[[], M], chunk_of: Callable[[M], pb.TensorChunk]
+) -> Iterator[M]:
+    for item in tensors:
+        if item.stats is None:
+            yield from codec.encode_chunk_messages(
+                item.name, None, item.shape, pb.DATA_TYPE_FLOAT32, None, chunk_bytes, message, chunk_of
+            )
+            continue
+        t = item.tensor
+        data_type = TORCH_TO_WIRE[t.dtype] if t is not None else pb.DATA_TYPE_UNSPECIFIED
+        raw = raw_view(t) if t is not None else b""
+        yield from codec.encode_chunk_messages(
+            item.name, raw, item.shape, data_type, stats_message(item.stats), chunk_bytes, message, chunk_of
+        )
+
+
+def optimizer_spec(config: pb.OptimizerConfig) -> OptimizerSpec:
+    """An ``OptimizerConfig`` with torch's defaults for the unset fields."""
+    kind = _OPTIMIZERS.get(config.kind)
+    if kind is None:
+        raise invalid("optimizer.kind", f"unknown optimizer kind {config.kind}", "BAD_OPTIMIZER_VALUE")
+    given = {
+        name: getattr(config, name)
+        for name in OPTIMIZER_FIELDS
+        if config.HasField(name)
+    }
+    return OptimizerSpec.with_defaults(kind, **given)
+
+
+def optimizer_config(spec: OptimizerSpec) -> pb.OptimizerConfig:
+    """An ``OptimizerSpec`` as an ``OptimizerConfig`` with every field set."""
+    return pb.OptimizerConfig(
+        kind=codec.OPTIMIZER_KINDS[spec.kind], lr=spec.lr, momentum=spec.momentum, dampening=spec.dampening,
+        weight_decay=spec.weight_decay, nesterov=spec.nesterov, beta1=spec.beta1, beta2=spec.beta2,
+        eps=spec.eps, amsgrad=spec.amsgrad,
+    )
+
+
+def session_info(session_id: str, desc: SessionDescription, is_default: bool) -> pb.SessionInfo:
+    """A session's description as a ``SessionInfo``."""
+    return pb.SessionInfo(
+        session_id=session_id, model=desc.model, weights=desc.weights, device=desc.device,
+        num_classes=desc.num_classes, optimizer=optimizer_config(desc.optimizer), step_count=desc.step_count,
+        pending_forward_id=desc.pending_forward_id, trainable_parameters=desc.trainable_parameters,
+        frozen_parameters=desc.frozen_parameters, is_default=is_default,
+    )
+
+
+def parameter_list(params: list[ParameterInfo]) -> pb.ListParametersResponse:
+    """Every parameter's name, shape, type and state, with the counts ListParameters adds up."""
+    response = pb.ListParametersResponse()
+    for p in params:
+        count = math.prod(p.shape)
+        response.parameters.add(
+            name=p.name, shape=p.shape, data_type=TORCH_TO_WIRE[p.dtype],
+            requires_grad=p.requires_grad, has_grad=p.has_grad, num_elements=count,
+        )
+        response.total_elements += count
+        if p.requires_grad:
+            response.trainable_count += 1
+            response.trainable_elements += count
+        else:
+            response.frozen_count += 1
+    return response
+
+
+def graph_message(graph: Graph) -> pb.GetGraphResponse:
+    """The autograd graph of a forward as a ``GetGraphResponse``."""
+    return pb.GetGraphResponse(
+        forward_id=graph.forward_id,
+        root_id=graph.root_id,
+        nodes=[pb.GraphNode(id=n.id, function=n.function, parameter=n.parameter) for n in graph.nodes],
+        edges=[pb.GraphEdge(from_id=a, to_id=b) for a, b in graph.edges],
+        leaf_parameters=graph.leaf_parameters,
+        excluded_parameters=graph.excluded_parameters,
+    )

@@ -1,0 +1,202 @@
+"""The TrainerService servicer: each method decodes, finds the session, calls the engine, encodes."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import grpc
+import torch
+
+from remote_trainer.engine import checkpoints
+from remote_trainer.server import convert
+from remote_trainer.server.auth import TokenAuth, caller
+from remote_trainer.engine.limits import Limits
+from remote_trainer.engine.optimizer import OptimizerSpec
+from remote_trainer.engine.results import SessionDescription
+from remote_trainer.engine.session import SessionEngine
+from remote_trainer.engine.errors import invalid
+from remote_trainer.server.metrics import Metrics
+from remote_trainer.server.sessions import DEFAULT_SESSION_ID, SessionStore
+from remote_trainer.server.settings import Settings
+from remote_trainer.server.status import streaming, unary
+from remote_trainer.contract.trainer.v1 import trainer_pb2 as pb
+from remote_trainer.contract.trainer.v1 import trainer_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+# Builds a model for CreateSession: (weights, num_classes, seed) -> (model, description).
+ModelFactory = Callable[[str, int, int], tuple[torch.nn.Module, str]]
+
+
+class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
+    """Serves trainer.v1.TrainerService over a session store."""
+
+    def __init__(
+        self,
+        store: SessionStore,
+        build_model: ModelFactory,
+        device: torch.device,
+        limits: Limits,
+        settings: Settings,
+        auth: TokenAuth | None,
+        metrics: Metrics,
+    ) -> None:
+        self._store = store
+        self._build_model = build_model
+        self._device = device
+        self._limits = limits
+        self._chunk_bytes = settings.chunk_bytes
+        self._max_message_bytes = settings.max_message_bytes
+        self._checkpoint_dir = settings.checkpoint_dir
+        self._checkpoint_every = settings.checkpoint_every
+        self._auth = auth
+        self.metrics = metrics
+
+    def _session(self, session_id: str, context: grpc.ServicerContext) -> SessionEngine:
+        return self._store.get(session_id, caller(self._auth, context))
+
+    def _info(self, session_id: str, description: SessionDescription) -> pb.SessionInfo:
+        sid = session_id or DEFAULT_SESSION_ID
+        return convert.session_info(sid, description, sid == DEFAULT_SESSION_ID)
+
+    def _checkpoint_path(self, name: str, context: grpc.ServicerContext) -> Path:
+        return checkpoints.checkpoint_path(name, self._checkpoint_dir, caller(self._auth, context))
+
+    @unary
+    def CreateSession(self, request: pb.CreateSessionRequest, context: grpc.ServicerContext) -> pb.CreateSessionResponse:
+        spec = convert.optimizer_spec(request.optimizer) if request.HasField("optimizer") else OptimizerSpec.tutorial()
+        spec.validate()
+
+        def build() -> SessionEngine:
+            model, source = self._build_model(request.weights, request.num_classes, request.seed)
+            return SessionEngine(model, self._device, source, spec, self._limits)
+
+        session_id, engine = self._store.create(build, caller(self._auth, context))
+        return pb.CreateSessionResponse(session=self._info(session_id, engine.describe()))
+
+    @unary
+    def CloseSession(self, request: pb.CloseSessionRequest, context: grpc.ServicerContext) -> pb.CloseSessionResponse:
+        self._store.close(request.session_id, caller(self._auth, context))
+        return pb.CloseSessionResponse(session_id=request.session_id)
+
+    @unary
+    def DescribeSession(self, request: pb.DescribeSessionRequest, context: grpc.ServicerContext) -> pb.DescribeSessionResponse:
+        description = self._session(request.session_id, context).describe()
+        return pb.DescribeSessionResponse(session=self._info(request.session_id, description))
+
+    @unary
+    def Forward(self, request: pb.ForwardRequest, context: grpc.ServicerContext) -> pb.ForwardResponse:
+        engine = self._session(request.session_id, context)
+        fmt = request.output_format
+        if fmt not in pb.OutputFormat.values():
+            raise invalid("output_format", f"unknown output_format {fmt}", "BAD_OUTPUT_FORMAT")
+        x, as_numbers = convert.input_tensor(request.input, "input", self._limits.max_input_elements)
+        as_values = fmt == pb.OUTPUT_FORMAT_VALUES or fmt == pb.OUTPUT_FORMAT_UNSPECIFIED and as_numbers
+        # Numbers travel as 8-byte doubles, raw logits as 4-byte floats; 64 KiB for the rest of the message.
+        budget = None if fmt == pb.OUTPUT_FORMAT_STATS_ONLY else (self._max_message_bytes - 65536) // (8 if as_values else 4)
+        result = engine.forward(x, eval_mode=request.eval_mode, no_grad=request.no_grad, max_logits_elements=budget)
+        response = pb.ForwardResponse(forward_id=result.forward_id, logits_stats=convert.stats_message(result.stats))
+        if as_values:
+            response.logits_values.CopyFrom(convert.output_values(result.logits))
+        elif fmt != pb.OUTPUT_FORMAT_STATS_ONLY:
+            response.logits.CopyFrom(convert.output_tensor(result.logits))
+        return response
+
+    @unary
+    def Backward(self, request: pb.BackwardRequest, context: grpc.ServicerContext) -> pb.BackwardResponse:
+        engine = self._session(request.session_id, context)
+        source = request.WhichOneof("source")
+        max_elements = self._limits.max_input_elements
+        if source == "loss":
+            loss = convert.LOSSES.get(request.loss.function)
+            if loss is None:
+                raise invalid("loss.function", f"unknown loss function {request.loss.function}: "
+                              "use SUM_DIFFERENCE, CROSS_ENTROPY or MSE", "UNKNOWN_LOSS")
+            labels, _ = convert.input_tensor(request.loss.labels, "loss.labels", max_elements, integer=loss == "cross_entropy")
+            result = engine.backward(request.forward_id, loss=loss, labels=labels, retain_graph=request.retain_graph)
+        elif source == "output_gradient":
+            gradient, _ = convert.input_tensor(request.output_gradient, "output_gradient", max_elements)
+            result = engine.backward(request.forward_id, output_gradient=gradient, retain_graph=request.retain_graph)
+        else:
+            raise invalid("source", "give a loss or an output_gradient", "NO_BACKWARD_SOURCE")
+        response = pb.BackwardResponse(
+            forward_id=result.forward_id, parameters_with_grad=result.parameters_with_grad, grad_norm=result.grad_norm
+        )
+        if result.loss is not None:
+            response.loss = result.loss
+        return response
+
+    @unary
+    def Step(self, request: pb.StepRequest, context: grpc.ServicerContext) -> pb.StepResponse:
+        engine = self._session(request.session_id, context)
+        step_count, updated = engine.step()
+        if self._checkpoint_every and step_count % self._checkpoint_every == 0:
+            name = f"auto-{request.session_id or DEFAULT_SESSION_ID}.ckpt"
+            try:
+                checkpoints.save(engine.checkpoint(), self._checkpoint_path(name, context))
+                log.info("session %s checkpointed to %s at step %d", request.session_id or DEFAULT_SESSION_ID, name, step_count)
+            except Exception:  # the step is done: a failed automatic checkpoint must not make it look failed
+                log.exception("automatic checkpoint %s at step %d failed", name, step_count)
+        return pb.StepResponse(step_count=step_count, parameters_updated=updated)
+
+    @unary
+    def ZeroGrad(self, request: pb.ZeroGradRequest, context: grpc.ServicerContext) -> pb.ZeroGradResponse:
+        set_to_none = request.set_to_none if request.HasField("set_to_none") else True
+        cleared = self._session(request.session_id, context).zero_grad(set_to_none)
+        return pb.ZeroGradResponse(parameters_cleared=cleared)
+
+    @unary
+    def ConfigureOptimizer(
+        self, request: pb.ConfigureOptimizerRequest, context: grpc.ServicerContext
+    ) -> pb.ConfigureOptimizerResponse:
+        engine = self._session(request.session_id, context)
+        spec = engine.configure_optimizer(convert.optimizer_spec(request.optimizer))
+        return pb.ConfigureOptimizerResponse(optimizer=convert.optimizer_config(spec))
+
+    @unary
+    def FreezeLayers(self, request: pb.FreezeLayersRequest, context: grpc.ServicerContext) -> pb.FreezeLayersResponse:
+        result = self._session(request.session_id, context).freeze(list(request.patterns), unfreeze=request.unfreeze)
+        return pb.FreezeLayersResponse(changed=result.changed, trainable=result.trainable, frozen_count=result.frozen_count)
+
+    @unary
+    def ReplaceHead(self, request: pb.ReplaceHeadRequest, context: grpc.ServicerContext) -> pb.ReplaceHeadResponse:
+        description = self._session(request.session_id, context).replace_head(request.num_classes, request.seed)
+        return pb.ReplaceHeadResponse(session=self._info(request.session_id, description))
+
+    @unary
+    def ListParameters(self, request: pb.ListParametersRequest, context: grpc.ServicerContext) -> pb.ListParametersResponse:
+        return convert.parameter_list(self._session(request.session_id, context).parameters_info())
+
+    @streaming
+    def GetGradients(self, request: pb.GetGradientsRequest, context: grpc.ServicerContext) -> Iterator[pb.GetGradientsResponse]:
+        engine = self._session(request.session_id, context)
+        tensors = engine.gradients(list(request.patterns), request.stats_only, convert.transfer_dtype(request.transfer_data_type))
+        yield from convert.chunk_responses(tensors, self._chunk_bytes, pb.GetGradientsResponse)
+
+    @streaming
+    def GetParameters(self, request: pb.GetParametersRequest, context: grpc.ServicerContext) -> Iterator[pb.GetParametersResponse]:
+        engine = self._session(request.session_id, context)
+        tensors = engine.parameters(
+            list(request.patterns), request.stats_only, convert.transfer_dtype(request.transfer_data_type), request.include_buffers
+        )
+        yield from convert.chunk_responses(tensors, self._chunk_bytes, pb.GetParametersResponse)
+
+    @unary
+    def GetGraph(self, request: pb.GetGraphRequest, context: grpc.ServicerContext) -> pb.GetGraphResponse:
+        return convert.graph_message(self._session(request.session_id, context).graph())
+
+    @unary
+    def SaveCheckpoint(self, request: pb.SaveCheckpointRequest, context: grpc.ServicerContext) -> pb.SaveCheckpointResponse:
+        engine = self._session(request.session_id, context)
+        path = self._checkpoint_path(request.name, context)
+        state = engine.checkpoint()
+        size = checkpoints.save(state, path)
+        return pb.SaveCheckpointResponse(name=request.name, step_count=int(state["step_count"]), size_bytes=size)  # type: ignore[call-overload]
+
+    @unary
+    def LoadCheckpoint(self, request: pb.LoadCheckpointRequest, context: grpc.ServicerContext) -> pb.LoadCheckpointResponse:
+        engine = self._session(request.session_id, context)
+        description = engine.restore(checkpoints.load(self._checkpoint_path(request.name, context)))
+        return pb.LoadCheckpointResponse(session=self._info(request.session_id, description))

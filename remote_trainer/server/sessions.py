@@ -1,0 +1,143 @@
+"""The session store: every open session by id, who owns it, when it was last used, and the limits.
+
+A request with an empty id means the default session, which every caller may use and which never
+expires. Other sessions belong to the caller that created them: to anyone else they do not exist.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from remote_trainer.engine.memory import release_freed_memory
+from remote_trainer.engine.session import SessionEngine
+from remote_trainer.engine.errors import FailedPrecondition, NotFound, ResourceExhausted
+
+log = logging.getLogger(__name__)
+
+DEFAULT_SESSION_ID = "default"
+_REMEMBERED_EXPIRIES = 10_000  # expired ids kept to say "expired" rather than "unknown"
+
+
+@dataclass
+class _Entry:
+    engine: SessionEngine
+    owner: str
+    last_used: float
+
+
+class SessionStore:
+    """Holds sessions by id, with their owners; enforces the session limits and idle expiry."""
+
+    def __init__(
+        self,
+        default: SessionEngine,
+        max_sessions: int,
+        max_per_owner: int = 0,
+        idle_seconds: float = 0.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._lock = threading.Lock()
+        self._clock = clock
+        self._sessions: dict[str, _Entry] = {DEFAULT_SESSION_ID: _Entry(default, "", clock())}
+        self._max_sessions = max_sessions
+        self._max_per_owner = max_per_owner
+        self._idle_seconds = idle_seconds
+        self._reserved: dict[str, int] = {}  # sessions being built, by owner, counted against the limits
+        self._expired: OrderedDict[str, tuple[str, float]] = OrderedDict()  # id -> (owner, seconds idle)
+
+    @property
+    def idle_seconds(self) -> float:
+        return self._idle_seconds
+
+    def get(self, session_id: str, owner: str = "") -> SessionEngine:
+        """The session called ``session_id`` ("" or "default": the default session), if ``owner`` may use it."""
+        sid = session_id or DEFAULT_SESSION_ID
+        with self._lock:
+            entry = self._sessions.get(sid)
+            if entry is not None and (sid == DEFAULT_SESSION_ID or entry.owner == owner):
+                entry.last_used = self._clock()
+                return entry.engine
+        raise self._missing(session_id, owner)
+
+    def _missing(self, session_id: str, owner: str) -> NotFound:
+        """The NOT_FOUND for a session that is not there: expired (told only to its owner) or unknown."""
+        with self._lock:
+            expired = self._expired.get(session_id)
+        if expired is not None and expired[0] == owner:  # to anyone else it never existed
+            return NotFound(f"session {session_id!r} expired after {expired[1]:.0f} s without calls", "SESSION_EXPIRED")
+        return NotFound(f"no session {session_id!r} (closed, or never created)", "SESSION_NOT_FOUND")
+
+    def create(self, build: Callable[[], SessionEngine], owner: str = "") -> tuple[str, SessionEngine]:
+        """Builds a session with ``build`` (outside the lock: it loads a model) and stores it under a new id."""
+        with self._lock:
+            if len(self._sessions) + sum(self._reserved.values()) >= self._max_sessions:
+                raise ResourceExhausted(
+                    f"the server holds {len(self._sessions)} sessions, its limit max_sessions={self._max_sessions}; "
+                    "close one first",
+                    "TOO_MANY_SESSIONS",
+                    metadata={"limit": str(self._max_sessions)},
+                )
+            owned = sum(1 for sid, e in self._sessions.items() if e.owner == owner and sid != DEFAULT_SESSION_ID)
+            if self._max_per_owner and owned + self._reserved.get(owner, 0) >= self._max_per_owner:
+                raise ResourceExhausted(
+                    f"this token holds {owned} sessions, its limit max_sessions_per_token={self._max_per_owner}; "
+                    "close one first",
+                    "TOO_MANY_SESSIONS_FOR_TOKEN",
+                    metadata={"limit": str(self._max_per_owner)},
+                )
+            self._reserved[owner] = self._reserved.get(owner, 0) + 1
+        try:
+            engine = build()
+        finally:
+            with self._lock:
+                self._reserved[owner] -= 1
+        session_id = secrets.token_hex(16)  # unguessable: 128 random bits
+        with self._lock:
+            self._sessions[session_id] = _Entry(engine, owner, self._clock())
+        log.info("session %s created (owner %s)", session_id, owner or "-")
+        return session_id, engine
+
+    def close(self, session_id: str, owner: str = "") -> None:
+        """Forgets a session; its memory is freed once in-flight calls on it finish."""
+        if session_id in ("", DEFAULT_SESSION_ID):
+            raise FailedPrecondition("the default session cannot be closed", "DEFAULT_SESSION")
+        with self._lock:
+            entry = self._sessions.get(session_id)
+            mine = entry is not None and entry.owner == owner
+            if mine:
+                del self._sessions[session_id]
+        if not mine:
+            raise self._missing(session_id, owner)  # unknown, expired, or someone else's
+        release_freed_memory()  # the session's memory back to the OS (unless a call still holds it)
+        log.info("session %s closed", session_id)
+
+    def expire_idle(self) -> list[str]:
+        """Closes the sessions idle longer than the configured time; returns their ids."""
+        if not self._idle_seconds:
+            return []
+        now = self._clock()
+        with self._lock:
+            stale = [
+                sid for sid, e in self._sessions.items()
+                if sid != DEFAULT_SESSION_ID and now - e.last_used > self._idle_seconds
+            ]
+            for sid in stale:
+                entry = self._sessions.pop(sid)
+                self._expired[sid] = (entry.owner, now - entry.last_used)
+            while len(self._expired) > _REMEMBERED_EXPIRIES:
+                self._expired.popitem(last=False)
+        for sid in stale:
+            log.info("session %s expired after %.0f s idle", sid, self._expired[sid][1])
+        if stale:
+            release_freed_memory()
+        return stale
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._sessions)

@@ -1,0 +1,168 @@
+"""Server settings: one frozen dataclass, filled from command-line flags and their environment twins.
+
+Each flag ``--some-flag`` has the environment variable ``TRAINER_SOME_FLAG``; a flag given on the
+command line wins over the environment, which wins over the default.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+from remote_trainer.engine.limits import Limits
+
+MIB = 1024 * 1024
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything the server is configured with."""
+
+    host: str = "127.0.0.1"
+    port: int = 50051
+    # "auto" (ImageNet weights when they are in the torch hub cache, else random), "random",
+    # "imagenet", or a path to a state_dict file (.pt/.pth via torch.load(weights_only=True), or .safetensors).
+    weights: str = "auto"
+    # "auto" (cuda when available, else cpu), "cpu", "cuda" or "cuda:N".
+    device: str = "auto"
+    # Seed of random weights (and of the default session's heads).
+    seed: int = 0
+    # Classes of the default session's head; 0 means the weights' own (1000 for ImageNet).
+    num_classes: int = 0
+    # Directory of weight files that clients may name in CreateSession; empty: none allowed.
+    data_dir: str = ""
+    # Most sessions open at once, the default session included.
+    max_sessions: int = 16
+    # Largest message accepted or sent, in bytes (gRPC's default of 4 MiB is too small for a batch).
+    max_message_bytes: int = 256 * MIB
+    # Most elements in one input tensor (32 x 3 x 224 x 224 fits four times over).
+    max_input_elements: int = Limits.max_input_elements
+    # Largest batch (N) of a Forward.
+    max_batch: int = Limits.max_batch
+    # Data bytes per chunk in GetGradients/GetParameters streams.
+    chunk_bytes: int = 1 * MIB
+    # Threads serving RPCs; each runs one call at a time.
+    max_workers: int = 16
+    # Seconds that in-flight calls get to finish on SIGTERM.
+    grace_seconds: float = 10.0
+    # Python logging level name.
+    log_level: str = "INFO"
+    # Bearer tokens accepted, comma-separated, each "token" or "name:token"; empty (and no
+    # tokens_file): no authentication. Every RPC but health then needs "authorization: Bearer TOKEN".
+    tokens: str = ""
+    # A file of tokens, one "token" or "name:token" a line (# comments allowed).
+    tokens_file: str = ""
+    # Most sessions one token may hold (0: only max_sessions applies).
+    max_sessions_per_token: int = 0
+    # TLS: the server's certificate chain and private key (PEM); empty: plaintext.
+    tls_cert: str = ""
+    tls_key: str = ""
+    # TLS: CA certificate (PEM) that client certificates must be signed by (mutual TLS); empty: none asked.
+    tls_client_ca: str = ""
+    # Directory of checkpoints (SaveCheckpoint/LoadCheckpoint); empty: checkpoints disabled.
+    checkpoint_dir: str = ""
+    # Each session checkpoints itself every N steps to auto-SESSION.ckpt (0: never).
+    checkpoint_every: int = 0
+    # Sessions unused this many seconds are closed (0: never); the default session never expires.
+    session_idle_seconds: float = 0.0
+    # Port of the Prometheus metrics HTTP endpoint (-1: off; 0: a free port, logged).
+    metrics_port: int = -1
+
+
+_HELP = {
+    "host": "address to listen on (0.0.0.0 or [::] for all interfaces)",
+    "port": "port to listen on; 0 picks a free one (the log says which)",
+    "weights": "auto | random | imagenet | PATH to a state_dict (.pt/.pth) or .safetensors file",
+    "device": "auto | cpu | cuda | cuda:N",
+    "seed": "seed of random weights",
+    "num_classes": "classes of the default session's head (0: the weights' own)",
+    "data_dir": "directory of weight files that clients may name in CreateSession",
+    "max_sessions": "most sessions open at once, the default one included",
+    "max_message_bytes": "largest gRPC message accepted or sent, in bytes",
+    "max_input_elements": "most elements in one input tensor",
+    "max_batch": "largest batch of a Forward",
+    "chunk_bytes": "data bytes per chunk in tensor streams",
+    "max_workers": "threads serving RPCs",
+    "grace_seconds": "seconds in-flight calls get to finish on SIGTERM",
+    "log_level": "DEBUG | INFO | WARNING | ERROR",
+    "tokens": "accepted bearer tokens, comma-separated, each TOKEN or NAME:TOKEN (empty: no authentication)",
+    "tokens_file": "file of accepted tokens, one TOKEN or NAME:TOKEN a line",
+    "max_sessions_per_token": "most sessions one token may hold (0: no per-token limit)",
+    "tls_cert": "PEM certificate chain of the server (enables TLS)",
+    "tls_key": "PEM private key of the server",
+    "tls_client_ca": "PEM CA that client certificates must be signed by (enables mutual TLS)",
+    "checkpoint_dir": "directory of session checkpoints (empty: checkpoints off)",
+    "checkpoint_every": "each session checkpoints itself every N steps (0: never)",
+    "session_idle_seconds": "close sessions idle this long (0: never)",
+    "metrics_port": "Prometheus metrics HTTP port (-1: off, 0: a free port)",
+}
+
+
+def env_name(field_name: str) -> str:
+    """The environment twin of a setting: ``max_batch`` -> ``TRAINER_MAX_BATCH``."""
+    return "TRAINER_" + field_name.upper()
+
+
+def parse_settings(argv: Sequence[str] | None = None, environ: dict[str, str] | None = None) -> Settings:
+    """Settings from flags, then environment variables, then defaults."""
+    env = os.environ if environ is None else environ
+    parser = argparse.ArgumentParser(
+        prog="trainer-server",
+        description="gRPC training service holding a torchvision resnet18. "
+        "Every flag can also be set by the environment variable named in brackets.",
+    )
+    defaults = Settings()
+    for f in fields(Settings):
+        kind = type(getattr(defaults, f.name))
+        default = getattr(defaults, f.name)
+        if env_name(f.name) in env:
+            try:
+                default = kind(env[env_name(f.name)])
+            except ValueError:
+                parser.error(f"{env_name(f.name)}={env[env_name(f.name)]!r} is not a valid {kind.__name__}")
+        parser.add_argument(
+            "--" + f.name.replace("_", "-"),
+            type=kind,
+            default=default,
+            help=f"{_HELP[f.name]} [{env_name(f.name)}] (default: {getattr(defaults, f.name)!r})",
+        )
+    args = parser.parse_args(argv)
+    settings = Settings(**{f.name: getattr(args, f.name) for f in fields(Settings)})
+    problems = validate(settings)
+    if problems:
+        parser.error("; ".join(problems))
+    return settings
+
+
+def validate(settings: Settings) -> list[str]:
+    """What is wrong with the settings, if anything."""
+    problems = []
+    if not 0 <= settings.port <= 65535:
+        problems.append(f"port {settings.port} is not in 0..65535")
+    for name in ("max_sessions", "max_message_bytes", "max_input_elements", "max_batch", "chunk_bytes", "max_workers"):
+        if getattr(settings, name) < 1:
+            problems.append(f"{name.replace('_', '-')} must be at least 1")
+    if settings.num_classes < 0:
+        problems.append("num-classes must not be negative")
+    for name in ("data_dir", "checkpoint_dir"):
+        value = getattr(settings, name)
+        if value and not Path(value).is_dir():
+            problems.append(f"{name.replace('_', '-')} {value!r} is not a directory")
+    for name in ("tokens_file", "tls_cert", "tls_key", "tls_client_ca"):
+        value = getattr(settings, name)
+        if value and not Path(value).is_file():
+            problems.append(f"{name.replace('_', '-')} {value!r} is not a file")
+    if bool(settings.tls_cert) != bool(settings.tls_key):
+        problems.append("tls-cert and tls-key go together")
+    if settings.tls_client_ca and not settings.tls_cert:
+        problems.append("tls-client-ca needs tls-cert and tls-key")
+    if settings.checkpoint_every < 0 or settings.max_sessions_per_token < 0 or settings.session_idle_seconds < 0:
+        problems.append("checkpoint-every, max-sessions-per-token and session-idle-seconds must not be negative")
+    if settings.checkpoint_every and not settings.checkpoint_dir:
+        problems.append("checkpoint-every needs checkpoint-dir")
+    if not -1 <= settings.metrics_port <= 65535:
+        problems.append(f"metrics-port {settings.metrics_port} is not in -1..65535")
+    return problems

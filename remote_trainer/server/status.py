@@ -1,0 +1,183 @@
+"""The one error map: domain errors to gRPC status codes with google.rpc details, applied by a decorator.
+
+Every servicer method is wrapped by ``@unary`` or ``@streaming``. A ``TrainerError`` becomes its status
+code with ``ErrorInfo(reason, domain)`` (and ``BadRequest`` field violations for INVALID_ARGUMENT); a
+device out-of-memory becomes RESOURCE_EXHAUSTED; anything else becomes INTERNAL with a safe message,
+its traceback logged. Each call leaves one log line: method, session, status and duration.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import time
+import uuid
+from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from typing import Any, Protocol, TypeVar
+
+import grpc
+import torch
+from google.protobuf import any_pb2
+from google.rpc import error_details_pb2, status_pb2
+from grpc_status import rpc_status
+
+from remote_trainer.server.metrics import Metrics
+from remote_trainer.engine.errors import (
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    ResourceExhausted,
+    TrainerError,
+)
+
+log = logging.getLogger(__name__)
+
+DOMAIN = "trainer.v1"
+
+# The table: each domain error kind and its status code.
+CODES: dict[type[TrainerError], grpc.StatusCode] = {
+    NotFound: grpc.StatusCode.NOT_FOUND,
+    InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,
+    FailedPrecondition: grpc.StatusCode.FAILED_PRECONDITION,
+    ResourceExhausted: grpc.StatusCode.RESOURCE_EXHAUSTED,
+}
+# Shutting down (UNAVAILABLE) and bad tokens (UNAUTHENTICATED, server/auth.py) are answered by gRPC
+# and the auth interceptor before a servicer method runs.
+
+
+def status_code(error: TrainerError) -> grpc.StatusCode:
+    """The status code of a domain error (by its class or nearest base)."""
+    for cls in type(error).__mro__:
+        if cls in CODES:
+            return CODES[cls]
+    return grpc.StatusCode.INTERNAL
+
+
+def to_status(code: grpc.StatusCode, message: str, reason: str, error: TrainerError | None = None) -> grpc.Status:
+    """A rich status: code, message, ErrorInfo and, for field errors, BadRequest."""
+    info = error_details_pb2.ErrorInfo(reason=reason, domain=DOMAIN, metadata=error.metadata if error else {})
+    details = [_pack(info)]
+    if error is not None and error.violations:
+        bad = error_details_pb2.BadRequest(
+            field_violations=[
+                error_details_pb2.BadRequest.FieldViolation(field=v.field, description=v.description)
+                for v in error.violations
+            ]
+        )
+        details.append(_pack(bad))
+    proto = status_pb2.Status(code=code.value[0], message=message, details=details)
+    return rpc_status.to_status(proto)
+
+
+def _pack(message: Any) -> any_pb2.Any:
+    packed = any_pb2.Any()
+    packed.Pack(message)
+    return packed
+
+
+def _status_for(exc: BaseException, method: str) -> grpc.Status:
+    if isinstance(exc, TrainerError):
+        return to_status(status_code(exc), exc.message, exc.reason, exc)
+    if isinstance(exc, torch.OutOfMemoryError):
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        return to_status(grpc.StatusCode.RESOURCE_EXHAUSTED, f"the device ran out of memory: {exc}".splitlines()[0], "DEVICE_OUT_OF_MEMORY")
+    ref = uuid.uuid4().hex[:12]
+    log.exception("%s failed with an unexpected error (ref %s)", method, ref)
+    return to_status(grpc.StatusCode.INTERNAL, f"internal error in {method} (ref {ref}; see the server log)", "INTERNAL")
+
+
+@dataclass(frozen=True)
+class Undecodable:
+    """Stands in for a request whose bytes did not parse, so the call is refused as the client's
+    mistake (INVALID_ARGUMENT) rather than with gRPC's own INTERNAL "Exception deserializing request!"."""
+
+    message_type: str
+    error: str
+
+
+class Observed(Protocol):
+    """A servicer whose calls are counted in ``metrics``."""
+
+    metrics: Metrics
+
+
+def _finish(servicer: Observed, method: str, request: Any, code: grpc.StatusCode, start: float) -> None:
+    seconds = time.perf_counter() - start
+    servicer.metrics.observe(method, code.name, seconds)
+    log.info(
+        "rpc=%s session=%s status=%s duration_ms=%.1f",
+        method, getattr(request, "session_id", "") or "-", code.name, seconds * 1000,
+    )
+
+
+def _check_decoded(request: object) -> None:
+    if isinstance(request, Undecodable):
+        raise InvalidArgument(
+            f"the request is not a valid {request.message_type}: {request.error}", "MALFORMED_REQUEST"
+        )
+
+
+# The call shape each decorator serves, marked on the methods it wraps so that registration can check
+# it against the service descriptor (app.py).
+UNARY_UNARY = "unary_unary"
+UNARY_STREAM = "unary_stream"
+
+S = TypeVar("S", bound=Observed)
+Req = TypeVar("Req")
+Resp = TypeVar("Resp")
+
+
+def unary(method: Callable[[S, Req, grpc.ServicerContext], Resp]) -> Callable[[S, Req, grpc.ServicerContext], Resp]:
+    """Wraps a unary servicer method with the error map and the per-call log line."""
+
+    @functools.wraps(method)
+    def wrapper(self: S, request: Req, context: grpc.ServicerContext) -> Resp:
+        start = time.perf_counter()
+        code = grpc.StatusCode.OK
+        try:
+            _check_decoded(request)
+            return method(self, request, context)
+        except Exception as exc:
+            status = _status_for(exc, method.__name__)
+            code = status.code
+            context.abort_with_status(status)
+            raise  # abort_with_status raises; this line is never reached
+        finally:
+            _finish(self, method.__name__, request, code, start)
+
+    wrapper.rpc_kind = UNARY_UNARY  # type: ignore[attr-defined]
+    return wrapper
+
+
+def streaming(
+    method: Callable[[S, Req, grpc.ServicerContext], Iterator[Resp]],
+) -> Callable[[S, Req, grpc.ServicerContext], Iterator[Resp]]:
+    """Wraps a server-streaming servicer method with the error map and the per-call log line."""
+
+    @functools.wraps(method)
+    def wrapper(self: S, request: Req, context: grpc.ServicerContext) -> Iterator[Resp]:
+        start = time.perf_counter()
+        code = grpc.StatusCode.OK
+        try:
+            _check_decoded(request)
+            yield from method(self, request, context)
+        except GeneratorExit:
+            code = grpc.StatusCode.CANCELLED
+            raise
+        except Exception as exc:
+            status = _status_for(exc, method.__name__)
+            code = status.code
+            context.abort_with_status(status)
+            raise
+        finally:
+            _finish(self, method.__name__, request, code, start)
+
+    wrapper.rpc_kind = UNARY_STREAM  # type: ignore[attr-defined]
+    return wrapper
+
+
+def rpc_kind(client_streaming: bool, server_streaming: bool) -> str:
+    """The kind of an RPC as its descriptor states it: one of the four gRPC call shapes."""
+    return ("stream" if client_streaming else "unary") + "_" + ("stream" if server_streaming else "unary")

@@ -1,0 +1,116 @@
+"""The shape of the code: one import namespace, and the dependency arrows docs/architecture.md draws.
+
+Each check imports in a fresh interpreter and looks at what got loaded, so an import added anywhere
+on the way (however indirect) that crosses a forbidden arrow fails here.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+from importlib import metadata
+from pathlib import Path
+
+import grpc
+import pytest
+
+from remote_trainer.contract.trainer.v1 import trainer_pb2, trainer_pb2_grpc
+from remote_trainer.server import app
+from remote_trainer.server.servicer import TrainerServicer
+from remote_trainer.server.status import unary
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def loaded_after(statement: str) -> set[str]:
+    """The top-level names of the modules loaded by ``statement`` in a fresh interpreter, plus the
+    remote_trainer subpackages among them (``remote_trainer.server`` ...)."""
+    code = textwrap.dedent(f"""
+        import json, sys
+        {statement}
+        names = set()
+        for m in sys.modules:
+            parts = m.split(".")
+            names.add(parts[0])
+            if parts[0] == "remote_trainer" and len(parts) > 1:
+                names.add(".".join(parts[:2]))
+        print(json.dumps(sorted(names)))
+    """)
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT / "tests", capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    return set(json.loads(done.stdout))
+
+
+def test_the_distribution_installs_one_import_name() -> None:
+    files = metadata.files("remote-trainer") or []
+    tops = {f.parts[0] for f in files if not f.parts[0].endswith((".dist-info", ".pth")) and "__editable__" not in f.parts[0]}
+    packages = metadata.distribution("remote-trainer").read_text("top_level.txt")
+    names = set(packages.split()) if packages else tops
+    assert names <= {"remote_trainer"}, names
+    assert not any((ROOT / name).is_dir() for name in ("server", "client", "trainer")), "no generic top-level packages"
+
+
+def test_the_sdk_loads_neither_torch_nor_the_server_nor_the_engine() -> None:
+    loaded = loaded_after("from remote_trainer.client import TrainerClient, Session")
+    assert "remote_trainer.contract" in loaded
+    assert not loaded & {"torch", "torchvision", "remote_trainer.server", "remote_trainer.engine"}, loaded
+
+
+def test_the_server_never_loads_the_sdk() -> None:
+    loaded = loaded_after("import remote_trainer.server.app, remote_trainer.server.__main__")
+    assert {"remote_trainer.server", "remote_trainer.engine", "remote_trainer.contract"} <= loaded
+    assert "remote_trainer.client" not in loaded, loaded
+
+
+def test_the_engine_imports_no_transport() -> None:
+    loaded = loaded_after(
+        "import pkgutil, importlib, remote_trainer.engine as e\n"
+        "        [importlib.import_module(f'remote_trainer.engine.{m.name}') for m in pkgutil.iter_modules(e.__path__)]"
+    )
+    assert "torch" in loaded
+    assert not loaded & {"grpc", "google", "remote_trainer.server", "remote_trainer.client"}, loaded
+
+
+def test_the_contract_imports_neither_side() -> None:
+    loaded = loaded_after("import remote_trainer.contract.codec, remote_trainer.contract.names")
+    assert not loaded & {"torch", "remote_trainer.server", "remote_trainer.client", "remote_trainer.engine"}, loaded
+
+
+def test_the_settings_load_without_torch() -> None:
+    """``trainer-server --help`` and flag errors answer before torch is imported (it takes seconds)."""
+    loaded = loaded_after("import remote_trainer.server.__main__")
+    assert "torch" not in loaded, loaded
+
+
+def test_every_rpc_is_registered_with_the_call_shape_of_its_descriptor() -> None:
+    service = trainer_pb2.DESCRIPTOR.services_by_name["TrainerService"]
+    for method in service.methods:
+        served = getattr(getattr(TrainerServicer, method.name), "rpc_kind", None)
+        expected = ("stream" if method.client_streaming else "unary") + "_" + ("stream" if method.server_streaming else "unary")
+        assert served == expected, method.name
+
+
+class _Missing(TrainerServicer):
+    """A servicer that forgot an RPC (the generated base answers UNIMPLEMENTED)."""
+
+    GetGraph = trainer_pb2_grpc.TrainerServiceServicer.GetGraph  # type: ignore[assignment]
+
+
+class _WrongShape(TrainerServicer):
+    """A servicer that serves a server-streaming RPC with the unary decorator."""
+
+    @unary
+    def GetGradients(self, request: object, context: grpc.ServicerContext) -> object:  # type: ignore[override]
+        return None
+
+
+@pytest.mark.parametrize(("servicer_class", "message"), [
+    (_Missing, "GetGraph is a unary_unary RPC but the servicer does not implement it"),
+    (_WrongShape, "GetGradients is a unary_stream RPC but the servicer serves it as unary_unary"),
+])
+def test_registration_refuses_a_servicer_that_does_not_match_the_descriptor(servicer_class: type, message: str) -> None:
+    servicer = servicer_class.__new__(servicer_class)  # registration reads only the methods
+    with pytest.raises(RuntimeError, match=message):
+        app._counted_handlers(servicer, metrics=None)  # type: ignore[arg-type]
