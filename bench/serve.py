@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import inspect
 import json
 import logging
 import os
@@ -36,16 +37,32 @@ _timings: dict[str, list[float]] = {}
 _timings_lock = threading.Lock()
 
 
+def _record(name: str, start: float) -> None:
+    elapsed = time.perf_counter() - start
+    with _timings_lock:
+        _timings.setdefault(name, []).append(elapsed)
+
+
 def _timed(name: str, fn: F) -> F:
+    if inspect.iscoroutinefunction(fn):  # the servicer's handlers, served by the asyncio server
+
+        @functools.wraps(fn)
+        async def handler(*args: Any, **kwargs: Any) -> Any:
+            start = time.perf_counter()
+            try:
+                return await fn(*args, **kwargs)
+            finally:
+                _record(name, start)
+
+        return handler  # type: ignore[return-value]
+
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         start = time.perf_counter()
         try:
             return fn(*args, **kwargs)
         finally:
-            elapsed = time.perf_counter() - start
-            with _timings_lock:
-                _timings.setdefault(name, []).append(elapsed)
+            _record(name, start)
 
     return wrapper  # type: ignore[return-value]
 

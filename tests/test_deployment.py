@@ -136,7 +136,7 @@ def test_healthcheck_asks_the_grpc_health_service() -> None:
     try:
         done = healthcheck({"TRAINER_PORT": str(running.port), "TRAINER_TOKENS": "secret"})
         assert done.returncode == 0 and f"{SERVICE}: SERVING" in done.stdout, done.stdout + done.stderr
-        running.health.enter_graceful_shutdown()  # what SIGTERM does first
+        running.enter_graceful_shutdown()  # what SIGTERM does first
         done = healthcheck({"TRAINER_PORT": str(running.port)})
         assert done.returncode == 1 and "NOT_SERVING" in done.stdout, done.stdout + done.stderr
     finally:

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import logging
 import signal
 import threading
-from concurrent import futures
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
@@ -15,7 +15,8 @@ from typing import Any
 import grpc
 from google.protobuf import message_factory
 from google.protobuf.message import DecodeError
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_health.v1 import _async as health_aio
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from torch import nn
 
@@ -39,29 +40,54 @@ SERVICE_NAME = SERVICE.full_name
 
 @dataclass
 class TrainerServer:
-    """A started server: the grpc server, its port, health service, sessions and metrics."""
+    """A started server: the asyncio grpc server (on its own event-loop thread), its port, health
+    service, sessions and metrics."""
 
-    server: grpc.Server
+    server: grpc.aio.Server
     port: int
-    health: health.HealthServicer
+    health: health_aio.HealthServicer
     store: SessionStore
     metrics: Metrics
+    servicer: TrainerServicer
+    loop: asyncio.AbstractEventLoop
     metrics_port: int | None = None
     _stopping: threading.Event = field(default_factory=threading.Event)
+    _stopped: threading.Event = field(default_factory=threading.Event)
+
+    def enter_graceful_shutdown(self) -> None:
+        """Reports NOT_SERVING on the health service (what SIGTERM does first)."""
+        asyncio.run_coroutine_threadsafe(self.health.enter_graceful_shutdown(), self.loop).result()
 
     def stop(self, grace: float | None) -> threading.Event:
-        """Reports NOT_SERVING, refuses new calls and lets in-flight ones finish within ``grace`` seconds."""
-        self._stopping.set()
-        self.health.enter_graceful_shutdown()
-        done = self.server.stop(grace)
-        self.metrics.close()
-        return done
+        """Reports NOT_SERVING, refuses new calls and lets in-flight ones finish within ``grace`` seconds;
+        the returned event is set once the server has stopped."""
+        if not self._stopping.is_set():
+            self._stopping.set()
+            asyncio.run_coroutine_threadsafe(self._stop(grace), self.loop)
+        return self._stopped
+
+    async def _stop(self, grace: float | None) -> None:
+        try:
+            await self.health.enter_graceful_shutdown()
+            await self.server.stop(grace)
+        finally:
+            self.metrics.close()
+            self.servicer.close()
+            self.loop.call_soon(self.loop.stop)
+            self._stopped.set()
+
+    def wait(self) -> None:
+        """Blocks until the server has stopped."""
+        self._stopped.wait()
 
 
 def create_server(settings: Settings) -> TrainerServer:
     """Builds the default session from the settings, binds the port and starts serving.
 
-    Port 0 binds a free port; the returned ``TrainerServer.port`` says which.
+    The server is grpc.aio on an event loop of its own (a daemon thread): waiting for a request
+    message, for a busy session or for a slow reader holds no thread, and the torch work runs on
+    ``max_workers`` worker threads. Port 0 binds a free port; the returned ``TrainerServer.port``
+    says which.
     """
     device = resolve_device(settings.device)
     limits = Limits(max_input_elements=settings.max_input_elements, max_batch=settings.max_batch)
@@ -73,8 +99,30 @@ def create_server(settings: Settings) -> TrainerServer:
     factory = functools.partial(_client_model, data_dir=settings.data_dir)
     servicer = TrainerServicer(store, factory, device, limits, settings, auth, metrics)
 
-    server = grpc.server(
-        futures.ThreadPoolExecutor(max_workers=settings.max_workers, thread_name_prefix="rpc"),
+    loop = asyncio.new_event_loop()
+    threading.Thread(target=loop.run_forever, name="grpc-aio", daemon=True).start()
+    try:
+        server, health_servicer, port = asyncio.run_coroutine_threadsafe(_start(settings, servicer, metrics, auth), loop).result()
+    except BaseException:
+        servicer.close()
+        loop.call_soon_threadsafe(loop.stop)
+        raise
+    metrics_port = metrics.serve(settings.host, settings.metrics_port) if settings.metrics_port >= 0 else None
+    running = TrainerServer(server, port, health_servicer, store, metrics, servicer, loop, metrics_port)
+    if settings.session_idle_seconds:
+        threading.Thread(target=_expire_sessions, args=(running,), name="session-expiry", daemon=True).start()
+    log.info(
+        "listening on %s:%d (device %s, weights %s, %s, %s)", settings.host, port, device, source,
+        "TLS" + (" with client certificates" if settings.tls_client_ca else "") if settings.tls_cert else "plaintext",
+        "tokens required" if auth else "no authentication",
+    )
+    return running
+
+
+async def _start(
+    settings: Settings, servicer: TrainerServicer, metrics: Metrics, auth: TokenAuth | None
+) -> tuple[grpc.aio.Server, health_aio.HealthServicer, int]:
+    server = grpc.aio.server(
         interceptors=[AuthInterceptor(auth)] if auth else [],
         options=[
             # Batches and parameter tensors are far over gRPC's 4 MiB default.
@@ -88,10 +136,16 @@ def create_server(settings: Settings) -> TrainerServer:
             ("grpc.keepalive_timeout_ms", 20_000),
             ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
             ("grpc.keepalive_permit_without_calls", 1),
+            # A call waiting for its request holds no thread here, but it holds a stream: at most 256
+            # at once per connection, and every connection is closed after an hour (GOAWAY; clients
+            # reconnect by themselves), its calls given 5 minutes to finish, so none lingers forever.
+            ("grpc.max_concurrent_streams", 256),
+            ("grpc.max_connection_age_ms", 3_600_000),
+            ("grpc.max_connection_age_grace_ms", 300_000),
         ],
     )
     server.add_generic_rpc_handlers((_counted_handlers(servicer, metrics),))
-    health_servicer = health.HealthServicer()
+    health_servicer = health_aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
         (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), server
@@ -99,19 +153,10 @@ def create_server(settings: Settings) -> TrainerServer:
     host = f"[{settings.host}]" if ":" in settings.host and not settings.host.startswith("[") else settings.host
     port = server.add_secure_port(f"{host}:{settings.port}", _tls(settings)) if settings.tls_cert else \
         server.add_insecure_port(f"{host}:{settings.port}")
-    metrics_port = metrics.serve(settings.host, settings.metrics_port) if settings.metrics_port >= 0 else None
-    server.start()
+    await server.start()
     for name in ("", SERVICE_NAME):
-        health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    running = TrainerServer(server, port, health_servicer, store, metrics, metrics_port)
-    if settings.session_idle_seconds:
-        threading.Thread(target=_expire_sessions, args=(running,), name="session-expiry", daemon=True).start()
-    log.info(
-        "listening on %s:%d (device %s, weights %s, %s, %s)", settings.host, port, device, source,
-        "TLS" + (" with client certificates" if settings.tls_client_ca else "") if settings.tls_cert else "plaintext",
-        "tokens required" if auth else "no authentication",
-    )
-    return running
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    return server, health_servicer, port
 
 
 def _tls(settings: Settings) -> grpc.ServerCredentials:
@@ -136,7 +181,7 @@ def _counted_handlers(servicer: TrainerServicer, metrics: Metrics) -> grpc.Gener
     handlers: dict[str, grpc.RpcMethodHandler[Any, Any]] = {}
     for method in SERVICE.methods:
         kind = rpc_kind(method.client_streaming, method.server_streaming)
-        implementation = getattr(servicer, method.name)
+        implementation = getattr(servicer, method.name, None)
         served = getattr(implementation, "rpc_kind", None)
         if served != kind:
             raise RuntimeError(
@@ -186,15 +231,12 @@ def _client_model(weights: str, num_classes: int, seed: int, *, data_dir: str) -
 def serve(settings: Settings) -> None:
     """Runs the server until SIGTERM or SIGINT, then shuts down gracefully."""
     running = create_server(settings)
-    stopped = threading.Event()
 
     def on_signal(signum: int, frame: FrameType | None) -> None:
         log.info("received %s: shutting down (grace %.1fs)", signal.Signals(signum).name, settings.grace_seconds)
-        running.stop(settings.grace_seconds).wait()
-        stopped.set()
+        running.stop(settings.grace_seconds)
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    running.server.wait_for_termination()
-    stopped.wait()
+    running.wait()
     log.info("stopped")

@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import re
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -61,7 +61,7 @@ class TokenAuth:
         tokens = parse_tokens(lines)
         return TokenAuth(tokens) if tokens else None
 
-    def identify(self, metadata: Sequence[tuple[str, Any]] | None) -> str | None:
+    def identify(self, metadata: Iterable[tuple[str, Any]] | None) -> str | None:
         """The caller's name for a valid bearer token in ``metadata``, else None."""
         for key, value in metadata or ():
             if key == "authorization" and isinstance(value, str) and value.startswith("Bearer "):
@@ -70,17 +70,17 @@ class TokenAuth:
         return None
 
 
-def caller(auth: TokenAuth | None, context: grpc.ServicerContext) -> str:
+def caller(auth: TokenAuth | None, context: grpc.aio.ServicerContext[Any, Any]) -> str:
     """Who is calling: the token's name, or "" when authentication is off."""
     if auth is None:
         return ""
-    return auth.identify(context.invocation_metadata()) or ""
+    return auth.identify(tuple(context.invocation_metadata() or ())) or ""
 
 
 if TYPE_CHECKING:  # the stubs make ServerInterceptor generic; at run time it is not
-    _Interceptor = grpc.ServerInterceptor[Any, Any]
+    _Interceptor = grpc.aio.ServerInterceptor[Any, Any]
 else:
-    _Interceptor = grpc.ServerInterceptor
+    _Interceptor = grpc.aio.ServerInterceptor
 
 
 class AuthInterceptor(_Interceptor):
@@ -88,20 +88,19 @@ class AuthInterceptor(_Interceptor):
 
     def __init__(self, auth: TokenAuth) -> None:
         self._auth = auth
+        status = to_status(grpc.StatusCode.UNAUTHENTICATED, "a valid 'authorization: Bearer <token>' header is required", "UNAUTHENTICATED")
 
-        def refuse(request: Any, context: grpc.ServicerContext) -> None:
-            context.abort_with_status(
-                to_status(grpc.StatusCode.UNAUTHENTICATED, "a valid 'authorization: Bearer <token>' header is required", "UNAUTHENTICATED")
-            )
+        async def refuse(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+            await context.abort(status.code, status.details, status.trailing_metadata)
 
         self._refuse = grpc.unary_unary_rpc_method_handler(refuse)
 
-    def intercept_service(
+    async def intercept_service(
         self,
-        continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler[Any, Any] | None],
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any]]],
         details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler[Any, Any] | None:
+    ) -> grpc.RpcMethodHandler[Any, Any]:
         if details.method.startswith(OPEN_METHODS) or self._auth.identify(details.invocation_metadata) is not None:
-            return continuation(details)
+            return await continuation(details)
         log.info("rpc=%s status=UNAUTHENTICATED", details.method)
         return self._refuse

@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import logging
+from typing import TypeVar
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-import grpc
 import torch
 
 from remote_trainer.engine import checkpoints
 from remote_trainer.server import convert
+from remote_trainer.server.dispatch import Dispatcher
 from remote_trainer.server.auth import TokenAuth, caller
 from remote_trainer.engine.limits import Limits
 from remote_trainer.engine.optimizer import OptimizerSpec
@@ -20,18 +21,20 @@ from remote_trainer.engine.errors import invalid
 from remote_trainer.server.metrics import Metrics
 from remote_trainer.server.sessions import DEFAULT_SESSION_ID, SessionStore
 from remote_trainer.server.settings import Settings
-from remote_trainer.server.status import streaming, unary
+from remote_trainer.server.status import Context, streaming, unary
 from remote_trainer.contract.trainer.v1 import trainer_pb2 as pb
-from remote_trainer.contract.trainer.v1 import trainer_pb2_grpc
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 # Builds a model for CreateSession: (weights, num_classes, seed) -> (model, description).
 ModelFactory = Callable[[str, int, int], tuple[torch.nn.Module, str]]
 
 
-class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
-    """Serves trainer.v1.TrainerService over a session store."""
+class TrainerServicer:
+    """Serves trainer.v1.TrainerService over a session store (registered method by method from the
+    service descriptor in app.py, each with the call shape of its decorator)."""
 
     def __init__(
         self,
@@ -53,19 +56,29 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
         self._checkpoint_every = settings.checkpoint_every
         self._auth = auth
         self.metrics = metrics
+        self.stream_write_timeout = settings.stream_write_timeout_seconds
+        self._dispatcher = Dispatcher(settings.max_workers)
 
-    def _session(self, session_id: str, context: grpc.ServicerContext) -> SessionEngine:
+    async def run(self, session_id: str | None, work: Callable[[], T]) -> T:
+        """Runs a method's blocking work on a worker thread, one call at a time per session."""
+        return await self._dispatcher.run(session_id, work)
+
+    def close(self) -> None:
+        """Stops the worker threads once their current work is done."""
+        self._dispatcher.close()
+
+    def _session(self, session_id: str, context: Context) -> SessionEngine:
         return self._store.get(session_id, caller(self._auth, context))
 
     def _info(self, session_id: str, description: SessionDescription) -> pb.SessionInfo:
         sid = session_id or DEFAULT_SESSION_ID
         return convert.session_info(sid, description, sid == DEFAULT_SESSION_ID)
 
-    def _checkpoint_path(self, name: str, context: grpc.ServicerContext) -> Path:
+    def _checkpoint_path(self, name: str, context: Context) -> Path:
         return checkpoints.checkpoint_path(name, self._checkpoint_dir, caller(self._auth, context))
 
     @unary
-    def CreateSession(self, request: pb.CreateSessionRequest, context: grpc.ServicerContext) -> pb.CreateSessionResponse:
+    def CreateSession(self, request: pb.CreateSessionRequest, context: Context) -> pb.CreateSessionResponse:
         spec = convert.optimizer_spec(request.optimizer) if request.HasField("optimizer") else OptimizerSpec.tutorial()
         spec.validate()
 
@@ -77,17 +90,17 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
         return pb.CreateSessionResponse(session=self._info(session_id, engine.describe()))
 
     @unary
-    def CloseSession(self, request: pb.CloseSessionRequest, context: grpc.ServicerContext) -> pb.CloseSessionResponse:
+    def CloseSession(self, request: pb.CloseSessionRequest, context: Context) -> pb.CloseSessionResponse:
         self._store.close(request.session_id, caller(self._auth, context))
         return pb.CloseSessionResponse(session_id=request.session_id)
 
     @unary
-    def DescribeSession(self, request: pb.DescribeSessionRequest, context: grpc.ServicerContext) -> pb.DescribeSessionResponse:
+    def DescribeSession(self, request: pb.DescribeSessionRequest, context: Context) -> pb.DescribeSessionResponse:
         description = self._session(request.session_id, context).describe()
         return pb.DescribeSessionResponse(session=self._info(request.session_id, description))
 
     @unary
-    def Forward(self, request: pb.ForwardRequest, context: grpc.ServicerContext) -> pb.ForwardResponse:
+    def Forward(self, request: pb.ForwardRequest, context: Context) -> pb.ForwardResponse:
         engine = self._session(request.session_id, context)
         fmt = request.output_format
         if fmt not in pb.OutputFormat.values():
@@ -105,7 +118,7 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
         return response
 
     @unary
-    def Backward(self, request: pb.BackwardRequest, context: grpc.ServicerContext) -> pb.BackwardResponse:
+    def Backward(self, request: pb.BackwardRequest, context: Context) -> pb.BackwardResponse:
         engine = self._session(request.session_id, context)
         source = request.WhichOneof("source")
         max_elements = self._limits.max_input_elements
@@ -129,7 +142,7 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
         return response
 
     @unary
-    def Step(self, request: pb.StepRequest, context: grpc.ServicerContext) -> pb.StepResponse:
+    def Step(self, request: pb.StepRequest, context: Context) -> pb.StepResponse:
         engine = self._session(request.session_id, context)
         step_count, updated = engine.step()
         if self._checkpoint_every and step_count % self._checkpoint_every == 0:
@@ -142,41 +155,41 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
         return pb.StepResponse(step_count=step_count, parameters_updated=updated)
 
     @unary
-    def ZeroGrad(self, request: pb.ZeroGradRequest, context: grpc.ServicerContext) -> pb.ZeroGradResponse:
+    def ZeroGrad(self, request: pb.ZeroGradRequest, context: Context) -> pb.ZeroGradResponse:
         set_to_none = request.set_to_none if request.HasField("set_to_none") else True
         cleared = self._session(request.session_id, context).zero_grad(set_to_none)
         return pb.ZeroGradResponse(parameters_cleared=cleared)
 
     @unary
     def ConfigureOptimizer(
-        self, request: pb.ConfigureOptimizerRequest, context: grpc.ServicerContext
+        self, request: pb.ConfigureOptimizerRequest, context: Context
     ) -> pb.ConfigureOptimizerResponse:
         engine = self._session(request.session_id, context)
         spec = engine.configure_optimizer(convert.optimizer_spec(request.optimizer))
         return pb.ConfigureOptimizerResponse(optimizer=convert.optimizer_config(spec))
 
     @unary
-    def FreezeLayers(self, request: pb.FreezeLayersRequest, context: grpc.ServicerContext) -> pb.FreezeLayersResponse:
+    def FreezeLayers(self, request: pb.FreezeLayersRequest, context: Context) -> pb.FreezeLayersResponse:
         result = self._session(request.session_id, context).freeze(list(request.patterns), unfreeze=request.unfreeze)
         return pb.FreezeLayersResponse(changed=result.changed, trainable=result.trainable, frozen_count=result.frozen_count)
 
     @unary
-    def ReplaceHead(self, request: pb.ReplaceHeadRequest, context: grpc.ServicerContext) -> pb.ReplaceHeadResponse:
+    def ReplaceHead(self, request: pb.ReplaceHeadRequest, context: Context) -> pb.ReplaceHeadResponse:
         description = self._session(request.session_id, context).replace_head(request.num_classes, request.seed)
         return pb.ReplaceHeadResponse(session=self._info(request.session_id, description))
 
     @unary
-    def ListParameters(self, request: pb.ListParametersRequest, context: grpc.ServicerContext) -> pb.ListParametersResponse:
+    def ListParameters(self, request: pb.ListParametersRequest, context: Context) -> pb.ListParametersResponse:
         return convert.parameter_list(self._session(request.session_id, context).parameters_info())
 
     @streaming
-    def GetGradients(self, request: pb.GetGradientsRequest, context: grpc.ServicerContext) -> Iterator[pb.GetGradientsResponse]:
+    def GetGradients(self, request: pb.GetGradientsRequest, context: Context) -> Iterator[pb.GetGradientsResponse]:
         engine = self._session(request.session_id, context)
         tensors = engine.gradients(list(request.patterns), request.stats_only, convert.transfer_dtype(request.transfer_data_type))
         yield from convert.chunk_responses(tensors, self._chunk_bytes, pb.GetGradientsResponse)
 
     @streaming
-    def GetParameters(self, request: pb.GetParametersRequest, context: grpc.ServicerContext) -> Iterator[pb.GetParametersResponse]:
+    def GetParameters(self, request: pb.GetParametersRequest, context: Context) -> Iterator[pb.GetParametersResponse]:
         engine = self._session(request.session_id, context)
         tensors = engine.parameters(
             list(request.patterns), request.stats_only, convert.transfer_dtype(request.transfer_data_type), request.include_buffers
@@ -184,11 +197,11 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
         yield from convert.chunk_responses(tensors, self._chunk_bytes, pb.GetParametersResponse)
 
     @unary
-    def GetGraph(self, request: pb.GetGraphRequest, context: grpc.ServicerContext) -> pb.GetGraphResponse:
+    def GetGraph(self, request: pb.GetGraphRequest, context: Context) -> pb.GetGraphResponse:
         return convert.graph_message(self._session(request.session_id, context).graph())
 
     @unary
-    def SaveCheckpoint(self, request: pb.SaveCheckpointRequest, context: grpc.ServicerContext) -> pb.SaveCheckpointResponse:
+    def SaveCheckpoint(self, request: pb.SaveCheckpointRequest, context: Context) -> pb.SaveCheckpointResponse:
         engine = self._session(request.session_id, context)
         path = self._checkpoint_path(request.name, context)
         state = engine.checkpoint()
@@ -196,7 +209,7 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
         return pb.SaveCheckpointResponse(name=request.name, step_count=int(state["step_count"]), size_bytes=size)  # type: ignore[call-overload]
 
     @unary
-    def LoadCheckpoint(self, request: pb.LoadCheckpointRequest, context: grpc.ServicerContext) -> pb.LoadCheckpointResponse:
+    def LoadCheckpoint(self, request: pb.LoadCheckpointRequest, context: Context) -> pb.LoadCheckpointResponse:
         engine = self._session(request.session_id, context)
         description = engine.restore(checkpoints.load(self._checkpoint_path(request.name, context)))
         return pb.LoadCheckpointResponse(session=self._info(request.session_id, description))

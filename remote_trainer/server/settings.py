@@ -44,8 +44,11 @@ class Settings:
     max_batch: int = Limits.max_batch
     # Data bytes per chunk in GetGradients/GetParameters streams.
     chunk_bytes: int = 1 * MIB
-    # Threads serving RPCs; each runs one call at a time.
+    # Worker threads running the calls' torch work; each session uses at most one at a time, and calls
+    # waiting (for their request, their session or a slow reader) hold none.
     max_workers: int = 16
+    # Seconds a server stream waits for its client to take the next message before ending the stream.
+    stream_write_timeout_seconds: float = 60.0
     # Seconds that in-flight calls get to finish on SIGTERM.
     grace_seconds: float = 10.0
     # Python logging level name.
@@ -85,7 +88,8 @@ _HELP = {
     "max_input_elements": "most elements in one input tensor",
     "max_batch": "largest batch of a Forward",
     "chunk_bytes": "data bytes per chunk in tensor streams",
-    "max_workers": "threads serving RPCs",
+    "max_workers": "worker threads running torch work (at most one per session at a time)",
+    "stream_write_timeout_seconds": "seconds a stream waits for a client to read its next message",
     "grace_seconds": "seconds in-flight calls get to finish on SIGTERM",
     "log_level": "DEBUG | INFO | WARNING | ERROR",
     "tokens": "accepted bearer tokens, comma-separated, each TOKEN or NAME:TOKEN (empty: no authentication)",
@@ -145,6 +149,8 @@ def validate(settings: Settings) -> list[str]:
     for name in ("max_sessions", "max_message_bytes", "max_input_elements", "max_batch", "chunk_bytes", "max_workers"):
         if getattr(settings, name) < 1:
             problems.append(f"{name.replace('_', '-')} must be at least 1")
+    if settings.stream_write_timeout_seconds <= 0:
+        problems.append("stream-write-timeout-seconds must be positive")
     if settings.num_classes < 0:
         problems.append("num-classes must not be negative")
     for name in ("data_dir", "checkpoint_dir"):

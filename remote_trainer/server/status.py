@@ -1,6 +1,7 @@
 """The one error map: domain errors to gRPC status codes with google.rpc details, applied by a decorator.
 
-Every servicer method is wrapped by ``@unary`` or ``@streaming``. A ``TrainerError`` becomes its status
+Every servicer method is wrapped by ``@unary`` or ``@streaming``, which also serve it on the asyncio
+server (blocking work on worker threads). A ``TrainerError`` becomes its status
 code with ``ErrorInfo(reason, domain)`` (and ``BadRequest`` field violations for INVALID_ARGUMENT); a
 device out-of-memory becomes RESOURCE_EXHAUSTED; anything else becomes INTERNAL with a safe message,
 its traceback logged. Each call leaves one log line: method, session, status and duration.
@@ -8,12 +9,13 @@ its traceback logged. Each call leaves one log line: method, session, status and
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import logging
 import time
 import uuid
 from dataclasses import dataclass
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Coroutine, Iterator
 from typing import Any, Protocol, TypeVar
 
 import grpc
@@ -97,13 +99,17 @@ class Undecodable:
     error: str
 
 
-class Observed(Protocol):
-    """A servicer whose calls are counted in ``metrics``."""
+class Servicer(Protocol):
+    """What the decorators need of a servicer: its metrics, how long a reader may stall a stream, and
+    a way to run blocking work off the event loop, one call at a time per session."""
 
     metrics: Metrics
+    stream_write_timeout: float
+
+    async def run(self, session_id: str | None, work: Callable[[], T]) -> T: ...
 
 
-def _finish(servicer: Observed, method: str, request: Any, code: grpc.StatusCode, start: float) -> None:
+def _finish(servicer: Servicer, method: str, request: Any, code: grpc.StatusCode, start: float) -> None:
     seconds = time.perf_counter() - start
     servicer.metrics.observe(method, code.name, seconds)
     log.info(
@@ -119,31 +125,49 @@ def _check_decoded(request: object) -> None:
         )
 
 
+def _session_of(request: object) -> str | None:
+    """The session a request works on ("" is the default one), or None for calls on no session."""
+    return getattr(request, "session_id", None)
+
+
+async def _abort(context: grpc.aio.ServicerContext[Any, Any], status: grpc.Status) -> None:
+    await context.abort(status.code, status.details, status.trailing_metadata)
+
+
 # The call shape each decorator serves, marked on the methods it wraps so that registration can check
 # it against the service descriptor (app.py).
 UNARY_UNARY = "unary_unary"
 UNARY_STREAM = "unary_stream"
 
-S = TypeVar("S", bound=Observed)
+S = TypeVar("S", bound=Servicer)
+T = TypeVar("T")
 Req = TypeVar("Req")
 Resp = TypeVar("Resp")
+Context = grpc.aio.ServicerContext[Any, Any]
 
 
-def unary(method: Callable[[S, Req, grpc.ServicerContext], Resp]) -> Callable[[S, Req, grpc.ServicerContext], Resp]:
-    """Wraps a unary servicer method with the error map and the per-call log line."""
+def unary(method: Callable[[S, Req, Context], Resp]) -> Callable[[S, Req, Context], Coroutine[Any, Any, Resp]]:
+    """Serves a unary servicer method on the asyncio server: the method itself (blocking torch work)
+    runs on a worker thread, one call at a time per session, while waiting for the request or for
+    the session holds no thread; errors go through the error map; one log line per call."""
 
     @functools.wraps(method)
-    def wrapper(self: S, request: Req, context: grpc.ServicerContext) -> Resp:
+    async def wrapper(self: S, request: Req, context: Context) -> Resp:
         start = time.perf_counter()
         code = grpc.StatusCode.OK
         try:
             _check_decoded(request)
-            return method(self, request, context)
+            return await self.run(_session_of(request), functools.partial(method, self, request, context))
+        except asyncio.CancelledError:
+            code = grpc.StatusCode.CANCELLED
+            raise
+        except grpc.aio.AbortError:  # context.abort's own way out: already answered
+            raise
         except Exception as exc:
             status = _status_for(exc, method.__name__)
             code = status.code
-            context.abort_with_status(status)
-            raise  # abort_with_status raises; this line is never reached
+            await _abort(context, status)
+            raise  # abort raises; this line is never reached
         finally:
             _finish(self, method.__name__, request, code, start)
 
@@ -152,30 +176,59 @@ def unary(method: Callable[[S, Req, grpc.ServicerContext], Resp]) -> Callable[[S
 
 
 def streaming(
-    method: Callable[[S, Req, grpc.ServicerContext], Iterator[Resp]],
-) -> Callable[[S, Req, grpc.ServicerContext], Iterator[Resp]]:
-    """Wraps a server-streaming servicer method with the error map and the per-call log line."""
+    method: Callable[[S, Req, Context], Iterator[Resp]],
+) -> Callable[[S, Req, Context], Coroutine[Any, Any, None]]:
+    """Serves a server-streaming servicer method: the method runs on a worker thread (one call at a
+    time per session) up to its first message, where it has taken what it sends from the session;
+    the rest of the stream is written from the event loop, each message within the servicer's
+    ``stream_write_timeout`` (a reader that stops reading is cancelled, holding no thread meanwhile)."""
 
     @functools.wraps(method)
-    def wrapper(self: S, request: Req, context: grpc.ServicerContext) -> Iterator[Resp]:
+    async def wrapper(self: S, request: Req, context: Context) -> None:
         start = time.perf_counter()
         code = grpc.StatusCode.OK
         try:
             _check_decoded(request)
-            yield from method(self, request, context)
-        except GeneratorExit:
+            messages = method(self, request, context)
+            first = await self.run(_session_of(request), functools.partial(next, messages, None))
+            if first is None:
+                return
+            await _write(self, context, first)
+            for message in messages:
+                await _write(self, context, message)
+        except SlowReader:
+            # The unsent message still occupies the stream, so no status can follow it: the call
+            # is cancelled (the client sees CANCELLED), which frees the stream and what it held.
             code = grpc.StatusCode.CANCELLED
+            log.warning("rpc=%s: the client read nothing for %.0f s; stream cancelled (stream_write_timeout_seconds)",
+                        method.__name__, self.stream_write_timeout)
+            raise asyncio.CancelledError() from None
+        except asyncio.CancelledError:
+            code = grpc.StatusCode.CANCELLED
+            raise
+        except grpc.aio.AbortError:  # context.abort's own way out: already answered
             raise
         except Exception as exc:
             status = _status_for(exc, method.__name__)
             code = status.code
-            context.abort_with_status(status)
+            await _abort(context, status)
             raise
         finally:
             _finish(self, method.__name__, request, code, start)
 
     wrapper.rpc_kind = UNARY_STREAM  # type: ignore[attr-defined]
     return wrapper
+
+
+class SlowReader(Exception):
+    """A stream's client took none of its messages for ``stream_write_timeout`` seconds."""
+
+
+async def _write(servicer: Servicer, context: Context, message: Any) -> None:
+    try:
+        await asyncio.wait_for(context.write(message), servicer.stream_write_timeout)
+    except asyncio.TimeoutError:
+        raise SlowReader() from None
 
 
 def rpc_kind(client_streaming: bool, server_streaming: bool) -> str:

@@ -1,0 +1,130 @@
+"""No client can starve the others: calls that never send their request, streams whose reader
+stops reading, and a flood of calls on one session, while another client trains and health answers.
+
+The server runs with 4 worker threads; each test stalls several times that many calls.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Iterator
+
+import grpc
+import numpy as np
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from remote_trainer.client import TrainerClient
+from remote_trainer.contract.trainer.v1 import trainer_pb2 as pb
+from remote_trainer.server.app import TrainerServer, create_server
+from remote_trainer.server.settings import Settings
+from tests.conftest import rand
+
+WORKERS = 4
+STALLED = 4 * WORKERS
+
+
+@pytest.fixture
+def running() -> Iterator[TrainerServer]:
+    server = create_server(Settings(port=0, weights="random", max_workers=WORKERS, max_sessions=4, stream_write_timeout_seconds=3))
+    yield server
+    server.stop(0).wait()
+
+
+def health(target: str) -> str:
+    with grpc.insecure_channel(target) as channel:
+        response = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=10)
+        return health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
+
+
+def train_one_step(target: str) -> float:
+    """A whole training step on a session of its own, every call with a 30 s deadline."""
+    with TrainerClient(target, timeout=30) as client, client.create_session("random", seed=5) as s:
+        s.forward(rand(2, 3, 32, 32))
+        loss = s.backward("sum", rand(2, 1000)).loss
+        assert s.step() == 1
+        assert loss is not None
+        return loss
+
+
+def test_calls_that_never_send_their_request_hold_no_worker(running: TrainerServer) -> None:
+    """Headers sent, request message never: before the asyncio server, 16 of these hung everything."""
+    target = f"localhost:{running.port}"
+    release = threading.Event()
+
+    def never_sends() -> Iterator[bytes]:
+        release.wait()  # headers go out at once; the message never does
+        return
+        yield b""
+
+    channel = grpc.insecure_channel(target)
+    stalled = []
+    try:
+        for method in ("Forward", "Step", "GetGradients", "DescribeSession") * (STALLED // 4):
+            call = channel.stream_unary(f"/trainer.v1.TrainerService/{method}", request_serializer=bytes, response_deserializer=bytes)
+            stalled.append(call.future(never_sends(), timeout=300))
+        assert health(target) == "SERVING"
+        assert np.isfinite(train_one_step(target))
+        assert health(target) == "SERVING"
+        assert not any(call.done() for call in stalled)  # stalled all along
+    finally:
+        for call in stalled:
+            call.cancel()
+        release.set()
+        channel.close()
+
+
+class _Ended(logging.Handler):
+    """Counts the server's log lines of streams ended because their reader stopped reading."""
+
+    def __init__(self, expected: int) -> None:
+        super().__init__()
+        self.count, self.expected, self.all_ended = 0, expected, threading.Event()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if "rpc=GetParameters: the client read nothing" in record.getMessage():
+            self.count += 1
+            if self.count >= self.expected:
+                self.all_ended.set()
+
+
+def test_streams_whose_reader_stops_hold_no_worker_and_are_ended(running: TrainerServer) -> None:
+    target = f"localhost:{running.port}"
+    ended = _Ended(STALLED)
+    status_log = logging.getLogger("remote_trainer.server.status")
+    status_log.addHandler(ended)
+    clients = [TrainerClient(target, timeout=120) for _ in range(STALLED)]
+    try:
+        streams = []
+        for client in clients:  # each takes one 1 MiB chunk of the 47 MB of parameters, then stops reading
+            stream = client._stub.GetParameters(pb.GetParametersRequest(), timeout=120)  # raw: the SDK reads to the end
+            next(stream)
+            streams.append(stream)
+        assert health(target) == "SERVING"
+        assert np.isfinite(train_one_step(target))
+        assert ended.all_ended.wait(60), f"{ended.count} of {STALLED} stalled streams ended"
+        assert health(target) == "SERVING"
+        assert np.isfinite(train_one_step(target))
+    finally:
+        status_log.removeHandler(ended)
+        for client in clients:
+            client.close()
+
+
+def test_a_flood_of_calls_on_one_session_takes_one_worker(running: TrainerServer) -> None:
+    """Forty forwards at once on the shared default session wait their turn without taking the
+    other workers, so a client on another session trains meanwhile."""
+    target = f"localhost:{running.port}"
+    with TrainerClient(target, timeout=120) as flooder:
+        default = flooder.session()
+        futures = []
+        for i in range(40):
+            request = pb.ForwardRequest(input=pb.TensorInput(generate=pb.TensorGenerator(
+                shape=[8, 3, 64, 64], distribution=pb.DISTRIBUTION_UNIFORM, seed=i)), output_format=pb.OUTPUT_FORMAT_STATS_ONLY)
+            futures.append(flooder._stub.Forward.future(request, timeout=120))
+        assert np.isfinite(train_one_step(target))
+        assert health(target) == "SERVING"
+        results = [f.result() for f in futures]
+        assert sorted(r.forward_id for r in results) == list(range(1, 41))  # one at a time, none lost
+        assert default.info().pending_forward_id == max(r.forward_id for r in results)
