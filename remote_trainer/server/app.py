@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import threading
 from concurrent import futures
@@ -181,6 +182,10 @@ def session_store(settings: Settings, limits: Limits) -> Sessions:
         settings.weights, settings.num_classes, settings.seed, settings.device, settings.data_dir, trusted_path=True
     )
     if settings.backend == "ray":
+        if not settings.ray_address:
+            # A Ray of this server's own: keep it on loopback (Ray reads this when imported; without
+            # it Ray binds some ports on the host's routable address).
+            os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
         from remote_trainer.server.ray_backend import RaySessionStore  # imports ray: only with this backend
 
         return RaySessionStore.connect(settings, default_model, limits)
