@@ -32,6 +32,8 @@ from remote_trainer.client import Session, TrainerClient, TrainerError
 from remote_trainer.engine.models import build_model, head_of, new_head
 
 SECTIONS = ("step", "grads", "upload", "concurrency", "memory")
+# Run only when asked for (--sections ...,ray): starts a second server with a Ray of its own.
+OPTIONAL_SECTIONS = ("ray",)
 CASES = ("full", "frozen", "client-loss")
 TUTORIAL_LR, TUTORIAL_MOMENTUM = 1e-2, 0.9
 
@@ -63,7 +65,7 @@ class Server:
 
 
 @contextmanager
-def start_server(device: str, max_sessions: int, chunk_bytes: int = 0, threads: int = 0) -> Iterator[Server]:
+def start_server(device: str, max_sessions: int, chunk_bytes: int = 0, threads: int = 0, backend: str = "local") -> Iterator[Server]:
     """Runs ``python -m bench.serve`` and yields its addresses; stops it by closing its stdin."""
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     cmd = [sys.executable, "-m", "bench.serve", "--device", device, "--max-sessions", str(max_sessions)]
@@ -71,6 +73,8 @@ def start_server(device: str, max_sessions: int, chunk_bytes: int = 0, threads: 
         cmd += ["--chunk-bytes", str(chunk_bytes)]
     if threads:
         cmd += ["--threads", str(threads)]
+    if backend != "local":
+        cmd += ["--backend", backend]
     process = subprocess.Popen(cmd, cwd=root, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:
         assert process.stdout is not None
@@ -450,14 +454,69 @@ def bench_memory(args: argparse.Namespace, server: Server, raw: RawClient, rows:
             ))
 
 
+# -- 6. the Ray hop -------------------------------------------------------------------------------
+
+
+def bench_ray(args: argparse.Namespace, server: Server, raw: RawClient, rows: list[Row]) -> None:
+    """The same step and gradient fetch on a session held by a Ray actor (a one-node Ray started by
+    a second server) side by side with a session of the local backend and with local PyTorch."""
+    with start_server(args.device, 4, args.chunk_bytes, args.threads, backend="ray") as ray_server, \
+            TrainerClient(server.target, timeout=600) as client, TrainerClient(ray_server.target, timeout=600) as ray_client:
+        # The Ray server's default session: one actor reserving as many CPUs as torch has threads
+        # here, which is all a small machine has (a second session would wait for CPUs).
+        on_ray = ray_client.session()
+        s = SideBySide(["ray", "local"])
+        s.run({"ray": on_ray.info, "local": client.session().info}, reps=args.transfer_reps * 10, warmup=5)
+        rows.append(Row("ray", "empty call: DescribeSession, ray vs local backend", fmt_s(s.median("ray")),
+                        fmt_s(s.median("local")), f"{s.paired_ratio('ray', 'local'):.2f}", "",
+                        f"one actor call adds {fmt_s(s.median('ray') - s.median('local'))}"))
+        with client.create_session("random", seed=0) as on_local:
+            for shape in args.ray_sizes:
+                rng = np.random.default_rng(0)
+                x, labels = rng.random(shape, dtype=np.float32), rng.random((shape[0], 1000), dtype=np.float32)
+                ray_step, local_step, torch_step = RemoteStep(on_ray, "full"), RemoteStep(on_local, "full"), LocalStep("full", torch.device(args.device))
+                xt, lt = torch.from_numpy(x), torch.from_numpy(labels)
+                first = timed(lambda: ray_step(x, labels))
+                reps = max(args.min_reps, min(args.reps, int(args.seconds_per_case / 3 / max(first, 1e-3))))
+                sbs = SideBySide(["ray", "local", "pytorch"])
+                sbs.run({"ray": lambda: ray_step(x, labels), "local": lambda: local_step(x, labels),
+                         "pytorch": lambda: torch_step(xt, lt)}, reps=reps, warmup=max(0, args.warmup - 1))
+                name = "x".join(map(str, shape))
+                extra = sbs.median("ray") - sbs.median("local")
+                rows.append(Row(
+                    "ray", f"step full {name}: ray / local backend", fmt_s(sbs.median("ray")),
+                    f"local backend {fmt_s(sbs.median('local'))}; PyTorch {fmt_s(sbs.median('pytorch'))}",
+                    f"{sbs.paired_ratio('ray', 'local'):.3f}", "",
+                    f"reps {reps}; ray / PyTorch {sbs.paired_ratio('ray', 'pytorch'):.3f}; the hop adds {fmt_s(extra)} "
+                    f"a step (3 actor calls, input {x.nbytes / 1e6:.1f} MB through the object store)",
+                ))
+            for session in (on_ray, on_local):  # gradients to fetch
+                session.forward(np.random.default_rng(0).random((2, 3, 64, 64), dtype=np.float32))
+                session.backward("sum", np.ones((2, 1000), np.float32))
+            nbytes = on_local.list_parameters().total_elements * 4
+            sbs = SideBySide(["ray", "local"])
+            sbs.run({"ray": lambda: on_ray.gradients(), "local": lambda: on_local.gradients()}, reps=args.transfer_reps, warmup=2)
+            rows.append(Row(
+                "ray", f"GetGradients all float32 ({nbytes / 1e6:.1f} MB): ray / local backend",
+                f"{fmt_s(sbs.median('ray'))} = {fmt_rate(nbytes, sbs.median('ray'))}",
+                f"local backend {fmt_s(sbs.median('local'))} = {fmt_rate(nbytes, sbs.median('local'))}",
+                f"{sbs.paired_ratio('ray', 'local'):.2f}", "",
+                f"the hop adds {fmt_s(sbs.median('ray') - sbs.median('local'))} (gradients copied into the object store once, "
+                "read by the front-end without a copy)",
+            ))
+
+
 # -- the command -----------------------------------------------------------------------------------
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0] if __doc__ else None)
-    p.add_argument("--sections", default=",".join(SECTIONS), help=f"comma-separated subset of {','.join(SECTIONS)}")
+    p.add_argument("--sections", default=",".join(SECTIONS),
+                   help=f"comma-separated subset of {','.join(SECTIONS + OPTIONAL_SECTIONS)} (default: all but ray)")
     p.add_argument("--sizes", type=lambda s: [parse_shape(t) for t in s.split(",")],
                    default=[(1, 3, 64, 64), (8, 3, 224, 224), (32, 3, 224, 224)], help="step input shapes, NxCxHxW,...")
+    p.add_argument("--ray-sizes", type=lambda s: [parse_shape(t) for t in s.split(",")],
+                   default=[(1, 3, 64, 64), (32, 3, 224, 224)], help="step input shapes of the ray section")
     p.add_argument("--cases", type=lambda s: s.split(","), default=list(CASES), help=f"step cases, a subset of {','.join(CASES)}")
     p.add_argument("--reps", type=int, default=30, help="most measured repetitions of a step case")
     p.add_argument("--min-reps", type=int, default=5, help="fewest measured repetitions of a step case")
@@ -480,11 +539,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.quick:
         args.sizes, args.reps, args.min_reps, args.warmup, args.transfer_reps = [(2, 3, 64, 64)], 2, 2, 1, 2
+        args.ray_sizes = [(2, 3, 64, 64)]
         args.upload_reps = 2
         args.upload_shape, args.clients, args.shared_clients = (2, 3, 64, 64), [1, 2], 2
         args.concurrency_seconds, args.cycles, args.seconds_per_case = 0.5, 3, 1.0
     args.sections = [s for s in args.sections.split(",") if s]
-    unknown = set(args.sections) - set(SECTIONS) or set(args.cases) - set(CASES)
+    unknown = set(args.sections) - set(SECTIONS + OPTIONAL_SECTIONS) or set(args.cases) - set(CASES)
     if unknown:
         p.error(f"unknown section or case: {', '.join(sorted(unknown))}")
     return args
@@ -515,11 +575,11 @@ def _run(args: argparse.Namespace) -> int:
     with start_server(args.device, max_sessions, args.chunk_bytes, args.threads) as server:
         raw = RawClient(server.raw_target, client_options())
         try:
-            for section in SECTIONS:
+            for section in SECTIONS + OPTIONAL_SECTIONS:
                 if section in args.sections:
                     started = time.perf_counter()
                     {"step": bench_step, "grads": bench_grads, "upload": bench_upload,
-                     "concurrency": bench_concurrency, "memory": bench_memory}[section](args, server, raw, rows)
+                     "concurrency": bench_concurrency, "memory": bench_memory, "ray": bench_ray}[section](args, server, raw, rows)
                     print(f"# {section} done in {time.perf_counter() - started:.0f} s (load {load_average()})",
                           file=sys.stderr, flush=True)
         finally:

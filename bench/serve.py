@@ -98,7 +98,11 @@ def main() -> int:
     parser.add_argument("--max-sessions", type=int, default=16)
     parser.add_argument("--chunk-bytes", type=int, default=0, help="0: the server's default")
     parser.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
+    parser.add_argument("--backend", default="local", help="local, or ray: sessions in actors of a Ray started here")
     args = parser.parse_args()
+    if args.backend == "ray":  # before anything imports ray: keep the local Ray on 127.0.0.1
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+        os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     if args.threads:
         import torch
 
@@ -109,6 +113,11 @@ def main() -> int:
 
     install_timers()
     extra: dict[str, Any] = {"chunk_bytes": args.chunk_bytes} if args.chunk_bytes else {}
+    if args.backend == "ray":
+        # As many torch threads in the session actor as here (Ray sets OMP_NUM_THREADS to its CPUs).
+        import torch
+
+        extra.update(backend="ray", ray_num_cpus=float(torch.get_num_threads()))
     settings = Settings(port=0, weights="random", seed=0, device=args.device, max_sessions=args.max_sessions, **extra)
     trainer = create_server(settings)
 

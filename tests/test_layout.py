@@ -64,6 +64,15 @@ def test_the_server_never_loads_the_sdk() -> None:
     assert "remote_trainer.client" not in loaded, loaded
 
 
+def test_the_local_backend_never_loads_ray() -> None:
+    """Ray is an optional extra: the server imports it only with --backend ray."""
+    loaded = loaded_after(
+        "import remote_trainer.server.app, remote_trainer.server.__main__, remote_trainer.server.sessions, "
+        "remote_trainer.engine.protocol, remote_trainer.engine.portable"
+    )
+    assert "ray" not in loaded, loaded
+
+
 def test_the_engine_imports_no_transport() -> None:
     loaded = loaded_after(
         "import pkgutil, importlib, remote_trainer.engine as e\n"

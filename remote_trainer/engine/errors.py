@@ -57,6 +57,11 @@ class ResourceExhausted(TrainerError):
     """A configured limit was reached, or the device ran out of memory."""
 
 
+class Unavailable(TrainerError):
+    """The session cannot be reached now: the process or node holding it died (``SESSION_LOST``),
+    or it did not answer in time. The caller may recover, e.g. from the session's last checkpoint."""
+
+
 def invalid(field_name: str, message: str, reason: str) -> InvalidArgument:
     """An InvalidArgument about one field, carrying its BadRequest violation."""
     return InvalidArgument(message, reason, (FieldViolation(field_name, message),))

@@ -11,6 +11,7 @@ import contextlib
 import os
 import threading
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -159,3 +160,31 @@ def resolve_device(name: str) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise InvalidArgument("device cuda was asked for, but CUDA is not available", "BAD_DEVICE")
     return device
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """What a session's model is made from, as plain data: the engine builds the model itself from
+    this, wherever it runs (this process, or a Ray actor on another node), so no built module ever
+    crosses a process boundary.
+
+    ``weights`` as ``build_model`` takes it; ``device`` as ``resolve_device`` takes it, resolved
+    where the engine runs ("auto" is that process's GPU when it has one). ``trusted_path`` lets
+    ``weights`` be any path (the operator's own setting, for the default session); otherwise a
+    weights file must be a name inside ``data_dir`` (what a client may ask for).
+    """
+
+    weights: str = "random"
+    num_classes: int = 0
+    seed: int = 0
+    device: str = "auto"
+    data_dir: str = ""
+    trusted_path: bool = False
+
+    def build(self) -> tuple[nn.Module, str, torch.device]:
+        """The model, where its weights came from, and its device."""
+        device = resolve_device(self.device)
+        model, source = build_model(
+            self.weights, self.num_classes, self.seed, data_dir=self.data_dir, trusted_path=self.trusted_path
+        )
+        return model, source, device

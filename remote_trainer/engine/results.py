@@ -104,3 +104,11 @@ class SessionDescription:
     pending_forward_id: int
     trainable_parameters: int
     frozen_parameters: int
+
+
+@dataclass(frozen=True)
+class CheckpointInfo:
+    """What SaveCheckpoint wrote: the session's step count and the file's size."""
+
+    step_count: int
+    size_bytes: int

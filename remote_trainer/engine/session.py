@@ -11,24 +11,29 @@ exactly as it was.
 from __future__ import annotations
 
 import copy
+import functools
 import math
 import threading
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Concatenate, ParamSpec, TypeVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from remote_trainer.contract.names import LossName
+from remote_trainer.engine import checkpoints
 from remote_trainer.engine.errors import FailedPrecondition, ResourceExhausted, invalid
 from remote_trainer.engine.graph import autograd_graph
 from remote_trainer.engine.limits import MAX_CLASSES, Limits
-from remote_trainer.engine.models import head_of, new_head
+from remote_trainer.engine.models import ModelSpec, head_of, new_head
 from remote_trainer.engine.optimizer import OptimizerSpec
 from remote_trainer.engine.patterns import match_patterns
 from remote_trainer.engine.results import (
     BackwardResult,
+    CheckpointInfo,
     ForwardResult,
     FreezeResult,
     Graph,
@@ -50,6 +55,27 @@ class _Pending:
 
 
 CHECKPOINT_FORMAT = "trainer.v1/session-checkpoint/1"
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+def _device_memory(method: Callable[Concatenate[SessionEngine, P], R]) -> Callable[Concatenate[SessionEngine, P], R]:
+    """Reports a device running out of memory as the domain error ``DEVICE_OUT_OF_MEMORY`` (so it
+    reaches the caller as RESOURCE_EXHAUSTED from any process), after giving the cached blocks back."""
+
+    @functools.wraps(method)
+    def wrapper(self: SessionEngine, /, *args: P.args, **kwargs: P.kwargs) -> R:
+        try:
+            return method(self, *args, **kwargs)
+        except torch.OutOfMemoryError as exc:
+            if torch.cuda.is_initialized():  # type: ignore[no-untyped-call]
+                torch.cuda.empty_cache()
+            raise ResourceExhausted(
+                f"the device ran out of memory: {exc}".splitlines()[0], "DEVICE_OUT_OF_MEMORY"
+            ) from None
+
+    return wrapper
 
 
 class SessionEngine:
@@ -75,8 +101,16 @@ class SessionEngine:
         self._forward_count = 0
         self._pending: _Pending | None = None
 
+    @classmethod
+    def from_spec(cls, model: ModelSpec, optimizer: OptimizerSpec, limits: Limits) -> SessionEngine:
+        """A session whose model is built here, from plain data (how a session in another process is made)."""
+        optimizer.validate()
+        module, source, device = model.build()
+        return cls(module, device, source, optimizer, limits)
+
     # -- training step -------------------------------------------------------------------------
 
+    @_device_memory
     def forward(
         self, x: torch.Tensor, eval_mode: bool = False, no_grad: bool = False, max_logits_elements: int | None = None
     ) -> ForwardResult:
@@ -138,6 +172,7 @@ class SessionEngine:
             )
         require_finite(x, "input")
 
+    @_device_memory
     def backward(
         self,
         forward_id: int = 0,
@@ -210,6 +245,7 @@ class SessionEngine:
             return (logits - target).sum()
         return F.mse_loss(logits, target)
 
+    @_device_memory
     def step(self) -> tuple[int, int]:
         """One optimizer step; returns the step count and how many parameters had a gradient."""
         with self._lock:
@@ -236,6 +272,7 @@ class SessionEngine:
 
     # -- model and optimizer changes ---------------------------------------------------------
 
+    @_device_memory
     def configure_optimizer(self, spec: OptimizerSpec) -> OptimizerSpec:
         """Replaces the optimizer (its state starts anew)."""
         spec.validate()
@@ -257,6 +294,7 @@ class SessionEngine:
             trainable = [n for n, p in params.items() if p.requires_grad]
             return FreezeResult(changed, trainable, len(params) - len(trainable))
 
+    @_device_memory
     def replace_head(self, num_classes: int, seed: int) -> SessionDescription:
         """``model.fc = nn.Linear(512, num_classes)`` seeded, then a new optimizer over all parameters."""
         if num_classes < 1 or num_classes > MAX_CLASSES:
@@ -272,6 +310,7 @@ class SessionEngine:
 
     # -- checkpoints -----------------------------------------------------------------------------
 
+    @_device_memory
     def checkpoint(self) -> dict[str, object]:
         """Everything needed to go on bit-identically: weights and buffers, head size, frozen set,
         optimizer settings and state (momentum buffers), step count. Gradients are not kept."""
@@ -287,6 +326,18 @@ class SessionEngine:
                 "step_count": self._step_count,
             }
 
+    @_device_memory
+    def save_checkpoint(self, path: str) -> CheckpointInfo:
+        """Writes ``checkpoint()`` to the file ``path`` atomically (the caller chose and checked it)."""
+        state = self.checkpoint()
+        size = checkpoints.save(state, Path(path))
+        return CheckpointInfo(int(state["step_count"]), size)  # type: ignore[call-overload]
+
+    def load_checkpoint(self, path: str) -> SessionDescription:
+        """``restore`` from the checkpoint file ``path``; a missing or bad file leaves the session as it was."""
+        return self.restore(checkpoints.load(Path(path)))
+
+    @_device_memory
     def restore(self, state: dict[str, object]) -> SessionDescription:
         """Puts the session in the state of ``checkpoint()``; the pending forward and gradients are dropped.
 
@@ -333,10 +384,12 @@ class SessionEngine:
                 for n, p in self._model.named_parameters()
             ]
 
+    @_device_memory
     def gradients(self, patterns: list[str], stats_only: bool = False, dtype: torch.dtype = torch.float32) -> list[NamedTensor]:
         """Snapshots of the .grad of the parameters matching ``patterns`` (all when empty)."""
         return self._snapshot(patterns, stats_only, dtype, lambda p: p.grad, include_buffers=False)
 
+    @_device_memory
     def parameters(
         self, patterns: list[str], stats_only: bool = False, dtype: torch.dtype = torch.float32, include_buffers: bool = False
     ) -> list[NamedTensor]:

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
+import os
 import signal
 import threading
 from dataclasses import dataclass, field
@@ -18,16 +18,15 @@ from google.protobuf.message import DecodeError
 from grpc_health.v1 import _async as health_aio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
-from torch import nn
 
 from remote_trainer.server.auth import AuthInterceptor, TokenAuth
 from remote_trainer.engine.limits import Limits
 from remote_trainer.engine.optimizer import OptimizerSpec
 from remote_trainer.engine.session import SessionEngine
 from remote_trainer.server.metrics import Metrics
-from remote_trainer.engine.models import build_model, resolve_device
+from remote_trainer.engine.models import ModelSpec
 from remote_trainer.server.servicer import TrainerServicer
-from remote_trainer.server.sessions import SessionStore
+from remote_trainer.server.sessions import DEFAULT_SESSION_ID, Sessions, SessionStore
 from remote_trainer.server.settings import Settings
 from remote_trainer.server.status import Undecodable, rpc_kind
 from remote_trainer.contract.trainer.v1 import trainer_pb2
@@ -46,7 +45,7 @@ class TrainerServer:
     server: grpc.aio.Server
     port: int
     health: health_aio.HealthServicer
-    store: SessionStore
+    store: Sessions
     metrics: Metrics
     servicer: TrainerServicer
     loop: asyncio.AbstractEventLoop
@@ -89,15 +88,12 @@ def create_server(settings: Settings) -> TrainerServer:
     ``max_workers`` worker threads. Port 0 binds a free port; the returned ``TrainerServer.port``
     says which.
     """
-    device = resolve_device(settings.device)
     limits = Limits(max_input_elements=settings.max_input_elements, max_batch=settings.max_batch)
-    model, source = build_model(settings.weights, settings.num_classes, settings.seed, trusted_path=True)
-    default = SessionEngine(model, device, source, OptimizerSpec.tutorial(), limits)
-    store = SessionStore(default, settings.max_sessions, settings.max_sessions_per_token, settings.session_idle_seconds)
+    store = session_store(settings, limits)
+    default = store.get(DEFAULT_SESSION_ID).describe()
     auth = TokenAuth.from_settings(settings)
     metrics = Metrics(store.__len__)
-    factory = functools.partial(_client_model, data_dir=settings.data_dir)
-    servicer = TrainerServicer(store, factory, device, limits, settings, auth, metrics)
+    servicer = TrainerServicer(store, limits, settings, auth, metrics)
 
     loop = asyncio.new_event_loop()
     threading.Thread(target=loop.run_forever, name="grpc-aio", daemon=True).start()
@@ -112,7 +108,8 @@ def create_server(settings: Settings) -> TrainerServer:
     if settings.session_idle_seconds:
         threading.Thread(target=_expire_sessions, args=(running,), name="session-expiry", daemon=True).start()
     log.info(
-        "listening on %s:%d (device %s, weights %s, %s, %s)", settings.host, port, device, source,
+        "listening on %s:%d (%s backend, device %s, weights %s, %s, %s)", settings.host, port, settings.backend,
+        default.device, default.weights,
         "TLS" + (" with client certificates" if settings.tls_client_ca else "") if settings.tls_cert else "plaintext",
         "tokens required" if auth else "no authentication",
     )
@@ -223,9 +220,28 @@ def _expire_sessions(running: TrainerServer) -> None:
         running.store.expire_idle()
 
 
-def _client_model(weights: str, num_classes: int, seed: int, *, data_dir: str) -> tuple[nn.Module, str]:
-    """Models for CreateSession: files only from the data directory."""
-    return build_model(weights or "random", num_classes, seed, data_dir=data_dir)
+def session_store(settings: Settings, limits: Limits) -> Sessions:
+    """The sessions of the configured backend, the default session built (or, with Ray, found) from
+    the operator's settings (its weights may be any path)."""
+    default_model = ModelSpec(
+        settings.weights, settings.num_classes, settings.seed, settings.device, settings.data_dir, trusted_path=True
+    )
+    if settings.backend == "ray":
+        if not settings.ray_address:
+            # A Ray of this server's own: keep it on loopback (Ray reads this when imported; without
+            # it Ray binds some ports on the host's routable address).
+            os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+        from remote_trainer.server.ray_backend import RaySessionStore  # imports ray: only with this backend
+
+        return RaySessionStore.connect(settings, default_model, limits)
+    default = SessionEngine.from_spec(default_model, OptimizerSpec.tutorial(), limits)
+    return SessionStore(
+        default,
+        lambda model, optimizer: SessionEngine.from_spec(model, optimizer, limits),
+        settings.max_sessions,
+        settings.max_sessions_per_token,
+        settings.session_idle_seconds,
+    )
 
 
 def serve(settings: Settings) -> None:

@@ -3,23 +3,22 @@
 from __future__ import annotations
 
 import logging
-from typing import TypeVar
 from collections.abc import Callable, Iterator
 from pathlib import Path
-
-import torch
+from typing import TypeVar
 
 from remote_trainer.engine import checkpoints
 from remote_trainer.server import convert
 from remote_trainer.server.dispatch import Dispatcher
 from remote_trainer.server.auth import TokenAuth, caller
 from remote_trainer.engine.limits import Limits
+from remote_trainer.engine.models import ModelSpec
 from remote_trainer.engine.optimizer import OptimizerSpec
+from remote_trainer.engine.protocol import Engine
 from remote_trainer.engine.results import SessionDescription
-from remote_trainer.engine.session import SessionEngine
 from remote_trainer.engine.errors import invalid
 from remote_trainer.server.metrics import Metrics
-from remote_trainer.server.sessions import DEFAULT_SESSION_ID, SessionStore
+from remote_trainer.server.sessions import DEFAULT_SESSION_ID, Sessions
 from remote_trainer.server.settings import Settings
 from remote_trainer.server.status import Context, streaming, unary
 from remote_trainer.contract.trainer.v1 import trainer_pb2 as pb
@@ -28,27 +27,21 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-# Builds a model for CreateSession: (weights, num_classes, seed) -> (model, description).
-ModelFactory = Callable[[str, int, int], tuple[torch.nn.Module, str]]
-
-
 class TrainerServicer:
     """Serves trainer.v1.TrainerService over a session store (registered method by method from the
     service descriptor in app.py, each with the call shape of its decorator)."""
 
     def __init__(
         self,
-        store: SessionStore,
-        build_model: ModelFactory,
-        device: torch.device,
+        store: Sessions,
         limits: Limits,
         settings: Settings,
         auth: TokenAuth | None,
         metrics: Metrics,
     ) -> None:
         self._store = store
-        self._build_model = build_model
-        self._device = device
+        self._device = settings.device
+        self._data_dir = settings.data_dir
         self._limits = limits
         self._chunk_bytes = settings.chunk_bytes
         self._max_message_bytes = settings.max_message_bytes
@@ -67,7 +60,7 @@ class TrainerServicer:
         """Stops the worker threads once their current work is done."""
         self._dispatcher.close()
 
-    def _session(self, session_id: str, context: Context) -> SessionEngine:
+    def _session(self, session_id: str, context: Context) -> Engine:
         return self._store.get(session_id, caller(self._auth, context))
 
     def _info(self, session_id: str, description: SessionDescription) -> pb.SessionInfo:
@@ -81,12 +74,9 @@ class TrainerServicer:
     def CreateSession(self, request: pb.CreateSessionRequest, context: Context) -> pb.CreateSessionResponse:
         spec = convert.optimizer_spec(request.optimizer) if request.HasField("optimizer") else OptimizerSpec.tutorial()
         spec.validate()
-
-        def build() -> SessionEngine:
-            model, source = self._build_model(request.weights, request.num_classes, request.seed)
-            return SessionEngine(model, self._device, source, spec, self._limits)
-
-        session_id, engine = self._store.create(build, caller(self._auth, context))
+        # Files only from the data directory; the engine builds the model wherever it runs.
+        model = ModelSpec(request.weights or "random", request.num_classes, request.seed, self._device, self._data_dir)
+        session_id, engine = self._store.create(model, spec, caller(self._auth, context))
         return pb.CreateSessionResponse(session=self._info(session_id, engine.describe()))
 
     @unary
@@ -148,7 +138,7 @@ class TrainerServicer:
         if self._checkpoint_every and step_count % self._checkpoint_every == 0:
             name = f"auto-{request.session_id or DEFAULT_SESSION_ID}.ckpt"
             try:
-                checkpoints.save(engine.checkpoint(), self._checkpoint_path(name, context))
+                engine.save_checkpoint(str(self._checkpoint_path(name, context)))
                 log.info("session %s checkpointed to %s at step %d", request.session_id or DEFAULT_SESSION_ID, name, step_count)
             except Exception:  # the step is done: a failed automatic checkpoint must not make it look failed
                 log.exception("automatic checkpoint %s at step %d failed", name, step_count)
@@ -203,13 +193,11 @@ class TrainerServicer:
     @unary
     def SaveCheckpoint(self, request: pb.SaveCheckpointRequest, context: Context) -> pb.SaveCheckpointResponse:
         engine = self._session(request.session_id, context)
-        path = self._checkpoint_path(request.name, context)
-        state = engine.checkpoint()
-        size = checkpoints.save(state, path)
-        return pb.SaveCheckpointResponse(name=request.name, step_count=int(state["step_count"]), size_bytes=size)  # type: ignore[call-overload]
+        saved = engine.save_checkpoint(str(self._checkpoint_path(request.name, context)))
+        return pb.SaveCheckpointResponse(name=request.name, step_count=saved.step_count, size_bytes=saved.size_bytes)
 
     @unary
     def LoadCheckpoint(self, request: pb.LoadCheckpointRequest, context: Context) -> pb.LoadCheckpointResponse:
         engine = self._session(request.session_id, context)
-        description = engine.restore(checkpoints.load(self._checkpoint_path(request.name, context)))
+        description = engine.load_checkpoint(str(self._checkpoint_path(request.name, context)))
         return pb.LoadCheckpointResponse(session=self._info(request.session_id, description))

@@ -2,6 +2,11 @@
 
 A request with an empty id means the default session, which every caller may use and which never
 expires. Other sessions belong to the caller that created them: to anyone else they do not exist.
+
+``Sessions`` is what the servicer needs of a store. ``SessionStore`` keeps the sessions in this
+process; ``server/ray_backend.py``'s ``RaySessionStore`` keeps each in a Ray actor. Both hand out
+engines through the ``Engine`` protocol and build them from plain data (a ``ModelSpec`` and an
+``OptimizerSpec``), so the servicer does not know which backend it has.
 """
 
 from __future__ import annotations
@@ -13,10 +18,13 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
-from remote_trainer.engine.memory import release_freed_memory
-from remote_trainer.engine.session import SessionEngine
 from remote_trainer.engine.errors import FailedPrecondition, NotFound, ResourceExhausted
+from remote_trainer.engine.memory import release_freed_memory
+from remote_trainer.engine.models import ModelSpec
+from remote_trainer.engine.optimizer import OptimizerSpec
+from remote_trainer.engine.protocol import Engine
 
 log = logging.getLogger(__name__)
 
@@ -24,9 +32,38 @@ DEFAULT_SESSION_ID = "default"
 _REMEMBERED_EXPIRIES = 10_000  # expired ids kept to say "expired" rather than "unknown"
 
 
+# Builds a session's engine from plain data (SessionEngine.from_spec with the server's limits).
+EngineFactory = Callable[[ModelSpec, OptimizerSpec], Engine]
+
+
+class Sessions(Protocol):
+    """What the servicer needs of a session store, whichever backend holds the sessions."""
+
+    @property
+    def idle_seconds(self) -> float: ...
+
+    def get(self, session_id: str, owner: str = "") -> Engine:
+        """The session called ``session_id`` ("" or "default": the default session), if ``owner`` may use it."""
+        ...
+
+    def create(self, model: ModelSpec, optimizer: OptimizerSpec, owner: str = "") -> tuple[str, Engine]:
+        """A new session of ``owner`` (within the limits), built from the specs; its id and engine."""
+        ...
+
+    def close(self, session_id: str, owner: str = "") -> None:
+        """Ends a session of ``owner``."""
+        ...
+
+    def expire_idle(self) -> list[str]:
+        """Closes the sessions idle longer than ``idle_seconds``; returns their ids."""
+        ...
+
+    def __len__(self) -> int: ...
+
+
 @dataclass
 class _Entry:
-    engine: SessionEngine
+    engine: Engine
     owner: str
     last_used: float
 
@@ -36,7 +73,8 @@ class SessionStore:
 
     def __init__(
         self,
-        default: SessionEngine,
+        default: Engine,
+        factory: EngineFactory,
         max_sessions: int,
         max_per_owner: int = 0,
         idle_seconds: float = 0.0,
@@ -44,6 +82,7 @@ class SessionStore:
     ) -> None:
         self._lock = threading.Lock()
         self._clock = clock
+        self._factory = factory
         self._sessions: dict[str, _Entry] = {DEFAULT_SESSION_ID: _Entry(default, "", clock())}
         self._max_sessions = max_sessions
         self._max_per_owner = max_per_owner
@@ -55,7 +94,7 @@ class SessionStore:
     def idle_seconds(self) -> float:
         return self._idle_seconds
 
-    def get(self, session_id: str, owner: str = "") -> SessionEngine:
+    def get(self, session_id: str, owner: str = "") -> Engine:
         """The session called ``session_id`` ("" or "default": the default session), if ``owner`` may use it."""
         sid = session_id or DEFAULT_SESSION_ID
         with self._lock:
@@ -73,8 +112,8 @@ class SessionStore:
             return NotFound(f"session {session_id!r} expired after {expired[1]:.0f} s without calls", "SESSION_EXPIRED")
         return NotFound(f"no session {session_id!r} (closed, or never created)", "SESSION_NOT_FOUND")
 
-    def create(self, build: Callable[[], SessionEngine], owner: str = "") -> tuple[str, SessionEngine]:
-        """Builds a session with ``build`` (outside the lock: it loads a model) and stores it under a new id."""
+    def create(self, model: ModelSpec, optimizer: OptimizerSpec, owner: str = "") -> tuple[str, Engine]:
+        """Builds a session from the specs (outside the lock: it loads a model) and stores it under a new id."""
         with self._lock:
             if len(self._sessions) + sum(self._reserved.values()) >= self._max_sessions:
                 raise ResourceExhausted(
@@ -93,7 +132,7 @@ class SessionStore:
                 )
             self._reserved[owner] = self._reserved.get(owner, 0) + 1
         try:
-            engine = build()
+            engine = self._factory(model, optimizer)
         finally:
             with self._lock:
                 self._reserved[owner] -= 1

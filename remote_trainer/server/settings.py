@@ -73,6 +73,24 @@ class Settings:
     session_idle_seconds: float = 0.0
     # Port of the Prometheus metrics HTTP endpoint (-1: off; 0: a free port, logged).
     metrics_port: int = -1
+    # Where sessions live: "local" (in this process) or "ray" (each a Ray actor in a Ray cluster,
+    # found by id from any front-end joined to the same cluster and namespace).
+    backend: str = "local"
+    # The Ray cluster to join: "auto" (the one this host belongs to), "HOST:PORT" of its head's GCS,
+    # "ray://HOST:10001" (Ray Client), or empty: start a one-node Ray inside this process.
+    ray_address: str = ""
+    # Ray namespace of the session actors and their registry: front-ends that share it share sessions.
+    ray_namespace: str = "remote-trainer"
+    # Resources each session's actor reserves, where Ray places it: CPUs, GPUs (a fraction shares a
+    # GPU between sessions), and custom resources as "NAME=AMOUNT,...".
+    ray_num_cpus: float = 1.0
+    ray_num_gpus: float = 0.0
+    ray_resources: str = ""
+    # How Ray places new sessions: "spread" (over the nodes, round robin) or "default" (Ray's own:
+    # fill a node first).
+    ray_scheduling: str = "spread"
+    # Seconds a call on a session actor (or its creation) may take before it is reported UNAVAILABLE.
+    ray_timeout: float = 600.0
 
 
 _HELP = {
@@ -102,6 +120,14 @@ _HELP = {
     "checkpoint_every": "each session checkpoints itself every N steps (0: never)",
     "session_idle_seconds": "close sessions idle this long (0: never)",
     "metrics_port": "Prometheus metrics HTTP port (-1: off, 0: a free port)",
+    "backend": "local | ray: sessions in this process, or each a Ray actor in a Ray cluster",
+    "ray_address": "Ray cluster to join (ray backend): auto | HOST:PORT | ray://HOST:PORT; empty: start a local one",
+    "ray_namespace": "Ray namespace of the sessions; front-ends sharing it share sessions",
+    "ray_num_cpus": "CPUs each session's actor reserves",
+    "ray_num_gpus": "GPUs each session's actor reserves (a fraction shares one GPU)",
+    "ray_resources": "custom Ray resources each session reserves, NAME=AMOUNT,...",
+    "ray_scheduling": "spread | default: how Ray places sessions over the nodes",
+    "ray_timeout": "seconds a call on a session actor may take before it is UNAVAILABLE",
 }
 
 
@@ -171,4 +197,31 @@ def validate(settings: Settings) -> list[str]:
         problems.append("checkpoint-every needs checkpoint-dir")
     if not -1 <= settings.metrics_port <= 65535:
         problems.append(f"metrics-port {settings.metrics_port} is not in -1..65535")
+    if settings.backend not in ("local", "ray"):
+        problems.append(f"backend {settings.backend!r} is not local or ray")
+    if settings.ray_num_cpus < 0 or settings.ray_num_gpus < 0 or settings.ray_timeout <= 0:
+        problems.append("ray-num-cpus and ray-num-gpus must not be negative, ray-timeout must be positive")
+    if settings.ray_num_gpus > 1 and settings.ray_num_gpus != int(settings.ray_num_gpus):
+        problems.append("ray-num-gpus above 1 must be a whole number (Ray's rule)")
+    if settings.ray_scheduling not in ("spread", "default"):
+        problems.append(f"ray-scheduling {settings.ray_scheduling!r} is not spread or default")
+    try:
+        ray_resources(settings)
+    except ValueError as exc:
+        problems.append(str(exc))
     return problems
+
+
+def ray_resources(settings: Settings) -> dict[str, float]:
+    """The custom resources of ``--ray-resources`` ("NAME=AMOUNT,..."), checked."""
+    resources: dict[str, float] = {}
+    for item in filter(None, (part.strip() for part in settings.ray_resources.split(","))):
+        name, sep, amount = item.partition("=")
+        try:
+            value = float(amount)
+        except ValueError:
+            value = -1.0
+        if not sep or not name.strip() or not value > 0:
+            raise ValueError(f"ray-resources entry {item!r} is not NAME=AMOUNT with AMOUNT > 0")
+        resources[name.strip()] = value
+    return resources

@@ -31,6 +31,7 @@ from remote_trainer.engine.errors import (
     NotFound,
     ResourceExhausted,
     TrainerError,
+    Unavailable,
 )
 
 log = logging.getLogger(__name__)
@@ -43,6 +44,7 @@ CODES: dict[type[TrainerError], grpc.StatusCode] = {
     InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,
     FailedPrecondition: grpc.StatusCode.FAILED_PRECONDITION,
     ResourceExhausted: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    Unavailable: grpc.StatusCode.UNAVAILABLE,  # a session's process or node is gone (Ray backend)
 }
 # Shutting down (UNAVAILABLE) and bad tokens (UNAUTHENTICATED, server/auth.py) are answered by gRPC
 # and the auth interceptor before a servicer method runs.

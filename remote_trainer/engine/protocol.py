@@ -1,0 +1,74 @@
+"""``Engine``: the methods the servicer calls on a session, whoever holds it.
+
+``SessionEngine`` (this process) and the Ray backend's proxy (``server/ray_backend.py``, a session
+held by a Ray actor anywhere in the cluster) both satisfy it, so the servicer and the session store
+do not know which backend they have. Everything that crosses it is plain data: CPU torch tensors
+(numpy arrays, when it crosses a process: ``engine/portable.py``), torch dtypes, the dataclasses of
+``engine/results.py`` and ``OptimizerSpec``, strings (checkpoint paths), and the domain errors of
+``engine/errors.py``, which pickle with their reason, violations and metadata. A device running out
+of memory is raised as ``ResourceExhausted("DEVICE_OUT_OF_MEMORY")`` by the engine itself.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+
+from remote_trainer.contract.names import LossName
+from remote_trainer.engine.optimizer import OptimizerSpec
+from remote_trainer.engine.results import (
+    BackwardResult,
+    CheckpointInfo,
+    ForwardResult,
+    FreezeResult,
+    Graph,
+    NamedTensor,
+    ParameterInfo,
+    SessionDescription,
+)
+
+
+class Engine(Protocol):
+    """One session's training state and the operations on it (see ``SessionEngine`` for each)."""
+
+    def forward(
+        self, x: torch.Tensor, eval_mode: bool = False, no_grad: bool = False, max_logits_elements: int | None = None
+    ) -> ForwardResult: ...
+
+    def backward(
+        self,
+        forward_id: int = 0,
+        loss: LossName | None = None,
+        labels: torch.Tensor | None = None,
+        output_gradient: torch.Tensor | None = None,
+        retain_graph: bool = False,
+    ) -> BackwardResult: ...
+
+    def step(self) -> tuple[int, int]: ...
+
+    def zero_grad(self, set_to_none: bool = True) -> int: ...
+
+    def configure_optimizer(self, spec: OptimizerSpec) -> OptimizerSpec: ...
+
+    def freeze(self, patterns: list[str], unfreeze: bool = False) -> FreezeResult: ...
+
+    def replace_head(self, num_classes: int, seed: int) -> SessionDescription: ...
+
+    def parameters_info(self) -> list[ParameterInfo]: ...
+
+    def gradients(
+        self, patterns: list[str], stats_only: bool = False, dtype: torch.dtype = torch.float32
+    ) -> list[NamedTensor]: ...
+
+    def parameters(
+        self, patterns: list[str], stats_only: bool = False, dtype: torch.dtype = torch.float32, include_buffers: bool = False
+    ) -> list[NamedTensor]: ...
+
+    def graph(self) -> Graph: ...
+
+    def describe(self) -> SessionDescription: ...
+
+    def save_checkpoint(self, path: str) -> CheckpointInfo: ...
+
+    def load_checkpoint(self, path: str) -> SessionDescription: ...

@@ -1,0 +1,351 @@
+"""The Ray backend on a real multi-node Ray cluster on this machine, through real gRPC front-ends.
+
+A head and two worker nodes (``ray.cluster_utils.Cluster``: separate raylets, object stores and
+worker processes, all on 127.0.0.1, with fast health checks), and two front-ends started as users
+start them (``python -m remote_trainer.server --backend ray --ray-address ...``). Sessions ask for
+the custom resource ``session_slot``, which only the worker nodes have.
+
+Proven here: the training results equal local PyTorch as on the local backend; sessions spread over
+the nodes; a session made through one front-end is trained through the other, and survives a
+front-end restart; ownership and the session limits hold across front-ends; a killed node makes its
+sessions UNAVAILABLE SESSION_LOST within seconds (naming the last checkpoint) while the others go
+on; and a session restored from that checkpoint on the surviving node continues bit-identically.
+Select with ``-m ray``.
+"""
+
+from __future__ import annotations
+
+import os
+
+# Ray must not rewrite 127.0.0.1 to this host's routable address (it reads this when imported);
+# the front-end processes inherit it. Set before anything imports ray.
+os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+import re  # noqa: E402
+import signal  # noqa: E402
+import subprocess  # noqa: E402
+import time  # noqa: E402
+from collections.abc import Callable, Iterator  # noqa: E402
+from dataclasses import dataclass  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import Any  # noqa: E402
+
+import grpc  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+
+from remote_trainer.client import Session, TrainerClient, TrainerError  # noqa: E402
+from tests import test_training as training  # noqa: E402
+from tests.conftest import WEIGHTS_NAME, assert_equal_to_local, rand  # noqa: E402
+from tests.test_server_process import start  # noqa: E402
+
+cluster_utils = pytest.importorskip("ray.cluster_utils")
+
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
+
+NODE = dict(node_ip_address="127.0.0.1", object_store_memory=200 * 2**20, include_dashboard=False, num_gpus=0)
+# Nodes are declared dead after 3 missed health checks, 1 s apart (Ray's default takes about 15 s).
+FAST_HEALTH_CHECKS = {
+    "health_check_initial_delay_ms": 0, "health_check_period_ms": 1000,
+    "health_check_timeout_ms": 1000, "health_check_failure_threshold": 3,
+}
+TOKENS = "alice:tok-alice,bob:tok-bob,carol:tok-carol,dave:tok-dave"
+MAX_SESSIONS, MAX_PER_TOKEN, CHECKPOINT_EVERY = 6, 2, 2
+# Ray gives an actor as many torch threads as CPUs it reserves (OMP_NUM_THREADS); the sessions get
+# as many as this process uses, so both sum in the same order and agree as closely as on the local
+# backend (one thread against two differs by 1e-4 in conv gradients).
+SESSION_CPUS = torch.get_num_threads()
+
+
+@dataclass
+class RayCluster:
+    cluster: Any
+    workers: dict[str, Any]  # name -> ray node
+
+    def node_of(self, device: str) -> str:
+        """The worker name of the node in a session's device string ("cpu @ ray node <id>")."""
+        found = re.fullmatch(r"cpu @ ray node ([0-9a-f]+)", device)
+        assert found, device
+        names = [name for name, node in self.workers.items() if node.node_id == found.group(1)]
+        assert names, f"session on node {found.group(1)}, not on a worker node"
+        return names[0]
+
+
+@pytest.fixture(scope="module")
+def ray_cluster() -> Iterator[RayCluster]:
+    cluster = cluster_utils.Cluster(
+        initialize_head=True,
+        head_node_args={**NODE, "num_cpus": 0, "_system_config": FAST_HEALTH_CHECKS},
+    )
+    try:
+        # Logical CPUs (Ray does not enforce them): room for four sessions per node.
+        workers = {name: cluster.add_node(**NODE, num_cpus=4 * SESSION_CPUS, resources={"session_slot": 4})
+                   for name in ("node_a", "node_b")}
+        cluster.wait_for_nodes()
+        yield RayCluster(cluster, workers)
+    finally:
+        cluster.shutdown()  # workers, then the head: every process it started
+
+
+class FrontEnd:
+    """A trainer-server process on the cluster; ``restart`` starts it again with the same flags."""
+
+    def __init__(self, args: list[str]) -> None:
+        self.args = args
+        self.process, self.port, self.log = start(*args)
+
+    def connect(self, token: str) -> TrainerClient:
+        return TrainerClient(f"localhost:{self.port}", token=token, timeout=30)
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+    def restart(self) -> None:
+        self.stop()
+        self.process, self.port, self.log = start(*self.args)
+
+
+@pytest.fixture(scope="module")
+def checkpoint_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The checkpoint folder: one directory that every node sees (here, one machine's disk)."""
+    return tmp_path_factory.mktemp("checkpoints")
+
+
+@pytest.fixture(scope="module")
+def front_ends(ray_cluster: RayCluster, data_dir: Path, checkpoint_dir: Path) -> Iterator[tuple[FrontEnd, FrontEnd]]:
+    args = [
+        "--backend", "ray", "--ray-address", ray_cluster.cluster.address,
+        "--weights", str(data_dir / WEIGHTS_NAME), "--data-dir", str(data_dir),
+        "--checkpoint-dir", str(checkpoint_dir), "--checkpoint-every", str(CHECKPOINT_EVERY),
+        "--tokens", TOKENS, "--max-sessions", str(MAX_SESSIONS), "--max-sessions-per-token", str(MAX_PER_TOKEN),
+        "--ray-num-cpus", str(SESSION_CPUS), "--ray-resources", "session_slot=1", "--ray-timeout", "120",
+    ]
+    first = FrontEnd(args)
+    try:
+        second = FrontEnd(args)
+        try:
+            yield first, second
+        finally:
+            second.stop()
+    finally:
+        first.stop()
+
+
+def expect_error(call: Callable[[], object], code: grpc.StatusCode, reason: str) -> TrainerError:
+    with pytest.raises(TrainerError) as err:
+        call()
+    assert (err.value.code, err.value.reason) == (code, reason), err.value
+    return err.value
+
+
+# -- numbers: the same as local PyTorch ----------------------------------------------------------
+
+
+@pytest.fixture(scope="class")
+def ray_session(front_ends: tuple[FrontEnd, FrontEnd]) -> Iterator[Session]:
+    """One session held by a Ray actor, with its fresh state saved as checkpoint "fresh"."""
+    with front_ends[0].connect("tok-alice") as client, client.create_session(WEIGHTS_NAME) as session:
+        assert session.save_checkpoint("fresh") == 0
+        yield session
+
+
+CHECKS = [
+    training.test_forward_logits_and_batchnorm_statistics_match_local,
+    training.test_tutorial_training_step_matches_local,
+    training.test_several_sgd_momentum_steps_match_local,
+    training.test_finetuning_frozen_model_with_new_head,
+    training.test_backward_from_client_output_gradient,
+    training.test_gradients_accumulate_over_two_backwards,
+    training.test_gradient_transfer_in_half_precision,
+]
+
+
+class TestNumbersMatchLocalPyTorch:
+    @pytest.mark.parametrize("check", CHECKS, ids=[c.__name__.removeprefix("test_") for c in CHECKS])
+    def test_on_the_ray_backend(self, ray_session: Session, local: nn.Module, check: Callable[[Session, nn.Module], None]) -> None:
+        """Each check of tests/test_training.py, on a session in a Ray actor on a worker node. The
+        session starts each from its fresh state (LoadCheckpoint "fresh", which also proves the
+        restore exact: any difference from a fresh session would fail the comparison)."""
+        info = ray_session.load_checkpoint("fresh")
+        assert info.step_count == 0 and info.num_classes == 1000 and info.pending_forward_id == 0
+        check(ray_session, local)
+
+    def test_errors_cross_the_process_boundary_whole(self, ray_session: Session) -> None:
+        """A domain error raised in the actor reaches the client with its code, reason and field."""
+        ray_session.load_checkpoint("fresh")
+        err = expect_error(lambda: ray_session.forward(rand(2, 4, 32, 32)), grpc.StatusCode.INVALID_ARGUMENT, "BAD_INPUT_SHAPE")
+        assert [v.field for v in err.violations] == ["input"]
+        expect_error(lambda: ray_session.backward("sum", rand(2, 1000)), grpc.StatusCode.FAILED_PRECONDITION, "NO_PENDING_FORWARD")
+        expect_error(lambda: ray_session.load_checkpoint("nope"), grpc.StatusCode.NOT_FOUND, "CHECKPOINT_NOT_FOUND")
+
+
+# -- sessions over nodes and front-ends ------------------------------------------------------------
+
+
+def test_sessions_spread_over_nodes_and_front_ends_share_them(ray_cluster: RayCluster, front_ends: tuple[FrontEnd, FrontEnd]) -> None:
+    a, b = front_ends
+    with a.connect("tok-alice") as alice_a, b.connect("tok-alice") as alice_b, a.connect("tok-bob") as bob_a:
+        first, second = alice_a.create_session(WEIGHTS_NAME), bob_a.create_session(WEIGHTS_NAME)
+        nodes = {ray_cluster.node_of(first.info().device), ray_cluster.node_of(second.info().device)}
+        assert nodes == {"node_a", "node_b"}  # one session on each worker node
+
+        # Made through front-end A, trained through front-end B, seen through A.
+        via_b = alice_b.session(first.session_id)
+        forward_id = via_b.forward(rand(2, 3, 32, 32)).forward_id
+        assert first.info().pending_forward_id == forward_id
+        via_b.backward("sum", rand(2, 1000), forward_id=forward_id)
+        assert via_b.step() == 1
+        assert first.info().step_count == 1
+
+        # The default session is one actor, whichever front-end serves it.
+        default_id = alice_a.session().forward(rand(2, 3, 32, 32)).forward_id
+        assert alice_b.session().info().pending_forward_id == default_id
+        assert alice_a.session().info().device == alice_b.session().info().device
+        first.close()
+        second.close()
+        expect_error(via_b.info, grpc.StatusCode.NOT_FOUND, "SESSION_NOT_FOUND")  # closed through A, gone for B
+
+
+def test_ownership_and_limits_hold_across_front_ends(front_ends: tuple[FrontEnd, FrontEnd]) -> None:
+    a, b = front_ends
+    with a.connect("tok-carol") as carol_a, b.connect("tok-carol") as carol_b, \
+            b.connect("tok-dave") as dave_b, a.connect("tok-dave") as dave_a:
+        mine = carol_a.create_session()
+        theirs = dave_b.session(mine.session_id)
+        for call in (theirs.info, theirs.step, theirs.close):  # as if it did not exist, on either front-end
+            expect_error(call, grpc.StatusCode.NOT_FOUND, "SESSION_NOT_FOUND")
+        expect_error(dave_a.session(mine.session_id).info, grpc.StatusCode.NOT_FOUND, "SESSION_NOT_FOUND")
+
+        # Per token: carol's second session through B, her third refused through A.
+        second = carol_b.create_session()
+        expect_error(carol_a.create_session, grpc.StatusCode.RESOURCE_EXHAUSTED, "TOO_MANY_SESSIONS_FOR_TOKEN")
+        # A build that fails in the actor releases its reservation (and reports the actor's error).
+        expect_error(lambda: dave_a.create_session("missing.pt"), grpc.StatusCode.NOT_FOUND, "WEIGHTS_NOT_FOUND")
+        # In all: default + carol's 2 + dave's 2 + 1 = MAX_SESSIONS, then no more, whichever front-end.
+        held = [dave_a.create_session(), dave_b.create_session()]
+        with b.connect("tok-alice") as alice_b:
+            held.append(alice_b.create_session())
+            assert MAX_SESSIONS == 6
+            with a.connect("tok-bob") as bob_a:
+                expect_error(bob_a.create_session, grpc.StatusCode.RESOURCE_EXHAUSTED, "TOO_MANY_SESSIONS")
+            for session in (mine, second, *held):
+                session.close()
+            alice_b.create_session().close()  # room again
+
+
+def test_a_restarted_front_end_loses_nothing(front_ends: tuple[FrontEnd, FrontEnd]) -> None:
+    a, b = front_ends
+    with a.connect("tok-alice") as alice_a:
+        session = alice_a.create_session(WEIGHTS_NAME)
+        session.forward(rand(2, 3, 32, 32))
+        session.backward("sum", rand(2, 1000))
+        session.step()
+        before = session.parameters("fc")
+        b.restart()
+        with b.connect("tok-alice") as alice_b:
+            again = alice_b.session(session.session_id)
+            assert again.info().step_count == 1
+            after = again.parameters("fc")
+            for name in before:
+                np.testing.assert_array_equal(after[name].array, before[name].array)
+            assert again.step() == 2
+            with b.connect("tok-bob") as bob_b:  # the owner is kept with the session, not in a front-end
+                expect_error(bob_b.session(session.session_id).info, grpc.StatusCode.NOT_FOUND, "SESSION_NOT_FOUND")
+        session.close()
+
+
+def test_front_ends_and_nodes_use_only_loopback(front_ends: tuple[FrontEnd, FrontEnd]) -> None:
+    pids = {str(f.process.pid) for f in front_ends}
+    lines = subprocess.run(["ss", "-tanp"], capture_output=True, text=True, check=True).stdout.splitlines()[1:]
+    mine = [line for line in lines if any(f"pid={pid}," in line for pid in pids)]
+    assert mine, "the front-ends hold sockets"
+    for line in mine:
+        local, peer = line.split()[3:5]
+        assert local.startswith(("127.0.0.1:", "[::ffff:127.0.0.1]:", "[::1]:")), line
+        assert peer.startswith(("127.0.0.1:", "[::ffff:127.0.0.1]:", "[::1]:", "*", "0.0.0.0:")), line
+
+
+# -- a node dies ----------------------------------------------------------------------------------
+
+
+def test_a_killed_node_loses_only_its_sessions_and_recovery_is_bit_identical(
+    ray_cluster: RayCluster, front_ends: tuple[FrontEnd, FrontEnd], local: nn.Module
+) -> None:
+    """Runs last: it removes a worker node from the cluster."""
+    a, b = front_ends
+    batches = [(rand(2, 3, 32, 32, seed=50 + i), rand(2, 1000, seed=60 + i)) for i in range(3)]
+
+    def train(session: Session, data: np.ndarray, labels: np.ndarray) -> int:
+        session.zero_grad()
+        session.forward(data)
+        session.backward("sum", labels)
+        return session.step()
+
+    with a.connect("tok-alice") as alice_a, b.connect("tok-alice") as alice_b, b.connect("tok-bob") as bob_b:
+        doomed, other = alice_a.create_session(WEIGHTS_NAME), alice_a.create_session(WEIGHTS_NAME)
+        doomed_node, other_node = ray_cluster.node_of(doomed.info().device), ray_cluster.node_of(other.info().device)
+        assert doomed_node != other_node
+        for data, labels in batches:  # steps 1 and 2; the checkpoint after step 2 (--checkpoint-every 2); step 3
+            train(doomed, data, labels)
+        checkpoint = f"auto-{doomed.session_id}.ckpt"
+        after_three = doomed.parameters(include_buffers=True)
+        train(other, *batches[0])
+
+        ray_cluster.cluster.remove_node(ray_cluster.workers.pop(doomed_node), allow_graceful=False)  # SIGKILL
+        killed = time.monotonic()
+        seen = []
+        while True:  # every call answers (no hang): OK while the killed worker lingers, then UNREACHABLE
+            started = time.monotonic()  # until the node is declared dead, then LOST
+            try:
+                doomed.info()  # a read: a call that still got through changes nothing
+                seen.append("OK")
+            except TrainerError as exc:
+                assert exc.code == grpc.StatusCode.UNAVAILABLE, exc
+                seen.append(exc.reason)
+                if exc.reason == "SESSION_LOST":
+                    err = exc
+                    break
+                assert exc.reason == "SESSION_UNREACHABLE", seen
+            assert time.monotonic() - started < 10
+            assert time.monotonic() - killed < 20, seen[-5:]
+        assert time.monotonic() - killed < 20
+        assert checkpoint in err.message and "step 2" in err.message
+        assert err.metadata.get("checkpoint") == checkpoint
+        # The other front-end, which never called it, says the same; a stranger still sees nothing.
+        lost = expect_error(alice_b.session(doomed.session_id).info, grpc.StatusCode.UNAVAILABLE, "SESSION_LOST")
+        assert checkpoint in lost.message
+        expect_error(bob_b.session(doomed.session_id).info, grpc.StatusCode.NOT_FOUND, "SESSION_NOT_FOUND")
+
+        # The session on the surviving node goes on, through either front-end.
+        assert train(alice_b.session(other.session_id), *batches[1]) == 2
+
+        # Recovery: a new session (on the surviving node) from the checkpoint redoes step 3 exactly.
+        with alice_b.create_session(WEIGHTS_NAME) as recovered:
+            assert ray_cluster.node_of(recovered.info().device) == other_node
+            assert recovered.load_checkpoint(checkpoint).step_count == 2
+            assert train(recovered, *batches[2]) == 3
+            redone = recovered.parameters(include_buffers=True)
+            assert set(redone) == set(after_three)
+            for name, item in after_three.items():
+                np.testing.assert_array_equal(redone[name].array, item.array, err_msg=name)
+
+            # And both equal local PyTorch's three steps (within the tolerance of every other test).
+            optim = torch.optim.SGD(local.parameters(), lr=1e-2, momentum=0.9)
+            for data, labels in batches:
+                optim.zero_grad()
+                (local(torch.from_numpy(data)) - torch.from_numpy(labels)).sum().backward()
+                optim.step()
+            for name, value in [*local.named_parameters(), *local.named_buffers()]:
+                assert_equal_to_local(redone[name].array, value)
+        doomed.close()  # a lost session can be closed (forgotten)
+        expect_error(doomed.info, grpc.StatusCode.NOT_FOUND, "SESSION_NOT_FOUND")
+        other.close()
