@@ -93,12 +93,15 @@ def check_list(out: str, loss: float) -> None:
 
 
 def check_describe(out: str, loss: float) -> None:
+    assert "// TrainerService runs PyTorch's autograd tutorial remotely" in out  # comments come through reflection
     assert "rpc Forward ( .trainer.v1.ForwardRequest ) returns ( .trainer.v1.ForwardResponse );" in out
     assert "rpc GetGradients ( .trainer.v1.GetGradientsRequest ) returns ( stream .trainer.v1.GetGradientsResponse );" in out
 
 
 def check_describe_generator(out: str, loss: float) -> None:
     assert "message TensorGenerator {" in out and ".trainer.v1.Distribution distribution = 2;" in out
+    # The proto's comments, served by reflection from the descriptor set with source info.
+    assert "  // Seed of the generator, for the random distributions.\n  int64 seed = 3;" in out
 
 
 def check_forward(out: str, loss: float) -> None:

@@ -3,27 +3,33 @@
 from __future__ import annotations
 
 import asyncio
+import copy
+import errno
 import functools
 import logging
 import signal
+import socket
 import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
 from typing import Any
 
 import grpc
+import torch
 from google.protobuf import message_factory
 from google.protobuf.message import DecodeError
 from grpc_health.v1 import _async as health_aio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 from torch import nn
 
+from remote_trainer.engine.errors import FailedPrecondition
 from remote_trainer.server.auth import AuthInterceptor, TokenAuth
 from remote_trainer.engine.limits import Limits
 from remote_trainer.engine.optimizer import OptimizerSpec
 from remote_trainer.engine.session import SessionEngine
+from remote_trainer.server import reflection
 from remote_trainer.server.metrics import Metrics
 from remote_trainer.engine.models import build_model, resolve_device
 from remote_trainer.server.servicer import TrainerServicer
@@ -107,6 +113,15 @@ def create_server(settings: Settings) -> TrainerServer:
         servicer.close()
         loop.call_soon_threadsafe(loop.stop)
         raise
+    try:
+        # Bound (so a busy port is told at once), but NOT_SERVING until the first call will be as fast as the next.
+        warm_up(model, device)
+        asyncio.run_coroutine_threadsafe(_serving(health_servicer), loop).result()
+    except BaseException:
+        asyncio.run_coroutine_threadsafe(server.stop(None), loop).result()
+        servicer.close()
+        loop.call_soon_threadsafe(loop.stop)
+        raise
     metrics_port = metrics.serve(settings.host, settings.metrics_port) if settings.metrics_port >= 0 else None
     running = TrainerServer(server, port, health_servicer, store, metrics, servicer, loop, metrics_port)
     if settings.session_idle_seconds:
@@ -147,16 +162,55 @@ async def _start(
     server.add_generic_rpc_handlers((_counted_handlers(servicer, metrics),))
     health_servicer = health_aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    reflection.enable_server_reflection(
-        (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), server
-    )
+    reflection.enable((SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name), server)
     host = f"[{settings.host}]" if ":" in settings.host and not settings.host.startswith("[") else settings.host
-    port = server.add_secure_port(f"{host}:{settings.port}", _tls(settings)) if settings.tls_cert else \
-        server.add_insecure_port(f"{host}:{settings.port}")
+    try:
+        port = server.add_secure_port(f"{host}:{settings.port}", _tls(settings)) if settings.tls_cert else \
+            server.add_insecure_port(f"{host}:{settings.port}")
+    except RuntimeError as exc:
+        raise _bind_error(settings.host, settings.port) from exc
+    for name in ("", SERVICE_NAME):
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
     await server.start()
+    return server, health_servicer, port
+
+
+async def _serving(health_servicer: health_aio.HealthServicer) -> None:
     for name in ("", SERVICE_NAME):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    return server, health_servicer, port
+
+
+def _bind_error(host: str, port: int) -> FailedPrecondition:
+    """Why the server could not listen on host:port, and what to do about it, in one line."""
+    try:
+        with socket.create_server((host.strip("[]"), port)):
+            cause = "gRPC could not bind it"
+    except OSError as exc:
+        if exc.errno == errno.EADDRINUSE:
+            return FailedPrecondition(
+                f"port {port} on {host} is already in use (another trainer-server still running?): stop that "
+                "process, or start on another port with --port N (--port 0 picks a free one)",
+                "PORT_IN_USE",
+            )
+        cause = exc.strerror or str(exc)
+    return FailedPrecondition(
+        f"cannot listen on {host}:{port}: {cause}; check --host (an address of this machine) and --port "
+        "(--port 0 picks a free one)",
+        "CANNOT_LISTEN",
+    )
+
+
+def warm_up(model: nn.Module, device: torch.device) -> None:
+    """One training-mode forward and backward of a small batch on a copy of ``model``, so that the
+    first client call does not pay for cold kernels and the allocator. The model itself (weights,
+    BatchNorm statistics, gradients) is untouched."""
+    started = time.monotonic()
+    scratch = copy.deepcopy(model).to(device).train()
+    scratch(torch.zeros(2, 3, 64, 64, device=device)).sum().backward()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    del scratch
+    log.info("warmed up in %.2f s", time.monotonic() - started)
 
 
 def _tls(settings: Settings) -> grpc.ServerCredentials:
