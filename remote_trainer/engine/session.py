@@ -62,7 +62,10 @@ class SessionEngine:
         weights: str,
         optimizer: OptimizerSpec,
         limits: Limits,
+        keep_initial_state: bool = False,
     ) -> None:
+        """``keep_initial_state`` keeps a CPU copy of the starting state (the size of the weights),
+        which ``reset()`` returns to: the server's default session has one."""
         optimizer.validate()
         self._lock = threading.Lock()
         self._model = model.to(device)
@@ -74,6 +77,9 @@ class SessionEngine:
         self._step_count = 0
         self._forward_count = 0
         self._pending: _Pending | None = None
+        # Said in errors about the head's size after ReplaceHead, so a shape error tells what changed.
+        self._head_note = ""
+        self._initial = self.checkpoint() if keep_initial_state else None
 
     # -- training step -------------------------------------------------------------------------
 
@@ -172,7 +178,8 @@ class SessionEngine:
                 if tuple(output_gradient.shape) != tuple(logits.shape):
                     raise invalid(
                         "output_gradient",
-                        f"output_gradient must have the logits' shape {list(logits.shape)}, got {list(output_gradient.shape)}",
+                        f"output_gradient must have the logits' shape {list(logits.shape)}, got {list(output_gradient.shape)}"
+                        + self._head_note,
                         "BAD_OUTPUT_GRADIENT_SHAPE",
                     )
                 require_finite(output_gradient, "output_gradient")
@@ -199,11 +206,13 @@ class SessionEngine:
                 raise invalid("loss.labels", f"cross_entropy labels must have shape [{logits.shape[0]}], got {list(labels.shape)}", "BAD_LABEL_SHAPE")
             classes = logits.shape[1]
             if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= classes):
-                raise invalid("loss.labels", f"class indices must be in [0, {classes}), got {labels.tolist()}", "CLASS_INDEX_OUT_OF_RANGE")
+                raise invalid("loss.labels", f"class indices must be in [0, {classes}), got {labels.tolist()}{self._head_note}",
+                              "CLASS_INDEX_OUT_OF_RANGE")
             return F.cross_entropy(logits, labels.to(self._device))
         require_float32(labels, "loss.labels")
         if tuple(labels.shape) != tuple(logits.shape):
-            raise invalid("loss.labels", f"{loss} labels must have the logits' shape {list(logits.shape)}, got {list(labels.shape)}", "BAD_LABEL_SHAPE")
+            raise invalid("loss.labels", f"{loss} labels must have the logits' shape {list(logits.shape)}, got {list(labels.shape)}"
+                          + self._head_note, "BAD_LABEL_SHAPE")
         require_finite(labels, "loss.labels")
         target = labels.to(self._device, non_blocking=True)
         if loss == "sum":
@@ -263,7 +272,12 @@ class SessionEngine:
             raise invalid("num_classes", f"num_classes must be in 1..{MAX_CLASSES}, got {num_classes}", "BAD_NUM_CLASSES")
         head = new_head(head_of(self._model).in_features, num_classes, seed)
         with self._lock:
+            before = head_of(self._model).out_features
             self._model.fc = head.to(self._device)
+            self._head_note = (
+                f" (the head has {num_classes} classes since ReplaceHead(num_classes={num_classes}) replaced the one "
+                f"of {before}" + ("; ResetSession restores the original" if self._initial is not None else "") + ")"
+            )
             self._optimizer = self._spec.build(self._model.parameters())
             if self._pending is not None:
                 fid = self._pending.forward_id
@@ -321,7 +335,19 @@ class SessionEngine:
         self._step_count = step_count
         self._weights = str(state.get("weights", self._weights))
         self._pending = None
+        self._head_note = ""
         return self._describe()
+
+    def reset(self) -> SessionDescription:
+        """Back to the state the session started in (``keep_initial_state``): weights, buffers, head,
+        optimizer settings and state, step count, frozen set; no gradients, no pending forward.
+        Forward ids keep counting up, so a prediction from before the reset stays stale."""
+        with self._lock:
+            if self._initial is None:
+                raise FailedPrecondition(
+                    "only the default session can be reset: close this session and create a new one", "RESET_NOT_AVAILABLE"
+                )
+            return self._restore(self._initial)
 
     # -- reading state -------------------------------------------------------------------------
 

@@ -98,7 +98,7 @@ def create_server(settings: Settings) -> TrainerServer:
     device = resolve_device(settings.device)
     limits = Limits(max_input_elements=settings.max_input_elements, max_batch=settings.max_batch)
     model, source = build_model(settings.weights, settings.num_classes, settings.seed, trusted_path=True)
-    default = SessionEngine(model, device, source, OptimizerSpec.tutorial(), limits)
+    default = SessionEngine(model, device, source, OptimizerSpec.tutorial(), limits, keep_initial_state=True)
     store = SessionStore(default, settings.max_sessions, settings.max_sessions_per_token, settings.session_idle_seconds)
     auth = TokenAuth.from_settings(settings)
     metrics = Metrics(store.__len__)

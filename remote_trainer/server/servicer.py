@@ -213,3 +213,13 @@ class TrainerServicer:
         engine = self._session(request.session_id, context)
         description = engine.restore(checkpoints.load(self._checkpoint_path(request.name, context)))
         return pb.LoadCheckpointResponse(session=self._info(request.session_id, description))
+
+    @unary
+    def ResetSession(self, request: pb.ResetSessionRequest, context: Context) -> pb.ResetSessionResponse:
+        description = self._session(request.session_id, context).reset()
+        return pb.ResetSessionResponse(session=self._info(request.session_id, description))
+
+    @unary
+    def ListSessions(self, request: pb.ListSessionsRequest, context: Context) -> pb.ListSessionsResponse:
+        sessions = self._store.visible_to(caller(self._auth, context))
+        return pb.ListSessionsResponse(sessions=[self._info(sid, engine.describe()) for sid, engine in sessions])

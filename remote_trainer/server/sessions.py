@@ -138,6 +138,13 @@ class SessionStore:
             release_freed_memory()
         return stale
 
+    def visible_to(self, owner: str = "") -> list[tuple[str, SessionEngine]]:
+        """The sessions ``owner`` may use: the default session first, then its own in creation order."""
+        with self._lock:
+            return [
+                (sid, e.engine) for sid, e in self._sessions.items() if sid == DEFAULT_SESSION_ID or e.owner == owner
+            ]
+
     def __len__(self) -> int:
         with self._lock:
             return len(self._sessions)
