@@ -20,6 +20,7 @@ from remote_trainer.contract import codec, names
 from remote_trainer.client.errors import from_rpc_error
 from remote_trainer.client.types import (
     BackwardResult,
+    CheckpointFile,
     ForwardResult,
     FreezeResult,
     Graph,
@@ -259,6 +260,12 @@ class TrainerClient:
         then the ones it created, oldest first."""
         response = self.call(self._stub.ListSessions, pb.ListSessionsRequest(), timeout)
         return [_session_info(s) for s in response.sessions]
+
+    def list_checkpoints(self, timeout: float | None = None) -> list[CheckpointFile]:
+        """The checkpoints this client's token may load, by name (none when the server has no
+        ``--checkpoint-dir``)."""
+        response = self.call(self._stub.ListSessions, pb.ListSessionsRequest(), timeout)
+        return [CheckpointFile(c.name, c.size_bytes, c.modified_unix_seconds) for c in response.checkpoints]
 
 
 class Session:

@@ -221,5 +221,10 @@ class TrainerServicer:
 
     @unary
     def ListSessions(self, request: pb.ListSessionsRequest, context: Context) -> pb.ListSessionsResponse:
-        sessions = self._store.visible_to(caller(self._auth, context))
-        return pb.ListSessionsResponse(sessions=[self._info(sid, engine.describe()) for sid, engine in sessions])
+        owner = caller(self._auth, context)
+        sessions = [self._info(sid, engine.describe()) for sid, engine in self._store.visible_to(owner)]
+        files = [
+            pb.CheckpointFile(name=f.name, size_bytes=f.size_bytes, modified_unix_seconds=f.modified)
+            for f in checkpoints.list_checkpoints(self._checkpoint_dir, owner)
+        ]
+        return pb.ListSessionsResponse(sessions=sessions, checkpoints=files)

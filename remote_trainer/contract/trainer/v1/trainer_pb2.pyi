@@ -1767,21 +1767,60 @@ class ListSessionsResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     SESSIONS_FIELD_NUMBER: _builtins.int
+    CHECKPOINTS_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def sessions(self) -> _containers.RepeatedCompositeFieldContainer[Global___SessionInfo]:
         """The default session first (is_default set), then the caller's own
         sessions in the order they were created.
         """
 
+    @_builtins.property
+    def checkpoints(self) -> _containers.RepeatedCompositeFieldContainer[Global___CheckpointFile]:
+        """The checkpoints the caller may name in LoadCheckpoint (the files in its
+        part of the server's checkpoint directory), by name; empty when the server
+        has no checkpoint directory.
+        """
+
     def __init__(
         self,
         *,
         sessions: _abc.Iterable[Global___SessionInfo] | None = ...,
+        checkpoints: _abc.Iterable[Global___CheckpointFile] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["sessions", b"sessions"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["checkpoints", b"checkpoints", "sessions", b"sessions"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ListSessionsResponse: _TypeAlias = ListSessionsResponse  # noqa: Y015
+
+@_typing.final
+class CheckpointFile(_message.Message):
+    """CheckpointFile is one checkpoint in the server's checkpoint directory."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    SIZE_BYTES_FIELD_NUMBER: _builtins.int
+    MODIFIED_UNIX_SECONDS_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """File name, as SaveCheckpoint and LoadCheckpoint take it."""
+    size_bytes: _builtins.int
+    """Size of the file in bytes."""
+    modified_unix_seconds: _builtins.float
+    """When it was last written, in seconds since the Unix epoch (UTC)."""
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        size_bytes: _builtins.int = ...,
+        modified_unix_seconds: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["modified_unix_seconds", b"modified_unix_seconds", "name", b"name", "size_bytes", b"size_bytes"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CheckpointFile: _TypeAlias = CheckpointFile  # noqa: Y015

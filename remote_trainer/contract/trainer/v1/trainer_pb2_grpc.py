@@ -260,8 +260,8 @@ class TrainerServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ListSessions(self, request, context):
-        """ListSessions lists the sessions the caller may use: the default session
-        and those its token created.
+        """ListSessions lists the sessions the caller may use (the default session
+        and those its token created) and the checkpoints it may load.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

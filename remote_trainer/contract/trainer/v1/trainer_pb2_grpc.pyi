@@ -87,8 +87,8 @@ class TrainerServiceStub:
     state), step count and frozen set; no gradients and no pending forward.
     """
     ListSessions: _grpc.UnaryUnaryMultiCallable[_trainer_pb2.ListSessionsRequest, _trainer_pb2.ListSessionsResponse]
-    """ListSessions lists the sessions the caller may use: the default session
-    and those its token created.
+    """ListSessions lists the sessions the caller may use (the default session
+    and those its token created) and the checkpoints it may load.
     """
 
 @_typing.type_check_only
@@ -144,8 +144,8 @@ class TrainerServiceAsyncStub(TrainerServiceStub):
     state), step count and frozen set; no gradients and no pending forward.
     """
     ListSessions: _aio.UnaryUnaryMultiCallable[_trainer_pb2.ListSessionsRequest, _trainer_pb2.ListSessionsResponse]  # type: ignore[assignment]
-    """ListSessions lists the sessions the caller may use: the default session
-    and those its token created.
+    """ListSessions lists the sessions the caller may use (the default session
+    and those its token created) and the checkpoints it may load.
     """
 
 class TrainerServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -306,8 +306,8 @@ class TrainerServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _trainer_pb2.ListSessionsRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_trainer_pb2.ListSessionsResponse, _abc.Awaitable[_trainer_pb2.ListSessionsResponse]]:
-        """ListSessions lists the sessions the caller may use: the default session
-        and those its token created.
+        """ListSessions lists the sessions the caller may use (the default session
+        and those its token created) and the checkpoints it may load.
         """
 
 def add_TrainerServiceServicer_to_server(servicer: TrainerServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
