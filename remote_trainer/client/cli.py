@@ -24,7 +24,7 @@ from typing import Any, TextIO
 import numpy as np
 import numpy.typing as npt
 
-from remote_trainer.client import graphviz
+from remote_trainer.client import graphviz, plots
 from remote_trainer.client.client import Session, TrainerClient
 from remote_trainer.client.errors import TrainerError
 from remote_trainer.client.types import Optimizer, SessionInfo
@@ -186,6 +186,8 @@ def cmd_step(client: TrainerClient, session: Session, args: argparse.Namespace) 
 
 def cmd_grads(client: TrainerClient, session: Session, args: argparse.Namespace) -> int:
     grads = session.gradients(*args.patterns, stats_only=args.save is None)
+    if args.plot is not None:
+        plots.plot_gradient_flow(grads, args.plot)
     if args.save is not None:
         arrays = {name: g.array for name, g in grads.items() if g.array is not None}
         np.savez(args.save, **arrays)  # type: ignore[arg-type]
@@ -206,6 +208,8 @@ def cmd_grads(client: TrainerClient, session: Session, args: argparse.Namespace)
     print(f"{present} of {len(grads)} parameters have a gradient")
     if args.save is not None:
         print(f"saved {len(arrays)} gradients to {args.save}")
+    if args.plot is not None:
+        print(f"wrote the gradient-flow picture to {args.plot}")
     return 0
 
 
@@ -632,6 +636,8 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Show norm, min, max and mean of each parameter's .grad (all, or those matching PATTERNs).")
     p.add_argument("patterns", nargs="*", metavar="PATTERN", help="'fc', 'layer4.*', 'fc.weight', ... (default: every parameter)")
     p.add_argument("--save", metavar="FILE.npz", help="also fetch the gradients and save them with numpy.savez")
+    p.add_argument("--plot", metavar="FILE.png",
+                   help="draw the gradient flow (norm and max |grad| per parameter, log scale) into FILE (needs matplotlib)")
     p.set_defaults(run=cmd_grads)
 
     p = sub.add_parser("freeze", help="freeze (or --unfreeze) parameters by name pattern",

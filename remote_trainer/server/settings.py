@@ -73,6 +73,11 @@ class Settings:
     session_idle_seconds: float = 0.0
     # Port of the Prometheus metrics HTTP endpoint (-1: off; 0: a free port, logged).
     metrics_port: int = -1
+    # Directory of TensorBoard event files, a run per session (loss, grad norm, lr, step time,
+    # gradient histograms); empty: off. Needs the tensorboard package.
+    tensorboard_dir: str = ""
+    # Gradient histograms every N steps (0: none); each copies every gradient to the CPU.
+    tensorboard_histograms_every: int = 10
 
 
 _HELP = {
@@ -102,6 +107,8 @@ _HELP = {
     "checkpoint_every": "each session checkpoints itself every N steps (0: never)",
     "session_idle_seconds": "close sessions idle this long (0: never)",
     "metrics_port": "Prometheus metrics HTTP port (-1: off, 0: a free port)",
+    "tensorboard_dir": "write TensorBoard event files here, a run per session (empty: off; needs tensorboard)",
+    "tensorboard_histograms_every": "gradient histograms in the TensorBoard files every N steps (0: none)",
 }
 
 
@@ -169,6 +176,8 @@ def validate(settings: Settings) -> list[str]:
         problems.append("checkpoint-every, max-sessions-per-token and session-idle-seconds must not be negative")
     if settings.checkpoint_every and not settings.checkpoint_dir:
         problems.append("checkpoint-every needs checkpoint-dir")
+    if settings.tensorboard_histograms_every < 0:
+        problems.append("tensorboard-histograms-every must not be negative")
     if not -1 <= settings.metrics_port <= 65535:
         problems.append(f"metrics-port {settings.metrics_port} is not in -1..65535")
     return problems
