@@ -77,3 +77,15 @@ def test_warm_up_runs_before_serving_and_leaves_the_default_session_as_the_weigh
                 np.testing.assert_array_equal(values[name].array, expected.numpy(), err_msg=name)  # type: ignore[attr-defined]
     finally:
         running.stop(None).wait()
+
+
+def test_tensorboard_dir_without_the_tensorboard_package_is_one_line(tmp_path: Path) -> None:
+    code = (
+        "import sys; sys.modules['tensorboard'] = None\n"  # as on a server installed without the extra
+        "from remote_trainer.server.__main__ import main\n"
+        f"sys.exit(main(['--port', '0', '--weights', 'random', '--tensorboard-dir', {str(tmp_path)!r}]))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    (line,) = our_lines(result.stderr)
+    assert "cannot start: --tensorboard-dir needs the tensorboard package: pip install 'remote-trainer[tensorboard]'" in line
