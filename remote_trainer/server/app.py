@@ -274,7 +274,7 @@ def _expire_sessions(running: TrainerServer) -> None:
     """Closes idle sessions, checking four times per idle period (at most every 30 s)."""
     interval = min(running.store.idle_seconds / 4, 30.0)
     while not running._stopping.wait(interval):
-        running.store.expire_idle()
+        running.servicer.forget_sessions(running.store.expire_idle())
 
 
 def _client_model(weights: str, num_classes: int, seed: int, *, data_dir: str) -> tuple[nn.Module, str]:

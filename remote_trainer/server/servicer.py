@@ -73,6 +73,12 @@ class TrainerServicer:
         if self._tensorboard is not None:
             self._tensorboard.close()
 
+    def forget_sessions(self, session_ids: list[str]) -> None:
+        """Lets go of what the servicer keeps for sessions the store has closed (expired ones)."""
+        if self._tensorboard is not None:
+            for session_id in session_ids:
+                self._tensorboard.close_session(session_id)
+
     def _session(self, session_id: str, context: Context) -> SessionEngine:
         return self._store.get(session_id, caller(self._auth, context))
 
