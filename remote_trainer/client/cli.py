@@ -591,7 +591,11 @@ def build_parser() -> argparse.ArgumentParser:
         description="Drive a remote-trainer server (a resnet18 trained one step at a time) from the shell.",
         epilog=f"examples:\n  {PROG} health\n  {PROG} info --parameters\n  {PROG} step -n 10 --loss cross_entropy\n"
                f"  {PROG} grads fc --save grads.npz\n  {PROG} freeze '*' && {PROG} freeze --unfreeze fc\n"
-               f"  {PROG} replace-head 10\n  {PROG} graph --dot graph.dot --image graph.png",
+               f"  {PROG} replace-head 10\n  {PROG} graph --dot graph.dot --image graph.png\n"
+               f"  {PROG} sessions create --seed 1\n  {PROG} --session ID train -n 100 --data d.npz\n"
+               f"  {PROG} optimizer set --kind adam --lr 1e-3\n  {PROG} checkpoint save run.ckpt\n"
+               f"  {PROG} predict --data x.npy --top 5\n  {PROG} grads --plot flow.png\n  {PROG} --json sessions\n"
+               f"  {PROG} reset",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--target", default=os.environ.get("TRAINER_TARGET", DEFAULT_TARGET),
