@@ -170,6 +170,7 @@ def test_reset_from_the_shell_and_its_refusal_for_other_sessions(cli: Any) -> No
 
 def test_json_of_the_older_commands(cli: Any) -> None:
     assert as_json(cli("--json", "health")) == {"status": "SERVING"}
+    assert as_json(cli("health", "--json")) == {"status": "SERVING"}  # after the command too
     info = as_json(cli("--json", "info"))
     assert info["model"] == "resnet18" and info["parameter_counts"]["tensors"] == 62
     sid = new_session(cli)

@@ -669,6 +669,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of the generated images (default: 0)")
     p.set_defaults(run=cmd_graph)
     _add_new_commands(sub)
+    for command in sub.choices.values():  # --json after the command works too
+        command.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="print JSON instead of tables")
     return parser
 
 
