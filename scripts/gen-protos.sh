@@ -2,7 +2,9 @@
 # Regenerates the Python code for protos/ into remote_trainer/contract/trainer/v1/. protoc sees
 # protos/ as remote_trainer/contract/, so the generated code imports absolutely
 # (`from remote_trainer.contract.trainer.v1 import trainer_pb2`) with no rewriting, while the proto
-# package (and so the wire) stays `trainer.v1`. The generated files are committed;
+# package (and so the wire) stays `trainer.v1`. trainer.binpb is the descriptor set with the proto's
+# comments (source info), which the server's reflection serves so `grpcurl describe` prints them (the
+# _pb2 modules drop comments). The generated files are committed;
 # `scripts/gen-protos.sh --check` fails when they are not current (CI runs it).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -19,6 +21,7 @@ mkdir -p "$out/$generated"
 "$PY" -m grpc_tools.protoc -Iremote_trainer/contract=protos \
   --python_out="$out" --grpc_python_out="$out" \
   --mypy_out="$out" --mypy_grpc_out="$out" \
+  --include_source_info --descriptor_set_out="$out/$generated/trainer.binpb" \
   protos/trainer/v1/*.proto >/dev/null
 if [ "${1:-}" = "--check" ]; then
   for f in "$out/$generated"/*; do

@@ -40,3 +40,11 @@ def test_finetune_loss_falls_and_accuracy_rises(target: str) -> None:
     assert last < 0.5 * first, done.stdout
     assert after >= 60 and after > before + 30, done.stdout
     assert "30/30" in done.stderr  # the progress bar
+
+
+def test_overlap_runs_the_same_training_sync_and_async(target: str) -> None:
+    done = run_example("overlap.py", "--target", target, "--sessions", "2", "--steps", "2", "--batch", "2", "--size", "32")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert re.search(r"^sync SDK, one session after another: +[\d.]+ s", done.stdout, re.M), done.stdout
+    assert re.search(r"^async SDK, all sessions from one loop: +[\d.]+ s", done.stdout, re.M), done.stdout
+    assert "losses of the two runs identical: True" in done.stdout

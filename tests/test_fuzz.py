@@ -54,7 +54,7 @@ CLIENT_ERRORS = {
 }
 # Calls that may change a session when they succeed; the others only read.
 # (CreateSession and CloseSession never touch the victim: the default session cannot be closed.)
-MUTATING = {"Forward", "Backward", "Step", "ZeroGrad", "ConfigureOptimizer", "FreezeLayers", "ReplaceHead"}
+MUTATING = {"Forward", "Backward", "Step", "ZeroGrad", "ConfigureOptimizer", "FreezeLayers", "ReplaceHead", "ResetSession"}
 STREAMING = {"GetGradients", "GetParameters"}
 
 # Small limits keep every accepted forward cheap on a CPU: at most 4 images of 3x64x64 elements.
@@ -292,7 +292,7 @@ def requests(draw: st.DrawFn) -> Request:
         "Forward", "Forward", "Forward", "Backward", "Backward", "Backward", "Step", "ZeroGrad", "ConfigureOptimizer",
         "ConfigureOptimizer", "FreezeLayers", "FreezeLayers", "ReplaceHead", "ListParameters", "DescribeSession",
         "GetGradients", "GetGradients", "GetParameters", "GetParameters", "GetGraph", "CreateSession", "CloseSession",
-        "garbage",
+        "ResetSession", "ListSessions", "garbage",
     ]))
     if method == "Forward":
         return _forward(draw, sid)
@@ -302,9 +302,11 @@ def requests(draw: st.DrawFn) -> Request:
         return _configure(draw, sid)
     if method == "CreateSession":
         return _create(draw, sid)
-    if method in ("Step", "DescribeSession", "ListParameters", "GetGraph", "CloseSession"):
-        # Steps and zero_grads always succeed on the victim, so they mostly go elsewhere.
-        if method == "Step" and draw(st.booleans()):
+    if method == "ListSessions":
+        return method, pb.ListSessionsRequest()
+    if method in ("Step", "DescribeSession", "ListParameters", "GetGraph", "CloseSession", "ResetSession"):
+        # Steps, zero_grads and resets always succeed on the victim, so they mostly go elsewhere.
+        if method in ("Step", "ResetSession") and draw(st.booleans()):
             sid = draw(st.text(min_size=1, max_size=8))
         return method, getattr(pb, method + "Request")(session_id=sid)
     if method == "ZeroGrad":

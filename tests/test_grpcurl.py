@@ -93,12 +93,15 @@ def check_list(out: str, loss: float) -> None:
 
 
 def check_describe(out: str, loss: float) -> None:
+    assert "// TrainerService runs PyTorch's autograd tutorial remotely" in out  # comments come through reflection
     assert "rpc Forward ( .trainer.v1.ForwardRequest ) returns ( .trainer.v1.ForwardResponse );" in out
     assert "rpc GetGradients ( .trainer.v1.GetGradientsRequest ) returns ( stream .trainer.v1.GetGradientsResponse );" in out
 
 
 def check_describe_generator(out: str, loss: float) -> None:
     assert "message TensorGenerator {" in out and ".trainer.v1.Distribution distribution = 2;" in out
+    # The proto's comments, served by reflection from the descriptor set with source info.
+    assert "  // Seed of the generator, for the random distributions.\n  int64 seed = 3;" in out
 
 
 def check_forward(out: str, loss: float) -> None:
@@ -178,6 +181,18 @@ def check_error(out: str, loss: float) -> None:
     assert '"reason":"PARAMETER_NOT_FOUND"' in out
 
 
+def check_list_sessions(out: str, loss: float) -> None:
+    (session,) = one(out)["sessions"]  # the default session only: the walk-through made no other
+    assert (session["session_id"], session["is_default"], session["num_classes"]) == ("default", True, "10")
+    assert session["step_count"] == "2" and session["trainable_parameters"] == "2"
+
+
+def check_reset(out: str, loss: float) -> None:
+    session = one(out)["session"]
+    assert (session["num_classes"], session["trainable_parameters"], session["is_default"]) == ("1000", "62", True)
+    assert "step_count" not in session and "frozen_parameters" not in session  # 0: left out by proto3 JSON
+
+
 # README's blocks, in README order, with what each must print; "error" must exit non-zero.
 CHECKS: dict[str, Callable[[str, float], None]] = {
     "list": check_list,
@@ -197,6 +212,8 @@ CHECKS: dict[str, Callable[[str, float], None]] = {
     "step-head": check_step_head,
     "health": check_health,
     "error": check_error,
+    "list-sessions": check_list_sessions,
+    "reset": check_reset,
 }
 
 

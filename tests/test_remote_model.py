@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import logging
 import subprocess
 import sys
+from collections.abc import Iterator
 
 import pytest
 import torch
@@ -180,3 +182,68 @@ def test_the_sdk_imports_without_torch() -> None:
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "no torch: ok"
+
+
+class RpcLog(logging.Handler):
+    """The server's one log line per call (``rpc=NAME session=... status=...``), counted by RPC name."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.calls: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        message = record.getMessage()
+        if message.startswith("rpc="):
+            self.calls.append(message.split()[0].removeprefix("rpc="))
+
+    def count(self, name: str) -> int:
+        return self.calls.count(name)
+
+
+@pytest.fixture
+def rpc_log() -> Iterator[RpcLog]:
+    logger = logging.getLogger("remote_trainer.server.status")
+    handler, level = RpcLog(), logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    yield handler
+    logger.removeHandler(handler)
+    logger.setLevel(level)
+
+
+def test_the_tutorials_freeze_loop_sends_one_call_and_reading_requires_grad_sends_none(
+    session: Session, local: nn.Module, rpc_log: RpcLog
+) -> None:
+    model = RemoteModel(session)
+    for param in model.parameters():                  # the tutorial's loop: 62 assignments ...
+        param.requires_grad = False
+    assert all(not p.requires_grad for p in model.parameters())
+    assert rpc_log.count("FreezeLayers") == 0         # ... sent with the next call,
+    assert rpc_log.calls == ["ListParameters"]        # and reading requires_grad costs nothing
+    model.replace_head(10, seed=7)
+    assert rpc_log.count("FreezeLayers") == 1         # as one FreezeLayers, before the ReplaceHead
+    assert rpc_log.calls.index("FreezeLayers") < rpc_log.calls.index("ReplaceHead")
+    assert session.info().frozen_parameters == 60
+    assert [n for n, p in model.named_parameters() if p.requires_grad] == ["fc.weight", "fc.bias"]
+
+    # Changed and changed back before any call: nothing to send.
+    model.layer4[1].conv2.weight.requires_grad = True
+    model.layer4[1].conv2.weight.requires_grad = False
+    # Unfreezing layer4 and freezing the head: one FreezeLayers each way, sent before the forward.
+    for name, param in model.named_parameters():
+        if name.startswith("layer4."):
+            param.requires_grad = True
+    model.fc.bias.requires_grad = False
+    before = len(rpc_log.calls)
+    data, targets = rand(2, 3, 32, 32, seed=1), torch.tensor([1, 8])
+    F.cross_entropy(model(data), targets).backward()
+    assert rpc_log.calls[before:] == ["FreezeLayers", "FreezeLayers", "Forward", "Backward"]
+
+    # The same in local PyTorch: the gradients land where the freezing says.
+    local.requires_grad_(False)
+    torch.manual_seed(7)
+    local.fc = nn.Linear(512, 10)
+    local.layer4.requires_grad_(True)
+    local.fc.bias.requires_grad_(False)
+    F.cross_entropy(local(data), targets).backward()
+    assert_grads_match(model, local)

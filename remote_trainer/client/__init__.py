@@ -26,6 +26,7 @@ from remote_trainer.client.errors import (
 )
 from remote_trainer.client.types import (
     BackwardResult,
+    CheckpointFile,
     ForwardResult,
     FreezeResult,
     Graph,
@@ -38,7 +39,7 @@ from remote_trainer.client.types import (
 )
 
 __all__ = [
-    "AbortedError", "AlreadyExistsError", "BackwardResult", "CancelledError", "DataLossError",
+    "AbortedError", "AlreadyExistsError", "BackwardResult", "CancelledError", "CheckpointFile", "DataLossError",
     "DeadlineExceededError", "FailedPreconditionError", "ForwardResult", "FreezeResult", "Graph", "InternalError",
     "InvalidArgumentError", "NamedTensor", "NotFoundError", "Optimizer", "OutOfRangeError", "ParameterInfo",
     "ParameterList", "PermissionDeniedError", "ResourceExhaustedError", "Session", "SessionInfo", "Stats",

@@ -20,6 +20,7 @@ from remote_trainer.contract import codec, names
 from remote_trainer.client.errors import from_rpc_error
 from remote_trainer.client.types import (
     BackwardResult,
+    CheckpointFile,
     ForwardResult,
     FreezeResult,
     Graph,
@@ -39,7 +40,7 @@ SERVICE = "trainer.v1.TrainerService"
 
 # Calls that change nothing may be retried when the server is briefly UNAVAILABLE; calls that
 # change a session (Forward, Backward, Step, ...) never are.
-_IDEMPOTENT = ("DescribeSession", "ListParameters", "GetGradients", "GetParameters", "GetGraph")
+_IDEMPOTENT = ("DescribeSession", "ListParameters", "GetGradients", "GetParameters", "GetGraph", "ListSessions")
 _SERVICE_CONFIG = json.dumps(
     {
         "methodConfig": [
@@ -254,6 +255,18 @@ class TrainerClient:
         response = self.call(self._stub.CreateSession, request, timeout)
         return Session(self, response.session.session_id)
 
+    def list_sessions(self, timeout: float | None = None) -> list[SessionInfo]:
+        """The sessions this client's token may use: the default session first (``is_default``),
+        then the ones it created, oldest first."""
+        response = self.call(self._stub.ListSessions, pb.ListSessionsRequest(), timeout)
+        return [_session_info(s) for s in response.sessions]
+
+    def list_checkpoints(self, timeout: float | None = None) -> list[CheckpointFile]:
+        """The checkpoints this client's token may load, by name (none when the server has no
+        ``--checkpoint-dir``)."""
+        response = self.call(self._stub.ListSessions, pb.ListSessionsRequest(), timeout)
+        return [CheckpointFile(c.name, c.size_bytes, c.modified_unix_seconds) for c in response.checkpoints]
+
 
 class Session:
     """One session on the server: a model with its optimizer, gradients and pending forward."""
@@ -439,3 +452,10 @@ class Session:
             list(response.leaf_parameters),
             list(response.excluded_parameters),
         )
+
+    def reset(self, timeout: float | None = None) -> SessionInfo:
+        """Puts the default session back as the server started it: weights, BatchNorm buffers, head,
+        optimizer and its state, step count, frozen set; no gradients, no pending forward. Other
+        sessions cannot be reset (``FailedPreconditionError``, reason ``RESET_NOT_AVAILABLE``)."""
+        request = pb.ResetSessionRequest(session_id=self.session_id)
+        return _session_info(self._client.call(self._stub.ResetSession, request, timeout).session)

@@ -7,6 +7,7 @@ with ``from``. Catch ``TrainerError`` for any failure, or a subclass for one kin
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import cast
 
 import grpc
 from google.rpc import error_details_pb2
@@ -120,7 +121,8 @@ _BY_CODE: dict[grpc.StatusCode, type[TrainerError]] = {
 
 def from_rpc_error(error: grpc.RpcError) -> TrainerError:
     """The ``TrainerError`` subclass for a failed call, with ErrorInfo and BadRequest unpacked."""
-    call = error if isinstance(error, grpc.Call) else None
+    # A failed grpc.aio call (AioRpcError) answers code(), details() and trailing_metadata() as a grpc.Call does.
+    call = cast(grpc.Call, error) if isinstance(error, (grpc.Call, grpc.aio.AioRpcError)) else None
     code = call.code() if call is not None else grpc.StatusCode.UNKNOWN
     message = (call.details() if call is not None else str(error)) or ""
     reason = ""

@@ -111,16 +111,18 @@ class RemoteParameter:
 
     @property
     def requires_grad(self) -> bool:
-        """Whether autograd computes a gradient for it on the server (asked each time)."""
-        return self.model.session.list_parameters()[self.name].requires_grad
+        """Whether autograd computes a gradient for it on the server, as this model knows it (no call:
+        what the server last said, with the changes not yet sent)."""
+        return self.model._requires_grad_of(self.name)
 
     @requires_grad.setter
     def requires_grad(self, value: bool) -> None:
         self.requires_grad_(value)
 
     def requires_grad_(self, requires_grad: bool = True) -> RemoteParameter:
-        """Freezes (False) or unfreezes (True) this parameter on the server."""
-        self.model._set_requires_grad([self.name], requires_grad)
+        """Freezes (False) or unfreezes (True) this parameter on the server: the change is sent with
+        the others made since, in one FreezeLayers call, before the model's next call to the server."""
+        self.model._defer_requires_grad(self.name, requires_grad)
         return self
 
     def __repr__(self) -> str:
@@ -187,6 +189,9 @@ class RemoteModel(nn.Module):
                 target = self._own_client = TrainerClient(target, timeout=timeout)
             self._session = target.session(session_id)
         self._parameters_cache: ParameterList | None = None
+        # requires_grad as the server last said it, and the changes made here not yet sent.
+        self._known_requires_grad: dict[str, bool] | None = None
+        self._pending_requires_grad: dict[str, bool] = {}
         # Requires grad, so that logits made on the server are part of the local autograd graph.
         self._anchor = torch.empty(0, requires_grad=True)
         self.last_backward = None
@@ -222,6 +227,8 @@ class RemoteModel(nn.Module):
     def close(self) -> None:
         """Closes the session if this model created it, and the connection if it opened it; idempotent."""
         try:
+            if not self._own_session and self._pending_requires_grad:
+                self._flush_requires_grad()  # a shared session keeps the changes made here
             if self._own_session:
                 self._own_session = False
                 self._session.close()
@@ -238,7 +245,9 @@ class RemoteModel(nn.Module):
 
     @property
     def session(self) -> Session:
-        """The SDK session underneath, for everything the SDK offers."""
+        """The SDK session underneath, for everything the SDK offers (requires_grad changes not yet
+        sent are sent first, so every call sees them)."""
+        self._flush_requires_grad()
         return self._session
 
     # -- forward -------------------------------------------------------------------------------
@@ -252,7 +261,7 @@ class RemoteModel(nn.Module):
         """
         device = x.device if isinstance(x, torch.Tensor) else torch.device("cpu")
         grad = torch.is_grad_enabled()
-        result = self._session.forward(x, eval_mode=not self.training, no_grad=not grad)
+        result = self.session.forward(x, eval_mode=not self.training, no_grad=not grad)
         logits = _tensor(result.logits)
         if grad:
             logits = _RemoteLogits.apply(self._anchor, logits, self, result.forward_id)
@@ -262,7 +271,7 @@ class RemoteModel(nn.Module):
 
     def _parameter_list(self, refresh: bool = False) -> ParameterList:
         if refresh or self._parameters_cache is None:
-            self._parameters_cache = self._session.list_parameters()
+            self._parameters_cache = self.session.list_parameters()
         return self._parameters_cache
 
     def _names(self) -> list[str]:
@@ -302,14 +311,52 @@ class RemoteModel(nn.Module):
         return (p for _, p in self.named_parameters())
 
     def list_parameters(self) -> ParameterList:
-        """Every parameter with shape, requires_grad and whether it has a .grad (asked now)."""
+        """Every parameter with shape, requires_grad and whether it has a .grad (asked now; what this
+        model knows of requires_grad is refreshed from it)."""
+        self._flush_requires_grad()
+        self._known_requires_grad = None
         return self._parameter_list(refresh=True)
 
     def _set_requires_grad(self, patterns: list[str], requires_grad: bool) -> None:
-        if requires_grad:
-            self._session.unfreeze(*patterns)
+        result = self.session.unfreeze(*patterns) if requires_grad else self.session.freeze(*patterns)
+        self._learn_trainable(result.trainable)
+
+    def _learn_trainable(self, trainable: list[str]) -> None:
+        """What a FreezeLayers answer says: exactly these parameters are trainable."""
+        chosen = set(trainable)
+        self._known_requires_grad = {name: name in chosen for name in self._names()}
+
+    def _known(self) -> dict[str, bool]:
+        if self._known_requires_grad is None:
+            self._known_requires_grad = {p.name: p.requires_grad for p in self._parameter_list().parameters}
+        return self._known_requires_grad
+
+    def _requires_grad_of(self, name: str) -> bool:
+        if name in self._pending_requires_grad:
+            return self._pending_requires_grad[name]
+        return self._known()[name]
+
+    def _defer_requires_grad(self, name: str, requires_grad: bool) -> None:
+        """Notes a change of one parameter's requires_grad, sent by the next ``_flush_requires_grad``."""
+        known = self._known()
+        if name not in known:
+            raise AttributeError(f"the remote model has no parameter {name!r}")
+        if known[name] == bool(requires_grad):
+            self._pending_requires_grad.pop(name, None)  # back to what the server has: nothing to send
         else:
-            self._session.freeze(*patterns)
+            self._pending_requires_grad[name] = bool(requires_grad)
+
+    def _flush_requires_grad(self) -> None:
+        """Sends the requires_grad changes not yet sent: one FreezeLayers call for those to freeze,
+        one for those to unfreeze (none when nothing changed)."""
+        if not self._pending_requires_grad:
+            return
+        pending, self._pending_requires_grad = self._pending_requires_grad, {}
+        for value in (False, True):
+            names = [n for n, v in pending.items() if v == value]
+            if names:
+                result = self._session.unfreeze(*names) if value else self._session.freeze(*names)
+                self._learn_trainable(result.trainable)
 
     def requires_grad_(self, requires_grad: bool = True) -> RemoteModel:
         """Freezes (False) or unfreezes (True) every parameter, in one call."""
@@ -318,11 +365,15 @@ class RemoteModel(nn.Module):
 
     def freeze(self, *patterns: str) -> list[str]:
         """Freezes parameters by name pattern ("layer4.*", "layer1", "*"); returns the trainable ones after."""
-        return self._session.freeze(*patterns).trainable
+        trainable = self.session.freeze(*patterns).trainable
+        self._learn_trainable(trainable)
+        return trainable
 
     def unfreeze(self, *patterns: str) -> list[str]:
         """Unfreezes parameters by name pattern; returns the trainable ones after."""
-        return self._session.unfreeze(*patterns).trainable
+        trainable = self.session.unfreeze(*patterns).trainable
+        self._learn_trainable(trainable)
+        return trainable
 
     def replace_head(self, num_classes: int, seed: int = 0) -> RemoteModule:
         """``model.fc = nn.Linear(512, num_classes)`` on the server (initialised after ``torch.manual_seed(seed)``).
@@ -330,19 +381,20 @@ class RemoteModel(nn.Module):
         The new head is trainable, as a new ``nn.Linear`` is; the server's optimizer is rebuilt over
         the new parameters. Returns the handle ``model.fc``.
         """
-        self._session.replace_head(num_classes, seed)
+        self.session.replace_head(num_classes, seed)
         self._parameter_list(refresh=True)
+        self._known_requires_grad = None
         return RemoteModule(self, "fc")
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Clears every parameter's ``.grad`` on the server."""
-        self._session.zero_grad(set_to_none)
+        self.session.zero_grad(set_to_none)
 
     def fetch_state_dict(self, include_buffers: bool = True) -> dict[str, torch.Tensor]:
         """Every parameter (and buffer) value as a torch tensor: ``local.load_state_dict(...)`` takes it."""
         return {
             name: _tensor(t.array)
-            for name, t in self._session.parameters(include_buffers=include_buffers).items()
+            for name, t in self.session.parameters(include_buffers=include_buffers).items()
             if t.array is not None
         }
 
@@ -350,11 +402,11 @@ class RemoteModel(nn.Module):
 
     def info(self) -> SessionInfo:
         """What the session holds: weights, device, classes, optimizer, steps."""
-        return self._session.info()
+        return self.session.info()
 
     def graph(self) -> Graph:
         """The autograd graph of the last forward (call it before ``backward``, which frees it)."""
-        return self._session.graph()
+        return self.session.graph()
 
     def sgd(
         self, lr: float = 1e-3, momentum: float = 0.0, dampening: float = 0.0, weight_decay: float = 0.0, nesterov: bool = False

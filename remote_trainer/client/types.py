@@ -146,3 +146,12 @@ class Graph:
     edges: list[tuple[int, int]]
     leaf_parameters: list[str]
     excluded_parameters: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class CheckpointFile:
+    """A checkpoint in the server's checkpoint directory that this client may load."""
+
+    name: str
+    size_bytes: int
+    modified_unix_seconds: float

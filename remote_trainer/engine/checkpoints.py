@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -20,6 +21,34 @@ def checkpoint_path(name: str, checkpoint_dir: str, owner: str = "") -> Path:
     directory = Path(checkpoint_dir) / owner if owner else Path(checkpoint_dir)
     directory.mkdir(exist_ok=True)
     return resolve_inside(name, str(directory), "name")
+
+
+@dataclass(frozen=True)
+class CheckpointFile:
+    """A checkpoint on disk: its name, size and when it was written (Unix seconds)."""
+
+    name: str
+    size_bytes: int
+    modified: float
+
+
+def list_checkpoints(checkpoint_dir: str, owner: str = "") -> list[CheckpointFile]:
+    """The checkpoints ``owner`` may load, by name; none when there is no checkpoint directory.
+
+    Files directly in the owner's folder (the directory itself without tokens), leaving out the
+    temporary files of saves in progress."""
+    if not checkpoint_dir:
+        return []
+    directory = Path(checkpoint_dir) / owner if owner else Path(checkpoint_dir)
+    if not directory.is_dir():
+        return []
+    found = []
+    for path in sorted(directory.iterdir()):
+        if path.name.startswith(".") or path.is_symlink() or not path.is_file():
+            continue
+        stat = path.stat()
+        found.append(CheckpointFile(path.name, stat.st_size, stat.st_mtime))
+    return found
 
 
 def save(state: dict[str, object], path: Path) -> int:

@@ -62,6 +62,12 @@ def head_of(model: nn.Module) -> nn.Linear:
     return head
 
 
+WEIGHTS_FILE_HELP = (
+    "a weights file must hold a resnet18 state_dict: torch.save(model.state_dict(), 'name.pt') "
+    "(read with torch.load(weights_only=True)) or safetensors.torch.save_file(model.state_dict(), 'name.safetensors')"
+)
+
+
 def load_state_dict_file(path: Path) -> dict[str, torch.Tensor]:
     """A state_dict from a .safetensors file or a torch.save file (loaded with weights_only=True)."""
     if not path.is_file():
@@ -74,9 +80,12 @@ def load_state_dict_file(path: Path) -> dict[str, torch.Tensor]:
         else:
             state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # any unreadable file is the caller's problem, reported as such
-        raise invalid("weights", f"cannot read weights file {path.name!r}: {exc}", "WEIGHTS_UNREADABLE") from exc
+        reader = "safetensors.torch.load_file" if path.suffix == ".safetensors" else "torch.load(weights_only=True)"
+        raise invalid("weights", f"cannot read weights file {path.name!r}: {reader} failed ({type(exc).__name__}); "
+                      f"{WEIGHTS_FILE_HELP}", "WEIGHTS_UNREADABLE") from exc
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise invalid("weights", f"weights file {path.name!r} does not hold a state_dict of tensors", "WEIGHTS_UNREADABLE")
+        raise invalid("weights", f"weights file {path.name!r} does not hold a state_dict of tensors; {WEIGHTS_FILE_HELP}",
+                      "WEIGHTS_UNREADABLE")
     return state
 
 

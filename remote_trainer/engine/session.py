@@ -11,9 +11,11 @@ exactly as it was.
 from __future__ import annotations
 
 import copy
+import logging
 import functools
 import math
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -42,6 +44,9 @@ from remote_trainer.engine.results import (
     SessionDescription,
 )
 from remote_trainer.engine.tensors import require_finite, require_float32, tensor_stats, to_cpu
+
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -88,7 +93,10 @@ class SessionEngine:
         weights: str,
         optimizer: OptimizerSpec,
         limits: Limits,
+        keep_initial_state: bool = False,
     ) -> None:
+        """``keep_initial_state`` keeps a CPU copy of the starting state (the size of the weights),
+        which ``reset()`` returns to: the server's default session has one."""
         optimizer.validate()
         self._lock = threading.Lock()
         self._model = model.to(device)
@@ -100,13 +108,31 @@ class SessionEngine:
         self._step_count = 0
         self._forward_count = 0
         self._pending: _Pending | None = None
+        # Said in errors about the head's size after ReplaceHead, so a shape error tells what changed.
+        self._head_note = ""
+        self._initial = self.checkpoint() if keep_initial_state else None
 
     @classmethod
-    def from_spec(cls, model: ModelSpec, optimizer: OptimizerSpec, limits: Limits) -> SessionEngine:
+    def from_spec(
+        cls, model: ModelSpec, optimizer: OptimizerSpec, limits: Limits, keep_initial_state: bool = False
+    ) -> SessionEngine:
         """A session whose model is built here, from plain data (how a session in another process is made)."""
         optimizer.validate()
         module, source, device = model.build()
-        return cls(module, device, source, optimizer, limits)
+        return cls(module, device, source, optimizer, limits, keep_initial_state=keep_initial_state)
+
+    def warm_up(self) -> None:
+        """One training-mode forward and backward of a small batch on a copy of the model, so that the
+        first client call does not pay for cold kernels and the allocator. The session itself
+        (weights, BatchNorm statistics, gradients) is untouched."""
+        started = time.monotonic()
+        with self._lock:
+            scratch = copy.deepcopy(self._model).train()
+        scratch(torch.zeros(2, 3, 64, 64, device=self._device)).sum().backward()
+        if self._device.type == "cuda":
+            torch.cuda.synchronize(self._device)
+        del scratch
+        log.info("warmed up in %.2f s", time.monotonic() - started)
 
     # -- training step -------------------------------------------------------------------------
 
@@ -207,7 +233,8 @@ class SessionEngine:
                 if tuple(output_gradient.shape) != tuple(logits.shape):
                     raise invalid(
                         "output_gradient",
-                        f"output_gradient must have the logits' shape {list(logits.shape)}, got {list(output_gradient.shape)}",
+                        f"output_gradient must have the logits' shape {list(logits.shape)}, got {list(output_gradient.shape)}"
+                        + self._head_note,
                         "BAD_OUTPUT_GRADIENT_SHAPE",
                     )
                 require_finite(output_gradient, "output_gradient")
@@ -234,11 +261,13 @@ class SessionEngine:
                 raise invalid("loss.labels", f"cross_entropy labels must have shape [{logits.shape[0]}], got {list(labels.shape)}", "BAD_LABEL_SHAPE")
             classes = logits.shape[1]
             if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= classes):
-                raise invalid("loss.labels", f"class indices must be in [0, {classes}), got {labels.tolist()}", "CLASS_INDEX_OUT_OF_RANGE")
+                raise invalid("loss.labels", f"class indices must be in [0, {classes}), got {labels.tolist()}{self._head_note}",
+                              "CLASS_INDEX_OUT_OF_RANGE")
             return F.cross_entropy(logits, labels.to(self._device))
         require_float32(labels, "loss.labels")
         if tuple(labels.shape) != tuple(logits.shape):
-            raise invalid("loss.labels", f"{loss} labels must have the logits' shape {list(logits.shape)}, got {list(labels.shape)}", "BAD_LABEL_SHAPE")
+            raise invalid("loss.labels", f"{loss} labels must have the logits' shape {list(logits.shape)}, got {list(labels.shape)}"
+                          + self._head_note, "BAD_LABEL_SHAPE")
         require_finite(labels, "loss.labels")
         target = labels.to(self._device, non_blocking=True)
         if loss == "sum":
@@ -301,7 +330,12 @@ class SessionEngine:
             raise invalid("num_classes", f"num_classes must be in 1..{MAX_CLASSES}, got {num_classes}", "BAD_NUM_CLASSES")
         head = new_head(head_of(self._model).in_features, num_classes, seed)
         with self._lock:
+            before = head_of(self._model).out_features
             self._model.fc = head.to(self._device)
+            self._head_note = (
+                f" (the head has {num_classes} classes since ReplaceHead(num_classes={num_classes}) replaced the one "
+                f"of {before}" + ("; ResetSession restores the original" if self._initial is not None else "") + ")"
+            )
             self._optimizer = self._spec.build(self._model.parameters())
             if self._pending is not None:
                 fid = self._pending.forward_id
@@ -372,7 +406,19 @@ class SessionEngine:
         self._step_count = step_count
         self._weights = str(state.get("weights", self._weights))
         self._pending = None
+        self._head_note = ""
         return self._describe()
+
+    def reset(self) -> SessionDescription:
+        """Back to the state the session started in (``keep_initial_state``): weights, buffers, head,
+        optimizer settings and state, step count, frozen set; no gradients, no pending forward.
+        Forward ids keep counting up, so a prediction from before the reset stays stale."""
+        with self._lock:
+            if self._initial is None:
+                raise FailedPrecondition(
+                    "only the default session can be reset: close this session and create a new one", "RESET_NOT_AVAILABLE"
+                )
+            return self._restore(self._initial)
 
     # -- reading state -------------------------------------------------------------------------
 

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import os
 import signal
+import socket
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,12 +19,13 @@ from google.protobuf import message_factory
 from google.protobuf.message import DecodeError
 from grpc_health.v1 import _async as health_aio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 
+from remote_trainer.engine.errors import FailedPrecondition
 from remote_trainer.server.auth import AuthInterceptor, TokenAuth
 from remote_trainer.engine.limits import Limits
 from remote_trainer.engine.optimizer import OptimizerSpec
 from remote_trainer.engine.session import SessionEngine
+from remote_trainer.server import reflection
 from remote_trainer.server.metrics import Metrics
 from remote_trainer.engine.models import ModelSpec
 from remote_trainer.server.servicer import TrainerServicer
@@ -90,7 +93,8 @@ def create_server(settings: Settings) -> TrainerServer:
     """
     limits = Limits(max_input_elements=settings.max_input_elements, max_batch=settings.max_batch)
     store = session_store(settings, limits)
-    default = store.get(DEFAULT_SESSION_ID).describe()
+    default_session = store.get(DEFAULT_SESSION_ID)
+    default = default_session.describe()
     auth = TokenAuth.from_settings(settings)
     metrics = Metrics(store.__len__)
     servicer = TrainerServicer(store, limits, settings, auth, metrics)
@@ -100,6 +104,15 @@ def create_server(settings: Settings) -> TrainerServer:
     try:
         server, health_servicer, port = asyncio.run_coroutine_threadsafe(_start(settings, servicer, metrics, auth), loop).result()
     except BaseException:
+        servicer.close()
+        loop.call_soon_threadsafe(loop.stop)
+        raise
+    try:
+        # Bound (so a busy port is told at once), but NOT_SERVING until the first call will be as fast as the next.
+        default_session.warm_up()
+        asyncio.run_coroutine_threadsafe(_serving(health_servicer), loop).result()
+    except BaseException:
+        asyncio.run_coroutine_threadsafe(server.stop(None), loop).result()
         servicer.close()
         loop.call_soon_threadsafe(loop.stop)
         raise
@@ -144,16 +157,42 @@ async def _start(
     server.add_generic_rpc_handlers((_counted_handlers(servicer, metrics),))
     health_servicer = health_aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    reflection.enable_server_reflection(
-        (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), server
-    )
+    reflection.enable((SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name), server)
     host = f"[{settings.host}]" if ":" in settings.host and not settings.host.startswith("[") else settings.host
-    port = server.add_secure_port(f"{host}:{settings.port}", _tls(settings)) if settings.tls_cert else \
-        server.add_insecure_port(f"{host}:{settings.port}")
+    try:
+        port = server.add_secure_port(f"{host}:{settings.port}", _tls(settings)) if settings.tls_cert else \
+            server.add_insecure_port(f"{host}:{settings.port}")
+    except RuntimeError as exc:
+        raise _bind_error(settings.host, settings.port) from exc
+    for name in ("", SERVICE_NAME):
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
     await server.start()
+    return server, health_servicer, port
+
+
+async def _serving(health_servicer: health_aio.HealthServicer) -> None:
     for name in ("", SERVICE_NAME):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    return server, health_servicer, port
+
+
+def _bind_error(host: str, port: int) -> FailedPrecondition:
+    """Why the server could not listen on host:port, and what to do about it, in one line."""
+    try:
+        with socket.create_server((host.strip("[]"), port)):
+            cause = "gRPC could not bind it"
+    except OSError as exc:
+        if exc.errno == errno.EADDRINUSE:
+            return FailedPrecondition(
+                f"port {port} on {host} is already in use (another trainer-server still running?): stop that "
+                "process, or start on another port with --port N (--port 0 picks a free one)",
+                "PORT_IN_USE",
+            )
+        cause = exc.strerror or str(exc)
+    return FailedPrecondition(
+        f"cannot listen on {host}:{port}: {cause}; check --host (an address of this machine) and --port "
+        "(--port 0 picks a free one)",
+        "CANNOT_LISTEN",
+    )
 
 
 def _tls(settings: Settings) -> grpc.ServerCredentials:
@@ -217,7 +256,7 @@ def _expire_sessions(running: TrainerServer) -> None:
     """Closes idle sessions, checking four times per idle period (at most every 30 s)."""
     interval = min(running.store.idle_seconds / 4, 30.0)
     while not running._stopping.wait(interval):
-        running.store.expire_idle()
+        running.servicer.forget_sessions(running.store.expire_idle())
 
 
 def session_store(settings: Settings, limits: Limits) -> Sessions:
@@ -234,7 +273,7 @@ def session_store(settings: Settings, limits: Limits) -> Sessions:
         from remote_trainer.server.ray_backend import RaySessionStore  # imports ray: only with this backend
 
         return RaySessionStore.connect(settings, default_model, limits)
-    default = SessionEngine.from_spec(default_model, OptimizerSpec.tutorial(), limits)
+    default = SessionEngine.from_spec(default_model, OptimizerSpec.tutorial(), limits, keep_initial_state=True)
     return SessionStore(
         default,
         lambda model, optimizer: SessionEngine.from_spec(model, optimizer, limits),

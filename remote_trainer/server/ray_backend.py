@@ -45,6 +45,7 @@ from remote_trainer.engine.errors import FailedPrecondition, NotFound, ResourceE
 from remote_trainer.engine.limits import Limits
 from remote_trainer.engine.models import ModelSpec
 from remote_trainer.engine.optimizer import OptimizerSpec
+from remote_trainer.engine.protocol import Engine
 from remote_trainer.engine.results import (
     BackwardResult,
     CheckpointInfo,
@@ -71,7 +72,7 @@ REMEMBERED = 10_000
 # Engine methods a front-end may call on a session actor.
 ENGINE_METHODS = frozenset({
     "forward", "backward", "step", "zero_grad", "configure_optimizer", "freeze", "replace_head", "parameters_info",
-    "gradients", "parameters", "graph", "describe", "save_checkpoint", "load_checkpoint",
+    "gradients", "parameters", "graph", "describe", "save_checkpoint", "load_checkpoint", "reset", "warm_up",
 })
 
 def actor_name(session_id: str) -> str:
@@ -92,12 +93,15 @@ class SessionActor:
         self._actor_id = ray.get_runtime_context().get_actor_id() or ""
         self._last_call = time.monotonic()
 
-    def build(self, model: ModelSpec, optimizer: OptimizerSpec, limits: Limits) -> tuple[SessionDescription, str]:
+    def build(
+        self, model: ModelSpec, optimizer: OptimizerSpec, limits: Limits, keep_initial_state: bool = False
+    ) -> tuple[SessionDescription, str]:
         """Builds the engine (once: a second front-end starting the default session finds it built);
-        returns its description and this actor's id."""
+        returns its description and this actor's id. The default session keeps its initial state
+        (for ResetSession)."""
         with self._build_lock:
             if self._engine is None:
-                self._engine = SessionEngine.from_spec(model, optimizer, limits)
+                self._engine = SessionEngine.from_spec(model, optimizer, limits, keep_initial_state)
             return self._placed(self._engine.describe()), self._actor_id
 
     def call(self, method: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
@@ -212,6 +216,10 @@ class SessionRegistry:
         """The live sessions but the default one."""
         return [sid for sid, r in self._records.items() if r.state == "live" and sid != DEFAULT_SESSION_ID]
 
+    def owned(self, owner: str) -> list[str]:
+        """The live sessions of ``owner`` but the default one, in creation order."""
+        return [sid for sid, r in self._records.items() if r.state == "live" and r.owner == owner and sid != DEFAULT_SESSION_ID]
+
     def count(self) -> int:
         """Sessions held (live or being created), the default one included."""
         return sum(1 for r in self._records.values() if r.state in HELD)
@@ -319,6 +327,13 @@ class RayEngine:
         result: SessionDescription = self._call("describe")
         return result
 
+    def reset(self) -> SessionDescription:
+        result: SessionDescription = self._call("reset")
+        return result
+
+    def warm_up(self) -> None:
+        self._call("warm_up")
+
     def save_checkpoint(self, path: str) -> CheckpointInfo:
         """Written by the actor, on its node: the checkpoint folder must be storage every node sees."""
         result: CheckpointInfo = self._call("save_checkpoint", path)
@@ -388,6 +403,11 @@ class RaySessionStore:
         return self._idle_seconds
 
     # -- the Sessions protocol ----------------------------------------------------------------------
+
+    def visible_to(self, owner: str = "") -> list[tuple[str, Engine]]:
+        """The sessions ``owner`` may use, from any front-end: the default session first, then its own."""
+        owned: list[str] = self._ask(self._registry.owned.remote(owner))
+        return [(sid, self.get(sid, owner)) for sid in [DEFAULT_SESSION_ID, *owned]]
 
     def get(self, session_id: str, owner: str = "") -> RayEngine:
         sid = session_id or DEFAULT_SESSION_ID
@@ -503,16 +523,20 @@ class RaySessionStore:
             name=actor_name(DEFAULT_SESSION_ID), get_if_exists=True, **self._options
         ).remote()
         try:
-            description, actor_id = self._build(handle, model, OptimizerSpec.tutorial())
+            description, actor_id = self._build(handle, model, OptimizerSpec.tutorial(), keep_initial_state=True)
         except BaseException:
             ray.kill(handle)  # so that a front-end started with corrected settings builds it anew
             raise
         self._ask(self._registry.register_default.remote(actor_id))
         log.info("default session on %s (weights %s)", description.device, description.weights)
 
-    def _build(self, handle: Any, model: ModelSpec, optimizer: OptimizerSpec) -> tuple[SessionDescription, str]:
+    def _build(
+        self, handle: Any, model: ModelSpec, optimizer: OptimizerSpec, keep_initial_state: bool = False
+    ) -> tuple[SessionDescription, str]:
         try:
-            built: tuple[SessionDescription, str] = ray.get(handle.build.remote(model, optimizer, self._limits), timeout=self._timeout)
+            built: tuple[SessionDescription, str] = ray.get(
+                handle.build.remote(model, optimizer, self._limits, keep_initial_state), timeout=self._timeout
+            )
             return built
         except RayTaskError as exc:
             raise _cause(exc) from None

@@ -21,6 +21,7 @@ from remote_trainer.server.metrics import Metrics
 from remote_trainer.server.sessions import DEFAULT_SESSION_ID, Sessions
 from remote_trainer.server.settings import Settings
 from remote_trainer.server.status import Context, streaming, unary
+from remote_trainer.server.tensorboard import TrainingLog
 from remote_trainer.contract.trainer.v1 import trainer_pb2 as pb
 
 log = logging.getLogger(__name__)
@@ -51,6 +52,9 @@ class TrainerServicer:
         self.metrics = metrics
         self.stream_write_timeout = settings.stream_write_timeout_seconds
         self._dispatcher = Dispatcher(settings.max_workers)
+        self._tensorboard = (
+            TrainingLog(settings.tensorboard_dir, settings.tensorboard_histograms_every) if settings.tensorboard_dir else None
+        )
 
     async def run(self, session_id: str | None, work: Callable[[], T]) -> T:
         """Runs a method's blocking work on a worker thread, one call at a time per session."""
@@ -59,6 +63,14 @@ class TrainerServicer:
     def close(self) -> None:
         """Stops the worker threads once their current work is done."""
         self._dispatcher.close()
+        if self._tensorboard is not None:
+            self._tensorboard.close()
+
+    def forget_sessions(self, session_ids: list[str]) -> None:
+        """Lets go of what the servicer keeps for sessions the store has closed (expired ones)."""
+        if self._tensorboard is not None:
+            for session_id in session_ids:
+                self._tensorboard.close_session(session_id)
 
     def _session(self, session_id: str, context: Context) -> Engine:
         return self._store.get(session_id, caller(self._auth, context))
@@ -82,6 +94,8 @@ class TrainerServicer:
     @unary
     def CloseSession(self, request: pb.CloseSessionRequest, context: Context) -> pb.CloseSessionResponse:
         self._store.close(request.session_id, caller(self._auth, context))
+        if self._tensorboard is not None:
+            self._tensorboard.close_session(request.session_id)
         return pb.CloseSessionResponse(session_id=request.session_id)
 
     @unary
@@ -100,6 +114,8 @@ class TrainerServicer:
         # Numbers travel as 8-byte doubles, raw logits as 4-byte floats; 64 KiB for the rest of the message.
         budget = None if fmt == pb.OUTPUT_FORMAT_STATS_ONLY else (self._max_message_bytes - 65536) // (8 if as_values else 4)
         result = engine.forward(x, eval_mode=request.eval_mode, no_grad=request.no_grad, max_logits_elements=budget)
+        if self._tensorboard is not None:
+            self._tensorboard.forward(request.session_id or DEFAULT_SESSION_ID)
         response = pb.ForwardResponse(forward_id=result.forward_id, logits_stats=convert.stats_message(result.stats))
         if as_values:
             response.logits_values.CopyFrom(convert.output_values(result.logits))
@@ -124,6 +140,9 @@ class TrainerServicer:
             result = engine.backward(request.forward_id, output_gradient=gradient, retain_graph=request.retain_graph)
         else:
             raise invalid("source", "give a loss or an output_gradient", "NO_BACKWARD_SOURCE")
+        if self._tensorboard is not None:
+            self._tensorboard.backward(request.session_id or DEFAULT_SESSION_ID, engine.describe().step_count, result.loss,
+                                       result.grad_norm)
         response = pb.BackwardResponse(
             forward_id=result.forward_id, parameters_with_grad=result.parameters_with_grad, grad_norm=result.grad_norm
         )
@@ -135,6 +154,10 @@ class TrainerServicer:
     def Step(self, request: pb.StepRequest, context: Context) -> pb.StepResponse:
         engine = self._session(request.session_id, context)
         step_count, updated = engine.step()
+        if self._tensorboard is not None:
+            due = self._tensorboard.histograms_due(step_count)
+            self._tensorboard.step(request.session_id or DEFAULT_SESSION_ID, step_count, engine.describe().optimizer.lr,
+                                   engine.gradients([]) if due else [])
         if self._checkpoint_every and step_count % self._checkpoint_every == 0:
             name = f"auto-{request.session_id or DEFAULT_SESSION_ID}.ckpt"
             try:
@@ -201,3 +224,18 @@ class TrainerServicer:
         engine = self._session(request.session_id, context)
         description = engine.load_checkpoint(str(self._checkpoint_path(request.name, context)))
         return pb.LoadCheckpointResponse(session=self._info(request.session_id, description))
+
+    @unary
+    def ResetSession(self, request: pb.ResetSessionRequest, context: Context) -> pb.ResetSessionResponse:
+        description = self._session(request.session_id, context).reset()
+        return pb.ResetSessionResponse(session=self._info(request.session_id, description))
+
+    @unary
+    def ListSessions(self, request: pb.ListSessionsRequest, context: Context) -> pb.ListSessionsResponse:
+        owner = caller(self._auth, context)
+        sessions = [self._info(sid, engine.describe()) for sid, engine in self._store.visible_to(owner)]
+        files = [
+            pb.CheckpointFile(name=f.name, size_bytes=f.size_bytes, modified_unix_seconds=f.modified)
+            for f in checkpoints.list_checkpoints(self._checkpoint_dir, owner)
+        ]
+        return pb.ListSessionsResponse(sessions=sessions, checkpoints=files)

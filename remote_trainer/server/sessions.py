@@ -54,6 +54,10 @@ class Sessions(Protocol):
         """Ends a session of ``owner``."""
         ...
 
+    def visible_to(self, owner: str = "") -> list[tuple[str, Engine]]:
+        """The sessions ``owner`` may use: the default session first, then its own in creation order."""
+        ...
+
     def expire_idle(self) -> list[str]:
         """Closes the sessions idle longer than ``idle_seconds``; returns their ids."""
         ...
@@ -176,6 +180,13 @@ class SessionStore:
         if stale:
             release_freed_memory()
         return stale
+
+    def visible_to(self, owner: str = "") -> list[tuple[str, Engine]]:
+        """The sessions ``owner`` may use: the default session first, then its own in creation order."""
+        with self._lock:
+            return [
+                (sid, e.engine) for sid, e in self._sessions.items() if sid == DEFAULT_SESSION_ID or e.owner == owner
+            ]
 
     def __len__(self) -> int:
         with self._lock:

@@ -91,6 +91,11 @@ class Settings:
     ray_scheduling: str = "spread"
     # Seconds a call on a session actor (or its creation) may take before it is reported UNAVAILABLE.
     ray_timeout: float = 600.0
+    # Directory of TensorBoard event files, a run per session (loss, grad norm, lr, step time,
+    # gradient histograms); empty: off. Needs the tensorboard package.
+    tensorboard_dir: str = ""
+    # Gradient histograms every N steps (0: none); each copies every gradient to the CPU.
+    tensorboard_histograms_every: int = 10
 
 
 _HELP = {
@@ -128,6 +133,8 @@ _HELP = {
     "ray_resources": "custom Ray resources each session reserves, NAME=AMOUNT,...",
     "ray_scheduling": "spread | default: how Ray places sessions over the nodes",
     "ray_timeout": "seconds a call on a session actor may take before it is UNAVAILABLE",
+    "tensorboard_dir": "write TensorBoard event files here, a run per session (empty: off; needs tensorboard)",
+    "tensorboard_histograms_every": "gradient histograms in the TensorBoard files every N steps (0: none)",
 }
 
 
@@ -195,6 +202,8 @@ def validate(settings: Settings) -> list[str]:
         problems.append("checkpoint-every, max-sessions-per-token and session-idle-seconds must not be negative")
     if settings.checkpoint_every and not settings.checkpoint_dir:
         problems.append("checkpoint-every needs checkpoint-dir")
+    if settings.tensorboard_histograms_every < 0:
+        problems.append("tensorboard-histograms-every must not be negative")
     if not -1 <= settings.metrics_port <= 65535:
         problems.append(f"metrics-port {settings.metrics_port} is not in -1..65535")
     if settings.backend not in ("local", "ray"):

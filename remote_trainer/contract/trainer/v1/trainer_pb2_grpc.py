@@ -116,6 +116,16 @@ class TrainerServiceStub:
                 request_serializer=remote__trainer_dot_contract_dot_trainer_dot_v1_dot_trainer__pb2.LoadCheckpointRequest.SerializeToString,
                 response_deserializer=remote__trainer_dot_contract_dot_trainer_dot_v1_dot_trainer__pb2.LoadCheckpointResponse.FromString,
                 _registered_method=True)
+        self.ResetSession = channel.unary_unary(
+                '/trainer.v1.TrainerService/ResetSession',
+                request_serializer=remote__trainer_dot_contract_dot_trainer_dot_v1_dot_trainer__pb2.ResetSessionRequest.SerializeToString,
+                response_deserializer=remote__trainer_dot_contract_dot_trainer_dot_v1_dot_trainer__pb2.ResetSessionResponse.FromString,
+                _registered_method=True)
+        self.ListSessions = channel.unary_unary(
+                '/trainer.v1.TrainerService/ListSessions',
+                request_serializer=remote__trainer_dot_contract_dot_trainer_dot_v1_dot_trainer__pb2.ListSessionsRequest.SerializeToString,
+                response_deserializer=remote__trainer_dot_contract_dot_trainer_dot_v1_dot_trainer__pb2.ListSessionsResponse.FromString,
+                _registered_method=True)
 
 
 class TrainerServiceServicer:
@@ -240,6 +250,23 @@ class TrainerServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ResetSession(self, request, context):
+        """ResetSession puts the default session back in the state the server
+        started it in: weights, BatchNorm buffers, head, optimizer (settings and
+        state), step count and frozen set; no gradients and no pending forward.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListSessions(self, request, context):
+        """ListSessions lists the sessions the caller may use (the default session
+        and those its token created) and the checkpoints it may load.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_TrainerServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -322,6 +349,16 @@ def add_TrainerServiceServicer_to_server(servicer, server):
                     servicer.LoadCheckpoint,
                     request_deserializer=remote__trainer_dot_contract_dot_trainer_dot_v1_dot_trainer__pb2.LoadCheckpointRequest.FromString,
                     response_serializer=remote__trainer_dot_contract_dot_trainer_dot_v1_dot_trainer__pb2.LoadCheckpointResponse.SerializeToString,
+            ),
+            'ResetSession': grpc.unary_unary_rpc_method_handler(
+                    servicer.ResetSession,
+                    request_deserializer=remote__trainer_dot_contract_dot_trainer_dot_v1_dot_trainer__pb2.ResetSessionRequest.FromString,
+                    response_serializer=remote__trainer_dot_contract_dot_trainer_dot_v1_dot_trainer__pb2.ResetSessionResponse.SerializeToString,
+            ),
+            'ListSessions': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListSessions,
+                    request_deserializer=remote__trainer_dot_contract_dot_trainer_dot_v1_dot_trainer__pb2.ListSessionsRequest.FromString,
+                    response_serializer=remote__trainer_dot_contract_dot_trainer_dot_v1_dot_trainer__pb2.ListSessionsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -758,6 +795,60 @@ class TrainerService:
             '/trainer.v1.TrainerService/LoadCheckpoint',
             remote__trainer_dot_contract_dot_trainer_dot_v1_dot_trainer__pb2.LoadCheckpointRequest.SerializeToString,
             remote__trainer_dot_contract_dot_trainer_dot_v1_dot_trainer__pb2.LoadCheckpointResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ResetSession(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/trainer.v1.TrainerService/ResetSession',
+            remote__trainer_dot_contract_dot_trainer_dot_v1_dot_trainer__pb2.ResetSessionRequest.SerializeToString,
+            remote__trainer_dot_contract_dot_trainer_dot_v1_dot_trainer__pb2.ResetSessionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListSessions(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/trainer.v1.TrainerService/ListSessions',
+            remote__trainer_dot_contract_dot_trainer_dot_v1_dot_trainer__pb2.ListSessionsRequest.SerializeToString,
+            remote__trainer_dot_contract_dot_trainer_dot_v1_dot_trainer__pb2.ListSessionsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -81,6 +81,15 @@ class TrainerServiceStub:
     """SaveCheckpoint writes the session's state to the server's checkpoint directory, atomically."""
     LoadCheckpoint: _grpc.UnaryUnaryMultiCallable[_trainer_pb2.LoadCheckpointRequest, _trainer_pb2.LoadCheckpointResponse]
     """LoadCheckpoint puts a session in the state a checkpoint holds."""
+    ResetSession: _grpc.UnaryUnaryMultiCallable[_trainer_pb2.ResetSessionRequest, _trainer_pb2.ResetSessionResponse]
+    """ResetSession puts the default session back in the state the server
+    started it in: weights, BatchNorm buffers, head, optimizer (settings and
+    state), step count and frozen set; no gradients and no pending forward.
+    """
+    ListSessions: _grpc.UnaryUnaryMultiCallable[_trainer_pb2.ListSessionsRequest, _trainer_pb2.ListSessionsResponse]
+    """ListSessions lists the sessions the caller may use (the default session
+    and those its token created) and the checkpoints it may load.
+    """
 
 @_typing.type_check_only
 class TrainerServiceAsyncStub(TrainerServiceStub):
@@ -129,6 +138,15 @@ class TrainerServiceAsyncStub(TrainerServiceStub):
     """SaveCheckpoint writes the session's state to the server's checkpoint directory, atomically."""
     LoadCheckpoint: _aio.UnaryUnaryMultiCallable[_trainer_pb2.LoadCheckpointRequest, _trainer_pb2.LoadCheckpointResponse]  # type: ignore[assignment]
     """LoadCheckpoint puts a session in the state a checkpoint holds."""
+    ResetSession: _aio.UnaryUnaryMultiCallable[_trainer_pb2.ResetSessionRequest, _trainer_pb2.ResetSessionResponse]  # type: ignore[assignment]
+    """ResetSession puts the default session back in the state the server
+    started it in: weights, BatchNorm buffers, head, optimizer (settings and
+    state), step count and frozen set; no gradients and no pending forward.
+    """
+    ListSessions: _aio.UnaryUnaryMultiCallable[_trainer_pb2.ListSessionsRequest, _trainer_pb2.ListSessionsResponse]  # type: ignore[assignment]
+    """ListSessions lists the sessions the caller may use (the default session
+    and those its token created) and the checkpoints it may load.
+    """
 
 class TrainerServiceServicer(metaclass=_abc_1.ABCMeta):
     """TrainerService runs PyTorch's autograd tutorial remotely: Forward,
@@ -270,5 +288,26 @@ class TrainerServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_trainer_pb2.LoadCheckpointResponse, _abc.Awaitable[_trainer_pb2.LoadCheckpointResponse]]:
         """LoadCheckpoint puts a session in the state a checkpoint holds."""
+
+    @_abc_1.abstractmethod
+    def ResetSession(
+        self,
+        request: _trainer_pb2.ResetSessionRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_trainer_pb2.ResetSessionResponse, _abc.Awaitable[_trainer_pb2.ResetSessionResponse]]:
+        """ResetSession puts the default session back in the state the server
+        started it in: weights, BatchNorm buffers, head, optimizer (settings and
+        state), step count and frozen set; no gradients and no pending forward.
+        """
+
+    @_abc_1.abstractmethod
+    def ListSessions(
+        self,
+        request: _trainer_pb2.ListSessionsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_trainer_pb2.ListSessionsResponse, _abc.Awaitable[_trainer_pb2.ListSessionsResponse]]:
+        """ListSessions lists the sessions the caller may use (the default session
+        and those its token created) and the checkpoints it may load.
+        """
 
 def add_TrainerServiceServicer_to_server(servicer: TrainerServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
