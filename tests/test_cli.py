@@ -123,7 +123,7 @@ def test_graph_summary_dot_and_image(capsys: pytest.CaptureFixture[str], target:
     [
         (["--session", "no-such-session", "info"], "trainer-client: error: NOT_FOUND: "),
         (["grads", "no_such_layer"], "trainer-client: error: NOT_FOUND: no parameter or module named 'no_such_layer' [PARAMETER_NOT_FOUND]"),
-        (["replace-head", "0"], "trainer-client: error: INVALID_ARGUMENT: num_classes must be in 1..1000000, got 0 [BAD_NUM_CLASSES]"),
+        (["replace-head", "0"], "trainer-client: error: INVALID_ARGUMENT: num_classes must be in 1..100000, got 0 [BAD_NUM_CLASSES]"),
         (["step", "--data", "/no/such.npy", "--labels", "/no/such.npy"], "trainer-client: error: cannot read --data /no/such.npy: "),
         (["step", "--size", "0"], "trainer-client: error: INVALID_ARGUMENT: input images must be at least 1x1 (resnet18's 7x7 conv1 with padding 3), got 0x0 [IMAGE_TOO_SMALL]"),
     ],
