@@ -171,4 +171,11 @@ def validate(settings: Settings) -> list[str]:
         problems.append("checkpoint-every needs checkpoint-dir")
     if not -1 <= settings.metrics_port <= 65535:
         problems.append(f"metrics-port {settings.metrics_port} is not in -1..65535")
+    if not problems and (settings.tokens or settings.tokens_file):
+        from remote_trainer.server.auth import TokenAuth  # auth imports this module
+
+        try:
+            TokenAuth.from_settings(settings)
+        except (ValueError, OSError) as exc:
+            problems.append(str(exc))
     return problems
