@@ -6,8 +6,10 @@ Each test drives a real server through real channels and fails when the guard it
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -74,3 +76,98 @@ def test_settings_that_yield_no_token_or_an_empty_one_refuse_to_start(tmp_path: 
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1] == "trainer-server: error: the token of 'alice' is empty"
     assert "listening" not in proc.stderr
+
+
+CHECKPOINT_NAME_CASES = [
+    ("a\0b.ckpt", "BAD_FILE_NAME"),
+    ("x" * 256, "FILE_NAME_TOO_LONG"),
+    (".", "BAD_CHECKPOINT_NAME"),
+    ("./", "BAD_CHECKPOINT_NAME"),
+    ("~/x.ckpt", "BAD_CHECKPOINT_NAME"),
+    ("missing/x.ckpt", "BAD_CHECKPOINT_NAME"),
+    ("sub", "BAD_CHECKPOINT_NAME"),
+]
+
+
+def test_checkpoint_names_that_cannot_be_a_file_are_refused_and_nothing_is_written_outside(tmp_path: Path) -> None:
+    """Each was INTERNAL before, and SaveCheckpoint(".") wrote its temporary file into the folder's parent."""
+    folder = tmp_path / "checkpoints"
+    (folder / "sub").mkdir(parents=True)
+    running = create_server(Settings(port=0, weights="random", checkpoint_dir=str(folder)))
+    try:
+        with TrainerClient(f"localhost:{running.port}") as client:
+            s = client.session()
+            for name, reason in CHECKPOINT_NAME_CASES:
+                for call in (s.save_checkpoint, s.load_checkpoint):
+                    with pytest.raises(TrainerError) as err:
+                        call(name)
+                    assert (err.value.code, err.value.reason) == (grpc.StatusCode.INVALID_ARGUMENT, reason), (name, call)
+                    assert str(tmp_path) not in err.value.message
+            longest = "x" * 250 + ".ckpt"  # 255 bytes: a legal name, whose temporary name must fit too
+            assert s.save_checkpoint(longest) == 0
+            assert s.save_checkpoint("sub/x.ckpt") == 0
+            assert s.load_checkpoint(longest).step_count == 0
+    finally:
+        running.stop(None).wait()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoints"]  # nothing beside the folder
+    assert sorted(p.name for p in folder.iterdir()) == sorted(["sub", "x" * 250 + ".ckpt"])  # no temporaries
+    assert [p.name for p in (folder / "sub").iterdir()] == ["x.ckpt"]
+
+
+def test_a_full_disk_is_resource_exhausted_and_leaves_no_temporary(tmp_path: Path) -> None:
+    """A server whose files may not grow past 1 MiB (RLIMIT_FSIZE: the kernel's own EFBIG, as a full
+    disk gives ENOSPC): the 45 MB checkpoint fails as RESOURCE_EXHAUSTED, not INTERNAL."""
+    import resource
+    import signal
+
+    def small_files() -> None:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # the write fails with EFBIG instead of killing the server
+        resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, 1 << 20))
+
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "remote_trainer.server", "--port", "0", "--weights", "random",
+         "--checkpoint-dir", str(tmp_path)],
+        stderr=subprocess.PIPE, text=True, preexec_fn=small_files,
+    )
+    try:
+        assert proc.stderr is not None
+        port = next(int(m.group(1)) for line in proc.stderr if (m := re.search(r"listening on \S+:(\d+)", line)))
+        threading.Thread(target=proc.stderr.read, daemon=True).start()
+        with TrainerClient(f"localhost:{port}") as client:
+            with pytest.raises(TrainerError) as err:
+                client.session().save_checkpoint("big.ckpt")
+            assert (err.value.code, err.value.reason) == (grpc.StatusCode.RESOURCE_EXHAUSTED, "DISK_FULL")
+            assert str(tmp_path) not in err.value.message
+            assert client.session().info().step_count == 0  # still serving
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root may write into a read-only folder, so no permission error can be made")
+def test_a_folder_the_server_may_not_write_is_unavailable(tmp_path: Path) -> None:
+    running = create_server(Settings(port=0, weights="random", checkpoint_dir=str(tmp_path)))
+    tmp_path.chmod(0o500)
+    try:
+        with TrainerClient(f"localhost:{running.port}") as client, pytest.raises(TrainerError) as err:
+            client.session().save_checkpoint("x.ckpt")
+        assert (err.value.code, err.value.reason) == (grpc.StatusCode.UNAVAILABLE, "CHECKPOINT_DIR_NOT_WRITABLE")
+        assert str(tmp_path) not in err.value.message
+    finally:
+        tmp_path.chmod(0o700)
+        running.stop(None).wait()
+
+
+def test_cpu_out_of_memory_is_resource_exhausted() -> None:
+    """The CPU allocator's out-of-memory is a plain RuntimeError (made here for real), which the error
+    map turned into INTERNAL."""
+    import torch
+
+    from remote_trainer.server.status import _status_for
+
+    with pytest.raises(RuntimeError) as caught:
+        torch.empty(1 << 60)
+    status = _status_for(caught.value, "Forward")
+    assert status.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert status.details.startswith("the server ran out of memory")

@@ -57,6 +57,10 @@ class ResourceExhausted(TrainerError):
     """A configured limit was reached, or the device ran out of memory."""
 
 
+class Unavailable(TrainerError):
+    """The server cannot do it now, through no fault of the request (a folder it cannot write)."""
+
+
 def invalid(field_name: str, message: str, reason: str) -> InvalidArgument:
     """An InvalidArgument about one field, carrying its BadRequest violation."""
     return InvalidArgument(message, reason, (FieldViolation(field_name, message),))

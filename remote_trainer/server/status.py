@@ -31,6 +31,7 @@ from remote_trainer.engine.errors import (
     NotFound,
     ResourceExhausted,
     TrainerError,
+    Unavailable,
 )
 
 log = logging.getLogger(__name__)
@@ -43,6 +44,7 @@ CODES: dict[type[TrainerError], grpc.StatusCode] = {
     InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,
     FailedPrecondition: grpc.StatusCode.FAILED_PRECONDITION,
     ResourceExhausted: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    Unavailable: grpc.StatusCode.UNAVAILABLE,
 }
 # Shutting down (UNAVAILABLE) and bad tokens (UNAUTHENTICATED, server/auth.py) are answered by gRPC
 # and the auth interceptor before a servicer method runs.
@@ -85,6 +87,9 @@ def _status_for(exc: BaseException, method: str) -> grpc.Status:
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
         return to_status(grpc.StatusCode.RESOURCE_EXHAUSTED, f"the device ran out of memory: {exc}".splitlines()[0], "DEVICE_OUT_OF_MEMORY")
+    if isinstance(exc, RuntimeError) and "DefaultCPUAllocator: can't allocate memory" in str(exc):
+        # The CPU allocator's out-of-memory is a plain RuntimeError; its first line says how much.
+        return to_status(grpc.StatusCode.RESOURCE_EXHAUSTED, f"the server ran out of memory: {exc}".splitlines()[0], "OUT_OF_MEMORY")
     ref = uuid.uuid4().hex[:12]
     log.exception("%s failed with an unexpected error (ref %s)", method, ref)
     return to_status(grpc.StatusCode.INTERNAL, f"internal error in {method} (ref {ref}; see the server log)", "INTERNAL")
