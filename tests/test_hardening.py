@@ -171,3 +171,24 @@ def test_cpu_out_of_memory_is_resource_exhausted() -> None:
     status = _status_for(caught.value, "Forward")
     assert status.code == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert status.details.startswith("the server ran out of memory")
+
+
+def test_the_sdk_refuses_casts_that_change_values_and_truncated_streams(client: TrainerClient, session: Session) -> None:
+    """Float labels [1.7, 2.9] were sent as [1, 2], NaN as INT64_MIN; a stream cut inside a tensor
+    returned a dict without it."""
+    first = session.forward(rand(2, 3, 32, 32))
+    for labels, said in (([1.7, 2.9], "not whole numbers"), ([float("nan"), 1.0], "NaN or infinite"),
+                         ([2.0**63, 0.0], "outside the range")):
+        with pytest.raises(ValueError, match=said):
+            session.backward("cross_entropy", labels)
+    # Nothing reached the server: the pending forward is still there and unused.
+    assert session.backward("cross_entropy", [1.0, 2.0]).forward_id == first.forward_id  # whole floats are fine
+    # A real stream of parameters (1 MiB chunks: fc.weight's 2 MB spans two), cut inside fc.weight.
+    request = pb.GetParametersRequest(session_id=session.session_id, patterns=["fc"])
+    messages = [r.chunk for r in client.stub.GetParameters(request, timeout=60)]
+    assert [(m.name, m.last) for m in messages] == [("fc.weight", False), ("fc.weight", True), ("fc.bias", True)]
+    whole = Session._assemble(messages, True)
+    assert list(whole) == ["fc.weight", "fc.bias"]
+    cut = [m for m in messages if m.name == "fc.weight"][:-1]  # the stream ends before fc.weight's last chunk
+    with pytest.raises(ValueError, match="ended inside tensor 'fc.weight'"):
+        Session._assemble(cut, True)
