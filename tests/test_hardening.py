@@ -5,17 +5,22 @@ Each test drives a real server through real channels and fails when the guard it
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 import re
 import subprocess
 import sys
 import threading
 import time
+import urllib.request
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import grpc
 import numpy as np
 import pytest
+import torch
 
 from remote_trainer.client import Session, TrainerClient, TrainerError
 from remote_trainer.contract.trainer.v1 import trainer_pb2 as pb
@@ -192,3 +197,196 @@ def test_the_sdk_refuses_casts_that_change_values_and_truncated_streams(client: 
     cut = [m for m in messages if m.name == "fc.weight"][:-1]  # the stream ends before fc.weight's last chunk
     with pytest.raises(ValueError, match="ended inside tensor 'fc.weight'"):
         Session._assemble(cut, True)
+
+
+class FakeClock:
+    """The session store's clock, moved by the test instead of sleeping."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class LogWaiter(logging.Handler):
+    """Sets an event when a log record's message contains ``text`` (a server-side sync point)."""
+
+    def __init__(self, text: str) -> None:
+        super().__init__(logging.DEBUG)
+        self.text = text
+        self.seen = threading.Event()
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        message = record.getMessage()
+        if self.text in message:
+            self.messages.append(message)
+            self.seen.set()
+
+
+@contextlib.contextmanager
+def waiting_for(text: str, logger: str) -> Iterator[LogWaiter]:
+    waiter = LogWaiter(text)
+    target = logging.getLogger(logger)
+    level = target.level
+    target.addHandler(waiter)
+    target.setLevel(logging.DEBUG)
+    try:
+        yield waiter
+    finally:
+        target.removeHandler(waiter)
+        target.setLevel(level)
+
+
+def blocking_forward(model: torch.nn.Module) -> tuple[threading.Event, threading.Event, Callable[[], None]]:
+    """A forward pre-hook on a server's model: ``entered`` is set when a forward starts, which then
+    waits for ``release``. Returns (entered, release, remove)."""
+    entered, release = threading.Event(), threading.Event()
+
+    def hook(module: torch.nn.Module, args: object) -> None:
+        entered.set()
+        assert release.wait(120)
+
+    handle = model.register_forward_pre_hook(hook)
+    return entered, release, handle.remove
+
+
+def test_a_session_whose_create_failed_for_the_client_is_dropped() -> None:
+    """10 creates with a 20 ms deadline kept 7 sessions no one knew of, until every create was
+    RESOURCE_EXHAUSTED. The build is held here until the client has seen DEADLINE_EXCEEDED."""
+    running = create_server(Settings(port=0, weights="random", max_sessions=2, metrics_port=0))
+    release = threading.Event()
+    build = running.servicer._build_model
+
+    def slow_build(weights: str, num_classes: int, seed: int) -> tuple[torch.nn.Module, str]:
+        assert release.wait(120)
+        return build(weights, num_classes, seed)
+
+    running.servicer._build_model = slow_build
+    try:
+        with TrainerClient(f"localhost:{running.port}") as client:
+            for _ in range(3):  # more than max_sessions allows, were they kept
+                release.clear()
+                with waiting_for("rpc=CreateSession session=- status=", "remote_trainer.server.status") as finished:
+                    with pytest.raises(TrainerError) as err:
+                        client.create_session(timeout=0.5)
+                    assert err.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
+                    release.set()
+                    assert finished.seen.wait(120)
+                assert "status=DEADLINE_EXCEEDED" in finished.messages[0]  # the real outcome, logged
+                assert len(running.store) == 1  # only the default session
+            running.servicer._build_model = build
+            with client.create_session() as kept:  # the limit is free for a create that succeeds
+                assert kept.info().step_count == 0
+        text = urllib.request.urlopen(f"http://127.0.0.1:{running.metrics_port}/metrics", timeout=10).read().decode()
+        assert 'trainer_requests_total{code="DEADLINE_EXCEEDED",method="CreateSession"} 3.0' in text
+    finally:
+        release.set()
+        running.stop(None).wait()
+
+
+def test_a_forward_past_its_deadline_changes_nothing() -> None:
+    """The forward runs past the client's deadline (held by a hook until the client has seen
+    DEADLINE_EXCEEDED); its BatchNorm statistics are put back and the earlier pending forward stays."""
+    running = create_server(Settings(port=0, weights="random"))
+    try:
+        with TrainerClient(f"localhost:{running.port}") as client:
+            s = client.session()
+            first = s.forward(rand(2, 3, 32, 32, seed=1))
+            before = s.parameters(include_buffers=True)
+            entered, release, remove = blocking_forward(running.store.get("")._model)
+            with waiting_for("rpc=Forward session=- status=", "remote_trainer.server.status") as finished:
+                with pytest.raises(TrainerError) as err:
+                    s.forward(rand(4, 3, 32, 32, seed=2), timeout=1.0)
+                assert err.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
+                assert entered.is_set()  # it did start running
+                remove()
+                release.set()
+                assert finished.seen.wait(120)
+            assert "status=DEADLINE_EXCEEDED" in finished.messages[0]
+            after = s.parameters(include_buffers=True)
+            for name in before:
+                np.testing.assert_array_equal(after[name].array, before[name].array, err_msg=name)
+            assert s.info().pending_forward_id == first.forward_id
+            assert s.backward("sum", rand(2, 1000)).forward_id == first.forward_id
+    finally:
+        running.stop(None).wait()
+
+
+def test_a_retried_step_is_taken_once(session: Session) -> None:
+    session.forward(rand(2, 3, 32, 32))
+    session.backward("sum", rand(2, 1000))
+    assert session.step(expected_step_count=0) == 1
+    once = session.parameters("fc")
+    assert session.step(expected_step_count=0) == 1  # the retry of a step whose answer was lost: no second step
+    again = session.parameters("fc")
+    for name in once:
+        np.testing.assert_array_equal(again[name].array, once[name].array, err_msg=name)
+    with pytest.raises(TrainerError) as err:
+        session.step(expected_step_count=5)
+    assert (err.value.code, err.value.reason) == (grpc.StatusCode.FAILED_PRECONDITION, "STEP_COUNT_MISMATCH")
+    assert session.step(expected_step_count=1) == 2
+    assert session.step() == 3  # without it, every call steps
+
+
+def test_a_session_with_a_call_running_is_not_idle() -> None:
+    """A Forward longer than the idle limit: the session stays (it was closed mid-call before)."""
+    clock = FakeClock()
+    running = create_server(Settings(port=0, weights="random", session_idle_seconds=60), clock=clock)
+    try:
+        with TrainerClient(f"localhost:{running.port}") as client:
+            s = client.create_session()
+            entered, release, remove = blocking_forward(running.store.get(s.session_id)._model)
+            with waiting_for(f"rpc=Forward session={s.session_id} running", "remote_trainer.server.status") as started:
+                result: dict[str, object] = {}
+                worker = threading.Thread(target=lambda: result.update(f=s.forward(rand(2, 3, 32, 32))))
+                worker.start()
+                assert started.seen.wait(120) and entered.wait(120)
+            clock.now += 600  # ten idle limits pass while the call runs
+            assert running.store.expire_idle(running.servicer.busy) == []
+            remove()
+            release.set()
+            worker.join(120)
+            assert "f" in result
+            assert s.info().pending_forward_id == 1
+            clock.now += 61  # idle from here on: now it expires
+            assert running.store.expire_idle(running.servicer.busy) == [s.session_id]
+    finally:
+        release.set()
+        running.stop(None).wait()
+
+
+def test_safe_defaults_reclaim_sessions_graphs_checkpoints_and_temporaries(tmp_path: Path) -> None:
+    defaults = Settings()
+    assert (defaults.session_idle_seconds, defaults.pending_graph_seconds, defaults.keep_auto_checkpoints) == (3600, 600, 3)
+    # Temporaries of saves killed midway (in the folder and in a token's folder) go at start.
+    (tmp_path / "alice").mkdir()
+    for stale in (tmp_path / ".0123456789abcdef.tmp", tmp_path / "alice" / ".run.ckpt.x1y2.tmp"):
+        stale.write_bytes(b"half a checkpoint")
+    (tmp_path / "keep.ckpt").write_bytes(b"not ours to remove")
+    clock = FakeClock()
+    running = create_server(Settings(port=0, weights="random", checkpoint_dir=str(tmp_path), checkpoint_every=1), clock=clock)
+    try:
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["alice", "keep.ckpt"]
+        assert list((tmp_path / "alice").iterdir()) == []
+        with TrainerClient(f"localhost:{running.port}") as client:
+            sessions = [client.create_session() for _ in range(5)]
+            for s in sessions:  # each checkpoints itself at its first step
+                s.forward(rand(2, 3, 32, 32))
+                s.backward("sum", rand(2, 1000))
+                s.step()
+            kept = sorted(p.name for p in tmp_path.glob("auto-*.ckpt"))
+            assert kept == sorted(f"auto-{s.session_id}.ckpt" for s in sessions[-3:])  # the newest 3
+            # A pending graph unused for pending_graph_seconds is dropped (the session itself stays).
+            s = sessions[0]
+            s.forward(rand(2, 3, 32, 32))
+            clock.now += 601
+            assert running.store.expire_idle(running.servicer.busy) == []
+            with pytest.raises(TrainerError) as err:
+                s.backward("sum", rand(2, 1000))
+            assert (err.value.code, err.value.reason) == (grpc.StatusCode.FAILED_PRECONDITION, "GRAPH_EXPIRED")
+            clock.now += 3601
+            assert set(running.store.expire_idle(running.servicer.busy)) == {x.session_id for x in sessions}
+    finally:
+        running.stop(None).wait()

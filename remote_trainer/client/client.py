@@ -356,9 +356,15 @@ class Session:
             response.parameters_with_grad, response.grad_norm,
         )
 
-    def step(self, timeout: float | None = None) -> int:
-        """One optimizer step; returns the session's step count."""
-        return self._client.call(self._stub.Step, pb.StepRequest(session_id=self.session_id), timeout).step_count
+    def step(self, timeout: float | None = None, expected_step_count: int | None = None) -> int:
+        """One optimizer step; returns the session's step count.
+
+        ``expected_step_count`` (the count before this step) makes retrying safe after a lost answer
+        (DEADLINE_EXCEEDED, UNAVAILABLE): if the first try was taken, the retry takes no second step
+        and answers with the same count. Any other count gives STEP_COUNT_MISMATCH.
+        """
+        request = pb.StepRequest(session_id=self.session_id, expected_step_count=expected_step_count)
+        return self._client.call(self._stub.Step, request, timeout).step_count
 
     def zero_grad(self, set_to_none: bool = True, timeout: float | None = None) -> int:
         """Clears every .grad (to None, or to zeros); returns how many were set."""

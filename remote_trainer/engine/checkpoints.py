@@ -138,3 +138,15 @@ def remove_stale_temporaries(checkpoint_dir: str) -> int:
                 tmp.unlink(missing_ok=True)
                 log.info("removed %s, left by a checkpoint save that did not finish", tmp)
     return removed
+
+
+def keep_newest(folder: Path, pattern: str, keep: int) -> list[str]:
+    """Removes all but the ``keep`` newest files matching ``pattern`` in ``folder`` (by modification
+    time); returns the names removed."""
+    if keep <= 0:
+        return []
+    files = sorted((p for p in folder.glob(pattern) if p.is_file()), key=lambda p: p.stat().st_mtime_ns, reverse=True)
+    for old in files[keep:]:
+        old.unlink(missing_ok=True)
+        log.info("removed automatic checkpoint %s (keep_auto_checkpoints=%d)", old.name, keep)
+    return [p.name for p in files[keep:]]

@@ -61,6 +61,12 @@ class Unavailable(TrainerError):
     """The server cannot do it now, through no fault of the request (a folder it cannot write)."""
 
 
+class Abandoned(TrainerError):
+    """The caller stopped waiting (its deadline passed, or it cancelled) before the work was committed,
+    so nothing was changed. The client never sees this
+    error (it has its own); it makes the server's log and metrics tell the real outcome."""
+
+
 def invalid(field_name: str, message: str, reason: str) -> InvalidArgument:
     """An InvalidArgument about one field, carrying its BadRequest violation."""
     return InvalidArgument(message, reason, (FieldViolation(field_name, message),))

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from remote_trainer.contract.names import LossName
-from remote_trainer.engine.errors import FailedPrecondition, ResourceExhausted, invalid
+from remote_trainer.engine.errors import Abandoned, FailedPrecondition, ResourceExhausted, invalid
 from remote_trainer.engine.graph import autograd_graph
 from remote_trainer.engine.limits import MAX_CLASSES, Limits
 from remote_trainer.engine.models import head_of, new_head
@@ -78,12 +78,20 @@ class SessionEngine:
     # -- training step -------------------------------------------------------------------------
 
     def forward(
-        self, x: torch.Tensor, eval_mode: bool = False, no_grad: bool = False, max_logits_elements: int | None = None
+        self,
+        x: torch.Tensor,
+        eval_mode: bool = False,
+        no_grad: bool = False,
+        max_logits_elements: int | None = None,
+        still_wanted: Callable[[], bool] | None = None,
     ) -> ForwardResult:
         """``model(x)`` in train or eval mode, keeping the graph for Backward unless ``no_grad``.
 
         ``max_logits_elements`` refuses, before anything runs or changes, a forward whose logits
-        (batch x classes) the caller could not send back.
+        (batch x classes) the caller could not send back. ``still_wanted`` is asked once the forward
+        has run: when it says no (the caller's deadline passed, or it cancelled), the BatchNorm
+        running statistics the forward updated are put back and ``Abandoned`` is raised, so the
+        session keeps its pending forward and is exactly as before.
         """
         self._check_input(x, eval_mode)
         with self._lock:
@@ -96,10 +104,23 @@ class SessionEngine:
                     "RESPONSE_TOO_LARGE",
                     metadata={"limit": str(max_logits_elements)},
                 )
-            self._pending = None  # a new forward replaces the pending one (and frees its graph)
+            # Train mode updates BatchNorm's running statistics in place, so the forward runs on copies
+            # (resnet18's are 9,600 numbers) that replace them only when it is kept: the statistics,
+            # and the pending graph that saved them, stay untouched when the caller gives up.
+            originals = self._swap_in_buffer_copies() if still_wanted is not None and not eval_mode else []
+            was_training = self._model.training
             self._model.train(not eval_mode)
-            with torch.set_grad_enabled(not no_grad):
-                logits = self._model(x.to(self._device, non_blocking=True))
+            try:
+                with torch.set_grad_enabled(not no_grad):
+                    logits = self._model(x.to(self._device, non_blocking=True))
+                if still_wanted is not None and not still_wanted():
+                    raise Abandoned("the forward was run but not kept: its caller stopped waiting", "ABANDONED")
+            except BaseException:
+                for module, name, buffer in originals:
+                    module._buffers[name] = buffer
+                self._model.train(was_training)
+                raise
+            self._pending = None  # the new forward replaces the pending one (and frees its graph)
             self._forward_count += 1
             fid = self._forward_count
             if no_grad:
@@ -110,6 +131,16 @@ class SessionEngine:
                 self._pending = _Pending(fid, logits)
             out = logits.detach()
             return ForwardResult(fid, out.to("cpu"), tensor_stats(out))
+
+    def _swap_in_buffer_copies(self) -> list[tuple[nn.Module, str, torch.Tensor]]:
+        """Puts a copy in place of every buffer; returns the originals to put back."""
+        originals = []
+        for module in self._model.modules():
+            for name, buffer in module._buffers.items():
+                if buffer is not None:
+                    originals.append((module, name, buffer))
+                    module._buffers[name] = buffer.clone()
+        return originals
 
     def _check_input(self, x: torch.Tensor, eval_mode: bool) -> None:
         require_float32(x, "input")
@@ -210,9 +241,24 @@ class SessionEngine:
             return (logits - target).sum()
         return F.mse_loss(logits, target)
 
-    def step(self) -> tuple[int, int]:
-        """One optimizer step; returns the step count and how many parameters had a gradient."""
+    def step(self, expected_step_count: int | None = None, still_wanted: Callable[[], bool] | None = None) -> tuple[int, int]:
+        """One optimizer step; returns the step count and how many parameters had a gradient.
+
+        ``expected_step_count`` makes a retried step safe: it is the step count the caller saw before
+        this step. One less than the session's count means the step was already taken (its answer
+        was lost): nothing is done and the current count is returned, with 0 parameters updated. Any
+        other difference is refused. ``still_wanted`` is asked right before stepping.
+        """
         with self._lock:
+            if expected_step_count is not None and expected_step_count != self._step_count:
+                if expected_step_count + 1 == self._step_count:
+                    return self._step_count, 0
+                raise FailedPrecondition(
+                    f"expected_step_count {expected_step_count} does not fit the session's step count {self._step_count}",
+                    "STEP_COUNT_MISMATCH", metadata={"step_count": str(self._step_count)},
+                )
+            if still_wanted is not None and not still_wanted():
+                raise Abandoned("the step was not taken: its caller stopped waiting", "ABANDONED")
             updated = sum(1 for g in self._optimizer.param_groups for p in g["params"] if p.grad is not None)
             self._optimizer.step()
             self._step_count += 1
@@ -233,6 +279,16 @@ class SessionEngine:
             cleared = sum(1 for p in self._model.parameters() if p.grad is not None)
             self._model.zero_grad(set_to_none=set_to_none)
             return cleared
+
+    def drop_pending(self, why: str) -> bool:
+        """Frees the pending forward's graph (Backward then says ``why``); False when none was kept."""
+        with self._lock:
+            pending = self._pending
+            if pending is None or pending.logits is None:
+                return False
+            self._pending = _Pending(pending.forward_id, None, f"the graph of forward {pending.forward_id} was dropped: {why}",
+                                     "GRAPH_EXPIRED")
+            return True
 
     # -- model and optimizer changes ---------------------------------------------------------
 

@@ -7,6 +7,8 @@ import functools
 import logging
 import signal
 import threading
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
@@ -20,6 +22,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from torch import nn
 
+from remote_trainer.engine import checkpoints
 from remote_trainer.server.auth import AuthInterceptor, TokenAuth
 from remote_trainer.engine.limits import Limits
 from remote_trainer.engine.optimizer import OptimizerSpec
@@ -81,19 +84,25 @@ class TrainerServer:
         self._stopped.wait()
 
 
-def create_server(settings: Settings) -> TrainerServer:
+def create_server(settings: Settings, clock: Callable[[], float] = time.monotonic) -> TrainerServer:
     """Builds the default session from the settings, binds the port and starts serving.
 
     The server is grpc.aio on an event loop of its own (a daemon thread): waiting for a request
     message, for a busy session or for a slow reader holds no thread, and the torch work runs on
     ``max_workers`` worker threads. Port 0 binds a free port; the returned ``TrainerServer.port``
-    says which.
+    says which. ``clock`` is the session store's (tests move it instead of sleeping). Temporary files
+    of checkpoint saves killed midway are removed first.
     """
     device = resolve_device(settings.device)
     limits = Limits(max_input_elements=settings.max_input_elements, max_batch=settings.max_batch)
     model, source = build_model(settings.weights, settings.num_classes, settings.seed, trusted_path=True)
     default = SessionEngine(model, device, source, OptimizerSpec.tutorial(), limits)
-    store = SessionStore(default, settings.max_sessions, settings.max_sessions_per_token, settings.session_idle_seconds)
+    if settings.checkpoint_dir:
+        freed = checkpoints.remove_stale_temporaries(settings.checkpoint_dir)
+        if freed:
+            log.info("removed %d bytes of temporary files left by unfinished checkpoint saves", freed)
+    store = SessionStore(default, settings.max_sessions, settings.max_sessions_per_token, settings.session_idle_seconds,
+                         clock, settings.pending_graph_seconds)
     auth = TokenAuth.from_settings(settings)
     metrics = Metrics(store.__len__)
     factory = functools.partial(_client_model, data_dir=settings.data_dir)
@@ -109,7 +118,7 @@ def create_server(settings: Settings) -> TrainerServer:
         raise
     metrics_port = metrics.serve(settings.host, settings.metrics_port) if settings.metrics_port >= 0 else None
     running = TrainerServer(server, port, health_servicer, store, metrics, servicer, loop, metrics_port)
-    if settings.session_idle_seconds:
+    if settings.session_idle_seconds or settings.pending_graph_seconds:
         threading.Thread(target=_expire_sessions, args=(running,), name="session-expiry", daemon=True).start()
     log.info(
         "listening on %s:%d (device %s, weights %s, %s, %s)", settings.host, port, device, source,
@@ -217,10 +226,11 @@ _HANDLER_FACTORIES: dict[str, Any] = {
 
 
 def _expire_sessions(running: TrainerServer) -> None:
-    """Closes idle sessions, checking four times per idle period (at most every 30 s)."""
-    interval = min(running.store.idle_seconds / 4, 30.0)
+    """Closes idle sessions and drops unused pending graphs, checking four times per period (at most
+    every 30 s); sessions with a call running or waiting are never idle."""
+    interval = min([p / 4 for p in (running.store.idle_seconds, running.store.pending_seconds) if p] + [30.0])
     while not running._stopping.wait(interval):
-        running.store.expire_idle()
+        running.store.expire_idle(running.servicer.busy)
 
 
 def _client_model(weights: str, num_classes: int, seed: int, *, data_dir: str) -> tuple[nn.Module, str]:

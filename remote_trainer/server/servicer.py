@@ -21,7 +21,7 @@ from remote_trainer.engine.errors import invalid
 from remote_trainer.server.metrics import Metrics
 from remote_trainer.server.sessions import DEFAULT_SESSION_ID, SessionStore
 from remote_trainer.server.settings import Settings
-from remote_trainer.server.status import Context, streaming, unary
+from remote_trainer.server.status import Context, current_call, streaming, unary
 from remote_trainer.contract.trainer.v1 import trainer_pb2 as pb
 
 log = logging.getLogger(__name__)
@@ -54,6 +54,7 @@ class TrainerServicer:
         self._max_message_bytes = settings.max_message_bytes
         self._checkpoint_dir = settings.checkpoint_dir
         self._checkpoint_every = settings.checkpoint_every
+        self._keep_auto_checkpoints = settings.keep_auto_checkpoints
         self._auth = auth
         self.metrics = metrics
         self.stream_write_timeout = settings.stream_write_timeout_seconds
@@ -62,6 +63,10 @@ class TrainerServicer:
     async def run(self, session_id: str | None, work: Callable[[], T]) -> T:
         """Runs a method's blocking work on a worker thread, one call at a time per session."""
         return await self._dispatcher.run(session_id, work)
+
+    def busy(self, session_id: str) -> bool:
+        """Whether a call is running or waiting on the session (then it is not idle)."""
+        return self._dispatcher.busy(session_id)
 
     def close(self) -> None:
         """Stops the worker threads once their current work is done."""
@@ -86,7 +91,7 @@ class TrainerServicer:
             model, source = self._build_model(request.weights, request.num_classes, request.seed)
             return SessionEngine(model, self._device, source, spec, self._limits)
 
-        session_id, engine = self._store.create(build, caller(self._auth, context))
+        session_id, engine = self._store.create(build, caller(self._auth, context), current_call().still_wanted)
         return pb.CreateSessionResponse(session=self._info(session_id, engine.describe()))
 
     @unary
@@ -109,7 +114,8 @@ class TrainerServicer:
         as_values = fmt == pb.OUTPUT_FORMAT_VALUES or fmt == pb.OUTPUT_FORMAT_UNSPECIFIED and as_numbers
         # Numbers travel as 8-byte doubles, raw logits as 4-byte floats; 64 KiB for the rest of the message.
         budget = None if fmt == pb.OUTPUT_FORMAT_STATS_ONLY else (self._max_message_bytes - 65536) // (8 if as_values else 4)
-        result = engine.forward(x, eval_mode=request.eval_mode, no_grad=request.no_grad, max_logits_elements=budget)
+        result = engine.forward(x, eval_mode=request.eval_mode, no_grad=request.no_grad, max_logits_elements=budget,
+                                still_wanted=current_call().still_wanted)
         response = pb.ForwardResponse(forward_id=result.forward_id, logits_stats=convert.stats_message(result.stats))
         if as_values:
             response.logits_values.CopyFrom(convert.output_values(result.logits))
@@ -144,11 +150,14 @@ class TrainerServicer:
     @unary
     def Step(self, request: pb.StepRequest, context: Context) -> pb.StepResponse:
         engine = self._session(request.session_id, context)
-        step_count, updated = engine.step()
+        expected = request.expected_step_count if request.HasField("expected_step_count") else None
+        step_count, updated = engine.step(expected, current_call().still_wanted)
         if self._checkpoint_every and step_count % self._checkpoint_every == 0:
             name = f"auto-{request.session_id or DEFAULT_SESSION_ID}.ckpt"
             try:
-                checkpoints.save(engine.checkpoint(), self._checkpoint_path(name, context))
+                path = self._checkpoint_path(name, context)
+                checkpoints.save(engine.checkpoint(), path)
+                checkpoints.keep_newest(path.parent, "auto-*.ckpt", self._keep_auto_checkpoints)
                 log.info("session %s checkpointed to %s at step %d", request.session_id or DEFAULT_SESSION_ID, name, step_count)
             except Exception:  # the step is done: a failed automatic checkpoint must not make it look failed
                 log.exception("automatic checkpoint %s at step %d failed", name, step_count)

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 from remote_trainer.engine.memory import release_freed_memory
 from remote_trainer.engine.session import SessionEngine
-from remote_trainer.engine.errors import FailedPrecondition, NotFound, ResourceExhausted
+from remote_trainer.engine.errors import Abandoned, FailedPrecondition, NotFound, ResourceExhausted
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +41,7 @@ class SessionStore:
         max_per_owner: int = 0,
         idle_seconds: float = 0.0,
         clock: Callable[[], float] = time.monotonic,
+        pending_seconds: float = 0.0,
     ) -> None:
         self._lock = threading.Lock()
         self._clock = clock
@@ -48,12 +49,17 @@ class SessionStore:
         self._max_sessions = max_sessions
         self._max_per_owner = max_per_owner
         self._idle_seconds = idle_seconds
+        self._pending_seconds = pending_seconds
         self._reserved: dict[str, int] = {}  # sessions being built, by owner, counted against the limits
         self._expired: OrderedDict[str, tuple[str, float]] = OrderedDict()  # id -> (owner, seconds idle)
 
     @property
     def idle_seconds(self) -> float:
         return self._idle_seconds
+
+    @property
+    def pending_seconds(self) -> float:
+        return self._pending_seconds
 
     def get(self, session_id: str, owner: str = "") -> SessionEngine:
         """The session called ``session_id`` ("" or "default": the default session), if ``owner`` may use it."""
@@ -73,8 +79,12 @@ class SessionStore:
             return NotFound(f"session {session_id!r} expired after {expired[1]:.0f} s without calls", "SESSION_EXPIRED")
         return NotFound(f"no session {session_id!r} (closed, or never created)", "SESSION_NOT_FOUND")
 
-    def create(self, build: Callable[[], SessionEngine], owner: str = "") -> tuple[str, SessionEngine]:
-        """Builds a session with ``build`` (outside the lock: it loads a model) and stores it under a new id."""
+    def create(
+        self, build: Callable[[], SessionEngine], owner: str = "", still_wanted: Callable[[], bool] = lambda: True
+    ) -> tuple[str, SessionEngine]:
+        """Builds a session with ``build`` (outside the lock: it loads a model) and stores it under a new
+        id, unless ``still_wanted()`` says the caller stopped waiting meanwhile: then the session is
+        dropped (no one could ever use or close it) and ``Abandoned`` is raised."""
         with self._lock:
             if len(self._sessions) + sum(self._reserved.values()) >= self._max_sessions:
                 raise ResourceExhausted(
@@ -99,7 +109,14 @@ class SessionStore:
                 self._reserved[owner] -= 1
         session_id = secrets.token_hex(16)  # unguessable: 128 random bits
         with self._lock:
-            self._sessions[session_id] = _Entry(engine, owner, self._clock())
+            wanted = still_wanted()
+            if wanted:
+                self._sessions[session_id] = _Entry(engine, owner, self._clock())
+        if not wanted:
+            del engine
+            release_freed_memory()
+            log.info("session built for owner %s dropped: its CreateSession call ended first", owner or "-")
+            raise Abandoned("the session was built but dropped: its caller stopped waiting", "ABANDONED")
         log.info("session %s created (owner %s)", session_id, owner or "-")
         return session_id, engine
 
@@ -117,11 +134,24 @@ class SessionStore:
         release_freed_memory()  # the session's memory back to the OS (unless a call still holds it)
         log.info("session %s closed", session_id)
 
-    def expire_idle(self) -> list[str]:
-        """Closes the sessions idle longer than the configured time; returns their ids."""
+    def expire_idle(self, busy: Callable[[str], bool] = lambda sid: False) -> list[str]:
+        """Closes the sessions idle longer than the configured time; returns their ids.
+
+        A session with a call running or waiting (``busy``) is not idle: its idle time starts anew.
+        Pending graphs of sessions (the default one too) unused for ``pending_seconds`` are dropped.
+        """
+        now = self._clock()
+        with self._lock:
+            for sid, e in self._sessions.items():
+                if busy(sid):
+                    e.last_used = now
+            unused = [(sid, e.engine, now - e.last_used) for sid, e in self._sessions.items()]
+        if self._pending_seconds:
+            for sid, engine, idle in unused:
+                if idle > self._pending_seconds and engine.drop_pending(f"unused for {idle:.0f} s (pending_graph_seconds)"):
+                    log.info("session %s: pending graph dropped after %.0f s unused", sid, idle)
         if not self._idle_seconds:
             return []
-        now = self._clock()
         with self._lock:
             stale = [
                 sid for sid, e in self._sessions.items()

@@ -70,7 +70,13 @@ class Settings:
     # Each session checkpoints itself every N steps to auto-SESSION.ckpt (0: never).
     checkpoint_every: int = 0
     # Sessions unused this many seconds are closed (0: never); the default session never expires.
-    session_idle_seconds: float = 0.0
+    # A session with a call running or waiting is not idle.
+    session_idle_seconds: float = 3600.0
+    # A pending forward's graph (activations kept for Backward) is dropped when its session has had
+    # no call for this many seconds (0: kept until the next call); the default session's too.
+    pending_graph_seconds: float = 600.0
+    # Automatic checkpoints (checkpoint_every) kept per folder: the newest N auto-*.ckpt files (0: all).
+    keep_auto_checkpoints: int = 3
     # Port of the Prometheus metrics HTTP endpoint (-1: off; 0: a free port, logged).
     metrics_port: int = -1
 
@@ -101,6 +107,8 @@ _HELP = {
     "checkpoint_dir": "directory of session checkpoints (empty: checkpoints off)",
     "checkpoint_every": "each session checkpoints itself every N steps (0: never)",
     "session_idle_seconds": "close sessions idle this long (0: never)",
+    "pending_graph_seconds": "drop a pending forward's graph after this long without calls (0: never)",
+    "keep_auto_checkpoints": "newest automatic checkpoints kept per folder (0: all)",
     "metrics_port": "Prometheus metrics HTTP port (-1: off, 0: a free port)",
 }
 
@@ -165,8 +173,10 @@ def validate(settings: Settings) -> list[str]:
         problems.append("tls-cert and tls-key go together")
     if settings.tls_client_ca and not settings.tls_cert:
         problems.append("tls-client-ca needs tls-cert and tls-key")
-    if settings.checkpoint_every < 0 or settings.max_sessions_per_token < 0 or settings.session_idle_seconds < 0:
-        problems.append("checkpoint-every, max-sessions-per-token and session-idle-seconds must not be negative")
+    for name in ("checkpoint_every", "max_sessions_per_token", "session_idle_seconds", "pending_graph_seconds",
+                 "keep_auto_checkpoints"):
+        if getattr(settings, name) < 0:
+            problems.append(f"{name.replace('_', '-')} must not be negative")
     if settings.checkpoint_every and not settings.checkpoint_dir:
         problems.append("checkpoint-every needs checkpoint-dir")
     if not -1 <= settings.metrics_port <= 65535:
