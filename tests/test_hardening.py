@@ -390,3 +390,57 @@ def test_safe_defaults_reclaim_sessions_graphs_checkpoints_and_temporaries(tmp_p
             assert set(running.store.expire_idle(running.servicer.busy)) == {x.session_id for x in sessions}
     finally:
         running.stop(None).wait()
+
+
+def rss_bytes() -> int:
+    return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def test_memory_is_refused_before_it_is_allocated() -> None:
+    """A session budget of 600 MB (the server runs in this process, so its RSS is this process's)."""
+    from remote_trainer.engine.memory import release_freed_memory
+
+    running = create_server(Settings(port=0, weights="random", session_memory_bytes=600 * 2**20))
+    try:
+        with TrainerClient(f"localhost:{running.port}") as client:
+            s = client.session()
+            with pytest.raises(TrainerError) as err:
+                client.create_session(num_classes=MAX_CLASSES + 1)
+            assert (err.value.code, err.value.reason) == (grpc.StatusCode.INVALID_ARGUMENT, "BAD_NUM_CLASSES")
+            release_freed_memory()
+            before = rss_bytes()
+            refused = [
+                # resnet18 with 100,000 classes keeps ~1.0 GB (weights, gradients, optimizer state)
+                lambda: client.create_session(num_classes=MAX_CLASSES),
+                lambda: s.replace_head(MAX_CLASSES),
+                # 64 images of 224x224 keep ~1.5 GB of activations until Backward
+                lambda: s.forward(np.zeros((64, 3, 224, 224), np.float32), stats_only=True),
+            ]
+            for call in refused:
+                with pytest.raises(TrainerError) as err:
+                    call()
+                assert (err.value.code, err.value.reason) == (grpc.StatusCode.RESOURCE_EXHAUSTED, "SESSION_MEMORY_BUDGET")
+                assert f"session_memory_bytes={600 * 2**20}" in err.value.message
+                assert err.value.metadata["limit"] == str(600 * 2**20)
+            release_freed_memory()
+            grown = rss_bytes() - before
+            # Nothing big was allocated: the refused calls would have taken 1.0-1.5 GB each; what grew is
+            # the 38 MB request's copies on both sides (client and server share this process).
+            assert grown < 400 * 2**20, grown
+            assert len(running.store) == 1 and s.info().num_classes == 1000
+            # 50,000 classes fit (~590 MB with the rest); a full snapshot of them then would not.
+            assert s.replace_head(50_000).num_classes == 50_000
+            with pytest.raises(TrainerError) as err:
+                s.parameters()
+            assert err.value.reason == "SESSION_MEMORY_BUDGET"
+            assert list(s.parameters("conv1")) == ["conv1.weight"]  # a small one does
+    finally:
+        running.stop(None).wait()
+    server_wide = create_server(Settings(port=0, weights="random", memory_budget_bytes=300 * 2**20))
+    try:
+        with TrainerClient(f"localhost:{server_wide.port}") as client, pytest.raises(TrainerError) as err:
+            client.create_session()  # the default session's ~190 MB and another's do not fit in 300 MB
+        assert (err.value.code, err.value.reason) == (grpc.StatusCode.RESOURCE_EXHAUSTED, "SERVER_MEMORY_BUDGET")
+        assert len(server_wide.store) == 1
+    finally:
+        server_wide.stop(None).wait()

@@ -22,6 +22,7 @@ from torch import nn
 
 from remote_trainer.contract.names import LossName
 from remote_trainer.engine.errors import Abandoned, FailedPrecondition, ResourceExhausted, invalid
+from remote_trainer.engine.budget import UNLIMITED, GRAPH_BYTES_PER_PIXEL, MemoryBudget, forward_bytes, head_bytes, model_bytes
 from remote_trainer.engine.graph import autograd_graph
 from remote_trainer.engine.limits import MAX_CLASSES, Limits
 from remote_trainer.engine.models import head_of, new_head
@@ -47,6 +48,7 @@ class _Pending:
     logits: torch.Tensor | None
     unusable_because: str = ""
     reason: str = ""
+    graph_bytes: int = 0  # the estimate of what its graph keeps (engine/budget.py)
 
 
 CHECKPOINT_FORMAT = "trainer.v1/session-checkpoint/1"
@@ -62,6 +64,7 @@ class SessionEngine:
         weights: str,
         optimizer: OptimizerSpec,
         limits: Limits,
+        budget: MemoryBudget = UNLIMITED,
     ) -> None:
         optimizer.validate()
         self._lock = threading.Lock()
@@ -74,6 +77,13 @@ class SessionEngine:
         self._step_count = 0
         self._forward_count = 0
         self._pending: _Pending | None = None
+        self._budget = budget
+        self._keep_budget()
+
+    def _keep_budget(self) -> None:
+        """Tells the memory budget what the session keeps now: its model state and pending graph."""
+        pending = self._pending.graph_bytes if self._pending is not None and self._pending.logits is not None else 0
+        self._budget.keep(self, model_bytes(head_of(self._model).out_features) + pending)
 
     # -- training step -------------------------------------------------------------------------
 
@@ -107,11 +117,13 @@ class SessionEngine:
             # Train mode updates BatchNorm's running statistics in place, so the forward runs on copies
             # (resnet18's are 9,600 numbers) that replace them only when it is kept: the statistics,
             # and the pending graph that saved them, stay untouched when the caller gives up.
+            n, _, h, w = x.shape
+            needed = forward_bytes(n, h, w, classes, keeps_graph=not no_grad)
             originals = self._swap_in_buffer_copies() if still_wanted is not None and not eval_mode else []
             was_training = self._model.training
             self._model.train(not eval_mode)
             try:
-                with torch.set_grad_enabled(not no_grad):
+                with self._budget.use(self, needed, f"a forward of {n} image(s) of {h}x{w}"), torch.set_grad_enabled(not no_grad):
                     logits = self._model(x.to(self._device, non_blocking=True))
                 if still_wanted is not None and not still_wanted():
                     raise Abandoned("the forward was run but not kept: its caller stopped waiting", "ABANDONED")
@@ -128,7 +140,8 @@ class SessionEngine:
             elif not logits.requires_grad:
                 self._pending = _Pending(fid, None, f"forward {fid} has no graph: every parameter is frozen", "NO_TRAINABLE_PARAMETERS")
             else:
-                self._pending = _Pending(fid, logits)
+                self._pending = _Pending(fid, logits, graph_bytes=n * h * w * GRAPH_BYTES_PER_PIXEL)
+            self._keep_budget()
             out = logits.detach()
             return ForwardResult(fid, out.to("cpu"), tensor_stats(out))
 
@@ -216,6 +229,7 @@ class SessionEngine:
                     "pass retain_graph to backpropagate through it again"
                 )
                 pending.reason = "GRAPH_FREED"
+                self._keep_budget()
             grads = [p.grad for p in self._model.parameters() if p.grad is not None]
             norm = float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))) if grads else 0.0
             return BackwardResult(pending.forward_id, loss_value, len(grads), norm)
@@ -271,6 +285,7 @@ class SessionEngine:
                     fid, None, f"the parameters changed (step {self._step_count}) since forward {fid}; run Forward again",
                     "PARAMETERS_CHANGED",
                 )
+                self._keep_budget()
             return self._step_count, updated
 
     def zero_grad(self, set_to_none: bool = True) -> int:
@@ -288,6 +303,7 @@ class SessionEngine:
                 return False
             self._pending = _Pending(pending.forward_id, None, f"the graph of forward {pending.forward_id} was dropped: {why}",
                                      "GRAPH_EXPIRED")
+            self._keep_budget()
             return True
 
     # -- model and optimizer changes ---------------------------------------------------------
@@ -317,13 +333,15 @@ class SessionEngine:
         """``model.fc = nn.Linear(512, num_classes)`` seeded, then a new optimizer over all parameters."""
         if num_classes < 1 or num_classes > MAX_CLASSES:
             raise invalid("num_classes", f"num_classes must be in 1..{MAX_CLASSES}, got {num_classes}", "BAD_NUM_CLASSES")
-        head = new_head(head_of(self._model).in_features, num_classes, seed)
         with self._lock:
+            self._budget.check(self, head_bytes(num_classes), f"a head of {num_classes} classes")
+            head = new_head(head_of(self._model).in_features, num_classes, seed)
             self._model.fc = head.to(self._device)
             self._optimizer = self._spec.build(self._model.parameters())
             if self._pending is not None:
                 fid = self._pending.forward_id
                 self._pending = _Pending(fid, None, f"forward {fid} was made with the old head, replaced since", "HEAD_REPLACED")
+            self._keep_budget()
             return self._describe()
 
     # -- checkpoints -----------------------------------------------------------------------------
@@ -361,6 +379,7 @@ class SessionEngine:
             weights = state["model"]
             frozen = set(state["frozen"])  # type: ignore[call-overload]
             step_count = int(state["step_count"])  # type: ignore[call-overload]
+            self._budget.check(self, model_bytes(num_classes), "loading a checkpoint")
             model = copy.deepcopy(self._model)
             if head_of(model).out_features != num_classes:
                 model.fc = new_head(head_of(model).in_features, num_classes, 0)  # overwritten by the checkpoint
@@ -377,6 +396,7 @@ class SessionEngine:
         self._step_count = step_count
         self._weights = str(state.get("weights", self._weights))
         self._pending = None
+        self._keep_budget()
         return self._describe()
 
     # -- reading state -------------------------------------------------------------------------
@@ -412,6 +432,11 @@ class SessionEngine:
             if include_buffers:
                 tensors.update(self._model.named_buffers())
             names = match_patterns(list(tensors), patterns) if patterns else list(tensors)
+            copies = 0 if stats_only else sum(
+                v.numel() * (dtype.itemsize if v.is_floating_point() else v.element_size())
+                for v in (pick(tensors[n]) for n in names) if v is not None
+            )
+            self._budget.check(self, copies, f"a snapshot of {len(names)} tensor(s)")
             out = []
             for name in names:
                 source = tensors[name]

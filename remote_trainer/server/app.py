@@ -23,6 +23,7 @@ from grpc_reflection.v1alpha import reflection
 from torch import nn
 
 from remote_trainer.engine import checkpoints
+from remote_trainer.engine.budget import MemoryBudget, default_total_bytes
 from remote_trainer.server.auth import AuthInterceptor, TokenAuth
 from remote_trainer.engine.limits import Limits
 from remote_trainer.engine.optimizer import OptimizerSpec
@@ -96,7 +97,8 @@ def create_server(settings: Settings, clock: Callable[[], float] = time.monotoni
     device = resolve_device(settings.device)
     limits = Limits(max_input_elements=settings.max_input_elements, max_batch=settings.max_batch)
     model, source = build_model(settings.weights, settings.num_classes, settings.seed, trusted_path=True)
-    default = SessionEngine(model, device, source, OptimizerSpec.tutorial(), limits)
+    budget = MemoryBudget(settings.memory_budget_bytes or default_total_bytes(device), settings.session_memory_bytes)
+    default = SessionEngine(model, device, source, OptimizerSpec.tutorial(), limits, budget)
     if settings.checkpoint_dir:
         freed = checkpoints.remove_stale_temporaries(settings.checkpoint_dir)
         if freed:
@@ -106,7 +108,7 @@ def create_server(settings: Settings, clock: Callable[[], float] = time.monotoni
     auth = TokenAuth.from_settings(settings)
     metrics = Metrics(store.__len__)
     factory = functools.partial(_client_model, data_dir=settings.data_dir)
-    servicer = TrainerServicer(store, factory, device, limits, settings, auth, metrics)
+    servicer = TrainerServicer(store, factory, device, limits, settings, auth, metrics, budget)
 
     loop = asyncio.new_event_loop()
     threading.Thread(target=loop.run_forever, name="grpc-aio", daemon=True).start()

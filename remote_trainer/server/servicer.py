@@ -13,7 +13,8 @@ from remote_trainer.engine import checkpoints
 from remote_trainer.server import convert
 from remote_trainer.server.dispatch import Dispatcher
 from remote_trainer.server.auth import TokenAuth, caller
-from remote_trainer.engine.limits import Limits
+from remote_trainer.engine.budget import UNLIMITED, MemoryBudget, Reservation, model_bytes
+from remote_trainer.engine.limits import MAX_CLASSES, Limits
 from remote_trainer.engine.optimizer import OptimizerSpec
 from remote_trainer.engine.results import SessionDescription
 from remote_trainer.engine.session import SessionEngine
@@ -45,8 +46,10 @@ class TrainerServicer:
         settings: Settings,
         auth: TokenAuth | None,
         metrics: Metrics,
+        budget: MemoryBudget = UNLIMITED,
     ) -> None:
         self._store = store
+        self._budget = budget
         self._build_model = build_model
         self._device = device
         self._limits = limits
@@ -87,11 +90,16 @@ class TrainerServicer:
         spec = convert.optimizer_spec(request.optimizer) if request.HasField("optimizer") else OptimizerSpec.tutorial()
         spec.validate()
 
+        if not 0 <= request.num_classes <= MAX_CLASSES:  # before the estimate below
+            raise invalid("num_classes", f"num_classes must be in 0..{MAX_CLASSES}, got {request.num_classes}", "BAD_NUM_CLASSES")
+
         def build() -> SessionEngine:
             model, source = self._build_model(request.weights, request.num_classes, request.seed)
-            return SessionEngine(model, self._device, source, spec, self._limits)
+            return SessionEngine(model, self._device, source, spec, self._limits, self._budget)
 
-        session_id, engine = self._store.create(build, caller(self._auth, context), current_call().still_wanted)
+        reservation = Reservation()  # the new session's share of the memory budget while it is built
+        with self._budget.use(reservation, model_bytes(request.num_classes or 1000), "a new session"):
+            session_id, engine = self._store.create(build, caller(self._auth, context), current_call().still_wanted)
         return pb.CreateSessionResponse(session=self._info(session_id, engine.describe()))
 
     @unary

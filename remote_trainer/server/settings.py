@@ -77,6 +77,11 @@ class Settings:
     pending_graph_seconds: float = 600.0
     # Automatic checkpoints (checkpoint_every) kept per folder: the newest N auto-*.ckpt files (0: all).
     keep_auto_checkpoints: int = 3
+    # Memory all sessions together may hold on the server's device, in bytes, estimated from shapes
+    # before each big allocation (0: 80% of the machine's memory on CPU, 90% of the GPU's on CUDA).
+    memory_budget_bytes: int = 0
+    # Memory one session may hold (model, gradients, optimizer state, pending graph, a call's work).
+    session_memory_bytes: int = 4 * 1024 * MIB
     # Port of the Prometheus metrics HTTP endpoint (-1: off; 0: a free port, logged).
     metrics_port: int = -1
 
@@ -109,6 +114,8 @@ _HELP = {
     "session_idle_seconds": "close sessions idle this long (0: never)",
     "pending_graph_seconds": "drop a pending forward's graph after this long without calls (0: never)",
     "keep_auto_checkpoints": "newest automatic checkpoints kept per folder (0: all)",
+    "memory_budget_bytes": "memory all sessions may hold on the device, estimated before allocating (0: 80%% of RAM, 90%% of a GPU's)",
+    "session_memory_bytes": "memory one session may hold, estimated before allocating",
     "metrics_port": "Prometheus metrics HTTP port (-1: off, 0: a free port)",
 }
 
@@ -154,7 +161,7 @@ def validate(settings: Settings) -> list[str]:
     problems = []
     if not 0 <= settings.port <= 65535:
         problems.append(f"port {settings.port} is not in 0..65535")
-    for name in ("max_sessions", "max_message_bytes", "max_input_elements", "max_batch", "chunk_bytes", "max_workers"):
+    for name in ("session_memory_bytes", "max_sessions", "max_message_bytes", "max_input_elements", "max_batch", "chunk_bytes", "max_workers"):
         if getattr(settings, name) < 1:
             problems.append(f"{name.replace('_', '-')} must be at least 1")
     if settings.stream_write_timeout_seconds <= 0:
@@ -174,7 +181,7 @@ def validate(settings: Settings) -> list[str]:
     if settings.tls_client_ca and not settings.tls_cert:
         problems.append("tls-client-ca needs tls-cert and tls-key")
     for name in ("checkpoint_every", "max_sessions_per_token", "session_idle_seconds", "pending_graph_seconds",
-                 "keep_auto_checkpoints"):
+                 "keep_auto_checkpoints", "memory_budget_bytes"):
         if getattr(settings, name) < 0:
             problems.append(f"{name.replace('_', '-')} must not be negative")
     if settings.checkpoint_every and not settings.checkpoint_dir:
