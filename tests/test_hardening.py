@@ -444,3 +444,18 @@ def test_memory_is_refused_before_it_is_allocated() -> None:
         assert len(server_wide.store) == 1
     finally:
         server_wide.stop(None).wait()
+
+
+def test_an_empty_configure_optimizer_is_refused_and_an_empty_create_means_the_default(client: TrainerClient, session: Session) -> None:
+    """An empty ConfigureOptimizer silently meant SGD(lr=0.001, momentum=0), unlike a new session's
+    SGD(lr=0.01, momentum=0.9)."""
+    for request in (pb.ConfigureOptimizerRequest(session_id=session.session_id),
+                    pb.ConfigureOptimizerRequest(session_id=session.session_id, optimizer=pb.OptimizerConfig())):
+        with pytest.raises(grpc.RpcError) as err:
+            client.stub.ConfigureOptimizer(request, timeout=60)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "NO_OPTIMIZER" in str(err.value.trailing_metadata())
+    assert (session.info().optimizer.lr, session.info().optimizer.momentum) == (0.01, 0.9)  # unchanged
+    response = client.stub.CreateSession(pb.CreateSessionRequest(optimizer=pb.OptimizerConfig()), timeout=120)
+    with client.session(response.session.session_id) as empty:
+        assert (empty.info().optimizer.lr, empty.info().optimizer.momentum) == (0.01, 0.9)

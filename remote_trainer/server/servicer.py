@@ -87,7 +87,9 @@ class TrainerServicer:
 
     @unary
     def CreateSession(self, request: pb.CreateSessionRequest, context: Context) -> pb.CreateSessionResponse:
-        spec = convert.optimizer_spec(request.optimizer) if request.HasField("optimizer") else OptimizerSpec.tutorial()
+        # No optimizer, or one with nothing set: the tutorial's SGD(lr=0.01, momentum=0.9), the session default.
+        given = request.HasField("optimizer") and request.optimizer != pb.OptimizerConfig()
+        spec = convert.optimizer_spec(request.optimizer) if given else OptimizerSpec.tutorial()
         spec.validate()
 
         if not 0 <= request.num_classes <= MAX_CLASSES:  # before the estimate below
@@ -182,6 +184,10 @@ class TrainerServicer:
         self, request: pb.ConfigureOptimizerRequest, context: Context
     ) -> pb.ConfigureOptimizerResponse:
         engine = self._session(request.session_id, context)
+        if not request.HasField("optimizer") or request.optimizer == pb.OptimizerConfig():
+            # It would have meant torch's SGD(lr=0.001), unlike a session's default: say which one instead.
+            raise invalid("optimizer", "give the optimizer's kind (and any settings); a new session's default is "
+                          "kind SGD with lr 0.01 and momentum 0.9", "NO_OPTIMIZER")
         spec = engine.configure_optimizer(convert.optimizer_spec(request.optimizer))
         return pb.ConfigureOptimizerResponse(optimizer=convert.optimizer_config(spec))
 
