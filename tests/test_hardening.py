@@ -333,7 +333,7 @@ def test_a_retried_step_is_taken_once(session: Session) -> None:
 def test_a_session_with_a_call_running_is_not_idle() -> None:
     """A Forward longer than the idle limit: the session stays (it was closed mid-call before)."""
     clock = FakeClock()
-    running = create_server(Settings(port=0, weights="random", session_idle_seconds=60), clock=clock)
+    running = create_server(Settings(port=0, weights="random", session_idle_seconds=3600), clock=clock)
     try:
         with TrainerClient(f"localhost:{running.port}") as client:
             s = client.create_session()
@@ -343,15 +343,19 @@ def test_a_session_with_a_call_running_is_not_idle() -> None:
                 worker = threading.Thread(target=lambda: result.update(f=s.forward(rand(2, 3, 32, 32))))
                 worker.start()
                 assert started.seen.wait(120) and entered.wait(120)
-            clock.now += 600  # ten idle limits pass while the call runs
-            assert running.store.expire_idle(running.servicer.busy) == []
+            clock.now += 36_000  # ten idle limits pass while the call runs
+            running.store.expire_idle(running.servicer.busy)  # what the expiry thread does
+            assert len(running.store) == 2
             remove()
             release.set()
             worker.join(120)
             assert "f" in result
             assert s.info().pending_forward_id == 1
-            clock.now += 61  # idle from here on: now it expires
-            assert running.store.expire_idle(running.servicer.busy) == [s.session_id]
+            clock.now += 3601  # idle from here on: now it expires
+            running.store.expire_idle(running.servicer.busy)
+            with pytest.raises(TrainerError) as err:
+                s.info()
+            assert err.value.reason == "SESSION_EXPIRED"
     finally:
         release.set()
         running.stop(None).wait()
@@ -382,12 +386,14 @@ def test_safe_defaults_reclaim_sessions_graphs_checkpoints_and_temporaries(tmp_p
             s = sessions[0]
             s.forward(rand(2, 3, 32, 32))
             clock.now += 601
-            assert running.store.expire_idle(running.servicer.busy) == []
+            running.store.expire_idle(running.servicer.busy)  # what the expiry thread does
+            assert len(running.store) == 6
             with pytest.raises(TrainerError) as err:
                 s.backward("sum", rand(2, 1000))
             assert (err.value.code, err.value.reason) == (grpc.StatusCode.FAILED_PRECONDITION, "GRAPH_EXPIRED")
             clock.now += 3601
-            assert set(running.store.expire_idle(running.servicer.busy)) == {x.session_id for x in sessions}
+            running.store.expire_idle(running.servicer.busy)
+            assert len(running.store) == 1  # the default session never expires
     finally:
         running.stop(None).wait()
 
