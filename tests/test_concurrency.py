@@ -12,6 +12,7 @@ from torch import nn
 from torchvision.models import resnet18
 
 from remote_trainer.client import Session, TrainerClient
+from remote_trainer.server.app import TrainerServer
 from tests.conftest import WEIGHTS_NAME, assert_equal_to_local, rand
 
 
@@ -112,3 +113,71 @@ def run_serialised(session: Session, local: nn.Module) -> None:
     with ThreadPoolExecutor(max_workers=4) as pool:
         step_counts = sorted(pool.map(lambda _: session.step(), range(4)))
     assert step_counts == [1, 2, 3, 4]
+
+
+class OverlapDetector:
+    """Wraps calls so that each, once inside, waits up to ``linger`` seconds for another to come in: two
+    calls that may run at once then certainly do (and are counted), while serialised ones never meet."""
+
+    def __init__(self, linger: float = 0.3) -> None:
+        self.linger = linger
+        self.inside = 0
+        self.most_inside = 0
+        self._lock = threading.Lock()
+        self._arrived = threading.Condition(self._lock)
+
+    def enter(self) -> None:
+        with self._arrived:
+            self.inside += 1
+            self.most_inside = max(self.most_inside, self.inside)
+            self._arrived.notify_all()
+            self._arrived.wait_for(lambda: self.inside > 1, timeout=self.linger)
+
+    def leave(self) -> None:
+        with self._lock:
+            self.inside -= 1
+
+    def wrap(self, fn: Callable[..., object]) -> Callable[..., object]:
+        def wrapped(*args: object, **kwargs: object) -> object:
+            self.enter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self.leave()
+        return wrapped
+
+
+def test_no_two_calls_run_at_once_on_one_session(client: TrainerClient, server: TrainerServer) -> None:
+    """Through the server: the session's engine is entered by one call at a time (the dispatcher's
+    per-session turn). Removing that turn makes this fail every time, not by chance."""
+    with client.create_session(WEIGHTS_NAME) as session:
+        engine = server.store.get(session.session_id)
+        detector = OverlapDetector()
+        for name in ("forward", "backward", "zero_grad", "gradients", "describe"):
+            setattr(engine, name, detector.wrap(getattr(engine, name)))
+        session.forward(rand(2, 3, 32, 32))
+        labels = rand(2, 1000)
+        with ThreadPoolExecutor(max_workers=8) as pool:
+            calls = [lambda: session.backward("sum", labels, retain_graph=True), lambda: session.gradients("fc.bias"),
+                     session.info, session.zero_grad] * 2
+            for f in [pool.submit(c) for c in calls]:
+                f.result(timeout=600)
+        assert detector.most_inside == 1
+
+
+def test_the_engine_runs_one_call_at_a_time(local: nn.Module) -> None:
+    """Without the server: SessionEngine's own lock serialises threads (a forward hook that waits for
+    company finds none)."""
+    from remote_trainer.engine.limits import Limits
+    from remote_trainer.engine.optimizer import OptimizerSpec
+    from remote_trainer.engine.session import SessionEngine
+
+    engine = SessionEngine(local, torch.device("cpu"), "test", OptimizerSpec.tutorial(), Limits())
+    detector = OverlapDetector()
+    local.register_forward_pre_hook(lambda module, args: detector.enter())
+    local.register_forward_hook(lambda module, args, out: detector.leave())
+    x = torch.from_numpy(rand(2, 3, 32, 32))
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        for f in [pool.submit(engine.forward, x) for _ in range(4)]:
+            f.result(timeout=600)
+    assert detector.most_inside == 1

@@ -18,9 +18,10 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from remote_trainer.client import Session, TrainerClient, TrainerError
-from remote_trainer.server.app import create_server
+from remote_trainer.server.app import TrainerServer, create_server
 from remote_trainer.server.settings import Settings
 from tests.conftest import WEIGHTS_NAME, rand
+from tests.test_hardening import FakeClock, blocking_forward
 from tests.test_server_process import start
 from remote_trainer.contract.trainer.v1 import trainer_pb2 as pb
 
@@ -123,14 +124,19 @@ def test_bad_checkpoint_requests_change_nothing(tmp_path: Path) -> None:
 
 
 def test_idle_sessions_expire_and_say_so(caplog: pytest.LogCaptureFixture) -> None:
-    running = create_server(Settings(port=0, weights="random", session_idle_seconds=0.6))
+    clock = FakeClock()  # the store's clock, moved here instead of sleeping
+    running = create_server(Settings(port=0, weights="random", session_idle_seconds=3600), clock=clock)
     try:
         with TrainerClient(f"localhost:{running.port}") as client, caplog.at_level(logging.INFO, logger="remote_trainer.server.sessions"):
             idle, busy = client.create_session(), client.create_session()
-            deadline = time.monotonic() + 2.0
-            while time.monotonic() < deadline:
+            for _ in range(3):  # 3600 s: not yet over the limit
+                clock.now += 1200
                 busy.info()  # kept alive by use
-                time.sleep(0.1)
+                running.store.expire_idle(running.servicer.busy)  # what the expiry thread does
+                assert len(running.store) == 3
+            clock.now += 1
+            running.store.expire_idle(running.servicer.busy)
+            assert len(running.store) == 2
             with pytest.raises(TrainerError) as err:
                 idle.info()
             assert (err.value.code, err.value.reason) == (grpc.StatusCode.NOT_FOUND, "SESSION_EXPIRED")
@@ -143,7 +149,13 @@ def test_idle_sessions_expire_and_say_so(caplog: pytest.LogCaptureFixture) -> No
 
 
 def test_sigterm_lets_in_flight_calls_finish_and_refuses_new_ones() -> None:
-    proc, port, _ = start("--weights", "random", "--grace-seconds", "30")
+    forward_running = threading.Event()  # the server's own log says when the Forward runs
+
+    def watch_log(line: str) -> None:
+        if "rpc=Forward session=- running" in line:
+            forward_running.set()
+
+    proc, port, log = start("--weights", "random", "--grace-seconds", "30", "--log-level", "DEBUG", on_line=watch_log)
     target = f"localhost:{port}"
     with TrainerClient(target, timeout=120) as client:
         channel = grpc.insecure_channel(target)
@@ -159,10 +171,9 @@ def test_sigterm_lets_in_flight_calls_finish_and_refuses_new_ones() -> None:
 
         worker = threading.Thread(target=slow_forward)
         worker.start()
-        time.sleep(0.5)  # the forward of 24 images takes seconds here; it is running now
+        assert forward_running.wait(120)
         proc.send_signal(signal.SIGTERM)
         assert next(watch).status == health_pb2.HealthCheckResponse.NOT_SERVING
-        time.sleep(0.2)
         with TrainerClient(target, timeout=10) as late, pytest.raises(TrainerError) as err:
             late.session().info()
         assert err.value.code == grpc.StatusCode.UNAVAILABLE
@@ -171,20 +182,35 @@ def test_sigterm_lets_in_flight_calls_finish_and_refuses_new_ones() -> None:
     assert "error" not in results, results
     assert results["logits"].shape == (24, 1000)  # type: ignore[attr-defined]
     assert proc.wait(timeout=60) == 0
+    # The Forward was in flight when SIGTERM came: it ran before, and finished after, the signal.
+    lines = [line for line in log if "received SIGTERM" in line or "rpc=Forward" in line]
+    assert "running" in lines[0] and "received SIGTERM" in lines[1] and "status=OK" in lines[2], lines
 
 
-def test_cancelled_stream_and_exceeded_deadline_leave_the_session_sound(client: TrainerClient, session: Session) -> None:
+def test_cancelled_stream_and_exceeded_deadline_leave_the_session_sound(
+    client: TrainerClient, session: Session, server: TrainerServer
+) -> None:
     train(session, range(1))
     expected = session.gradients()
     stream = client.stub.GetGradients(pb.GetGradientsRequest(session_id=session.session_id), timeout=60)
     next(stream)
     stream.cancel()  # the client walks away mid-stream
+    # A Forward whose deadline passes while it waits for its session (held by a Forward that a hook
+    # keeps running) never runs: the next forward is number 3, not 4.
+    entered, release, remove = blocking_forward(server.store.get(session.session_id)._model)
+    holder = threading.Thread(target=lambda: session.forward(rand(2, 3, 32, 32), stats_only=True))
+    holder.start()
+    assert entered.wait(120)
+    remove()
     with pytest.raises(TrainerError) as err:
-        session.forward(rand(32, 3, 224, 224), timeout=0.05)
+        session.forward(rand(2, 3, 32, 32), timeout=0.5)
     assert err.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
+    release.set()
+    holder.join(120)
     again = session.gradients()
     for name in expected:
         np.testing.assert_array_equal(again[name].array, expected[name].array, err_msg=name)
+    assert session.forward(rand(2, 3, 32, 32)).forward_id == 3
     train(session, range(1, 2))
     assert session.info().step_count == 2
 

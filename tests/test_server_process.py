@@ -9,7 +9,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -20,10 +20,13 @@ from remote_trainer.server.settings import Settings, parse_settings
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def start(*args: str, env: dict[str, str] | None = None) -> tuple[subprocess.Popen[str], int, list[str]]:
+def start(
+    *args: str, env: dict[str, str] | None = None, on_line: Callable[[str], None] | None = None
+) -> tuple[subprocess.Popen[str], int, list[str]]:
     """Starts the server on a free port and reads the port from its 'listening on' log line.
 
-    The rest of its log is collected by a thread (so the pipe never fills) into the returned list.
+    The rest of its log is collected by a thread (so the pipe never fills) into the returned list,
+    each line handed to ``on_line`` too (a test's way to wait for what the server says).
     """
     proc = subprocess.Popen(
         [sys.executable, "-m", "remote_trainer.server", "--port", "0", *args],
@@ -35,7 +38,14 @@ def start(*args: str, env: dict[str, str] | None = None) -> tuple[subprocess.Pop
         found = re.search(r"listening on \S+:(\d+)", line)
         if found:
             log: list[str] = []
-            threading.Thread(target=lambda: log.extend(proc.stderr), daemon=True).start()  # type: ignore[arg-type]
+            def collect() -> None:
+                assert proc.stderr is not None
+                for rest in proc.stderr:
+                    log.append(rest)
+                    if on_line is not None:
+                        on_line(rest)
+
+            threading.Thread(target=collect, daemon=True).start()
             return proc, int(found.group(1)), log
         if time.monotonic() > deadline:
             break

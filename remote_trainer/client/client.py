@@ -73,10 +73,29 @@ def as_array(x: Any, dtype: npt.DTypeLike | None = None) -> npt.NDArray[Any]:
         x = x.detach().cpu().numpy()
     arr = np.asarray(x)
     if dtype is not None:
+        if np.dtype(dtype).kind in "iu" and arr.dtype.kind in "fc":
+            _require_whole(arr, np.dtype(dtype))
         return arr.astype(dtype, copy=False)
     if arr.dtype.kind == "f" and arr.dtype != np.float32:
         return arr.astype(np.float32)
     return arr
+
+
+def _require_whole(arr: npt.NDArray[Any], dtype: np.dtype[Any]) -> None:
+    """Refuses a cast to integers that would change a value (numpy truncates 1.7 to 1 and turns NaN
+    into INT64_MIN without a word): every value must be a finite whole number within ``dtype``."""
+    if arr.dtype.kind == "c":
+        raise ValueError(f"complex values cannot be {dtype} class indices")
+    finite = np.isfinite(arr)
+    if not finite.all():
+        raise ValueError(f"{int((~finite).sum())} value(s) are NaN or infinite: they cannot be {dtype} class indices")
+    fraction = arr != np.floor(arr)
+    if fraction.any():
+        raise ValueError(f"{arr[fraction].ravel()[:3].tolist()} are not whole numbers: pass {dtype} class indices, "
+                         "not floats, so nothing is rounded away")
+    info = np.iinfo(dtype)  # its bounds as floats: min exactly, max + 1 exactly (powers of two)
+    if arr.size and (arr.min() < float(info.min) or arr.max() >= float(info.max) + 1):
+        raise ValueError(f"values outside the range of {dtype}")
 
 
 def _fill_input(target: pb.TensorInput, x: Any, dtype: npt.DTypeLike | None = None) -> None:
@@ -350,9 +369,15 @@ class Session:
             response.parameters_with_grad, response.grad_norm,
         )
 
-    def step(self, timeout: float | None = None) -> int:
-        """One optimizer step; returns the session's step count."""
-        return self._client.call(self._stub.Step, pb.StepRequest(session_id=self.session_id), timeout).step_count
+    def step(self, timeout: float | None = None, expected_step_count: int | None = None) -> int:
+        """One optimizer step; returns the session's step count.
+
+        ``expected_step_count`` (the count before this step) makes retrying safe after a lost answer
+        (DEADLINE_EXCEEDED, UNAVAILABLE): if the first try was taken, the retry takes no second step
+        and answers with the same count. Any other count gives STEP_COUNT_MISMATCH.
+        """
+        request = pb.StepRequest(session_id=self.session_id, expected_step_count=expected_step_count)
+        return self._client.call(self._stub.Step, request, timeout).step_count
 
     def zero_grad(self, set_to_none: bool = True, timeout: float | None = None) -> int:
         """Clears every .grad (to None, or to zeros); returns how many were set."""

@@ -310,3 +310,7 @@ def assemble_chunks(chunks: Iterable[pb.TensorChunk], with_data: bool = True) ->
             if head.data_type == pb.DATA_TYPE_BFLOAT16:
                 array = bf16_bits_to_float32(array)  # type: ignore[arg-type]
         yield AssembledTensor(head.name, shape, head.data_type, head.present, stats, array)
+    if current is not None:  # a stream that stops inside a tensor must not look like a shorter answer
+        raise CodecError(
+            f"the stream ended inside tensor {current.name!r} after {received} of {current.total_bytes} bytes", "STREAM_TRUNCATED"
+        )

@@ -1,16 +1,29 @@
-"""Checkpoint files: written atomically (temporary file, fsync, rename), read without unpickling code."""
+"""Checkpoint files: written atomically (temporary file, fsync, rename), read without unpickling code.
+
+A checkpoint name is a relative file name inside the checkpoint folder (sub-folders that exist are
+allowed). Names that cannot be a file there are refused as INVALID_ARGUMENT before anything is
+written; the temporary file is always in the checkpoint's own folder, with a short name of its own,
+so a legal 255-byte name saves too. Disk-full and permission errors are the server's state, not the
+request's: RESOURCE_EXHAUSTED and UNAVAILABLE. No message shows a server path.
+"""
 
 from __future__ import annotations
 
+import errno
+import logging
 import os
-import tempfile
+import secrets
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from remote_trainer.engine.errors import FailedPrecondition, NotFound, invalid
+from remote_trainer.engine.errors import FailedPrecondition, NotFound, ResourceExhausted, TrainerError, Unavailable, invalid
 from remote_trainer.engine.models import resolve_inside
+
+log = logging.getLogger(__name__)
+
+TMP_SUFFIX = ".tmp"
 
 
 def checkpoint_path(name: str, checkpoint_dir: str, owner: str = "") -> Path:
@@ -19,8 +32,125 @@ def checkpoint_path(name: str, checkpoint_dir: str, owner: str = "") -> Path:
     if not checkpoint_dir:
         raise FailedPrecondition("this server has no checkpoint directory (--checkpoint-dir)", "NO_CHECKPOINT_DIR")
     directory = Path(checkpoint_dir) / owner if owner else Path(checkpoint_dir)
-    directory.mkdir(exist_ok=True)
-    return resolve_inside(name, str(directory), "name")
+    with os_errors("the checkpoint folder"):
+        directory.mkdir(exist_ok=True)
+    path = resolve_inside(name, str(directory), "name")
+    if path == directory.resolve():
+        raise invalid("name", f"{name!r} names the checkpoint folder itself, not a file in it", "BAD_CHECKPOINT_NAME")
+    if path.is_dir():
+        raise invalid("name", f"{name!r} is a folder, not a checkpoint file", "BAD_CHECKPOINT_NAME")
+    if not path.parent.is_dir():
+        raise invalid("name", f"{name!r} is in a folder that does not exist", "BAD_CHECKPOINT_NAME")
+    return path
+
+
+class os_errors:
+    """Turns the OS errors of file work into the service's errors, naming ``what`` but no path."""
+
+    def __init__(self, what: str) -> None:
+        self._what = what
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None, tb: object) -> None:
+        exc = _os_error(error)
+        if exc is None:
+            return
+        log.warning("%s: %s", self._what, exc)  # the operator's log keeps the path
+        text = os.strerror(exc.errno) if exc.errno else type(exc).__name__
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+            raise ResourceExhausted(f"{self._what}: the server's disk is full ({text})", "DISK_FULL") from exc
+        if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+            raise Unavailable(f"{self._what}: the server may not write there ({text})", "CHECKPOINT_DIR_NOT_WRITABLE") from exc
+        if exc.errno == errno.ENAMETOOLONG:
+            raise invalid("name", f"{self._what}: the name is too long ({text})", "CHECKPOINT_NAME_TOO_LONG") from exc
+        if exc.errno in (errno.ENOTDIR, errno.EISDIR, errno.ENOENT):
+            raise invalid("name", f"{self._what}: not a file the server can write ({text})", "BAD_CHECKPOINT_NAME") from exc
+        raise Unavailable(f"{self._what}: {text}", "CHECKPOINT_IO_ERROR") from exc
+
+
+def _os_error(error: BaseException | None) -> OSError | None:
+    """The OS error behind ``error``: itself, or the one torch's writer turned into a RuntimeError
+    (torch.save reports a failed write as "unexpected pos", the OSError kept as its context)."""
+    seen = 0
+    while error is not None and seen < 8:
+        if isinstance(error, OSError):
+            return error
+        if isinstance(error, TrainerError):
+            return None
+        error = error.__cause__ or error.__context__
+        seen += 1
+    return None
+
+
+def save(state: dict[str, object], path: Path) -> int:
+    """Writes ``state`` to ``path`` atomically: a reader sees the old file or the whole new one.
+
+    The temporary file is ``.<16 hex digits>.tmp`` next to ``path``; one left by a save that was
+    killed midway is removed when the server starts (``remove_stale_temporaries``).
+    """
+    tmp = path.parent / f".{secrets.token_hex(8)}{TMP_SUFFIX}"
+    with os_errors(f"saving checkpoint {path.name!r}"):
+        try:
+            with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "wb") as f:
+                torch.save(state, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)  # the rename itself survives a crash
+        finally:
+            os.close(dir_fd)
+        return path.stat().st_size
+
+
+def load(path: Path) -> dict[str, object]:
+    """Reads a checkpoint with ``weights_only=True``: tensors and plain data, never code."""
+    if not path.is_file():
+        raise NotFound(f"no checkpoint {path.name!r}", "CHECKPOINT_NOT_FOUND")
+    try:
+        with os_errors(f"reading checkpoint {path.name!r}"):
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except TrainerError:
+        raise
+    except Exception as exc:  # unreadable or not a checkpoint: the caller named a bad file
+        detail = str(exc).replace(str(path.parent), "<checkpoints>").splitlines()[0]
+        raise invalid("name", f"cannot read checkpoint {path.name!r}: {detail}", "BAD_CHECKPOINT") from exc
+    if not isinstance(state, dict):
+        raise invalid("name", f"{path.name!r} is not a session checkpoint", "BAD_CHECKPOINT")
+    return state
+
+
+def remove_stale_temporaries(checkpoint_dir: str) -> int:
+    """Removes the temporary files of saves that were killed midway (in the folder and its owners'
+    folders, one level down); run at start, when no save of this server is under way. Returns the
+    bytes freed."""
+    removed = 0
+    root = Path(checkpoint_dir)
+    for folder in [root, *(p for p in root.iterdir() if p.is_dir() and not p.is_symlink())]:
+        for tmp in folder.glob(f".*{TMP_SUFFIX}"):
+            if tmp.is_file() and not tmp.is_symlink():
+                removed += tmp.stat().st_size
+                tmp.unlink(missing_ok=True)
+                log.info("removed %s, left by a checkpoint save that did not finish", tmp)
+    return removed
+
+
+def keep_newest(folder: Path, pattern: str, keep: int) -> list[str]:
+    """Removes all but the ``keep`` newest files matching ``pattern`` in ``folder`` (by modification
+    time); returns the names removed."""
+    if keep <= 0:
+        return []
+    files = sorted((p for p in folder.glob(pattern) if p.is_file()), key=lambda p: p.stat().st_mtime_ns, reverse=True)
+    for old in files[keep:]:
+        old.unlink(missing_ok=True)
+        log.info("removed automatic checkpoint %s (keep_auto_checkpoints=%d)", old.name, keep)
+    return [p.name for p in files[keep:]]
 
 
 @dataclass(frozen=True)
@@ -49,36 +179,3 @@ def list_checkpoints(checkpoint_dir: str, owner: str = "") -> list[CheckpointFil
         stat = path.stat()
         found.append(CheckpointFile(path.name, stat.st_size, stat.st_mtime))
     return found
-
-
-def save(state: dict[str, object], path: Path) -> int:
-    """Writes ``state`` to ``path`` atomically: a reader sees the old file or the whole new one."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)  # the rename itself survives a crash
-    finally:
-        os.close(dir_fd)
-    return path.stat().st_size
-
-
-def load(path: Path) -> dict[str, object]:
-    """Reads a checkpoint with ``weights_only=True``: tensors and plain data, never code."""
-    if not path.is_file():
-        raise NotFound(f"no checkpoint {path.name!r}", "CHECKPOINT_NOT_FOUND")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # unreadable or not a checkpoint: the caller named a bad file
-        raise invalid("name", f"cannot read checkpoint {path.name!r}: {exc}", "BAD_CHECKPOINT") from exc
-    if not isinstance(state, dict):
-        raise invalid("name", f"{path.name!r} is not a session checkpoint", "BAD_CHECKPOINT")
-    return state

@@ -58,8 +58,15 @@ class ResourceExhausted(TrainerError):
 
 
 class Unavailable(TrainerError):
-    """The session cannot be reached now: the process or node holding it died (``SESSION_LOST``),
-    or it did not answer in time. The caller may recover, e.g. from the session's last checkpoint."""
+    """The service cannot do it now, through no fault of the request: the process or node holding
+    the session died (``SESSION_LOST``) or did not answer in time, or a folder the server cannot
+    write. The caller may retry later or recover, e.g. from the session's last checkpoint."""
+
+
+class Abandoned(TrainerError):
+    """The caller stopped waiting (its deadline passed, or it cancelled) before the work was committed,
+    so nothing was changed. The client never sees this
+    error (it has its own); it makes the server's log and metrics tell the real outcome."""
 
 
 def invalid(field_name: str, message: str, reason: str) -> InvalidArgument:

@@ -71,7 +71,7 @@ WEIGHTS_FILE_HELP = (
 def load_state_dict_file(path: Path) -> dict[str, torch.Tensor]:
     """A state_dict from a .safetensors file or a torch.save file (loaded with weights_only=True)."""
     if not path.is_file():
-        raise NotFound(f"weights file {str(path)!r} does not exist", "WEIGHTS_NOT_FOUND")
+        raise NotFound(f"weights file {path.name!r} does not exist", "WEIGHTS_NOT_FOUND")
     try:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file
@@ -110,16 +110,25 @@ def imagenet_model(num_classes: int, seed: int) -> nn.Module:
     path = imagenet_weights_path()
     if not path.is_file():
         raise FailedPrecondition(
-            f"ImageNet weights are not in the torch hub cache: download {ResNet18_Weights.DEFAULT.url} "
-            f"and put it at {path} (the hub cache is $TORCH_HOME/hub; nothing is downloaded by the server)",
+            f"ImageNet weights are not in the server's torch hub cache: download {ResNet18_Weights.DEFAULT.url} "
+            f"and put it at $TORCH_HOME/hub/checkpoints/{path.name} (nothing is downloaded by the server)",
             "IMAGENET_WEIGHTS_MISSING",
-            metadata={"path": str(path), "url": ResNet18_Weights.DEFAULT.url},
+            metadata={"url": ResNet18_Weights.DEFAULT.url},
         )
     return model_from_state_dict(load_state_dict_file(path), num_classes, seed, "imagenet")
 
 
+# The longest file name (in bytes) of the common Linux file systems (ext4, xfs, btrfs, tmpfs).
+MAX_NAME_BYTES = 255
+
+
 def resolve_inside(name: str, directory: str, field_name: str) -> Path:
-    """A client-named file inside ``directory``: no absolute paths, no "..", no symlinks out."""
+    """A client-named file inside ``directory``: no absolute paths, no "..", no symlinks out, no NUL
+    byte, no part longer than a file name can be."""
+    if "\0" in name:
+        raise invalid(field_name, "a file name cannot hold a NUL byte", "BAD_FILE_NAME")
+    if any(len(part.encode("utf-8", "surrogatepass")) > MAX_NAME_BYTES for part in name.split("/")):
+        raise invalid(field_name, f"each part of a file name may be at most {MAX_NAME_BYTES} bytes long", "FILE_NAME_TOO_LONG")
     root = Path(directory).resolve()
     candidate = Path(name)
     if not name or candidate.is_absolute() or ".." in candidate.parts:

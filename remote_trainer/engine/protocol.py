@@ -11,6 +11,8 @@ of memory is raised as ``ResourceExhausted("DEVICE_OUT_OF_MEMORY")`` by the engi
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from typing import Protocol
 
 import torch
@@ -33,7 +35,12 @@ class Engine(Protocol):
     """One session's training state and the operations on it (see ``SessionEngine`` for each)."""
 
     def forward(
-        self, x: torch.Tensor, eval_mode: bool = False, no_grad: bool = False, max_logits_elements: int | None = None
+        self,
+        x: torch.Tensor,
+        eval_mode: bool = False,
+        no_grad: bool = False,
+        max_logits_elements: int | None = None,
+        still_wanted: Callable[[], bool] | None = None,
     ) -> ForwardResult: ...
 
     def backward(
@@ -45,7 +52,9 @@ class Engine(Protocol):
         retain_graph: bool = False,
     ) -> BackwardResult: ...
 
-    def step(self) -> tuple[int, int]: ...
+    def step(self, expected_step_count: int | None = None, still_wanted: Callable[[], bool] | None = None) -> tuple[int, int]: ...
+
+    def drop_pending(self, why: str) -> bool: ...
 
     def zero_grad(self, set_to_none: bool = True) -> int: ...
 

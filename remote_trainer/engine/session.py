@@ -27,7 +27,8 @@ from torch import nn
 
 from remote_trainer.contract.names import LossName
 from remote_trainer.engine import checkpoints
-from remote_trainer.engine.errors import FailedPrecondition, ResourceExhausted, invalid
+from remote_trainer.engine.budget import UNLIMITED, GRAPH_BYTES_PER_PIXEL, MemoryBudget, forward_bytes, head_bytes, model_bytes
+from remote_trainer.engine.errors import Abandoned, FailedPrecondition, ResourceExhausted, invalid
 from remote_trainer.engine.graph import autograd_graph
 from remote_trainer.engine.limits import MAX_CLASSES, Limits
 from remote_trainer.engine.models import ModelSpec, head_of, new_head
@@ -57,6 +58,7 @@ class _Pending:
     logits: torch.Tensor | None
     unusable_because: str = ""
     reason: str = ""
+    graph_bytes: int = 0  # the estimate of what its graph keeps (engine/budget.py)
 
 
 CHECKPOINT_FORMAT = "trainer.v1/session-checkpoint/1"
@@ -93,10 +95,12 @@ class SessionEngine:
         weights: str,
         optimizer: OptimizerSpec,
         limits: Limits,
+        budget: MemoryBudget = UNLIMITED,
         keep_initial_state: bool = False,
     ) -> None:
-        """``keep_initial_state`` keeps a CPU copy of the starting state (the size of the weights),
-        which ``reset()`` returns to: the server's default session has one."""
+        """``budget`` is the memory budget the session counts against (shared by the sessions of one
+        process); ``keep_initial_state`` keeps a CPU copy of the starting state (the size of the
+        weights), which ``reset()`` returns to: the server's default session has one."""
         optimizer.validate()
         self._lock = threading.Lock()
         self._model = model.to(device)
@@ -108,18 +112,30 @@ class SessionEngine:
         self._step_count = 0
         self._forward_count = 0
         self._pending: _Pending | None = None
+        self._budget = budget
+        self._keep_budget()
         # Said in errors about the head's size after ReplaceHead, so a shape error tells what changed.
         self._head_note = ""
         self._initial = self.checkpoint() if keep_initial_state else None
 
+    def _keep_budget(self) -> None:
+        """Tells the memory budget what the session keeps now: its model state and pending graph."""
+        pending = self._pending.graph_bytes if self._pending is not None and self._pending.logits is not None else 0
+        self._budget.keep(self, model_bytes(head_of(self._model).out_features) + pending)
+
     @classmethod
     def from_spec(
-        cls, model: ModelSpec, optimizer: OptimizerSpec, limits: Limits, keep_initial_state: bool = False
+        cls,
+        model: ModelSpec,
+        optimizer: OptimizerSpec,
+        limits: Limits,
+        budget: MemoryBudget = UNLIMITED,
+        keep_initial_state: bool = False,
     ) -> SessionEngine:
         """A session whose model is built here, from plain data (how a session in another process is made)."""
         optimizer.validate()
         module, source, device = model.build()
-        return cls(module, device, source, optimizer, limits, keep_initial_state=keep_initial_state)
+        return cls(module, device, source, optimizer, limits, budget, keep_initial_state)
 
     def warm_up(self) -> None:
         """One training-mode forward and backward of a small batch on a copy of the model, so that the
@@ -138,12 +154,20 @@ class SessionEngine:
 
     @_device_memory
     def forward(
-        self, x: torch.Tensor, eval_mode: bool = False, no_grad: bool = False, max_logits_elements: int | None = None
+        self,
+        x: torch.Tensor,
+        eval_mode: bool = False,
+        no_grad: bool = False,
+        max_logits_elements: int | None = None,
+        still_wanted: Callable[[], bool] | None = None,
     ) -> ForwardResult:
         """``model(x)`` in train or eval mode, keeping the graph for Backward unless ``no_grad``.
 
         ``max_logits_elements`` refuses, before anything runs or changes, a forward whose logits
-        (batch x classes) the caller could not send back.
+        (batch x classes) the caller could not send back. ``still_wanted`` is asked once the forward
+        has run: when it says no (the caller's deadline passed, or it cancelled), the BatchNorm
+        running statistics the forward updated are put back and ``Abandoned`` is raised, so the
+        session keeps its pending forward and is exactly as before.
         """
         self._check_input(x, eval_mode)
         with self._lock:
@@ -156,10 +180,25 @@ class SessionEngine:
                     "RESPONSE_TOO_LARGE",
                     metadata={"limit": str(max_logits_elements)},
                 )
-            self._pending = None  # a new forward replaces the pending one (and frees its graph)
+            # Train mode updates BatchNorm's running statistics in place, so the forward runs on copies
+            # (resnet18's are 9,600 numbers) that replace them only when it is kept: the statistics,
+            # and the pending graph that saved them, stay untouched when the caller gives up.
+            n, _, h, w = x.shape
+            needed = forward_bytes(n, h, w, classes, keeps_graph=not no_grad)
+            originals = self._swap_in_buffer_copies() if still_wanted is not None and not eval_mode else []
+            was_training = self._model.training
             self._model.train(not eval_mode)
-            with torch.set_grad_enabled(not no_grad):
-                logits = self._model(x.to(self._device, non_blocking=True))
+            try:
+                with self._budget.use(self, needed, f"a forward of {n} image(s) of {h}x{w}"), torch.set_grad_enabled(not no_grad):
+                    logits = self._model(x.to(self._device, non_blocking=True))
+                if still_wanted is not None and not still_wanted():
+                    raise Abandoned("the forward was run but not kept: its caller stopped waiting", "ABANDONED")
+            except BaseException:
+                for module, name, buffer in originals:
+                    module._buffers[name] = buffer
+                self._model.train(was_training)
+                raise
+            self._pending = None  # the new forward replaces the pending one (and frees its graph)
             self._forward_count += 1
             fid = self._forward_count
             if no_grad:
@@ -167,9 +206,20 @@ class SessionEngine:
             elif not logits.requires_grad:
                 self._pending = _Pending(fid, None, f"forward {fid} has no graph: every parameter is frozen", "NO_TRAINABLE_PARAMETERS")
             else:
-                self._pending = _Pending(fid, logits)
+                self._pending = _Pending(fid, logits, graph_bytes=n * h * w * GRAPH_BYTES_PER_PIXEL)
+            self._keep_budget()
             out = logits.detach()
             return ForwardResult(fid, out.to("cpu"), tensor_stats(out))
+
+    def _swap_in_buffer_copies(self) -> list[tuple[nn.Module, str, torch.Tensor]]:
+        """Puts a copy in place of every buffer; returns the originals to put back."""
+        originals = []
+        for module in self._model.modules():
+            for name, buffer in module._buffers.items():
+                if buffer is not None:
+                    originals.append((module, name, buffer))
+                    module._buffers[name] = buffer.clone()
+        return originals
 
     def _check_input(self, x: torch.Tensor, eval_mode: bool) -> None:
         require_float32(x, "input")
@@ -247,6 +297,7 @@ class SessionEngine:
                     "pass retain_graph to backpropagate through it again"
                 )
                 pending.reason = "GRAPH_FREED"
+                self._keep_budget()
             grads = [p.grad for p in self._model.parameters() if p.grad is not None]
             norm = float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))) if grads else 0.0
             return BackwardResult(pending.forward_id, loss_value, len(grads), norm)
@@ -275,9 +326,24 @@ class SessionEngine:
         return F.mse_loss(logits, target)
 
     @_device_memory
-    def step(self) -> tuple[int, int]:
-        """One optimizer step; returns the step count and how many parameters had a gradient."""
+    def step(self, expected_step_count: int | None = None, still_wanted: Callable[[], bool] | None = None) -> tuple[int, int]:
+        """One optimizer step; returns the step count and how many parameters had a gradient.
+
+        ``expected_step_count`` makes a retried step safe: it is the step count the caller saw before
+        this step. One less than the session's count means the step was already taken (its answer
+        was lost): nothing is done and the current count is returned, with 0 parameters updated. Any
+        other difference is refused. ``still_wanted`` is asked right before stepping.
+        """
         with self._lock:
+            if expected_step_count is not None and expected_step_count != self._step_count:
+                if expected_step_count + 1 == self._step_count:
+                    return self._step_count, 0
+                raise FailedPrecondition(
+                    f"expected_step_count {expected_step_count} does not fit the session's step count {self._step_count}",
+                    "STEP_COUNT_MISMATCH", metadata={"step_count": str(self._step_count)},
+                )
+            if still_wanted is not None and not still_wanted():
+                raise Abandoned("the step was not taken: its caller stopped waiting", "ABANDONED")
             updated = sum(1 for g in self._optimizer.param_groups for p in g["params"] if p.grad is not None)
             self._optimizer.step()
             self._step_count += 1
@@ -290,6 +356,7 @@ class SessionEngine:
                     fid, None, f"the parameters changed (step {self._step_count}) since forward {fid}; run Forward again",
                     "PARAMETERS_CHANGED",
                 )
+                self._keep_budget()
             return self._step_count, updated
 
     def zero_grad(self, set_to_none: bool = True) -> int:
@@ -298,6 +365,17 @@ class SessionEngine:
             cleared = sum(1 for p in self._model.parameters() if p.grad is not None)
             self._model.zero_grad(set_to_none=set_to_none)
             return cleared
+
+    def drop_pending(self, why: str) -> bool:
+        """Frees the pending forward's graph (Backward then says ``why``); False when none was kept."""
+        with self._lock:
+            pending = self._pending
+            if pending is None or pending.logits is None:
+                return False
+            self._pending = _Pending(pending.forward_id, None, f"the graph of forward {pending.forward_id} was dropped: {why}",
+                                     "GRAPH_EXPIRED")
+            self._keep_budget()
+            return True
 
     # -- model and optimizer changes ---------------------------------------------------------
 
@@ -328,8 +406,9 @@ class SessionEngine:
         """``model.fc = nn.Linear(512, num_classes)`` seeded, then a new optimizer over all parameters."""
         if num_classes < 1 or num_classes > MAX_CLASSES:
             raise invalid("num_classes", f"num_classes must be in 1..{MAX_CLASSES}, got {num_classes}", "BAD_NUM_CLASSES")
-        head = new_head(head_of(self._model).in_features, num_classes, seed)
         with self._lock:
+            self._budget.check(self, head_bytes(num_classes), f"a head of {num_classes} classes")
+            head = new_head(head_of(self._model).in_features, num_classes, seed)
             before = head_of(self._model).out_features
             self._model.fc = head.to(self._device)
             self._head_note = (
@@ -340,6 +419,7 @@ class SessionEngine:
             if self._pending is not None:
                 fid = self._pending.forward_id
                 self._pending = _Pending(fid, None, f"forward {fid} was made with the old head, replaced since", "HEAD_REPLACED")
+            self._keep_budget()
             return self._describe()
 
     # -- checkpoints -----------------------------------------------------------------------------
@@ -390,6 +470,7 @@ class SessionEngine:
             weights = state["model"]
             frozen = set(state["frozen"])  # type: ignore[call-overload]
             step_count = int(state["step_count"])  # type: ignore[call-overload]
+            self._budget.check(self, model_bytes(num_classes), "loading a checkpoint")
             model = copy.deepcopy(self._model)
             if head_of(model).out_features != num_classes:
                 model.fc = new_head(head_of(model).in_features, num_classes, 0)  # overwritten by the checkpoint
@@ -407,6 +488,7 @@ class SessionEngine:
         self._weights = str(state.get("weights", self._weights))
         self._pending = None
         self._head_note = ""
+        self._keep_budget()
         return self._describe()
 
     def reset(self) -> SessionDescription:
@@ -455,6 +537,11 @@ class SessionEngine:
             if include_buffers:
                 tensors.update(self._model.named_buffers())
             names = match_patterns(list(tensors), patterns) if patterns else list(tensors)
+            copies = 0 if stats_only else sum(
+                v.numel() * (dtype.itemsize if v.is_floating_point() else v.element_size())
+                for v in (pick(tensors[n]) for n in names) if v is not None
+            )
+            self._budget.check(self, copies, f"a snapshot of {len(names)} tensor(s)")
             out = []
             for name in names:
                 source = tensors[name]

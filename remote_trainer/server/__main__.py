@@ -24,6 +24,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         serve(settings)
     except TrainerError as exc:
         logging.getLogger("remote_trainer.server").error("cannot start: %s", exc.message)
+        if exc.reason == "IMAGENET_WEIGHTS_MISSING":  # clients are never told server paths; the operator is
+            from remote_trainer.engine.models import imagenet_weights_path
+
+            logging.getLogger("remote_trainer.server").error("the weights file belongs at %s", imagenet_weights_path())
         return 2
     return 0
 

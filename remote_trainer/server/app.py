@@ -9,6 +9,8 @@ import os
 import signal
 import socket
 import threading
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
@@ -20,6 +22,8 @@ from google.protobuf.message import DecodeError
 from grpc_health.v1 import _async as health_aio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from remote_trainer.engine import checkpoints
+from remote_trainer.engine.budget import UNLIMITED, MemoryBudget, default_total_bytes
 from remote_trainer.engine.errors import FailedPrecondition
 from remote_trainer.server.auth import AuthInterceptor, TokenAuth
 from remote_trainer.engine.limits import Limits
@@ -27,7 +31,7 @@ from remote_trainer.engine.optimizer import OptimizerSpec
 from remote_trainer.engine.session import SessionEngine
 from remote_trainer.server import reflection
 from remote_trainer.server.metrics import Metrics
-from remote_trainer.engine.models import ModelSpec
+from remote_trainer.engine.models import ModelSpec, resolve_device
 from remote_trainer.server.servicer import TrainerServicer
 from remote_trainer.server.sessions import DEFAULT_SESSION_ID, Sessions, SessionStore
 from remote_trainer.server.settings import Settings
@@ -83,21 +87,26 @@ class TrainerServer:
         self._stopped.wait()
 
 
-def create_server(settings: Settings) -> TrainerServer:
+def create_server(settings: Settings, clock: Callable[[], float] = time.monotonic) -> TrainerServer:
     """Builds the default session from the settings, binds the port and starts serving.
 
     The server is grpc.aio on an event loop of its own (a daemon thread): waiting for a request
     message, for a busy session or for a slow reader holds no thread, and the torch work runs on
     ``max_workers`` worker threads. Port 0 binds a free port; the returned ``TrainerServer.port``
-    says which.
+    says which. ``clock`` is the session store's (tests move it instead of sleeping). Temporary files
+    of checkpoint saves killed midway are removed first.
     """
     limits = Limits(max_input_elements=settings.max_input_elements, max_batch=settings.max_batch)
-    store = session_store(settings, limits)
+    if settings.checkpoint_dir:
+        freed = checkpoints.remove_stale_temporaries(settings.checkpoint_dir)
+        if freed:
+            log.info("removed %d bytes of temporary files left by unfinished checkpoint saves", freed)
+    store, budget = session_store(settings, limits, clock)
     default_session = store.get(DEFAULT_SESSION_ID)
     default = default_session.describe()
     auth = TokenAuth.from_settings(settings)
     metrics = Metrics(store.__len__)
-    servicer = TrainerServicer(store, limits, settings, auth, metrics)
+    servicer = TrainerServicer(store, limits, settings, auth, metrics, budget)
 
     loop = asyncio.new_event_loop()
     threading.Thread(target=loop.run_forever, name="grpc-aio", daemon=True).start()
@@ -118,7 +127,7 @@ def create_server(settings: Settings) -> TrainerServer:
         raise
     metrics_port = metrics.serve(settings.host, settings.metrics_port) if settings.metrics_port >= 0 else None
     running = TrainerServer(server, port, health_servicer, store, metrics, servicer, loop, metrics_port)
-    if settings.session_idle_seconds:
+    if settings.session_idle_seconds or settings.pending_graph_seconds:
         threading.Thread(target=_expire_sessions, args=(running,), name="session-expiry", daemon=True).start()
     log.info(
         "listening on %s:%d (%s backend, device %s, weights %s, %s, %s)", settings.host, port, settings.backend,
@@ -253,15 +262,20 @@ _HANDLER_FACTORIES: dict[str, Any] = {
 
 
 def _expire_sessions(running: TrainerServer) -> None:
-    """Closes idle sessions, checking four times per idle period (at most every 30 s)."""
-    interval = min(running.store.idle_seconds / 4, 30.0)
+    """Closes idle sessions and drops unused pending graphs, checking four times per period (at most
+    every 30 s); sessions with a call running or waiting are never idle."""
+    interval = min([p / 4 for p in (running.store.idle_seconds, running.store.pending_seconds) if p] + [30.0])
     while not running._stopping.wait(interval):
-        running.servicer.forget_sessions(running.store.expire_idle())
+        running.servicer.forget_sessions(running.store.expire_idle(running.servicer.busy))
 
 
-def session_store(settings: Settings, limits: Limits) -> Sessions:
+def session_store(
+    settings: Settings, limits: Limits, clock: Callable[[], float] = time.monotonic
+) -> tuple[Sessions, MemoryBudget]:
     """The sessions of the configured backend, the default session built (or, with Ray, found) from
-    the operator's settings (its weights may be any path)."""
+    the operator's settings (its weights may be any path), and the memory budget the servicer checks
+    before it has a session built: this process's, shared by its sessions (local backend); with Ray
+    each session's actor keeps a budget of its own, in its own process (docs/deployment.md)."""
     default_model = ModelSpec(
         settings.weights, settings.num_classes, settings.seed, settings.device, settings.data_dir, trusted_path=True
     )
@@ -272,15 +286,21 @@ def session_store(settings: Settings, limits: Limits) -> Sessions:
             os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
         from remote_trainer.server.ray_backend import RaySessionStore  # imports ray: only with this backend
 
-        return RaySessionStore.connect(settings, default_model, limits)
-    default = SessionEngine.from_spec(default_model, OptimizerSpec.tutorial(), limits, keep_initial_state=True)
-    return SessionStore(
+        return RaySessionStore.connect(settings, default_model, limits), UNLIMITED
+    budget = MemoryBudget(
+        settings.memory_budget_bytes or default_total_bytes(resolve_device(settings.device)), settings.session_memory_bytes
+    )
+    default = SessionEngine.from_spec(default_model, OptimizerSpec.tutorial(), limits, budget, keep_initial_state=True)
+    store = SessionStore(
         default,
-        lambda model, optimizer: SessionEngine.from_spec(model, optimizer, limits),
+        lambda model, optimizer: SessionEngine.from_spec(model, optimizer, limits, budget),
         settings.max_sessions,
         settings.max_sessions_per_token,
         settings.session_idle_seconds,
+        clock,
+        settings.pending_graph_seconds,
     )
+    return store, budget
 
 
 def serve(settings: Settings) -> None:

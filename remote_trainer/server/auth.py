@@ -41,6 +41,8 @@ def parse_tokens(lines: Sequence[str]) -> dict[bytes, str]:
         name, token = name.strip(), token.strip()
         if name and not re.fullmatch(r"[A-Za-z0-9_.-]+", name) or name in (".", ".."):
             raise ValueError(f"token name {name!r} may hold only letters, digits and _ . -")
+        if not token:  # "alice:" (an unset variable) would make the empty bearer token valid
+            raise ValueError(f"the token of {name or 'an entry'!r} is empty")
         # A token without a name is known by a digest of it (never the token itself: names are logged).
         tokens[_digest(token)] = name or "token-" + hashlib.sha256(token.encode()).hexdigest()[:8]
     return tokens
@@ -54,12 +56,21 @@ class TokenAuth:
 
     @staticmethod
     def from_settings(settings: Settings) -> TokenAuth | None:
-        """The tokens the settings name, or None when authentication is off."""
-        lines = settings.tokens.split(",") if settings.tokens else []
+        """The tokens the settings name, or None when authentication is off (neither ``tokens`` nor
+        ``tokens_file`` set). Fails closed: settings that ask for tokens but yield none, or an empty
+        one, raise ``ValueError``, so a server never starts open by mistake."""
+        if not settings.tokens and not settings.tokens_file:
+            return None
+        lines = settings.tokens.split(",")
         if settings.tokens_file:
             lines += Path(settings.tokens_file).read_text().splitlines()
         tokens = parse_tokens(lines)
-        return TokenAuth(tokens) if tokens else None
+        if not tokens:
+            where = " and ".join(
+                what for what, value in (("tokens", settings.tokens), ("tokens-file", settings.tokens_file)) if value
+            )
+            raise ValueError(f"{where} set but no token given: refusing to start without authentication")
+        return TokenAuth(tokens)
 
     def identify(self, metadata: Iterable[tuple[str, Any]] | None) -> str | None:
         """The caller's name for a valid bearer token in ``metadata``, else None."""

@@ -59,6 +59,10 @@ class Dispatcher:
             else:
                 self._gates[session_id] = (gate, count - 1)
 
+    def busy(self, session_id: str) -> bool:
+        """Whether a call is running or waiting on the session (safe from any thread)."""
+        return (session_id or DEFAULT_SESSION_ID) in self._gates
+
     def close(self) -> None:
         """Lets running work finish; starts no more."""
         self.pool.shutdown(wait=False, cancel_futures=True)

@@ -31,6 +31,7 @@ import logging
 import secrets
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -41,9 +42,10 @@ from ray.exceptions import ActorUnavailableError, GetTimeoutError, RayActorError
 
 from remote_trainer.contract.names import LossName
 from remote_trainer.engine import portable
-from remote_trainer.engine.errors import FailedPrecondition, NotFound, ResourceExhausted, Unavailable
+from remote_trainer.engine.errors import Abandoned, FailedPrecondition, NotFound, ResourceExhausted, Unavailable
 from remote_trainer.engine.limits import Limits
-from remote_trainer.engine.models import ModelSpec
+from remote_trainer.engine.budget import MemoryBudget, default_total_bytes
+from remote_trainer.engine.models import ModelSpec, resolve_device
 from remote_trainer.engine.optimizer import OptimizerSpec
 from remote_trainer.engine.protocol import Engine
 from remote_trainer.engine.results import (
@@ -73,6 +75,7 @@ REMEMBERED = 10_000
 ENGINE_METHODS = frozenset({
     "forward", "backward", "step", "zero_grad", "configure_optimizer", "freeze", "replace_head", "parameters_info",
     "gradients", "parameters", "graph", "describe", "save_checkpoint", "load_checkpoint", "reset", "warm_up",
+    "drop_pending",
 })
 
 def actor_name(session_id: str) -> str:
@@ -94,21 +97,29 @@ class SessionActor:
         self._last_call = time.monotonic()
 
     def build(
-        self, model: ModelSpec, optimizer: OptimizerSpec, limits: Limits, keep_initial_state: bool = False
+        self,
+        model: ModelSpec,
+        optimizer: OptimizerSpec,
+        limits: Limits,
+        keep_initial_state: bool = False,
+        session_memory_bytes: int = 0,
     ) -> tuple[SessionDescription, str]:
         """Builds the engine (once: a second front-end starting the default session finds it built);
         returns its description and this actor's id. The default session keeps its initial state
         (for ResetSession)."""
         with self._build_lock:
             if self._engine is None:
-                self._engine = SessionEngine.from_spec(model, optimizer, limits, keep_initial_state)
+                # A budget of this actor's own process: the session's limit, within most of the node's memory.
+                budget = MemoryBudget(default_total_bytes(resolve_device(model.device)), session_memory_bytes)
+                self._engine = SessionEngine.from_spec(model, optimizer, limits, budget, keep_initial_state)
             return self._placed(self._engine.describe()), self._actor_id
 
     def call(self, method: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         """``engine.method(*args, **kwargs)`` with tensors packed as numpy arrays both ways."""
         if self._engine is None or method not in ENGINE_METHODS:
             raise FailedPrecondition(f"session actor cannot run {method!r} (not built, or not an engine method)", "SESSION_NOT_READY")
-        self._last_call = time.monotonic()
+        if method != "drop_pending":  # the front-ends' housekeeping is no use of the session
+            self._last_call = time.monotonic()
         result = getattr(self._engine, method)(*portable.unpack(args), **portable.unpack(kwargs))
         if isinstance(result, SessionDescription):
             result = self._placed(result)
@@ -246,6 +257,11 @@ class SessionRegistry:
 # -- in the front-end -------------------------------------------------------------------------------
 
 
+def _check_wanted(still_wanted: Callable[[], bool] | None, what: str) -> None:
+    if still_wanted is not None and not still_wanted():
+        raise Abandoned(f"{what}: its caller stopped waiting", "ABANDONED")
+
+
 def _cause(exc: RayTaskError) -> BaseException:
     """The exception the actor raised (a domain error with all its fields), or the wrapper itself."""
     cause = getattr(exc, "cause", None)
@@ -267,8 +283,16 @@ class RayEngine:
         return portable.unpack(self._store.wait(self, ref))
 
     def forward(
-        self, x: torch.Tensor, eval_mode: bool = False, no_grad: bool = False, max_logits_elements: int | None = None
+        self,
+        x: torch.Tensor,
+        eval_mode: bool = False,
+        no_grad: bool = False,
+        max_logits_elements: int | None = None,
+        still_wanted: Callable[[], bool] | None = None,
     ) -> ForwardResult:
+        # ``still_wanted`` asks this front-end's call, which cannot cross to the actor: it is asked
+        # before sending; a caller giving up while the actor runs the forward is not seen there.
+        _check_wanted(still_wanted, "the forward was not run")
         result: ForwardResult = self._call("forward", x, eval_mode=eval_mode, no_grad=no_grad, max_logits_elements=max_logits_elements)
         return result
 
@@ -285,9 +309,14 @@ class RayEngine:
         )
         return result
 
-    def step(self) -> tuple[int, int]:
-        result: tuple[int, int] = self._call("step")
+    def step(self, expected_step_count: int | None = None, still_wanted: Callable[[], bool] | None = None) -> tuple[int, int]:
+        _check_wanted(still_wanted, "the step was not taken")  # asked before sending, as for forward
+        result: tuple[int, int] = self._call("step", expected_step_count)
         return result
+
+    def drop_pending(self, why: str) -> bool:
+        dropped: bool = self._call("drop_pending", why)
+        return dropped
 
     def zero_grad(self, set_to_none: bool = True) -> int:
         result: int = self._call("zero_grad", set_to_none)
@@ -358,6 +387,8 @@ class RaySessionStore:
         self._max_sessions = settings.max_sessions
         self._max_per_owner = settings.max_sessions_per_token
         self._idle_seconds = settings.session_idle_seconds
+        self._pending_seconds = settings.pending_graph_seconds
+        self._session_memory_bytes = settings.session_memory_bytes
         self._timeout = settings.ray_timeout
         self._checkpoint_dir = settings.checkpoint_dir
         self._registry = registry
@@ -431,12 +462,15 @@ class RaySessionStore:
             self._cache[sid] = engine
         return engine
 
-    def create(self, model: ModelSpec, optimizer: OptimizerSpec, owner: str = "") -> tuple[str, RayEngine]:
+    def create(
+        self, model: ModelSpec, optimizer: OptimizerSpec, owner: str = "", still_wanted: Callable[[], bool] = lambda: True
+    ) -> tuple[str, Engine]:
         sid: str = self._ask(self._registry.reserve.remote(owner, self._max_sessions, self._max_per_owner, 2 * self._timeout))
         handle = None
         try:
             handle = self._actor.options(name=actor_name(sid), **self._options).remote()
             description, actor_id = self._build(handle, model, optimizer)
+            _check_wanted(still_wanted, "the session was built but dropped")  # no one could use or close it
             self._ask(self._registry.commit.remote(sid, actor_id))
         except BaseException:
             if handle is not None:
@@ -461,16 +495,29 @@ class RaySessionStore:
         self._kill(session_id)
         log.info("session %s closed", session_id)
 
-    def expire_idle(self) -> list[str]:
-        if not self._idle_seconds:
-            return []
+    @property
+    def pending_seconds(self) -> float:
+        return self._pending_seconds
+
+    def expire_idle(self, busy: Callable[[str], bool] = lambda sid: False) -> list[str]:
+        """Closes the sessions whose actors had no call for ``idle_seconds`` (a session with a call
+        running or waiting on this front-end is not idle), and drops pending graphs unused for
+        ``pending_seconds``. An actor busy with a call does not answer within 10 s: not idle either."""
         stale: list[str] = []
-        for sid in self._ask(self._registry.live.remote()):
+        if not self._idle_seconds and not self._pending_seconds:
+            return stale
+        for sid in [DEFAULT_SESSION_ID, *self._ask(self._registry.live.remote())]:
+            if busy(sid):
+                continue
             try:
                 handle: Any = ray.get_actor(actor_name(sid), namespace=self._namespace)
                 idle = float(ray.get(handle.idle_seconds.remote(), timeout=10))
+                if self._pending_seconds and idle > self._pending_seconds:
+                    ray.get(handle.call.remote("drop_pending", (f"unused for {idle:.0f} s (pending_graph_seconds)",), {}), timeout=10)
             except (ValueError, RayActorError, GetTimeoutError):
                 continue  # lost (told to its next caller) or not answering: not idle
+            if sid == DEFAULT_SESSION_ID or not self._idle_seconds:
+                continue
             if idle > self._idle_seconds and self._ask(self._registry.expire.remote(sid, idle)):
                 self._kill(sid)
                 stale.append(sid)
@@ -535,7 +582,8 @@ class RaySessionStore:
     ) -> tuple[SessionDescription, str]:
         try:
             built: tuple[SessionDescription, str] = ray.get(
-                handle.build.remote(model, optimizer, self._limits, keep_initial_state), timeout=self._timeout
+                handle.build.remote(model, optimizer, self._limits, keep_initial_state, self._session_memory_bytes),
+                timeout=self._timeout,
             )
             return built
         except RayTaskError as exc:

@@ -11,7 +11,8 @@ from remote_trainer.engine import checkpoints
 from remote_trainer.server import convert
 from remote_trainer.server.dispatch import Dispatcher
 from remote_trainer.server.auth import TokenAuth, caller
-from remote_trainer.engine.limits import Limits
+from remote_trainer.engine.budget import UNLIMITED, MemoryBudget, Reservation, model_bytes
+from remote_trainer.engine.limits import MAX_CLASSES, Limits
 from remote_trainer.engine.models import ModelSpec
 from remote_trainer.engine.optimizer import OptimizerSpec
 from remote_trainer.engine.protocol import Engine
@@ -20,7 +21,7 @@ from remote_trainer.engine.errors import invalid
 from remote_trainer.server.metrics import Metrics
 from remote_trainer.server.sessions import DEFAULT_SESSION_ID, Sessions
 from remote_trainer.server.settings import Settings
-from remote_trainer.server.status import Context, streaming, unary
+from remote_trainer.server.status import Context, current_call, streaming, unary
 from remote_trainer.server.tensorboard import TrainingLog
 from remote_trainer.contract.trainer.v1 import trainer_pb2 as pb
 
@@ -39,8 +40,10 @@ class TrainerServicer:
         settings: Settings,
         auth: TokenAuth | None,
         metrics: Metrics,
+        budget: MemoryBudget = UNLIMITED,
     ) -> None:
         self._store = store
+        self._budget = budget
         self._device = settings.device
         self._data_dir = settings.data_dir
         self._limits = limits
@@ -48,6 +51,7 @@ class TrainerServicer:
         self._max_message_bytes = settings.max_message_bytes
         self._checkpoint_dir = settings.checkpoint_dir
         self._checkpoint_every = settings.checkpoint_every
+        self._keep_auto_checkpoints = settings.keep_auto_checkpoints
         self._auth = auth
         self.metrics = metrics
         self.stream_write_timeout = settings.stream_write_timeout_seconds
@@ -59,6 +63,10 @@ class TrainerServicer:
     async def run(self, session_id: str | None, work: Callable[[], T]) -> T:
         """Runs a method's blocking work on a worker thread, one call at a time per session."""
         return await self._dispatcher.run(session_id, work)
+
+    def busy(self, session_id: str) -> bool:
+        """Whether a call is running or waiting on the session (then it is not idle)."""
+        return self._dispatcher.busy(session_id)
 
     def close(self) -> None:
         """Stops the worker threads once their current work is done."""
@@ -84,11 +92,18 @@ class TrainerServicer:
 
     @unary
     def CreateSession(self, request: pb.CreateSessionRequest, context: Context) -> pb.CreateSessionResponse:
-        spec = convert.optimizer_spec(request.optimizer) if request.HasField("optimizer") else OptimizerSpec.tutorial()
+        # No optimizer, or one with nothing set: the tutorial's SGD(lr=0.01, momentum=0.9), the session default.
+        given = request.HasField("optimizer") and request.optimizer != pb.OptimizerConfig()
+        spec = convert.optimizer_spec(request.optimizer) if given else OptimizerSpec.tutorial()
         spec.validate()
+
+        if not 0 <= request.num_classes <= MAX_CLASSES:  # before the estimate below
+            raise invalid("num_classes", f"num_classes must be in 0..{MAX_CLASSES}, got {request.num_classes}", "BAD_NUM_CLASSES")
         # Files only from the data directory; the engine builds the model wherever it runs.
         model = ModelSpec(request.weights or "random", request.num_classes, request.seed, self._device, self._data_dir)
-        session_id, engine = self._store.create(model, spec, caller(self._auth, context))
+        reservation = Reservation()  # the new session's share of the memory budget while it is built
+        with self._budget.use(reservation, model_bytes(request.num_classes or 1000), "a new session"):
+            session_id, engine = self._store.create(model, spec, caller(self._auth, context), current_call().still_wanted)
         return pb.CreateSessionResponse(session=self._info(session_id, engine.describe()))
 
     @unary
@@ -113,7 +128,8 @@ class TrainerServicer:
         as_values = fmt == pb.OUTPUT_FORMAT_VALUES or fmt == pb.OUTPUT_FORMAT_UNSPECIFIED and as_numbers
         # Numbers travel as 8-byte doubles, raw logits as 4-byte floats; 64 KiB for the rest of the message.
         budget = None if fmt == pb.OUTPUT_FORMAT_STATS_ONLY else (self._max_message_bytes - 65536) // (8 if as_values else 4)
-        result = engine.forward(x, eval_mode=request.eval_mode, no_grad=request.no_grad, max_logits_elements=budget)
+        result = engine.forward(x, eval_mode=request.eval_mode, no_grad=request.no_grad, max_logits_elements=budget,
+                                still_wanted=current_call().still_wanted)
         if self._tensorboard is not None:
             self._tensorboard.forward(request.session_id or DEFAULT_SESSION_ID)
         response = pb.ForwardResponse(forward_id=result.forward_id, logits_stats=convert.stats_message(result.stats))
@@ -153,7 +169,8 @@ class TrainerServicer:
     @unary
     def Step(self, request: pb.StepRequest, context: Context) -> pb.StepResponse:
         engine = self._session(request.session_id, context)
-        step_count, updated = engine.step()
+        expected = request.expected_step_count if request.HasField("expected_step_count") else None
+        step_count, updated = engine.step(expected, current_call().still_wanted)
         if self._tensorboard is not None:
             due = self._tensorboard.histograms_due(step_count)
             self._tensorboard.step(request.session_id or DEFAULT_SESSION_ID, step_count, engine.describe().optimizer.lr,
@@ -161,7 +178,9 @@ class TrainerServicer:
         if self._checkpoint_every and step_count % self._checkpoint_every == 0:
             name = f"auto-{request.session_id or DEFAULT_SESSION_ID}.ckpt"
             try:
-                engine.save_checkpoint(str(self._checkpoint_path(name, context)))
+                path = self._checkpoint_path(name, context)
+                engine.save_checkpoint(str(path))
+                checkpoints.keep_newest(path.parent, "auto-*.ckpt", self._keep_auto_checkpoints)
                 log.info("session %s checkpointed to %s at step %d", request.session_id or DEFAULT_SESSION_ID, name, step_count)
             except Exception:  # the step is done: a failed automatic checkpoint must not make it look failed
                 log.exception("automatic checkpoint %s at step %d failed", name, step_count)
@@ -178,6 +197,10 @@ class TrainerServicer:
         self, request: pb.ConfigureOptimizerRequest, context: Context
     ) -> pb.ConfigureOptimizerResponse:
         engine = self._session(request.session_id, context)
+        if not request.HasField("optimizer") or request.optimizer == pb.OptimizerConfig():
+            # It would have meant torch's SGD(lr=0.001), unlike a session's default: say which one instead.
+            raise invalid("optimizer", "give the optimizer's kind (and any settings); a new session's default is "
+                          "kind SGD with lr 0.01 and momentum 0.9", "NO_OPTIMIZER")
         spec = engine.configure_optimizer(convert.optimizer_spec(request.optimizer))
         return pb.ConfigureOptimizerResponse(optimizer=convert.optimizer_config(spec))
 

@@ -20,7 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
-from remote_trainer.engine.errors import FailedPrecondition, NotFound, ResourceExhausted
+from remote_trainer.engine.errors import Abandoned, FailedPrecondition, NotFound, ResourceExhausted
 from remote_trainer.engine.memory import release_freed_memory
 from remote_trainer.engine.models import ModelSpec
 from remote_trainer.engine.optimizer import OptimizerSpec
@@ -42,12 +42,18 @@ class Sessions(Protocol):
     @property
     def idle_seconds(self) -> float: ...
 
+    @property
+    def pending_seconds(self) -> float: ...
+
     def get(self, session_id: str, owner: str = "") -> Engine:
         """The session called ``session_id`` ("" or "default": the default session), if ``owner`` may use it."""
         ...
 
-    def create(self, model: ModelSpec, optimizer: OptimizerSpec, owner: str = "") -> tuple[str, Engine]:
-        """A new session of ``owner`` (within the limits), built from the specs; its id and engine."""
+    def create(
+        self, model: ModelSpec, optimizer: OptimizerSpec, owner: str = "", still_wanted: Callable[[], bool] = lambda: True
+    ) -> tuple[str, Engine]:
+        """A new session of ``owner`` (within the limits), built from the specs; its id and engine.
+        Dropped, raising ``Abandoned``, when ``still_wanted()`` is false once it is built."""
         ...
 
     def close(self, session_id: str, owner: str = "") -> None:
@@ -58,8 +64,9 @@ class Sessions(Protocol):
         """The sessions ``owner`` may use: the default session first, then its own in creation order."""
         ...
 
-    def expire_idle(self) -> list[str]:
-        """Closes the sessions idle longer than ``idle_seconds``; returns their ids."""
+    def expire_idle(self, busy: Callable[[str], bool] = lambda sid: False) -> list[str]:
+        """Closes the sessions idle longer than ``idle_seconds`` (never one that is ``busy``) and drops
+        pending graphs unused for ``pending_seconds``; returns the closed sessions' ids."""
         ...
 
     def __len__(self) -> int: ...
@@ -83,6 +90,7 @@ class SessionStore:
         max_per_owner: int = 0,
         idle_seconds: float = 0.0,
         clock: Callable[[], float] = time.monotonic,
+        pending_seconds: float = 0.0,
     ) -> None:
         self._lock = threading.Lock()
         self._clock = clock
@@ -91,12 +99,17 @@ class SessionStore:
         self._max_sessions = max_sessions
         self._max_per_owner = max_per_owner
         self._idle_seconds = idle_seconds
+        self._pending_seconds = pending_seconds
         self._reserved: dict[str, int] = {}  # sessions being built, by owner, counted against the limits
         self._expired: OrderedDict[str, tuple[str, float]] = OrderedDict()  # id -> (owner, seconds idle)
 
     @property
     def idle_seconds(self) -> float:
         return self._idle_seconds
+
+    @property
+    def pending_seconds(self) -> float:
+        return self._pending_seconds
 
     def get(self, session_id: str, owner: str = "") -> Engine:
         """The session called ``session_id`` ("" or "default": the default session), if ``owner`` may use it."""
@@ -116,8 +129,12 @@ class SessionStore:
             return NotFound(f"session {session_id!r} expired after {expired[1]:.0f} s without calls", "SESSION_EXPIRED")
         return NotFound(f"no session {session_id!r} (closed, or never created)", "SESSION_NOT_FOUND")
 
-    def create(self, model: ModelSpec, optimizer: OptimizerSpec, owner: str = "") -> tuple[str, Engine]:
-        """Builds a session from the specs (outside the lock: it loads a model) and stores it under a new id."""
+    def create(
+        self, model: ModelSpec, optimizer: OptimizerSpec, owner: str = "", still_wanted: Callable[[], bool] = lambda: True
+    ) -> tuple[str, Engine]:
+        """Builds a session from the specs (outside the lock: it loads a model) and stores it under a new
+        id, unless ``still_wanted()`` says the caller stopped waiting meanwhile: then the session is
+        dropped (no one could ever use or close it) and ``Abandoned`` is raised."""
         with self._lock:
             if len(self._sessions) + sum(self._reserved.values()) >= self._max_sessions:
                 raise ResourceExhausted(
@@ -142,7 +159,14 @@ class SessionStore:
                 self._reserved[owner] -= 1
         session_id = secrets.token_hex(16)  # unguessable: 128 random bits
         with self._lock:
-            self._sessions[session_id] = _Entry(engine, owner, self._clock())
+            wanted = still_wanted()
+            if wanted:
+                self._sessions[session_id] = _Entry(engine, owner, self._clock())
+        if not wanted:
+            del engine
+            release_freed_memory()
+            log.info("session built for owner %s dropped: its CreateSession call ended first", owner or "-")
+            raise Abandoned("the session was built but dropped: its caller stopped waiting", "ABANDONED")
         log.info("session %s created (owner %s)", session_id, owner or "-")
         return session_id, engine
 
@@ -160,11 +184,24 @@ class SessionStore:
         release_freed_memory()  # the session's memory back to the OS (unless a call still holds it)
         log.info("session %s closed", session_id)
 
-    def expire_idle(self) -> list[str]:
-        """Closes the sessions idle longer than the configured time; returns their ids."""
+    def expire_idle(self, busy: Callable[[str], bool] = lambda sid: False) -> list[str]:
+        """Closes the sessions idle longer than the configured time; returns their ids.
+
+        A session with a call running or waiting (``busy``) is not idle: its idle time starts anew.
+        Pending graphs of sessions (the default one too) unused for ``pending_seconds`` are dropped.
+        """
+        now = self._clock()
+        with self._lock:
+            for sid, e in self._sessions.items():
+                if busy(sid):
+                    e.last_used = now
+            unused = [(sid, e.engine, now - e.last_used) for sid, e in self._sessions.items()]
+        if self._pending_seconds:
+            for sid, engine, idle in unused:
+                if idle > self._pending_seconds and engine.drop_pending(f"unused for {idle:.0f} s (pending_graph_seconds)"):
+                    log.info("session %s: pending graph dropped after %.0f s unused", sid, idle)
         if not self._idle_seconds:
             return []
-        now = self._clock()
         with self._lock:
             stale = [
                 sid for sid, e in self._sessions.items()

@@ -70,7 +70,18 @@ class Settings:
     # Each session checkpoints itself every N steps to auto-SESSION.ckpt (0: never).
     checkpoint_every: int = 0
     # Sessions unused this many seconds are closed (0: never); the default session never expires.
-    session_idle_seconds: float = 0.0
+    # A session with a call running or waiting is not idle.
+    session_idle_seconds: float = 3600.0
+    # A pending forward's graph (activations kept for Backward) is dropped when its session has had
+    # no call for this many seconds (0: kept until the next call); the default session's too.
+    pending_graph_seconds: float = 600.0
+    # Automatic checkpoints (checkpoint_every) kept per folder: the newest N auto-*.ckpt files (0: all).
+    keep_auto_checkpoints: int = 3
+    # Memory all sessions together may hold on the server's device, in bytes, estimated from shapes
+    # before each big allocation (0: 80% of the machine's memory on CPU, 90% of the GPU's on CUDA).
+    memory_budget_bytes: int = 0
+    # Memory one session may hold (model, gradients, optimizer state, pending graph, a call's work).
+    session_memory_bytes: int = 4 * 1024 * MIB
     # Port of the Prometheus metrics HTTP endpoint (-1: off; 0: a free port, logged).
     metrics_port: int = -1
     # Where sessions live: "local" (in this process) or "ray" (each a Ray actor in a Ray cluster,
@@ -124,6 +135,10 @@ _HELP = {
     "checkpoint_dir": "directory of session checkpoints (empty: checkpoints off)",
     "checkpoint_every": "each session checkpoints itself every N steps (0: never)",
     "session_idle_seconds": "close sessions idle this long (0: never)",
+    "pending_graph_seconds": "drop a pending forward's graph after this long without calls (0: never)",
+    "keep_auto_checkpoints": "newest automatic checkpoints kept per folder (0: all)",
+    "memory_budget_bytes": "memory all sessions may hold on the device, estimated before allocating (0: 80%% of RAM, 90%% of a GPU's)",
+    "session_memory_bytes": "memory one session may hold, estimated before allocating",
     "metrics_port": "Prometheus metrics HTTP port (-1: off, 0: a free port)",
     "backend": "local | ray: sessions in this process, or each a Ray actor in a Ray cluster",
     "ray_address": "Ray cluster to join (ray backend): auto | HOST:PORT | ray://HOST:PORT; empty: start a local one",
@@ -179,7 +194,7 @@ def validate(settings: Settings) -> list[str]:
     problems = []
     if not 0 <= settings.port <= 65535:
         problems.append(f"port {settings.port} is not in 0..65535")
-    for name in ("max_sessions", "max_message_bytes", "max_input_elements", "max_batch", "chunk_bytes", "max_workers"):
+    for name in ("session_memory_bytes", "max_sessions", "max_message_bytes", "max_input_elements", "max_batch", "chunk_bytes", "max_workers"):
         if getattr(settings, name) < 1:
             problems.append(f"{name.replace('_', '-')} must be at least 1")
     if settings.stream_write_timeout_seconds <= 0:
@@ -198,8 +213,10 @@ def validate(settings: Settings) -> list[str]:
         problems.append("tls-cert and tls-key go together")
     if settings.tls_client_ca and not settings.tls_cert:
         problems.append("tls-client-ca needs tls-cert and tls-key")
-    if settings.checkpoint_every < 0 or settings.max_sessions_per_token < 0 or settings.session_idle_seconds < 0:
-        problems.append("checkpoint-every, max-sessions-per-token and session-idle-seconds must not be negative")
+    for name in ("checkpoint_every", "max_sessions_per_token", "session_idle_seconds", "pending_graph_seconds",
+                 "keep_auto_checkpoints", "memory_budget_bytes"):
+        if getattr(settings, name) < 0:
+            problems.append(f"{name.replace('_', '-')} must not be negative")
     if settings.checkpoint_every and not settings.checkpoint_dir:
         problems.append("checkpoint-every needs checkpoint-dir")
     if settings.tensorboard_histograms_every < 0:
@@ -218,6 +235,13 @@ def validate(settings: Settings) -> list[str]:
         ray_resources(settings)
     except ValueError as exc:
         problems.append(str(exc))
+    if not problems and (settings.tokens or settings.tokens_file):
+        from remote_trainer.server.auth import TokenAuth  # auth imports this module
+
+        try:
+            TokenAuth.from_settings(settings)
+        except (ValueError, OSError) as exc:
+            problems.append(str(exc))
     return problems
 
 

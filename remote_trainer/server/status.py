@@ -10,11 +10,14 @@ its traceback logged. Each call leaves one log line: method, session, status and
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import contextvars
 import functools
 import logging
+import threading
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from collections.abc import Callable, Coroutine, Iterator
 from typing import Any, Protocol, TypeVar
 
@@ -26,6 +29,7 @@ from grpc_status import rpc_status
 
 from remote_trainer.server.metrics import Metrics
 from remote_trainer.engine.errors import (
+    Abandoned,
     FailedPrecondition,
     InvalidArgument,
     NotFound,
@@ -44,7 +48,7 @@ CODES: dict[type[TrainerError], grpc.StatusCode] = {
     InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,
     FailedPrecondition: grpc.StatusCode.FAILED_PRECONDITION,
     ResourceExhausted: grpc.StatusCode.RESOURCE_EXHAUSTED,
-    Unavailable: grpc.StatusCode.UNAVAILABLE,  # a session's process or node is gone (Ray backend)
+    Unavailable: grpc.StatusCode.UNAVAILABLE,  # a session's process or node is gone (Ray), a folder not writable
 }
 # Shutting down (UNAVAILABLE) and bad tokens (UNAUTHENTICATED, server/auth.py) are answered by gRPC
 # and the auth interceptor before a servicer method runs.
@@ -81,15 +85,94 @@ def _pack(message: Any) -> any_pb2.Any:
 
 
 def _status_for(exc: BaseException, method: str) -> grpc.Status:
+    if isinstance(exc, Abandoned):  # no one is listening; logged and counted as the client saw it
+        return to_status(grpc.StatusCode.CANCELLED, exc.message, exc.reason, exc)
     if isinstance(exc, TrainerError):
         return to_status(status_code(exc), exc.message, exc.reason, exc)
     if isinstance(exc, torch.OutOfMemoryError):
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
         return to_status(grpc.StatusCode.RESOURCE_EXHAUSTED, f"the device ran out of memory: {exc}".splitlines()[0], "DEVICE_OUT_OF_MEMORY")
+    if isinstance(exc, RuntimeError) and "DefaultCPUAllocator: can't allocate memory" in str(exc):
+        # The CPU allocator's out-of-memory is a plain RuntimeError; its first line says how much.
+        return to_status(grpc.StatusCode.RESOURCE_EXHAUSTED, f"the server ran out of memory: {exc}".splitlines()[0], "OUT_OF_MEMORY")
     ref = uuid.uuid4().hex[:12]
     log.exception("%s failed with an unexpected error (ref %s)", method, ref)
     return to_status(grpc.StatusCode.INTERNAL, f"internal error in {method} (ref {ref}; see the server log)", "INTERNAL")
+
+
+@dataclass
+class Call:
+    """What a running call knows of its client: when its deadline passes and whether it went away.
+
+    Work checks ``still_wanted()`` right before it commits a change to a session, so a call the
+    client saw fail (DEADLINE_EXCEEDED, CANCELLED) changes nothing; ``check()`` raises ``Abandoned``.
+    Thread-safe: the flag is set on the event loop, read on worker threads.
+    """
+
+    deadline: float | None = None  # time.monotonic() by which the client wants its answer
+    gone: threading.Event = field(default_factory=threading.Event)
+
+    def still_wanted(self) -> bool:
+        return self.outcome() is None
+
+    def outcome(self) -> str | None:
+        """None while the client waits; else DEADLINE_EXCEEDED or CANCELLED."""
+        if self.deadline is not None and time.monotonic() >= self.deadline:
+            return "DEADLINE_EXCEEDED"
+        return "CANCELLED" if self.gone.is_set() else None
+
+    def check(self, doing: str) -> None:
+        """Raises ``Abandoned`` when the client no longer waits for ``doing``."""
+        outcome = self.outcome()
+        if outcome is not None:
+            why = "its deadline passed" if outcome == "DEADLINE_EXCEEDED" else "it was cancelled"
+            raise Abandoned(f"{doing} not done: {why} first", outcome)
+
+
+_CALL: contextvars.ContextVar[Call] = contextvars.ContextVar("call")
+
+
+def current_call() -> Call:
+    """The call the current worker thread runs (one that is always wanted outside a call)."""
+    return _CALL.get(Call())
+
+
+def _call_of(context: Any) -> Call:
+    remaining = context.time_remaining()
+    return Call(None if remaining is None else time.monotonic() + remaining)
+
+
+def _in_call(call: Call, label: str, work: Callable[[], T]) -> T:
+    """Runs ``work`` on a worker thread as ``call``, after checking that its client still waits
+    (a call whose deadline passed while it waited for its session's turn does not run at all)."""
+    token = _CALL.set(call)
+    try:
+        call.check("the call")
+        log.debug("%s running", label)  # its session's turn is held from here to the end of work()
+        return work()
+    finally:
+        _CALL.reset(token)
+
+
+async def _run_as(servicer: Servicer, method: str, session_id: str | None, call: Call, work: Callable[[], T]) -> T:
+    """``servicer.run`` for ``call``: when the client goes away (cancel, deadline) the call is marked
+    gone at once, so work that has not committed yet drops what it did; the answer waits for the
+    work to end, as before."""
+    label = f"rpc={method} session={session_id or '-'}"
+    task = asyncio.ensure_future(servicer.run(session_id, functools.partial(_in_call, call, label, work)))
+    try:
+        return await asyncio.shield(task)
+    except asyncio.CancelledError:
+        call.gone.set()
+        task.cancel()
+        with contextlib.suppress(BaseException):
+            await task
+        raise
+
+
+def _abandoned_code(call: Call) -> grpc.StatusCode:
+    return grpc.StatusCode.DEADLINE_EXCEEDED if call.outcome() == "DEADLINE_EXCEEDED" else grpc.StatusCode.CANCELLED
 
 
 @dataclass(frozen=True)
@@ -157,17 +240,18 @@ def unary(method: Callable[[S, Req, Context], Resp]) -> Callable[[S, Req, Contex
     async def wrapper(self: S, request: Req, context: Context) -> Resp:
         start = time.perf_counter()
         code = grpc.StatusCode.OK
+        call = _call_of(context)
         try:
             _check_decoded(request)
-            return await self.run(_session_of(request), functools.partial(method, self, request, context))
+            return await _run_as(self, method.__name__, _session_of(request), call, functools.partial(method, self, request, context))
         except asyncio.CancelledError:
-            code = grpc.StatusCode.CANCELLED
+            code = _abandoned_code(call)
             raise
         except grpc.aio.AbortError:  # context.abort's own way out: already answered
             raise
         except Exception as exc:
             status = _status_for(exc, method.__name__)
-            code = status.code
+            code = _abandoned_code(call) if isinstance(exc, Abandoned) else status.code
             await _abort(context, status)
             raise  # abort raises; this line is never reached
         finally:
@@ -189,10 +273,11 @@ def streaming(
     async def wrapper(self: S, request: Req, context: Context) -> None:
         start = time.perf_counter()
         code = grpc.StatusCode.OK
+        call = _call_of(context)
         try:
             _check_decoded(request)
             messages = method(self, request, context)
-            first = await self.run(_session_of(request), functools.partial(next, messages, None))
+            first = await _run_as(self, method.__name__, _session_of(request), call, functools.partial(next, messages, None))
             if first is None:
                 return
             await _write(self, context, first)
@@ -206,13 +291,13 @@ def streaming(
                         method.__name__, self.stream_write_timeout)
             raise asyncio.CancelledError() from None
         except asyncio.CancelledError:
-            code = grpc.StatusCode.CANCELLED
+            code = _abandoned_code(call)
             raise
         except grpc.aio.AbortError:  # context.abort's own way out: already answered
             raise
         except Exception as exc:
             status = _status_for(exc, method.__name__)
-            code = status.code
+            code = _abandoned_code(call) if isinstance(exc, Abandoned) else status.code
             await _abort(context, status)
             raise
         finally:

@@ -891,18 +891,29 @@ class StepRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     SESSION_ID_FIELD_NUMBER: _builtins.int
+    EXPECTED_STEP_COUNT_FIELD_NUMBER: _builtins.int
     session_id: _builtins.str
     """Session to use; empty for the default session."""
+    expected_step_count: _builtins.int
+    """Makes a retried step safe: the step count the caller saw before this step.
+    Equal to the session's count: the step is taken. One less: the step was
+    already taken (its answer was lost), so nothing is done and the current
+    count is answered with parameters_updated 0. Otherwise FAILED_PRECONDITION
+    STEP_COUNT_MISMATCH. Unset: always step.
+    """
     def __init__(
         self,
         *,
         session_id: _builtins.str = ...,
+        expected_step_count: _builtins.int | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_expected_step_count", b"_expected_step_count", "expected_step_count", b"expected_step_count"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["session_id", b"session_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_expected_step_count", b"_expected_step_count", "expected_step_count", b"expected_step_count", "session_id", b"session_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType__expected_step_count: _TypeAlias = _typing.Literal["expected_step_count"]  # noqa: Y015
+    _WhichOneofArgType__expected_step_count: _TypeAlias = _typing.Literal["_expected_step_count", b"_expected_step_count"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__expected_step_count) -> _WhichOneofReturnType__expected_step_count | None: ...
 
 Global___StepRequest: _TypeAlias = StepRequest  # noqa: Y015
 
