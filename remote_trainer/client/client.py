@@ -30,6 +30,7 @@ from remote_trainer.client.types import (
     ParameterList,
     SessionInfo,
     Stats,
+    TrainStepResult,
 )
 from remote_trainer.contract.trainer.v1 import trainer_pb2 as pb
 from remote_trainer.contract.trainer.v1 import trainer_pb2_grpc
@@ -306,6 +307,8 @@ class Session:
         output_gradient: Any = None,
         retain_graph: bool = False,
         forward_id: int | None = None,
+        step: bool = False,
+        zero_grad_after_step: bool = False,
         timeout: float | None = None,
     ) -> BackwardResult:
         """Backpropagates from the pending forward.
@@ -317,11 +320,19 @@ class Session:
         ``forward_id`` defaults to the last forward made through this handle, so that on a shared
         session a forward someone else made since is refused (STALE_FORWARD), never silently used;
         0 means whatever forward is pending.
+
+        ``step`` runs the optimizer step in the same call, right after the backward (the result's
+        ``step_count`` is then set), and ``zero_grad_after_step`` clears every .grad after it, as
+        the next iteration's ``optimizer.zero_grad()`` would: a training step with a client-side
+        loss in two round trips (Forward, then this).
         """
         if (loss is None) == (output_gradient is None):
             raise ValueError("give exactly one of loss (with labels) or output_gradient")
         fid = self._last_forward_id if forward_id is None else forward_id
-        request = pb.BackwardRequest(session_id=self.session_id, forward_id=fid, retain_graph=retain_graph)
+        request = pb.BackwardRequest(
+            session_id=self.session_id, forward_id=fid, retain_graph=retain_graph, step=step,
+            zero_grad_after_step=zero_grad_after_step,
+        )
         if loss is not None:
             if loss not in _LOSSES:
                 raise ValueError(f"loss must be one of {sorted(_LOSSES)}, got {loss!r}")
@@ -334,7 +345,7 @@ class Session:
         response = self._client.call(self._stub.Backward, request, timeout)
         return BackwardResult(
             response.forward_id, response.loss if response.HasField("loss") else None,
-            response.parameters_with_grad, response.grad_norm,
+            response.parameters_with_grad, response.grad_norm, response.step_count, response.parameters_updated,
         )
 
     def step(self, timeout: float | None = None) -> int:
@@ -438,4 +449,43 @@ class Session:
             [(e.from_id, e.to_id) for e in response.edges],
             list(response.leaf_parameters),
             list(response.excluded_parameters),
+        )
+
+    def train_step(
+        self,
+        x: Any,
+        loss: str,
+        labels: Any,
+        *,
+        zero_grad: bool = True,
+        grad_norm: bool = False,
+        return_logits: bool = False,
+        timeout: float | None = None,
+    ) -> TrainStepResult:
+        """One whole training step in one round trip, in a local training loop's order::
+
+            optimizer.zero_grad()                 # when zero_grad (else gradients accumulate)
+            prediction = model(x)                 # train mode
+            loss_fn(prediction, labels).backward()
+            optimizer.step()
+
+        ``loss`` and ``labels`` as for ``backward``. The numbers equal the separate ``zero_grad``,
+        ``forward``, ``backward`` and ``step`` calls bit for bit. ``grad_norm`` also returns the
+        gradients' L2 norm (one more pass over them), ``return_logits`` the logits.
+        """
+        if loss not in _LOSSES:
+            raise ValueError(f"loss must be one of {sorted(_LOSSES)}, got {loss!r}")
+        request = pb.TrainStepRequest(
+            session_id=self.session_id, zero_grad=zero_grad, return_grad_norm=grad_norm, return_logits=return_logits,
+        )
+        _fill_input(request.input, x, np.float32)
+        request.loss.function = _LOSSES[loss]
+        _fill_input(request.loss.labels, labels, np.int64 if loss == "cross_entropy" else np.float32)
+        response = self._client.call(self._stub.TrainStep, request, timeout)
+        self._last_forward_id = response.forward_id
+        logits = codec.decode(response.logits).copy() if response.HasField("logits") else None
+        return TrainStepResult(
+            response.forward_id, response.loss, _stats(response.logits_stats), response.step_count,
+            response.parameters_updated, response.grad_norm if response.HasField("grad_norm") else None,
+            logits,  # type: ignore[arg-type]
         )

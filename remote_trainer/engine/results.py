@@ -38,6 +38,21 @@ class BackwardResult:
     loss: float | None
     parameters_with_grad: int
     grad_norm: float
+    step_count: int = 0  # with a step in the same call: the step count after it
+    parameters_updated: int = 0  # with a step in the same call: how many parameters it updated
+
+
+@dataclass(frozen=True)
+class TrainStepResult:
+    """What one whole training step (zero-grad, forward, loss, backward, step) did."""
+
+    forward_id: int
+    loss: float
+    logits: torch.Tensor
+    stats: Stats
+    step_count: int
+    parameters_updated: int
+    grad_norm: float | None
 
 
 @dataclass(frozen=True)

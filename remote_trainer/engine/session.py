@@ -35,6 +35,7 @@ from remote_trainer.engine.results import (
     NamedTensor,
     ParameterInfo,
     SessionDescription,
+    TrainStepResult,
 )
 from remote_trainer.engine.tensors import require_finite, require_float32, tensor_stats, to_cpu
 
@@ -87,15 +88,7 @@ class SessionEngine:
         """
         self._check_input(x, eval_mode)
         with self._lock:
-            classes = head_of(self._model).out_features
-            if max_logits_elements is not None and x.shape[0] * classes > max_logits_elements:
-                raise ResourceExhausted(
-                    f"the logits of {x.shape[0]} image(s) x {classes} classes ({x.shape[0] * classes} numbers) would not "
-                    f"fit in one response (at most {max_logits_elements} in this output format); send a smaller batch "
-                    "or ask for OUTPUT_FORMAT_STATS_ONLY",
-                    "RESPONSE_TOO_LARGE",
-                    metadata={"limit": str(max_logits_elements)},
-                )
+            self._check_logits_budget(x.shape[0], max_logits_elements)
             self._pending = None  # a new forward replaces the pending one (and frees its graph)
             self._model.train(not eval_mode)
             with torch.set_grad_enabled(not no_grad):
@@ -110,6 +103,17 @@ class SessionEngine:
                 self._pending = _Pending(fid, logits)
             out = logits.detach()
             return ForwardResult(fid, out.to("cpu"), tensor_stats(out))
+
+    def _check_logits_budget(self, batch: int, max_logits_elements: int | None) -> None:
+        classes = head_of(self._model).out_features
+        if max_logits_elements is not None and batch * classes > max_logits_elements:
+            raise ResourceExhausted(
+                f"the logits of {batch} image(s) x {classes} classes ({batch * classes} numbers) would not "
+                f"fit in one response (at most {max_logits_elements} in this output format); send a smaller batch "
+                "or ask for OUTPUT_FORMAT_STATS_ONLY",
+                "RESPONSE_TOO_LARGE",
+                metadata={"limit": str(max_logits_elements)},
+            )
 
     def _check_input(self, x: torch.Tensor, eval_mode: bool) -> None:
         require_float32(x, "input")
@@ -145,9 +149,18 @@ class SessionEngine:
         labels: torch.Tensor | None = None,
         output_gradient: torch.Tensor | None = None,
         retain_graph: bool = False,
+        step: bool = False,
+        zero_grad_after_step: bool = False,
     ) -> BackwardResult:
         """Backpropagates from the pending forward: from ``loss(logits, labels)`` or from
-        ``logits.backward(gradient=output_gradient)``; gradients accumulate as in PyTorch."""
+        ``logits.backward(gradient=output_gradient)``; gradients accumulate as in PyTorch.
+
+        ``step`` runs the optimizer step right after, under the same lock (as ``step()`` would), and
+        ``zero_grad_after_step`` then clears every .grad (to None): a client-side-loss training step
+        in one call after its Forward.
+        """
+        if zero_grad_after_step and not step:
+            raise invalid("zero_grad_after_step", "zero_grad_after_step needs step", "ZERO_GRAD_WITHOUT_STEP")
         with self._lock:
             pending = self._pending
             if pending is None:
@@ -186,46 +199,112 @@ class SessionEngine:
                 )
                 pending.reason = "GRAPH_FREED"
             grads = [p.grad for p in self._model.parameters() if p.grad is not None]
-            norm = float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))) if grads else 0.0
-            return BackwardResult(pending.forward_id, loss_value, len(grads), norm)
+            norm = self._grad_norm(grads)
+            if not step:
+                return BackwardResult(pending.forward_id, loss_value, len(grads), norm)
+            step_count, updated = self._step()
+            if zero_grad_after_step:
+                self._model.zero_grad(set_to_none=True)
+            return BackwardResult(pending.forward_id, loss_value, len(grads), norm, step_count, updated)
+
+    @staticmethod
+    def _grad_norm(grads: list[torch.Tensor]) -> float:
+        """The L2 norm over all ``grads`` together: one fused per-tensor pass (``torch._foreach_norm``)."""
+        if not grads:
+            return 0.0
+        norms = torch._foreach_norm([g if g.dtype == torch.float32 else g.float() for g in grads])
+        return float(torch.linalg.vector_norm(torch.stack(norms)))
 
     def _loss(self, loss: LossName, logits: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
-        if labels is None:
-            raise invalid("loss.labels", f"loss {loss} needs labels", "MISSING_LABELS")
+        labels = self._check_labels(loss, labels, tuple(logits.shape))
         if loss == "cross_entropy":
-            if labels.dtype != torch.int64:
-                raise invalid("loss.labels", f"cross_entropy labels must be int64 class indices, got {labels.dtype}", "WRONG_DTYPE")
-            if tuple(labels.shape) != (logits.shape[0],):
-                raise invalid("loss.labels", f"cross_entropy labels must have shape [{logits.shape[0]}], got {list(labels.shape)}", "BAD_LABEL_SHAPE")
-            classes = logits.shape[1]
-            if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= classes):
-                raise invalid("loss.labels", f"class indices must be in [0, {classes}), got {labels.tolist()}", "CLASS_INDEX_OUT_OF_RANGE")
             return F.cross_entropy(logits, labels.to(self._device))
-        require_float32(labels, "loss.labels")
-        if tuple(labels.shape) != tuple(logits.shape):
-            raise invalid("loss.labels", f"{loss} labels must have the logits' shape {list(logits.shape)}, got {list(labels.shape)}", "BAD_LABEL_SHAPE")
-        require_finite(labels, "loss.labels")
         target = labels.to(self._device, non_blocking=True)
         if loss == "sum":
             return (logits - target).sum()
         return F.mse_loss(logits, target)
 
+    @staticmethod
+    def _check_labels(loss: LossName, labels: torch.Tensor | None, logits_shape: tuple[int, ...]) -> torch.Tensor:
+        """Refuses labels that ``loss`` cannot compare with logits of ``logits_shape``."""
+        if labels is None:
+            raise invalid("loss.labels", f"loss {loss} needs labels", "MISSING_LABELS")
+        if loss == "cross_entropy":
+            if labels.dtype != torch.int64:
+                raise invalid("loss.labels", f"cross_entropy labels must be int64 class indices, got {labels.dtype}", "WRONG_DTYPE")
+            if tuple(labels.shape) != (logits_shape[0],):
+                raise invalid("loss.labels", f"cross_entropy labels must have shape [{logits_shape[0]}], got {list(labels.shape)}", "BAD_LABEL_SHAPE")
+            classes = logits_shape[1]
+            if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= classes):
+                raise invalid("loss.labels", f"class indices must be in [0, {classes}), got {labels.tolist()}", "CLASS_INDEX_OUT_OF_RANGE")
+            return labels
+        require_float32(labels, "loss.labels")
+        if tuple(labels.shape) != logits_shape:
+            raise invalid("loss.labels", f"{loss} labels must have the logits' shape {list(logits_shape)}, got {list(labels.shape)}", "BAD_LABEL_SHAPE")
+        require_finite(labels, "loss.labels")
+        return labels
+
     def step(self) -> tuple[int, int]:
         """One optimizer step; returns the step count and how many parameters had a gradient."""
         with self._lock:
-            updated = sum(1 for g in self._optimizer.param_groups for p in g["params"] if p.grad is not None)
-            self._optimizer.step()
-            self._step_count += 1
-            pending = self._pending
-            if updated and pending is not None and pending.logits is not None:
-                # A graph kept with retain_graph saved the parameters it was made with, and the step
-                # changed them in place: autograd would refuse to backpropagate through it, so it goes.
-                fid = pending.forward_id
-                self._pending = _Pending(
-                    fid, None, f"the parameters changed (step {self._step_count}) since forward {fid}; run Forward again",
-                    "PARAMETERS_CHANGED",
-                )
-            return self._step_count, updated
+            return self._step()
+
+    def _step(self) -> tuple[int, int]:
+        updated = sum(1 for g in self._optimizer.param_groups for p in g["params"] if p.grad is not None)
+        self._optimizer.step()
+        self._step_count += 1
+        pending = self._pending
+        if updated and pending is not None and pending.logits is not None:
+            # A graph kept with retain_graph saved the parameters it was made with, and the step
+            # changed them in place: autograd would refuse to backpropagate through it, so it goes.
+            fid = pending.forward_id
+            self._pending = _Pending(
+                fid, None, f"the parameters changed (step {self._step_count}) since forward {fid}; run Forward again",
+                "PARAMETERS_CHANGED",
+            )
+        return self._step_count, updated
+
+    def train_step(
+        self,
+        x: torch.Tensor,
+        loss: LossName,
+        labels: torch.Tensor | None,
+        zero_grad: bool = True,
+        grad_norm: bool = False,
+        max_logits_elements: int | None = None,
+    ) -> TrainStepResult:
+        """One training step under one lock, in a local training loop's order::
+
+            optimizer.zero_grad()          # when zero_grad (set_to_none=True)
+            logits = model.train()(x)
+            loss(logits, labels).backward()
+            optimizer.step()
+
+        Input, labels, the logits budget and that something is trainable are all checked before
+        anything changes; afterwards no graph is pending (the backward freed it), as after the
+        separate Forward, Backward and Step calls.
+        """
+        self._check_input(x, eval_mode=False)
+        with self._lock:
+            classes = head_of(self._model).out_features
+            labels = self._check_labels(loss, labels, (x.shape[0], classes))
+            self._check_logits_budget(x.shape[0], max_logits_elements)
+            if not any(p.requires_grad for p in self._model.parameters()):
+                raise FailedPrecondition("every parameter is frozen: a training step has nothing to train", "NO_TRAINABLE_PARAMETERS")
+            if zero_grad:
+                self._model.zero_grad(set_to_none=True)
+            self._pending = None  # as a Forward does: the pending forward is replaced (and its graph freed)
+            self._model.train(True)
+            logits = self._model(x.to(self._device, non_blocking=True))
+            self._forward_count += 1
+            fid = self._forward_count
+            root = self._loss(loss, logits, labels)
+            root.backward()  # type: ignore[no-untyped-call]
+            self._pending = _Pending(fid, None, f"the graph of forward {fid} was freed by TrainStep's backward", "GRAPH_FREED")
+            norm = self._grad_norm([p.grad for p in self._model.parameters() if p.grad is not None]) if grad_norm else None
+            step_count, updated = self._step()
+            out = logits.detach()
+            return TrainStepResult(fid, float(root.detach()), out.to("cpu"), tensor_stats(out), step_count, updated, norm)
 
     def zero_grad(self, set_to_none: bool = True) -> int:
         """Clears every parameter's .grad; returns how many had one."""

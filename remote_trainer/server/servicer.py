@@ -128,31 +128,40 @@ class TrainerServicer:
                 raise invalid("loss.function", f"unknown loss function {request.loss.function}: "
                               "use SUM_DIFFERENCE, CROSS_ENTROPY or MSE", "UNKNOWN_LOSS")
             labels, _ = convert.input_tensor(request.loss.labels, "loss.labels", max_elements, integer=loss == "cross_entropy")
-            result = engine.backward(request.forward_id, loss=loss, labels=labels, retain_graph=request.retain_graph)
+            result = engine.backward(request.forward_id, loss=loss, labels=labels, retain_graph=request.retain_graph,
+                                     step=request.step, zero_grad_after_step=request.zero_grad_after_step)
         elif source == "output_gradient":
             gradient, _ = convert.input_tensor(request.output_gradient, "output_gradient", max_elements)
-            result = engine.backward(request.forward_id, output_gradient=gradient, retain_graph=request.retain_graph)
+            result = engine.backward(request.forward_id, output_gradient=gradient, retain_graph=request.retain_graph,
+                                     step=request.step, zero_grad_after_step=request.zero_grad_after_step)
         else:
             raise invalid("source", "give a loss or an output_gradient", "NO_BACKWARD_SOURCE")
         response = pb.BackwardResponse(
-            forward_id=result.forward_id, parameters_with_grad=result.parameters_with_grad, grad_norm=result.grad_norm
+            forward_id=result.forward_id, parameters_with_grad=result.parameters_with_grad, grad_norm=result.grad_norm,
+            step_count=result.step_count, parameters_updated=result.parameters_updated,
         )
         if result.loss is not None:
             response.loss = result.loss
+        if request.step:
+            self._after_step(engine, result.step_count, request.session_id, context)
         return response
 
     @unary
     def Step(self, request: pb.StepRequest, context: Context) -> pb.StepResponse:
         engine = self._session(request.session_id, context)
         step_count, updated = engine.step()
+        self._after_step(engine, step_count, request.session_id, context)
+        return pb.StepResponse(step_count=step_count, parameters_updated=updated)
+
+    def _after_step(self, engine: SessionEngine, step_count: int, session_id: str, context: Context) -> None:
+        """The automatic checkpoint every ``checkpoint_every`` steps, after any call that stepped."""
         if self._checkpoint_every and step_count % self._checkpoint_every == 0:
-            name = f"auto-{request.session_id or DEFAULT_SESSION_ID}.ckpt"
+            name = f"auto-{session_id or DEFAULT_SESSION_ID}.ckpt"
             try:
                 checkpoints.save(engine.checkpoint(), self._checkpoint_path(name, context))
-                log.info("session %s checkpointed to %s at step %d", request.session_id or DEFAULT_SESSION_ID, name, step_count)
+                log.info("session %s checkpointed to %s at step %d", session_id or DEFAULT_SESSION_ID, name, step_count)
             except Exception:  # the step is done: a failed automatic checkpoint must not make it look failed
                 log.exception("automatic checkpoint %s at step %d failed", name, step_count)
-        return pb.StepResponse(step_count=step_count, parameters_updated=updated)
 
     @unary
     def ZeroGrad(self, request: pb.ZeroGradRequest, context: Context) -> pb.ZeroGradResponse:
@@ -213,3 +222,27 @@ class TrainerServicer:
         engine = self._session(request.session_id, context)
         description = engine.restore(checkpoints.load(self._checkpoint_path(request.name, context)))
         return pb.LoadCheckpointResponse(session=self._info(request.session_id, description))
+
+    @unary
+    def TrainStep(self, request: pb.TrainStepRequest, context: Context) -> pb.TrainStepResponse:
+        engine = self._session(request.session_id, context)
+        loss = convert.LOSSES.get(request.loss.function)
+        if loss is None:
+            raise invalid("loss.function", f"unknown loss function {request.loss.function}: "
+                          "use SUM_DIFFERENCE, CROSS_ENTROPY or MSE", "UNKNOWN_LOSS")
+        max_elements = self._limits.max_input_elements
+        x, _ = convert.input_tensor(request.input, "input", max_elements)
+        labels, _ = convert.input_tensor(request.loss.labels, "loss.labels", max_elements, integer=loss == "cross_entropy")
+        zero_grad = request.zero_grad if request.HasField("zero_grad") else True
+        budget = (self._max_message_bytes - 65536) // 4 if request.return_logits else None
+        result = engine.train_step(x, loss, labels, zero_grad=zero_grad, grad_norm=request.return_grad_norm, max_logits_elements=budget)
+        self._after_step(engine, result.step_count, request.session_id, context)
+        response = pb.TrainStepResponse(
+            forward_id=result.forward_id, loss=result.loss, logits_stats=convert.stats_message(result.stats),
+            step_count=result.step_count, parameters_updated=result.parameters_updated,
+        )
+        if result.grad_norm is not None:
+            response.grad_norm = result.grad_norm
+        if request.return_logits:
+            response.logits.CopyFrom(convert.output_tensor(result.logits))
+        return response

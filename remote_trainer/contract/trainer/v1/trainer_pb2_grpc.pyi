@@ -81,6 +81,11 @@ class TrainerServiceStub:
     """SaveCheckpoint writes the session's state to the server's checkpoint directory, atomically."""
     LoadCheckpoint: _grpc.UnaryUnaryMultiCallable[_trainer_pb2.LoadCheckpointRequest, _trainer_pb2.LoadCheckpointResponse]
     """LoadCheckpoint puts a session in the state a checkpoint holds."""
+    TrainStep: _grpc.UnaryUnaryMultiCallable[_trainer_pb2.TrainStepRequest, _trainer_pb2.TrainStepResponse]
+    """TrainStep runs one whole training step in one round trip, in the order of
+    a local training loop: optimizer.zero_grad() (when asked), logits =
+    model(input), loss(logits, labels).backward(), optimizer.step().
+    """
 
 @_typing.type_check_only
 class TrainerServiceAsyncStub(TrainerServiceStub):
@@ -129,6 +134,11 @@ class TrainerServiceAsyncStub(TrainerServiceStub):
     """SaveCheckpoint writes the session's state to the server's checkpoint directory, atomically."""
     LoadCheckpoint: _aio.UnaryUnaryMultiCallable[_trainer_pb2.LoadCheckpointRequest, _trainer_pb2.LoadCheckpointResponse]  # type: ignore[assignment]
     """LoadCheckpoint puts a session in the state a checkpoint holds."""
+    TrainStep: _aio.UnaryUnaryMultiCallable[_trainer_pb2.TrainStepRequest, _trainer_pb2.TrainStepResponse]  # type: ignore[assignment]
+    """TrainStep runs one whole training step in one round trip, in the order of
+    a local training loop: optimizer.zero_grad() (when asked), logits =
+    model(input), loss(logits, labels).backward(), optimizer.step().
+    """
 
 class TrainerServiceServicer(metaclass=_abc_1.ABCMeta):
     """TrainerService runs PyTorch's autograd tutorial remotely: Forward,
@@ -270,5 +280,16 @@ class TrainerServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_trainer_pb2.LoadCheckpointResponse, _abc.Awaitable[_trainer_pb2.LoadCheckpointResponse]]:
         """LoadCheckpoint puts a session in the state a checkpoint holds."""
+
+    @_abc_1.abstractmethod
+    def TrainStep(
+        self,
+        request: _trainer_pb2.TrainStepRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_trainer_pb2.TrainStepResponse, _abc.Awaitable[_trainer_pb2.TrainStepResponse]]:
+        """TrainStep runs one whole training step in one round trip, in the order of
+        a local training loop: optimizer.zero_grad() (when asked), logits =
+        model(input), loss(logits, labels).backward(), optimizer.step().
+        """
 
 def add_TrainerServiceServicer_to_server(servicer: TrainerServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
