@@ -37,7 +37,7 @@ from remote_trainer.engine.results import (
     SessionDescription,
     TrainStepResult,
 )
-from remote_trainer.engine.tensors import require_finite, require_float32, tensor_stats, to_cpu
+from remote_trainer.engine.tensors import require_finite, require_float32, tensor_stats, tensors_stats, to_cpu
 
 
 @dataclass
@@ -435,15 +435,15 @@ class SessionEngine:
             if include_buffers:
                 tensors.update(self._model.named_buffers())
             names = match_patterns(list(tensors), patterns) if patterns else list(tensors)
+            values = {name: v.detach() for name in names if (v := pick(tensors[name])) is not None}
+            all_stats = dict(zip(values, tensors_stats(list(values.values()))))
             out = []
             for name in names:
                 source = tensors[name]
-                value = pick(source)
-                if value is None:
+                if name not in values:
                     out.append(NamedTensor(name, tuple(source.shape), None, None))
                     continue
-                value = value.detach()
-                stats = tensor_stats(value)
+                value, stats = values[name], all_stats[name]
                 snapshot = None
                 if not stats_only:
                     # A copy on the CPU in the transfer type, so later steps cannot change what is sent.
