@@ -193,6 +193,15 @@ class TrainerClient:
         if token:
             self._channel = grpc.intercept_channel(self._channel, _BearerToken(token))
         self._stub = trainer_pb2_grpc.TrainerServiceStub(self._channel)
+        # The tensor streams, read without protobuf's two copies of each chunk's data: each response
+        # comes as (chunk without data, view of the data in the received bytes).
+        self._tensor_streams = {
+            name: self._channel.unary_stream(
+                f"/{SERVICE}/{name}", request_serializer=request.SerializeToString,
+                response_deserializer=codec.split_chunk_response,
+            )
+            for name, request in (("GetGradients", pb.GetGradientsRequest), ("GetParameters", pb.GetParametersRequest))
+        }
         self._health = health_pb2_grpc.HealthStub(self._channel)
         self._closed = False
 
@@ -403,7 +412,7 @@ class Session:
             session_id=self.session_id, patterns=list(patterns), stats_only=stats_only,
             transfer_data_type=_transfer_type(dtype),  # type: ignore[arg-type]
         )
-        chunks = (r.chunk for r in self._client.stream(self._stub.GetGradients, request, timeout))
+        chunks = self._client.stream(self._client._tensor_streams["GetGradients"], request, timeout)
         return self._assemble(chunks, not stats_only)
 
     def parameters(
@@ -419,14 +428,14 @@ class Session:
             session_id=self.session_id, patterns=list(patterns), stats_only=stats_only,
             transfer_data_type=_transfer_type(dtype), include_buffers=include_buffers,  # type: ignore[arg-type]
         )
-        chunks = (r.chunk for r in self._client.stream(self._stub.GetParameters, request, timeout))
+        chunks = self._client.stream(self._client._tensor_streams["GetParameters"], request, timeout)
         return self._assemble(chunks, not stats_only)
 
     @staticmethod
-    def _assemble(chunks: Iterable[pb.TensorChunk], with_data: bool) -> dict[str, NamedTensor]:
+    def _assemble(chunks: Iterable[tuple[pb.TensorChunk, memoryview]], with_data: bool) -> dict[str, NamedTensor]:
         return {
             t.name: NamedTensor(t.name, t.shape, t.present, _stats(t.stats) if t.stats else None, t.array)  # type: ignore[arg-type]
-            for t in codec.assemble_chunks(chunks, with_data)
+            for t in codec.assemble_split_chunks(chunks, with_data)
         }
 
     def save_checkpoint(self, name: str, timeout: float | None = None) -> int:

@@ -15,6 +15,7 @@ import math
 import threading
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from typing import TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -51,6 +52,15 @@ class _Pending:
 
 
 CHECKPOINT_FORMAT = "trainer.v1/session-checkpoint/1"
+
+T = TypeVar("T")
+
+
+def _owned(item: NamedTensor) -> NamedTensor:
+    """``item`` with a tensor of its own, so that later steps cannot change it."""
+    if item.tensor is None:
+        return item
+    return NamedTensor(item.name, item.shape, item.tensor.clone(), item.stats)
 
 
 class SessionEngine:
@@ -414,13 +424,27 @@ class SessionEngine:
 
     def gradients(self, patterns: list[str], stats_only: bool = False, dtype: torch.dtype = torch.float32) -> list[NamedTensor]:
         """Snapshots of the .grad of the parameters matching ``patterns`` (all when empty)."""
-        return self._snapshot(patterns, stats_only, dtype, lambda p: p.grad, include_buffers=False)
+        return self.encode_gradients(patterns, stats_only, dtype, _owned)
 
     def parameters(
         self, patterns: list[str], stats_only: bool = False, dtype: torch.dtype = torch.float32, include_buffers: bool = False
     ) -> list[NamedTensor]:
         """Snapshots of parameter values (and buffers) matching ``patterns`` (all when empty)."""
-        return self._snapshot(patterns, stats_only, dtype, lambda p: p, include_buffers)
+        return self.encode_parameters(patterns, stats_only, dtype, include_buffers, _owned)
+
+    def encode_gradients(
+        self, patterns: list[str], stats_only: bool, dtype: torch.dtype, encode: Callable[[NamedTensor], T]
+    ) -> list[T]:
+        """``encode`` of each .grad matching ``patterns``, called under the session's lock with the
+        tensor's own memory when it is already on the CPU in ``dtype`` (no snapshot copy): what
+        ``encode`` returns must not keep that tensor."""
+        return self._snapshot(patterns, stats_only, dtype, lambda p: p.grad, False, encode)
+
+    def encode_parameters(
+        self, patterns: list[str], stats_only: bool, dtype: torch.dtype, include_buffers: bool, encode: Callable[[NamedTensor], T]
+    ) -> list[T]:
+        """``encode_gradients`` for parameter values (and buffers)."""
+        return self._snapshot(patterns, stats_only, dtype, lambda p: p, include_buffers, encode)
 
     def _snapshot(
         self,
@@ -429,7 +453,8 @@ class SessionEngine:
         dtype: torch.dtype,
         pick: Callable[[torch.Tensor], torch.Tensor | None],
         include_buffers: bool,
-    ) -> list[NamedTensor]:
+        encode: Callable[[NamedTensor], T],
+    ) -> list[T]:
         with self._lock:
             tensors: dict[str, torch.Tensor] = dict(self._model.named_parameters())
             if include_buffers:
@@ -441,15 +466,15 @@ class SessionEngine:
             for name in names:
                 source = tensors[name]
                 if name not in values:
-                    out.append(NamedTensor(name, tuple(source.shape), None, None))
+                    out.append(encode(NamedTensor(name, tuple(source.shape), None, None)))
                     continue
                 value, stats = values[name], all_stats[name]
-                snapshot = None
+                view = None
                 if not stats_only:
-                    # A copy on the CPU in the transfer type, so later steps cannot change what is sent.
+                    # On the CPU in the transfer type: a copy only when it is elsewhere or in another type.
                     target = dtype if value.is_floating_point() else value.dtype
-                    snapshot = value.to("cpu", target, copy=True).contiguous()
-                out.append(NamedTensor(name, tuple(value.shape), snapshot, stats))
+                    view = value.to("cpu", target).contiguous()
+                out.append(encode(NamedTensor(name, tuple(value.shape), view, stats)))
             return out
 
     def graph(self) -> Graph:

@@ -22,6 +22,7 @@ from torch import nn
 
 from remote_trainer.server.auth import AuthInterceptor, TokenAuth
 from remote_trainer.engine.limits import Limits
+from remote_trainer.engine.memory import reuse_freed_buffers
 from remote_trainer.engine.optimizer import OptimizerSpec
 from remote_trainer.engine.session import SessionEngine
 from remote_trainer.server.metrics import Metrics
@@ -30,6 +31,7 @@ from remote_trainer.server.servicer import TrainerServicer
 from remote_trainer.server.sessions import SessionStore
 from remote_trainer.server.settings import Settings
 from remote_trainer.server.status import Undecodable, rpc_kind
+from remote_trainer.contract import codec
 from remote_trainer.contract.trainer.v1 import trainer_pb2
 
 log = logging.getLogger(__name__)
@@ -90,6 +92,8 @@ def create_server(settings: Settings) -> TrainerServer:
     says which.
     """
     device = resolve_device(settings.device)
+    if settings.reuse_buffers_bytes and not reuse_freed_buffers(settings.reuse_buffers_bytes):
+        log.info("reuse_buffers_bytes ignored: the C library is not glibc")
     limits = Limits(max_input_elements=settings.max_input_elements, max_batch=settings.max_batch)
     model, source = build_model(settings.weights, settings.num_classes, settings.seed, trusted_path=True)
     default = SessionEngine(model, device, source, OptimizerSpec.tutorial(), limits)
@@ -198,7 +202,8 @@ def _counted_handlers(servicer: TrainerServicer, metrics: Metrics) -> grpc.Gener
                 return Undecodable(cls.DESCRIPTOR.full_name, str(exc))
 
         def serialize(message: Any, name: str = method.name) -> bytes:
-            data: bytes = message.SerializeToString()
+            # Tensor streams hand over messages already in wire form (codec.Serialized).
+            data: bytes = message.data if isinstance(message, codec.Serialized) else message.SerializeToString()
             metrics.sent(name, len(data))
             return data
 

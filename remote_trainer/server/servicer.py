@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 from typing import TypeVar
 from collections.abc import Callable, Iterator
@@ -22,6 +23,7 @@ from remote_trainer.server.metrics import Metrics
 from remote_trainer.server.sessions import DEFAULT_SESSION_ID, SessionStore
 from remote_trainer.server.settings import Settings
 from remote_trainer.server.status import Context, streaming, unary
+from remote_trainer.contract import codec
 from remote_trainer.contract.trainer.v1 import trainer_pb2 as pb
 
 log = logging.getLogger(__name__)
@@ -192,18 +194,25 @@ class TrainerServicer:
         return convert.parameter_list(self._session(request.session_id, context).parameters_info())
 
     @streaming
-    def GetGradients(self, request: pb.GetGradientsRequest, context: Context) -> Iterator[pb.GetGradientsResponse]:
+    def GetGradients(self, request: pb.GetGradientsRequest, context: Context) -> Iterator[codec.Serialized]:
+        # Every response is written in wire form under the session's lock, straight from the
+        # gradients' memory (one copy, no snapshot); the stream then sends what is written.
         engine = self._session(request.session_id, context)
-        tensors = engine.gradients(list(request.patterns), request.stats_only, convert.transfer_dtype(request.transfer_data_type))
-        yield from convert.chunk_responses(tensors, self._chunk_bytes, pb.GetGradientsResponse)
+        encode = functools.partial(convert.wire_chunks, chunk_bytes=self._chunk_bytes)
+        for messages in engine.encode_gradients(
+            list(request.patterns), request.stats_only, convert.transfer_dtype(request.transfer_data_type), encode
+        ):
+            yield from messages
 
     @streaming
-    def GetParameters(self, request: pb.GetParametersRequest, context: Context) -> Iterator[pb.GetParametersResponse]:
+    def GetParameters(self, request: pb.GetParametersRequest, context: Context) -> Iterator[codec.Serialized]:
         engine = self._session(request.session_id, context)
-        tensors = engine.parameters(
-            list(request.patterns), request.stats_only, convert.transfer_dtype(request.transfer_data_type), request.include_buffers
-        )
-        yield from convert.chunk_responses(tensors, self._chunk_bytes, pb.GetParametersResponse)
+        encode = functools.partial(convert.wire_chunks, chunk_bytes=self._chunk_bytes)
+        for messages in engine.encode_parameters(
+            list(request.patterns), request.stats_only, convert.transfer_dtype(request.transfer_data_type),
+            request.include_buffers, encode,
+        ):
+            yield from messages
 
     @unary
     def GetGraph(self, request: pb.GetGraphRequest, context: Context) -> pb.GetGraphResponse:
