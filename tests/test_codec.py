@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -109,3 +111,14 @@ def test_unusual_wire_layouts_fall_back_to_protobuf() -> None:
     twice = pb.TensorChunk(data=b"xy").SerializeToString() + pb.TensorChunk(name="v", data=b"z").SerializeToString()
     chunk, data = codec.split_chunk_response(b"\x0a" + bytes([len(twice)]) + twice)
     assert (chunk.name, bytes(data)) == ("v", b"z")
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 8, 8), (0, 3, 4, 4), ()])
+def test_a_spliced_request_parses_as_the_whole_message(shape: tuple[int, ...]) -> None:
+    array = np.arange(math.prod(shape), dtype=np.float32).reshape(shape)
+    whole = pb.ForwardRequest(session_id="s", eval_mode=True)
+    codec.encode_into(whole.input.tensor, array)
+    header = pb.ForwardRequest(session_id="s", eval_mode=True)
+    raw = codec.encode_header_into(header.input.tensor, array)
+    spliced = codec.SplicedRequest(header, (2, 1, 3), raw).serialize()
+    assert pb.ForwardRequest.FromString(spliced) == whole

@@ -84,6 +84,17 @@ def _fill_input(target: pb.TensorInput, x: Any, dtype: npt.DTypeLike | None = No
     codec.encode_into(target.tensor, as_array(x, dtype))
 
 
+def _spliced_input(request: pb.ForwardRequest | pb.TrainStepRequest, x: Any) -> codec.SplicedRequest:
+    """``request`` with the float32 batch ``x`` as its input, its bytes sent beside the message."""
+    raw = codec.encode_header_into(request.input.tensor, as_array(x, np.float32))
+    path = (  # field numbers from the request down to the input's raw bytes
+        request.DESCRIPTOR.fields_by_name["input"].number,
+        pb.TensorInput.DESCRIPTOR.fields_by_name["tensor"].number,
+        pb.Tensor.DESCRIPTOR.fields_by_name["raw_data"].number,
+    )
+    return codec.SplicedRequest(request, path, raw)
+
+
 def _stats(msg: pb.TensorStats) -> Stats:
     return Stats(msg.norm, msg.min, msg.max, msg.mean, msg.non_finite_count, msg.num_elements)
 
@@ -202,6 +213,14 @@ class TrainerClient:
             )
             for name, request in (("GetGradients", pb.GetGradientsRequest), ("GetParameters", pb.GetParametersRequest))
         }
+        # Forward and TrainStep with the input's bytes copied once into the request (codec.SplicedRequest).
+        self._spliced = {
+            name: self._channel.unary_unary(
+                f"/{SERVICE}/{name}", request_serializer=codec.SplicedRequest.serialize,
+                response_deserializer=response.FromString,
+            )
+            for name, response in (("Forward", pb.ForwardResponse), ("TrainStep", pb.TrainStepResponse))
+        }
         self._health = health_pb2_grpc.HealthStub(self._channel)
         self._closed = False
 
@@ -301,8 +320,7 @@ class Session:
             session_id=self.session_id, eval_mode=eval_mode, no_grad=no_grad,
             output_format=pb.OUTPUT_FORMAT_STATS_ONLY if stats_only else pb.OUTPUT_FORMAT_RAW,
         )
-        _fill_input(request.input, x, np.float32)
-        response = self._client.call(self._stub.Forward, request, timeout)
+        response = self._client.call(self._client._spliced["Forward"], _spliced_input(request, x), timeout)
         # A writable copy (the decoded view would be read-only, over the response's bytes); logits are small.
         logits = codec.decode(response.logits).copy() if response.HasField("logits") else None
         self._last_forward_id = response.forward_id
@@ -487,10 +505,9 @@ class Session:
         request = pb.TrainStepRequest(
             session_id=self.session_id, zero_grad=zero_grad, return_grad_norm=grad_norm, return_logits=return_logits,
         )
-        _fill_input(request.input, x, np.float32)
         request.loss.function = _LOSSES[loss]
         _fill_input(request.loss.labels, labels, np.int64 if loss == "cross_entropy" else np.float32)
-        response = self._client.call(self._stub.TrainStep, request, timeout)
+        response = self._client.call(self._client._spliced["TrainStep"], _spliced_input(request, x), timeout)
         self._last_forward_id = response.forward_id
         logits = codec.decode(response.logits).copy() if response.HasField("logits") else None
         return TrainStepResult(

@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import numpy as np
 import numpy.typing as npt
@@ -130,6 +130,12 @@ def encode_into(tensor: pb.Tensor, array: npt.ArrayLike, data_type: int | None =
     Filling the request in place saves a copy of the whole tensor: protobuf copies a sub-message
     given to a constructor or to ``CopyFrom``.
     """
+    tensor.raw_data = encode_header_into(tensor, array, data_type).tobytes()
+
+
+def encode_header_into(tensor: pb.Tensor, array: npt.ArrayLike, data_type: int | None = None) -> memoryview:
+    """``encode_into`` but for ``raw_data``: sets the shape and data type and returns the bytes
+    to send (a view of the array when it is already in wire layout), for ``SplicedRequest``."""
     arr = np.asarray(array)
     if data_type == pb.DATA_TYPE_BFLOAT16:
         raw = np.ascontiguousarray(float32_to_bf16_bits(arr.astype(np.float32, copy=False)))
@@ -143,7 +149,31 @@ def encode_into(tensor: pb.Tensor, array: npt.ArrayLike, data_type: int | None =
     tensor.Clear()
     tensor.shape.extend(arr.shape)
     tensor.data_type = pb.DataType.ValueType(wire)
-    tensor.raw_data = raw.tobytes()
+    return raw.reshape(-1).data.cast("B") if raw.size else memoryview(b"")
+
+
+class SplicedRequest:
+    """A request whose one large tensor's bytes travel beside it, serialised with a single copy of
+    them: the message as protobuf writes it (that tensor's ``raw_data`` empty), followed by a
+    message holding only those bytes at ``path`` (field numbers from the request down to
+    ``raw_data``). Protobuf parsers merge the two, so the wire is the proto's; protobuf's own
+    setter and serialiser would have copied the bytes twice more."""
+
+    __slots__ = ("message", "path", "raw")
+
+    def __init__(self, message: Any, path: tuple[int, ...], raw: memoryview) -> None:
+        self.message = message
+        self.path = path
+        self.raw = raw
+
+    def serialize(self) -> bytes:
+        parts: list[bytes | memoryview] = [self.raw]
+        size = self.raw.nbytes
+        for number in reversed(self.path):
+            head = _varint(number << 3 | _LEN) + _varint(size)
+            parts.append(head)
+            size += len(head)
+        return b"".join([self.message.SerializeToString(), *reversed(parts)])
 
 
 def encode_raw(raw: bytes, shape: Iterable[int], data_type: int) -> pb.Tensor:
