@@ -102,7 +102,7 @@ class RemoteParameter:
     @property
     def data(self) -> torch.Tensor:
         """The parameter's current value, fetched from the server (a copy)."""
-        value = self.model.session.parameters(self.name)[self.name].array
+        value = self.model.session.parameters(self.name, stats=False)[self.name].array
         assert value is not None  # a parameter always has a value
         return _tensor(value)
 
@@ -113,7 +113,7 @@ class RemoteParameter:
     @property
     def grad(self) -> torch.Tensor | None:
         """The parameter's ``.grad`` on the server (a copy), or None when it has none."""
-        value = self.model.session.gradients(self.name)[self.name]
+        value = self.model.session.gradients(self.name, stats=False)[self.name]
         return _tensor(value.array) if value.present else None
 
     @property
@@ -359,7 +359,7 @@ class RemoteModel(nn.Module):
         """Every parameter (and buffer) value as a torch tensor: ``local.load_state_dict(...)`` takes it."""
         return {
             name: _tensor(t.array)
-            for name, t in self._session.parameters(include_buffers=include_buffers).items()
+            for name, t in self._session.parameters(include_buffers=include_buffers, stats=False).items()
             if t.array is not None
         }
 

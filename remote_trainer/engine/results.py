@@ -68,12 +68,14 @@ class ParameterInfo:
 
 @dataclass(frozen=True)
 class NamedTensor:
-    """A snapshot of one parameter's value or gradient, ready to send; ``tensor`` None when absent."""
+    """A snapshot of one parameter's value or gradient, ready to send; ``tensor`` None when absent
+    or when only statistics were asked for."""
 
     name: str
     shape: tuple[int, ...]
     tensor: torch.Tensor | None
-    stats: Stats | None
+    stats: Stats | None  # None when absent, or when statistics were not asked for
+    present: bool = True  # False: a parameter with no .grad
 
 
 @dataclass(frozen=True)

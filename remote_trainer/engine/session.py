@@ -60,7 +60,7 @@ def _owned(item: NamedTensor) -> NamedTensor:
     """``item`` with a tensor of its own, so that later steps cannot change it."""
     if item.tensor is None:
         return item
-    return NamedTensor(item.name, item.shape, item.tensor.clone(), item.stats)
+    return NamedTensor(item.name, item.shape, item.tensor.clone(), item.stats, item.present)
 
 
 class SessionEngine:
@@ -433,18 +433,20 @@ class SessionEngine:
         return self.encode_parameters(patterns, stats_only, dtype, include_buffers, _owned)
 
     def encode_gradients(
-        self, patterns: list[str], stats_only: bool, dtype: torch.dtype, encode: Callable[[NamedTensor], T]
+        self, patterns: list[str], stats_only: bool, dtype: torch.dtype, encode: Callable[[NamedTensor], T],
+        with_stats: bool = True,
     ) -> list[T]:
         """``encode`` of each .grad matching ``patterns``, called under the session's lock with the
         tensor's own memory when it is already on the CPU in ``dtype`` (no snapshot copy): what
-        ``encode`` returns must not keep that tensor."""
-        return self._snapshot(patterns, stats_only, dtype, lambda p: p.grad, False, encode)
+        ``encode`` returns must not keep that tensor. ``with_stats`` False skips the statistics."""
+        return self._snapshot(patterns, stats_only, dtype, lambda p: p.grad, False, encode, with_stats)
 
     def encode_parameters(
-        self, patterns: list[str], stats_only: bool, dtype: torch.dtype, include_buffers: bool, encode: Callable[[NamedTensor], T]
+        self, patterns: list[str], stats_only: bool, dtype: torch.dtype, include_buffers: bool, encode: Callable[[NamedTensor], T],
+        with_stats: bool = True,
     ) -> list[T]:
         """``encode_gradients`` for parameter values (and buffers)."""
-        return self._snapshot(patterns, stats_only, dtype, lambda p: p, include_buffers, encode)
+        return self._snapshot(patterns, stats_only, dtype, lambda p: p, include_buffers, encode, with_stats)
 
     def _snapshot(
         self,
@@ -454,21 +456,24 @@ class SessionEngine:
         pick: Callable[[torch.Tensor], torch.Tensor | None],
         include_buffers: bool,
         encode: Callable[[NamedTensor], T],
+        with_stats: bool = True,
     ) -> list[T]:
+        if stats_only and not with_stats:
+            raise invalid("skip_stats", "skip_stats with stats_only would send nothing", "NOTHING_TO_SEND")
         with self._lock:
             tensors: dict[str, torch.Tensor] = dict(self._model.named_parameters())
             if include_buffers:
                 tensors.update(self._model.named_buffers())
             names = match_patterns(list(tensors), patterns) if patterns else list(tensors)
             values = {name: v.detach() for name in names if (v := pick(tensors[name])) is not None}
-            all_stats = dict(zip(values, tensors_stats(list(values.values()))))
+            all_stats = dict(zip(values, tensors_stats(list(values.values())))) if with_stats else {}
             out = []
             for name in names:
                 source = tensors[name]
                 if name not in values:
-                    out.append(encode(NamedTensor(name, tuple(source.shape), None, None)))
+                    out.append(encode(NamedTensor(name, tuple(source.shape), None, None, present=False)))
                     continue
-                value, stats = values[name], all_stats[name]
+                value, stats = values[name], all_stats.get(name)
                 view = None
                 if not stats_only:
                     # On the CPU in the transfer type: a copy only when it is elsewhere or in another type.

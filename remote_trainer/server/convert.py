@@ -136,13 +136,12 @@ def transfer_dtype(code: int) -> torch.dtype:
 def wire_chunks(item: NamedTensor, chunk_bytes: int) -> list[codec.Serialized]:
     """A named tensor as GetGradients/GetParameters responses in wire form, its data copied once
     from the tensor's memory (the caller holds the session's lock while this reads it)."""
-    if item.stats is None:
+    if not item.present:
         return codec.encode_chunk_wire(item.name, None, item.shape, pb.DATA_TYPE_FLOAT32, None, chunk_bytes)
     t = item.tensor
     data_type = TORCH_TO_WIRE[t.dtype] if t is not None else pb.DATA_TYPE_UNSPECIFIED
-    return codec.encode_chunk_wire(
-        item.name, raw_view(t) if t is not None else b"", item.shape, data_type, stats_message(item.stats), chunk_bytes
-    )
+    stats = stats_message(item.stats) if item.stats is not None else None
+    return codec.encode_chunk_wire(item.name, raw_view(t) if t is not None else b"", item.shape, data_type, stats, chunk_bytes)
 
 
 def optimizer_spec(config: pb.OptimizerConfig) -> OptimizerSpec:

@@ -200,7 +200,8 @@ class TrainerServicer:
         engine = self._session(request.session_id, context)
         encode = functools.partial(convert.wire_chunks, chunk_bytes=self._chunk_bytes)
         for messages in engine.encode_gradients(
-            list(request.patterns), request.stats_only, convert.transfer_dtype(request.transfer_data_type), encode
+            list(request.patterns), request.stats_only, convert.transfer_dtype(request.transfer_data_type), encode,
+            with_stats=not request.skip_stats,
         ):
             yield from messages
 
@@ -210,7 +211,7 @@ class TrainerServicer:
         encode = functools.partial(convert.wire_chunks, chunk_bytes=self._chunk_bytes)
         for messages in engine.encode_parameters(
             list(request.patterns), request.stats_only, convert.transfer_dtype(request.transfer_data_type),
-            request.include_buffers, encode,
+            request.include_buffers, encode, with_stats=not request.skip_stats,
         ):
             yield from messages
 

@@ -1295,12 +1295,17 @@ class GetGradientsRequest(_message.Message):
     PATTERNS_FIELD_NUMBER: _builtins.int
     STATS_ONLY_FIELD_NUMBER: _builtins.int
     TRANSFER_DATA_TYPE_FIELD_NUMBER: _builtins.int
+    SKIP_STATS_FIELD_NUMBER: _builtins.int
     session_id: _builtins.str
     """Session to use; empty for the default session."""
     stats_only: _builtins.bool
     """Send statistics only, no elements."""
     transfer_data_type: Global___DataType.ValueType
     """Element type for transfer: FLOAT32 (unset), FLOAT16 or BFLOAT16."""
+    skip_stats: _builtins.bool
+    """Leave out the statistics (one pass fewer over the gradients): the
+    elements only. Refused together with stats_only.
+    """
     @_builtins.property
     def patterns(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Name patterns as in FreezeLayers; empty means every parameter. Each
@@ -1314,10 +1319,11 @@ class GetGradientsRequest(_message.Message):
         patterns: _abc.Iterable[_builtins.str] | None = ...,
         stats_only: _builtins.bool = ...,
         transfer_data_type: Global___DataType.ValueType = ...,
+        skip_stats: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["patterns", b"patterns", "session_id", b"session_id", "stats_only", b"stats_only", "transfer_data_type", b"transfer_data_type"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["patterns", b"patterns", "session_id", b"session_id", "skip_stats", b"skip_stats", "stats_only", b"stats_only", "transfer_data_type", b"transfer_data_type"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1421,6 +1427,7 @@ class GetParametersRequest(_message.Message):
     STATS_ONLY_FIELD_NUMBER: _builtins.int
     TRANSFER_DATA_TYPE_FIELD_NUMBER: _builtins.int
     INCLUDE_BUFFERS_FIELD_NUMBER: _builtins.int
+    SKIP_STATS_FIELD_NUMBER: _builtins.int
     session_id: _builtins.str
     """Session to use; empty for the default session."""
     stats_only: _builtins.bool
@@ -1429,6 +1436,10 @@ class GetParametersRequest(_message.Message):
     """Element type for transfer: FLOAT32 (unset), FLOAT16 or BFLOAT16."""
     include_buffers: _builtins.bool
     """Also send the buffers (BatchNorm running_mean, running_var, num_batches_tracked)."""
+    skip_stats: _builtins.bool
+    """Leave out the statistics (one pass fewer over the tensors): the elements
+    only. Refused together with stats_only.
+    """
     @_builtins.property
     def patterns(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Name patterns as in FreezeLayers; empty means every parameter."""
@@ -1441,10 +1452,11 @@ class GetParametersRequest(_message.Message):
         stats_only: _builtins.bool = ...,
         transfer_data_type: Global___DataType.ValueType = ...,
         include_buffers: _builtins.bool = ...,
+        skip_stats: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["include_buffers", b"include_buffers", "patterns", b"patterns", "session_id", b"session_id", "stats_only", b"stats_only", "transfer_data_type", b"transfer_data_type"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["include_buffers", b"include_buffers", "patterns", b"patterns", "session_id", b"session_id", "skip_stats", b"skip_stats", "stats_only", b"stats_only", "transfer_data_type", b"transfer_data_type"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
