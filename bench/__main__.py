@@ -64,7 +64,7 @@ class Server:
 
 
 @contextmanager
-def start_server(device: str, max_sessions: int, chunk_bytes: int = 0, threads: int = 0) -> Iterator[Server]:
+def start_server(device: str, max_sessions: int, chunk_bytes: int = 0, threads: int = 0, reuse_buffers_bytes: int = 0) -> Iterator[Server]:
     """Runs ``python -m bench.serve`` and yields its addresses; stops it by closing its stdin."""
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     cmd = [sys.executable, "-m", "bench.serve", "--device", device, "--max-sessions", str(max_sessions)]
@@ -72,6 +72,8 @@ def start_server(device: str, max_sessions: int, chunk_bytes: int = 0, threads: 
         cmd += ["--chunk-bytes", str(chunk_bytes)]
     if threads:
         cmd += ["--threads", str(threads)]
+    if reuse_buffers_bytes:
+        cmd += ["--reuse-buffers-bytes", str(reuse_buffers_bytes)]
     process = subprocess.Popen(cmd, cwd=root, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:
         assert process.stdout is not None
@@ -548,6 +550,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--chunk-bytes", type=int, default=0, help="the server's stream chunk size (0: its default, 1 MiB)")
     p.add_argument("--threads", type=int, default=0,
                    help="torch intra-op threads on both sides (0: torch's default, one per core)")
+    p.add_argument("--reuse-buffers-bytes", type=int, default=0, help="the server's --reuse-buffers-bytes (0: its default, off)")
     p.add_argument("--json", default="", help="also write the rows to this file")
     p.add_argument("--quick", action="store_true", help="a tiny run that only proves every section works (CI smoke test)")
     args = p.parse_args(argv)
@@ -585,7 +588,7 @@ def _run(args: argparse.Namespace) -> int:
               f"({torch.get_num_threads()} threads); device {args.device}; load average before: {load_average()}")
     print(header, flush=True)
     max_sessions = max(16, max(args.clients, default=1) + 2)
-    with start_server(args.device, max_sessions, args.chunk_bytes, args.threads) as server:
+    with start_server(args.device, max_sessions, args.chunk_bytes, args.threads, args.reuse_buffers_bytes) as server:
         raw = Floors(RawClient(server.raw_target, client_options()), RawClient(server.raw_aio_target, client_options()))
         try:
             for section in SECTIONS:

@@ -98,6 +98,7 @@ def main() -> int:
     parser.add_argument("--max-sessions", type=int, default=16)
     parser.add_argument("--chunk-bytes", type=int, default=0, help="0: the server's default")
     parser.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
+    parser.add_argument("--reuse-buffers-bytes", type=int, default=0, help="the server's setting (0: its default, off)")
     args = parser.parse_args()
     if args.threads:
         import torch
@@ -109,6 +110,8 @@ def main() -> int:
 
     install_timers()
     extra: dict[str, Any] = {"chunk_bytes": args.chunk_bytes} if args.chunk_bytes else {}
+    if args.reuse_buffers_bytes:
+        extra["reuse_buffers_bytes"] = args.reuse_buffers_bytes
     settings = Settings(port=0, weights="random", seed=0, device=args.device, max_sessions=args.max_sessions, **extra)
     trainer = create_server(settings)
 

@@ -75,9 +75,11 @@ class Settings:
     metrics_port: int = -1
     # glibc keeps freed buffers up to this size for reuse (mallopt M_MMAP_THRESHOLD, and a trim
     # threshold 8 times it) instead of mapping every 1 MiB message fresh and page-faulting it in:
-    # tensor streams run 2-4x faster. Closing a session still gives memory back (malloc_trim).
-    # 0: glibc's defaults.
-    reuse_buffers_bytes: int = 32 * MIB
+    # tensor streams run faster. Off by default: large buffers then come from the heap rather
+    # than page-aligned maps, and some CPU kernels round differently with other alignments, so
+    # results drift from a local PyTorch process in the last bits (docs/benchmarks.md). Closing a
+    # session still gives memory back (malloc_trim). 0: glibc's defaults.
+    reuse_buffers_bytes: int = 0
 
 
 _HELP = {
@@ -107,7 +109,7 @@ _HELP = {
     "checkpoint_every": "each session checkpoints itself every N steps (0: never)",
     "session_idle_seconds": "close sessions idle this long (0: never)",
     "metrics_port": "Prometheus metrics HTTP port (-1: off, 0: a free port)",
-    "reuse_buffers_bytes": "glibc keeps freed buffers up to this size for reuse, not page-faulted in again (0: glibc's defaults)",
+    "reuse_buffers_bytes": "glibc keeps freed buffers up to this size for reuse, not page-faulted in again (0, the default: glibc's own)",
 }
 
 
