@@ -34,7 +34,7 @@ from remote_trainer.engine.models import build_model, head_of, new_head
 SECTIONS = ("step", "grads", "upload", "concurrency", "memory")
 # Run only when asked for (--sections ...,ray): starts a second server with a Ray of its own.
 OPTIONAL_SECTIONS = ("ray",)
-CASES = ("full", "frozen", "client-loss")
+CASES = ("full", "frozen", "client-loss", "train-step", "client-loss-2rt")
 TUTORIAL_LR, TUTORIAL_MOMENTUM = 1e-2, 0.9
 
 
@@ -58,6 +58,7 @@ class Server:
     process: subprocess.Popen[str]
     target: str
     raw_target: str
+    raw_aio_target: str
     pid: int
 
     def rss(self) -> int:
@@ -65,7 +66,9 @@ class Server:
 
 
 @contextmanager
-def start_server(device: str, max_sessions: int, chunk_bytes: int = 0, threads: int = 0, backend: str = "local") -> Iterator[Server]:
+def start_server(
+    device: str, max_sessions: int, chunk_bytes: int = 0, threads: int = 0, backend: str = "local", reuse_buffers_bytes: int = 0
+) -> Iterator[Server]:
     """Runs ``python -m bench.serve`` and yields its addresses; stops it by closing its stdin."""
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     cmd = [sys.executable, "-m", "bench.serve", "--device", device, "--max-sessions", str(max_sessions)]
@@ -75,6 +78,8 @@ def start_server(device: str, max_sessions: int, chunk_bytes: int = 0, threads: 
         cmd += ["--threads", str(threads)]
     if backend != "local":
         cmd += ["--backend", backend]
+    if reuse_buffers_bytes:
+        cmd += ["--reuse-buffers-bytes", str(reuse_buffers_bytes)]
     process = subprocess.Popen(cmd, cwd=root, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:
         assert process.stdout is not None
@@ -82,7 +87,8 @@ def start_server(device: str, max_sessions: int, chunk_bytes: int = 0, threads: 
         if not line:
             raise RuntimeError(f"the benchmark server did not start (exit code {process.wait()})")
         info = json.loads(line)
-        yield Server(process, f"127.0.0.1:{info['trainer_port']}", f"127.0.0.1:{info['raw_port']}", int(info["pid"]))
+        yield Server(process, f"127.0.0.1:{info['trainer_port']}", f"127.0.0.1:{info['raw_port']}",
+                     f"127.0.0.1:{info['raw_aio_port']}", int(info["pid"]))
     finally:
         if process.stdin is not None:
             process.stdin.close()
@@ -91,6 +97,18 @@ def start_server(device: str, max_sessions: int, chunk_bytes: int = 0, threads: 
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
+
+
+@dataclass
+class Floors:
+    """The raw floor's two servers: ``sync`` (a threaded grpc server) and ``aio`` (grpc.aio, the
+    trainer server's own stack); timings come from either (they share the recorder)."""
+
+    sync: RawClient
+    aio: RawClient
+
+    def timings(self) -> dict[str, list[float]]:
+        return self.sync.timings()
 
 
 def client_options() -> list[tuple[str, Any]]:
@@ -149,7 +167,9 @@ class LocalStep:
 
 
 class RemoteStep:
-    """The same step through the server: Forward, Backward (server loss or client gradient), Step."""
+    """The same step through the server. ``full``/``frozen``: Forward, Backward (server loss), Step;
+    ``client-loss``: Forward, Backward (client gradient), Step; ``train-step``: one TrainStep call;
+    ``client-loss-2rt``: Forward, then Backward (client gradient) that also steps."""
 
     def __init__(self, session: Session, case: str) -> None:
         self.session = session
@@ -160,7 +180,18 @@ class RemoteStep:
         self.logits: np.ndarray | None = None
 
     def __call__(self, x: np.ndarray, labels: np.ndarray) -> None:
+        if self.case == "train-step":
+            # The local step has no zero_grad (gradients accumulate, as in the tutorial): nor has this.
+            self.logits = self.session.train_step(x, "sum", labels, zero_grad=False, return_logits=True).logits
+            return
         logits = self.session.forward(x).logits
+        if self.case == "client-loss-2rt":
+            prediction = torch.from_numpy(np.array(logits)).requires_grad_()
+            (prediction - torch.from_numpy(labels)).sum().backward()  # type: ignore[no-untyped-call]
+            assert prediction.grad is not None
+            self.session.backward(output_gradient=prediction.grad.numpy(), step=True)
+            self.logits = logits
+            return
         if self.case == "client-loss":
             # The remote-nn.Module path: the client computes the loss and sends d(loss)/d(logits).
             prediction = torch.from_numpy(np.array(logits)).requires_grad_()
@@ -173,15 +204,16 @@ class RemoteStep:
         self.logits = logits
 
 
-def bench_step(args: argparse.Namespace, server: Server, raw: RawClient, rows: list[Row]) -> None:
+def bench_step(args: argparse.Namespace, server: Server, raw: Floors, rows: list[Row]) -> None:
     device = torch.device(args.device)
     # An empty call on each side, for scale: what one round trip costs.
     with TrainerClient(server.target, timeout=600) as client:
-        s = SideBySide(["ours", "raw"])
+        s = SideBySide(["ours", "raw-aio", "raw"])
         default = client.session()
-        s.run({"ours": lambda: default.info(), "raw": raw.ping}, reps=200, warmup=20)
-        rows.append(Row("rpc", "empty call: DescribeSession vs raw unary", fmt_s(s.median("ours")), fmt_s(s.median("raw")),
-                        f"{s.paired_ratio('ours', 'raw'):.2f}", "", "one round trip on loopback"))
+        s.run({"ours": lambda: default.info(), "raw-aio": raw.aio.ping, "raw": raw.sync.ping}, reps=200, warmup=20)
+        rows.append(Row("rpc", "empty call: DescribeSession vs raw aio unary", fmt_s(s.median("ours")), fmt_s(s.median("raw-aio")),
+                        f"{s.paired_ratio('ours', 'raw-aio'):.2f}", "",
+                        f"one round trip on loopback; raw sync-server unary {fmt_s(s.median('raw'))}"))
         for shape in args.sizes:
             classes = 10
             for case in args.cases:
@@ -216,7 +248,8 @@ def bench_step(args: argparse.Namespace, server: Server, raw: RawClient, rows: l
                     worst = max([worst, *check])
                 torch_time = _engine_step_time(engine, args.warmup - 1 + reps)
                 remote_med, local_med = sbs.median("remote"), sbs.median("local")
-                target = "<= 1.05" if shape == (1, 3, 64, 64) else "<= 1.02" if shape == (32, 3, 224, 224) else ""
+                small = "<= 1.03" if case == "train-step" else "<= 1.08" if case in ("full", "frozen", "client-loss") else ""
+                target = small if shape == (1, 3, 64, 64) else "<= 1.02" if shape == (32, 3, 224, 224) else ""
                 name = "x".join(map(str, shape))
                 rows.append(Row(
                     "step", f"{case} {name}", fmt_s(remote_med), fmt_s(local_med),
@@ -235,18 +268,21 @@ def _difference(remote: np.ndarray | None, local: torch.Tensor | None) -> float:
 
 
 def _engine_step_time(engine: dict[str, list[float]], count: int) -> float:
-    """Median over the measured steps of the server's torch time (forward + backward + step)."""
-    parts = [engine.get(f"engine.{m}", [])[-count:] for m in ("forward", "backward", "step")]
+    """Median over the measured steps of the server's torch time (forward + backward + step, or
+    train_step; a Backward that also steps counts in backward)."""
+    parts = [engine[f"engine.{m}"][-count:] for m in ("forward", "backward", "step", "train_step") if engine.get(f"engine.{m}")]
+    if not parts:
+        return float("nan")
     n = min(len(p) for p in parts)
     if n == 0:
         return float("nan")
-    return median([parts[0][-i] + parts[1][-i] + parts[2][-i] for i in range(1, n + 1)])
+    return median([sum(p[-i] for p in parts) for i in range(1, n + 1)])
 
 
 # -- 2. gradient fetch -----------------------------------------------------------------------------
 
 
-def bench_grads(args: argparse.Namespace, server: Server, raw: RawClient, rows: list[Row]) -> None:
+def bench_grads(args: argparse.Namespace, server: Server, raw: Floors, rows: list[Row]) -> None:
     with TrainerClient(server.target, timeout=600) as client, client.create_session("random", seed=0) as session:
         x = np.random.default_rng(0).random((2, 3, 64, 64), dtype=np.float32)
         session.forward(x)
@@ -262,24 +298,63 @@ def bench_grads(args: argparse.Namespace, server: Server, raw: RawClient, rows: 
             def ours(dtype: str = dtype) -> None:
                 got["grads"] = session.gradients(dtype=dtype)
 
-            sbs = SideBySide(["ours", "raw", "copy"])
-            sbs.run({"ours": ours, "raw": functools.partial(raw.download, nbytes, MIB), "copy": lambda: np.copyto(dest, source)},
+            def ours_no_stats(dtype: str = dtype) -> None:
+                got["grads"] = session.gradients(dtype=dtype, stats=False)
+
+            sbs = SideBySide(["ours", "ours-no-stats", "raw-aio", "raw", "copy"])
+            sbs.run({"ours": ours, "ours-no-stats": ours_no_stats, "raw-aio": functools.partial(raw.aio.download, nbytes, MIB),
+                     "raw": functools.partial(raw.sync.download, nbytes, MIB), "copy": lambda: np.copyto(dest, source)},
                     reps=args.transfer_reps, warmup=2)
             assert sum(t.array.nbytes for t in got["grads"].values() if t.array is not None) == fp32_bytes * size // 4
-            ratio = sbs.paired_ratio("raw", "ours")
             rows.append(Row(
                 "grads", f"GetGradients all {dtype} ({nbytes / 1e6:.1f} MB)",
                 f"{fmt_s(sbs.median('ours'))} = {fmt_rate(nbytes, sbs.median('ours'))}",
-                f"raw 1 MiB stream {fmt_s(sbs.median('raw'))} = {fmt_rate(nbytes, sbs.median('raw'))}",
-                f"{ratio:.2f}", ">= 0.80",
+                f"raw aio 1 MiB stream {fmt_s(sbs.median('raw-aio'))} = {fmt_rate(nbytes, sbs.median('raw-aio'))}",
+                f"{sbs.paired_ratio('raw-aio', 'ours'):.2f}", ">= 0.80",
+                f"raw sync-server stream {fmt_s(sbs.median('raw'))} = {fmt_rate(nbytes, sbs.median('raw'))} "
+                f"(ratio {sbs.paired_ratio('raw', 'ours'):.2f}); "
                 f"memory copy {fmt_s(sbs.median('copy'))} = {fmt_rate(nbytes, sbs.median('copy'))}",
             ))
+            rows.append(Row(
+                "grads", f"GetGradients all {dtype}, stats=False ({nbytes / 1e6:.1f} MB)",
+                f"{fmt_s(sbs.median('ours-no-stats'))} = {fmt_rate(nbytes, sbs.median('ours-no-stats'))}",
+                f"raw aio 1 MiB stream {fmt_s(sbs.median('raw-aio'))}",
+                f"{sbs.paired_ratio('raw-aio', 'ours-no-stats'):.2f}", ">= 0.80",
+                f"ratio to the raw sync-server stream {sbs.paired_ratio('raw', 'ours-no-stats'):.2f}",
+            ))
+        _bench_stats_only(args, session, rows)
+
+
+def _bench_stats_only(args: argparse.Namespace, session: Session, rows: list[Row]) -> None:
+    """Statistics-only GetGradients against one fused local pass over gradients of the same sizes."""
+    local, _ = build_model("random", 0, 0)
+    local.train()
+    local(torch.rand(2, 3, 64, 64)).sum().backward()
+    grads = [p.grad for p in local.parameters() if p.grad is not None]
+    nbytes = sum(g.numel() * 4 for g in grads)
+
+    def fused() -> None:
+        torch.stack(torch._foreach_norm(grads)).tolist()
+
+    def naive() -> None:  # norm, min, max, mean, one reduction and one host sync each, tensor by tensor
+        for g in grads:
+            [float(g.norm()), float(g.min()), float(g.max()), float(g.mean())]
+
+    sbs = SideBySide(["ours", "fused", "naive"])
+    sbs.run({"ours": lambda: session.gradients(stats_only=True), "fused": fused, "naive": naive},
+            reps=args.transfer_reps, warmup=2)
+    rows.append(Row(
+        "grads", f"statistics-only GetGradients ({nbytes / 1e6:.1f} MB of gradients)", fmt_s(sbs.median("ours")),
+        f"one local fused pass (torch._foreach_norm) {fmt_s(sbs.median('fused'))}",
+        f"{sbs.paired_ratio('ours', 'fused'):.1f}x", "<= 3x",
+        f"local norm/min/max/mean tensor by tensor {fmt_s(sbs.median('naive'))}",
+    ))
 
 
 # -- 3. input upload -------------------------------------------------------------------------------
 
 
-def bench_upload(args: argparse.Namespace, server: Server, raw: RawClient, rows: list[Row]) -> None:
+def bench_upload(args: argparse.Namespace, server: Server, raw: Floors, rows: list[Row]) -> None:
     shape = args.upload_shape
     x = np.random.default_rng(0).random(shape, dtype=np.float32)
     data = x.tobytes()
@@ -296,9 +371,9 @@ def bench_upload(args: argparse.Namespace, server: Server, raw: RawClient, rows:
                 local(xt)
 
         raw.timings()
-        sbs = SideBySide(["ours", "local", "raw", "raw-stream"])
-        sbs.run({"ours": ours, "local": local_forward, "raw": lambda: raw.upload(data),
-                 "raw-stream": lambda: raw.upload_stream(data)}, reps=args.upload_reps, warmup=1)
+        sbs = SideBySide(["ours", "local", "raw-aio", "raw", "raw-stream"])
+        sbs.run({"ours": ours, "local": local_forward, "raw-aio": lambda: raw.aio.upload(data), "raw": lambda: raw.sync.upload(data),
+                 "raw-stream": lambda: raw.aio.upload_stream(data)}, reps=args.upload_reps, warmup=1)
         timings = raw.timings()
     n = args.upload_reps
     engine = timings.get("engine.forward", [])[-n:]
@@ -307,14 +382,16 @@ def bench_upload(args: argparse.Namespace, server: Server, raw: RawClient, rows:
     transport = [w - e for w, e in zip(walls, engine)]
     decode = median([h - e for h, e in zip(handler, engine)])
     nbytes = len(data)
-    ratio = median([r / t for r, t in zip(sbs.times["raw"], transport)])
+    ratio = median([r / t for r, t in zip(sbs.times["raw-aio"], transport)])
+    ratio_sync = median([r / t for r, t in zip(sbs.times["raw"], transport)])
     name = "x".join(map(str, shape))
     rows.append(Row(
         "upload", f"Forward {name} fp32 ({nbytes / 1e6:.1f} MB), eval no_grad",
         f"{fmt_s(median(walls))}: model {fmt_s(median(engine))} + rest {fmt_s(median(transport))} = {fmt_rate(nbytes, median(transport))}",
-        f"raw unary {fmt_s(sbs.median('raw'))} = {fmt_rate(nbytes, sbs.median('raw'))}",
+        f"raw aio unary {fmt_s(sbs.median('raw-aio'))} = {fmt_rate(nbytes, sbs.median('raw-aio'))}",
         f"{ratio:.2f}", ">= 0.80",
-        f"server decode+checks {fmt_s(decode)}; raw 1 MiB client stream {fmt_rate(nbytes, sbs.median('raw-stream'))}; "
+        f"server decode+checks {fmt_s(decode)}; raw sync-server unary {fmt_s(sbs.median('raw'))} (ratio {ratio_sync:.2f}); "
+        f"raw aio 1 MiB client stream {fmt_rate(nbytes, sbs.median('raw-stream'))}; "
         f"local forward {fmt_s(sbs.median('local'))}",
     ))
 
@@ -381,7 +458,7 @@ def _clients_run(target: str, n: int, seconds: float, shape: tuple[int, ...], sh
             "errors": errors, "conflicts": sum(conflicts)}
 
 
-def bench_concurrency(args: argparse.Namespace, server: Server, raw: RawClient, rows: list[Row]) -> None:
+def bench_concurrency(args: argparse.Namespace, server: Server, raw: Floors, rows: list[Row]) -> None:
     shape = args.concurrency_shape
     name = "x".join(map(str, shape))
     base = None
@@ -408,7 +485,7 @@ def bench_concurrency(args: argparse.Namespace, server: Server, raw: RawClient, 
 # -- 5. memory -------------------------------------------------------------------------------------
 
 
-def bench_memory(args: argparse.Namespace, server: Server, raw: RawClient, rows: list[Row]) -> None:
+def bench_memory(args: argparse.Namespace, server: Server, raw: Floors, rows: list[Row]) -> None:
     x = np.random.default_rng(0).random((1, 3, 64, 64), dtype=np.float32)
     labels = np.ones((1, 1000), np.float32)
     mb = 1024 * 1024
@@ -534,6 +611,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--chunk-bytes", type=int, default=0, help="the server's stream chunk size (0: its default, 1 MiB)")
     p.add_argument("--threads", type=int, default=0,
                    help="torch intra-op threads on both sides (0: torch's default, one per core)")
+    p.add_argument("--reuse-buffers-bytes", type=int, default=0, help="the server's --reuse-buffers-bytes (0: its default, off)")
     p.add_argument("--json", default="", help="also write the rows to this file")
     p.add_argument("--quick", action="store_true", help="a tiny run that only proves every section works (CI smoke test)")
     args = p.parse_args(argv)
@@ -572,8 +650,8 @@ def _run(args: argparse.Namespace) -> int:
               f"({torch.get_num_threads()} threads); device {args.device}; load average before: {load_average()}")
     print(header, flush=True)
     max_sessions = max(16, max(args.clients, default=1) + 2)
-    with start_server(args.device, max_sessions, args.chunk_bytes, args.threads) as server:
-        raw = RawClient(server.raw_target, client_options())
+    with start_server(args.device, max_sessions, args.chunk_bytes, args.threads, reuse_buffers_bytes=args.reuse_buffers_bytes) as server:
+        raw = Floors(RawClient(server.raw_target, client_options()), RawClient(server.raw_aio_target, client_options()))
         try:
             for section in SECTIONS + OPTIONAL_SECTIONS:
                 if section in args.sections:
@@ -583,7 +661,8 @@ def _run(args: argparse.Namespace) -> int:
                     print(f"# {section} done in {time.perf_counter() - started:.0f} s (load {load_average()})",
                           file=sys.stderr, flush=True)
         finally:
-            raw.close()
+            raw.sync.close()
+            raw.aio.close()
     print("| section | case | ours | reference | ratio | target | note |")
     print("| --- | --- | --- | --- | --- | --- | --- |")
     for r in rows:

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# One short run on a GPU machine (issue 5): the CUDA equivalence checks, then the step-overhead
-# benchmark at (32, 3, 224, 224) with the server and local PyTorch on CUDA, side by side.
+# One short run on a GPU machine (issues 5 and 13): the CUDA equivalence checks, then the
+# step-overhead benchmark at (32, 3, 224, 224) and (1, 3, 64, 64) with the server and local PyTorch
+# on CUDA, side by side, every case (separate calls, TrainStep, the two-round-trip client loss).
 # Needs a Python with the project's server extra and a CUDA build of torch (scripts/setup.sh, or
 # PYTHON=/path/to/python). About 3-5 minutes on one H100; writes its log to ${OUT:-.}/gpu_check.log.
 #   bench/gpu_check.sh            # everything
@@ -18,8 +19,8 @@ export PYTHONUNBUFFERED=1
   echo "== CUDA equivalence: server on cuda vs local cuda, same weights; bf16 autocast and channels_last vs fp32"
   "$PY" -m bench.equivalence --device cuda --steps 3 --batch 8 --size 224
 
-  echo "== step overhead at 32x3x224x224 on cuda (plus grads and upload, for the transport figures)"
-  "$PY" -m bench --device cuda --sections step,grads,upload --sizes 32x3x224x224 \
+  echo "== step overhead at 32x3x224x224 and 1x3x64x64 on cuda (plus grads and upload, for the transport figures)"
+  "$PY" -m bench --device cuda --sections step,grads,upload --sizes 32x3x224x224,1x3x64x64 \
     --reps "${STEP_REPS:-20}" --min-reps 5 --seconds-per-case 40 --warmup 3 --transfer-reps 10 \
     --json "${OUT:-.}/gpu_bench.json"
 } 2>&1 | tee "$LOG"

@@ -7,9 +7,10 @@ bytes in the same run. It also hands out the server-side timings that ``bench.se
 
 from __future__ import annotations
 
+import asyncio
 import json
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
 import grpc
@@ -62,6 +63,69 @@ class RawFloor:
                 "Timings": grpc.unary_unary_rpc_method_handler(self.timings),
             },
         )
+
+
+class AioRawFloor:
+    """The same floor served by ``grpc.aio``, as the trainer server is: async handlers on an event
+    loop, bytes in and out, no protobuf. Comparing with it measures what the trainer adds over the
+    server stack it runs on; the threaded floor above is what a sync gRPC server would do."""
+
+    def __init__(self, floor: RawFloor) -> None:
+        self._floor = floor
+
+    async def ping(self, request: bytes, context: grpc.aio.ServicerContext[Any, Any]) -> bytes:
+        return b""
+
+    async def download(self, request: bytes, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[bytes]:
+        spec = json.loads(request)
+        for chunk in self._floor._chunked(int(spec["total"]), int(spec["chunk"])):
+            yield chunk
+
+    async def upload(self, request: bytes, context: grpc.aio.ServicerContext[Any, Any]) -> bytes:
+        return str(len(request)).encode()
+
+    async def upload_stream(self, requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext[Any, Any]) -> bytes:
+        total = 0
+        async for r in requests:
+            total += len(r)
+        return str(total).encode()
+
+    async def timings(self, request: bytes, context: grpc.aio.ServicerContext[Any, Any]) -> bytes:
+        return json.dumps(self._floor._take_timings()).encode()
+
+    def handler(self) -> grpc.GenericRpcHandler[Any, Any]:
+        return grpc.method_handlers_generic_handler(
+            SERVICE,
+            {
+                "Ping": grpc.unary_unary_rpc_method_handler(self.ping),
+                "Download": grpc.unary_stream_rpc_method_handler(self.download),
+                "Upload": grpc.unary_unary_rpc_method_handler(self.upload),
+                "UploadStream": grpc.stream_unary_rpc_method_handler(self.upload_stream),
+                "Timings": grpc.unary_unary_rpc_method_handler(self.timings),
+            },
+        )
+
+
+def start_aio_floor(floor: RawFloor, options: list[tuple[str, Any]]) -> tuple[int, Callable[[], None]]:
+    """Serves ``AioRawFloor`` on a free loopback port from an event loop of its own (a daemon thread,
+    as the trainer server runs); returns the port and a function that stops it."""
+    loop = asyncio.new_event_loop()
+    threading.Thread(target=loop.run_forever, name="raw-aio", daemon=True).start()
+
+    async def start() -> tuple[grpc.aio.Server, int]:
+        server = grpc.aio.server(options=options)
+        server.add_generic_rpc_handlers((AioRawFloor(floor).handler(),))
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        return server, port
+
+    server, port = asyncio.run_coroutine_threadsafe(start(), loop).result()
+
+    def stop() -> None:
+        asyncio.run_coroutine_threadsafe(server.stop(None), loop).result()
+        loop.call_soon_threadsafe(loop.stop)
+
+    return port, stop
 
 
 class RawClient:

@@ -25,7 +25,7 @@ from typing import Any, TypeVar
 
 import grpc
 
-from bench.raw import RawFloor
+from bench.raw import RawFloor, start_aio_floor
 from remote_trainer.server.app import create_server
 from remote_trainer.engine.session import SessionEngine
 from remote_trainer.server.servicer import TrainerServicer
@@ -77,9 +77,9 @@ def take_timings() -> dict[str, list[float]]:
 
 def install_timers() -> None:
     """Wraps the engine's and the servicer's step methods (before the server registers them)."""
-    for name in ("forward", "backward", "step"):
+    for name in ("forward", "backward", "step", "train_step"):
         setattr(SessionEngine, name, _timed(f"engine.{name}", getattr(SessionEngine, name)))
-    for name in ("Forward", "Backward", "Step"):
+    for name in ("Forward", "Backward", "Step", "TrainStep"):
         setattr(TrainerServicer, name, _timed(f"handler.{name}", getattr(TrainerServicer, name)))
 
 
@@ -99,6 +99,7 @@ def main() -> int:
     parser.add_argument("--chunk-bytes", type=int, default=0, help="0: the server's default")
     parser.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
     parser.add_argument("--backend", default="local", help="local, or ray: sessions in actors of a Ray started here")
+    parser.add_argument("--reuse-buffers-bytes", type=int, default=0, help="the server's setting (0: its default, off)")
     args = parser.parse_args()
     if args.backend == "ray":  # before anything imports ray: keep the local Ray on 127.0.0.1
         os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
@@ -118,16 +119,22 @@ def main() -> int:
         import torch
 
         extra.update(backend="ray", ray_num_cpus=float(torch.get_num_threads()))
+    if args.reuse_buffers_bytes:
+        extra["reuse_buffers_bytes"] = args.reuse_buffers_bytes
     settings = Settings(port=0, weights="random", seed=0, device=args.device, max_sessions=args.max_sessions, **extra)
     trainer = create_server(settings)
 
+    floor = RawFloor(take_timings)
     raw_server = grpc.server(futures.ThreadPoolExecutor(max_workers=settings.max_workers), options=server_options(settings))
-    raw_server.add_generic_rpc_handlers((RawFloor(take_timings).handler(),))
+    raw_server.add_generic_rpc_handlers((floor.handler(),))
     raw_port = raw_server.add_insecure_port("127.0.0.1:0")
     raw_server.start()
+    raw_aio_port, stop_aio_floor = start_aio_floor(floor, server_options(settings))
 
-    print(json.dumps({"trainer_port": trainer.port, "raw_port": raw_port, "pid": os.getpid(), "log": log_file}), flush=True)
+    print(json.dumps({"trainer_port": trainer.port, "raw_port": raw_port, "raw_aio_port": raw_aio_port,
+                      "pid": os.getpid(), "log": log_file}), flush=True)
     sys.stdin.read()  # until the benchmark closes our standard input (or exits)
+    stop_aio_floor()
     raw_server.stop(None)
     trainer.stop(None).wait()
     os.unlink(log_file)

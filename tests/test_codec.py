@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -73,3 +75,50 @@ def test_out_of_order_chunks_are_refused() -> None:
     chunks = list(codec.encode_chunks("w", b"\0" * 8192, (2048,), pb.DATA_TYPE_FLOAT32, None, 4096))
     with pytest.raises(codec.CodecError):
         list(codec.assemble_chunks([chunks[0], chunks[0], chunks[1]]))
+
+
+@pytest.mark.parametrize("size", [0, 1, 1000, 4096, 4097, 10_000])
+def test_wire_chunks_are_the_protobuf_messages_and_read_back(size: int) -> None:
+    """Chunks written in wire form parse with protobuf into the very messages protobuf would
+    build, and the SDK's reader gets the same chunks back from protobuf's own bytes."""
+    array = np.arange(size, dtype=np.float32)
+    stats = pb.TensorStats(norm=1.0, num_elements=size)
+    wire = codec.encode_chunk_wire("w", memoryview(array).cast("B"), array.shape, pb.DATA_TYPE_FLOAT32, stats, 4096)
+    wire += codec.encode_chunk_wire("g", None, (3,), pb.DATA_TYPE_FLOAT32, None, 4096)
+    expected = [
+        pb.GetGradientsResponse(chunk=c)
+        for c in [*codec.encode_chunks("w", array.tobytes(), array.shape, pb.DATA_TYPE_FLOAT32, stats, 4096),
+                  *codec.encode_chunks("g", None, (3,), pb.DATA_TYPE_FLOAT32, None, 4096)]
+    ]
+    assert [pb.GetGradientsResponse.FromString(w.data) for w in wire] == expected
+    for message in expected:
+        chunk, data = codec.split_chunk_response(message.SerializeToString())
+        assert bytes(data) == message.chunk.data
+        chunk.data = bytes(data)
+        assert chunk == message.chunk
+    out = list(codec.assemble_split_chunks(codec.split_chunk_response(w.data) for w in wire))
+    np.testing.assert_array_equal(out[0].array, array)
+    assert out[0].stats == stats and not out[1].present
+
+
+def test_unusual_wire_layouts_fall_back_to_protobuf() -> None:
+    # Two chunk fields in one message: protobuf merges them (the data of the second wins).
+    a = pb.GetGradientsResponse(chunk=pb.TensorChunk(name="w", data=b"ab", total_bytes=2)).SerializeToString()
+    b = pb.GetGradientsResponse(chunk=pb.TensorChunk(data=b"cd")).SerializeToString()
+    chunk, data = codec.split_chunk_response(a + b)
+    assert (chunk.name, bytes(data), chunk.total_bytes) == ("w", b"cd", 2)
+    # The data field twice inside one chunk: the last wins, as in protobuf.
+    twice = pb.TensorChunk(data=b"xy").SerializeToString() + pb.TensorChunk(name="v", data=b"z").SerializeToString()
+    chunk, data = codec.split_chunk_response(b"\x0a" + bytes([len(twice)]) + twice)
+    assert (chunk.name, bytes(data)) == ("v", b"z")
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 8, 8), (0, 3, 4, 4), ()])
+def test_a_spliced_request_parses_as_the_whole_message(shape: tuple[int, ...]) -> None:
+    array = np.arange(math.prod(shape), dtype=np.float32).reshape(shape)
+    whole = pb.ForwardRequest(session_id="s", eval_mode=True)
+    codec.encode_into(whole.input.tensor, array)
+    header = pb.ForwardRequest(session_id="s", eval_mode=True)
+    raw = codec.encode_header_into(header.input.tensor, array)
+    spliced = codec.SplicedRequest(header, (2, 1, 3), raw).serialize()
+    assert pb.ForwardRequest.FromString(spliced) == whole

@@ -12,7 +12,7 @@ from remote_trainer.engine.patterns import match_patterns
 from remote_trainer.engine.limits import Limits
 from remote_trainer.engine.optimizer import OptimizerSpec
 from remote_trainer.engine.session import SessionEngine
-from remote_trainer.engine.tensors import generate, tensor_stats
+from remote_trainer.engine.tensors import generate, tensor_stats, tensors_stats
 from remote_trainer.engine.errors import InvalidArgument, NotFound
 
 NAMES = ["conv1.weight", "bn1.weight", "layer1.0.conv1.weight", "layer1.0.bn1.bias", "layer10.weight", "fc.weight", "fc.bias"]
@@ -60,6 +60,38 @@ def test_stats_count_non_finite_values() -> None:
     assert stats.non_finite_count == 2 and stats.num_elements == 4
     clean = tensor_stats(torch.tensor([3.0, -4.0]))
     assert (clean.norm, clean.min, clean.max, clean.mean, clean.non_finite_count) == (5.0, -4.0, 3.0, -0.5, 0)
+
+
+def test_stats_of_many_tensors_at_once_equal_one_by_one() -> None:
+    ts = [
+        torch.randn(64, 3, 7, 7, generator=torch.Generator().manual_seed(1)),
+        torch.tensor([1.0, float("nan"), float("inf"), -2.0]),
+        torch.empty(0),
+        torch.randn(1000, 512, generator=torch.Generator().manual_seed(2)).half(),
+    ]
+    many = tensors_stats(ts)
+    for t, stats in zip(ts, many):
+        one = tensor_stats(t)
+        assert (stats.non_finite_count, stats.num_elements) == (one.non_finite_count, one.num_elements)
+        assert [stats.norm, stats.min, stats.max, stats.mean] == pytest.approx([one.norm, one.min, one.max, one.mean], nan_ok=True)
+
+
+def test_train_step_equals_the_separate_calls_and_refuses_before_changing() -> None:
+    engine, local = engine_and_local()
+    optim = torch.optim.SGD(local.parameters(), lr=1e-2, momentum=0.9)
+    x, labels = torch.rand(2, 3, 64, 64), torch.tensor([3, 7])
+    with pytest.raises(InvalidArgument):
+        engine.train_step(x, "cross_entropy", torch.tensor([3, 1000]))
+    assert engine.describe().step_count == 0 and engine.describe().pending_forward_id == 0
+    result = engine.train_step(x, "cross_entropy", labels, grad_norm=True)
+    optim.zero_grad()
+    loss = torch.nn.functional.cross_entropy(local(x), labels)
+    loss.backward()
+    optim.step()
+    assert (result.forward_id, result.step_count, result.parameters_updated) == (1, 1, 62)
+    assert result.loss == loss.item()
+    for (name, p), q in zip(local.named_parameters(), engine._model.parameters()):
+        assert torch.equal(p, q), name
 
 
 def test_generated_tensors_are_reproducible_with_torch_generator() -> None:

@@ -54,7 +54,7 @@ CLIENT_ERRORS = {
 }
 # Calls that may change a session when they succeed; the others only read.
 # (CreateSession and CloseSession never touch the victim: the default session cannot be closed.)
-MUTATING = {"Forward", "Backward", "Step", "ZeroGrad", "ConfigureOptimizer", "FreezeLayers", "ReplaceHead", "ResetSession"}
+MUTATING = {"Forward", "Backward", "Step", "ZeroGrad", "ConfigureOptimizer", "FreezeLayers", "ReplaceHead", "ResetSession", "TrainStep"}
 STREAMING = {"GetGradients", "GetParameters"}
 
 # Small limits keep every accepted forward cheap on a CPU: at most 4 images of 3x64x64 elements.
@@ -240,7 +240,10 @@ def _forward(draw: st.DrawFn, sid: str) -> Request:
 
 
 def _backward(draw: st.DrawFn, sid: str) -> Request:
-    request = pb.BackwardRequest(session_id=sid, forward_id=draw(int64s), retain_graph=draw(st.booleans()))
+    request = pb.BackwardRequest(
+        session_id=sid, forward_id=draw(int64s), retain_graph=draw(st.booleans()), step=draw(st.booleans()),
+        zero_grad_after_step=draw(st.booleans()),
+    )
     source = draw(st.sampled_from(["loss", "loss", "loss", "output_gradient", "none", "plausible", "plausible"]))
     if source == "plausible":  # a loss and labels that fit the victim's logits, or an output gradient
         function = draw(st.integers(0, 3))
@@ -261,6 +264,26 @@ def _backward(draw: st.DrawFn, sid: str) -> Request:
     elif source == "output_gradient":
         request.output_gradient.CopyFrom(draw(tensor_inputs()))
     return "Backward", request
+
+
+def _train_step(draw: st.DrawFn, sid: str) -> Request:
+    request = pb.TrainStepRequest(
+        session_id=sid, input=draw(tensor_inputs()), return_grad_norm=draw(st.booleans()), return_logits=draw(st.booleans()),
+    )
+    if draw(st.booleans()):
+        request.zero_grad = draw(st.booleans())
+    if draw(st.booleans()):  # labels that fit the victim's logits for a batch of 2
+        function = draw(st.integers(0, 3))
+        if function == pb.LOSS_FUNCTION_CROSS_ENTROPY:
+            labels = pb.TensorInput(values=pb.TensorValues(shape=[2], values=[3, 999]))
+        else:
+            labels = pb.TensorInput(generate=pb.TensorGenerator(shape=[2, 1000], distribution=draw(st.integers(1, 4))))  # type: ignore[arg-type]
+        request.loss.CopyFrom(pb.Loss(function=function, labels=labels))  # type: ignore[arg-type]
+    else:
+        request.loss.function = draw(enum_values(3))  # type: ignore[assignment]
+        if draw(st.integers(0, 5)):
+            request.loss.labels.CopyFrom(draw(tensor_inputs()))
+    return "TrainStep", request
 
 
 def _configure(draw: st.DrawFn, sid: str) -> Request:
@@ -292,12 +315,14 @@ def requests(draw: st.DrawFn) -> Request:
         "Forward", "Forward", "Forward", "Backward", "Backward", "Backward", "Step", "ZeroGrad", "ConfigureOptimizer",
         "ConfigureOptimizer", "FreezeLayers", "FreezeLayers", "ReplaceHead", "ListParameters", "DescribeSession",
         "GetGradients", "GetGradients", "GetParameters", "GetParameters", "GetGraph", "CreateSession", "CloseSession",
-        "ResetSession", "ListSessions", "garbage",
+        "ResetSession", "ListSessions", "TrainStep", "TrainStep", "garbage",
     ]))
     if method == "Forward":
         return _forward(draw, sid)
     if method == "Backward":
         return _backward(draw, sid)
+    if method == "TrainStep":
+        return _train_step(draw, sid)
     if method == "ConfigureOptimizer":
         return _configure(draw, sid)
     if method == "CreateSession":
@@ -329,7 +354,7 @@ def requests(draw: st.DrawFn) -> Request:
             transfer_data_type=draw(transfer_types), include_buffers=draw(st.booleans()),  # type: ignore[arg-type]
         )
     # Bytes that are not a valid message of the method they are sent to.
-    target = draw(st.sampled_from(["Forward", "Backward", "FreezeLayers", "CreateSession", "GetGradients"]))
+    target = draw(st.sampled_from(["Forward", "Backward", "FreezeLayers", "CreateSession", "GetGradients", "TrainStep"]))
     payload = draw(st.one_of(st.binary(min_size=1, max_size=64), st.sampled_from([b"\xff", b"\x0a\xff\xff\xff\xff\x0f", b"\x12\x05ab"])))
     return "garbage:" + target, payload
 

@@ -125,6 +125,22 @@ def check_zero_grad(out: str, loss: float) -> None:
     assert one(out) == {"parameters_cleared": "62"}
 
 
+def check_train_step(out: str, loss: float) -> None:
+    response = one(out)
+    assert (response["forward_id"], response["step_count"], response["parameters_updated"]) == ("2", "2", "62")
+    # The second step's loss: the tutorial's step taken locally, then the same forward and loss.
+    torch.manual_seed(0)
+    model = resnet18()
+    optim = torch.optim.SGD(model.parameters(), lr=1e-2, momentum=0.9)
+    data = torch.rand((1, 3, 64, 64), generator=torch.Generator().manual_seed(1))
+    labels = torch.rand((1, 1000), generator=torch.Generator().manual_seed(2))
+    (model(data) - labels).sum().backward()
+    optim.step()
+    prediction = model(data).detach()
+    assert response["loss"] == pytest.approx(float((prediction - labels).sum()), rel=1e-5)
+    assert response["logits_stats"]["norm"] == pytest.approx(float(prediction.norm()), rel=1e-5)
+
+
 def check_replace_head(out: str, loss: float) -> None:
     session = one(out)["session"]
     assert session["num_classes"] == "10" and session["is_default"] is True
@@ -141,7 +157,7 @@ def check_unfreeze_fc(out: str, loss: float) -> None:
 
 def check_forward_batch(out: str, loss: float) -> None:
     response = one(out)
-    assert response["forward_id"] == "2"
+    assert response["forward_id"] == "3"
     assert response["logits_values"]["shape"] == ["2", "10"] and len(response["logits_values"]["values"]) == 20
     assert response["logits_stats"]["num_elements"] == "20"
 
@@ -157,7 +173,7 @@ def check_graph(out: str, loss: float) -> None:
 
 def check_backward_cross_entropy(out: str, loss: float) -> None:
     response = one(out)
-    assert response["forward_id"] == "2" and response["parameters_with_grad"] == "2"
+    assert response["forward_id"] == "3" and response["parameters_with_grad"] == "2"
     assert 0 < response["loss"] < 20
 
 
@@ -169,7 +185,7 @@ def check_gradient_stats(out: str, loss: float) -> None:
 
 
 def check_step_head(out: str, loss: float) -> None:
-    assert one(out) == {"step_count": "2", "parameters_updated": "2"}
+    assert one(out) == {"step_count": "3", "parameters_updated": "2"}
 
 
 def check_health(out: str, loss: float) -> None:
@@ -184,7 +200,7 @@ def check_error(out: str, loss: float) -> None:
 def check_list_sessions(out: str, loss: float) -> None:
     (session,) = one(out)["sessions"]  # the default session only: the walk-through made no other
     assert (session["session_id"], session["is_default"], session["num_classes"]) == ("default", True, "10")
-    assert session["step_count"] == "2" and session["trainable_parameters"] == "2"
+    assert session["step_count"] == "3" and session["trainable_parameters"] == "2"
 
 
 def check_reset(out: str, loss: float) -> None:
@@ -201,6 +217,7 @@ CHECKS: dict[str, Callable[[str, float], None]] = {
     "forward": check_forward,
     "backward": check_backward,
     "step": check_step,
+    "train-step": check_train_step,
     "zero-grad": check_zero_grad,
     "replace-head": check_replace_head,
     "freeze-all": check_freeze_all,

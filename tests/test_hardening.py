@@ -195,11 +195,11 @@ def test_the_sdk_refuses_casts_that_change_values_and_truncated_streams(client: 
     request = pb.GetParametersRequest(session_id=session.session_id, patterns=["fc"])
     messages = [r.chunk for r in client.stub.GetParameters(request, timeout=60)]
     assert [(m.name, m.last) for m in messages] == [("fc.weight", False), ("fc.weight", True), ("fc.bias", True)]
-    whole = Session._assemble(messages, True)
+    whole = Session._assemble([(m, m.data) for m in messages], True)
     assert list(whole) == ["fc.weight", "fc.bias"]
     cut = [m for m in messages if m.name == "fc.weight"][:-1]  # the stream ends before fc.weight's last chunk
     with pytest.raises(ValueError, match="ended inside tensor 'fc.weight'"):
-        Session._assemble(cut, True)
+        Session._assemble([(m, m.data) for m in cut], True)
 
 
 class FakeClock:

@@ -36,6 +36,7 @@ from remote_trainer.client.types import (
     ParameterList,
     SessionInfo,
     Stats,
+    TrainStepResult,
 )
 
 __all__ = [
@@ -43,5 +44,6 @@ __all__ = [
     "DeadlineExceededError", "FailedPreconditionError", "ForwardResult", "FreezeResult", "Graph", "InternalError",
     "InvalidArgumentError", "NamedTensor", "NotFoundError", "Optimizer", "OutOfRangeError", "ParameterInfo",
     "ParameterList", "PermissionDeniedError", "ResourceExhaustedError", "Session", "SessionInfo", "Stats",
-    "TrainerClient", "TrainerError", "UnauthenticatedError", "UnavailableError", "UnimplementedError", "UnknownError",
+    "TrainerClient", "TrainerError", "TrainStepResult", "UnauthenticatedError", "UnavailableError",
+    "UnimplementedError", "UnknownError",
 ]

@@ -266,7 +266,7 @@ class AsyncSession:
         request = pb.GetGradientsRequest(session_id=self.session_id, patterns=list(patterns), stats_only=stats_only,
                                          transfer_data_type=_transfer_type(dtype))  # type: ignore[arg-type]
         responses = await self._client.collect(self._stub.GetGradients, request, timeout)
-        return Session._assemble((r.chunk for r in responses), not stats_only)
+        return Session._assemble(((r.chunk, r.chunk.data) for r in responses), not stats_only)
 
     async def parameters(
         self, *patterns: str, stats_only: bool = False, dtype: str = "float32", include_buffers: bool = False,
@@ -277,7 +277,7 @@ class AsyncSession:
                                           transfer_data_type=_transfer_type(dtype),  # type: ignore[arg-type]
                                           include_buffers=include_buffers)
         responses = await self._client.collect(self._stub.GetParameters, request, timeout)
-        return Session._assemble((r.chunk for r in responses), not stats_only)
+        return Session._assemble(((r.chunk, r.chunk.data) for r in responses), not stats_only)
 
     async def save_checkpoint(self, name: str, timeout: float | None = None) -> int:
         """Writes the session's state to checkpoint ``name``; returns the step count saved."""

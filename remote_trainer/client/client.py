@@ -31,6 +31,7 @@ from remote_trainer.client.types import (
     ParameterList,
     SessionInfo,
     Stats,
+    TrainStepResult,
 )
 from remote_trainer.contract.trainer.v1 import trainer_pb2 as pb
 from remote_trainer.contract.trainer.v1 import trainer_pb2_grpc
@@ -101,6 +102,17 @@ def _require_whole(arr: npt.NDArray[Any], dtype: np.dtype[Any]) -> None:
 def _fill_input(target: pb.TensorInput, x: Any, dtype: npt.DTypeLike | None = None) -> None:
     # Written in place into the request: a sub-message passed to a constructor or CopyFrom is copied.
     codec.encode_into(target.tensor, as_array(x, dtype))
+
+
+def _spliced_input(request: pb.ForwardRequest | pb.TrainStepRequest, x: Any) -> codec.SplicedRequest:
+    """``request`` with the float32 batch ``x`` as its input, its bytes sent beside the message."""
+    raw = codec.encode_header_into(request.input.tensor, as_array(x, np.float32))
+    path = (  # field numbers from the request down to the input's raw bytes
+        request.DESCRIPTOR.fields_by_name["input"].number,
+        pb.TensorInput.DESCRIPTOR.fields_by_name["tensor"].number,
+        pb.Tensor.DESCRIPTOR.fields_by_name["raw_data"].number,
+    )
+    return codec.SplicedRequest(request, path, raw)
 
 
 def _stats(msg: pb.TensorStats) -> Stats:
@@ -212,6 +224,23 @@ class TrainerClient:
         if token:
             self._channel = grpc.intercept_channel(self._channel, _BearerToken(token))
         self._stub = trainer_pb2_grpc.TrainerServiceStub(self._channel)
+        # The tensor streams, read without protobuf's two copies of each chunk's data: each response
+        # comes as (chunk without data, view of the data in the received bytes).
+        self._tensor_streams = {
+            name: self._channel.unary_stream(
+                f"/{SERVICE}/{name}", request_serializer=request.SerializeToString,
+                response_deserializer=codec.split_chunk_response,
+            )
+            for name, request in (("GetGradients", pb.GetGradientsRequest), ("GetParameters", pb.GetParametersRequest))
+        }
+        # Forward and TrainStep with the input's bytes copied once into the request (codec.SplicedRequest).
+        self._spliced = {
+            name: self._channel.unary_unary(
+                f"/{SERVICE}/{name}", request_serializer=codec.SplicedRequest.serialize,
+                response_deserializer=response.FromString,
+            )
+            for name, response in (("Forward", pb.ForwardResponse), ("TrainStep", pb.TrainStepResponse))
+        }
         self._health = health_pb2_grpc.HealthStub(self._channel)
         self._closed = False
 
@@ -323,8 +352,7 @@ class Session:
             session_id=self.session_id, eval_mode=eval_mode, no_grad=no_grad,
             output_format=pb.OUTPUT_FORMAT_STATS_ONLY if stats_only else pb.OUTPUT_FORMAT_RAW,
         )
-        _fill_input(request.input, x, np.float32)
-        response = self._client.call(self._stub.Forward, request, timeout)
+        response = self._client.call(self._client._spliced["Forward"], _spliced_input(request, x), timeout)
         # A writable copy (the decoded view would be read-only, over the response's bytes); logits are small.
         logits = codec.decode(response.logits).copy() if response.HasField("logits") else None
         self._last_forward_id = response.forward_id
@@ -338,6 +366,8 @@ class Session:
         output_gradient: Any = None,
         retain_graph: bool = False,
         forward_id: int | None = None,
+        step: bool = False,
+        zero_grad_after_step: bool = False,
         timeout: float | None = None,
     ) -> BackwardResult:
         """Backpropagates from the pending forward.
@@ -349,11 +379,19 @@ class Session:
         ``forward_id`` defaults to the last forward made through this handle, so that on a shared
         session a forward someone else made since is refused (STALE_FORWARD), never silently used;
         0 means whatever forward is pending.
+
+        ``step`` runs the optimizer step in the same call, right after the backward (the result's
+        ``step_count`` is then set), and ``zero_grad_after_step`` clears every .grad after it, as
+        the next iteration's ``optimizer.zero_grad()`` would: a training step with a client-side
+        loss in two round trips (Forward, then this).
         """
         if (loss is None) == (output_gradient is None):
             raise ValueError("give exactly one of loss (with labels) or output_gradient")
         fid = self._last_forward_id if forward_id is None else forward_id
-        request = pb.BackwardRequest(session_id=self.session_id, forward_id=fid, retain_graph=retain_graph)
+        request = pb.BackwardRequest(
+            session_id=self.session_id, forward_id=fid, retain_graph=retain_graph, step=step,
+            zero_grad_after_step=zero_grad_after_step,
+        )
         if loss is not None:
             if loss not in _LOSSES:
                 raise ValueError(f"loss must be one of {sorted(_LOSSES)}, got {loss!r}")
@@ -366,7 +404,7 @@ class Session:
         response = self._client.call(self._stub.Backward, request, timeout)
         return BackwardResult(
             response.forward_id, response.loss if response.HasField("loss") else None,
-            response.parameters_with_grad, response.grad_norm,
+            response.parameters_with_grad, response.grad_norm, response.step_count, response.parameters_updated,
         )
 
     def step(self, timeout: float | None = None, expected_step_count: int | None = None) -> int:
@@ -423,14 +461,17 @@ class Session:
         )
 
     def gradients(
-        self, *patterns: str, stats_only: bool = False, dtype: str = "float32", timeout: float | None = None
+        self, *patterns: str, stats_only: bool = False, dtype: str = "float32", stats: bool = True, timeout: float | None = None
     ) -> dict[str, NamedTensor]:
-        """The .grad of every parameter (or those matching ``patterns``), by name, in model order."""
+        """The .grad of every parameter (or those matching ``patterns``), by name, in model order.
+
+        ``stats=False`` leaves out the statistics (one pass fewer over the gradients on the server).
+        """
         request = pb.GetGradientsRequest(
             session_id=self.session_id, patterns=list(patterns), stats_only=stats_only,
-            transfer_data_type=_transfer_type(dtype),  # type: ignore[arg-type]
+            transfer_data_type=_transfer_type(dtype), skip_stats=not stats,  # type: ignore[arg-type]
         )
-        chunks = (r.chunk for r in self._client.stream(self._stub.GetGradients, request, timeout))
+        chunks = self._client.stream(self._client._tensor_streams["GetGradients"], request, timeout)
         return self._assemble(chunks, not stats_only)
 
     def parameters(
@@ -439,21 +480,24 @@ class Session:
         stats_only: bool = False,
         dtype: str = "float32",
         include_buffers: bool = False,
+        stats: bool = True,
         timeout: float | None = None,
     ) -> dict[str, NamedTensor]:
-        """The values of every parameter (or those matching ``patterns``), and buffers if asked."""
+        """The values of every parameter (or those matching ``patterns``), and buffers if asked
+        (``stats=False``: without statistics)."""
         request = pb.GetParametersRequest(
             session_id=self.session_id, patterns=list(patterns), stats_only=stats_only,
             transfer_data_type=_transfer_type(dtype), include_buffers=include_buffers,  # type: ignore[arg-type]
+            skip_stats=not stats,
         )
-        chunks = (r.chunk for r in self._client.stream(self._stub.GetParameters, request, timeout))
+        chunks = self._client.stream(self._client._tensor_streams["GetParameters"], request, timeout)
         return self._assemble(chunks, not stats_only)
 
     @staticmethod
-    def _assemble(chunks: Iterable[pb.TensorChunk], with_data: bool) -> dict[str, NamedTensor]:
+    def _assemble(chunks: Iterable[tuple[pb.TensorChunk, memoryview]], with_data: bool) -> dict[str, NamedTensor]:
         return {
             t.name: NamedTensor(t.name, t.shape, t.present, _stats(t.stats) if t.stats else None, t.array)  # type: ignore[arg-type]
-            for t in codec.assemble_chunks(chunks, with_data)
+            for t in codec.assemble_split_chunks(chunks, with_data)
         }
 
     def save_checkpoint(self, name: str, timeout: float | None = None) -> int:
@@ -484,3 +528,40 @@ class Session:
         sessions cannot be reset (``FailedPreconditionError``, reason ``RESET_NOT_AVAILABLE``)."""
         request = pb.ResetSessionRequest(session_id=self.session_id)
         return _session_info(self._client.call(self._stub.ResetSession, request, timeout).session)
+    def train_step(
+        self,
+        x: Any,
+        loss: str,
+        labels: Any,
+        *,
+        zero_grad: bool = True,
+        grad_norm: bool = False,
+        return_logits: bool = False,
+        timeout: float | None = None,
+    ) -> TrainStepResult:
+        """One whole training step in one round trip, in a local training loop's order::
+
+            optimizer.zero_grad()                 # when zero_grad (else gradients accumulate)
+            prediction = model(x)                 # train mode
+            loss_fn(prediction, labels).backward()
+            optimizer.step()
+
+        ``loss`` and ``labels`` as for ``backward``. The numbers equal the separate ``zero_grad``,
+        ``forward``, ``backward`` and ``step`` calls bit for bit. ``grad_norm`` also returns the
+        gradients' L2 norm (one more pass over them), ``return_logits`` the logits.
+        """
+        if loss not in _LOSSES:
+            raise ValueError(f"loss must be one of {sorted(_LOSSES)}, got {loss!r}")
+        request = pb.TrainStepRequest(
+            session_id=self.session_id, zero_grad=zero_grad, return_grad_norm=grad_norm, return_logits=return_logits,
+        )
+        request.loss.function = _LOSSES[loss]
+        _fill_input(request.loss.labels, labels, np.int64 if loss == "cross_entropy" else np.float32)
+        response = self._client.call(self._client._spliced["TrainStep"], _spliced_input(request, x), timeout)
+        self._last_forward_id = response.forward_id
+        logits = codec.decode(response.logits).copy() if response.HasField("logits") else None
+        return TrainStepResult(
+            response.forward_id, response.loss, _stats(response.logits_stats), response.step_count,
+            response.parameters_updated, response.grad_norm if response.HasField("grad_norm") else None,
+            logits,  # type: ignore[arg-type]
+        )

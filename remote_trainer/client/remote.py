@@ -18,6 +18,13 @@ parameter when set. ``torch.no_grad()`` gives a forward that keeps no graph; ``m
 forward in eval mode. The gradient with respect to the *input* is not sent back (the server
 computes parameter gradients only).
 
+``SGD(model.parameters(), ..., step_on_backward=True)`` makes a step two round trips (Forward,
+then Backward): ``loss.backward()`` also runs the optimizer step and clears the gradients on the
+server in the same call, so the ``optim.step()`` and ``optim.zero_grad()`` that follow send
+nothing. The numbers equal the four-call loop's; what differs is that ``.grad`` read between
+``loss.backward()`` and the next backward is already cleared (None), and that gradients cannot be
+accumulated over several backwards before a step.
+
 This module needs torch on the client; the rest of the SDK does not (``import remote_trainer.client`` never
 imports this module).
 """
@@ -58,7 +65,13 @@ class _RemoteLogits(torch.autograd.Function):
     def backward(ctx: Any, grad_output: torch.Tensor) -> tuple[None, None, None, None]:
         model: RemoteModel = ctx.model
         gradient = grad_output.detach().to("cpu", torch.float32).numpy()
-        model.last_backward = model.session.backward(output_gradient=gradient, forward_id=ctx.forward_id)
+        fused = model._step_on_backward
+        model.last_backward = model.session.backward(
+            output_gradient=gradient, forward_id=ctx.forward_id, step=fused, zero_grad_after_step=fused
+        )
+        if fused:
+            model._step_done_by_backward = model.last_backward.step_count
+            model._grads_cleared = True
         return None, None, None, None
 
 
@@ -89,7 +102,7 @@ class RemoteParameter:
     @property
     def data(self) -> torch.Tensor:
         """The parameter's current value, fetched from the server (a copy)."""
-        value = self.model.session.parameters(self.name)[self.name].array
+        value = self.model.session.parameters(self.name, stats=False)[self.name].array
         assert value is not None  # a parameter always has a value
         return _tensor(value)
 
@@ -100,7 +113,7 @@ class RemoteParameter:
     @property
     def grad(self) -> torch.Tensor | None:
         """The parameter's ``.grad`` on the server (a copy), or None when it has none."""
-        value = self.model.session.gradients(self.name)[self.name]
+        value = self.model.session.gradients(self.name, stats=False)[self.name]
         return _tensor(value.array) if value.present else None
 
     @property
@@ -195,6 +208,10 @@ class RemoteModel(nn.Module):
         # Requires grad, so that logits made on the server are part of the local autograd graph.
         self._anchor = torch.empty(0, requires_grad=True)
         self.last_backward = None
+        # Set by an optimizer made with step_on_backward: Backward then also steps and zeroes.
+        self._step_on_backward = False
+        self._step_done_by_backward: int | None = None  # the step count of a step Backward took, not yet claimed by optim.step()
+        self._grads_cleared = False  # the last Backward cleared every .grad after its step
 
     @classmethod
     def create(
@@ -394,7 +411,7 @@ class RemoteModel(nn.Module):
         """Every parameter (and buffer) value as a torch tensor: ``local.load_state_dict(...)`` takes it."""
         return {
             name: _tensor(t.array)
-            for name, t in self.session.parameters(include_buffers=include_buffers).items()
+            for name, t in self.session.parameters(include_buffers=include_buffers, stats=False).items()
             if t.array is not None
         }
 
@@ -409,10 +426,14 @@ class RemoteModel(nn.Module):
         return self.session.graph()
 
     def sgd(
-        self, lr: float = 1e-3, momentum: float = 0.0, dampening: float = 0.0, weight_decay: float = 0.0, nesterov: bool = False
+        self, lr: float = 1e-3, momentum: float = 0.0, dampening: float = 0.0, weight_decay: float = 0.0, nesterov: bool = False,
+        *, step_on_backward: bool = False,
     ) -> SGD:
-        """``torch.optim.SGD(model.parameters(), ...)`` on the server."""
-        return SGD(self.parameters(), lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay, nesterov=nesterov)
+        """``torch.optim.SGD(model.parameters(), ...)`` on the server (``step_on_backward``: see ``RemoteOptimizer``)."""
+        return SGD(
+            self.parameters(), lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay, nesterov=nesterov,
+            step_on_backward=step_on_backward,
+        )
 
     def extra_repr(self) -> str:
         return f"session={self._session.session_id or 'default'!r}"
@@ -424,9 +445,16 @@ class RemoteOptimizer:
     The server's optimizer always covers all of the model's parameters, as the tutorial's
     ``optim.SGD(model.parameters(), ...)`` does: frozen parameters have no ``.grad`` and are left
     alone. Making one replaces the session's optimizer (its momentum starts anew).
+
+    ``step_on_backward=True`` makes ``loss.backward()`` through the model's logits also step and
+    clear the gradients on the server, in the same call; ``step()`` then returns that step's count
+    without a call, and ``zero_grad()`` sends nothing when the last backward cleared the gradients.
+    A training step is then two round trips (Forward, Backward) with the same numbers as four.
     """
 
-    def __init__(self, params: Iterable[RemoteParameter] | RemoteModel, config: Optimizer) -> None:
+    def __init__(
+        self, params: Iterable[RemoteParameter] | RemoteModel, config: Optimizer, *, step_on_backward: bool = False
+    ) -> None:
         handles: list[RemoteParameter] = list(params.parameters() if isinstance(params, RemoteModel) else params)
         if not handles:
             raise ValueError("optimizer got an empty parameter list")
@@ -442,14 +470,26 @@ class RemoteOptimizer:
             )
         self.model = model
         self.config = model.session.configure_optimizer(config)
+        self.step_on_backward = step_on_backward
+        model._step_on_backward = step_on_backward
+        model._step_done_by_backward = None
+        model._grads_cleared = False
 
     def step(self) -> int:
-        """One optimizer step on the server; returns the session's step count."""
+        """One optimizer step on the server (or the one the last backward took); returns the session's step count."""
+        done = self.model._step_done_by_backward
+        if self.step_on_backward and done is not None:
+            self.model._step_done_by_backward = None
+            return done
+        self.model._grads_cleared = False
         return self.model.session.step()
 
     def zero_grad(self, set_to_none: bool = True) -> None:
-        """Clears every parameter's ``.grad`` on the server."""
+        """Clears every parameter's ``.grad`` on the server (nothing to send when a backward just cleared them)."""
+        if self.step_on_backward and set_to_none and self.model._grads_cleared:
+            return
         self.model.session.zero_grad(set_to_none)
+        self.model._grads_cleared = set_to_none
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.config})"
@@ -466,9 +506,11 @@ class SGD(RemoteOptimizer):
         dampening: float = 0.0,
         weight_decay: float = 0.0,
         nesterov: bool = False,
+        *,
+        step_on_backward: bool = False,
     ) -> None:
         config = Optimizer("sgd", lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay, nesterov=nesterov)
-        super().__init__(params, config)
+        super().__init__(params, config, step_on_backward=step_on_backward)
 
 
 class Adam(RemoteOptimizer):
@@ -483,9 +525,11 @@ class Adam(RemoteOptimizer):
         weight_decay: float = 0.0,
         amsgrad: bool = False,
         decoupled: bool = False,
+        *,
+        step_on_backward: bool = False,
     ) -> None:
         config = Optimizer(
             "adamw" if decoupled else "adam", lr=lr, beta1=betas[0], beta2=betas[1], eps=eps,
             weight_decay=weight_decay, amsgrad=amsgrad,
         )
-        super().__init__(params, config)
+        super().__init__(params, config, step_on_backward=step_on_backward)

@@ -39,6 +39,21 @@ class BackwardResult:
     loss: float | None
     parameters_with_grad: int
     grad_norm: float
+    step_count: int = 0  # when the backward also stepped: the session's step count after it
+    parameters_updated: int = 0  # when the backward also stepped: parameters the step updated
+
+
+@dataclass(frozen=True)
+class TrainStepResult:
+    """What one training step did: its forward, loss, logits statistics (and logits when asked), step count."""
+
+    forward_id: int
+    loss: float
+    stats: Stats
+    step_count: int
+    parameters_updated: int
+    grad_norm: float | None
+    logits: FloatArray | None
 
 
 @dataclass(frozen=True)

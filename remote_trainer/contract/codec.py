@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import numpy as np
 import numpy.typing as npt
@@ -130,6 +130,12 @@ def encode_into(tensor: pb.Tensor, array: npt.ArrayLike, data_type: int | None =
     Filling the request in place saves a copy of the whole tensor: protobuf copies a sub-message
     given to a constructor or to ``CopyFrom``.
     """
+    tensor.raw_data = encode_header_into(tensor, array, data_type).tobytes()
+
+
+def encode_header_into(tensor: pb.Tensor, array: npt.ArrayLike, data_type: int | None = None) -> memoryview:
+    """``encode_into`` but for ``raw_data``: sets the shape and data type and returns the bytes
+    to send (a view of the array when it is already in wire layout), for ``SplicedRequest``."""
     arr = np.asarray(array)
     if data_type == pb.DATA_TYPE_BFLOAT16:
         raw = np.ascontiguousarray(float32_to_bf16_bits(arr.astype(np.float32, copy=False)))
@@ -143,7 +149,31 @@ def encode_into(tensor: pb.Tensor, array: npt.ArrayLike, data_type: int | None =
     tensor.Clear()
     tensor.shape.extend(arr.shape)
     tensor.data_type = pb.DataType.ValueType(wire)
-    tensor.raw_data = raw.tobytes()
+    return raw.reshape(-1).data.cast("B") if raw.size else memoryview(b"")
+
+
+class SplicedRequest:
+    """A request whose one large tensor's bytes travel beside it, serialised with a single copy of
+    them: the message as protobuf writes it (that tensor's ``raw_data`` empty), followed by a
+    message holding only those bytes at ``path`` (field numbers from the request down to
+    ``raw_data``). Protobuf parsers merge the two, so the wire is the proto's; protobuf's own
+    setter and serialiser would have copied the bytes twice more."""
+
+    __slots__ = ("message", "path", "raw")
+
+    def __init__(self, message: Any, path: tuple[int, ...], raw: memoryview) -> None:
+        self.message = message
+        self.path = path
+        self.raw = raw
+
+    def serialize(self) -> bytes:
+        parts: list[bytes | memoryview] = [self.raw]
+        size = self.raw.nbytes
+        for number in reversed(self.path):
+            head = _varint(number << 3 | _LEN) + _varint(size)
+            parts.append(head)
+            size += len(head)
+        return b"".join([self.message.SerializeToString(), *reversed(parts)])
 
 
 def encode_raw(raw: bytes, shape: Iterable[int], data_type: int) -> pb.Tensor:
@@ -263,6 +293,145 @@ def encode_chunk_messages(
         first = False
 
 
+# -- chunk messages in wire form, without copying their data twice ------------------------------
+#
+# A GetGradients/GetParameters response is ``{chunk = 1: TensorChunk{..., data = 8: bytes, ...}}``.
+# Building it with protobuf copies each chunk's data three times on the way out (slice to bytes,
+# setter, SerializeToString) and twice on the way in (parse, getter). The functions below write
+# and read the same wire bytes directly: the data is copied once into the message, and read back
+# as a view of the received bytes. Any protobuf parser reads what they write; they read anything a
+# protobuf serialiser writes (an unusual layout falls back to protobuf's own parser).
+
+_CHUNK_FIELD = 1  # GetGradientsResponse.chunk and GetParametersResponse.chunk
+_DATA_FIELD = 8  # TensorChunk.data
+_LEN = 2  # the length-delimited wire type
+
+
+class Serialized:
+    """A message already in wire form: the server's serializer sends ``data`` as it is."""
+
+    __slots__ = ("data",)
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        low = n & 0x7F
+        n >>= 7
+        if n:
+            out.append(low | 0x80)
+        else:
+            out.append(low)
+            return bytes(out)
+
+
+def _read_varint(buf: memoryview, pos: int) -> tuple[int, int]:
+    result = shift = 0
+    while True:
+        if pos >= len(buf) or shift > 63:
+            raise ValueError("truncated varint")
+        b = buf[pos]
+        pos += 1
+        result |= (b & 0x7F) << shift
+        if not b & 0x80:
+            return result, pos
+        shift += 7
+
+
+def encode_chunk_wire(
+    name: str,
+    raw: bytes | memoryview | None,
+    shape: Iterable[int],
+    data_type: int,
+    stats: pb.TensorStats | None,
+    chunk_bytes: int,
+) -> list[Serialized]:
+    """``encode_chunk_messages`` for GetGradients/GetParameters responses, in wire form: each
+    chunk's data is copied once, from ``raw`` (a view of the tensor's memory) into its message."""
+    if raw is None:  # an absent tensor: one chunk that says so
+        absent = next(iter(encode_chunks(name, None, shape, data_type, None, chunk_bytes))).SerializeToString()
+        return [Serialized(b"".join([_varint(_CHUNK_FIELD << 3 | _LEN), _varint(len(absent)), absent]))]
+    out = []
+    view = memoryview(raw).cast("B")
+    total = view.nbytes
+    offset = 0
+    first = True
+    while first or offset < total:
+        end = min(offset + chunk_bytes, total)
+        chunk = pb.TensorChunk(name=name, offset=offset, last=end >= total)
+        if first:
+            chunk.shape.extend(shape)
+            chunk.data_type = data_type  # type: ignore[assignment]
+            chunk.present = True
+            chunk.total_bytes = total
+            if stats is not None:
+                chunk.stats.CopyFrom(stats)
+        head_bytes = chunk.SerializeToString()
+        size = end - offset
+        data_head = _varint(_DATA_FIELD << 3 | _LEN) + _varint(size) if size else b""
+        inner_len = len(head_bytes) + len(data_head) + size
+        parts: list[bytes | memoryview] = [_varint(_CHUNK_FIELD << 3 | _LEN), _varint(inner_len), head_bytes, data_head]
+        if size:
+            parts.append(view[offset:end])
+        out.append(Serialized(b"".join(parts)))
+        offset = end
+        first = False
+    return out
+
+
+def split_chunk_response(data: bytes) -> tuple[pb.TensorChunk, memoryview]:
+    """A GetGradients/GetParameters response from its wire bytes: the chunk's fields without its
+    data, and the data as a view of ``data`` (no copy). Layouts this reader does not expect (the
+    chunk split over several fields, say) go through protobuf's parser instead."""
+    buf = memoryview(data)
+    try:
+        inner: memoryview | None = None
+        pos = 0
+        while pos < len(buf):
+            key, pos = _read_varint(buf, pos)
+            if key & 7 != _LEN:
+                raise ValueError("unexpected wire type")
+            size, pos = _read_varint(buf, pos)
+            if key >> 3 == _CHUNK_FIELD:
+                if inner is not None:
+                    raise ValueError("chunk field repeated")  # protobuf merges them: let it
+                inner = buf[pos : pos + size]
+            pos += size
+        if inner is None or pos != len(buf):
+            raise ValueError("no chunk")
+        rest: list[memoryview] = []
+        payload = memoryview(b"")
+        pos = 0
+        while pos < len(inner):
+            start = pos
+            key, pos = _read_varint(inner, pos)
+            wire = key & 7
+            if wire == 0:
+                _, pos = _read_varint(inner, pos)
+            elif wire == _LEN:
+                size, pos = _read_varint(inner, pos)
+                pos += size
+                if key >> 3 == _DATA_FIELD:
+                    payload = inner[pos - size : pos]  # the last occurrence wins, as in protobuf
+                    continue
+            elif wire == 1:
+                pos += 8
+            elif wire == 5:
+                pos += 4
+            else:
+                raise ValueError("unexpected wire type")
+            rest.append(inner[start:pos])
+        if pos != len(inner):
+            raise ValueError("truncated chunk")
+        return pb.TensorChunk.FromString(b"".join(rest)), payload
+    except ValueError:
+        chunk = pb.GetGradientsResponse.FromString(data).chunk  # same layout as GetParametersResponse
+        return chunk, memoryview(chunk.data)
+
+
 @dataclass
 class AssembledTensor:
     """One named tensor put together from its chunks."""
@@ -280,20 +449,28 @@ def assemble_chunks(chunks: Iterable[pb.TensorChunk], with_data: bool = True) ->
 
     ``with_data`` False is for a stats-only stream: tensors come with ``array`` None.
     """
+    # Each read of a bytes field copies it: read once.
+    return assemble_split_chunks(((c, c.data) for c in chunks), with_data)
+
+
+def assemble_split_chunks(
+    chunks: Iterable[tuple[pb.TensorChunk, bytes | memoryview]], with_data: bool = True
+) -> Iterator[AssembledTensor]:
+    """``assemble_chunks`` of chunks whose data comes beside them (``split_chunk_response``): each
+    tensor's bytes are written straight into one array allocated for it from its first chunk."""
     current: pb.TensorChunk | None = None
-    buffer = bytearray()
+    buffer = np.empty(0, np.uint8)
     received = 0
-    for chunk in chunks:
+    for chunk, data in chunks:
         if current is None or chunk.offset == 0 and chunk.name != current.name:
             current = chunk
-            buffer = bytearray(chunk.total_bytes)
+            buffer = np.empty(chunk.total_bytes, np.uint8)
             received = 0
         elif chunk.name != current.name:
             raise CodecError(f"chunk of {chunk.name!r} arrived inside {current.name!r}", "CHUNK_ORDER")
-        data = chunk.data  # each read of a bytes field copies it: read once
         if chunk.offset != received or received + len(data) > len(buffer):
             raise CodecError(f"chunk of {chunk.name!r} at offset {chunk.offset} is out of order", "CHUNK_ORDER")
-        buffer[received : received + len(data)] = data
+        buffer[received : received + len(data)] = np.frombuffer(data, np.uint8)
         received += len(data)
         if not chunk.last:
             continue
@@ -306,7 +483,7 @@ def assemble_chunks(chunks: Iterable[pb.TensorChunk], with_data: bool = True) ->
             if received != head.total_bytes:
                 raise CodecError(f"tensor {head.name!r} ended after {received} of {head.total_bytes} bytes", "CHUNK_ORDER")
             dtype = _wire_dtype(head.data_type)
-            array = np.frombuffer(buffer, dtype=dtype).reshape(shape)
+            array = buffer.view(dtype).reshape(shape)
             if head.data_type == pb.DATA_TYPE_BFLOAT16:
                 array = bf16_bits_to_float32(array)  # type: ignore[arg-type]
         yield AssembledTensor(head.name, shape, head.data_type, head.present, stats, array)

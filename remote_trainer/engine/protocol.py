@@ -12,8 +12,8 @@ of memory is raised as ``ResourceExhausted("DEVICE_OUT_OF_MEMORY")`` by the engi
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Protocol, TypeVar
 
-from typing import Protocol
 
 import torch
 
@@ -28,7 +28,10 @@ from remote_trainer.engine.results import (
     NamedTensor,
     ParameterInfo,
     SessionDescription,
+    TrainStepResult,
 )
+
+T = TypeVar("T")
 
 
 class Engine(Protocol):
@@ -50,7 +53,20 @@ class Engine(Protocol):
         labels: torch.Tensor | None = None,
         output_gradient: torch.Tensor | None = None,
         retain_graph: bool = False,
+        step: bool = False,
+        zero_grad_after_step: bool = False,
     ) -> BackwardResult: ...
+
+    def train_step(
+        self,
+        x: torch.Tensor,
+        loss: LossName,
+        labels: torch.Tensor | None,
+        zero_grad: bool = True,
+        grad_norm: bool = False,
+        max_logits_elements: int | None = None,
+        still_wanted: Callable[[], bool] | None = None,
+    ) -> TrainStepResult: ...
 
     def step(self, expected_step_count: int | None = None, still_wanted: Callable[[], bool] | None = None) -> tuple[int, int]: ...
 
@@ -67,12 +83,27 @@ class Engine(Protocol):
     def parameters_info(self) -> list[ParameterInfo]: ...
 
     def gradients(
-        self, patterns: list[str], stats_only: bool = False, dtype: torch.dtype = torch.float32
+        self, patterns: list[str], stats_only: bool = False, dtype: torch.dtype = torch.float32, with_stats: bool = True
     ) -> list[NamedTensor]: ...
 
     def parameters(
-        self, patterns: list[str], stats_only: bool = False, dtype: torch.dtype = torch.float32, include_buffers: bool = False
+        self,
+        patterns: list[str],
+        stats_only: bool = False,
+        dtype: torch.dtype = torch.float32,
+        include_buffers: bool = False,
+        with_stats: bool = True,
     ) -> list[NamedTensor]: ...
+
+    def encode_gradients(
+        self, patterns: list[str], stats_only: bool, dtype: torch.dtype, encode: Callable[[NamedTensor], T],
+        with_stats: bool = True,
+    ) -> list[T]: ...
+
+    def encode_parameters(
+        self, patterns: list[str], stats_only: bool, dtype: torch.dtype, include_buffers: bool, encode: Callable[[NamedTensor], T],
+        with_stats: bool = True,
+    ) -> list[T]: ...
 
     def graph(self) -> Graph: ...
 

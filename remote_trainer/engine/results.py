@@ -38,6 +38,21 @@ class BackwardResult:
     loss: float | None
     parameters_with_grad: int
     grad_norm: float
+    step_count: int = 0  # with a step in the same call: the step count after it
+    parameters_updated: int = 0  # with a step in the same call: how many parameters it updated
+
+
+@dataclass(frozen=True)
+class TrainStepResult:
+    """What one whole training step (zero-grad, forward, loss, backward, step) did."""
+
+    forward_id: int
+    loss: float
+    logits: torch.Tensor
+    stats: Stats
+    step_count: int
+    parameters_updated: int
+    grad_norm: float | None
 
 
 @dataclass(frozen=True)
@@ -53,12 +68,14 @@ class ParameterInfo:
 
 @dataclass(frozen=True)
 class NamedTensor:
-    """A snapshot of one parameter's value or gradient, ready to send; ``tensor`` None when absent."""
+    """A snapshot of one parameter's value or gradient, ready to send; ``tensor`` None when absent
+    or when only statistics were asked for."""
 
     name: str
     shape: tuple[int, ...]
     tensor: torch.Tensor | None
-    stats: Stats | None
+    stats: Stats | None  # None when absent, or when statistics were not asked for
+    present: bool = True  # False: a parameter with no .grad
 
 
 @dataclass(frozen=True)

@@ -43,8 +43,9 @@ from remote_trainer.engine.results import (
     NamedTensor,
     ParameterInfo,
     SessionDescription,
+    TrainStepResult,
 )
-from remote_trainer.engine.tensors import require_finite, require_float32, tensor_stats, to_cpu
+from remote_trainer.engine.tensors import require_finite, require_float32, tensor_stats, tensors_stats, to_cpu
 
 
 log = logging.getLogger(__name__)
@@ -83,6 +84,16 @@ def _device_memory(method: Callable[Concatenate[SessionEngine, P], R]) -> Callab
             ) from None
 
     return wrapper
+
+
+T = TypeVar("T")
+
+
+def _owned(item: NamedTensor) -> NamedTensor:
+    """``item`` with a tensor of its own, so that later steps cannot change it."""
+    if item.tensor is None:
+        return item
+    return NamedTensor(item.name, item.shape, item.tensor.clone(), item.stats, item.present)
 
 
 class SessionEngine:
@@ -171,15 +182,8 @@ class SessionEngine:
         """
         self._check_input(x, eval_mode)
         with self._lock:
+            self._check_logits_budget(x.shape[0], max_logits_elements)
             classes = head_of(self._model).out_features
-            if max_logits_elements is not None and x.shape[0] * classes > max_logits_elements:
-                raise ResourceExhausted(
-                    f"the logits of {x.shape[0]} image(s) x {classes} classes ({x.shape[0] * classes} numbers) would not "
-                    f"fit in one response (at most {max_logits_elements} in this output format); send a smaller batch "
-                    "or ask for OUTPUT_FORMAT_STATS_ONLY",
-                    "RESPONSE_TOO_LARGE",
-                    metadata={"limit": str(max_logits_elements)},
-                )
             # Train mode updates BatchNorm's running statistics in place, so the forward runs on copies
             # (resnet18's are 9,600 numbers) that replace them only when it is kept: the statistics,
             # and the pending graph that saved them, stay untouched when the caller gives up.
@@ -221,6 +225,17 @@ class SessionEngine:
                     module._buffers[name] = buffer.clone()
         return originals
 
+    def _check_logits_budget(self, batch: int, max_logits_elements: int | None) -> None:
+        classes = head_of(self._model).out_features
+        if max_logits_elements is not None and batch * classes > max_logits_elements:
+            raise ResourceExhausted(
+                f"the logits of {batch} image(s) x {classes} classes ({batch * classes} numbers) would not "
+                f"fit in one response (at most {max_logits_elements} in this output format); send a smaller batch "
+                "or ask for OUTPUT_FORMAT_STATS_ONLY",
+                "RESPONSE_TOO_LARGE",
+                metadata={"limit": str(max_logits_elements)},
+            )
+
     def _check_input(self, x: torch.Tensor, eval_mode: bool) -> None:
         require_float32(x, "input")
         if x.dim() != 4:
@@ -256,9 +271,18 @@ class SessionEngine:
         labels: torch.Tensor | None = None,
         output_gradient: torch.Tensor | None = None,
         retain_graph: bool = False,
+        step: bool = False,
+        zero_grad_after_step: bool = False,
     ) -> BackwardResult:
         """Backpropagates from the pending forward: from ``loss(logits, labels)`` or from
-        ``logits.backward(gradient=output_gradient)``; gradients accumulate as in PyTorch."""
+        ``logits.backward(gradient=output_gradient)``; gradients accumulate as in PyTorch.
+
+        ``step`` runs the optimizer step right after, under the same lock (as ``step()`` would), and
+        ``zero_grad_after_step`` then clears every .grad (to None): a client-side-loss training step
+        in one call after its Forward.
+        """
+        if zero_grad_after_step and not step:
+            raise invalid("zero_grad_after_step", "zero_grad_after_step needs step", "ZERO_GRAD_WITHOUT_STEP")
         with self._lock:
             pending = self._pending
             if pending is None:
@@ -299,31 +323,51 @@ class SessionEngine:
                 pending.reason = "GRAPH_FREED"
                 self._keep_budget()
             grads = [p.grad for p in self._model.parameters() if p.grad is not None]
-            norm = float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))) if grads else 0.0
-            return BackwardResult(pending.forward_id, loss_value, len(grads), norm)
+            norm = self._grad_norm(grads)
+            if not step:
+                return BackwardResult(pending.forward_id, loss_value, len(grads), norm)
+            step_count, updated = self._step()
+            if zero_grad_after_step:
+                self._model.zero_grad(set_to_none=True)
+            return BackwardResult(pending.forward_id, loss_value, len(grads), norm, step_count, updated)
+
+    @staticmethod
+    def _grad_norm(grads: list[torch.Tensor]) -> float:
+        """The L2 norm over all ``grads`` together: one fused per-tensor pass (``torch._foreach_norm``)."""
+        if not grads:
+            return 0.0
+        norms = torch._foreach_norm([g if g.dtype == torch.float32 else g.float() for g in grads])
+        return float(torch.linalg.vector_norm(torch.stack(norms)))
 
     def _loss(self, loss: LossName, logits: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
+        labels = self._check_labels(loss, labels, tuple(logits.shape))
+        if loss == "cross_entropy":
+            return F.cross_entropy(logits, labels.to(self._device))
+        target = labels.to(self._device, non_blocking=True)
+        if loss == "sum":
+            return (logits - target).sum()
+        return F.mse_loss(logits, target)
+
+    def _check_labels(self, loss: LossName, labels: torch.Tensor | None, logits_shape: tuple[int, ...]) -> torch.Tensor:
+        """Refuses labels that ``loss`` cannot compare with logits of ``logits_shape``."""
         if labels is None:
             raise invalid("loss.labels", f"loss {loss} needs labels", "MISSING_LABELS")
         if loss == "cross_entropy":
             if labels.dtype != torch.int64:
                 raise invalid("loss.labels", f"cross_entropy labels must be int64 class indices, got {labels.dtype}", "WRONG_DTYPE")
-            if tuple(labels.shape) != (logits.shape[0],):
-                raise invalid("loss.labels", f"cross_entropy labels must have shape [{logits.shape[0]}], got {list(labels.shape)}", "BAD_LABEL_SHAPE")
-            classes = logits.shape[1]
+            if tuple(labels.shape) != (logits_shape[0],):
+                raise invalid("loss.labels", f"cross_entropy labels must have shape [{logits_shape[0]}], got {list(labels.shape)}", "BAD_LABEL_SHAPE")
+            classes = logits_shape[1]
             if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= classes):
                 raise invalid("loss.labels", f"class indices must be in [0, {classes}), got {labels.tolist()}{self._head_note}",
                               "CLASS_INDEX_OUT_OF_RANGE")
-            return F.cross_entropy(logits, labels.to(self._device))
+            return labels
         require_float32(labels, "loss.labels")
-        if tuple(labels.shape) != tuple(logits.shape):
-            raise invalid("loss.labels", f"{loss} labels must have the logits' shape {list(logits.shape)}, got {list(labels.shape)}"
+        if tuple(labels.shape) != logits_shape:
+            raise invalid("loss.labels", f"{loss} labels must have the logits' shape {list(logits_shape)}, got {list(labels.shape)}"
                           + self._head_note, "BAD_LABEL_SHAPE")
         require_finite(labels, "loss.labels")
-        target = labels.to(self._device, non_blocking=True)
-        if loss == "sum":
-            return (logits - target).sum()
-        return F.mse_loss(logits, target)
+        return labels
 
     @_device_memory
     def step(self, expected_step_count: int | None = None, still_wanted: Callable[[], bool] | None = None) -> tuple[int, int]:
@@ -344,20 +388,73 @@ class SessionEngine:
                 )
             if still_wanted is not None and not still_wanted():
                 raise Abandoned("the step was not taken: its caller stopped waiting", "ABANDONED")
-            updated = sum(1 for g in self._optimizer.param_groups for p in g["params"] if p.grad is not None)
-            self._optimizer.step()
-            self._step_count += 1
-            pending = self._pending
-            if updated and pending is not None and pending.logits is not None:
-                # A graph kept with retain_graph saved the parameters it was made with, and the step
-                # changed them in place: autograd would refuse to backpropagate through it, so it goes.
-                fid = pending.forward_id
-                self._pending = _Pending(
-                    fid, None, f"the parameters changed (step {self._step_count}) since forward {fid}; run Forward again",
-                    "PARAMETERS_CHANGED",
-                )
-                self._keep_budget()
-            return self._step_count, updated
+            return self._step()
+
+    def _step(self) -> tuple[int, int]:
+        updated = sum(1 for g in self._optimizer.param_groups for p in g["params"] if p.grad is not None)
+        self._optimizer.step()
+        self._step_count += 1
+        pending = self._pending
+        if updated and pending is not None and pending.logits is not None:
+            # A graph kept with retain_graph saved the parameters it was made with, and the step
+            # changed them in place: autograd would refuse to backpropagate through it, so it goes.
+            fid = pending.forward_id
+            self._pending = _Pending(
+                fid, None, f"the parameters changed (step {self._step_count}) since forward {fid}; run Forward again",
+                "PARAMETERS_CHANGED",
+            )
+            self._keep_budget()
+        return self._step_count, updated
+
+    @_device_memory
+    def train_step(
+        self,
+        x: torch.Tensor,
+        loss: LossName,
+        labels: torch.Tensor | None,
+        zero_grad: bool = True,
+        grad_norm: bool = False,
+        max_logits_elements: int | None = None,
+        still_wanted: Callable[[], bool] | None = None,
+    ) -> TrainStepResult:
+        """One training step under one lock, in a local training loop's order::
+
+            optimizer.zero_grad()          # when zero_grad (set_to_none=True)
+            logits = model.train()(x)
+            loss(logits, labels).backward()
+            optimizer.step()
+
+        Input, labels, the logits budget and that something is trainable are all checked before
+        anything changes; afterwards no graph is pending (the backward freed it), as after the
+        separate Forward, Backward and Step calls. ``still_wanted`` is asked before anything runs
+        (like Backward, a step under way cannot be taken back: gradients accumulate in place).
+        """
+        self._check_input(x, eval_mode=False)
+        with self._lock:
+            classes = head_of(self._model).out_features
+            labels = self._check_labels(loss, labels, (x.shape[0], classes))
+            self._check_logits_budget(x.shape[0], max_logits_elements)
+            if not any(p.requires_grad for p in self._model.parameters()):
+                raise FailedPrecondition("every parameter is frozen: a training step has nothing to train", "NO_TRAINABLE_PARAMETERS")
+            n, _, h, w = x.shape
+            self._budget.check(self, forward_bytes(n, h, w, classes, keeps_graph=True), f"a training step of {n} image(s) of {h}x{w}")
+            if still_wanted is not None and not still_wanted():
+                raise Abandoned("the training step was not run: its caller stopped waiting", "ABANDONED")
+            if zero_grad:
+                self._model.zero_grad(set_to_none=True)
+            self._pending = None  # as a Forward does: the pending forward is replaced (and its graph freed)
+            self._model.train(True)
+            logits = self._model(x.to(self._device, non_blocking=True))
+            self._forward_count += 1
+            fid = self._forward_count
+            root = self._loss(loss, logits, labels)
+            root.backward()  # type: ignore[no-untyped-call]
+            self._pending = _Pending(fid, None, f"the graph of forward {fid} was freed by TrainStep's backward", "GRAPH_FREED")
+            self._keep_budget()
+            norm = self._grad_norm([p.grad for p in self._model.parameters() if p.grad is not None]) if grad_norm else None
+            step_count, updated = self._step()
+            out = logits.detach()
+            return TrainStepResult(fid, float(root.detach()), out.to("cpu"), tensor_stats(out), step_count, updated, norm)
 
     def zero_grad(self, set_to_none: bool = True) -> int:
         """Clears every parameter's .grad; returns how many had one."""
@@ -513,16 +610,39 @@ class SessionEngine:
             ]
 
     @_device_memory
-    def gradients(self, patterns: list[str], stats_only: bool = False, dtype: torch.dtype = torch.float32) -> list[NamedTensor]:
+    def gradients(
+        self, patterns: list[str], stats_only: bool = False, dtype: torch.dtype = torch.float32, with_stats: bool = True
+    ) -> list[NamedTensor]:
         """Snapshots of the .grad of the parameters matching ``patterns`` (all when empty)."""
-        return self._snapshot(patterns, stats_only, dtype, lambda p: p.grad, include_buffers=False)
+        return self.encode_gradients(patterns, stats_only, dtype, _owned, with_stats)
 
     @_device_memory
     def parameters(
-        self, patterns: list[str], stats_only: bool = False, dtype: torch.dtype = torch.float32, include_buffers: bool = False
+        self,
+        patterns: list[str],
+        stats_only: bool = False,
+        dtype: torch.dtype = torch.float32,
+        include_buffers: bool = False,
+        with_stats: bool = True,
     ) -> list[NamedTensor]:
         """Snapshots of parameter values (and buffers) matching ``patterns`` (all when empty)."""
-        return self._snapshot(patterns, stats_only, dtype, lambda p: p, include_buffers)
+        return self.encode_parameters(patterns, stats_only, dtype, include_buffers, _owned, with_stats)
+
+    def encode_gradients(
+        self, patterns: list[str], stats_only: bool, dtype: torch.dtype, encode: Callable[[NamedTensor], T],
+        with_stats: bool = True,
+    ) -> list[T]:
+        """``encode`` of each .grad matching ``patterns``, called under the session's lock with the
+        tensor's own memory when it is already on the CPU in ``dtype`` (no snapshot copy): what
+        ``encode`` returns must not keep that tensor. ``with_stats`` False skips the statistics."""
+        return self._snapshot(patterns, stats_only, dtype, lambda p: p.grad, False, encode, with_stats)
+
+    def encode_parameters(
+        self, patterns: list[str], stats_only: bool, dtype: torch.dtype, include_buffers: bool, encode: Callable[[NamedTensor], T],
+        with_stats: bool = True,
+    ) -> list[T]:
+        """``encode_gradients`` for parameter values (and buffers)."""
+        return self._snapshot(patterns, stats_only, dtype, lambda p: p, include_buffers, encode, with_stats)
 
     def _snapshot(
         self,
@@ -531,7 +651,11 @@ class SessionEngine:
         dtype: torch.dtype,
         pick: Callable[[torch.Tensor], torch.Tensor | None],
         include_buffers: bool,
-    ) -> list[NamedTensor]:
+        encode: Callable[[NamedTensor], T],
+        with_stats: bool = True,
+    ) -> list[T]:
+        if stats_only and not with_stats:
+            raise invalid("skip_stats", "skip_stats with stats_only would send nothing", "NOTHING_TO_SEND")
         with self._lock:
             tensors: dict[str, torch.Tensor] = dict(self._model.named_parameters())
             if include_buffers:
@@ -542,21 +666,21 @@ class SessionEngine:
                 for v in (pick(tensors[n]) for n in names) if v is not None
             )
             self._budget.check(self, copies, f"a snapshot of {len(names)} tensor(s)")
+            values = {name: v.detach() for name in names if (v := pick(tensors[name])) is not None}
+            all_stats = dict(zip(values, tensors_stats(list(values.values())))) if with_stats else {}
             out = []
             for name in names:
                 source = tensors[name]
-                value = pick(source)
-                if value is None:
-                    out.append(NamedTensor(name, tuple(source.shape), None, None))
+                if name not in values:
+                    out.append(encode(NamedTensor(name, tuple(source.shape), None, None, present=False)))
                     continue
-                value = value.detach()
-                stats = tensor_stats(value)
-                snapshot = None
+                value, stats = values[name], all_stats.get(name)
+                view = None
                 if not stats_only:
-                    # A copy on the CPU in the transfer type, so later steps cannot change what is sent.
+                    # On the CPU in the transfer type: a copy only when it is elsewhere or in another type.
                     target = dtype if value.is_floating_point() else value.dtype
-                    snapshot = value.to("cpu", target, copy=True).contiguous()
-                out.append(NamedTensor(name, tuple(value.shape), snapshot, stats))
+                    view = value.to("cpu", target).contiguous()
+                out.append(encode(NamedTensor(name, tuple(value.shape), view, stats)))
             return out
 
     def graph(self) -> Graph:

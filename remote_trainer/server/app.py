@@ -27,6 +27,7 @@ from remote_trainer.engine.budget import UNLIMITED, MemoryBudget, default_total_
 from remote_trainer.engine.errors import FailedPrecondition
 from remote_trainer.server.auth import AuthInterceptor, TokenAuth
 from remote_trainer.engine.limits import Limits
+from remote_trainer.engine.memory import reuse_freed_buffers
 from remote_trainer.engine.optimizer import OptimizerSpec
 from remote_trainer.engine.session import SessionEngine
 from remote_trainer.server import reflection
@@ -36,6 +37,7 @@ from remote_trainer.server.servicer import TrainerServicer
 from remote_trainer.server.sessions import DEFAULT_SESSION_ID, Sessions, SessionStore
 from remote_trainer.server.settings import Settings
 from remote_trainer.server.status import Undecodable, rpc_kind
+from remote_trainer.contract import codec
 from remote_trainer.contract.trainer.v1 import trainer_pb2
 
 log = logging.getLogger(__name__)
@@ -96,6 +98,8 @@ def create_server(settings: Settings, clock: Callable[[], float] = time.monotoni
     says which. ``clock`` is the session store's (tests move it instead of sleeping). Temporary files
     of checkpoint saves killed midway are removed first.
     """
+    if settings.reuse_buffers_bytes and not reuse_freed_buffers(settings.reuse_buffers_bytes):
+        log.info("reuse_buffers_bytes ignored: the C library is not glibc")
     limits = Limits(max_input_elements=settings.max_input_elements, max_batch=settings.max_batch)
     if settings.checkpoint_dir:
         freed = checkpoints.remove_stale_temporaries(settings.checkpoint_dir)
@@ -243,7 +247,8 @@ def _counted_handlers(servicer: TrainerServicer, metrics: Metrics) -> grpc.Gener
                 return Undecodable(cls.DESCRIPTOR.full_name, str(exc))
 
         def serialize(message: Any, name: str = method.name) -> bytes:
-            data: bytes = message.SerializeToString()
+            # Tensor streams hand over messages already in wire form (codec.Serialized).
+            data: bytes = message.data if isinstance(message, codec.Serialized) else message.SerializeToString()
             metrics.sent(name, len(data))
             return data
 

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Callable, Iterator
-from typing import TypeVar
 
 import numpy as np
 import torch
@@ -135,32 +133,15 @@ def transfer_dtype(code: int) -> torch.dtype:
     return _TRANSFER_TYPES[code]
 
 
-R = TypeVar("R", pb.GetGradientsResponse, pb.GetParametersResponse)
-
-
-def chunk_responses(tensors: list[NamedTensor], chunk_bytes: int, response: type[R]) -> Iterator[R]:
-    """Named tensors as a stream of ``response`` messages, each chunk written in place (no copy of the data)."""
-    return _chunks(tensors, chunk_bytes, response, lambda r: r.chunk)
-
-
-M = TypeVar("M")
-
-
-def _chunks(
-    tensors: list[NamedTensor], chunk_bytes: int, message: Callable[[], M], chunk_of: Callable[[M], pb.TensorChunk]
-) -> Iterator[M]:
-    for item in tensors:
-        if item.stats is None:
-            yield from codec.encode_chunk_messages(
-                item.name, None, item.shape, pb.DATA_TYPE_FLOAT32, None, chunk_bytes, message, chunk_of
-            )
-            continue
-        t = item.tensor
-        data_type = TORCH_TO_WIRE[t.dtype] if t is not None else pb.DATA_TYPE_UNSPECIFIED
-        raw = raw_view(t) if t is not None else b""
-        yield from codec.encode_chunk_messages(
-            item.name, raw, item.shape, data_type, stats_message(item.stats), chunk_bytes, message, chunk_of
-        )
+def wire_chunks(item: NamedTensor, chunk_bytes: int) -> list[codec.Serialized]:
+    """A named tensor as GetGradients/GetParameters responses in wire form, its data copied once
+    from the tensor's memory (the caller holds the session's lock while this reads it)."""
+    if not item.present:
+        return codec.encode_chunk_wire(item.name, None, item.shape, pb.DATA_TYPE_FLOAT32, None, chunk_bytes)
+    t = item.tensor
+    data_type = TORCH_TO_WIRE[t.dtype] if t is not None else pb.DATA_TYPE_UNSPECIFIED
+    stats = stats_message(item.stats) if item.stats is not None else None
+    return codec.encode_chunk_wire(item.name, raw_view(t) if t is not None else b"", item.shape, data_type, stats, chunk_bytes)
 
 
 def optimizer_spec(config: pb.OptimizerConfig) -> OptimizerSpec:

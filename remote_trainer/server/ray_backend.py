@@ -34,7 +34,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import ray
 import torch
@@ -57,12 +57,15 @@ from remote_trainer.engine.results import (
     NamedTensor,
     ParameterInfo,
     SessionDescription,
+    TrainStepResult,
 )
 from remote_trainer.engine.session import SessionEngine
 from remote_trainer.server.sessions import DEFAULT_SESSION_ID
 from remote_trainer.server.settings import Settings, ray_resources
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 REGISTRY_NAME = "session-registry"
 # A resource Ray gives the head node only: the registry lives there, with the GCS it cannot outlive.
@@ -75,7 +78,7 @@ REMEMBERED = 10_000
 ENGINE_METHODS = frozenset({
     "forward", "backward", "step", "zero_grad", "configure_optimizer", "freeze", "replace_head", "parameters_info",
     "gradients", "parameters", "graph", "describe", "save_checkpoint", "load_checkpoint", "reset", "warm_up",
-    "drop_pending",
+    "drop_pending", "train_step",
 })
 
 def actor_name(session_id: str) -> str:
@@ -303,9 +306,28 @@ class RayEngine:
         labels: torch.Tensor | None = None,
         output_gradient: torch.Tensor | None = None,
         retain_graph: bool = False,
+        step: bool = False,
+        zero_grad_after_step: bool = False,
     ) -> BackwardResult:
         result: BackwardResult = self._call(
-            "backward", forward_id, loss=loss, labels=labels, output_gradient=output_gradient, retain_graph=retain_graph
+            "backward", forward_id, loss=loss, labels=labels, output_gradient=output_gradient, retain_graph=retain_graph,
+            step=step, zero_grad_after_step=zero_grad_after_step,
+        )
+        return result
+
+    def train_step(
+        self,
+        x: torch.Tensor,
+        loss: LossName,
+        labels: torch.Tensor | None,
+        zero_grad: bool = True,
+        grad_norm: bool = False,
+        max_logits_elements: int | None = None,
+        still_wanted: Callable[[], bool] | None = None,
+    ) -> TrainStepResult:
+        _check_wanted(still_wanted, "the training step was not run")  # asked before sending, as for forward
+        result: TrainStepResult = self._call(
+            "train_step", x, loss, labels, zero_grad=zero_grad, grad_norm=grad_norm, max_logits_elements=max_logits_elements
         )
         return result
 
@@ -338,15 +360,36 @@ class RayEngine:
         result: list[ParameterInfo] = self._call("parameters_info")
         return result
 
-    def gradients(self, patterns: list[str], stats_only: bool = False, dtype: torch.dtype = torch.float32) -> list[NamedTensor]:
-        result: list[NamedTensor] = self._call("gradients", patterns, stats_only, dtype)
+    def gradients(
+        self, patterns: list[str], stats_only: bool = False, dtype: torch.dtype = torch.float32, with_stats: bool = True
+    ) -> list[NamedTensor]:
+        result: list[NamedTensor] = self._call("gradients", patterns, stats_only, dtype, with_stats)
         return result
 
     def parameters(
-        self, patterns: list[str], stats_only: bool = False, dtype: torch.dtype = torch.float32, include_buffers: bool = False
+        self,
+        patterns: list[str],
+        stats_only: bool = False,
+        dtype: torch.dtype = torch.float32,
+        include_buffers: bool = False,
+        with_stats: bool = True,
     ) -> list[NamedTensor]:
-        result: list[NamedTensor] = self._call("parameters", patterns, stats_only, dtype, include_buffers)
+        result: list[NamedTensor] = self._call("parameters", patterns, stats_only, dtype, include_buffers, with_stats)
         return result
+
+    # The tensors come out of the actor as arrays in the object store (a snapshot there, read here
+    # without a copy), then ``encode`` runs here: it never crosses the process boundary.
+    def encode_gradients(
+        self, patterns: list[str], stats_only: bool, dtype: torch.dtype, encode: Callable[[NamedTensor], T],
+        with_stats: bool = True,
+    ) -> list[T]:
+        return [encode(item) for item in self.gradients(patterns, stats_only, dtype, with_stats)]
+
+    def encode_parameters(
+        self, patterns: list[str], stats_only: bool, dtype: torch.dtype, include_buffers: bool, encode: Callable[[NamedTensor], T],
+        with_stats: bool = True,
+    ) -> list[T]:
+        return [encode(item) for item in self.parameters(patterns, stats_only, dtype, include_buffers, with_stats)]
 
     def graph(self) -> Graph:
         result: Graph = self._call("graph")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -23,6 +24,7 @@ from remote_trainer.server.sessions import DEFAULT_SESSION_ID, Sessions
 from remote_trainer.server.settings import Settings
 from remote_trainer.server.status import Context, current_call, streaming, unary
 from remote_trainer.server.tensorboard import TrainingLog
+from remote_trainer.contract import codec
 from remote_trainer.contract.trainer.v1 import trainer_pb2 as pb
 
 log = logging.getLogger(__name__)
@@ -150,20 +152,25 @@ class TrainerServicer:
                 raise invalid("loss.function", f"unknown loss function {request.loss.function}: "
                               "use SUM_DIFFERENCE, CROSS_ENTROPY or MSE", "UNKNOWN_LOSS")
             labels, _ = convert.input_tensor(request.loss.labels, "loss.labels", max_elements, integer=loss == "cross_entropy")
-            result = engine.backward(request.forward_id, loss=loss, labels=labels, retain_graph=request.retain_graph)
+            result = engine.backward(request.forward_id, loss=loss, labels=labels, retain_graph=request.retain_graph,
+                                     step=request.step, zero_grad_after_step=request.zero_grad_after_step)
         elif source == "output_gradient":
             gradient, _ = convert.input_tensor(request.output_gradient, "output_gradient", max_elements)
-            result = engine.backward(request.forward_id, output_gradient=gradient, retain_graph=request.retain_graph)
+            result = engine.backward(request.forward_id, output_gradient=gradient, retain_graph=request.retain_graph,
+                                     step=request.step, zero_grad_after_step=request.zero_grad_after_step)
         else:
             raise invalid("source", "give a loss or an output_gradient", "NO_BACKWARD_SOURCE")
         if self._tensorboard is not None:
             self._tensorboard.backward(request.session_id or DEFAULT_SESSION_ID, engine.describe().step_count, result.loss,
                                        result.grad_norm)
         response = pb.BackwardResponse(
-            forward_id=result.forward_id, parameters_with_grad=result.parameters_with_grad, grad_norm=result.grad_norm
+            forward_id=result.forward_id, parameters_with_grad=result.parameters_with_grad, grad_norm=result.grad_norm,
+            step_count=result.step_count, parameters_updated=result.parameters_updated,
         )
         if result.loss is not None:
             response.loss = result.loss
+        if request.step:
+            self._after_step(engine, result.step_count, request.session_id, context)
         return response
 
     @unary
@@ -171,20 +178,25 @@ class TrainerServicer:
         engine = self._session(request.session_id, context)
         expected = request.expected_step_count if request.HasField("expected_step_count") else None
         step_count, updated = engine.step(expected, current_call().still_wanted)
+        self._after_step(engine, step_count, request.session_id, context)
+        return pb.StepResponse(step_count=step_count, parameters_updated=updated)
+
+    def _after_step(self, engine: Engine, step_count: int, session_id: str, context: Context) -> None:
+        """After any call that stepped: the TensorBoard scalars (and histograms when due), and the
+        automatic checkpoint every ``checkpoint_every`` steps."""
         if self._tensorboard is not None:
             due = self._tensorboard.histograms_due(step_count)
-            self._tensorboard.step(request.session_id or DEFAULT_SESSION_ID, step_count, engine.describe().optimizer.lr,
+            self._tensorboard.step(session_id or DEFAULT_SESSION_ID, step_count, engine.describe().optimizer.lr,
                                    engine.gradients([]) if due else [])
         if self._checkpoint_every and step_count % self._checkpoint_every == 0:
-            name = f"auto-{request.session_id or DEFAULT_SESSION_ID}.ckpt"
+            name = f"auto-{session_id or DEFAULT_SESSION_ID}.ckpt"
             try:
                 path = self._checkpoint_path(name, context)
                 engine.save_checkpoint(str(path))
                 checkpoints.keep_newest(path.parent, "auto-*.ckpt", self._keep_auto_checkpoints)
-                log.info("session %s checkpointed to %s at step %d", request.session_id or DEFAULT_SESSION_ID, name, step_count)
+                log.info("session %s checkpointed to %s at step %d", session_id or DEFAULT_SESSION_ID, name, step_count)
             except Exception:  # the step is done: a failed automatic checkpoint must not make it look failed
                 log.exception("automatic checkpoint %s at step %d failed", name, step_count)
-        return pb.StepResponse(step_count=step_count, parameters_updated=updated)
 
     @unary
     def ZeroGrad(self, request: pb.ZeroGradRequest, context: Context) -> pb.ZeroGradResponse:
@@ -219,18 +231,26 @@ class TrainerServicer:
         return convert.parameter_list(self._session(request.session_id, context).parameters_info())
 
     @streaming
-    def GetGradients(self, request: pb.GetGradientsRequest, context: Context) -> Iterator[pb.GetGradientsResponse]:
+    def GetGradients(self, request: pb.GetGradientsRequest, context: Context) -> Iterator[codec.Serialized]:
+        # Every response is written in wire form under the session's lock, straight from the
+        # gradients' memory (one copy, no snapshot); the stream then sends what is written.
         engine = self._session(request.session_id, context)
-        tensors = engine.gradients(list(request.patterns), request.stats_only, convert.transfer_dtype(request.transfer_data_type))
-        yield from convert.chunk_responses(tensors, self._chunk_bytes, pb.GetGradientsResponse)
+        encode = functools.partial(convert.wire_chunks, chunk_bytes=self._chunk_bytes)
+        for messages in engine.encode_gradients(
+            list(request.patterns), request.stats_only, convert.transfer_dtype(request.transfer_data_type), encode,
+            with_stats=not request.skip_stats,
+        ):
+            yield from messages
 
     @streaming
-    def GetParameters(self, request: pb.GetParametersRequest, context: Context) -> Iterator[pb.GetParametersResponse]:
+    def GetParameters(self, request: pb.GetParametersRequest, context: Context) -> Iterator[codec.Serialized]:
         engine = self._session(request.session_id, context)
-        tensors = engine.parameters(
-            list(request.patterns), request.stats_only, convert.transfer_dtype(request.transfer_data_type), request.include_buffers
-        )
-        yield from convert.chunk_responses(tensors, self._chunk_bytes, pb.GetParametersResponse)
+        encode = functools.partial(convert.wire_chunks, chunk_bytes=self._chunk_bytes)
+        for messages in engine.encode_parameters(
+            list(request.patterns), request.stats_only, convert.transfer_dtype(request.transfer_data_type),
+            request.include_buffers, encode, with_stats=not request.skip_stats,
+        ):
+            yield from messages
 
     @unary
     def GetGraph(self, request: pb.GetGraphRequest, context: Context) -> pb.GetGraphResponse:
@@ -262,3 +282,28 @@ class TrainerServicer:
             for f in checkpoints.list_checkpoints(self._checkpoint_dir, owner)
         ]
         return pb.ListSessionsResponse(sessions=sessions, checkpoints=files)
+
+    @unary
+    def TrainStep(self, request: pb.TrainStepRequest, context: Context) -> pb.TrainStepResponse:
+        engine = self._session(request.session_id, context)
+        loss = convert.LOSSES.get(request.loss.function)
+        if loss is None:
+            raise invalid("loss.function", f"unknown loss function {request.loss.function}: "
+                          "use SUM_DIFFERENCE, CROSS_ENTROPY or MSE", "UNKNOWN_LOSS")
+        max_elements = self._limits.max_input_elements
+        x, _ = convert.input_tensor(request.input, "input", max_elements)
+        labels, _ = convert.input_tensor(request.loss.labels, "loss.labels", max_elements, integer=loss == "cross_entropy")
+        zero_grad = request.zero_grad if request.HasField("zero_grad") else True
+        budget = (self._max_message_bytes - 65536) // 4 if request.return_logits else None
+        result = engine.train_step(x, loss, labels, zero_grad=zero_grad, grad_norm=request.return_grad_norm,
+                                   max_logits_elements=budget, still_wanted=current_call().still_wanted)
+        self._after_step(engine, result.step_count, request.session_id, context)
+        response = pb.TrainStepResponse(
+            forward_id=result.forward_id, loss=result.loss, logits_stats=convert.stats_message(result.stats),
+            step_count=result.step_count, parameters_updated=result.parameters_updated,
+        )
+        if result.grad_norm is not None:
+            response.grad_norm = result.grad_norm
+        if request.return_logits:
+            response.logits.CopyFrom(convert.output_tensor(result.logits))
+        return response

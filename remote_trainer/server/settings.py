@@ -107,6 +107,13 @@ class Settings:
     tensorboard_dir: str = ""
     # Gradient histograms every N steps (0: none); each copies every gradient to the CPU.
     tensorboard_histograms_every: int = 10
+    # glibc keeps freed buffers up to this size for reuse (mallopt M_MMAP_THRESHOLD, and a trim
+    # threshold 8 times it) instead of mapping every 1 MiB message fresh and page-faulting it in:
+    # tensor streams run faster. Off by default: large buffers then come from the heap rather
+    # than page-aligned maps, and some CPU kernels round differently with other alignments, so
+    # results drift from a local PyTorch process in the last bits (docs/benchmarks.md). Closing a
+    # session still gives memory back (malloc_trim). 0: glibc's defaults.
+    reuse_buffers_bytes: int = 0
 
 
 _HELP = {
@@ -150,6 +157,7 @@ _HELP = {
     "ray_timeout": "seconds a call on a session actor may take before it is UNAVAILABLE",
     "tensorboard_dir": "write TensorBoard event files here, a run per session (empty: off; needs tensorboard)",
     "tensorboard_histograms_every": "gradient histograms in the TensorBoard files every N steps (0: none)",
+    "reuse_buffers_bytes": "glibc keeps freed buffers up to this size for reuse, not page-faulted in again (0, the default: glibc's own)",
 }
 
 
@@ -221,6 +229,8 @@ def validate(settings: Settings) -> list[str]:
         problems.append("checkpoint-every needs checkpoint-dir")
     if settings.tensorboard_histograms_every < 0:
         problems.append("tensorboard-histograms-every must not be negative")
+    if not 0 <= settings.reuse_buffers_bytes <= 32 * MIB:
+        problems.append("reuse-buffers-bytes must be in 0..33554432 (glibc's largest mmap threshold)")
     if not -1 <= settings.metrics_port <= 65535:
         problems.append(f"metrics-port {settings.metrics_port} is not in -1..65535")
     if settings.backend not in ("local", "ray"):

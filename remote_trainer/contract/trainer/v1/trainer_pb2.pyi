@@ -811,6 +811,8 @@ class BackwardRequest(_message.Message):
     LOSS_FIELD_NUMBER: _builtins.int
     OUTPUT_GRADIENT_FIELD_NUMBER: _builtins.int
     RETAIN_GRAPH_FIELD_NUMBER: _builtins.int
+    STEP_FIELD_NUMBER: _builtins.int
+    ZERO_GRAD_AFTER_STEP_FIELD_NUMBER: _builtins.int
     session_id: _builtins.str
     """Session to use; empty for the default session."""
     forward_id: _builtins.int
@@ -819,6 +821,14 @@ class BackwardRequest(_message.Message):
     """
     retain_graph: _builtins.bool
     """Keep the graph so that another Backward can run through it."""
+    step: _builtins.bool
+    """Run one optimizer step right after the backward, in the same call, as a
+    Step call would.
+    """
+    zero_grad_after_step: _builtins.bool
+    """With step: clear every .grad (set to None) right after the step, as the
+    next iteration's optimizer.zero_grad() would.
+    """
     @_builtins.property
     def loss(self) -> Global___Loss:
         """A loss the server computes; backward runs from it (loss.backward())."""
@@ -837,10 +847,12 @@ class BackwardRequest(_message.Message):
         loss: Global___Loss | None = ...,
         output_gradient: Global___TensorInput | None = ...,
         retain_graph: _builtins.bool = ...,
+        step: _builtins.bool = ...,
+        zero_grad_after_step: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["loss", b"loss", "output_gradient", b"output_gradient", "source", b"source"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["forward_id", b"forward_id", "loss", b"loss", "output_gradient", b"output_gradient", "retain_graph", b"retain_graph", "session_id", b"session_id", "source", b"source"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["forward_id", b"forward_id", "loss", b"loss", "output_gradient", b"output_gradient", "retain_graph", b"retain_graph", "session_id", b"session_id", "source", b"source", "step", b"step", "zero_grad_after_step", b"zero_grad_after_step"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType_source: _TypeAlias = _typing.Literal["loss", "output_gradient"]  # noqa: Y015
     _WhichOneofArgType_source: _TypeAlias = _typing.Literal["source", b"source"]  # noqa: Y015
@@ -858,6 +870,8 @@ class BackwardResponse(_message.Message):
     LOSS_FIELD_NUMBER: _builtins.int
     PARAMETERS_WITH_GRAD_FIELD_NUMBER: _builtins.int
     GRAD_NORM_FIELD_NUMBER: _builtins.int
+    STEP_COUNT_FIELD_NUMBER: _builtins.int
+    PARAMETERS_UPDATED_FIELD_NUMBER: _builtins.int
     forward_id: _builtins.int
     """The forward that was backpropagated."""
     loss: _builtins.float
@@ -865,7 +879,13 @@ class BackwardResponse(_message.Message):
     parameters_with_grad: _builtins.int
     """Number of parameters whose .grad is set after this call."""
     grad_norm: _builtins.float
-    """L2 norm over all parameters' .grad together, after this call."""
+    """L2 norm over all parameters' .grad together, after this call (before
+    the step and zero-grad that the request may ask for).
+    """
+    step_count: _builtins.int
+    """With step: the session's optimizer steps, this one included."""
+    parameters_updated: _builtins.int
+    """With step: number of parameters the step updated (those with a .grad)."""
     def __init__(
         self,
         *,
@@ -873,10 +893,12 @@ class BackwardResponse(_message.Message):
         loss: _builtins.float | None = ...,
         parameters_with_grad: _builtins.int = ...,
         grad_norm: _builtins.float = ...,
+        step_count: _builtins.int = ...,
+        parameters_updated: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_loss", b"_loss", "loss", b"loss"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_loss", b"_loss", "forward_id", b"forward_id", "grad_norm", b"grad_norm", "loss", b"loss", "parameters_with_grad", b"parameters_with_grad"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_loss", b"_loss", "forward_id", b"forward_id", "grad_norm", b"grad_norm", "loss", b"loss", "parameters_updated", b"parameters_updated", "parameters_with_grad", b"parameters_with_grad", "step_count", b"step_count"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__loss: _TypeAlias = _typing.Literal["loss"]  # noqa: Y015
     _WhichOneofArgType__loss: _TypeAlias = _typing.Literal["_loss", b"_loss"]  # noqa: Y015
@@ -1284,12 +1306,17 @@ class GetGradientsRequest(_message.Message):
     PATTERNS_FIELD_NUMBER: _builtins.int
     STATS_ONLY_FIELD_NUMBER: _builtins.int
     TRANSFER_DATA_TYPE_FIELD_NUMBER: _builtins.int
+    SKIP_STATS_FIELD_NUMBER: _builtins.int
     session_id: _builtins.str
     """Session to use; empty for the default session."""
     stats_only: _builtins.bool
     """Send statistics only, no elements."""
     transfer_data_type: Global___DataType.ValueType
     """Element type for transfer: FLOAT32 (unset), FLOAT16 or BFLOAT16."""
+    skip_stats: _builtins.bool
+    """Leave out the statistics (one pass fewer over the gradients): the
+    elements only. Refused together with stats_only.
+    """
     @_builtins.property
     def patterns(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Name patterns as in FreezeLayers; empty means every parameter. Each
@@ -1303,10 +1330,11 @@ class GetGradientsRequest(_message.Message):
         patterns: _abc.Iterable[_builtins.str] | None = ...,
         stats_only: _builtins.bool = ...,
         transfer_data_type: Global___DataType.ValueType = ...,
+        skip_stats: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["patterns", b"patterns", "session_id", b"session_id", "stats_only", b"stats_only", "transfer_data_type", b"transfer_data_type"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["patterns", b"patterns", "session_id", b"session_id", "skip_stats", b"skip_stats", "stats_only", b"stats_only", "transfer_data_type", b"transfer_data_type"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1410,6 +1438,7 @@ class GetParametersRequest(_message.Message):
     STATS_ONLY_FIELD_NUMBER: _builtins.int
     TRANSFER_DATA_TYPE_FIELD_NUMBER: _builtins.int
     INCLUDE_BUFFERS_FIELD_NUMBER: _builtins.int
+    SKIP_STATS_FIELD_NUMBER: _builtins.int
     session_id: _builtins.str
     """Session to use; empty for the default session."""
     stats_only: _builtins.bool
@@ -1418,6 +1447,10 @@ class GetParametersRequest(_message.Message):
     """Element type for transfer: FLOAT32 (unset), FLOAT16 or BFLOAT16."""
     include_buffers: _builtins.bool
     """Also send the buffers (BatchNorm running_mean, running_var, num_batches_tracked)."""
+    skip_stats: _builtins.bool
+    """Leave out the statistics (one pass fewer over the tensors): the elements
+    only. Refused together with stats_only.
+    """
     @_builtins.property
     def patterns(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Name patterns as in FreezeLayers; empty means every parameter."""
@@ -1430,10 +1463,11 @@ class GetParametersRequest(_message.Message):
         stats_only: _builtins.bool = ...,
         transfer_data_type: Global___DataType.ValueType = ...,
         include_buffers: _builtins.bool = ...,
+        skip_stats: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["include_buffers", b"include_buffers", "patterns", b"patterns", "session_id", b"session_id", "stats_only", b"stats_only", "transfer_data_type", b"transfer_data_type"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["include_buffers", b"include_buffers", "patterns", b"patterns", "session_id", b"session_id", "skip_stats", b"skip_stats", "stats_only", b"stats_only", "transfer_data_type", b"transfer_data_type"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1835,3 +1869,108 @@ class CheckpointFile(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___CheckpointFile: _TypeAlias = CheckpointFile  # noqa: Y015
+
+@_typing.final
+class TrainStepRequest(_message.Message):
+    """TrainStepRequest is one training step: the input batch, the loss and what to return."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SESSION_ID_FIELD_NUMBER: _builtins.int
+    INPUT_FIELD_NUMBER: _builtins.int
+    LOSS_FIELD_NUMBER: _builtins.int
+    ZERO_GRAD_FIELD_NUMBER: _builtins.int
+    RETURN_GRAD_NORM_FIELD_NUMBER: _builtins.int
+    RETURN_LOGITS_FIELD_NUMBER: _builtins.int
+    session_id: _builtins.str
+    """Session to use; empty for the default session."""
+    zero_grad: _builtins.bool
+    """Clear every .grad (set to None) before the forward, as
+    optimizer.zero_grad() at the top of a training loop; unset means true,
+    false accumulates into the gradients already there.
+    """
+    return_grad_norm: _builtins.bool
+    """Also return the L2 norm over all parameters' .grad after the backward
+    (one more pass over the gradients).
+    """
+    return_logits: _builtins.bool
+    """Also return the logits, raw float32 (N, num_classes)."""
+    @_builtins.property
+    def input(self) -> Global___TensorInput:
+        """Input images, float32, shape (N, 3, H, W), run in train mode."""
+
+    @_builtins.property
+    def loss(self) -> Global___Loss:
+        """The loss the server computes from the logits and labels."""
+
+    def __init__(
+        self,
+        *,
+        session_id: _builtins.str = ...,
+        input: Global___TensorInput | None = ...,
+        loss: Global___Loss | None = ...,
+        zero_grad: _builtins.bool | None = ...,
+        return_grad_norm: _builtins.bool = ...,
+        return_logits: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_zero_grad", b"_zero_grad", "input", b"input", "loss", b"loss", "zero_grad", b"zero_grad"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_zero_grad", b"_zero_grad", "input", b"input", "loss", b"loss", "return_grad_norm", b"return_grad_norm", "return_logits", b"return_logits", "session_id", b"session_id", "zero_grad", b"zero_grad"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__zero_grad: _TypeAlias = _typing.Literal["zero_grad"]  # noqa: Y015
+    _WhichOneofArgType__zero_grad: _TypeAlias = _typing.Literal["_zero_grad", b"_zero_grad"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__zero_grad) -> _WhichOneofReturnType__zero_grad | None: ...
+
+Global___TrainStepRequest: _TypeAlias = TrainStepRequest  # noqa: Y015
+
+@_typing.final
+class TrainStepResponse(_message.Message):
+    """TrainStepResponse is what the step did."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    FORWARD_ID_FIELD_NUMBER: _builtins.int
+    LOSS_FIELD_NUMBER: _builtins.int
+    LOGITS_STATS_FIELD_NUMBER: _builtins.int
+    STEP_COUNT_FIELD_NUMBER: _builtins.int
+    PARAMETERS_UPDATED_FIELD_NUMBER: _builtins.int
+    GRAD_NORM_FIELD_NUMBER: _builtins.int
+    LOGITS_FIELD_NUMBER: _builtins.int
+    forward_id: _builtins.int
+    """Id of the forward this step made; its graph is freed by the backward."""
+    loss: _builtins.float
+    """The loss value."""
+    step_count: _builtins.int
+    """The session's optimizer steps, this one included."""
+    parameters_updated: _builtins.int
+    """Number of parameters the step updated (those with a .grad)."""
+    grad_norm: _builtins.float
+    """L2 norm over all parameters' .grad after the backward, when asked for."""
+    @_builtins.property
+    def logits_stats(self) -> Global___TensorStats:
+        """Statistics of the logits."""
+
+    @_builtins.property
+    def logits(self) -> Global___Tensor:
+        """The logits, float32 (N, num_classes), when asked for."""
+
+    def __init__(
+        self,
+        *,
+        forward_id: _builtins.int = ...,
+        loss: _builtins.float = ...,
+        logits_stats: Global___TensorStats | None = ...,
+        step_count: _builtins.int = ...,
+        parameters_updated: _builtins.int = ...,
+        grad_norm: _builtins.float | None = ...,
+        logits: Global___Tensor | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_grad_norm", b"_grad_norm", "grad_norm", b"grad_norm", "logits", b"logits", "logits_stats", b"logits_stats"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_grad_norm", b"_grad_norm", "forward_id", b"forward_id", "grad_norm", b"grad_norm", "logits", b"logits", "logits_stats", b"logits_stats", "loss", b"loss", "parameters_updated", b"parameters_updated", "step_count", b"step_count"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__grad_norm: _TypeAlias = _typing.Literal["grad_norm"]  # noqa: Y015
+    _WhichOneofArgType__grad_norm: _TypeAlias = _typing.Literal["_grad_norm", b"_grad_norm"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__grad_norm) -> _WhichOneofReturnType__grad_norm | None: ...
+
+Global___TrainStepResponse: _TypeAlias = TrainStepResponse  # noqa: Y015

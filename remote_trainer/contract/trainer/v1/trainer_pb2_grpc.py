@@ -126,6 +126,11 @@ class TrainerServiceStub:
                 request_serializer=remote__trainer_dot_contract_dot_trainer_dot_v1_dot_trainer__pb2.ListSessionsRequest.SerializeToString,
                 response_deserializer=remote__trainer_dot_contract_dot_trainer_dot_v1_dot_trainer__pb2.ListSessionsResponse.FromString,
                 _registered_method=True)
+        self.TrainStep = channel.unary_unary(
+                '/trainer.v1.TrainerService/TrainStep',
+                request_serializer=remote__trainer_dot_contract_dot_trainer_dot_v1_dot_trainer__pb2.TrainStepRequest.SerializeToString,
+                response_deserializer=remote__trainer_dot_contract_dot_trainer_dot_v1_dot_trainer__pb2.TrainStepResponse.FromString,
+                _registered_method=True)
 
 
 class TrainerServiceServicer:
@@ -267,6 +272,15 @@ class TrainerServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def TrainStep(self, request, context):
+        """TrainStep runs one whole training step in one round trip, in the order of
+        a local training loop: optimizer.zero_grad() (when asked), logits =
+        model(input), loss(logits, labels).backward(), optimizer.step().
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_TrainerServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -359,6 +373,11 @@ def add_TrainerServiceServicer_to_server(servicer, server):
                     servicer.ListSessions,
                     request_deserializer=remote__trainer_dot_contract_dot_trainer_dot_v1_dot_trainer__pb2.ListSessionsRequest.FromString,
                     response_serializer=remote__trainer_dot_contract_dot_trainer_dot_v1_dot_trainer__pb2.ListSessionsResponse.SerializeToString,
+            ),
+            'TrainStep': grpc.unary_unary_rpc_method_handler(
+                    servicer.TrainStep,
+                    request_deserializer=remote__trainer_dot_contract_dot_trainer_dot_v1_dot_trainer__pb2.TrainStepRequest.FromString,
+                    response_serializer=remote__trainer_dot_contract_dot_trainer_dot_v1_dot_trainer__pb2.TrainStepResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -849,6 +868,33 @@ class TrainerService:
             '/trainer.v1.TrainerService/ListSessions',
             remote__trainer_dot_contract_dot_trainer_dot_v1_dot_trainer__pb2.ListSessionsRequest.SerializeToString,
             remote__trainer_dot_contract_dot_trainer_dot_v1_dot_trainer__pb2.ListSessionsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def TrainStep(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/trainer.v1.TrainerService/TrainStep',
+            remote__trainer_dot_contract_dot_trainer_dot_v1_dot_trainer__pb2.TrainStepRequest.SerializeToString,
+            remote__trainer_dot_contract_dot_trainer_dot_v1_dot_trainer__pb2.TrainStepResponse.FromString,
             options,
             channel_credentials,
             insecure,

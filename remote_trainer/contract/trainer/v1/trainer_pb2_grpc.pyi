@@ -90,6 +90,11 @@ class TrainerServiceStub:
     """ListSessions lists the sessions the caller may use (the default session
     and those its token created) and the checkpoints it may load.
     """
+    TrainStep: _grpc.UnaryUnaryMultiCallable[_trainer_pb2.TrainStepRequest, _trainer_pb2.TrainStepResponse]
+    """TrainStep runs one whole training step in one round trip, in the order of
+    a local training loop: optimizer.zero_grad() (when asked), logits =
+    model(input), loss(logits, labels).backward(), optimizer.step().
+    """
 
 @_typing.type_check_only
 class TrainerServiceAsyncStub(TrainerServiceStub):
@@ -146,6 +151,11 @@ class TrainerServiceAsyncStub(TrainerServiceStub):
     ListSessions: _aio.UnaryUnaryMultiCallable[_trainer_pb2.ListSessionsRequest, _trainer_pb2.ListSessionsResponse]  # type: ignore[assignment]
     """ListSessions lists the sessions the caller may use (the default session
     and those its token created) and the checkpoints it may load.
+    """
+    TrainStep: _aio.UnaryUnaryMultiCallable[_trainer_pb2.TrainStepRequest, _trainer_pb2.TrainStepResponse]  # type: ignore[assignment]
+    """TrainStep runs one whole training step in one round trip, in the order of
+    a local training loop: optimizer.zero_grad() (when asked), logits =
+    model(input), loss(logits, labels).backward(), optimizer.step().
     """
 
 class TrainerServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -308,6 +318,17 @@ class TrainerServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_trainer_pb2.ListSessionsResponse, _abc.Awaitable[_trainer_pb2.ListSessionsResponse]]:
         """ListSessions lists the sessions the caller may use (the default session
         and those its token created) and the checkpoints it may load.
+        """
+
+    @_abc_1.abstractmethod
+    def TrainStep(
+        self,
+        request: _trainer_pb2.TrainStepRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_trainer_pb2.TrainStepResponse, _abc.Awaitable[_trainer_pb2.TrainStepResponse]]:
+        """TrainStep runs one whole training step in one round trip, in the order of
+        a local training loop: optimizer.zero_grad() (when asked), logits =
+        model(input), loss(logits, labels).backward(), optimizer.step().
         """
 
 def add_TrainerServiceServicer_to_server(servicer: TrainerServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
