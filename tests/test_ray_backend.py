@@ -38,6 +38,7 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 from remote_trainer.client import Session, TrainerClient, TrainerError  # noqa: E402
+from tests import test_train_step as train_steps  # noqa: E402
 from tests import test_training as training  # noqa: E402
 from tests.conftest import WEIGHTS_NAME, assert_equal_to_local, rand  # noqa: E402
 from tests.test_server_process import start  # noqa: E402
@@ -158,7 +159,13 @@ def ray_session(front_ends: tuple[FrontEnd, FrontEnd]) -> Iterator[Session]:
         yield session
 
 
+def train_step_cross_entropy(session: Session, local: nn.Module) -> None:
+    train_steps.test_train_steps_match_a_local_training_loop(session, local, "cross_entropy")
+
+
 CHECKS = [
+    train_step_cross_entropy,
+    train_steps.test_backward_that_steps_and_zeroes_matches_local,
     training.test_forward_logits_and_batchnorm_statistics_match_local,
     training.test_tutorial_training_step_matches_local,
     training.test_several_sgd_momentum_steps_match_local,
@@ -186,6 +193,21 @@ class TestNumbersMatchLocalPyTorch:
         assert [v.field for v in err.violations] == ["input"]
         expect_error(lambda: ray_session.backward("sum", rand(2, 1000)), grpc.StatusCode.FAILED_PRECONDITION, "NO_PENDING_FORWARD")
         expect_error(lambda: ray_session.load_checkpoint("nope"), grpc.StatusCode.NOT_FOUND, "CHECKPOINT_NOT_FOUND")
+
+
+def test_list_sessions_and_reset_on_the_ray_backend(front_ends: tuple[FrontEnd, FrontEnd]) -> None:
+    """ListSessions reads the cluster's registry (any front-end), ResetSession reaches the default actor."""
+    a, b = front_ends
+    with a.connect("tok-carol") as carol_a, b.connect("tok-carol") as carol_b:
+        with carol_a.create_session(WEIGHTS_NAME) as mine:
+            listed = [info.session_id for info in carol_b.list_sessions()]
+            assert listed == ["default", mine.session_id]
+        default = carol_b.session()
+        default.forward(rand(2, 3, 32, 32))
+        default.backward("sum", rand(2, 1000))
+        default.step()
+        info = carol_a.session().reset()
+        assert (info.step_count, info.pending_forward_id, info.num_classes) == (0, 0, 1000)
 
 
 # -- sessions over nodes and front-ends ------------------------------------------------------------
