@@ -198,10 +198,18 @@ class ModelSpec:
     device: str = "auto"
     data_dir: str = ""
     trusted_path: bool = False
+    # How the model runs (the server's settings, the same for every session): forwards under
+    # torch.autocast ("off", "bf16" or "fp16"), weights and inputs in channels_last memory format,
+    # and cuDNN autotuning (torch.backends.cudnn.benchmark, for the whole process; CUDA only).
+    autocast: str = "off"
+    channels_last: bool = False
+    cudnn_benchmark: bool = False
 
     def build(self) -> tuple[nn.Module, str, torch.device]:
         """The model, where its weights came from, and its device."""
         device = resolve_device(self.device)
+        if self.cudnn_benchmark and device.type == "cuda":
+            torch.backends.cudnn.benchmark = True
         model, source = build_model(
             self.weights, self.num_classes, self.seed, data_dir=self.data_dir, trusted_path=self.trusted_path
         )

@@ -50,6 +50,9 @@ from remote_trainer.engine.tensors import require_finite, require_float32, tenso
 
 log = logging.getLogger(__name__)
 
+# The --autocast settings and the types torch.autocast runs them in (None: off).
+AUTOCAST_TYPES: dict[str, torch.dtype | None] = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
 
 @dataclass
 class _Pending:
@@ -108,13 +111,22 @@ class SessionEngine:
         limits: Limits,
         budget: MemoryBudget = UNLIMITED,
         keep_initial_state: bool = False,
+        autocast: str = "off",
+        channels_last: bool = False,
     ) -> None:
         """``budget`` is the memory budget the session counts against (shared by the sessions of one
         process); ``keep_initial_state`` keeps a CPU copy of the starting state (the size of the
-        weights), which ``reset()`` returns to: the server's default session has one."""
+        weights), which ``reset()`` returns to: the server's default session has one. ``autocast``
+        ("off", "bf16", "fp16") runs forwards under ``torch.autocast`` on the session's device, as a
+        local mixed-precision loop does (logits come back as float32); ``channels_last`` keeps the
+        weights and inputs in that memory format."""
         optimizer.validate()
+        if autocast not in AUTOCAST_TYPES:
+            raise invalid("autocast", f"autocast must be one of {sorted(AUTOCAST_TYPES)}, got {autocast!r}", "BAD_AUTOCAST")
         self._lock = threading.Lock()
-        self._model = model.to(device)
+        self._autocast = AUTOCAST_TYPES[autocast]
+        self._memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        self._model = model.to(device).to(memory_format=self._memory_format)
         self._device = device
         self._weights = weights
         self._limits = limits
@@ -146,7 +158,14 @@ class SessionEngine:
         """A session whose model is built here, from plain data (how a session in another process is made)."""
         optimizer.validate()
         module, source, device = model.build()
-        return cls(module, device, source, optimizer, limits, budget, keep_initial_state)
+        return cls(module, device, source, optimizer, limits, budget, keep_initial_state, model.autocast, model.channels_last)
+
+    def _run_model(self, x: torch.Tensor) -> torch.Tensor:
+        """``model(x)`` on the session's device, in its memory format, under its autocast."""
+        x = x.to(self._device, non_blocking=True, memory_format=self._memory_format)
+        with torch.autocast(self._device.type, dtype=self._autocast or torch.float32, enabled=self._autocast is not None):
+            out: torch.Tensor = self._model(x)
+        return out
 
     def warm_up(self) -> None:
         """One training-mode forward and backward of a small batch on a copy of the model, so that the
@@ -155,7 +174,9 @@ class SessionEngine:
         started = time.monotonic()
         with self._lock:
             scratch = copy.deepcopy(self._model).train()
-        scratch(torch.zeros(2, 3, 64, 64, device=self._device)).sum().backward()
+        with torch.autocast(self._device.type, dtype=self._autocast or torch.float32, enabled=self._autocast is not None):
+            out = scratch(torch.zeros(2, 3, 64, 64, device=self._device).to(memory_format=self._memory_format))
+        out.float().sum().backward()
         if self._device.type == "cuda":
             torch.cuda.synchronize(self._device)
         del scratch
@@ -194,7 +215,7 @@ class SessionEngine:
             self._model.train(not eval_mode)
             try:
                 with self._budget.use(self, needed, f"a forward of {n} image(s) of {h}x{w}"), torch.set_grad_enabled(not no_grad):
-                    logits = self._model(x.to(self._device, non_blocking=True))
+                    logits = self._run_model(x)
                 if still_wanted is not None and not still_wanted():
                     raise Abandoned("the forward was run but not kept: its caller stopped waiting", "ABANDONED")
             except BaseException:
@@ -212,7 +233,7 @@ class SessionEngine:
             else:
                 self._pending = _Pending(fid, logits, graph_bytes=n * h * w * GRAPH_BYTES_PER_PIXEL)
             self._keep_budget()
-            out = logits.detach()
+            out = logits.detach().float()  # float32 under autocast too, as the logits a client compares
             return ForwardResult(fid, out.to("cpu"), tensor_stats(out))
 
     def _swap_in_buffer_copies(self) -> list[tuple[nn.Module, str, torch.Tensor]]:
@@ -312,7 +333,8 @@ class SessionEngine:
                         "BAD_OUTPUT_GRADIENT_SHAPE",
                     )
                 require_finite(output_gradient, "output_gradient")
-                logits.backward(gradient=output_gradient.to(self._device, non_blocking=True), retain_graph=retain_graph)  # type: ignore[no-untyped-call]
+                gradient = output_gradient.to(self._device, logits.dtype, non_blocking=True)  # the logits' own type under autocast
+                logits.backward(gradient=gradient, retain_graph=retain_graph)  # type: ignore[no-untyped-call]
                 loss_value = None
             if not retain_graph:
                 pending.logits = None
@@ -444,7 +466,7 @@ class SessionEngine:
                 self._model.zero_grad(set_to_none=True)
             self._pending = None  # as a Forward does: the pending forward is replaced (and its graph freed)
             self._model.train(True)
-            logits = self._model(x.to(self._device, non_blocking=True))
+            logits = self._run_model(x)
             self._forward_count += 1
             fid = self._forward_count
             root = self._loss(loss, logits, labels)
@@ -453,7 +475,7 @@ class SessionEngine:
             self._keep_budget()
             norm = self._grad_norm([p.grad for p in self._model.parameters() if p.grad is not None]) if grad_norm else None
             step_count, updated = self._step()
-            out = logits.detach()
+            out = logits.detach().float()
             return TrainStepResult(fid, float(root.detach()), out.to("cpu"), tensor_stats(out), step_count, updated, norm)
 
     def zero_grad(self, set_to_none: bool = True) -> int:

@@ -282,7 +282,8 @@ def session_store(
     before it has a session built: this process's, shared by its sessions (local backend); with Ray
     each session's actor keeps a budget of its own, in its own process (docs/deployment.md)."""
     default_model = ModelSpec(
-        settings.weights, settings.num_classes, settings.seed, settings.device, settings.data_dir, trusted_path=True
+        settings.weights, settings.num_classes, settings.seed, settings.device, settings.data_dir, trusted_path=True,
+        **settings.run_options(),
     )
     if settings.backend == "ray":
         if not settings.ray_address:

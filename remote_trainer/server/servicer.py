@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import logging
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import TypeVar
 
@@ -46,8 +47,9 @@ class TrainerServicer:
     ) -> None:
         self._store = store
         self._budget = budget
-        self._device = settings.device
-        self._data_dir = settings.data_dir
+        # Every session's model spec but for what the request chooses: files only from the data
+        # directory; the engine builds the model wherever it runs.
+        self._model_options = ModelSpec(device=settings.device, data_dir=settings.data_dir, **settings.run_options())
         self._limits = limits
         self._chunk_bytes = settings.chunk_bytes
         self._max_message_bytes = settings.max_message_bytes
@@ -102,7 +104,8 @@ class TrainerServicer:
         if not 0 <= request.num_classes <= MAX_CLASSES:  # before the estimate below
             raise invalid("num_classes", f"num_classes must be in 0..{MAX_CLASSES}, got {request.num_classes}", "BAD_NUM_CLASSES")
         # Files only from the data directory; the engine builds the model wherever it runs.
-        model = ModelSpec(request.weights or "random", request.num_classes, request.seed, self._device, self._data_dir)
+        model = replace(self._model_options, weights=request.weights or "random", num_classes=request.num_classes,
+                        seed=request.seed)
         reservation = Reservation()  # the new session's share of the memory budget while it is built
         with self._budget.use(reservation, model_bytes(request.num_classes or 1000), "a new session"):
             session_id, engine = self._store.create(model, spec, caller(self._auth, context), current_call().still_wanted)

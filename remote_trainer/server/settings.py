@@ -11,6 +11,7 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
+from typing import Any
 
 from remote_trainer.engine.limits import Limits
 
@@ -115,8 +116,25 @@ class Settings:
     # session still gives memory back (malloc_trim). 0: glibc's defaults.
     reuse_buffers_bytes: int = 0
 
+    # GPU fast paths, for every session: forwards under torch.autocast ("off", "bf16", "fp16"; the
+    # logits differ from float32 within the tolerance in docs/benchmarks.md), weights and inputs in
+    # "channels_last" memory format (or "contiguous"), and cuDNN autotuning (1: on; CUDA only).
+    autocast: str = "off"
+    memory_format: str = "contiguous"
+    cudnn_benchmark: int = 0
+
+    def run_options(self) -> dict[str, Any]:
+        """How every session's model runs: the fields of the engine's ModelSpec they set."""
+        return {
+            "autocast": self.autocast,
+            "channels_last": self.memory_format == "channels_last",
+            "cudnn_benchmark": bool(self.cudnn_benchmark),
+        }
 
 _HELP = {
+    "autocast": "off | bf16 | fp16: run forwards under torch.autocast (mixed precision), every session",
+    "memory_format": "contiguous | channels_last: memory format of the weights and inputs, every session",
+    "cudnn_benchmark": "1: let cuDNN autotune its convolution algorithms (CUDA only; 0: off)",
     "host": "address to listen on (0.0.0.0 or [::] for all interfaces)",
     "port": "port to listen on; 0 picks a free one (the log says which)",
     "weights": "auto | random | imagenet | PATH to a state_dict (.pt/.pth) or .safetensors file",
@@ -205,6 +223,12 @@ def validate(settings: Settings) -> list[str]:
     for name in ("session_memory_bytes", "max_sessions", "max_message_bytes", "max_input_elements", "max_batch", "chunk_bytes", "max_workers"):
         if getattr(settings, name) < 1:
             problems.append(f"{name.replace('_', '-')} must be at least 1")
+    if settings.autocast not in ("off", "bf16", "fp16"):
+        problems.append(f"autocast {settings.autocast!r} is not off, bf16 or fp16")
+    if settings.memory_format not in ("contiguous", "channels_last"):
+        problems.append(f"memory-format {settings.memory_format!r} is not contiguous or channels_last")
+    if settings.cudnn_benchmark not in (0, 1):
+        problems.append("cudnn-benchmark must be 0 or 1")
     if settings.stream_write_timeout_seconds <= 0:
         problems.append("stream-write-timeout-seconds must be positive")
     if settings.num_classes < 0:
