@@ -23,7 +23,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from remote_trainer.client.client import (
     _LOSSES,
-    _SERVICE_CONFIG,
+    channel_settings,
     MIB,
     Session,
     _fill_input,
@@ -75,13 +75,7 @@ class AsyncTrainerClient:
     ) -> None:
         self.target = target
         self.timeout = timeout
-        channel_options = [
-            ("grpc.max_send_message_length", max_message_bytes),
-            ("grpc.max_receive_message_length", max_message_bytes),
-            ("grpc.enable_retries", 1),
-            ("grpc.service_config", _SERVICE_CONFIG),
-            *options,
-        ]
+        channel_options = channel_settings(max_message_bytes, options)
         if tls or ca_cert or client_cert or client_key:
             credentials = grpc.ssl_channel_credentials(ca_cert, client_key, client_cert)
             self._channel = grpc.aio.secure_channel(target, credentials, options=channel_options)

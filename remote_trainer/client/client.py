@@ -181,6 +181,18 @@ class _BearerToken(_UnaryInterceptor, _StreamInterceptor):
         return continuation(self._details(details), request)
 
 
+def channel_settings(max_message_bytes: int, options: Iterable[tuple[str, Any]] = ()) -> list[tuple[str, Any]]:
+    """The channel options of both SDKs (sync and asyncio): message sizes, and the retry policy of
+    the idempotent calls (``_SERVICE_CONFIG``), then the caller's own ``options``."""
+    return [
+        ("grpc.max_send_message_length", max_message_bytes),
+        ("grpc.max_receive_message_length", max_message_bytes),
+        ("grpc.enable_retries", 1),
+        ("grpc.service_config", _SERVICE_CONFIG),
+        *options,
+    ]
+
+
 class TrainerClient:
     """A connection to a training server.
 
@@ -208,13 +220,7 @@ class TrainerClient:
     ) -> None:
         self.target = target
         self.timeout = timeout
-        channel_options = [
-            ("grpc.max_send_message_length", max_message_bytes),
-            ("grpc.max_receive_message_length", max_message_bytes),
-            ("grpc.enable_retries", 1),
-            ("grpc.service_config", _SERVICE_CONFIG),
-            *options,
-        ]
+        channel_options = channel_settings(max_message_bytes, options)
         if tls or ca_cert or client_cert or client_key:
             credentials = grpc.ssl_channel_credentials(ca_cert, client_key, client_cert)
             self._channel = grpc.secure_channel(target, credentials, options=channel_options)

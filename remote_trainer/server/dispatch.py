@@ -15,9 +15,10 @@ from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
 
+from remote_trainer.server.sessions import DEFAULT_SESSION_ID
+
 T = TypeVar("T")
 
-DEFAULT_SESSION_ID = "default"
 
 
 class Dispatcher:

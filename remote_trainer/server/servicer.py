@@ -32,6 +32,7 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
+
 class TrainerServicer:
     """Serves trainer.v1.TrainerService over a session store (registered method by method from the
     service descriptor in app.py, each with the call shape of its decorator)."""
@@ -103,7 +104,6 @@ class TrainerServicer:
 
         if not 0 <= request.num_classes <= MAX_CLASSES:  # before the estimate below
             raise invalid("num_classes", f"num_classes must be in 0..{MAX_CLASSES}, got {request.num_classes}", "BAD_NUM_CLASSES")
-        # Files only from the data directory; the engine builds the model wherever it runs.
         model = replace(self._model_options, weights=request.weights or "random", num_classes=request.num_classes,
                         seed=request.seed)
         reservation = Reservation()  # the new session's share of the memory budget while it is built
