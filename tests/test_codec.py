@@ -92,24 +92,51 @@ def test_wire_chunks_are_the_protobuf_messages_and_read_back(size: int) -> None:
     ]
     assert [pb.GetGradientsResponse.FromString(w.data) for w in wire] == expected
     for message in expected:
-        chunk, data = codec.split_chunk_response(message.SerializeToString())
+        [(chunk, data)] = codec.split_chunk_response(message.SerializeToString())
         assert bytes(data) == message.chunk.data
         chunk.data = bytes(data)
         assert chunk == message.chunk
-    out = list(codec.assemble_split_chunks(codec.split_chunk_response(w.data) for w in wire))
+    out = list(codec.assemble_split_chunks(c for w in wire for c in codec.split_chunk_response(w.data)))
     np.testing.assert_array_equal(out[0].array, array)
     assert out[0].stats == stats and not out[1].present
+
+
+@pytest.mark.parametrize("limit", [1, 100, 4096, 1 << 20])
+def test_packed_chunks_are_the_protobuf_messages_and_read_back(limit: int) -> None:
+    """With pack_chunks, consecutive chunks share responses up to the limit: each response parses
+    with protobuf into ``chunks`` holding exactly the chunks of the unpacked stream, in order, and
+    the SDK's reader gets the same tensors back; a response at the limit is sent as it is."""
+    tensors = [np.arange(n, dtype=np.float32) for n in (3000, 1, 0, 40, 2000)]
+    wire: list[codec.Serialized] = []
+    expected: list[pb.TensorChunk] = []
+    for i, t in enumerate(tensors):
+        raw = memoryview(t).cast("B")
+        wire += codec.encode_chunk_wire(f"t{i}", raw, t.shape, pb.DATA_TYPE_FLOAT32, None, 4096, packed=True)
+        expected += codec.encode_chunks(f"t{i}", t.tobytes(), t.shape, pb.DATA_TYPE_FLOAT32, None, 4096)
+    wire += codec.encode_chunk_wire("absent", None, (3,), pb.DATA_TYPE_FLOAT32, None, 4096, packed=True)
+    expected += codec.encode_chunks("absent", None, (3,), pb.DATA_TYPE_FLOAT32, None, 4096)
+    packed = list(codec.pack_wire(wire, limit))
+    responses = [pb.GetGradientsResponse.FromString(p.data) for p in packed]
+    assert [c for r in responses for c in r.chunks] == expected and not any(r.HasField("chunk") for r in responses)
+    assert all(len(p.data) <= limit or len(r.chunks) == 1 for p, r in zip(packed, responses))
+    for a, b in zip(packed, responses[1:]):  # each response as full as the limit allows
+        assert len(a.data) + len(pb.GetGradientsResponse(chunks=b.chunks[:1]).SerializeToString()) > limit
+    assert len(packed) == {1: len(wire), 1 << 20: 1}.get(limit, len(packed))
+    out = list(codec.assemble_split_chunks(c for p in packed for c in codec.split_chunk_response(p.data)))
+    assert [t.name for t in out] == ["t0", "t1", "t2", "t3", "t4", "absent"]
+    for t, got in zip(tensors, out):
+        np.testing.assert_array_equal(got.array, t)
 
 
 def test_unusual_wire_layouts_fall_back_to_protobuf() -> None:
     # Two chunk fields in one message: protobuf merges them (the data of the second wins).
     a = pb.GetGradientsResponse(chunk=pb.TensorChunk(name="w", data=b"ab", total_bytes=2)).SerializeToString()
     b = pb.GetGradientsResponse(chunk=pb.TensorChunk(data=b"cd")).SerializeToString()
-    chunk, data = codec.split_chunk_response(a + b)
+    [(chunk, data)] = codec.split_chunk_response(a + b)
     assert (chunk.name, bytes(data), chunk.total_bytes) == ("w", b"cd", 2)
     # The data field twice inside one chunk: the last wins, as in protobuf.
     twice = pb.TensorChunk(data=b"xy").SerializeToString() + pb.TensorChunk(name="v", data=b"z").SerializeToString()
-    chunk, data = codec.split_chunk_response(b"\x0a" + bytes([len(twice)]) + twice)
+    [(chunk, data)] = codec.split_chunk_response(b"\x0a" + bytes([len(twice)]) + twice)
     assert (chunk.name, bytes(data)) == ("v", b"z")
 
 

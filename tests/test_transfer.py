@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from remote_trainer.client import InvalidArgumentError, Session
+from remote_trainer.contract.trainer.v1 import trainer_pb2 as pb
 from tests.conftest import assert_equal_to_local, rand
 
 
@@ -49,3 +50,23 @@ def test_an_absent_gradient_stays_absent_without_statistics(session: Session) ->
     grads = session.gradients(stats=False)
     assert not grads["layer1.0.conv1.weight"].present and grads["layer1.0.conv1.weight"].array is None
     assert grads["fc.weight"].present and grads["fc.weight"].array is not None
+
+
+def test_packed_streams_carry_the_same_chunks_in_fewer_responses(session: Session) -> None:
+    """pack_chunks (what the SDK asks for): the same chunks, in the same order, as the stream of one
+    chunk per response, small tensors sharing responses of at most the chunk size (1 MiB here);
+    with statistics only, the whole stream is one response."""
+    session.freeze("layer1")  # some gradients absent, so the stream has absent chunks too
+    session.forward(rand(2, 3, 64, 64))
+    session.backward("sum", rand(2, 1000))
+    stub = session._client.stub
+    chunk_bytes = 1 << 20
+    for rpc, request in ((stub.GetGradients, pb.GetGradientsRequest), (stub.GetParameters, pb.GetParametersRequest)):
+        for stats_only in (False, True):
+            plain = list(rpc(request(session_id=session.session_id, stats_only=stats_only), timeout=60))
+            packed = list(rpc(request(session_id=session.session_id, stats_only=stats_only, pack_chunks=True), timeout=60))
+            assert all(r.HasField("chunk") and not r.chunks for r in plain)
+            assert all(not r.HasField("chunk") and r.chunks for r in packed)
+            assert [c for r in packed for c in r.chunks] == [r.chunk for r in plain]
+            assert all(r.ByteSize() <= chunk_bytes or len(r.chunks) == 1 for r in packed)
+            assert len(packed) == 1 if stats_only else len(packed) < len(plain) * 0.6

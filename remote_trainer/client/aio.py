@@ -52,6 +52,13 @@ from remote_trainer.contract.trainer.v1 import trainer_pb2 as pb
 from remote_trainer.contract.trainer.v1 import trainer_pb2_grpc
 
 
+def _chunks(responses: Iterable[pb.GetGradientsResponse | pb.GetParametersResponse]) -> Iterable[tuple[pb.TensorChunk, memoryview]]:
+    """Every chunk of a tensor stream's responses, with its data (one per response, or packed)."""
+    for r in responses:
+        for chunk in [r.chunk] if r.HasField("chunk") else r.chunks:
+            yield chunk, memoryview(chunk.data)
+
+
 class AsyncTrainerClient:
     """A ``grpc.aio`` connection to a training server; the async twin of ``TrainerClient``.
 
@@ -258,9 +265,9 @@ class AsyncSession:
     ) -> dict[str, NamedTensor]:
         """The .grad of every parameter (or those matching ``patterns``), by name."""
         request = pb.GetGradientsRequest(session_id=self.session_id, patterns=list(patterns), stats_only=stats_only,
-                                         transfer_data_type=_transfer_type(dtype))  # type: ignore[arg-type]
+                                         transfer_data_type=_transfer_type(dtype), pack_chunks=True)  # type: ignore[arg-type]
         responses = await self._client.collect(self._stub.GetGradients, request, timeout)
-        return Session._assemble(((r.chunk, r.chunk.data) for r in responses), not stats_only)
+        return Session._assemble(_chunks(responses), not stats_only)
 
     async def parameters(
         self, *patterns: str, stats_only: bool = False, dtype: str = "float32", include_buffers: bool = False,
@@ -269,9 +276,9 @@ class AsyncSession:
         """The values of every parameter (or those matching ``patterns``), and buffers if asked."""
         request = pb.GetParametersRequest(session_id=self.session_id, patterns=list(patterns), stats_only=stats_only,
                                           transfer_data_type=_transfer_type(dtype),  # type: ignore[arg-type]
-                                          include_buffers=include_buffers)
+                                          include_buffers=include_buffers, pack_chunks=True)
         responses = await self._client.collect(self._stub.GetParameters, request, timeout)
-        return Session._assemble(((r.chunk, r.chunk.data) for r in responses), not stats_only)
+        return Session._assemble(_chunks(responses), not stats_only)
 
     async def save_checkpoint(self, name: str, timeout: float | None = None) -> int:
         """Writes the session's state to checkpoint ``name``; returns the step count saved."""

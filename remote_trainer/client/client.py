@@ -231,7 +231,7 @@ class TrainerClient:
             self._channel = grpc.intercept_channel(self._channel, _BearerToken(token))
         self._stub = trainer_pb2_grpc.TrainerServiceStub(self._channel)
         # The tensor streams, read without protobuf's two copies of each chunk's data: each response
-        # comes as (chunk without data, view of the data in the received bytes).
+        # comes as a list of (chunk without data, view of the data in the received bytes).
         self._tensor_streams = {
             name: self._channel.unary_stream(
                 f"/{SERVICE}/{name}", request_serializer=request.SerializeToString,
@@ -475,9 +475,10 @@ class Session:
         """
         request = pb.GetGradientsRequest(
             session_id=self.session_id, patterns=list(patterns), stats_only=stats_only,
-            transfer_data_type=_transfer_type(dtype), skip_stats=not stats,  # type: ignore[arg-type]
+            transfer_data_type=_transfer_type(dtype), skip_stats=not stats, pack_chunks=True,  # type: ignore[arg-type]
         )
-        chunks = self._client.stream(self._client._tensor_streams["GetGradients"], request, timeout)
+        responses = self._client.stream(self._client._tensor_streams["GetGradients"], request, timeout)
+        chunks = (chunk for response in responses for chunk in response)
         return self._assemble(chunks, not stats_only)
 
     def parameters(
@@ -494,9 +495,10 @@ class Session:
         request = pb.GetParametersRequest(
             session_id=self.session_id, patterns=list(patterns), stats_only=stats_only,
             transfer_data_type=_transfer_type(dtype), include_buffers=include_buffers,  # type: ignore[arg-type]
-            skip_stats=not stats,
+            skip_stats=not stats, pack_chunks=True,
         )
-        chunks = self._client.stream(self._client._tensor_streams["GetParameters"], request, timeout)
+        responses = self._client.stream(self._client._tensor_streams["GetParameters"], request, timeout)
+        chunks = (chunk for response in responses for chunk in response)
         return self._assemble(chunks, not stats_only)
 
     @staticmethod

@@ -303,6 +303,7 @@ def encode_chunk_messages(
 # protobuf serialiser writes (an unusual layout falls back to protobuf's own parser).
 
 _CHUNK_FIELD = 1  # GetGradientsResponse.chunk and GetParametersResponse.chunk
+_CHUNKS_FIELD = 2  # GetGradientsResponse.chunks and GetParametersResponse.chunks (pack_chunks)
 _DATA_FIELD = 8  # TensorChunk.data
 _LEN = 2  # the length-delimited wire type
 
@@ -348,12 +349,16 @@ def encode_chunk_wire(
     data_type: int,
     stats: pb.TensorStats | None,
     chunk_bytes: int,
+    packed: bool = False,
 ) -> list[Serialized]:
     """``encode_chunk_messages`` for GetGradients/GetParameters responses, in wire form: each
-    chunk's data is copied once, from ``raw`` (a view of the tensor's memory) into its message."""
+    chunk's data is copied once, from ``raw`` (a view of the tensor's memory) into its message.
+    ``packed`` puts each chunk in the response's ``chunks`` field instead of ``chunk``, ready for
+    ``pack_wire``."""
+    tag = _varint((_CHUNKS_FIELD if packed else _CHUNK_FIELD) << 3 | _LEN)
     if raw is None:  # an absent tensor: one chunk that says so
         absent = next(iter(encode_chunks(name, None, shape, data_type, None, chunk_bytes))).SerializeToString()
-        return [Serialized(b"".join([_varint(_CHUNK_FIELD << 3 | _LEN), _varint(len(absent)), absent]))]
+        return [Serialized(b"".join([tag, _varint(len(absent)), absent]))]
     out = []
     view = memoryview(raw).cast("B")
     total = view.nbytes
@@ -373,7 +378,7 @@ def encode_chunk_wire(
         size = end - offset
         data_head = _varint(_DATA_FIELD << 3 | _LEN) + _varint(size) if size else b""
         inner_len = len(head_bytes) + len(data_head) + size
-        parts: list[bytes | memoryview] = [_varint(_CHUNK_FIELD << 3 | _LEN), _varint(inner_len), head_bytes, data_head]
+        parts: list[bytes | memoryview] = [tag, _varint(inner_len), head_bytes, data_head]
         if size:
             parts.append(view[offset:end])
         out.append(Serialized(b"".join(parts)))
@@ -382,54 +387,83 @@ def encode_chunk_wire(
     return out
 
 
-def split_chunk_response(data: bytes) -> tuple[pb.TensorChunk, memoryview]:
-    """A GetGradients/GetParameters response from its wire bytes: the chunk's fields without its
-    data, and the data as a view of ``data`` (no copy). Layouts this reader does not expect (the
-    chunk split over several fields, say) go through protobuf's parser instead."""
+def pack_wire(messages: Iterable[Serialized], limit: int) -> Iterator[Serialized]:
+    """Responses made with ``packed`` (each one element of ``chunks``), joined while together they
+    stay within ``limit`` bytes: protobuf appends every occurrence of a repeated field, so the
+    joined bytes are one response whose ``chunks`` are theirs in order. A response of ``limit``
+    bytes or more goes alone and is not copied."""
+    group: list[bytes] = []
+    size = 0
+    for message in messages:
+        n = len(message.data)
+        if group and size + n > limit:
+            yield Serialized(b"".join(group)) if len(group) > 1 else Serialized(group[0])
+            group, size = [], 0
+        group.append(message.data)
+        size += n
+    if group:
+        yield Serialized(b"".join(group)) if len(group) > 1 else Serialized(group[0])
+
+
+def split_chunk_response(data: bytes) -> list[tuple[pb.TensorChunk, memoryview]]:
+    """A GetGradients/GetParameters response from its wire bytes: each chunk it carries (one in
+    ``chunk``, or several in ``chunks``) as its fields without its data, and the data as a view of
+    ``data`` (no copy). Layouts this reader does not expect (a chunk split over several fields,
+    say) go through protobuf's parser instead."""
     buf = memoryview(data)
     try:
-        inner: memoryview | None = None
+        out: list[tuple[pb.TensorChunk, memoryview]] = []
         pos = 0
+        single = False
         while pos < len(buf):
             key, pos = _read_varint(buf, pos)
             if key & 7 != _LEN:
                 raise ValueError("unexpected wire type")
             size, pos = _read_varint(buf, pos)
             if key >> 3 == _CHUNK_FIELD:
-                if inner is not None:
+                if single:
                     raise ValueError("chunk field repeated")  # protobuf merges them: let it
-                inner = buf[pos : pos + size]
+                single = True
+                out.append(_split_chunk(buf[pos : pos + size]))
+            elif key >> 3 == _CHUNKS_FIELD:
+                out.append(_split_chunk(buf[pos : pos + size]))
             pos += size
-        if inner is None or pos != len(buf):
-            raise ValueError("no chunk")
-        rest: list[memoryview] = []
-        payload = memoryview(b"")
-        pos = 0
-        while pos < len(inner):
-            start = pos
-            key, pos = _read_varint(inner, pos)
-            wire = key & 7
-            if wire == 0:
-                _, pos = _read_varint(inner, pos)
-            elif wire == _LEN:
-                size, pos = _read_varint(inner, pos)
-                pos += size
-                if key >> 3 == _DATA_FIELD:
-                    payload = inner[pos - size : pos]  # the last occurrence wins, as in protobuf
-                    continue
-            elif wire == 1:
-                pos += 8
-            elif wire == 5:
-                pos += 4
-            else:
-                raise ValueError("unexpected wire type")
-            rest.append(inner[start:pos])
-        if pos != len(inner):
-            raise ValueError("truncated chunk")
-        return pb.TensorChunk.FromString(b"".join(rest)), payload
+        if pos != len(buf) or (single and len(out) > 1):
+            raise ValueError("unexpected layout")
+        return out
     except ValueError:
-        chunk = pb.GetGradientsResponse.FromString(data).chunk  # same layout as GetParametersResponse
-        return chunk, memoryview(chunk.data)
+        response = pb.GetGradientsResponse.FromString(data)  # same layout as GetParametersResponse
+        chunks = ([response.chunk] if response.HasField("chunk") else []) + list(response.chunks)
+        return [(chunk, memoryview(chunk.data)) for chunk in chunks]
+
+
+def _split_chunk(inner: memoryview) -> tuple[pb.TensorChunk, memoryview]:
+    """One serialised ``TensorChunk``: its fields without ``data``, and ``data`` as a view."""
+    rest: list[memoryview] = []
+    payload = memoryview(b"")
+    pos = 0
+    while pos < len(inner):
+        start = pos
+        key, pos = _read_varint(inner, pos)
+        wire = key & 7
+        if wire == 0:
+            _, pos = _read_varint(inner, pos)
+        elif wire == _LEN:
+            size, pos = _read_varint(inner, pos)
+            pos += size
+            if key >> 3 == _DATA_FIELD:
+                payload = inner[pos - size : pos]  # the last occurrence wins, as in protobuf
+                continue
+        elif wire == 1:
+            pos += 8
+        elif wire == 5:
+            pos += 4
+        else:
+            raise ValueError("unexpected wire type")
+        rest.append(inner[start:pos])
+    if pos != len(inner):
+        raise ValueError("truncated chunk")
+    return pb.TensorChunk.FromString(b"".join(rest)), payload
 
 
 @dataclass

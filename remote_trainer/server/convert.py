@@ -133,15 +133,16 @@ def transfer_dtype(code: int) -> torch.dtype:
     return _TRANSFER_TYPES[code]
 
 
-def wire_chunks(item: NamedTensor, chunk_bytes: int) -> list[codec.Serialized]:
+def wire_chunks(item: NamedTensor, chunk_bytes: int, packed: bool = False) -> list[codec.Serialized]:
     """A named tensor as GetGradients/GetParameters responses in wire form, its data copied once
-    from the tensor's memory (the caller holds the session's lock while this reads it)."""
+    from the tensor's memory (the caller holds the session's lock while this reads it); ``packed``
+    for a stream that ``codec.pack_wire`` joins (the request's pack_chunks)."""
     if not item.present:
-        return codec.encode_chunk_wire(item.name, None, item.shape, pb.DATA_TYPE_FLOAT32, None, chunk_bytes)
+        return codec.encode_chunk_wire(item.name, None, item.shape, pb.DATA_TYPE_FLOAT32, None, chunk_bytes, packed)
     t = item.tensor
     data_type = TORCH_TO_WIRE[t.dtype] if t is not None else pb.DATA_TYPE_UNSPECIFIED
     stats = stats_message(item.stats) if item.stats is not None else None
-    return codec.encode_chunk_wire(item.name, raw_view(t) if t is not None else b"", item.shape, data_type, stats, chunk_bytes)
+    return codec.encode_chunk_wire(item.name, raw_view(t) if t is not None else b"", item.shape, data_type, stats, chunk_bytes, packed)
 
 
 def optimizer_spec(config: pb.OptimizerConfig) -> OptimizerSpec:

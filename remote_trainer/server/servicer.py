@@ -238,22 +238,28 @@ class TrainerServicer:
         # Every response is written in wire form under the session's lock, straight from the
         # gradients' memory (one copy, no snapshot); the stream then sends what is written.
         engine = self._session(request.session_id, context)
-        encode = functools.partial(convert.wire_chunks, chunk_bytes=self._chunk_bytes)
-        for messages in engine.encode_gradients(
+        encode = functools.partial(convert.wire_chunks, chunk_bytes=self._chunk_bytes, packed=request.pack_chunks)
+        tensors = engine.encode_gradients(
             list(request.patterns), request.stats_only, convert.transfer_dtype(request.transfer_data_type), encode,
             with_stats=not request.skip_stats,
-        ):
-            yield from messages
+        )
+        yield from self._responses(tensors, request.pack_chunks)
 
     @streaming
     def GetParameters(self, request: pb.GetParametersRequest, context: Context) -> Iterator[codec.Serialized]:
         engine = self._session(request.session_id, context)
-        encode = functools.partial(convert.wire_chunks, chunk_bytes=self._chunk_bytes)
-        for messages in engine.encode_parameters(
+        encode = functools.partial(convert.wire_chunks, chunk_bytes=self._chunk_bytes, packed=request.pack_chunks)
+        tensors = engine.encode_parameters(
             list(request.patterns), request.stats_only, convert.transfer_dtype(request.transfer_data_type),
             request.include_buffers, encode, with_stats=not request.skip_stats,
-        ):
-            yield from messages
+        )
+        yield from self._responses(tensors, request.pack_chunks)
+
+    def _responses(self, tensors: list[list[codec.Serialized]], packed: bool) -> Iterator[codec.Serialized]:
+        """The responses of a tensor stream: one per chunk, or (``pack_chunks``) consecutive chunks
+        joined up to the chunk size, so small tensors share responses."""
+        messages = (m for chunks in tensors for m in chunks)
+        return codec.pack_wire(messages, self._chunk_bytes) if packed else messages
 
     @unary
     def GetGraph(self, request: pb.GetGraphRequest, context: Context) -> pb.GetGraphResponse:
