@@ -1,6 +1,6 @@
 """The peer a user would pick instead of our service: torch.distributed.rpc on loopback.
 
-``python -m bench.rpc_peer --port P [--threads N]`` is rank 1 ("trainer") of a two-process RPC
+``python -m bench.rpc_peer --store FILE [--threads N]`` is rank 1 ("trainer") of a two-process RPC
 group whose rank 0 is the benchmark. It holds a resnet18 built as the benchmark's local model is,
 and the functions below are what the benchmark calls on it with ``rpc.rpc_sync``. The benchmark
 side is ``connect(threads)``: it starts this process, joins the group and yields a ``Peer``; on
