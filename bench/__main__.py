@@ -26,12 +26,13 @@ import numpy as np
 import torch
 from torch import nn
 
+from bench import rpc_peer
 from bench.measure import SideBySide, cpu_model, load_average, median, percentile, rss_bytes, timed
 from bench.raw import MIB, RawClient
 from remote_trainer.client import Session, TrainerClient, TrainerError
 from remote_trainer.engine.models import build_model, head_of, new_head
 
-SECTIONS = ("step", "grads", "upload", "concurrency", "memory")
+SECTIONS = ("step", "grads", "upload", "concurrency", "memory", "rpc")
 # Run only when asked for (--sections ...,ray): starts a second server with a Ray of its own.
 OPTIONAL_SECTIONS = ("ray",)
 CASES = ("full", "frozen", "client-loss", "train-step", "client-loss-2rt")
@@ -211,7 +212,7 @@ def bench_step(args: argparse.Namespace, server: Server, raw: Floors, rows: list
         s = SideBySide(["ours", "raw-aio", "raw"])
         default = client.session()
         s.run({"ours": lambda: default.info(), "raw-aio": raw.aio.ping, "raw": raw.sync.ping}, reps=200, warmup=20)
-        rows.append(Row("rpc", "empty call: DescribeSession vs raw aio unary", fmt_s(s.median("ours")), fmt_s(s.median("raw-aio")),
+        rows.append(Row("step", "empty call: DescribeSession vs raw aio unary", fmt_s(s.median("ours")), fmt_s(s.median("raw-aio")),
                         f"{s.paired_ratio('ours', 'raw-aio'):.2f}", "",
                         f"one round trip on loopback; raw sync-server unary {fmt_s(s.median('raw'))}"))
         for shape in args.sizes:
@@ -583,6 +584,134 @@ def bench_ray(args: argparse.Namespace, server: Server, raw: RawClient, rows: li
             ))
 
 
+# -- 7. torch.distributed.rpc: the peer a user would pick instead ----------------------------------
+
+
+class RpcStep:
+    """The same step on the torch.distributed.rpc peer (bench/rpc_peer.py, TCP on loopback), on a
+    fresh model: ``train-step`` one call (forward, loss, backward, step); ``full`` three calls
+    (forward keeping the graph, backward with the labels, step), as our Forward/Backward/Step."""
+
+    def __init__(self, peer: rpc_peer.Peer, case: str, device: str) -> None:
+        self.peer = peer
+        self.case = case
+        peer.reset(device)
+        self.logits: torch.Tensor | None = None
+
+    def __call__(self, x: torch.Tensor, labels: torch.Tensor) -> None:
+        if self.case == "train-step":
+            self.logits = self.peer.train_step(x, labels)
+            return
+        self.logits = self.peer.forward(x)
+        self.peer.backward(labels)
+        self.peer.step()
+
+
+def bench_rpc(args: argparse.Namespace, server: Server, raw: Floors, rows: list[Row]) -> None:
+    """Our service against torch.distributed.rpc doing the same work on a peer process (rank 1 of a
+    two-process RPC group whose rank 0 is this benchmark), and against local PyTorch."""
+    device = torch.device(args.device)
+    with rpc_peer.connect(args.threads) as peer, TrainerClient(server.target, timeout=600) as client:
+        peer_threads = peer.reset(args.device)
+        s = SideBySide(["ours", "rpc"])
+        default = client.session()
+        s.run({"ours": lambda: default.info(), "rpc": peer.empty}, reps=200, warmup=20)
+        rows.append(Row("rpc", "empty call: DescribeSession vs rpc_sync of an empty function", fmt_s(s.median("ours")),
+                        fmt_s(s.median("rpc")), f"{s.paired_ratio('ours', 'rpc'):.2f}", "",
+                        f"one round trip on loopback (rpc: TensorPipe uv transport, basic channel; torch threads on the "
+                        f"peer: {peer_threads})"))
+        for shape in args.sizes:
+            rng = np.random.default_rng(0)
+            x = rng.random(shape, dtype=np.float32)
+            labels = rng.random((shape[0], 1000), dtype=np.float32)
+            xt, lt = torch.from_numpy(x), torch.from_numpy(labels)
+            name = "x".join(map(str, shape))
+            for case, title in (("train-step", "TrainStep vs rpc one-call step"),
+                                ("full", "Forward/Backward/Step vs rpc forward/backward/step calls")):
+                local = LocalStep("full", device)
+                theirs = RpcStep(peer, case, args.device)
+                with client.create_session("random", seed=0) as session:
+                    ours = RemoteStep(session, case)
+
+                    def ours_step() -> None:
+                        ours(x, labels)
+
+                    def rpc_step() -> None:
+                        theirs(xt, lt)
+
+                    def local_step() -> None:
+                        local(xt, lt)
+
+                    def all_three() -> None:
+                        ours_step()
+                        rpc_step()
+                        local_step()
+
+                    first = timed(all_three)
+                    worst = _agreement(ours, theirs, local)
+                    reps = max(args.min_reps, min(args.reps, int(args.seconds_per_case / max(first, 1e-3))))
+                    sbs = SideBySide(["ours", "rpc", "local"])
+                    sbs.run({"ours": ours_step, "rpc": rpc_step, "local": local_step}, reps=reps,
+                            warmup=max(0, args.warmup - 1))
+                    worst = max(worst, _agreement(ours, theirs, local))
+                rows.append(Row(
+                    "rpc", f"{title} {name}", fmt_s(sbs.median("ours")),
+                    f"rpc {fmt_s(sbs.median('rpc'))}; PyTorch {fmt_s(sbs.median('local'))}",
+                    f"{sbs.paired_ratio('ours', 'rpc'):.3f}", "",
+                    f"reps {reps}; rpc / PyTorch {sbs.paired_ratio('rpc', 'local'):.3f}, ours / PyTorch "
+                    f"{sbs.paired_ratio('ours', 'local'):.3f}; logits agree to {worst:.1e}",
+                ))
+        _bench_rpc_gradients(args, client, peer, rows)
+    print(f"# rpc peer (pid {peer.pid}) exited with code {peer.returncode}", file=sys.stderr, flush=True)
+
+
+def _agreement(ours: RemoteStep, theirs: RpcStep, local: LocalStep) -> float:
+    """The larger difference of our and the rpc peer's logits from local PyTorch's."""
+    rpc_logits = theirs.logits.numpy() if theirs.logits is not None else None
+    return max(_difference(ours.logits, local.logits), _difference(rpc_logits, local.logits))
+
+
+def _bench_rpc_gradients(args: argparse.Namespace, client: TrainerClient, peer: rpc_peer.Peer, rows: list[Row]) -> None:
+    """All gradients in float32, ours (with and without statistics) against the rpc peer's, after
+    one identical forward and backward on the same weights."""
+    rng = np.random.default_rng(0)
+    x = rng.random((2, 3, 64, 64), dtype=np.float32)
+    labels = rng.random((2, 1000), dtype=np.float32)
+    with client.create_session("random", seed=0) as session:
+        peer.reset(args.device)
+        session.forward(x)
+        session.backward("sum", labels)
+        peer.forward(torch.from_numpy(x))
+        peer.backward(torch.from_numpy(labels))
+        got: dict[str, Any] = {}
+
+        def ours() -> None:
+            got["ours"] = session.gradients()
+
+        def ours_no_stats() -> None:
+            got["ours"] = session.gradients(stats=False)
+
+        def theirs() -> None:
+            got["rpc"] = peer.gradients()
+
+        sbs = SideBySide(["ours", "ours-no-stats", "rpc"])
+        sbs.run({"ours": ours, "ours-no-stats": ours_no_stats, "rpc": theirs}, reps=args.transfer_reps, warmup=2)
+    ours_arrays = [t.array for t in got["ours"].values() if t.array is not None]
+    rpc_arrays = [g.numpy() for g in got["rpc"]]
+    nbytes = sum(a.nbytes for a in ours_arrays)
+    if nbytes != sum(a.nbytes for a in rpc_arrays) or [a.shape for a in ours_arrays] != [a.shape for a in rpc_arrays]:
+        raise AssertionError(f"gradients differ in size: ours {nbytes} bytes, rpc {sum(a.nbytes for a in rpc_arrays)}")
+    worst = max(float(np.abs(a - b).max()) / max(1.0, float(np.abs(b).max())) for a, b in zip(ours_arrays, rpc_arrays))
+    for case, name in (("ours", "GetGradients all float32"), ("ours-no-stats", "GetGradients all float32, stats=False")):
+        rows.append(Row(
+            "rpc", f"{name} vs rpc fetch of all .grad ({nbytes / 1e6:.1f} MB)",
+            f"{fmt_s(sbs.median(case))} = {fmt_rate(nbytes, sbs.median(case))}",
+            f"rpc {fmt_s(sbs.median('rpc'))} = {fmt_rate(nbytes, sbs.median('rpc'))}",
+            f"{sbs.paired_ratio(case, 'rpc'):.2f}", "",
+            f"{len(rpc_arrays)} tensors, same bytes; values agree to {worst:.1e}",
+        ))
+
+
 # -- the command -----------------------------------------------------------------------------------
 
 
@@ -656,8 +785,10 @@ def _run(args: argparse.Namespace) -> int:
             for section in SECTIONS + OPTIONAL_SECTIONS:
                 if section in args.sections:
                     started = time.perf_counter()
-                    {"step": bench_step, "grads": bench_grads, "upload": bench_upload,
-                     "concurrency": bench_concurrency, "memory": bench_memory, "ray": bench_ray}[section](args, server, raw, rows)
+                    runners: dict[str, Callable[..., None]] = {
+                        "step": bench_step, "grads": bench_grads, "upload": bench_upload, "concurrency": bench_concurrency,
+                        "memory": bench_memory, "rpc": bench_rpc, "ray": bench_ray}
+                    runners[section](args, server, raw, rows)
                     print(f"# {section} done in {time.perf_counter() - started:.0f} s (load {load_average()})",
                           file=sys.stderr, flush=True)
         finally:

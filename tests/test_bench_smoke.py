@@ -7,6 +7,7 @@ in docs/benchmarks.md, measured by hand on a quiet machine.
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -31,9 +32,19 @@ def test_quick_benchmark_prints_every_section(tmp_path: Path) -> None:
     assert {r["section"] for r in rows} >= set(SECTIONS)
     # Remote and local PyTorch computed the same logits (the step section checks every repetition).
     for row in rows:
-        if row["section"] == "step":
+        if row["section"] == "step" and not row["case"].startswith("empty call"):
             agreement = float(row["note"].rsplit("logits agree to ", 1)[1])
             assert agreement < 1e-4, row
+    # torch.distributed.rpc beside us: the empty call, the one-call and the separate-call step at the
+    # quick size, both gradient fetches; the same logits and gradients as local PyTorch and ours,
+    # and the peer process shut down cleanly.
+    rpc_rows = [r for r in rows if r["section"] == "rpc"]
+    assert len(rpc_rows) == 5, rpc_rows
+    for row in rpc_rows[1:3]:
+        assert float(row["note"].rsplit("logits agree to ", 1)[1]) < 1e-4, row
+    for row in rpc_rows[3:]:
+        assert "same bytes" in row["note"] and float(row["note"].rsplit("values agree to ", 1)[1]) < 1e-4, row
+    assert re.search(r"# rpc peer \(pid \d+\) exited with code 0", run.stderr), run.stderr[-3000:]
     # No client with a session of its own failed. (On one shared session, clients refuse each
     # other's steps by the session's rules; the benchmark counts those refusals and reports any
     # other error, which this smoke test does not judge.)
