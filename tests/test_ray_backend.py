@@ -40,6 +40,7 @@ from torch import nn  # noqa: E402
 from remote_trainer.client import Session, TrainerClient, TrainerError  # noqa: E402
 from tests import test_train_step as train_steps  # noqa: E402
 from tests import test_training as training  # noqa: E402
+from tests import test_transfer as transfer  # noqa: E402
 from tests.conftest import WEIGHTS_NAME, assert_equal_to_local, rand  # noqa: E402
 from tests.test_server_process import start  # noqa: E402
 
@@ -163,9 +164,15 @@ def train_step_cross_entropy(session: Session, local: nn.Module) -> None:
     train_steps.test_train_steps_match_a_local_training_loop(session, local, "cross_entropy")
 
 
+def packed_tensor_streams(session: Session, local: nn.Module) -> None:
+    transfer.test_packed_streams_carry_the_same_chunks_in_fewer_responses(session)
+
+
 CHECKS = [
     train_step_cross_entropy,
     train_steps.test_backward_that_steps_and_zeroes_matches_local,
+    train_steps.test_backward_without_grad_norm_leaves_only_the_norm_out,
+    packed_tensor_streams,
     training.test_forward_logits_and_batchnorm_statistics_match_local,
     training.test_tutorial_training_step_matches_local,
     training.test_several_sgd_momentum_steps_match_local,

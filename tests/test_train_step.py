@@ -134,6 +134,25 @@ def test_backward_that_steps_keeps_the_gradients_unless_asked(session: Session, 
     assert_state_equal_to_local(session, local)
 
 
+def test_backward_without_grad_norm_leaves_only_the_norm_out(session: Session, local: nn.Module) -> None:
+    """grad_norm=False: the same gradients and step as locally, and no norm in the answer (unset on
+    the wire, None in the SDK); the next Backward that asks gets the norm of the accumulated .grad."""
+    optim = torch.optim.SGD(local.parameters(), lr=1e-2, momentum=0.9)
+    data, labels = rand(2, 3, 64, 64, seed=7), rand(2, 1000, seed=8)
+    session.forward(data)
+    skipped = session.backward("sum", labels, grad_norm=False, step=True)
+    (local(torch.from_numpy(data)) - torch.from_numpy(labels)).sum().backward()
+    optim.step()
+    assert skipped.grad_norm is None and skipped.step_count == 1 and skipped.parameters_with_grad == 62
+    assert skipped.loss is not None
+    assert_state_equal_to_local(session, local)
+    session.forward(data)
+    asked = session.backward("sum", labels)
+    (local(torch.from_numpy(data)) - torch.from_numpy(labels)).sum().backward()
+    norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in local.parameters() if p.grad is not None]))
+    assert asked.grad_norm == pytest.approx(float(norm), rel=1e-5)
+
+
 class CallCounter:
     """Counts the unary calls a client makes, by method, by wrapping its ``call``."""
 

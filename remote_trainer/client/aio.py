@@ -196,13 +196,14 @@ class AsyncSession:
 
     async def backward(
         self, loss: str | None = None, labels: Any = None, *, output_gradient: Any = None, retain_graph: bool = False,
-        forward_id: int | None = None, timeout: float | None = None,
+        forward_id: int | None = None, grad_norm: bool = True, timeout: float | None = None,
     ) -> BackwardResult:
         """Backpropagates from the pending forward (see ``Session.backward``)."""
         if (loss is None) == (output_gradient is None):
             raise ValueError("give exactly one of loss (with labels) or output_gradient")
         fid = self._last_forward_id if forward_id is None else forward_id
-        request = pb.BackwardRequest(session_id=self.session_id, forward_id=fid, retain_graph=retain_graph)
+        request = pb.BackwardRequest(session_id=self.session_id, forward_id=fid, retain_graph=retain_graph,
+                                     skip_grad_norm=not grad_norm)
         if loss is not None:
             if loss not in _LOSSES:
                 raise ValueError(f"loss must be one of {sorted(_LOSSES)}, got {loss!r}")
@@ -215,7 +216,7 @@ class AsyncSession:
         response = await self._client.call(self._stub.Backward, request, timeout)
         return BackwardResult(
             response.forward_id, response.loss if response.HasField("loss") else None, response.parameters_with_grad,
-            response.grad_norm,
+            response.grad_norm if response.HasField("grad_norm") else None,
         )
 
     async def step(self, timeout: float | None = None) -> int:

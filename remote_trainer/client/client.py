@@ -374,6 +374,7 @@ class Session:
         forward_id: int | None = None,
         step: bool = False,
         zero_grad_after_step: bool = False,
+        grad_norm: bool = True,
         timeout: float | None = None,
     ) -> BackwardResult:
         """Backpropagates from the pending forward.
@@ -390,13 +391,16 @@ class Session:
         ``step_count`` is then set), and ``zero_grad_after_step`` clears every .grad after it, as
         the next iteration's ``optimizer.zero_grad()`` would: a training step with a client-side
         loss in two round trips (Forward, then this).
+
+        ``grad_norm=False`` leaves the global gradient norm out of the result (None): the server
+        then skips a pass over every .grad, which is worth it in a tight loop.
         """
         if (loss is None) == (output_gradient is None):
             raise ValueError("give exactly one of loss (with labels) or output_gradient")
         fid = self._last_forward_id if forward_id is None else forward_id
         request = pb.BackwardRequest(
             session_id=self.session_id, forward_id=fid, retain_graph=retain_graph, step=step,
-            zero_grad_after_step=zero_grad_after_step,
+            zero_grad_after_step=zero_grad_after_step, skip_grad_norm=not grad_norm,
         )
         if loss is not None:
             if loss not in _LOSSES:
@@ -410,7 +414,8 @@ class Session:
         response = self._client.call(self._stub.Backward, request, timeout)
         return BackwardResult(
             response.forward_id, response.loss if response.HasField("loss") else None,
-            response.parameters_with_grad, response.grad_norm, response.step_count, response.parameters_updated,
+            response.parameters_with_grad, response.grad_norm if response.HasField("grad_norm") else None,
+            response.step_count, response.parameters_updated,
         )
 
     def step(self, timeout: float | None = None, expected_step_count: int | None = None) -> int:

@@ -38,7 +38,7 @@ class BackwardResult:
     forward_id: int
     loss: float | None
     parameters_with_grad: int
-    grad_norm: float
+    grad_norm: float | None  # None when not asked for (grad_norm=False)
     step_count: int = 0  # when the backward also stepped: the session's step count after it
     parameters_updated: int = 0  # when the backward also stepped: parameters the step updated
 

@@ -55,6 +55,7 @@ class Engine(Protocol):
         retain_graph: bool = False,
         step: bool = False,
         zero_grad_after_step: bool = False,
+        grad_norm: bool = True,
     ) -> BackwardResult: ...
 
     def train_step(

@@ -37,7 +37,7 @@ class BackwardResult:
     forward_id: int
     loss: float | None
     parameters_with_grad: int
-    grad_norm: float
+    grad_norm: float | None  # None when not asked for
     step_count: int = 0  # with a step in the same call: the step count after it
     parameters_updated: int = 0  # with a step in the same call: how many parameters it updated
 

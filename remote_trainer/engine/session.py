@@ -294,9 +294,11 @@ class SessionEngine:
         retain_graph: bool = False,
         step: bool = False,
         zero_grad_after_step: bool = False,
+        grad_norm: bool = True,
     ) -> BackwardResult:
         """Backpropagates from the pending forward: from ``loss(logits, labels)`` or from
         ``logits.backward(gradient=output_gradient)``; gradients accumulate as in PyTorch.
+        ``grad_norm`` False leaves the global gradient norm out (a pass over every .grad).
 
         ``step`` runs the optimizer step right after, under the same lock (as ``step()`` would), and
         ``zero_grad_after_step`` then clears every .grad (to None): a client-side-loss training step
@@ -345,7 +347,7 @@ class SessionEngine:
                 pending.reason = "GRAPH_FREED"
                 self._keep_budget()
             grads = [p.grad for p in self._model.parameters() if p.grad is not None]
-            norm = self._grad_norm(grads)
+            norm = self._grad_norm(grads) if grad_norm else None
             if not step:
                 return BackwardResult(pending.forward_id, loss_value, len(grads), norm)
             step_count, updated = self._step()

@@ -308,10 +308,11 @@ class RayEngine:
         retain_graph: bool = False,
         step: bool = False,
         zero_grad_after_step: bool = False,
+        grad_norm: bool = True,
     ) -> BackwardResult:
         result: BackwardResult = self._call(
             "backward", forward_id, loss=loss, labels=labels, output_gradient=output_gradient, retain_graph=retain_graph,
-            step=step, zero_grad_after_step=zero_grad_after_step,
+            step=step, zero_grad_after_step=zero_grad_after_step, grad_norm=grad_norm,
         )
         return result
 

@@ -156,22 +156,26 @@ class TrainerServicer:
                               "use SUM_DIFFERENCE, CROSS_ENTROPY or MSE", "UNKNOWN_LOSS")
             labels, _ = convert.input_tensor(request.loss.labels, "loss.labels", max_elements, integer=loss == "cross_entropy")
             result = engine.backward(request.forward_id, loss=loss, labels=labels, retain_graph=request.retain_graph,
-                                     step=request.step, zero_grad_after_step=request.zero_grad_after_step)
+                                     step=request.step, zero_grad_after_step=request.zero_grad_after_step,
+                                     grad_norm=not request.skip_grad_norm)
         elif source == "output_gradient":
             gradient, _ = convert.input_tensor(request.output_gradient, "output_gradient", max_elements)
             result = engine.backward(request.forward_id, output_gradient=gradient, retain_graph=request.retain_graph,
-                                     step=request.step, zero_grad_after_step=request.zero_grad_after_step)
+                                     step=request.step, zero_grad_after_step=request.zero_grad_after_step,
+                                     grad_norm=not request.skip_grad_norm)
         else:
             raise invalid("source", "give a loss or an output_gradient", "NO_BACKWARD_SOURCE")
         if self._tensorboard is not None:
             self._tensorboard.backward(request.session_id or DEFAULT_SESSION_ID, engine.describe().step_count, result.loss,
                                        result.grad_norm)
         response = pb.BackwardResponse(
-            forward_id=result.forward_id, parameters_with_grad=result.parameters_with_grad, grad_norm=result.grad_norm,
+            forward_id=result.forward_id, parameters_with_grad=result.parameters_with_grad,
             step_count=result.step_count, parameters_updated=result.parameters_updated,
         )
         if result.loss is not None:
             response.loss = result.loss
+        if result.grad_norm is not None:
+            response.grad_norm = result.grad_norm
         if request.step:
             self._after_step(engine, result.step_count, request.session_id, context)
         return response

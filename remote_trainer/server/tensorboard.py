@@ -5,7 +5,7 @@ One run per session (``DIR/SESSION_ID``, the default session's is ``DIR/default`
 ``torch.utils.tensorboard`` (the ``tensorboard`` package, the server's optional
 ``tensorboard`` extra). The x axis is the session's step count when the value was made:
 
-- ``loss`` and ``grad_norm``: from each Backward with a server-computed loss (grad_norm from every Backward);
+- ``loss`` and ``grad_norm``: from each Backward with a server-computed loss (grad_norm from every Backward that computes it);
 - ``lr``: the optimizer's learning rate, at each Step;
 - ``step_seconds``: wall time of the training iteration a Step ends, from the first Forward after the
   previous Step to the end of this one (so it includes the client's time between calls);
@@ -57,11 +57,12 @@ class TrainingLog:
         with self._lock:
             self._iteration_started.setdefault(session_id, time.monotonic())
 
-    def backward(self, session_id: str, step_count: int, loss: float | None, grad_norm: float) -> None:
+    def backward(self, session_id: str, step_count: int, loss: float | None, grad_norm: float | None) -> None:
         writer = self._writer(session_id)
         if loss is not None:
             writer.add_scalar("loss", loss, step_count)
-        writer.add_scalar("grad_norm", grad_norm, step_count)
+        if grad_norm is not None:  # a Backward with skip_grad_norm has none
+            writer.add_scalar("grad_norm", grad_norm, step_count)
 
     def histograms_due(self, step_count: int) -> bool:
         return self.histograms_every > 0 and step_count % self.histograms_every == 0

@@ -813,6 +813,7 @@ class BackwardRequest(_message.Message):
     RETAIN_GRAPH_FIELD_NUMBER: _builtins.int
     STEP_FIELD_NUMBER: _builtins.int
     ZERO_GRAD_AFTER_STEP_FIELD_NUMBER: _builtins.int
+    SKIP_GRAD_NORM_FIELD_NUMBER: _builtins.int
     session_id: _builtins.str
     """Session to use; empty for the default session."""
     forward_id: _builtins.int
@@ -828,6 +829,10 @@ class BackwardRequest(_message.Message):
     zero_grad_after_step: _builtins.bool
     """With step: clear every .grad (set to None) right after the step, as the
     next iteration's optimizer.zero_grad() would.
+    """
+    skip_grad_norm: _builtins.bool
+    """Leave grad_norm out of the response: computing it is one more pass over
+    every .grad (5 ms of a 70 ms resnet18 step on one CPU core).
     """
     @_builtins.property
     def loss(self) -> Global___Loss:
@@ -849,10 +854,11 @@ class BackwardRequest(_message.Message):
         retain_graph: _builtins.bool = ...,
         step: _builtins.bool = ...,
         zero_grad_after_step: _builtins.bool = ...,
+        skip_grad_norm: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["loss", b"loss", "output_gradient", b"output_gradient", "source", b"source"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["forward_id", b"forward_id", "loss", b"loss", "output_gradient", b"output_gradient", "retain_graph", b"retain_graph", "session_id", b"session_id", "source", b"source", "step", b"step", "zero_grad_after_step", b"zero_grad_after_step"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["forward_id", b"forward_id", "loss", b"loss", "output_gradient", b"output_gradient", "retain_graph", b"retain_graph", "session_id", b"session_id", "skip_grad_norm", b"skip_grad_norm", "source", b"source", "step", b"step", "zero_grad_after_step", b"zero_grad_after_step"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType_source: _TypeAlias = _typing.Literal["loss", "output_gradient"]  # noqa: Y015
     _WhichOneofArgType_source: _TypeAlias = _typing.Literal["source", b"source"]  # noqa: Y015
@@ -880,7 +886,8 @@ class BackwardResponse(_message.Message):
     """Number of parameters whose .grad is set after this call."""
     grad_norm: _builtins.float
     """L2 norm over all parameters' .grad together, after this call (before
-    the step and zero-grad that the request may ask for).
+    the step and zero-grad that the request may ask for); unset with
+    skip_grad_norm.
     """
     step_count: _builtins.int
     """With step: the session's optimizer steps, this one included."""
@@ -892,16 +899,21 @@ class BackwardResponse(_message.Message):
         forward_id: _builtins.int = ...,
         loss: _builtins.float | None = ...,
         parameters_with_grad: _builtins.int = ...,
-        grad_norm: _builtins.float = ...,
+        grad_norm: _builtins.float | None = ...,
         step_count: _builtins.int = ...,
         parameters_updated: _builtins.int = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_loss", b"_loss", "loss", b"loss"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_grad_norm", b"_grad_norm", "_loss", b"_loss", "grad_norm", b"grad_norm", "loss", b"loss"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_loss", b"_loss", "forward_id", b"forward_id", "grad_norm", b"grad_norm", "loss", b"loss", "parameters_updated", b"parameters_updated", "parameters_with_grad", b"parameters_with_grad", "step_count", b"step_count"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_grad_norm", b"_grad_norm", "_loss", b"_loss", "forward_id", b"forward_id", "grad_norm", b"grad_norm", "loss", b"loss", "parameters_updated", b"parameters_updated", "parameters_with_grad", b"parameters_with_grad", "step_count", b"step_count"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__grad_norm: _TypeAlias = _typing.Literal["grad_norm"]  # noqa: Y015
+    _WhichOneofArgType__grad_norm: _TypeAlias = _typing.Literal["_grad_norm", b"_grad_norm"]  # noqa: Y015
     _WhichOneofReturnType__loss: _TypeAlias = _typing.Literal["loss"]  # noqa: Y015
     _WhichOneofArgType__loss: _TypeAlias = _typing.Literal["_loss", b"_loss"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__grad_norm) -> _WhichOneofReturnType__grad_norm | None: ...
+    @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__loss) -> _WhichOneofReturnType__loss | None: ...
 
 Global___BackwardResponse: _TypeAlias = BackwardResponse  # noqa: Y015
