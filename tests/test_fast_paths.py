@@ -11,6 +11,7 @@ import asyncio
 import copy
 import contextlib
 import json
+import os
 import re
 import subprocess
 import sys
@@ -28,6 +29,8 @@ from remote_trainer.client.aio import AsyncTrainerClient
 from remote_trainer.server.app import TrainerServer, create_server
 from remote_trainer.server.settings import Settings, parse_settings
 from tests.conftest import WEIGHTS_NAME, rand
+
+ROOT = Path(__file__).resolve().parent.parent
 
 AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -222,3 +225,31 @@ def test_a_server_with_pin_memory_on_this_cpu_does_not_start() -> None:
                            "--pin-memory", "1"], capture_output=True, text=True, timeout=60, check=False)
     assert done.returncode == 2
     assert re.search(r"cannot start: pin-memory needs a CUDA device .* this session's device is cpu", done.stderr), done.stderr
+
+
+# -- README's examples, run verbatim ------------------------------------------------------------------
+
+
+def readme_block(marker: str) -> str:
+    found = re.search(rf"<!-- fast-paths: {marker} -->\n```\w+\n(.*?)```", (ROOT / "README.md").read_text(), re.S)
+    assert found, f"README has no block marked fast-paths: {marker}"
+    return found.group(1)
+
+
+def test_readme_fast_path_examples_run_verbatim(server: TrainerServer, client: TrainerClient) -> None:
+    port = f"localhost:{server.port}"
+    done = subprocess.run([sys.executable, "-c", readme_block("sdk").replace("localhost:50051", port)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines()[0] == "bf16 channels_last"
+    float(done.stdout.splitlines()[1])  # the loss
+    grpcurl = Path(sys.executable).with_name("grpcurl")
+    command = readme_block("grpcurl").strip()
+    assert command.startswith("grpcurl ")
+    done = subprocess.run(["bash", "-euo", "pipefail", "-c", command.replace("localhost:50051", port)], cwd=ROOT,
+                          env={**os.environ, "PATH": f"{grpcurl.parent}{os.pathsep}{os.environ.get('PATH', '')}"},
+                          capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL, check=False)
+    assert done.returncode == 0, done.stdout + done.stderr
+    session = json.loads(done.stdout)["session"]
+    assert (session["autocast"], session["memory_format"]) == ("bf16", "channels_last")
+    client.session(session["session_id"]).close()
