@@ -243,7 +243,7 @@ def validate(settings: Settings) -> list[str]:
     if settings.pin_memory and (settings.device == "cpu" or settings.backend == "ray" and settings.device == "auto"
                                 and settings.ray_num_gpus == 0):
         problems.append("pin-memory needs a CUDA device (pinned host buffers only speed up copies to an accelerator); "
-                        "the sessions' device is the CPU" + (" (ray-num-gpus is 0)" if settings.backend == "ray" else ""))
+                        "the sessions' device is the CPU" + (" (ray-num-gpus is 0)" if settings.device == "auto" else ""))
     if settings.stream_write_timeout_seconds <= 0:
         problems.append("stream-write-timeout-seconds must be positive")
     if settings.num_classes < 0:
