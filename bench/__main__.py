@@ -68,7 +68,8 @@ class Server:
 
 @contextmanager
 def start_server(
-    device: str, max_sessions: int, chunk_bytes: int = 0, threads: int = 0, backend: str = "local", reuse_buffers_bytes: int = 0
+    device: str, max_sessions: int, chunk_bytes: int = 0, threads: int = 0, backend: str = "local", reuse_buffers_bytes: int = 0,
+    pin_memory: bool = False,
 ) -> Iterator[Server]:
     """Runs ``python -m bench.serve`` and yields its addresses; stops it by closing its stdin."""
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -81,6 +82,8 @@ def start_server(
         cmd += ["--backend", backend]
     if reuse_buffers_bytes:
         cmd += ["--reuse-buffers-bytes", str(reuse_buffers_bytes)]
+    if pin_memory:
+        cmd += ["--pin-memory", "1"]
     process = subprocess.Popen(cmd, cwd=root, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:
         assert process.stdout is not None
@@ -741,6 +744,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=0,
                    help="torch intra-op threads on both sides (0: torch's default, one per core)")
     p.add_argument("--reuse-buffers-bytes", type=int, default=0, help="the server's --reuse-buffers-bytes (0: its default, off)")
+    p.add_argument("--pin-memory", action="store_true", help="the server with --pin-memory 1 (pinned host buffers; CUDA only)")
     p.add_argument("--json", default="", help="also write the rows to this file")
     p.add_argument("--quick", action="store_true", help="a tiny run that only proves every section works (CI smoke test)")
     args = p.parse_args(argv)
@@ -776,10 +780,12 @@ def _run(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     rows: list[Row] = []
     header = (f"# {time.strftime('%Y-%m-%d %H:%M:%S %Z')}; {cpu_model()}, {os.cpu_count()} cores; torch {torch.__version__} "
-              f"({torch.get_num_threads()} threads); device {args.device}; load average before: {load_average()}")
+              f"({torch.get_num_threads()} threads); device {args.device}{' (server --pin-memory 1)' if args.pin_memory else ''}; "
+              f"load average before: {load_average()}")
     print(header, flush=True)
     max_sessions = max(16, max(args.clients, default=1) + 2)
-    with start_server(args.device, max_sessions, args.chunk_bytes, args.threads, reuse_buffers_bytes=args.reuse_buffers_bytes) as server:
+    with start_server(args.device, max_sessions, args.chunk_bytes, args.threads, reuse_buffers_bytes=args.reuse_buffers_bytes,
+                      pin_memory=args.pin_memory) as server:
         raw = Floors(RawClient(server.raw_target, client_options()), RawClient(server.raw_aio_target, client_options()))
         try:
             for section in SECTIONS + OPTIONAL_SECTIONS:

@@ -1,11 +1,13 @@
-"""``python -m bench.equivalence [--device cuda]``: the server on a device equals local PyTorch on it.
+"""``python -m bench.equivalence [--device cuda] [--pin-memory]``: the server on a device equals local PyTorch on it.
 
 Three training steps (Forward, the tutorial's loss, Backward, SGD Step) through a benchmark server
-on ``--device`` and in local PyTorch on the same device with the same weights and inputs; the logits,
-losses, every gradient and every parameter afterwards must agree within the stated tolerance. Then,
-in local PyTorch only, bf16 autocast and channels_last are measured against fp32: the server has no
-option for either yet (docs/benchmarks.md), and these figures say what tolerance such options need.
-Exits 1 when a check fails.
+on ``--device`` (with ``--pin-memory``: the server's pinned host buffers and non-blocking copies,
+CUDA only) and in local PyTorch on the same device with the same weights and inputs; the logits,
+losses, every gradient and every parameter afterwards must agree within the stated tolerance. Then
+sessions that choose their own fast path on that server (CreateSession's autocast bf16 and fp16,
+memory_format channels_last) against local PyTorch on the same fast path; and, in local PyTorch,
+bf16 autocast and channels_last against fp32 (what the fast paths cost in accuracy). Exits 1 when a
+check fails.
 """
 
 from __future__ import annotations
@@ -26,6 +28,12 @@ TOLERANCE = {"cpu": 1e-5, "cuda": 1e-3}
 # about 2-3 significant digits after 18 layers; channels_last only reorders the same arithmetic.
 BF16_TOLERANCE = 5e-2
 CHANNELS_LAST_TOLERANCE = 1e-4
+# A session's fast path against local PyTorch on the same one, relative to each tensor's largest
+# magnitude: on the CPU the same kernels (as the fp32 check); on CUDA another process may pick other
+# cuDNN algorithms, which round differently by a few units in the last place of the autocast type
+# (bf16 keeps 8 bits of mantissa, 3.9e-3; fp16 11 bits, 4.9e-4; fp32 as TOLERANCE).
+FAST_PATH_TOLERANCE = {"cpu": {"bf16": 1e-5, "fp16": 1e-5, "off": 1e-5},
+                       "cuda": {"bf16": 2e-2, "fp16": 5e-3, "off": 1e-3}}
 
 
 def relative(a: np.ndarray, b: np.ndarray) -> float:
@@ -36,7 +44,7 @@ def relative_l2(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.linalg.norm(a - b) / max(1e-12, float(np.linalg.norm(b))))
 
 
-def server_vs_local(device: str, steps: int, shape: tuple[int, int, int, int]) -> bool:
+def server_vs_local(device: str, steps: int, shape: tuple[int, int, int, int], pin_memory: bool = False) -> bool:
     dev = torch.device(device)
     tol = TOLERANCE[dev.type]
     rng = np.random.default_rng(0)
@@ -44,7 +52,8 @@ def server_vs_local(device: str, steps: int, shape: tuple[int, int, int, int]) -
     labels = rng.random((shape[0], 1000), dtype=np.float32)
     local = LocalStep("full", dev)
     ok = True
-    with start_server(device, 4) as server, TrainerClient(server.target, timeout=600) as client:
+    print(f"server on {device}{' with pinned host buffers (--pin-memory 1)' if pin_memory else ''}")
+    with start_server(device, 4, pin_memory=pin_memory) as server, TrainerClient(server.target, timeout=600) as client:
         with client.create_session("random", seed=0) as session:
             remote = RemoteStep(session, "full")
             for i in range(steps):
@@ -113,17 +122,67 @@ def precision_options(device: str, shape: tuple[int, int, int, int]) -> bool:
     return ok
 
 
+def session_fast_paths(device: str, shape: tuple[int, int, int, int], pin_memory: bool = False) -> bool:
+    """Sessions that choose autocast or channels_last in CreateSession, on a server whose default is
+    fp32, against local PyTorch on the same fast path: logits and fc gradient checked, conv1's
+    gradient reported (as in ``precision_options``); and the fast path measurably not fp32."""
+    dev = torch.device(device)
+    x = np.random.default_rng(0).random(shape, dtype=np.float32)
+    direction = torch.randn((shape[0], 1000), generator=torch.Generator().manual_seed(0))
+    types = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+    def local(autocast: str, channels_last: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        model = LocalStep("full", dev).model
+        inp = torch.from_numpy(x).to(dev)
+        if channels_last:
+            model = model.to(memory_format=torch.channels_last)
+            inp = inp.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(dev.type, dtype=types.get(autocast, torch.float32), enabled=autocast in types):
+            out = model(inp)
+        out.backward(gradient=direction.to(dev, out.dtype))
+        params = dict(model.named_parameters())
+        fc, conv1 = params["fc.weight"].grad, params["conv1.weight"].grad
+        assert fc is not None and conv1 is not None
+        return out.detach().float().cpu().numpy(), fc.float().cpu().numpy(), conv1.float().cpu().numpy()
+
+    fp32 = local("off", False)
+    ok = True
+    with start_server(device, 4, pin_memory=pin_memory) as server, TrainerClient(server.target, timeout=600) as client:
+        for autocast, memory_format in (("bf16", "contiguous"), ("fp16", "contiguous"), ("off", "channels_last")):
+            with client.create_session("random", seed=0, autocast=autocast, memory_format=memory_format) as session:  # type: ignore[arg-type]
+                info = session.info()
+                assert (info.autocast, info.memory_format) == (autocast, memory_format), info
+                logits = session.forward(x).logits
+                session.backward(output_gradient=direction.numpy())
+                grads = session.gradients("fc.weight", "conv1.weight")
+                fc, conv1 = grads["fc.weight"].array, grads["conv1.weight"].array
+                assert logits is not None and fc is not None and conv1 is not None
+            expected = local(autocast, memory_format == "channels_last")
+            tol = FAST_PATH_TOLERANCE[dev.type][autocast]
+            d_out, d_fc, d_conv1 = relative(logits, expected[0]), relative(fc, expected[1]), relative(conv1, expected[2])
+            from_fp32 = relative_l2(logits, fp32[0])
+            took_effect = autocast == "off" or from_fp32 > 1e-4
+            verdict = "within" if max(d_out, d_fc) <= tol and took_effect else "OVER" if took_effect else "NOT APPLIED"
+            print(f"session autocast={autocast} memory_format={memory_format}: against local on the same path: "
+                  f"logits {d_out:.2e}, fc gradient {d_fc:.2e} ({verdict} {tol:.0e}), conv1 gradient {d_conv1:.2e} "
+                  f"(reported only); logits against fp32 {from_fp32:.2e} (relative L2)")
+            ok &= max(d_out, d_fc) <= tol and took_effect
+    return ok
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.equivalence", description=__doc__.split("\n\n")[0] if __doc__ else None)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--size", type=int, default=64)
+    parser.add_argument("--pin-memory", action="store_true", help="the server with --pin-memory 1 (CUDA only)")
     args = parser.parse_args(argv)
     shape = (args.batch, 3, args.size, args.size)
     if args.device.startswith("cuda"):
         print(f"device: {torch.cuda.get_device_name(torch.device(args.device))}; torch {torch.__version__}")
-    ok = server_vs_local(args.device, args.steps, shape)
+    ok = server_vs_local(args.device, args.steps, shape, args.pin_memory)
+    ok &= session_fast_paths(args.device, shape, args.pin_memory)
     ok &= precision_options(args.device, shape)
     print("equivalence: PASS" if ok else "equivalence: FAIL")
     return 0 if ok else 1

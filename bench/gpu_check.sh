@@ -1,9 +1,12 @@
 #!/usr/bin/env bash
-# One short run on a GPU machine (issues 5 and 13): the CUDA equivalence checks, then the
-# step-overhead benchmark at (32, 3, 224, 224) and (1, 3, 64, 64) with the server and local PyTorch
-# on CUDA, side by side, every case (separate calls, TrainStep, the two-round-trip client loss).
+# One short run on a GPU machine (issues 5 and 13): the CUDA equivalence checks (fp32, sessions that
+# choose bf16/fp16 autocast or channels_last against local PyTorch on the same path; then again with
+# the server's pinned host buffers), then the step-overhead benchmark at (32, 3, 224, 224) and
+# (1, 3, 64, 64) with the server and local PyTorch on CUDA, side by side, every case (separate
+# calls, TrainStep, the two-round-trip client loss), and the step and transfers once more with
+# --pin-memory 1.
 # Needs a Python with the project's server extra and a CUDA build of torch (scripts/setup.sh, or
-# PYTHON=/path/to/python). About 3-5 minutes on one H100; writes its log to ${OUT:-.}/gpu_check.log.
+# PYTHON=/path/to/python). About 5-7 minutes on one H100; writes its log to ${OUT:-.}/gpu_check.log.
 #   bench/gpu_check.sh            # everything
 #   STEP_REPS=5 bench/gpu_check.sh  # fewer repetitions
 set -euo pipefail
@@ -16,11 +19,19 @@ export PYTHONUNBUFFERED=1
   echo "== load average: $(cut -d' ' -f1-3 /proc/loadavg); CPU: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2)"
   "$PY" -c 'import torch, grpc; assert torch.cuda.is_available(), "no CUDA in this torch"; print("torch", torch.__version__, "grpc", grpc.__version__)'
 
-  echo "== CUDA equivalence: server on cuda vs local cuda, same weights; bf16 autocast and channels_last vs fp32"
+  echo "== CUDA equivalence: server on cuda vs local cuda, same weights; per-session autocast and channels_last vs local on the same path"
   "$PY" -m bench.equivalence --device cuda --steps 3 --batch 8 --size 224
+
+  echo "== the same with pinned host buffers and non-blocking copies (--pin-memory 1)"
+  "$PY" -m bench.equivalence --device cuda --steps 2 --batch 8 --size 224 --pin-memory
 
   echo "== step overhead at 32x3x224x224 and 1x3x64x64 on cuda (plus grads and upload, for the transport figures)"
   "$PY" -m bench --device cuda --sections step,grads,upload --sizes 32x3x224x224,1x3x64x64 \
     --reps "${STEP_REPS:-20}" --min-reps 5 --seconds-per-case 40 --warmup 3 --transfer-reps 10 \
     --json "${OUT:-.}/gpu_bench.json"
+
+  echo "== step and transfers at 32x3x224x224 on cuda with --pin-memory 1"
+  "$PY" -m bench --device cuda --pin-memory --sections step,grads,upload --sizes 32x3x224x224 --cases full,train-step \
+    --reps "${STEP_REPS:-20}" --min-reps 5 --seconds-per-case 20 --warmup 3 --transfer-reps 10 \
+    --json "${OUT:-.}/gpu_bench_pinned.json"
 } 2>&1 | tee "$LOG"

@@ -100,6 +100,7 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
     parser.add_argument("--backend", default="local", help="local, or ray: sessions in actors of a Ray started here")
     parser.add_argument("--reuse-buffers-bytes", type=int, default=0, help="the server's setting (0: its default, off)")
+    parser.add_argument("--pin-memory", type=int, default=0, help="the server's setting (1: pinned host buffers; CUDA only)")
     args = parser.parse_args()
     if args.backend == "ray":  # before anything imports ray: keep the local Ray on 127.0.0.1
         os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
@@ -121,6 +122,8 @@ def main() -> int:
         extra.update(backend="ray", ray_num_cpus=float(torch.get_num_threads()))
     if args.reuse_buffers_bytes:
         extra["reuse_buffers_bytes"] = args.reuse_buffers_bytes
+    if args.pin_memory:
+        extra["pin_memory"] = args.pin_memory
     settings = Settings(port=0, weights="random", seed=0, device=args.device, max_sessions=args.max_sessions, **extra)
     trainer = create_server(settings)
 

@@ -38,6 +38,7 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 from remote_trainer.client import Session, TrainerClient, TrainerError  # noqa: E402
+from tests import test_fast_paths as fast_paths  # noqa: E402
 from tests import test_train_step as train_steps  # noqa: E402
 from tests import test_training as training  # noqa: E402
 from tests import test_transfer as transfer  # noqa: E402
@@ -215,6 +216,23 @@ def test_list_sessions_and_reset_on_the_ray_backend(front_ends: tuple[FrontEnd, 
         default.step()
         info = carol_a.session().reset()
         assert (info.step_count, info.pending_forward_id, info.num_classes) == (0, 0, 1000)
+
+
+def test_a_bf16_session_on_the_ray_backend_equals_local_autocast(
+    front_ends: tuple[FrontEnd, FrontEnd], state_dict: dict[str, torch.Tensor]
+) -> None:
+    """CreateSession's autocast reaches the session's actor (in its ModelSpec): its step equals local
+    PyTorch under the same autocast, with test_fast_paths.py's tolerance, and the other front-end
+    describes the session with it."""
+    data, labels = rand(2, 3, 64, 64, seed=7), rand(2, 1000, seed=8)
+    a, b = front_ends
+    with a.connect("tok-carol") as carol_a, b.connect("tok-carol") as carol_b, \
+            carol_a.create_session(WEIGHTS_NAME, autocast="bf16") as session:
+        info = carol_b.session(session.session_id).info()
+        assert (info.autocast, info.memory_format) == ("bf16", "contiguous")
+        assert (carol_b.session().info().autocast, carol_b.session().info().memory_format) == ("off", "contiguous")
+        fast_paths.assert_fast_path_equal(fast_paths.remote_step(session, data, labels),
+                                          fast_paths.local_step(state_dict, data, labels, torch.bfloat16, False))
 
 
 # -- sessions over nodes and front-ends ------------------------------------------------------------

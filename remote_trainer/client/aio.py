@@ -48,6 +48,7 @@ from remote_trainer.client.types import (
     SessionInfo,
 )
 from remote_trainer.contract import codec
+from remote_trainer.contract.names import AutocastName, MemoryFormatName
 from remote_trainer.contract.trainer.v1 import trainer_pb2 as pb
 from remote_trainer.contract.trainer.v1 import trainer_pb2_grpc
 
@@ -132,10 +133,11 @@ class AsyncTrainerClient:
 
     async def create_session(
         self, weights: str = "random", *, num_classes: int = 0, optimizer: Optimizer | None = None, seed: int = 0,
-        timeout: float | None = None,
+        autocast: AutocastName | None = None, memory_format: MemoryFormatName | None = None, timeout: float | None = None,
     ) -> AsyncSession:
         """A new session (see ``TrainerClient.create_session``); ``async with`` it to close it on exit."""
-        request = pb.CreateSessionRequest(weights=weights, num_classes=num_classes, seed=seed)
+        request = pb.CreateSessionRequest(weights=weights, num_classes=num_classes, seed=seed, autocast=autocast or "",
+                                          memory_format=memory_format or "")
         if optimizer is not None:
             request.optimizer.CopyFrom(_optimizer_message(optimizer))
         response = await self.call(self._stub.CreateSession, request, timeout)

@@ -28,6 +28,7 @@ from remote_trainer.client import graphviz, plots
 from remote_trainer.client.client import Session, TrainerClient
 from remote_trainer.client.errors import TrainerError
 from remote_trainer.client.types import Optimizer, SessionInfo
+from remote_trainer.contract.names import AUTOCAST_MODES, MEMORY_FORMATS
 
 PROG = "trainer-client"
 DEFAULT_TARGET = "localhost:50051"
@@ -106,6 +107,7 @@ def cmd_info(client: TrainerClient, session: Session, args: argparse.Namespace) 
         ("model", info.model),
         ("weights", info.weights),
         ("device", info.device),
+        ("fast paths", f"autocast {info.autocast}, {info.memory_format}"),
         ("classes", str(info.num_classes)),
         ("optimizer", f"{opt.kind}({opt_values})"),
         ("steps", str(info.step_count)),
@@ -317,12 +319,14 @@ def cmd_sessions(client: TrainerClient, session: Session, args: argparse.Namespa
         )
         return 0
     if action == "create":
-        created = client.create_session(args.weights, num_classes=args.num_classes, seed=args.seed)
+        created = client.create_session(args.weights, num_classes=args.num_classes, seed=args.seed,
+                                        autocast=args.autocast, memory_format=args.memory_format)
         info = created.info()
         if args.json:
             _print_json(_info_json(info))
         else:
-            print(f"created session {info.session_id}: {info.model}, weights {info.weights}, {info.num_classes} classes")
+            print(f"created session {info.session_id}: {info.model}, weights {info.weights}, {info.num_classes} classes, "
+                  f"autocast {info.autocast}, {info.memory_format}")
             print(f"use it with: {PROG} --session {info.session_id} COMMAND")
         return 0
     if not args.ids:
@@ -527,6 +531,10 @@ def _add_new_commands(sub: Any) -> None:
                    help="for create: 'random' (seeded), 'imagenet' or a weights file in the server's --data-dir (default: random)")
     p.add_argument("--num-classes", type=int, default=0, help="for create: classes of the head (default: the weights' own)")
     p.add_argument("--seed", type=int, default=0, help="for create: seed of random weights and of a new head (default: 0)")
+    p.add_argument("--autocast", choices=AUTOCAST_MODES,
+                   help="for create: run the session's forwards under torch.autocast in this type (default: the server's --autocast)")
+    p.add_argument("--memory-format", choices=MEMORY_FORMATS,
+                   help="for create: memory format of the session's weights and inputs (default: the server's --memory-format)")
     p.set_defaults(run=cmd_sessions)
 
     p = sub.add_parser("reset", help="put the default session back as the server started it",

@@ -17,6 +17,7 @@ import numpy.typing as npt
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from remote_trainer.contract import codec, names
+from remote_trainer.contract.names import AutocastName, MemoryFormatName
 from remote_trainer.client.errors import from_rpc_error
 from remote_trainer.client.types import (
     BackwardResult,
@@ -138,6 +139,7 @@ def _session_info(msg: pb.SessionInfo) -> SessionInfo:
     return SessionInfo(
         msg.session_id, msg.model, msg.weights, msg.device, msg.num_classes, _optimizer(msg.optimizer),
         msg.step_count, msg.pending_forward_id, msg.trainable_parameters, msg.frozen_parameters, msg.is_default,
+        msg.autocast, msg.memory_format,
     )
 
 
@@ -297,13 +299,19 @@ class TrainerClient:
         num_classes: int = 0,
         optimizer: Optimizer | None = None,
         seed: int = 0,
+        autocast: AutocastName | None = None,
+        memory_format: MemoryFormatName | None = None,
         timeout: float | None = None,
     ) -> Session:
         """A new session: "random" (seeded) weights, "imagenet", or a weights file in the server's data dir.
 
-        Use it as a context manager to close it on exit.
+        ``autocast`` ("off", "bf16", "fp16") runs its forwards under ``torch.autocast`` and
+        ``memory_format`` ("contiguous", "channels_last") lays out its weights and inputs; None takes
+        the server's setting (``info()`` says what the session runs with). Use it as a context
+        manager to close it on exit.
         """
-        request = pb.CreateSessionRequest(weights=weights, num_classes=num_classes, seed=seed)
+        request = pb.CreateSessionRequest(weights=weights, num_classes=num_classes, seed=seed, autocast=autocast or "",
+                                          memory_format=memory_format or "")
         if optimizer is not None:
             request.optimizer.CopyFrom(_optimizer_message(optimizer))
         response = self.call(self._stub.CreateSession, request, timeout)

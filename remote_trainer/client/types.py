@@ -131,6 +131,10 @@ class SessionInfo:
     trainable_parameters: int
     frozen_parameters: int
     is_default: bool
+    # What its forwards run under: "off", "bf16" or "fp16" autocast, and "contiguous" or
+    # "channels_last" weights and inputs (its own choice at creation, or the server's).
+    autocast: str = "off"
+    memory_format: str = "contiguous"
 
 
 @dataclass(frozen=True)

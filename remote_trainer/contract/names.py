@@ -17,3 +17,9 @@ Distribution = Literal["zeros", "ones", "uniform", "normal", "randint"]
 # The OptimizerConfig fields that carry values (all optional: unset takes torch's default).
 OptimizerField = Literal["lr", "momentum", "dampening", "weight_decay", "nesterov", "beta1", "beta2", "eps", "amsgrad"]
 OPTIMIZER_FIELDS: tuple[OptimizerField, ...] = get_args(OptimizerField)
+# GPU fast paths a session runs with: forwards under torch.autocast in this type ("off": float32),
+# and the memory format of its weights and inputs.
+AutocastName = Literal["off", "bf16", "fp16"]
+MemoryFormatName = Literal["contiguous", "channels_last"]
+AUTOCAST_MODES: tuple[AutocastName, ...] = get_args(AutocastName)
+MEMORY_FORMATS: tuple[MemoryFormatName, ...] = get_args(MemoryFormatName)

@@ -198,12 +198,14 @@ class ModelSpec:
     device: str = "auto"
     data_dir: str = ""
     trusted_path: bool = False
-    # How the model runs (the server's settings, the same for every session): forwards under
-    # torch.autocast ("off", "bf16" or "fp16"), weights and inputs in channels_last memory format,
-    # and cuDNN autotuning (torch.backends.cudnn.benchmark, for the whole process; CUDA only).
+    # How the model runs: forwards under torch.autocast ("off", "bf16" or "fp16") and weights and
+    # inputs in channels_last memory format (the session's choice, else the server's settings);
+    # cuDNN autotuning (torch.backends.cudnn.benchmark, for the whole process; CUDA only) and
+    # tensors to and from the device through page-locked host buffers (CUDA only): the server's.
     autocast: str = "off"
     channels_last: bool = False
     cudnn_benchmark: bool = False
+    pin_memory: bool = False
 
     def build(self) -> tuple[nn.Module, str, torch.device]:
         """The model, where its weights came from, and its device."""

@@ -121,6 +121,9 @@ class SessionDescription:
     pending_forward_id: int
     trainable_parameters: int
     frozen_parameters: int
+    # The fast paths the session runs with (names.AUTOCAST_MODES, names.MEMORY_FORMATS).
+    autocast: str = "off"
+    memory_format: str = "contiguous"
 
 
 @dataclass(frozen=True)

@@ -113,18 +113,29 @@ class SessionEngine:
         keep_initial_state: bool = False,
         autocast: str = "off",
         channels_last: bool = False,
+        pin_memory: bool = False,
     ) -> None:
         """``budget`` is the memory budget the session counts against (shared by the sessions of one
         process); ``keep_initial_state`` keeps a CPU copy of the starting state (the size of the
         weights), which ``reset()`` returns to: the server's default session has one. ``autocast``
         ("off", "bf16", "fp16") runs forwards under ``torch.autocast`` on the session's device, as a
         local mixed-precision loop does (logits come back as float32); ``channels_last`` keeps the
-        weights and inputs in that memory format."""
+        weights and inputs in that memory format; ``pin_memory`` (CUDA only) moves inputs, labels and
+        output gradients to the device from page-locked host memory with non-blocking copies, and
+        brings gradients and parameters back through page-locked buffers with one synchronisation."""
         optimizer.validate()
         if autocast not in AUTOCAST_TYPES:
             raise invalid("autocast", f"autocast must be one of {sorted(AUTOCAST_TYPES)}, got {autocast!r}", "BAD_AUTOCAST")
         self._lock = threading.Lock()
+        if pin_memory and device.type != "cuda":
+            raise FailedPrecondition(
+                f"pin-memory needs a CUDA device (page-locked host buffers only speed up copies to and from "
+                f"an accelerator), and this session's device is {device}: start the server without --pin-memory",
+                "PIN_MEMORY_NEEDS_CUDA",
+            )
+        self._autocast_name = autocast
         self._autocast = AUTOCAST_TYPES[autocast]
+        self._pin_memory = pin_memory
         self._memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self._model = model.to(device).to(memory_format=self._memory_format)
         self._device = device
@@ -158,11 +169,23 @@ class SessionEngine:
         """A session whose model is built here, from plain data (how a session in another process is made)."""
         optimizer.validate()
         module, source, device = model.build()
-        return cls(module, device, source, optimizer, limits, budget, keep_initial_state, model.autocast, model.channels_last)
+        return cls(module, device, source, optimizer, limits, budget, keep_initial_state, model.autocast, model.channels_last,
+                   model.pin_memory)
+
+    def _to_device(self, t: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """A host tensor on the session's device; with pinned memory through a page-locked copy of
+        it (the first copy of the request's bytes: the decoded tensor is a view of them), which the
+        device reads asynchronously (torch keeps the pinned block until the copy is done)."""
+        if self._pin_memory and t.device.type == "cpu":
+            t = t.pin_memory()
+        return t.to(self._device, dtype, non_blocking=True)
 
     def _run_model(self, x: torch.Tensor) -> torch.Tensor:
         """``model(x)`` on the session's device, in its memory format, under its autocast."""
-        x = x.to(self._device, non_blocking=True, memory_format=self._memory_format)
+        if self._pin_memory:  # copied as it is, then rearranged on the device
+            x = self._to_device(x).contiguous(memory_format=self._memory_format)
+        else:
+            x = x.to(self._device, non_blocking=True, memory_format=self._memory_format)
         with torch.autocast(self._device.type, dtype=self._autocast or torch.float32, enabled=self._autocast is not None):
             out: torch.Tensor = self._model(x)
         return out
@@ -335,7 +358,7 @@ class SessionEngine:
                         "BAD_OUTPUT_GRADIENT_SHAPE",
                     )
                 require_finite(output_gradient, "output_gradient")
-                gradient = output_gradient.to(self._device, logits.dtype, non_blocking=True)  # the logits' own type under autocast
+                gradient = self._to_device(output_gradient, logits.dtype)  # the logits' own type under autocast
                 logits.backward(gradient=gradient, retain_graph=retain_graph)  # type: ignore[no-untyped-call]
                 loss_value = None
             if not retain_graph:
@@ -366,8 +389,8 @@ class SessionEngine:
     def _loss(self, loss: LossName, logits: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
         labels = self._check_labels(loss, labels, tuple(logits.shape))
         if loss == "cross_entropy":
-            return F.cross_entropy(logits, labels.to(self._device))
-        target = labels.to(self._device, non_blocking=True)
+            return F.cross_entropy(logits, self._to_device(labels))
+        target = self._to_device(labels)
         if loss == "sum":
             return (logits - target).sum()
         return F.mse_loss(logits, target)
@@ -692,6 +715,7 @@ class SessionEngine:
             self._budget.check(self, copies, f"a snapshot of {len(names)} tensor(s)")
             values = {name: v.detach() for name in names if (v := pick(tensors[name])) is not None}
             all_stats = dict(zip(values, tensors_stats(list(values.values())))) if with_stats else {}
+            staged = self._stage(values, dtype) if self._pin_memory and not stats_only else None
             out = []
             for name in names:
                 source = tensors[name]
@@ -703,9 +727,20 @@ class SessionEngine:
                 if not stats_only:
                     # On the CPU in the transfer type: a copy only when it is elsewhere or in another type.
                     target = dtype if value.is_floating_point() else value.dtype
-                    view = value.to("cpu", target).contiguous()
+                    view = staged[name] if staged is not None else value.to("cpu", target).contiguous()
                 out.append(encode(NamedTensor(name, tuple(value.shape), view, stats)))
             return out
+
+    def _stage(self, values: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+        """Device tensors copied into page-locked host tensors (floating ones in ``dtype``), all
+        copies queued without waiting, then one synchronisation: what ``_snapshot`` sends with
+        pinned memory, instead of one blocking copy per tensor."""
+        staged = {}
+        for name, value in values.items():
+            host = torch.empty(value.shape, dtype=dtype if value.is_floating_point() else value.dtype, pin_memory=True)
+            staged[name] = host.copy_(value, non_blocking=True)
+        torch.cuda.synchronize(self._device)
+        return staged
 
     def graph(self) -> Graph:
         """The autograd graph of the pending forward, from the logits' grad_fn to the leaf parameters."""
@@ -736,4 +771,6 @@ class SessionEngine:
             pending_forward_id=self._pending.forward_id if self._pending and self._pending.logits is not None else 0,
             trainable_parameters=trainable,
             frozen_parameters=len(params) - trainable,
+            autocast=self._autocast_name,
+            memory_format="channels_last" if self._memory_format == torch.channels_last else "contiguous",
         )

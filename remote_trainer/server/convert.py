@@ -173,7 +173,8 @@ def session_info(session_id: str, desc: SessionDescription, is_default: bool) ->
         session_id=session_id, model=desc.model, weights=desc.weights, device=desc.device,
         num_classes=desc.num_classes, optimizer=optimizer_config(desc.optimizer), step_count=desc.step_count,
         pending_forward_id=desc.pending_forward_id, trainable_parameters=desc.trainable_parameters,
-        frozen_parameters=desc.frozen_parameters, is_default=is_default,
+        frozen_parameters=desc.frozen_parameters, is_default=is_default, autocast=desc.autocast,
+        memory_format=desc.memory_format,
     )
 
 

@@ -26,6 +26,7 @@ from remote_trainer.server.settings import Settings
 from remote_trainer.server.status import Context, current_call, streaming, unary
 from remote_trainer.server.tensorboard import TrainingLog
 from remote_trainer.contract import codec
+from remote_trainer.contract.names import AUTOCAST_MODES, MEMORY_FORMATS
 from remote_trainer.contract.trainer.v1 import trainer_pb2 as pb
 
 log = logging.getLogger(__name__)
@@ -104,8 +105,18 @@ class TrainerServicer:
 
         if not 0 <= request.num_classes <= MAX_CLASSES:  # before the estimate below
             raise invalid("num_classes", f"num_classes must be in 0..{MAX_CLASSES}, got {request.num_classes}", "BAD_NUM_CLASSES")
+        # The session's own fast paths, or (empty) the server's.
+        autocast = request.autocast or self._model_options.autocast
+        if autocast not in AUTOCAST_MODES:
+            raise invalid("autocast", f"autocast must be {', '.join(AUTOCAST_MODES)} or empty (the server's), "
+                          f"got {request.autocast!r}", "BAD_AUTOCAST")
+        if request.memory_format and request.memory_format not in MEMORY_FORMATS:
+            raise invalid("memory_format", f"memory_format must be {', '.join(MEMORY_FORMATS)} or empty (the server's), "
+                          f"got {request.memory_format!r}", "BAD_MEMORY_FORMAT")
+        channels_last = (request.memory_format == "channels_last" if request.memory_format
+                         else self._model_options.channels_last)
         model = replace(self._model_options, weights=request.weights or "random", num_classes=request.num_classes,
-                        seed=request.seed)
+                        seed=request.seed, autocast=autocast, channels_last=channels_last)
         reservation = Reservation()  # the new session's share of the memory budget while it is built
         with self._budget.use(reservation, model_bytes(request.num_classes or 1000), "a new session"):
             session_id, engine = self._store.create(model, spec, caller(self._auth, context), current_call().still_wanted)

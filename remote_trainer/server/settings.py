@@ -13,6 +13,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
+from remote_trainer.contract.names import AUTOCAST_MODES, MEMORY_FORMATS
 from remote_trainer.engine.limits import Limits
 
 MIB = 1024 * 1024
@@ -116,12 +117,16 @@ class Settings:
     # session still gives memory back (malloc_trim). 0: glibc's defaults.
     reuse_buffers_bytes: int = 0
 
-    # GPU fast paths, for every session: forwards under torch.autocast ("off", "bf16", "fp16"; the
-    # logits differ from float32 within the tolerance in docs/benchmarks.md), weights and inputs in
-    # "channels_last" memory format (or "contiguous"), and cuDNN autotuning (1: on; CUDA only).
+    # GPU fast paths: forwards under torch.autocast ("off", "bf16", "fp16"; the logits differ from
+    # float32 within the tolerance in docs/benchmarks.md) and weights and inputs in "channels_last"
+    # memory format (or "contiguous"): every session's unless it chooses its own in CreateSession;
+    # cuDNN autotuning (1: on; CUDA only), for the whole process.
     autocast: str = "off"
     memory_format: str = "contiguous"
     cudnn_benchmark: int = 0
+    # 1: tensors go to the device from page-locked (pinned) host memory with non-blocking copies,
+    # and come back (GetGradients, GetParameters) through pinned buffers; needs a CUDA device.
+    pin_memory: int = 0
 
     def run_options(self) -> dict[str, Any]:
         """How every session's model runs: the fields of the engine's ModelSpec they set."""
@@ -129,12 +134,14 @@ class Settings:
             "autocast": self.autocast,
             "channels_last": self.memory_format == "channels_last",
             "cudnn_benchmark": bool(self.cudnn_benchmark),
+            "pin_memory": bool(self.pin_memory),
         }
 
 _HELP = {
-    "autocast": "off | bf16 | fp16: run forwards under torch.autocast (mixed precision), every session",
-    "memory_format": "contiguous | channels_last: memory format of the weights and inputs, every session",
+    "autocast": "off | bf16 | fp16: run forwards under torch.autocast (mixed precision); a session may choose its own",
+    "memory_format": "contiguous | channels_last: memory format of the weights and inputs; a session may choose its own",
     "cudnn_benchmark": "1: let cuDNN autotune its convolution algorithms (CUDA only; 0: off)",
+    "pin_memory": "1: copy tensors to and from the GPU through pinned host memory, non-blocking (CUDA only; 0: off)",
     "host": "address to listen on (0.0.0.0 or [::] for all interfaces)",
     "port": "port to listen on; 0 picks a free one (the log says which)",
     "weights": "auto | random | imagenet | PATH to a state_dict (.pt/.pth) or .safetensors file",
@@ -223,12 +230,20 @@ def validate(settings: Settings) -> list[str]:
     for name in ("session_memory_bytes", "max_sessions", "max_message_bytes", "max_input_elements", "max_batch", "chunk_bytes", "max_workers"):
         if getattr(settings, name) < 1:
             problems.append(f"{name.replace('_', '-')} must be at least 1")
-    if settings.autocast not in ("off", "bf16", "fp16"):
+    if settings.autocast not in AUTOCAST_MODES:
         problems.append(f"autocast {settings.autocast!r} is not off, bf16 or fp16")
-    if settings.memory_format not in ("contiguous", "channels_last"):
+    if settings.memory_format not in MEMORY_FORMATS:
         problems.append(f"memory-format {settings.memory_format!r} is not contiguous or channels_last")
     if settings.cudnn_benchmark not in (0, 1):
         problems.append("cudnn-benchmark must be 0 or 1")
+    if settings.pin_memory not in (0, 1):
+        problems.append("pin-memory must be 0 or 1")
+    # Whether "auto" finds a GPU is known once torch is imported: the session's engine refuses
+    # pin-memory on a CPU device then (PIN_MEMORY_NEEDS_CUDA), which stops the server at startup.
+    if settings.pin_memory and (settings.device == "cpu" or settings.backend == "ray" and settings.device == "auto"
+                                and settings.ray_num_gpus == 0):
+        problems.append("pin-memory needs a CUDA device (pinned host buffers only speed up copies to an accelerator); "
+                        "the sessions' device is the CPU" + (" (ray-num-gpus is 0)" if settings.device == "auto" else ""))
     if settings.stream_write_timeout_seconds <= 0:
         problems.append("stream-write-timeout-seconds must be positive")
     if settings.num_classes < 0:

@@ -490,6 +490,8 @@ class SessionInfo(_message.Message):
     TRAINABLE_PARAMETERS_FIELD_NUMBER: _builtins.int
     FROZEN_PARAMETERS_FIELD_NUMBER: _builtins.int
     IS_DEFAULT_FIELD_NUMBER: _builtins.int
+    AUTOCAST_FIELD_NUMBER: _builtins.int
+    MEMORY_FORMAT_FIELD_NUMBER: _builtins.int
     session_id: _builtins.str
     """The session's id."""
     model: _builtins.str
@@ -510,6 +512,14 @@ class SessionInfo(_message.Message):
     """Number of parameters without requires_grad."""
     is_default: _builtins.bool
     """Whether this is the server's default session."""
+    autocast: _builtins.str
+    """The session's forwards run under torch.autocast in this type: "off"
+    (float32), "bf16" or "fp16" (its own choice, or the server's --autocast).
+    """
+    memory_format: _builtins.str
+    """Memory format of the session's weights and inputs: "contiguous" or
+    "channels_last" (its own choice, or the server's --memory-format).
+    """
     @_builtins.property
     def optimizer(self) -> Global___OptimizerConfig:
         """The optimizer, with every value filled in."""
@@ -528,10 +538,12 @@ class SessionInfo(_message.Message):
         trainable_parameters: _builtins.int = ...,
         frozen_parameters: _builtins.int = ...,
         is_default: _builtins.bool = ...,
+        autocast: _builtins.str = ...,
+        memory_format: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["optimizer", b"optimizer"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["device", b"device", "frozen_parameters", b"frozen_parameters", "is_default", b"is_default", "model", b"model", "num_classes", b"num_classes", "optimizer", b"optimizer", "pending_forward_id", b"pending_forward_id", "session_id", b"session_id", "step_count", b"step_count", "trainable_parameters", b"trainable_parameters", "weights", b"weights"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["autocast", b"autocast", "device", b"device", "frozen_parameters", b"frozen_parameters", "is_default", b"is_default", "memory_format", b"memory_format", "model", b"model", "num_classes", b"num_classes", "optimizer", b"optimizer", "pending_forward_id", b"pending_forward_id", "session_id", b"session_id", "step_count", b"step_count", "trainable_parameters", b"trainable_parameters", "weights", b"weights"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -547,6 +559,8 @@ class CreateSessionRequest(_message.Message):
     NUM_CLASSES_FIELD_NUMBER: _builtins.int
     OPTIMIZER_FIELD_NUMBER: _builtins.int
     SEED_FIELD_NUMBER: _builtins.int
+    AUTOCAST_FIELD_NUMBER: _builtins.int
+    MEMORY_FORMAT_FIELD_NUMBER: _builtins.int
     weights: _builtins.str
     """"random" (seeded by seed), "imagenet" (from the server's torch hub
     cache), or the name of a weights file in the server's data directory
@@ -556,6 +570,18 @@ class CreateSessionRequest(_message.Message):
     """Number of output classes; 0 means 1000, or the head size of the weights."""
     seed: _builtins.int
     """Seed for random weights."""
+    autocast: _builtins.str
+    """Run this session's forwards under torch.autocast: "off" (float32),
+    "bf16" or "fp16" (mixed precision; logits and gradients still come back
+    as float32, within the tolerance in docs/benchmarks.md). Empty: the
+    server's --autocast. cuDNN autotuning (--cudnn-benchmark) and pinned host
+    buffers (--pin-memory) are not chosen here: they are the server's, for
+    every session (cudnn.benchmark is a process-wide torch flag).
+    """
+    memory_format: _builtins.str
+    """Memory format of this session's weights and inputs: "contiguous" or
+    "channels_last". Empty: the server's --memory-format.
+    """
     @_builtins.property
     def optimizer(self) -> Global___OptimizerConfig:
         """The optimizer; unset means the tutorial's SGD(lr=0.01, momentum=0.9)."""
@@ -567,10 +593,12 @@ class CreateSessionRequest(_message.Message):
         num_classes: _builtins.int = ...,
         optimizer: Global___OptimizerConfig | None = ...,
         seed: _builtins.int = ...,
+        autocast: _builtins.str = ...,
+        memory_format: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["optimizer", b"optimizer"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["num_classes", b"num_classes", "optimizer", b"optimizer", "seed", b"seed", "weights", b"weights"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["autocast", b"autocast", "memory_format", b"memory_format", "num_classes", b"num_classes", "optimizer", b"optimizer", "seed", b"seed", "weights", b"weights"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
