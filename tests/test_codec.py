@@ -149,3 +149,76 @@ def test_a_spliced_request_parses_as_the_whole_message(shape: tuple[int, ...]) -
     raw = codec.encode_header_into(header.input.tensor, array)
     spliced = codec.SplicedRequest(header, (2, 1, 3), raw).serialize()
     assert pb.ForwardRequest.FromString(spliced) == whole
+
+
+def _without_raw(message: pb.ForwardRequest) -> pb.ForwardRequest:
+    copy = pb.ForwardRequest()
+    copy.CopyFrom(message)
+    if copy.input.HasField("tensor"):
+        copy.input.tensor.raw_data = b""
+    return copy
+
+
+FORWARD_PATH = (2, 1, 3)  # ForwardRequest.input, TensorInput.tensor, Tensor.raw_data
+
+
+@pytest.mark.parametrize("how", ["spliced", "protobuf", "values", "raw twice", "no input"])
+def test_the_servers_cut_reads_a_request_as_protobuf_does(how: str) -> None:
+    """``cut_field`` (how the server takes a batch's bytes out of Forward/TrainStep requests without
+    copying them): the rest parses into the message protobuf reads from the whole bytes, less the
+    raw bytes, which come out equal to protobuf's ``raw_data`` (the last occurrence winning)."""
+    array = np.arange(2 * 3 * 4 * 4, dtype=np.float32).reshape(2, 3, 4, 4)
+    whole = pb.ForwardRequest(session_id="s", eval_mode=True)
+    if how == "spliced":
+        header = pb.ForwardRequest(session_id="s", eval_mode=True)
+        data = codec.SplicedRequest(header, FORWARD_PATH, codec.encode_header_into(header.input.tensor, array)).serialize()
+    elif how == "values":
+        whole.input.values.shape.extend([2])
+        whole.input.values.values.extend([1.0, 2.0])
+        data = whole.SerializeToString()
+    elif how == "no input":
+        data = whole.SerializeToString()
+    else:
+        codec.encode_into(whole.input.tensor, array)
+        data = whole.SerializeToString()
+        if how == "raw twice":  # a second piece of the input whose raw bytes replace the first's
+            data += pb.ForwardRequest(input=pb.TensorInput(tensor=pb.Tensor(raw_data=b"later"))).SerializeToString()
+    expected = pb.ForwardRequest.FromString(data)
+    rest, raw = codec.cut_field(data, FORWARD_PATH)
+    assert pb.ForwardRequest.FromString(rest) == _without_raw(expected)
+    if expected.input.HasField("tensor"):
+        assert raw is not None and bytes(raw) == expected.input.tensor.raw_data
+        assert raw.obj is data  # a view of the received bytes, not a copy
+    else:
+        assert raw is None
+    if how in ("spliced", "protobuf"):
+        np.testing.assert_array_equal(codec.decode(pb.ForwardRequest.FromString(rest).input.tensor, raw), array)
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_the_servers_cut_never_reads_damaged_bytes_differently_from_protobuf(seed: int) -> None:
+    """Bytes damaged at random: the cut refuses them (ValueError, and the server then lets protobuf
+    decide), or reads them exactly as protobuf does."""
+    rng = np.random.default_rng(seed)
+    whole = pb.ForwardRequest(session_id="session", eval_mode=True, output_format=pb.OUTPUT_FORMAT_STATS_ONLY)
+    codec.encode_into(whole.input.tensor, rng.random((1, 3, 2, 2), dtype=np.float32))
+    good = bytearray(whole.SerializeToString())
+    for _ in range(50):
+        data = bytearray(good)
+        for i in rng.integers(0, len(data), size=int(rng.integers(1, 4))):
+            data[i] = int(rng.integers(0, 256))
+        data = data[: int(rng.integers(1, len(data) + 1))]
+        try:
+            expected = pb.ForwardRequest.FromString(bytes(data))
+        except Exception:
+            expected = None
+        try:
+            rest, raw = codec.cut_field(bytes(data), FORWARD_PATH)
+        except ValueError:
+            continue
+        if expected is None:
+            with pytest.raises(Exception):
+                pb.ForwardRequest.FromString(rest)
+            continue
+        assert pb.ForwardRequest.FromString(rest) == _without_raw(expected)
+        assert (bytes(raw) if raw is not None else b"") == expected.input.tensor.raw_data

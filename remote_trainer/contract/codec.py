@@ -181,15 +181,17 @@ def encode_raw(raw: bytes, shape: Iterable[int], data_type: int) -> pb.Tensor:
     return pb.Tensor(shape=list(shape), data_type=data_type, raw_data=raw)  # type: ignore[arg-type]
 
 
-def decode(tensor: pb.Tensor) -> npt.NDArray[np.generic]:
-    """A wire ``Tensor`` as a read-only numpy array viewing its bytes (no copy).
+def decode(tensor: pb.Tensor, raw: bytes | memoryview | None = None) -> npt.NDArray[np.generic]:
+    """A wire ``Tensor`` as a read-only numpy array viewing its bytes (no copy): ``raw``, when its
+    ``raw_data`` was cut out of the received message (``cut_field``), else ``raw_data``.
 
     bfloat16 decodes to float32 (a copy). Raises ``CodecError`` when the byte length does not
     match the shape and data type.
     """
     dtype = _wire_dtype(tensor.data_type)
     shape = check_shape(tensor.shape)
-    raw = tensor.raw_data
+    if raw is None:
+        raw = tensor.raw_data
     expected = math.prod(shape) * dtype.itemsize
     if len(raw) != expected:
         raise CodecError(
@@ -315,6 +317,54 @@ class Serialized:
 
     def __init__(self, data: bytes) -> None:
         self.data = data
+
+
+def cut_field(data: bytes, path: tuple[int, ...]) -> tuple[bytes, memoryview | None]:
+    """A serialised message with one length-delimited field taken out, and that field's bytes as a
+    view of ``data`` (no copy), or None when it is absent; ``path`` gives the field numbers from the
+    message down to the field (``SplicedRequest``'s path). As protobuf reads it: the messages on
+    the path may come in several pieces (``SplicedRequest`` sends two), each kept for protobuf to
+    merge, and of several occurrences of the field the last wins. The rest is copied, so it should
+    be small. Raises ``ValueError`` for bytes that do not parse."""
+    rest, found = _cut(memoryview(data), path)
+    return rest, found
+
+
+def _cut(buf: memoryview, path: tuple[int, ...]) -> tuple[bytes, memoryview | None]:
+    out: list[bytes | memoryview] = []
+    found: memoryview | None = None
+    pos = 0
+    while pos < len(buf):
+        start = pos
+        key, pos = _read_varint(buf, pos)
+        wire = key & 7
+        if wire == _LEN:
+            size, pos = _read_varint(buf, pos)
+            end = pos + size
+            if end > len(buf):
+                raise ValueError("truncated field")
+            if key >> 3 == path[0]:
+                if len(path) == 1:
+                    found = buf[pos:end]
+                else:
+                    inner, deeper = _cut(buf[pos:end], path[1:])
+                    out += [_varint(key), _varint(len(inner)), inner]
+                    found = deeper if deeper is not None else found
+                pos = end
+                continue
+            pos = end
+        elif wire == 0:
+            _, pos = _read_varint(buf, pos)
+        elif wire == 1:
+            pos += 8
+        elif wire == 5:
+            pos += 4
+        else:
+            raise ValueError("unexpected wire type")
+        if pos > len(buf):
+            raise ValueError("truncated field")
+        out.append(buf[start:pos])
+    return b"".join(out), found
 
 
 def _varint(n: int) -> bytes:

@@ -30,7 +30,7 @@ from remote_trainer.engine.limits import Limits
 from remote_trainer.engine.memory import reuse_freed_buffers
 from remote_trainer.engine.optimizer import OptimizerSpec
 from remote_trainer.engine.session import SessionEngine
-from remote_trainer.server import reflection
+from remote_trainer.server import convert, reflection
 from remote_trainer.server.metrics import Metrics
 from remote_trainer.engine.models import ModelSpec, resolve_device
 from remote_trainer.server.servicer import TrainerServicer
@@ -246,6 +246,19 @@ def _counted_handlers(servicer: TrainerServicer, metrics: Metrics) -> grpc.Gener
             except DecodeError as exc:
                 return Undecodable(cls.DESCRIPTOR.full_name, str(exc))
 
+        def deserialize_input(data: bytes, cls: Any = request_class, name: str = method.name) -> Any:
+            # Forward and TrainStep: the batch's bytes stay where they arrived (convert.LargeInput).
+            metrics.received(name, len(data))
+            try:
+                rest, raw = codec.cut_field(data, convert.INPUT_PATHS[name])
+                return convert.LargeInput(cls.FromString(rest), raw)
+            except (ValueError, DecodeError):
+                pass  # a layout the cut does not read: protobuf's parser decides
+            try:
+                return convert.LargeInput(cls.FromString(data), None)
+            except DecodeError as exc:
+                return Undecodable(cls.DESCRIPTOR.full_name, str(exc))
+
         def serialize(message: Any, name: str = method.name) -> bytes:
             # Tensor streams hand over messages already in wire form (codec.Serialized).
             data: bytes = message.data if isinstance(message, codec.Serialized) else message.SerializeToString()
@@ -253,7 +266,8 @@ def _counted_handlers(servicer: TrainerServicer, metrics: Metrics) -> grpc.Gener
             return data
 
         handlers[method.name] = _HANDLER_FACTORIES[kind](
-            implementation, request_deserializer=deserialize, response_serializer=serialize
+            implementation, request_deserializer=deserialize_input if method.name in convert.INPUT_PATHS else deserialize,
+            response_serializer=serialize,
         )
     return grpc.method_handlers_generic_handler(SERVICE_NAME, handlers)
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import math
 import warnings
+from dataclasses import dataclass
+from typing import Generic, TypeVar
 
 import numpy as np
 import torch
@@ -47,11 +49,40 @@ TORCH_TO_WIRE: dict[torch.dtype, int] = {
 MAX_DIMENSIONS = 32
 
 
-def input_tensor(msg: pb.TensorInput, field: str, max_elements: int, integer: bool = False) -> tuple[torch.Tensor, bool]:
+M = TypeVar("M", pb.ForwardRequest, pb.TrainStepRequest)
+
+
+@dataclass(frozen=True)
+class LargeInput(Generic[M]):
+    """A Forward or TrainStep request as the server receives it: ``message`` as protobuf parses it
+    without its input's raw bytes, and ``raw``, those bytes as a view of the received message (no
+    copy; protobuf's parser and its ``raw_data`` getter would each copy a batch once more), or None
+    when the input did not come as raw bytes (numbers, a generator)."""
+
+    message: M
+    raw: memoryview | None
+
+    @property
+    def session_id(self) -> str:
+        return self.message.session_id
+
+
+# Field numbers from each request down to its input's raw bytes (input, tensor, raw_data).
+INPUT_PATHS = {
+    name: (cls.DESCRIPTOR.fields_by_name["input"].number, pb.TensorInput.DESCRIPTOR.fields_by_name["tensor"].number,
+           pb.Tensor.DESCRIPTOR.fields_by_name["raw_data"].number)
+    for name, cls in (("Forward", pb.ForwardRequest), ("TrainStep", pb.TrainStepRequest))
+}
+
+
+def input_tensor(
+    msg: pb.TensorInput, field: str, max_elements: int, integer: bool = False, raw: memoryview | None = None
+) -> tuple[torch.Tensor, bool]:
     """The tensor a ``TensorInput`` carries, and whether it was written as numbers (or generated).
 
     ``integer`` asks for int64 from numbers and zeros/ones (class indices). Size limits are checked
-    from the shape before anything is allocated.
+    from the shape before anything is allocated. ``raw`` is the tensor's bytes when they were cut
+    out of the request (``LargeInput``).
     """
     source = msg.WhichOneof("source")
     if source is None:
@@ -59,7 +90,7 @@ def input_tensor(msg: pb.TensorInput, field: str, max_elements: int, integer: bo
     try:
         if source == "tensor":
             _check_size(msg.tensor.shape, field, max_elements)
-            tensor = torch.from_numpy(codec.decode(msg.tensor))
+            tensor = torch.from_numpy(codec.decode(msg.tensor, raw))
             if msg.tensor.data_type == pb.DATA_TYPE_BFLOAT16:
                 tensor = tensor.to(torch.bfloat16)  # exact: the codec widened bfloat16 to float32
             return tensor, False

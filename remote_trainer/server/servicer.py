@@ -135,12 +135,13 @@ class TrainerServicer:
         return pb.DescribeSessionResponse(session=self._info(request.session_id, description))
 
     @unary
-    def Forward(self, request: pb.ForwardRequest, context: Context) -> pb.ForwardResponse:
+    def Forward(self, received: convert.LargeInput[pb.ForwardRequest], context: Context) -> pb.ForwardResponse:
+        request = received.message
         engine = self._session(request.session_id, context)
         fmt = request.output_format
         if fmt not in pb.OutputFormat.values():
             raise invalid("output_format", f"unknown output_format {fmt}", "BAD_OUTPUT_FORMAT")
-        x, as_numbers = convert.input_tensor(request.input, "input", self._limits.max_input_elements)
+        x, as_numbers = convert.input_tensor(request.input, "input", self._limits.max_input_elements, raw=received.raw)
         as_values = fmt == pb.OUTPUT_FORMAT_VALUES or fmt == pb.OUTPUT_FORMAT_UNSPECIFIED and as_numbers
         # Numbers travel as 8-byte doubles, raw logits as 4-byte floats; 64 KiB for the rest of the message.
         budget = None if fmt == pb.OUTPUT_FORMAT_STATS_ONLY else (self._max_message_bytes - 65536) // (8 if as_values else 4)
@@ -308,14 +309,15 @@ class TrainerServicer:
         return pb.ListSessionsResponse(sessions=sessions, checkpoints=files)
 
     @unary
-    def TrainStep(self, request: pb.TrainStepRequest, context: Context) -> pb.TrainStepResponse:
+    def TrainStep(self, received: convert.LargeInput[pb.TrainStepRequest], context: Context) -> pb.TrainStepResponse:
+        request = received.message
         engine = self._session(request.session_id, context)
         loss = convert.LOSSES.get(request.loss.function)
         if loss is None:
             raise invalid("loss.function", f"unknown loss function {request.loss.function}: "
                           "use SUM_DIFFERENCE, CROSS_ENTROPY or MSE", "UNKNOWN_LOSS")
         max_elements = self._limits.max_input_elements
-        x, _ = convert.input_tensor(request.input, "input", max_elements)
+        x, _ = convert.input_tensor(request.input, "input", max_elements, raw=received.raw)
         labels, _ = convert.input_tensor(request.loss.labels, "loss.labels", max_elements, integer=loss == "cross_entropy")
         zero_grad = request.zero_grad if request.HasField("zero_grad") else True
         budget = (self._max_message_bytes - 65536) // 4 if request.return_logits else None
