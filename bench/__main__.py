@@ -35,7 +35,7 @@ from remote_trainer.engine.models import build_model, head_of, new_head
 SECTIONS = ("step", "grads", "upload", "concurrency", "memory", "rpc")
 # Run only when asked for (--sections ...,ray): starts a second server with a Ray of its own.
 OPTIONAL_SECTIONS = ("ray",)
-CASES = ("full", "frozen", "client-loss", "train-step", "client-loss-2rt")
+CASES = ("full", "frozen", "client-loss", "train-step", "client-loss-2rt", "full-grad-norm")
 TUTORIAL_LR, TUTORIAL_MOMENTUM = 1e-2, 0.9
 
 
@@ -173,11 +173,14 @@ class LocalStep:
 class RemoteStep:
     """The same step through the server. ``full``/``frozen``: Forward, Backward (server loss), Step;
     ``client-loss``: Forward, Backward (client gradient), Step; ``train-step``: one TrainStep call;
-    ``client-loss-2rt``: Forward, then Backward (client gradient) that also steps."""
+    ``client-loss-2rt``: Forward, then Backward (client gradient) that also steps. Each Backward
+    asks for no gradient norm (``grad_norm=False``), since the local step computes none either;
+    ``full-grad-norm`` is ``full`` with Backward's default, the norm computed and returned."""
 
     def __init__(self, session: Session, case: str) -> None:
         self.session = session
         self.case = case
+        self.grad_norm = case == "full-grad-norm"
         if case == "frozen":
             session.freeze("*")
             session.replace_head(10, seed=0)
@@ -193,7 +196,7 @@ class RemoteStep:
             prediction = torch.from_numpy(np.array(logits)).requires_grad_()
             (prediction - torch.from_numpy(labels)).sum().backward()  # type: ignore[no-untyped-call]
             assert prediction.grad is not None
-            self.session.backward(output_gradient=prediction.grad.numpy(), step=True)
+            self.session.backward(output_gradient=prediction.grad.numpy(), step=True, grad_norm=False)
             self.logits = logits
             return
         if self.case == "client-loss":
@@ -201,9 +204,9 @@ class RemoteStep:
             prediction = torch.from_numpy(np.array(logits)).requires_grad_()
             (prediction - torch.from_numpy(labels)).sum().backward()  # type: ignore[no-untyped-call]
             assert prediction.grad is not None
-            self.session.backward(output_gradient=prediction.grad.numpy())
+            self.session.backward(output_gradient=prediction.grad.numpy(), grad_norm=False)
         else:
-            self.session.backward("sum", labels)
+            self.session.backward("sum", labels, grad_norm=self.grad_norm)
         self.session.step()
         self.logits = logits
 
