@@ -3,13 +3,18 @@ PyTorch in every transfer type, with or without statistics."""
 
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 import pytest
 import torch
 from torch import nn
 
 from remote_trainer.client import InvalidArgumentError, Session
+from remote_trainer.contract import codec
 from remote_trainer.contract.trainer.v1 import trainer_pb2 as pb
+from remote_trainer.engine.results import NamedTensor
+from remote_trainer.server import convert
 from tests.conftest import assert_equal_to_local, rand
 
 
@@ -70,3 +75,27 @@ def test_packed_streams_carry_the_same_chunks_in_fewer_responses(session: Sessio
             assert [c for r in packed for c in r.chunks] == [r.chunk for r in plain]
             assert all(r.ByteSize() <= chunk_bytes or len(r.chunks) == 1 for r in packed)
             assert len(packed) == 1 if stats_only else len(packed) < len(plain) * 0.6
+
+
+def test_a_stream_sends_its_first_tensors_while_later_ones_are_encoded(session: Session, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The server writes each tensor's responses as soon as they are made: here the encoding of a
+    late tensor waits until the client holds the first response, which only a stream that sends
+    while it encodes can deliver (one that sent after encoding everything would wait out the 20 s)."""
+    first_arrived = threading.Event()
+    waited: list[bool] = []
+    original = convert.wire_chunks
+
+    def wire_chunks(item: NamedTensor, chunk_bytes: int, packed: bool = False) -> list[codec.Serialized]:
+        if item.name == "layer4.1.bn2.bias":
+            waited.append(first_arrived.wait(timeout=20))
+        return original(item, chunk_bytes, packed)
+
+    monkeypatch.setattr(convert, "wire_chunks", wire_chunks)
+    session.forward(rand(2, 3, 64, 64))
+    session.backward("sum", rand(2, 1000))
+    stream = session._client.stub.GetGradients(pb.GetGradientsRequest(session_id=session.session_id), timeout=120)
+    first = next(stream)
+    first_arrived.set()
+    rest = list(stream)
+    assert waited == [True]
+    assert first.chunk.name == "conv1.weight" and rest[-1].chunk.name == "fc.bias"

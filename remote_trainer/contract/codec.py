@@ -437,22 +437,41 @@ def encode_chunk_wire(
     return out
 
 
-def pack_wire(messages: Iterable[Serialized], limit: int) -> Iterator[Serialized]:
-    """Responses made with ``packed`` (each one element of ``chunks``), joined while together they
+class Packer:
+    """Joins responses made with ``packed`` (each one element of ``chunks``) while together they
     stay within ``limit`` bytes: protobuf appends every occurrence of a repeated field, so the
     joined bytes are one response whose ``chunks`` are theirs in order. A response of ``limit``
-    bytes or more goes alone and is not copied."""
-    group: list[bytes] = []
-    size = 0
+    bytes or more goes alone and is not copied. One response at a time, so a stream can send
+    what is complete while later tensors are still being encoded."""
+
+    def __init__(self, limit: int) -> None:
+        self._limit = limit
+        self._group: list[bytes] = []
+        self._size = 0
+
+    def add(self, message: Serialized) -> Serialized | None:
+        """Takes ``message``; returns the response it completes (the group before it), if any."""
+        done = self.flush() if self._group and self._size + len(message.data) > self._limit else None
+        self._group.append(message.data)
+        self._size += len(message.data)
+        return done
+
+    def flush(self) -> Serialized | None:
+        """The response of what was taken and not yet returned, if anything was."""
+        if not self._group:
+            return None
+        group, self._group, self._size = self._group, [], 0
+        return Serialized(group[0] if len(group) == 1 else b"".join(group))
+
+
+def pack_wire(messages: Iterable[Serialized], limit: int) -> Iterator[Serialized]:
+    """``messages`` through a ``Packer``: the joined responses, in order."""
+    packer = Packer(limit)
     for message in messages:
-        n = len(message.data)
-        if group and size + n > limit:
-            yield Serialized(b"".join(group)) if len(group) > 1 else Serialized(group[0])
-            group, size = [], 0
-        group.append(message.data)
-        size += n
-    if group:
-        yield Serialized(b"".join(group)) if len(group) > 1 else Serialized(group[0])
+        if (done := packer.add(message)) is not None:
+            yield done
+    if (last := packer.flush()) is not None:
+        yield last
 
 
 def split_chunk_response(data: bytes) -> list[tuple[pb.TensorChunk, memoryview]]:

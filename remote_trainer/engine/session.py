@@ -679,9 +679,10 @@ class SessionEngine:
         self, patterns: list[str], stats_only: bool, dtype: torch.dtype, encode: Callable[[NamedTensor], T],
         with_stats: bool = True,
     ) -> list[T]:
-        """``encode`` of each .grad matching ``patterns``, called under the session's lock with the
-        tensor's own memory when it is already on the CPU in ``dtype`` (no snapshot copy): what
-        ``encode`` returns must not keep that tensor. ``with_stats`` False skips the statistics."""
+        """``encode`` of each .grad matching ``patterns``, in order, called under the session's lock
+        with the tensor's own memory when it is already on the CPU in ``dtype`` (no snapshot copy):
+        what ``encode`` returns or sends must not keep that tensor. ``encode`` may send each result
+        before the next tensor is read. ``with_stats`` False skips the statistics."""
         return self._snapshot(patterns, stats_only, dtype, lambda p: p.grad, False, encode, with_stats)
 
     def encode_parameters(
@@ -714,7 +715,11 @@ class SessionEngine:
             )
             self._budget.check(self, copies, f"a snapshot of {len(names)} tensor(s)")
             values = {name: v.detach() for name in names if (v := pick(tensors[name])) is not None}
-            all_stats = dict(zip(values, tensors_stats(list(values.values())))) if with_stats else {}
+            # When data goes out, on the CPU each tensor's statistics are taken right before it is
+            # encoded, so that a caller sending as it encodes starts with the first tensors while
+            # later ones are read; otherwise all at once (fewer calls, one synchronisation).
+            one_by_one = with_stats and not stats_only and self._device.type == "cpu"
+            all_stats = dict(zip(values, tensors_stats(list(values.values())))) if with_stats and not one_by_one else {}
             staged = self._stage(values, dtype) if self._pin_memory and not stats_only else None
             out = []
             for name in names:
@@ -722,7 +727,8 @@ class SessionEngine:
                 if name not in values:
                     out.append(encode(NamedTensor(name, tuple(source.shape), None, None, present=False)))
                     continue
-                value, stats = values[name], all_stats.get(name)
+                value = values[name]
+                stats = tensors_stats([value])[0] if one_by_one else all_stats.get(name)
                 view = None
                 if not stats_only:
                     # On the CPU in the transfer type: a copy only when it is elsewhere or in another type.

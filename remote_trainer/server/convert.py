@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
@@ -174,6 +175,27 @@ def wire_chunks(item: NamedTensor, chunk_bytes: int, packed: bool = False) -> li
     data_type = TORCH_TO_WIRE[t.dtype] if t is not None else pb.DATA_TYPE_UNSPECIFIED
     stats = stats_message(item.stats) if item.stats is not None else None
     return codec.encode_chunk_wire(item.name, raw_view(t) if t is not None else b"", item.shape, data_type, stats, chunk_bytes, packed)
+
+
+class ChunkSender:
+    """The ``encode`` of a tensor stream that sends as it goes: each tensor becomes its responses in
+    wire form (``wire_chunks``), handed to ``emit`` at once, packed when the request asked
+    (``pack_chunks``); ``finish`` sends the last packed response."""
+
+    def __init__(self, emit: Callable[[codec.Serialized], None], chunk_bytes: int, packed: bool) -> None:
+        self._emit = emit
+        self._chunk_bytes = chunk_bytes
+        self._packer = codec.Packer(chunk_bytes) if packed else None
+
+    def __call__(self, item: NamedTensor) -> None:
+        for message in wire_chunks(item, self._chunk_bytes, self._packer is not None):
+            done = self._packer.add(message) if self._packer is not None else message
+            if done is not None:
+                self._emit(done)
+
+    def finish(self) -> None:
+        if self._packer is not None and (last := self._packer.flush()) is not None:
+            self._emit(last)
 
 
 def optimizer_spec(config: pb.OptimizerConfig) -> OptimizerSpec:

@@ -23,7 +23,7 @@ from remote_trainer.engine.errors import invalid
 from remote_trainer.server.metrics import Metrics
 from remote_trainer.server.sessions import DEFAULT_SESSION_ID, Sessions
 from remote_trainer.server.settings import Settings
-from remote_trainer.server.status import Context, current_call, streaming, unary
+from remote_trainer.server.status import Context, Emit, current_call, streaming, unary
 from remote_trainer.server.tensorboard import TrainingLog
 from remote_trainer.contract import codec
 from remote_trainer.contract.names import AUTOCAST_MODES, MEMORY_FORMATS
@@ -250,32 +250,26 @@ class TrainerServicer:
         return convert.parameter_list(self._session(request.session_id, context).parameters_info())
 
     @streaming
-    def GetGradients(self, request: pb.GetGradientsRequest, context: Context) -> Iterator[codec.Serialized]:
+    def GetGradients(self, request: pb.GetGradientsRequest, context: Context, emit: Emit) -> None:
         # Every response is written in wire form under the session's lock, straight from the
-        # gradients' memory (one copy, no snapshot); the stream then sends what is written.
+        # gradients' memory (one copy, no snapshot), and sent while the next tensors are written.
         engine = self._session(request.session_id, context)
-        encode = functools.partial(convert.wire_chunks, chunk_bytes=self._chunk_bytes, packed=request.pack_chunks)
-        tensors = engine.encode_gradients(
-            list(request.patterns), request.stats_only, convert.transfer_dtype(request.transfer_data_type), encode,
+        send = convert.ChunkSender(emit, self._chunk_bytes, request.pack_chunks)
+        engine.encode_gradients(
+            list(request.patterns), request.stats_only, convert.transfer_dtype(request.transfer_data_type), send,
             with_stats=not request.skip_stats,
         )
-        yield from self._responses(tensors, request.pack_chunks)
+        send.finish()
 
     @streaming
-    def GetParameters(self, request: pb.GetParametersRequest, context: Context) -> Iterator[codec.Serialized]:
+    def GetParameters(self, request: pb.GetParametersRequest, context: Context, emit: Emit) -> None:
         engine = self._session(request.session_id, context)
-        encode = functools.partial(convert.wire_chunks, chunk_bytes=self._chunk_bytes, packed=request.pack_chunks)
-        tensors = engine.encode_parameters(
+        send = convert.ChunkSender(emit, self._chunk_bytes, request.pack_chunks)
+        engine.encode_parameters(
             list(request.patterns), request.stats_only, convert.transfer_dtype(request.transfer_data_type),
-            request.include_buffers, encode, with_stats=not request.skip_stats,
+            request.include_buffers, send, with_stats=not request.skip_stats,
         )
-        yield from self._responses(tensors, request.pack_chunks)
-
-    def _responses(self, tensors: list[list[codec.Serialized]], packed: bool) -> Iterator[codec.Serialized]:
-        """The responses of a tensor stream: one per chunk, or (``pack_chunks``) consecutive chunks
-        joined up to the chunk size, so small tensors share responses."""
-        messages = (m for chunks in tensors for m in chunks)
-        return codec.pack_wire(messages, self._chunk_bytes) if packed else messages
+        send.finish()
 
     @unary
     def GetGraph(self, request: pb.GetGraphRequest, context: Context) -> pb.GetGraphResponse:

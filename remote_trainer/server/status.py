@@ -261,28 +261,43 @@ def unary(method: Callable[[S, Req, Context], Resp]) -> Callable[[S, Req, Contex
     return wrapper
 
 
+Emit = Callable[[Any], None]
+_END = object()
+
+
 def streaming(
-    method: Callable[[S, Req, Context], Iterator[Resp]],
+    method: Callable[[S, Req, Context, Emit], None],
 ) -> Callable[[S, Req, Context], Coroutine[Any, Any, None]]:
     """Serves a server-streaming servicer method: the method runs on a worker thread (one call at a
-    time per session) up to its first message, where it has taken what it sends from the session;
-    the rest of the stream is written from the event loop, each message within the servicer's
-    ``stream_write_timeout`` (a reader that stops reading is cancelled, holding no thread meanwhile)."""
+    time per session) and hands each message to ``emit`` as soon as it is made, which never waits;
+    the event loop writes them meanwhile, so sending overlaps the making. Each message is written
+    within the servicer's ``stream_write_timeout`` (a reader that stops reading is cancelled); the
+    worker and the session's turn are held only while the method runs, however slowly the client
+    reads, and a method that fails after some messages ends the stream with its error status."""
 
     @functools.wraps(method)
     async def wrapper(self: S, request: Req, context: Context) -> None:
         start = time.perf_counter()
         code = grpc.StatusCode.OK
         call = _call_of(context)
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[Any] = asyncio.Queue()
+
+        def emit(message: Any) -> None:  # on the worker thread
+            loop.call_soon_threadsafe(queue.put_nowait, message)
+
+        def ended(task: asyncio.Future[None]) -> None:  # on the loop, after every message emitted
+            queue.put_nowait(_END)
+
+        producer: asyncio.Future[None] | None = None
         try:
             _check_decoded(request)
-            messages = method(self, request, context)
-            first = await _run_as(self, method.__name__, _session_of(request), call, functools.partial(next, messages, None))
-            if first is None:
-                return
-            await _write(self, context, first)
-            for message in messages:
+            work = functools.partial(method, self, request, context, emit)
+            producer = asyncio.ensure_future(_run_as(self, method.__name__, _session_of(request), call, work))
+            producer.add_done_callback(ended)
+            while (message := await queue.get()) is not _END:
                 await _write(self, context, message)
+            await producer  # the method's error, if it failed
         except SlowReader:
             # The unsent message still occupies the stream, so no status can follow it: the call
             # is cancelled (the client sees CANCELLED), which frees the stream and what it held.
@@ -301,6 +316,10 @@ def streaming(
             await _abort(context, status)
             raise
         finally:
+            if producer is not None and not producer.done():
+                # The stream ended first (slow reader, client gone): the method's call is marked
+                # gone and runs to its end on its own, its messages dropped with the queue.
+                producer.cancel()
             _finish(self, method.__name__, request, code, start)
 
     wrapper.rpc_kind = UNARY_STREAM  # type: ignore[attr-defined]
