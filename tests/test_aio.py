@@ -30,13 +30,18 @@ def test_tutorial_step_and_gradients_equal_local(target: str, local: nn.Module) 
         async with AsyncTrainerClient(target) as client, await client.create_session(WEIGHTS_NAME) as session:
             data, labels = rand(1, 3, 64, 64, seed=1), rand(1, 1000, seed=2)
             forward = await session.forward(data)
-            result = await session.backward("sum", labels)
+            result = await session.backward("sum", labels, grad_norm=False)
+            assert result.grad_norm is None
             prediction = local(torch.from_numpy(data))
             loss = (prediction - torch.from_numpy(labels)).sum()
             loss.backward()
             assert_equal_to_local(forward.logits, prediction)
             assert result.loss == pytest.approx(loss.item(), rel=1e-5)
             await assert_matches(session, local, grads=True)
+            with_stats, without = await session.gradients(), await session.gradients(stats=False)
+            for name, p in local.named_parameters():
+                assert p.grad is not None and without[name].stats is None and with_stats[name].stats is not None
+                np.testing.assert_array_equal(without[name].array, with_stats[name].array)
             assert await session.step() == 1
             torch.optim.SGD(local.parameters(), lr=1e-2, momentum=0.9).step()
             await assert_matches(session, local)

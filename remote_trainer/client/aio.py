@@ -32,6 +32,7 @@ from remote_trainer.client.client import (
     _session_info,
     _stats,
     _transfer_type,
+    tensor_streams,
 )
 from remote_trainer.client.errors import from_rpc_error
 from remote_trainer.client.types import (
@@ -51,13 +52,6 @@ from remote_trainer.contract import codec
 from remote_trainer.contract.names import AutocastName, MemoryFormatName
 from remote_trainer.contract.trainer.v1 import trainer_pb2 as pb
 from remote_trainer.contract.trainer.v1 import trainer_pb2_grpc
-
-
-def _chunks(responses: Iterable[pb.GetGradientsResponse | pb.GetParametersResponse]) -> Iterable[tuple[pb.TensorChunk, memoryview]]:
-    """Every chunk of a tensor stream's responses, with its data (one per response, or packed)."""
-    for r in responses:
-        for chunk in [r.chunk] if r.HasField("chunk") else r.chunks:
-            yield chunk, memoryview(chunk.data)
 
 
 class AsyncTrainerClient:
@@ -91,6 +85,7 @@ class AsyncTrainerClient:
             self._channel = grpc.aio.insecure_channel(target, options=channel_options)
         self._metadata: tuple[tuple[str, str], ...] = (("authorization", f"Bearer {token}"),) if token else ()
         self._stub = trainer_pb2_grpc.TrainerServiceStub(self._channel)
+        self._tensor_streams = tensor_streams(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
 
     async def __aenter__(self) -> AsyncTrainerClient:
@@ -264,24 +259,25 @@ class AsyncSession:
         )
 
     async def gradients(
-        self, *patterns: str, stats_only: bool = False, dtype: str = "float32", timeout: float | None = None
+        self, *patterns: str, stats_only: bool = False, dtype: str = "float32", stats: bool = True, timeout: float | None = None
     ) -> dict[str, NamedTensor]:
-        """The .grad of every parameter (or those matching ``patterns``), by name."""
+        """The .grad of every parameter (or those matching ``patterns``), by name (see ``Session.gradients``)."""
         request = pb.GetGradientsRequest(session_id=self.session_id, patterns=list(patterns), stats_only=stats_only,
-                                         transfer_data_type=_transfer_type(dtype), pack_chunks=True)  # type: ignore[arg-type]
-        responses = await self._client.collect(self._stub.GetGradients, request, timeout)
-        return Session._assemble(_chunks(responses), not stats_only)
+                                         transfer_data_type=_transfer_type(dtype),  # type: ignore[arg-type]
+                                         skip_stats=not stats, pack_chunks=True)
+        responses = await self._client.collect(self._client._tensor_streams["GetGradients"], request, timeout)
+        return Session._assemble((chunk for response in responses for chunk in response), not stats_only)
 
     async def parameters(
         self, *patterns: str, stats_only: bool = False, dtype: str = "float32", include_buffers: bool = False,
-        timeout: float | None = None,
+        stats: bool = True, timeout: float | None = None,
     ) -> dict[str, NamedTensor]:
         """The values of every parameter (or those matching ``patterns``), and buffers if asked."""
         request = pb.GetParametersRequest(session_id=self.session_id, patterns=list(patterns), stats_only=stats_only,
                                           transfer_data_type=_transfer_type(dtype),  # type: ignore[arg-type]
-                                          include_buffers=include_buffers, pack_chunks=True)
-        responses = await self._client.collect(self._stub.GetParameters, request, timeout)
-        return Session._assemble(_chunks(responses), not stats_only)
+                                          include_buffers=include_buffers, skip_stats=not stats, pack_chunks=True)
+        responses = await self._client.collect(self._client._tensor_streams["GetParameters"], request, timeout)
+        return Session._assemble((chunk for response in responses for chunk in response), not stats_only)
 
     async def save_checkpoint(self, name: str, timeout: float | None = None) -> int:
         """Writes the session's state to checkpoint ``name``; returns the step count saved."""

@@ -116,6 +116,18 @@ def _spliced_input(request: pb.ForwardRequest | pb.TrainStepRequest, x: Any) -> 
     return codec.SplicedRequest(request, path, raw)
 
 
+def tensor_streams(channel: Any) -> dict[str, Any]:
+    """GetGradients and GetParameters on ``channel`` (sync or asyncio), read without protobuf's two
+    copies of each chunk's data: each response comes as a list of (chunk without its data, a view
+    of the data in the received bytes), ``codec.split_chunk_response``."""
+    return {
+        name: channel.unary_stream(
+            f"/{SERVICE}/{name}", request_serializer=request.SerializeToString, response_deserializer=codec.split_chunk_response
+        )
+        for name, request in (("GetGradients", pb.GetGradientsRequest), ("GetParameters", pb.GetParametersRequest))
+    }
+
+
 def _stats(msg: pb.TensorStats) -> Stats:
     return Stats(msg.norm, msg.min, msg.max, msg.mean, msg.non_finite_count, msg.num_elements)
 
@@ -232,15 +244,7 @@ class TrainerClient:
         if token:
             self._channel = grpc.intercept_channel(self._channel, _BearerToken(token))
         self._stub = trainer_pb2_grpc.TrainerServiceStub(self._channel)
-        # The tensor streams, read without protobuf's two copies of each chunk's data: each response
-        # comes as a list of (chunk without data, view of the data in the received bytes).
-        self._tensor_streams = {
-            name: self._channel.unary_stream(
-                f"/{SERVICE}/{name}", request_serializer=request.SerializeToString,
-                response_deserializer=codec.split_chunk_response,
-            )
-            for name, request in (("GetGradients", pb.GetGradientsRequest), ("GetParameters", pb.GetParametersRequest))
-        }
+        self._tensor_streams = tensor_streams(self._channel)
         # Forward and TrainStep with the input's bytes copied once into the request (codec.SplicedRequest).
         self._spliced = {
             name: self._channel.unary_unary(
