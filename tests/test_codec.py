@@ -115,7 +115,8 @@ def test_packed_chunks_are_the_protobuf_messages_and_read_back(limit: int) -> No
         expected += codec.encode_chunks(f"t{i}", t.tobytes(), t.shape, pb.DATA_TYPE_FLOAT32, None, 4096)
     wire += codec.encode_chunk_wire("absent", None, (3,), pb.DATA_TYPE_FLOAT32, None, 4096, packed=True)
     expected += codec.encode_chunks("absent", None, (3,), pb.DATA_TYPE_FLOAT32, None, 4096)
-    packed = list(codec.pack_wire(wire, limit))
+    packer = codec.Packer(limit)
+    packed = [p for p in [*map(packer.add, wire), packer.flush()] if p is not None]
     responses = [pb.GetGradientsResponse.FromString(p.data) for p in packed]
     assert [c for r in responses for c in r.chunks] == expected and not any(r.HasField("chunk") for r in responses)
     assert all(len(p.data) <= limit or len(r.chunks) == 1 for p, r in zip(packed, responses))

@@ -403,8 +403,8 @@ def encode_chunk_wire(
 ) -> list[Serialized]:
     """``encode_chunk_messages`` for GetGradients/GetParameters responses, in wire form: each
     chunk's data is copied once, from ``raw`` (a view of the tensor's memory) into its message.
-    ``packed`` puts each chunk in the response's ``chunks`` field instead of ``chunk``, ready for
-    ``pack_wire``."""
+    ``packed`` puts each chunk in the response's ``chunks`` field instead of ``chunk``, ready for a
+    ``Packer``."""
     tag = _varint((_CHUNKS_FIELD if packed else _CHUNK_FIELD) << 3 | _LEN)
     if raw is None:  # an absent tensor: one chunk that says so
         absent = next(iter(encode_chunks(name, None, shape, data_type, None, chunk_bytes))).SerializeToString()
@@ -462,16 +462,6 @@ class Packer:
             return None
         group, self._group, self._size = self._group, [], 0
         return Serialized(group[0] if len(group) == 1 else b"".join(group))
-
-
-def pack_wire(messages: Iterable[Serialized], limit: int) -> Iterator[Serialized]:
-    """``messages`` through a ``Packer``: the joined responses, in order."""
-    packer = Packer(limit)
-    for message in messages:
-        if (done := packer.add(message)) is not None:
-            yield done
-    if (last := packer.flush()) is not None:
-        yield last
 
 
 def split_chunk_response(data: bytes) -> list[tuple[pb.TensorChunk, memoryview]]:

@@ -168,7 +168,7 @@ def transfer_dtype(code: int) -> torch.dtype:
 def wire_chunks(item: NamedTensor, chunk_bytes: int, packed: bool = False) -> list[codec.Serialized]:
     """A named tensor as GetGradients/GetParameters responses in wire form, its data copied once
     from the tensor's memory (the caller holds the session's lock while this reads it); ``packed``
-    for a stream that ``codec.pack_wire`` joins (the request's pack_chunks)."""
+    for a stream whose responses a ``codec.Packer`` joins (the request's pack_chunks)."""
     if not item.present:
         return codec.encode_chunk_wire(item.name, None, item.shape, pb.DATA_TYPE_FLOAT32, None, chunk_bytes, packed)
     t = item.tensor

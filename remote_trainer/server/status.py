@@ -18,7 +18,7 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass, field
-from collections.abc import Callable, Coroutine, Iterator
+from collections.abc import Callable, Coroutine
 from typing import Any, Protocol, TypeVar
 
 import grpc
@@ -261,7 +261,7 @@ def unary(method: Callable[[S, Req, Context], Resp]) -> Callable[[S, Req, Contex
     return wrapper
 
 
-Emit = Callable[[Any], None]
+Emit = Callable[[Any], None]  # how a streaming method sends a message: never waits
 _END = object()
 
 
@@ -287,6 +287,8 @@ def streaming(
             loop.call_soon_threadsafe(queue.put_nowait, message)
 
         def ended(task: asyncio.Future[None]) -> None:  # on the loop, after every message emitted
+            if not task.cancelled():
+                task.exception()  # retrieved here too, for a stream that ended before the method did
             queue.put_nowait(_END)
 
         producer: asyncio.Future[None] | None = None
