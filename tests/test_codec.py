@@ -223,3 +223,19 @@ def test_the_servers_cut_never_reads_damaged_bytes_differently_from_protobuf(see
             continue
         assert pb.ForwardRequest.FromString(rest) == _without_raw(expected)
         assert (bytes(raw) if raw is not None else b"") == expected.input.tensor.raw_data
+
+
+def test_the_servers_cut_walks_a_bounded_number_of_fields() -> None:
+    """The cut runs in Python on the server's event loop: a request made of millions of tiny fields
+    (which protobuf's C parser reads at once) is left to protobuf after at most MAX_CUT_FIELDS fields
+    per message, instead of walking them all while every other call waits."""
+    many = b"\x18\x01" * 1_000_000  # eval_mode = true, a million times
+    with pytest.raises(ValueError, match="fields in one message"):
+        codec.cut_field(many, FORWARD_PATH)
+    tensor = b"\x10\x01" * 100  # Tensor.data_type, a hundred times, inside input.tensor
+    tensor_input = b"\x0a" + codec._varint(len(tensor)) + tensor  # TensorInput.tensor
+    nested = b"\x12" + codec._varint(len(tensor_input)) + tensor_input
+    with pytest.raises(ValueError, match="fields in one message"):
+        codec.cut_field(nested, FORWARD_PATH)
+    assert pb.ForwardRequest.FromString(nested).input.tensor.data_type == 1
+    assert pb.ForwardRequest.FromString(many).eval_mode  # what the server then reads instead

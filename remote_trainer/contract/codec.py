@@ -325,16 +325,26 @@ def cut_field(data: bytes, path: tuple[int, ...]) -> tuple[bytes, memoryview | N
     message down to the field (``SplicedRequest``'s path). As protobuf reads it: the messages on
     the path may come in several pieces (``SplicedRequest`` sends two), each kept for protobuf to
     merge, and of several occurrences of the field the last wins. The rest is copied, so it should
-    be small. Raises ``ValueError`` for bytes that do not parse."""
+    be small. Raises ``ValueError`` for bytes that do not parse, and for a message with more than
+    ``MAX_CUT_FIELDS`` fields at one level: this walk is Python, run on the server's event loop, so
+    it must stay short whatever a client sends (protobuf's own parser then reads such a request)."""
     rest, found = _cut(memoryview(data), path)
     return rest, found
+
+
+# Far more fields than any Forward or TrainStep request has at one level (they have under ten).
+MAX_CUT_FIELDS = 64
 
 
 def _cut(buf: memoryview, path: tuple[int, ...]) -> tuple[bytes, memoryview | None]:
     out: list[bytes | memoryview] = []
     found: memoryview | None = None
     pos = 0
+    fields = 0
     while pos < len(buf):
+        fields += 1
+        if fields > MAX_CUT_FIELDS:
+            raise ValueError(f"more than {MAX_CUT_FIELDS} fields in one message")
         start = pos
         key, pos = _read_varint(buf, pos)
         wire = key & 7
