@@ -7,6 +7,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from google.protobuf.message import DecodeError
 
 from remote_trainer.contract import codec
 from remote_trainer.server import convert
@@ -160,7 +161,8 @@ def _without_raw(message: pb.ForwardRequest) -> pb.ForwardRequest:
     return copy
 
 
-FORWARD_PATH = (2, 1, 3)  # ForwardRequest.input, TensorInput.tensor, Tensor.raw_data
+# ForwardRequest.input, TensorInput.tensor, Tensor.raw_data; and TensorInput's other oneof members
+FORWARD_PATH = convert.INPUT_PATHS["Forward"]
 
 
 @pytest.mark.parametrize("how", ["spliced", "protobuf", "values", "raw twice", "no input"])
@@ -172,7 +174,7 @@ def test_the_servers_cut_reads_a_request_as_protobuf_does(how: str) -> None:
     whole = pb.ForwardRequest(session_id="s", eval_mode=True)
     if how == "spliced":
         header = pb.ForwardRequest(session_id="s", eval_mode=True)
-        data = codec.SplicedRequest(header, FORWARD_PATH, codec.encode_header_into(header.input.tensor, array)).serialize()
+        data = codec.SplicedRequest(header, FORWARD_PATH[0], codec.encode_header_into(header.input.tensor, array)).serialize()
     elif how == "values":
         whole.input.values.shape.extend([2])
         whole.input.values.values.extend([1.0, 2.0])
@@ -185,7 +187,11 @@ def test_the_servers_cut_reads_a_request_as_protobuf_does(how: str) -> None:
         if how == "raw twice":  # a second piece of the input whose raw bytes replace the first's
             data += pb.ForwardRequest(input=pb.TensorInput(tensor=pb.Tensor(raw_data=b"later"))).SerializeToString()
     expected = pb.ForwardRequest.FromString(data)
-    rest, raw = codec.cut_field(data, FORWARD_PATH)
+    if how == "values":  # another member of the input's oneof: left to protobuf (see below)
+        with pytest.raises(ValueError):
+            codec.cut_field(data, *FORWARD_PATH)
+        return
+    rest, raw = codec.cut_field(data, *FORWARD_PATH)
     assert pb.ForwardRequest.FromString(rest) == _without_raw(expected)
     if expected.input.HasField("tensor"):
         assert raw is not None and bytes(raw) == expected.input.tensor.raw_data
@@ -214,7 +220,7 @@ def test_the_servers_cut_never_reads_damaged_bytes_differently_from_protobuf(see
         except Exception:
             expected = None
         try:
-            rest, raw = codec.cut_field(bytes(data), FORWARD_PATH)
+            rest, raw = codec.cut_field(bytes(data), *FORWARD_PATH)
         except ValueError:
             continue
         if expected is None:
@@ -231,11 +237,35 @@ def test_the_servers_cut_walks_a_bounded_number_of_fields() -> None:
     per message, instead of walking them all while every other call waits."""
     many = b"\x18\x01" * 1_000_000  # eval_mode = true, a million times
     with pytest.raises(ValueError, match="fields in one message"):
-        codec.cut_field(many, FORWARD_PATH)
+        codec.cut_field(many, *FORWARD_PATH)
     tensor = b"\x10\x01" * 100  # Tensor.data_type, a hundred times, inside input.tensor
     tensor_input = b"\x0a" + codec._varint(len(tensor)) + tensor  # TensorInput.tensor
     nested = b"\x12" + codec._varint(len(tensor_input)) + tensor_input
     with pytest.raises(ValueError, match="fields in one message"):
-        codec.cut_field(nested, FORWARD_PATH)
+        codec.cut_field(nested, *FORWARD_PATH)
     assert pb.ForwardRequest.FromString(nested).input.tensor.data_type == 1
     assert pb.ForwardRequest.FromString(many).eval_mode  # what the server then reads instead
+
+
+def _piece(number: int, payload: bytes) -> bytes:
+    return codec._varint(number << 3 | 2) + codec._varint(len(payload)) + payload
+
+
+def test_the_servers_cut_leaves_what_it_does_not_follow_to_protobuf() -> None:
+    """Layouts where protobuf's reading turns on rules the cut does not follow are refused
+    (ValueError), so the server lets protobuf parse them: another member of TensorInput's oneof
+    between two pieces of ``tensor`` (it clears the first piece's bytes), and tags or lengths longer
+    than 5 bytes (which upb refuses)."""
+    with_raw = _piece(1, _piece(3, b"XXXX"))  # TensorInput.tensor{raw_data: "XXXX"}
+    shape_only = _piece(1, b"\x08\x04")  # TensorInput.tensor{shape: [4]}
+    for between in (_piece(2, b""), _piece(3, b"")):  # values{}, generate{}
+        for data in (_piece(2, with_raw) + _piece(2, between) + _piece(2, shape_only), _piece(2, with_raw + between + shape_only)):
+            assert pb.ForwardRequest.FromString(data).input.tensor.raw_data == b""  # protobuf: the bytes are gone
+            with pytest.raises(ValueError):
+                codec.cut_field(data, *FORWARD_PATH)
+    six_byte_tag = bytes([0x80 | (3 << 3 | 2), 0x80, 0x80, 0x80, 0x80, 0x00])
+    data = _piece(2, _piece(1, six_byte_tag + b"\x04YYYY"))
+    with pytest.raises(DecodeError):
+        pb.ForwardRequest.FromString(data)
+    with pytest.raises(ValueError):
+        codec.cut_field(data, *FORWARD_PATH)

@@ -70,6 +70,11 @@ def test_stats_of_many_tensors_at_once_equal_one_by_one() -> None:
         torch.randn(1000, 512, generator=torch.Generator().manual_seed(2)).half(),
     ]
     ts.append(torch.randn(3_000_000, generator=torch.Generator().manual_seed(3)))  # many of the CPU path's slices
+    late_nan = torch.ones(3_000_000)
+    late_nan[-1] = float("nan")  # in the last slice: min and max are NaN, as over the whole tensor
+    both_infinities = torch.zeros(3_000_000)
+    both_infinities[0], both_infinities[-1] = float("inf"), float("-inf")  # slice sums +inf and -inf: mean NaN
+    ts += [late_nan, both_infinities]
     many = tensors_stats(ts)
     for t, stats in zip(ts, many):
         one = tensor_stats(t)

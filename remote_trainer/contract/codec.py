@@ -319,24 +319,30 @@ class Serialized:
         self.data = data
 
 
-def cut_field(data: bytes, path: tuple[int, ...]) -> tuple[bytes, memoryview | None]:
+def cut_field(
+    data: bytes, path: tuple[int, ...], refuse: tuple[frozenset[int], ...] = ()
+) -> tuple[bytes, memoryview | None]:
     """A serialised message with one length-delimited field taken out, and that field's bytes as a
     view of ``data`` (no copy), or None when it is absent; ``path`` gives the field numbers from the
     message down to the field (``SplicedRequest``'s path). As protobuf reads it: the messages on
     the path may come in several pieces (``SplicedRequest`` sends two), each kept for protobuf to
-    merge, and of several occurrences of the field the last wins. The rest is copied, so it should
-    be small. Raises ``ValueError`` for bytes that do not parse, and for a message with more than
-    ``MAX_CUT_FIELDS`` fields at one level: this walk is Python, run on the server's event loop, so
-    it must stay short whatever a client sends (protobuf's own parser then reads such a request)."""
-    rest, found = _cut(memoryview(data), path)
-    return rest, found
+    merge, and of several occurrences of the field the last wins. ``refuse`` gives, level by level,
+    field numbers whose presence makes the cut give up: the other members of a ``oneof`` the path
+    goes through (one of them clears the path's member, which this walk does not follow). The rest
+    is copied, so it should be small.
+
+    Raises ``ValueError`` where protobuf's reading is left to protobuf: bytes that do not parse, a
+    tag or length longer than 5 bytes (which upb refuses), a refused field, or a message with more
+    than ``MAX_CUT_FIELDS`` fields at one level (this walk is Python, run on the server's event
+    loop, so it must stay short whatever a client sends; protobuf's C parser reads such a request)."""
+    return _cut(memoryview(data), path, refuse + (frozenset(),) * (len(path) - len(refuse)))
 
 
 # Far more fields than any Forward or TrainStep request has at one level (they have under ten).
 MAX_CUT_FIELDS = 64
 
 
-def _cut(buf: memoryview, path: tuple[int, ...]) -> tuple[bytes, memoryview | None]:
+def _cut(buf: memoryview, path: tuple[int, ...], refuse: tuple[frozenset[int], ...]) -> tuple[bytes, memoryview | None]:
     out: list[bytes | memoryview] = []
     found: memoryview | None = None
     pos = 0
@@ -346,10 +352,14 @@ def _cut(buf: memoryview, path: tuple[int, ...]) -> tuple[bytes, memoryview | No
         if fields > MAX_CUT_FIELDS:
             raise ValueError(f"more than {MAX_CUT_FIELDS} fields in one message")
         start = pos
-        key, pos = _read_varint(buf, pos)
+        key, pos = _read_short_varint(buf, pos)
+        if key >> 32 or key >> 3 in refuse[0]:
+            raise ValueError("a tag protobuf refuses, or a field that changes what the path holds")
         wire = key & 7
         if wire == _LEN:
-            size, pos = _read_varint(buf, pos)
+            size, pos = _read_short_varint(buf, pos)
+            if size >> 31:
+                raise ValueError("length too large")
             end = pos + size
             if end > len(buf):
                 raise ValueError("truncated field")
@@ -357,7 +367,7 @@ def _cut(buf: memoryview, path: tuple[int, ...]) -> tuple[bytes, memoryview | No
                 if len(path) == 1:
                     found = buf[pos:end]
                 else:
-                    inner, deeper = _cut(buf[pos:end], path[1:])
+                    inner, deeper = _cut(buf[pos:end], path[1:], refuse[1:])
                     out += [_varint(key), _varint(len(inner)), inner]
                     found = deeper if deeper is not None else found
                 pos = end
@@ -387,6 +397,14 @@ def _varint(n: int) -> bytes:
         else:
             out.append(low)
             return bytes(out)
+
+
+def _read_short_varint(buf: memoryview, pos: int) -> tuple[int, int]:
+    """A tag or a length: at most 5 bytes, as upb reads them (longer ones it refuses)."""
+    value, end = _read_varint(buf, pos)
+    if end - pos > 5:
+        raise ValueError("varint longer than 5 bytes")
+    return value, end
 
 
 def _read_varint(buf: memoryview, pos: int) -> tuple[int, int]:

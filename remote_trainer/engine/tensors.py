@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 
@@ -58,12 +59,24 @@ def tensors_stats(ts: list[torch.Tensor]) -> list[Stats]:
         i = next(rows)
         slices = flat[start : start + counts[i]]
         start += counts[i]
-        norm = math.sqrt(math.fsum(r[0] * r[0] for r in slices)) if len(slices) > 1 else slices[0][0]
-        lo, hi = min(r[1] for r in slices), max(r[2] for r in slices)
-        mean = math.fsum(r[3] for r in slices) / f.numel()
+        norm = math.sqrt(_total([r[0] * r[0] for r in slices])) if len(slices) > 1 else slices[0][0]
+        lo, hi = _extreme(min, [r[1] for r in slices]), _extreme(max, [r[2] for r in slices])
+        mean = _total([r[3] for r in slices]) / f.numel()
         non_finite = 0 if math.isfinite(norm) else int((~torch.isfinite(f)).sum())
         out.append(Stats(norm, lo, hi, mean, non_finite, f.numel()))
     return out
+
+
+def _total(xs: list[float]) -> float:
+    """The sum of the slices' sums: exact (``fsum``) when finite; else as torch's sum would be
+    (infinities of both signs make NaN, which ``fsum`` refuses)."""
+    return math.fsum(xs) if all(math.isfinite(x) for x in xs) else sum(xs)
+
+
+def _extreme(pick: Callable[[list[float]], float], xs: list[float]) -> float:
+    """The slices' min (or max), NaN when any slice has one, as torch's ``aminmax`` over the whole
+    tensor (Python's ``min`` and ``max`` would skip a NaN after the first slice)."""
+    return math.nan if any(math.isnan(x) for x in xs) else pick(xs)
 
 
 def generate(shape: tuple[int, ...], distribution: Distribution, seed: int, high: int = 0) -> torch.Tensor:

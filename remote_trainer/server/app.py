@@ -250,7 +250,7 @@ def _counted_handlers(servicer: TrainerServicer, metrics: Metrics) -> grpc.Gener
             # Forward and TrainStep: the batch's bytes stay where they arrived (convert.LargeInput).
             metrics.received(name, len(data))
             try:
-                rest, raw = codec.cut_field(data, convert.INPUT_PATHS[name])
+                rest, raw = codec.cut_field(data, *convert.INPUT_PATHS[name])
                 return convert.LargeInput(cls.FromString(rest), raw)
             except (ValueError, DecodeError):
                 pass  # a layout the cut does not read: protobuf's parser decides
