@@ -17,6 +17,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from remote_trainer.client import TrainerClient
 from remote_trainer.contract.trainer.v1 import trainer_pb2 as pb
+from remote_trainer.contract.trainer.v1 import trainer_pb2_grpc as pb_grpc
 from remote_trainer.server.app import TrainerServer, create_server
 from remote_trainer.server.settings import Settings
 from tests.conftest import rand
@@ -128,3 +129,28 @@ def test_a_flood_of_calls_on_one_session_takes_one_worker(running: TrainerServer
         results = [f.result() for f in futures]
         assert sorted(r.forward_id for r in results) == list(range(1, 41))  # one at a time, none lost
         assert default.info().pending_forward_id == max(r.forward_id for r in results)
+
+
+def test_streams_nobody_reads_cannot_make_the_server_hold_more_than_max_stream_bytes() -> None:
+    """A stream's responses are made without waiting for its reader, so they wait in the server's
+    memory: max_stream_bytes bounds them, all streams together. An unread stream of every parameter
+    and buffer (46.8 MB) holds most of its bytes; the next one on the same session (which runs only
+    once the first was made) would pass 60 MB and is refused with STREAMS_UNREAD; once the first is
+    read, fetching works again, and no byte stays counted."""
+    server = create_server(Settings(port=0, weights="random", max_sessions=2, max_stream_bytes=60 * 1024 * 1024))
+    try:
+        with grpc.insecure_channel(f"localhost:{server.port}", options=[("grpc.max_receive_message_length", 1 << 30)]) as channel:
+            stub = pb_grpc.TrainerServiceStub(channel)
+            request = pb.GetParametersRequest(include_buffers=True, skip_stats=True)
+            unread = stub.GetParameters(request, timeout=60)
+            first = next(unread)  # the stream is under way; the rest waits unread
+            with pytest.raises(grpc.RpcError) as refused:
+                list(stub.GetParameters(request, timeout=60))
+            assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert "max_stream_bytes" in refused.value.details()
+            rest = list(unread)
+            assert first.chunk.name == "conv1.weight" and rest[-1].chunk.last  # all of it, nothing dropped
+            assert len(list(stub.GetParameters(request, timeout=60))) == 1 + len(rest)
+        assert server.servicer.stream_bytes.held == 0
+    finally:
+        server.stop(0).wait()

@@ -11,7 +11,7 @@ import math
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 import numpy as np
 import torch
@@ -21,7 +21,7 @@ from remote_trainer.contract.names import OPTIMIZER_FIELDS, LossName, OptimizerN
 from remote_trainer.engine.optimizer import OptimizerSpec
 from remote_trainer.engine.results import Graph, NamedTensor, ParameterInfo, SessionDescription, Stats
 from remote_trainer.engine.tensors import generate
-from remote_trainer.engine.errors import ResourceExhausted, invalid
+from remote_trainer.engine.errors import Abandoned, ResourceExhausted, invalid
 from remote_trainer.contract.trainer.v1 import trainer_pb2 as pb
 
 # Inputs are decoded as read-only numpy views of the request's bytes and never written to; torch
@@ -68,12 +68,19 @@ class LargeInput(Generic[M]):
         return self.message.session_id
 
 
-# Field numbers from each request down to its input's raw bytes (input, tensor, raw_data).
-INPUT_PATHS = {
-    name: (cls.DESCRIPTOR.fields_by_name["input"].number, pb.TensorInput.DESCRIPTOR.fields_by_name["tensor"].number,
-           pb.Tensor.DESCRIPTOR.fields_by_name["raw_data"].number)
-    for name, cls in (("Forward", pb.ForwardRequest), ("TrainStep", pb.TrainStepRequest))
-}
+def _path_to_raw(request: Any) -> tuple[tuple[int, ...], tuple[frozenset[int], ...]]:
+    """Field numbers from a request down to its input's raw bytes (input, tensor, raw_data), and at
+    each level the other members of the oneof the path's field is in (``codec.cut_field``'s refuse)."""
+    fields = (request.DESCRIPTOR.fields_by_name["input"], pb.TensorInput.DESCRIPTOR.fields_by_name["tensor"],
+              pb.Tensor.DESCRIPTOR.fields_by_name["raw_data"])
+    siblings = tuple(
+        frozenset(f.number for f in field.containing_oneof.fields if f is not field) if field.containing_oneof else frozenset()
+        for field in fields
+    )
+    return tuple(f.number for f in fields), siblings
+
+
+INPUT_PATHS = {name: _path_to_raw(cls) for name, cls in (("Forward", pb.ForwardRequest), ("TrainStep", pb.TrainStepRequest))}
 
 
 def input_tensor(
@@ -180,14 +187,20 @@ def wire_chunks(item: NamedTensor, chunk_bytes: int, packed: bool = False) -> li
 class ChunkSender:
     """The ``encode`` of a tensor stream that sends as it goes: each tensor becomes its responses in
     wire form (``wire_chunks``), handed to ``emit`` at once, packed when the request asked
-    (``pack_chunks``); ``finish`` sends the last packed response."""
+    (``pack_chunks``); ``finish`` sends the last packed response. Once the stream's client is gone
+    (``still_wanted``), the next tensor raises ``Abandoned`` instead of being encoded."""
 
-    def __init__(self, emit: Callable[[codec.Serialized], None], chunk_bytes: int, packed: bool) -> None:
+    def __init__(
+        self, emit: Callable[[codec.Serialized], None], chunk_bytes: int, packed: bool, still_wanted: Callable[[], bool]
+    ) -> None:
         self._emit = emit
         self._chunk_bytes = chunk_bytes
         self._packer = codec.Packer(chunk_bytes) if packed else None
+        self._still_wanted = still_wanted
 
     def __call__(self, item: NamedTensor) -> None:
+        if not self._still_wanted():
+            raise Abandoned("the stream's client went away; the rest of it was not made", "ABANDONED")
         for message in wire_chunks(item, self._chunk_bytes, self._packer is not None):
             done = self._packer.add(message) if self._packer is not None else message
             if done is not None:

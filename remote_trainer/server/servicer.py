@@ -22,7 +22,7 @@ from remote_trainer.engine.errors import invalid
 from remote_trainer.server.metrics import Metrics
 from remote_trainer.server.sessions import DEFAULT_SESSION_ID, Sessions
 from remote_trainer.server.settings import Settings
-from remote_trainer.server.status import Context, Emit, current_call, streaming, unary
+from remote_trainer.server.status import Context, Emit, StreamBytes, current_call, streaming, unary
 from remote_trainer.server.tensorboard import TrainingLog
 from remote_trainer.contract import codec
 from remote_trainer.contract.names import AUTOCAST_MODES, MEMORY_FORMATS
@@ -60,6 +60,7 @@ class TrainerServicer:
         self._auth = auth
         self.metrics = metrics
         self.stream_write_timeout = settings.stream_write_timeout_seconds
+        self.stream_bytes = StreamBytes(settings.max_stream_bytes)
         self._dispatcher = Dispatcher(settings.max_workers)
         self._tensorboard = (
             TrainingLog(settings.tensorboard_dir, settings.tensorboard_histograms_every) if settings.tensorboard_dir else None
@@ -253,7 +254,7 @@ class TrainerServicer:
         # Every response is written in wire form under the session's lock, straight from the
         # gradients' memory (one copy, no snapshot), and sent while the next tensors are written.
         engine = self._session(request.session_id, context)
-        send = convert.ChunkSender(emit, self._chunk_bytes, request.pack_chunks)
+        send = convert.ChunkSender(emit, self._chunk_bytes, request.pack_chunks, current_call().still_wanted)
         engine.encode_gradients(
             list(request.patterns), request.stats_only, convert.transfer_dtype(request.transfer_data_type), send,
             with_stats=not request.skip_stats,
@@ -263,7 +264,7 @@ class TrainerServicer:
     @streaming
     def GetParameters(self, request: pb.GetParametersRequest, context: Context, emit: Emit) -> None:
         engine = self._session(request.session_id, context)
-        send = convert.ChunkSender(emit, self._chunk_bytes, request.pack_chunks)
+        send = convert.ChunkSender(emit, self._chunk_bytes, request.pack_chunks, current_call().still_wanted)
         engine.encode_parameters(
             list(request.patterns), request.stats_only, convert.transfer_dtype(request.transfer_data_type),
             request.include_buffers, send, with_stats=not request.skip_stats,

@@ -51,6 +51,10 @@ class Settings:
     max_workers: int = 16
     # Seconds a server stream waits for its client to take the next message before ending the stream.
     stream_write_timeout_seconds: float = 60.0
+    # Bytes of tensor-stream responses made but not yet sent, all streams together: a stream that
+    # would pass it is refused (RESOURCE_EXHAUSTED), so clients opening streams they do not read
+    # cannot make the server hold more. About 20 streams of all of resnet18's gradients.
+    max_stream_bytes: int = 1024 * MIB
     # Seconds that in-flight calls get to finish on SIGTERM.
     grace_seconds: float = 10.0
     # Python logging level name.
@@ -156,6 +160,7 @@ _HELP = {
     "chunk_bytes": "data bytes per chunk in tensor streams",
     "max_workers": "worker threads running torch work (at most one per session at a time)",
     "stream_write_timeout_seconds": "seconds a stream waits for a client to read its next message",
+    "max_stream_bytes": "most bytes of tensor-stream responses made and not yet sent, all streams together",
     "grace_seconds": "seconds in-flight calls get to finish on SIGTERM",
     "log_level": "DEBUG | INFO | WARNING | ERROR",
     "tokens": "accepted bearer tokens, comma-separated, each TOKEN or NAME:TOKEN (empty: no authentication)",
@@ -246,6 +251,8 @@ def validate(settings: Settings) -> list[str]:
                         "the sessions' device is the CPU" + (" (ray-num-gpus is 0)" if settings.device == "auto" else ""))
     if settings.stream_write_timeout_seconds <= 0:
         problems.append("stream-write-timeout-seconds must be positive")
+    if settings.max_stream_bytes < settings.chunk_bytes:
+        problems.append("max-stream-bytes must be at least chunk-bytes")
     if settings.num_classes < 0:
         problems.append("num-classes must not be negative")
     for name in ("data_dir", "checkpoint_dir"):

@@ -27,6 +27,7 @@ from google.protobuf import any_pb2
 from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
+from remote_trainer.contract import codec
 from remote_trainer.server.metrics import Metrics
 from remote_trainer.engine.errors import (
     Abandoned,
@@ -184,12 +185,48 @@ class Undecodable:
     error: str
 
 
+class StreamBytes:
+    """Bytes of stream responses made and not yet written, all streams together, within ``limit``:
+    a stream's method makes its responses without waiting for its reader (so a slow reader holds no
+    thread), so the responses wait in memory instead, and this is what bounds them."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._held = 0
+        self._lock = threading.Lock()
+
+    @property
+    def held(self) -> int:
+        return self._held
+
+    def take(self, n: int) -> None:
+        """Counts ``n`` more bytes; raises ``ResourceExhausted`` (nothing counted) past the limit."""
+        with self._lock:
+            if self._held + n > self.limit:
+                raise ResourceExhausted(
+                    f"tensor streams hold {self._held} bytes their clients have not read yet, and this one would "
+                    f"pass the server's limit of {self.limit} (max_stream_bytes): read the streams you opened "
+                    "before opening more, or retry later",
+                    "STREAMS_UNREAD", metadata={"limit": str(self.limit)},
+                )
+            self._held += n
+
+    def give(self, n: int) -> None:
+        with self._lock:
+            self._held -= n
+
+
+def _size(message: Any) -> int:
+    return len(message.data) if isinstance(message, codec.Serialized) else int(message.ByteSize())
+
+
 class Servicer(Protocol):
     """What the decorators need of a servicer: its metrics, how long a reader may stall a stream, and
     a way to run blocking work off the event loop, one call at a time per session."""
 
     metrics: Metrics
     stream_write_timeout: float
+    stream_bytes: StreamBytes
 
     async def run(self, session_id: str | None, work: Callable[[], T]) -> T: ...
 
@@ -282,9 +319,18 @@ def streaming(
         call = _call_of(context)
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[Any] = asyncio.Queue()
+        closed = False  # set on the loop when the stream is over: later messages are dropped
+        held = self.stream_bytes
 
         def emit(message: Any) -> None:  # on the worker thread
-            loop.call_soon_threadsafe(queue.put_nowait, message)
+            held.take(_size(message))  # past the limit: the method fails with RESOURCE_EXHAUSTED
+            loop.call_soon_threadsafe(deliver, message)
+
+        def deliver(message: Any) -> None:  # on the loop
+            if closed:
+                held.give(_size(message))
+            else:
+                queue.put_nowait(message)
 
         def ended(task: asyncio.Future[None]) -> None:  # on the loop, after every message emitted
             if not task.cancelled():
@@ -298,7 +344,10 @@ def streaming(
             producer = asyncio.ensure_future(_run_as(self, method.__name__, _session_of(request), call, work))
             producer.add_done_callback(ended)
             while (message := await queue.get()) is not _END:
-                await _write(self, context, message)
+                try:
+                    await _write(self, context, message)
+                finally:
+                    held.give(_size(message))
             await producer  # the method's error, if it failed
         except SlowReader:
             # The unsent message still occupies the stream, so no status can follow it: the call
@@ -318,9 +367,13 @@ def streaming(
             await _abort(context, status)
             raise
         finally:
+            closed = True
+            while not queue.empty():  # made and never to be sent
+                if (left := queue.get_nowait()) is not _END:
+                    held.give(_size(left))
             if producer is not None and not producer.done():
                 # The stream ended first (slow reader, client gone): the method's call is marked
-                # gone and runs to its end on its own, its messages dropped with the queue.
+                # gone (its sender stops at the next tensor) and ends on its own.
                 producer.cancel()
             _finish(self, method.__name__, request, code, start)
 
