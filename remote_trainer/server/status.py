@@ -310,7 +310,9 @@ def streaming(
     the event loop writes them meanwhile, so sending overlaps the making. Each message is written
     within the servicer's ``stream_write_timeout`` (a reader that stops reading is cancelled); the
     worker and the session's turn are held only while the method runs, however slowly the client
-    reads, and a method that fails after some messages ends the stream with its error status."""
+    reads; the messages waiting meanwhile count against the servicer's ``stream_bytes`` (an
+    ``emit`` past its limit fails the method). A method that fails after some messages ends the
+    stream with its error status."""
 
     @functools.wraps(method)
     async def wrapper(self: S, request: Req, context: Context) -> None:
