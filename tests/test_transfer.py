@@ -13,6 +13,7 @@ from torch import nn
 from remote_trainer.client import InvalidArgumentError, Session
 from remote_trainer.contract import codec
 from remote_trainer.contract.trainer.v1 import trainer_pb2 as pb
+from remote_trainer.engine.errors import Abandoned
 from remote_trainer.engine.results import NamedTensor
 from remote_trainer.server import convert
 from tests.conftest import assert_equal_to_local, rand
@@ -99,3 +100,17 @@ def test_a_stream_sends_its_first_tensors_while_later_ones_are_encoded(session: 
     rest = list(stream)
     assert waited == [True]
     assert first.chunk.name == "conv1.weight" and rest[-1].chunk.name == "fc.bias"
+
+
+def test_a_stream_whose_client_left_stops_encoding_at_the_next_tensor() -> None:
+    """The sender of GetGradients/GetParameters asks before each tensor whether the stream's client
+    still waits: once it left, nothing more is encoded (the call ends Abandoned)."""
+    sent: list[codec.Serialized] = []
+    wanted = [True]
+    send = convert.ChunkSender(sent.append, 1 << 20, False, lambda: wanted[0])
+    tensor = NamedTensor("fc.bias", (3,), torch.ones(3), None)
+    send(tensor)
+    wanted[0] = False
+    with pytest.raises(Abandoned):
+        send(tensor)
+    assert len(sent) == 1

@@ -108,11 +108,7 @@ def _fill_input(target: pb.TensorInput, x: Any, dtype: npt.DTypeLike | None = No
 def _spliced_input(request: pb.ForwardRequest | pb.TrainStepRequest, x: Any) -> codec.SplicedRequest:
     """``request`` with the float32 batch ``x`` as its input, its bytes sent beside the message."""
     raw = codec.encode_header_into(request.input.tensor, as_array(x, np.float32))
-    path = (  # field numbers from the request down to the input's raw bytes
-        request.DESCRIPTOR.fields_by_name["input"].number,
-        pb.TensorInput.DESCRIPTOR.fields_by_name["tensor"].number,
-        pb.Tensor.DESCRIPTOR.fields_by_name["raw_data"].number,
-    )
+    path, _ = codec.raw_input_path(type(request))
     return codec.SplicedRequest(request, path, raw)
 
 

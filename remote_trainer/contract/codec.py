@@ -319,6 +319,19 @@ class Serialized:
         self.data = data
 
 
+def raw_input_path(request: type[Any]) -> tuple[tuple[int, ...], tuple[frozenset[int], ...]]:
+    """Field numbers from a Forward or TrainStep request down to its input's raw bytes (input,
+    tensor, raw_data): where ``SplicedRequest`` puts them and ``cut_field`` takes them out; and at
+    each level the other members of the oneof the path's field is in (``cut_field``'s refuse)."""
+    fields = (request.DESCRIPTOR.fields_by_name["input"], pb.TensorInput.DESCRIPTOR.fields_by_name["tensor"],
+              pb.Tensor.DESCRIPTOR.fields_by_name["raw_data"])
+    siblings = tuple(
+        frozenset(f.number for f in field.containing_oneof.fields if f is not field) if field.containing_oneof else frozenset()
+        for field in fields
+    )
+    return tuple(f.number for f in fields), siblings
+
+
 def cut_field(
     data: bytes, path: tuple[int, ...], refuse: tuple[frozenset[int], ...] = ()
 ) -> tuple[bytes, memoryview | None]:

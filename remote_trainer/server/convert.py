@@ -11,7 +11,7 @@ import math
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Generic, TypeVar
+from typing import Generic, TypeVar
 
 import numpy as np
 import torch
@@ -68,19 +68,8 @@ class LargeInput(Generic[M]):
         return self.message.session_id
 
 
-def _path_to_raw(request: Any) -> tuple[tuple[int, ...], tuple[frozenset[int], ...]]:
-    """Field numbers from a request down to its input's raw bytes (input, tensor, raw_data), and at
-    each level the other members of the oneof the path's field is in (``codec.cut_field``'s refuse)."""
-    fields = (request.DESCRIPTOR.fields_by_name["input"], pb.TensorInput.DESCRIPTOR.fields_by_name["tensor"],
-              pb.Tensor.DESCRIPTOR.fields_by_name["raw_data"])
-    siblings = tuple(
-        frozenset(f.number for f in field.containing_oneof.fields if f is not field) if field.containing_oneof else frozenset()
-        for field in fields
-    )
-    return tuple(f.number for f in fields), siblings
-
-
-INPUT_PATHS = {name: _path_to_raw(cls) for name, cls in (("Forward", pb.ForwardRequest), ("TrainStep", pb.TrainStepRequest))}
+# Where each request's batch bytes are, for the server's cut (``codec.raw_input_path``).
+INPUT_PATHS = {name: codec.raw_input_path(cls) for name, cls in (("Forward", pb.ForwardRequest), ("TrainStep", pb.TrainStepRequest))}
 
 
 def input_tensor(
