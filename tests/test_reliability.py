@@ -257,3 +257,31 @@ def test_a_forward_whose_logits_could_not_be_sent_changes_nothing() -> None:
             assert s.forward(rand(256, 3, 1, 1), stats_only=True).stats.num_elements == 256_000  # statistics fit
     finally:
         running.stop(None).wait()
+
+
+def test_a_refused_call_is_counted_before_its_client_hears_of_it() -> None:
+    """The count of a failed call is made before the error leaves the server, so a client that has
+    seen the error and then reads /metrics finds it counted (the error used to be sent first, and
+    the count made when the handler's coroutine next ran on the event loop)."""
+    running = create_server(Settings(port=0, weights="random", metrics_port=0))
+    try:
+        with TrainerClient(f"localhost:{running.port}") as client:
+            session = client.create_session()
+            for n in range(1, 301):
+                with pytest.raises(TrainerError) as err:
+                    session.backward("sum", rand(2, 1000))  # no forward yet: FAILED_PRECONDITION
+                assert err.value.code == grpc.StatusCode.FAILED_PRECONDITION
+                counted = running.metrics.registry.get_sample_value(
+                    "trainer_requests_total", {"method": "Backward", "code": "FAILED_PRECONDITION"}
+                )
+                assert counted == n
+            for n in range(1, 101):  # a streaming call refused the same way
+                with pytest.raises(TrainerError) as err:
+                    session.gradients("no.such.tensor")
+                assert err.value.code == grpc.StatusCode.NOT_FOUND
+                counted = running.metrics.registry.get_sample_value(
+                    "trainer_requests_total", {"method": "GetGradients", "code": "NOT_FOUND"}
+                )
+                assert counted == n
+    finally:
+        running.stop(None).wait()

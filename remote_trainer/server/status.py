@@ -231,13 +231,16 @@ class Servicer(Protocol):
     async def run(self, session_id: str | None, work: Callable[[], T]) -> T: ...
 
 
-def _finish(servicer: Servicer, method: str, request: Any, code: grpc.StatusCode, start: float) -> None:
+def _finish(servicer: Servicer, method: str, request: Any, code: grpc.StatusCode, start: float) -> bool:
+    """Counts and logs a finished call; True. A call that fails is finished before its status is
+    sent (``context.abort`` sends it at once), so a client that has seen the error finds it counted."""
     seconds = time.perf_counter() - start
     servicer.metrics.observe(method, code.name, seconds)
     log.info(
         "rpc=%s session=%s status=%s duration_ms=%.1f",
         method, getattr(request, "session_id", "") or "-", code.name, seconds * 1000,
     )
+    return True
 
 
 def _check_decoded(request: object) -> None:
@@ -277,6 +280,7 @@ def unary(method: Callable[[S, Req, Context], Resp]) -> Callable[[S, Req, Contex
     async def wrapper(self: S, request: Req, context: Context) -> Resp:
         start = time.perf_counter()
         code = grpc.StatusCode.OK
+        finished = False
         call = _call_of(context)
         try:
             _check_decoded(request)
@@ -289,10 +293,12 @@ def unary(method: Callable[[S, Req, Context], Resp]) -> Callable[[S, Req, Contex
         except Exception as exc:
             status = _status_for(exc, method.__name__)
             code = _abandoned_code(call) if isinstance(exc, Abandoned) else status.code
+            finished = _finish(self, method.__name__, request, code, start)  # before the client can hear
             await _abort(context, status)
             raise  # abort raises; this line is never reached
         finally:
-            _finish(self, method.__name__, request, code, start)
+            if not finished:
+                _finish(self, method.__name__, request, code, start)
 
     wrapper.rpc_kind = UNARY_UNARY  # type: ignore[attr-defined]
     return wrapper
@@ -318,6 +324,7 @@ def streaming(
     async def wrapper(self: S, request: Req, context: Context) -> None:
         start = time.perf_counter()
         code = grpc.StatusCode.OK
+        finished = False
         call = _call_of(context)
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[Any] = asyncio.Queue()
@@ -366,6 +373,7 @@ def streaming(
         except Exception as exc:
             status = _status_for(exc, method.__name__)
             code = _abandoned_code(call) if isinstance(exc, Abandoned) else status.code
+            finished = _finish(self, method.__name__, request, code, start)  # before the client can hear
             await _abort(context, status)
             raise
         finally:
@@ -377,7 +385,8 @@ def streaming(
                 # The stream ended first (slow reader, client gone): the method's call is marked
                 # gone (its sender stops at the next tensor) and ends on its own.
                 producer.cancel()
-            _finish(self, method.__name__, request, code, start)
+            if not finished:
+                _finish(self, method.__name__, request, code, start)
 
     wrapper.rpc_kind = UNARY_STREAM  # type: ignore[attr-defined]
     return wrapper
