@@ -84,9 +84,9 @@ class TrainerServer:
             self.loop.call_soon(self.loop.stop)
             self._stopped.set()
 
-    def wait(self) -> None:
-        """Blocks until the server has stopped."""
-        self._stopped.wait()
+    def wait(self, timeout: float | None = None) -> bool:
+        """Blocks until the server has stopped (True), or for at most ``timeout`` seconds (False)."""
+        return self._stopped.wait(timeout)
 
 
 def create_server(settings: Settings, clock: Callable[[], float] = time.monotonic) -> TrainerServer:
@@ -333,5 +333,9 @@ def serve(settings: Settings) -> None:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    running.wait()
+    # The kernel may hand a signal to any of the process's threads (gRPC's, torch's); Python then
+    # runs ``on_signal`` in the main thread the next time that thread runs Python code. So the main
+    # thread wakes now and then to let it: asleep until the server stops, it never would.
+    while not running.wait(timeout=0.2):
+        pass
     log.info("stopped")
