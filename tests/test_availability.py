@@ -20,6 +20,8 @@ from remote_trainer.contract.trainer.v1 import trainer_pb2 as pb
 from remote_trainer.contract.trainer.v1 import trainer_pb2_grpc as pb_grpc
 from remote_trainer.server.app import TrainerServer, create_server
 from remote_trainer.server.settings import Settings
+from remote_trainer.engine.errors import ResourceExhausted
+from remote_trainer.server.status import StreamBytes
 from tests.conftest import rand
 
 WORKERS = 4
@@ -131,6 +133,21 @@ def test_a_flood_of_calls_on_one_session_takes_one_worker(running: TrainerServer
         assert default.info().pending_forward_id == max(r.forward_id for r in results)
 
 
+class WatchedStreamBytes(StreamBytes):
+    """The server's bound on unsent stream bytes, saying when it refuses."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(limit)
+        self.refused = threading.Event()
+
+    def take(self, n: int) -> None:
+        try:
+            super().take(n)
+        except ResourceExhausted:
+            self.refused.set()
+            raise
+
+
 def test_streams_nobody_reads_cannot_make_the_server_hold_more_than_max_stream_bytes() -> None:
     """A stream's responses are made without waiting for its reader, so they wait in the server's
     memory: max_stream_bytes bounds them, all streams together. An unread stream of every parameter
@@ -138,14 +155,19 @@ def test_streams_nobody_reads_cannot_make_the_server_hold_more_than_max_stream_b
     once the first was made) would pass 60 MB and is refused with STREAMS_UNREAD; once the first is
     read, fetching works again, and no byte stays counted."""
     server = create_server(Settings(port=0, weights="random", max_sessions=2, max_stream_bytes=60 * 1024 * 1024))
+    server.servicer.stream_bytes = watched = WatchedStreamBytes(server.servicer.stream_bytes.limit)
+    # No flow-control window growth, so what the client has not read stays in the server.
+    options = [("grpc.max_receive_message_length", 1 << 30), ("grpc.http2.bdp_probe", 0)]
     try:
-        with grpc.insecure_channel(f"localhost:{server.port}", options=[("grpc.max_receive_message_length", 1 << 30)]) as channel:
+        with grpc.insecure_channel(f"localhost:{server.port}", options=options) as channel:
             stub = pb_grpc.TrainerServiceStub(channel)
             request = pb.GetParametersRequest(include_buffers=True, skip_stats=True)
             unread = stub.GetParameters(request, timeout=60)
             first = next(unread)  # the stream is under way; the rest waits unread
+            second = stub.GetParameters(request, timeout=60)
+            assert watched.refused.wait(60)  # the second stream's method, past the limit
             with pytest.raises(grpc.RpcError) as refused:
-                list(stub.GetParameters(request, timeout=60))
+                list(second)  # what it sent before it was refused, then its status
             assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
             assert "max_stream_bytes" in refused.value.details()
             rest = list(unread)

@@ -30,6 +30,7 @@ from remote_trainer.contract.trainer.v1 import trainer_pb2 as pb
 from remote_trainer.engine.limits import MAX_CLASSES, MAX_PATTERN_LENGTH, MAX_PATTERNS
 from remote_trainer.server.app import create_server
 from remote_trainer.server.settings import Settings, parse_settings
+from remote_trainer.server.status import current_call
 from tests.conftest import rand
 
 
@@ -242,14 +243,20 @@ def waiting_for(text: str, logger: str) -> Iterator[LogWaiter]:
         target.setLevel(level)
 
 
-def blocking_forward(model: torch.nn.Module) -> tuple[threading.Event, threading.Event, Callable[[], None]]:
+def blocking_forward(
+    model: torch.nn.Module, until_abandoned: bool = False
+) -> tuple[threading.Event, threading.Event, Callable[[], None]]:
     """A forward pre-hook on a server's model: ``entered`` is set when a forward starts, which then
-    waits for ``release``. Returns (entered, release, remove)."""
+    waits for ``release`` (and with ``until_abandoned`` also until the server has marked the call
+    gone: a deadline passes on the server a little after it passes on the client, as the server
+    counts from when the request arrived). Returns (entered, release, remove)."""
     entered, release = threading.Event(), threading.Event()
 
     def hook(module: torch.nn.Module, args: object) -> None:
         entered.set()
         assert release.wait(120)
+        if until_abandoned:
+            assert current_call().gone.wait(120)
 
     handle = model.register_forward_pre_hook(hook)
     return entered, release, handle.remove
@@ -273,7 +280,7 @@ def test_a_session_whose_create_failed_for_the_client_is_dropped() -> None:
                 release.clear()
                 with waiting_for("rpc=CreateSession session=- status=", "remote_trainer.server.status") as finished:
                     with pytest.raises(TrainerError) as err:
-                        client.create_session(timeout=0.5)
+                        client.create_session(timeout=3)  # long enough to reach the server on a loaded machine
                     assert err.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
                     release.set()
                     assert finished.seen.wait(120)
@@ -298,10 +305,10 @@ def test_a_forward_past_its_deadline_changes_nothing() -> None:
             s = client.session()
             first = s.forward(rand(2, 3, 32, 32, seed=1))
             before = s.parameters(include_buffers=True)
-            entered, release, remove = blocking_forward(running.store.get("")._model)
+            entered, release, remove = blocking_forward(running.store.get("")._model, until_abandoned=True)
             with waiting_for("rpc=Forward session=- status=", "remote_trainer.server.status") as finished:
                 with pytest.raises(TrainerError) as err:
-                    s.forward(rand(4, 3, 32, 32, seed=2), timeout=1.0)
+                    s.forward(rand(4, 3, 32, 32, seed=2), timeout=3)
                 assert err.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
                 assert entered.is_set()  # it did start running
                 remove()

@@ -50,10 +50,11 @@ cluster_utils = pytest.importorskip("ray.cluster_utils")
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
 NODE = dict(node_ip_address="127.0.0.1", object_store_memory=200 * 2**20, include_dashboard=False, num_gpus=0)
-# Nodes are declared dead after 3 missed health checks, 1 s apart (Ray's default takes about 15 s).
+# Nodes are declared dead after 5 missed health checks, 1 s apart (Ray's default takes about 15 s;
+# fewer misses would let a node that a loaded machine starves for 3 s be declared dead).
 FAST_HEALTH_CHECKS = {
     "health_check_initial_delay_ms": 0, "health_check_period_ms": 1000,
-    "health_check_timeout_ms": 1000, "health_check_failure_threshold": 3,
+    "health_check_timeout_ms": 1000, "health_check_failure_threshold": 5,
 }
 TOKENS = "alice:tok-alice,bob:tok-bob,carol:tok-carol,dave:tok-dave"
 MAX_SESSIONS, MAX_PER_TOKEN, CHECKPOINT_EVERY = 6, 2, 2
@@ -101,7 +102,7 @@ class FrontEnd:
         self.process, self.port, self.log = start(*args)
 
     def connect(self, token: str) -> TrainerClient:
-        return TrainerClient(f"localhost:{self.port}", token=token, timeout=30)
+        return TrainerClient(f"localhost:{self.port}", token=token, timeout=120)  # CreateSession starts an actor
 
     def stop(self) -> None:
         if self.process.poll() is None:
@@ -363,8 +364,8 @@ def test_a_killed_node_loses_only_its_sessions_and_recovery_is_bit_identical(
                     break
                 assert exc.reason == "SESSION_UNREACHABLE", seen
             assert time.monotonic() - started < 10
-            assert time.monotonic() - killed < 20, seen[-5:]
-        assert time.monotonic() - killed < 20
+            assert time.monotonic() - killed < 30, seen[-5:]  # no hang: the node is declared dead in ~6 s
+        assert time.monotonic() - killed < 30
         assert checkpoint in err.message and "step 2" in err.message
         assert err.metadata.get("checkpoint") == checkpoint
         # The other front-end, which never called it, says the same; a stranger still sees nothing.
