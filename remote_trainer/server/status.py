@@ -231,16 +231,15 @@ class Servicer(Protocol):
     async def run(self, session_id: str | None, work: Callable[[], T]) -> T: ...
 
 
-def _finish(servicer: Servicer, method: str, request: Any, code: grpc.StatusCode, start: float) -> bool:
-    """Counts and logs a finished call; True. A call that fails is finished before its status is
-    sent (``context.abort`` sends it at once), so a client that has seen the error finds it counted."""
+def _finish(servicer: Servicer, method: str, request: Any, code: grpc.StatusCode, start: float) -> None:
+    """Counts and logs a finished call. A call that fails is finished before its status is sent
+    (``context.abort`` sends it at once), so a client that has seen the error finds it counted."""
     seconds = time.perf_counter() - start
     servicer.metrics.observe(method, code.name, seconds)
     log.info(
         "rpc=%s session=%s status=%s duration_ms=%.1f",
         method, getattr(request, "session_id", "") or "-", code.name, seconds * 1000,
     )
-    return True
 
 
 def _check_decoded(request: object) -> None:
@@ -293,7 +292,8 @@ def unary(method: Callable[[S, Req, Context], Resp]) -> Callable[[S, Req, Contex
         except Exception as exc:
             status = _status_for(exc, method.__name__)
             code = _abandoned_code(call) if isinstance(exc, Abandoned) else status.code
-            finished = _finish(self, method.__name__, request, code, start)  # before the client can hear
+            _finish(self, method.__name__, request, code, start)  # before the client can hear of it
+            finished = True
             await _abort(context, status)
             raise  # abort raises; this line is never reached
         finally:
@@ -373,7 +373,8 @@ def streaming(
         except Exception as exc:
             status = _status_for(exc, method.__name__)
             code = _abandoned_code(call) if isinstance(exc, Abandoned) else status.code
-            finished = _finish(self, method.__name__, request, code, start)  # before the client can hear
+            _finish(self, method.__name__, request, code, start)  # before the client can hear of it
+            finished = True
             await _abort(context, status)
             raise
         finally:
