@@ -159,7 +159,7 @@ def test_sigterm_lets_in_flight_calls_finish_and_refuses_new_ones() -> None:
     target = f"localhost:{port}"
     with TrainerClient(target, timeout=120) as client:
         channel = grpc.insecure_channel(target)
-        watch = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest(service=""))
+        watch = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest(service=""), timeout=300)
         assert next(watch).status == health_pb2.HealthCheckResponse.SERVING
         results: dict[str, object] = {}
 
