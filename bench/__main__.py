@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from bench import rpc_peer
-from bench.measure import SideBySide, cpu_model, load_average, median, percentile, rss_bytes, timed
+from bench.measure import SideBySide, cpu_model, load_average, median, percentile, rss_bytes, stop_child, timed
 from bench.raw import MIB, RawClient
 from remote_trainer.client import Session, TrainerClient, TrainerError
 from remote_trainer.engine.models import build_model, head_of, new_head
@@ -94,13 +94,7 @@ def start_server(
         yield Server(process, f"127.0.0.1:{info['trainer_port']}", f"127.0.0.1:{info['raw_port']}",
                      f"127.0.0.1:{info['raw_aio_port']}", int(info["pid"]))
     finally:
-        if process.stdin is not None:
-            process.stdin.close()
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        stop_child(process, timeout=30)
 
 
 @dataclass

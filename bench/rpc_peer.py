@@ -30,6 +30,7 @@ import torch
 import torch.distributed.rpc as rpc
 from torch import nn
 
+from bench.measure import stop_child
 from remote_trainer.engine.models import build_model
 
 PEER, BENCH = "trainer", "bench"
@@ -226,13 +227,7 @@ def connect(threads: int = 0) -> Iterator[Peer]:
                 if joined:
                     rpc.shutdown()
             finally:
-                if process.stdin is not None:
-                    process.stdin.close()
-                try:
-                    process.wait(timeout=60)
-                except subprocess.TimeoutExpired:
-                    process.kill()
-                    process.wait()
+                stop_child(process, timeout=60)
                 peer.returncode = process.returncode
 
 

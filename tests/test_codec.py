@@ -142,6 +142,25 @@ def test_unusual_wire_layouts_fall_back_to_protobuf() -> None:
     assert (chunk.name, bytes(data)) == ("v", b"z")
 
 
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while n > 0x7F:
+        out.append(n & 0x7F | 0x80)
+        n >>= 7
+    return bytes(out + bytes([n]))
+
+
+def _field(number: int, wire: int, payload: bytes) -> bytes:
+    """One field in wire form; a length-delimited one (wire 2) gets its length."""
+    return _varint(number << 3 | wire) + (_varint(len(payload)) if wire == 2 else b"") + payload
+
+
+# Fields of a newer version of the contract, one of each wire type: protobuf keeps them as unknown
+# fields, and the codec's readers must step over them exactly.
+UNKNOWN = (_field(1000, 0, _varint(300)) + _field(1001, 1, bytes(range(8))) + _field(1002, 5, bytes(range(4)))
+           + _field(1003, 2, b"new"))
+
+
 @pytest.mark.parametrize("shape", [(2, 3, 8, 8), (0, 3, 4, 4), ()])
 def test_a_spliced_request_parses_as_the_whole_message(shape: tuple[int, ...]) -> None:
     array = np.arange(math.prod(shape), dtype=np.float32).reshape(shape)
@@ -163,6 +182,25 @@ def _without_raw(message: pb.ForwardRequest) -> pb.ForwardRequest:
 
 # ForwardRequest.input, TensorInput.tensor, Tensor.raw_data; and TensorInput's other oneof members
 FORWARD_PATH = convert.INPUT_PATHS["Forward"]
+
+
+def test_unknown_fields_of_every_wire_type_are_stepped_over() -> None:
+    chunk_field = pb.GetGradientsResponse.DESCRIPTOR.fields_by_name["chunk"].number
+    chunk = UNKNOWN + pb.TensorChunk(name="w", data=b"abcd", total_bytes=4).SerializeToString() + UNKNOWN
+    data = _field(chunk_field, 2, chunk)
+    [(got, view)] = codec.split_chunk_response(data)
+    expected = pb.GetGradientsResponse.FromString(data).chunk
+    assert (got.name, got.total_bytes, bytes(view)) == (expected.name, expected.total_bytes, expected.data)
+    assert view.obj is data  # read by the codec's own walk, not protobuf's fallback
+
+    array = np.arange(2 * 3 * 4 * 4, dtype=np.float32).reshape(2, 3, 4, 4)
+    tensor = UNKNOWN + codec.encode(array).SerializeToString() + UNKNOWN
+    input_field, tensor_field, _ = FORWARD_PATH[0]
+    request = UNKNOWN + _field(input_field, 2, UNKNOWN + _field(tensor_field, 2, tensor) + UNKNOWN) + UNKNOWN
+    expected_request = pb.ForwardRequest.FromString(request)
+    rest, raw = codec.cut_field(request, *FORWARD_PATH)
+    assert raw is not None and raw.obj is request and bytes(raw) == expected_request.input.tensor.raw_data
+    np.testing.assert_array_equal(codec.decode(pb.ForwardRequest.FromString(rest).input.tensor, raw), array)
 
 
 @pytest.mark.parametrize("how", ["spliced", "protobuf", "values", "raw twice", "no input"])

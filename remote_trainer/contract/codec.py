@@ -386,18 +386,23 @@ def _cut(buf: memoryview, path: tuple[int, ...], refuse: tuple[frozenset[int], .
                 pos = end
                 continue
             pos = end
-        elif wire == 0:
-            _, pos = _read_varint(buf, pos)
-        elif wire == 1:
-            pos += 8
-        elif wire == 5:
-            pos += 4
         else:
-            raise ValueError("unexpected wire type")
+            pos = _past_scalar(buf, pos, wire)
         if pos > len(buf):
             raise ValueError("truncated field")
         out.append(buf[start:pos])
     return b"".join(out), found
+
+
+def _past_scalar(buf: memoryview, pos: int, wire: int) -> int:
+    """Where a field's value ends, for the wire types with no length: varint, 64-bit, 32-bit."""
+    if wire == 0:
+        return _read_varint(buf, pos)[1]
+    if wire == 1:
+        return pos + 8
+    if wire == 5:
+        return pos + 4
+    raise ValueError("unexpected wire type")
 
 
 def _varint(n: int) -> bytes:
@@ -546,20 +551,14 @@ def _split_chunk(inner: memoryview) -> tuple[pb.TensorChunk, memoryview]:
         start = pos
         key, pos = _read_varint(inner, pos)
         wire = key & 7
-        if wire == 0:
-            _, pos = _read_varint(inner, pos)
-        elif wire == _LEN:
+        if wire == _LEN:
             size, pos = _read_varint(inner, pos)
             pos += size
             if key >> 3 == _DATA_FIELD:
                 payload = inner[pos - size : pos]  # the last occurrence wins, as in protobuf
                 continue
-        elif wire == 1:
-            pos += 8
-        elif wire == 5:
-            pos += 4
         else:
-            raise ValueError("unexpected wire type")
+            pos = _past_scalar(inner, pos, wire)
         rest.append(inner[start:pos])
     if pos != len(inner):
         raise ValueError("truncated chunk")
