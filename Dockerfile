@@ -44,11 +44,12 @@ RUN python -m venv /opt/venv \
     && pip install --no-cache-dir -r /tmp/requirements.lock \
     && rm /tmp/requirements.lock
 
-# The project itself (the remote_trainer package: contract, engine, server,
-# client SDK), without dependencies: they are all in place, and `pip check`
-# fails the build if the lock no longer satisfies pyproject.toml.
+# The server side of the project only: the contract (protos/) and the server
+# with its engine (server/), never the client SDK. Without dependencies: they
+# are all in place, and `pip check` fails the build if the lock no longer
+# satisfies server/pyproject.toml.
 COPY . /tmp/src
-RUN pip install --no-cache-dir --no-deps --no-build-isolation /tmp/src \
+RUN pip install --no-cache-dir --no-deps --no-build-isolation /tmp/src/protos /tmp/src/server \
     && pip check \
     && rm -rf /tmp/src
 COPY deploy/healthcheck.py /usr/local/bin/trainer-healthcheck

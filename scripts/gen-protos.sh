@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Regenerates the Python code for protos/ into remote_trainer/contract/trainer/v1/. protoc sees
-# protos/ as remote_trainer/contract/, so the generated code imports absolutely
+# Regenerates the Python code for protos/trainer/v1/*.proto into
+# protos/remote_trainer/contract/trainer/v1/ (the contract distribution). protoc sees protos/ as
+# remote_trainer/contract/, so the generated code imports absolutely
 # (`from remote_trainer.contract.trainer.v1 import trainer_pb2`) with no rewriting, while the proto
 # package (and so the wire) stays `trainer.v1`. trainer.binpb is the descriptor set with the proto's
 # comments (source info), which the server's reflection serves so `grpcurl describe` prints them (the
@@ -12,7 +13,7 @@ PY=${PYTHON:-.venv/bin/python}
 # protoc finds the mypy-protobuf plugins (protoc-gen-mypy, protoc-gen-mypy_grpc) beside that python.
 PATH="$(dirname "$PY"):$PATH"
 generated=remote_trainer/contract/trainer/v1
-out=.
+out=protos
 if [ "${1:-}" = "--check" ]; then
   out=$(mktemp -d)
   trap 'rm -rf "$out"' EXIT
@@ -25,7 +26,7 @@ mkdir -p "$out/$generated"
   protos/trainer/v1/*.proto >/dev/null
 if [ "${1:-}" = "--check" ]; then
   for f in "$out/$generated"/*; do
-    name=$generated/$(basename "$f")
+    name=protos/$generated/$(basename "$f")
     if ! cmp -s "$f" "$name"; then
       echo "generated code is not current: $name (run scripts/gen-protos.sh)" >&2
       exit 1

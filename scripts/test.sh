@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The project's test command (README, and CI through .ci/run): sets up .venv when needed, then checks
-# that the generated code is current, lints the proto, type-checks remote_trainer/, and runs pytest.
+# that the generated code is current, lints the proto, type-checks protos/, client/ and server/ (mypy
+# --strict), and runs pytest.
 # Extra arguments go to pytest, e.g. `scripts/test.sh -k training`.
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -7,10 +7,11 @@ on the way (however indirect) that crosses a forbidden arrow fails here.
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 import textwrap
-from importlib import metadata
+import zipfile
 from pathlib import Path
 
 import grpc
@@ -43,13 +44,45 @@ def loaded_after(statement: str) -> set[str]:
     return set(json.loads(done.stdout))
 
 
-def test_the_distribution_installs_one_import_name() -> None:
-    files = metadata.files("remote-trainer") or []
-    tops = {f.parts[0] for f in files if not f.parts[0].endswith((".dist-info", ".pth")) and "__editable__" not in f.parts[0]}
-    packages = metadata.distribution("remote-trainer").read_text("top_level.txt")
-    names = set(packages.split()) if packages else tops
-    assert names <= {"remote_trainer"}, names
-    assert not any((ROOT / name).is_dir() for name in ("server", "client", "trainer")), "no generic top-level packages"
+# The card's top level, and which portion of the namespace each distribution folder holds.
+PORTIONS = {"protos": {"contract"}, "client": {"client"}, "server": {"server", "engine"}}
+
+
+def test_the_top_level_is_the_cards() -> None:
+    """protos/, server/, client/, tests/, docker-compose.yml, pyproject.toml and README.md at the top, and
+    no generic package (a top-level ``server`` or ``client`` a user's project could shadow) anywhere."""
+    for name in ("protos", "server", "client", "tests"):
+        assert (ROOT / name).is_dir(), name
+    for name in ("docker-compose.yml", "pyproject.toml", "README.md"):
+        assert (ROOT / name).is_file(), name
+    assert not (ROOT / "remote_trainer").exists(), "the code lives in protos/, server/ and client/"
+    for folder, portions in PORTIONS.items():
+        assert not (ROOT / folder / "__init__.py").exists(), folder
+        namespace = ROOT / folder / "remote_trainer"
+        assert not (namespace / "__init__.py").exists(), f"{namespace} is a PEP 420 namespace portion"
+        assert {p.name for p in namespace.iterdir() if p.name != "__pycache__"} == portions, folder
+
+
+def test_each_distribution_builds_a_wheel_of_its_portion_only(tmp_path: Path) -> None:
+    """The wheels install under remote_trainer/ only, each its own portion, none with the namespace's
+    ``__init__.py`` (which would hide the other portions)."""
+    for folder in PORTIONS:  # built from copies: setuptools leaves build/ beside the sources it builds
+        shutil.copytree(ROOT / folder, tmp_path / "src" / folder, ignore=shutil.ignore_patterns("build", "*.egg-info", "__pycache__"))
+    done = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-build-isolation", "-w", str(tmp_path),
+         *(str(tmp_path / "src" / folder) for folder in PORTIONS)],
+        cwd=tmp_path, capture_output=True, text=True, timeout=300,
+    )
+    assert done.returncode == 0, done.stderr
+    wheels = {w.name.split("-")[0]: w for w in tmp_path.glob("*.whl")}
+    assert set(wheels) == {"remote_trainer_contract", "remote_trainer_client", "remote_trainer_server"}, wheels
+    for folder, portions in PORTIONS.items():
+        with zipfile.ZipFile(wheels[f"remote_trainer_{'contract' if folder == 'protos' else folder}"]) as wheel:
+            files = [n for n in wheel.namelist() if ".dist-info/" not in n]
+        assert files and all(n.split("/")[0] == "remote_trainer" for n in files), files
+        assert {n.split("/")[1] for n in files} == portions, folder
+        assert "remote_trainer/__init__.py" not in files
+        assert {f"remote_trainer/{p}/py.typed" for p in portions} <= set(files), folder
 
 
 def test_the_sdk_loads_neither_torch_nor_the_server_nor_the_engine() -> None:

@@ -34,8 +34,8 @@ class TrainingLog:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError as exc:
             raise FailedPrecondition(
-                "--tensorboard-dir needs the tensorboard package: pip install 'remote-trainer[tensorboard]' "
-                "(or pip install tensorboard)", "TENSORBOARD_MISSING",
+                "--tensorboard-dir needs the tensorboard package: pip install tensorboard "
+                "(the server's tensorboard extra: pip install './server[tensorboard]')", "TENSORBOARD_MISSING",
             ) from exc
         self._writer_class = SummaryWriter
         self._directory = Path(directory)

@@ -5,7 +5,7 @@ model order (input side on the left), on a log scale. Parameters without a gradi
 backward yet) get no bars and a grey label. Built from the statistics the server sends with
 ``GetGradients(stats_only=True)``, so no tensor travels.
 
-Needs matplotlib, the SDK's optional ``plot`` extra (``pip install 'remote-trainer[plot]'``);
+Needs matplotlib, the SDK's optional ``plot`` extra (``pip install './client[plot]'``);
 ``import remote_trainer.client.plots`` works without it, ``plot_gradient_flow`` says what to install.
 """
 
@@ -22,7 +22,7 @@ MAX_COLOR = "#ff7f0e"
 
 
 class MatplotlibNotFoundError(RuntimeError):
-    """matplotlib is not installed: ``pip install 'remote-trainer[plot]'``."""
+    """matplotlib is not installed: ``pip install matplotlib``."""
 
 
 @dataclass(frozen=True)
@@ -64,7 +64,7 @@ def plot_gradient_flow(source: Any, path: str | Path, *patterns: str, title: str
         import matplotlib.pyplot as plt
     except ImportError as exc:
         raise MatplotlibNotFoundError(
-            "the gradient-flow picture needs matplotlib: pip install 'remote-trainer[plot]' (or pip install matplotlib)"
+            "the gradient-flow picture needs matplotlib: pip install matplotlib (the SDK's plot extra)"
         ) from exc
     grads = source if isinstance(source, dict) else source.gradients(*patterns, stats_only=True)
     flow = gradient_flow(grads)
