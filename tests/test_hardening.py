@@ -25,7 +25,7 @@ import torch
 from remote_trainer.engine.models import ModelSpec
 from remote_trainer.engine.optimizer import OptimizerSpec
 from remote_trainer.engine.session import SessionEngine
-from remote_trainer.client import Session, TrainerClient, TrainerError
+from remote_trainer.client import Session, TrainerClient, TrainerError, core
 from remote_trainer.contract.trainer.v1 import trainer_pb2 as pb
 from remote_trainer.engine.limits import MAX_CLASSES, MAX_PATTERN_LENGTH, MAX_PATTERNS
 from remote_trainer.server.app import create_server
@@ -196,11 +196,11 @@ def test_the_sdk_refuses_casts_that_change_values_and_truncated_streams(client: 
     request = pb.GetParametersRequest(session_id=session.session_id, patterns=["fc"])
     messages = [r.chunk for r in client.stub.GetParameters(request, timeout=60)]
     assert [(m.name, m.last) for m in messages] == [("fc.weight", False), ("fc.weight", True), ("fc.bias", True)]
-    whole = Session._assemble([(m, m.data) for m in messages], True)
+    whole = core.named_tensors([(m, m.data) for m in messages], True)
     assert list(whole) == ["fc.weight", "fc.bias"]
     cut = [m for m in messages if m.name == "fc.weight"][:-1]  # the stream ends before fc.weight's last chunk
     with pytest.raises(ValueError, match="ended inside tensor 'fc.weight'"):
-        Session._assemble([(m, m.data) for m in cut], True)
+        core.named_tensors([(m, m.data) for m in cut], True)
 
 
 class FakeClock:

@@ -160,10 +160,10 @@ class CallCounter:
         self.calls: list[str] = []
         original = client.call
 
-        def call(method: Any, request: Any, timeout: float | None = None) -> Any:
+        def call(method: Any, request: Any, *, timeout: float | None = None) -> Any:
             message = request.message if isinstance(request, codec.SplicedRequest) else request
             self.calls.append(type(message).__name__.removesuffix("Request"))
-            return original(method, request, timeout)
+            return original(method, request, timeout=timeout)
 
         monkeypatch.setattr(client, "call", call)
 

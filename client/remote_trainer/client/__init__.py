@@ -8,10 +8,11 @@ from remote_trainer.client.client import Session, TrainerClient
 from remote_trainer.client.errors import (
     AbortedError,
     AlreadyExistsError,
-    CancelledError,
+    Cancelled,
     DataLossError,
     DeadlineExceededError,
     FailedPreconditionError,
+    FieldViolation,
     InternalError,
     InvalidArgumentError,
     NotFoundError,
@@ -40,8 +41,8 @@ from remote_trainer.client.types import (
 )
 
 __all__ = [
-    "AbortedError", "AlreadyExistsError", "BackwardResult", "CancelledError", "CheckpointFile", "DataLossError",
-    "DeadlineExceededError", "FailedPreconditionError", "ForwardResult", "FreezeResult", "Graph", "InternalError",
+    "AbortedError", "AlreadyExistsError", "BackwardResult", "Cancelled", "CheckpointFile", "DataLossError",
+    "DeadlineExceededError", "FailedPreconditionError", "FieldViolation", "ForwardResult", "FreezeResult", "Graph", "InternalError",
     "InvalidArgumentError", "NamedTensor", "NotFoundError", "Optimizer", "OutOfRangeError", "ParameterInfo",
     "ParameterList", "PermissionDeniedError", "ResourceExhaustedError", "Session", "SessionInfo", "Stats",
     "TrainerClient", "TrainerError", "TrainStepResult", "UnauthenticatedError", "UnavailableError",

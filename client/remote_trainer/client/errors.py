@@ -6,7 +6,7 @@ with ``from``. Catch ``TrainerError`` for any failure, or a subclass for one kin
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import cast
 
 import grpc
@@ -44,7 +44,10 @@ class TrainerError(Exception):
         return f"{self.code.name}: {self.message}" + (f" [{self.reason}]" if self.reason else "")
 
 
-class CancelledError(TrainerError):
+class Cancelled(TrainerError):
+    """CANCELLED: the call was cancelled (named as google-api-core names it, so that it does not
+    shadow ``asyncio.CancelledError``, which a cancelled task raises)."""
+
     code = grpc.StatusCode.CANCELLED
 
 
@@ -111,7 +114,7 @@ class UnauthenticatedError(TrainerError):
 _BY_CODE: dict[grpc.StatusCode, type[TrainerError]] = {
     cls.code: cls
     for cls in (
-        CancelledError, UnknownError, InvalidArgumentError, DeadlineExceededError, NotFoundError,
+        Cancelled, UnknownError, InvalidArgumentError, DeadlineExceededError, NotFoundError,
         AlreadyExistsError, PermissionDeniedError, ResourceExhaustedError, FailedPreconditionError,
         AbortedError, OutOfRangeError, UnimplementedError, InternalError, UnavailableError,
         DataLossError, UnauthenticatedError,

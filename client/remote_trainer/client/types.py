@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import numpy.typing as npt
 
+from remote_trainer.contract.names import OptimizerName
+
 FloatArray = npt.NDArray[np.floating]
 
 
@@ -104,7 +106,7 @@ class ParameterList:
 class Optimizer:
     """A torch.optim optimizer: kind "sgd", "adam" or "adamw"; None fields take torch's defaults."""
 
-    kind: str = "sgd"
+    kind: OptimizerName = "sgd"
     lr: float | None = None
     momentum: float | None = None
     dampening: float | None = None

@@ -1,0 +1,400 @@
+"""The SDK's core, with no I/O: what both faces of the SDK send and how they read the answers.
+
+Per RPC, one function builds the request from a method's arguments and returns it as a ``Call``
+(the RPC's path, the request, the parser of its response into the SDK's dataclasses), as
+tritonclient's ``InferenceServerClientBase`` and ``_utils._get_inference_request`` do for its sync
+and asyncio clients. ``TrainerClient``/``Session`` (``client.py``) and
+``AsyncTrainerClient``/``AsyncSession`` (``aio.py``) only send a ``Call`` and hand its response
+to ``Call.parse``, so the two faces cannot drift apart in what they send or return.
+
+Needs grpcio, protobuf and numpy only.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any, Generic, Literal, TypeVar, cast
+
+import numpy as np
+import numpy.typing as npt
+from grpc_health.v1 import health_pb2
+
+from remote_trainer.client.types import (
+    BackwardResult, CheckpointFile, ForwardResult, FreezeResult, Graph, GraphNode, NamedTensor, Optimizer, ParameterInfo,
+    ParameterList, SessionInfo, Stats, TrainStepResult,
+)
+from remote_trainer.contract import codec, names
+from remote_trainer.contract.names import AutocastName, LossName, MemoryFormatName
+from remote_trainer.contract.trainer.v1 import trainer_pb2 as pb
+
+MIB = 1024 * 1024
+SERVICE = "trainer.v1.TrainerService"
+HEALTH_CHECK = "/grpc.health.v1.Health/Check"
+# The data types GetGradients and GetParameters can send tensors in.
+TransferDataType = Literal["float32", "float16", "bfloat16"]
+
+# Calls that change nothing may be retried when the server is briefly UNAVAILABLE; calls that
+# change a session (Forward, Backward, Step, ...) never are.
+_IDEMPOTENT = ("DescribeSession", "ListParameters", "GetGradients", "GetParameters", "GetGraph", "ListSessions")
+_SERVICE_CONFIG = json.dumps(
+    {
+        "methodConfig": [
+            {
+                "name": [{"service": SERVICE, "method": m} for m in _IDEMPOTENT] + [{"service": "grpc.health.v1.Health"}],
+                "retryPolicy": {
+                    "maxAttempts": 4,
+                    "initialBackoff": "0.1s",
+                    "maxBackoff": "2s",
+                    "backoffMultiplier": 2,
+                    "retryableStatusCodes": ["UNAVAILABLE"],
+                },
+            }
+        ]
+    }
+)
+
+
+def channel_settings(max_message_bytes: int, options: Iterable[tuple[str, Any]] = ()) -> list[tuple[str, Any]]:
+    """The channel options of both faces: message sizes, and the retry policy of the idempotent
+    calls (``_SERVICE_CONFIG``), then the caller's own ``options``."""
+    return [
+        ("grpc.max_send_message_length", max_message_bytes),
+        ("grpc.max_receive_message_length", max_message_bytes),
+        ("grpc.enable_retries", 1),
+        ("grpc.service_config", _SERVICE_CONFIG),
+        *options,
+    ]
+
+
+# -- the calls -------------------------------------------------------------------------------------
+
+R = TypeVar("R")
+# What a GetGradients or GetParameters response reads as: its chunks, each without its data, beside
+# a view of that data in the received bytes (``codec.split_chunk_response``).
+ChunkResponse = list[tuple[pb.TensorChunk, memoryview]]
+
+
+@dataclass(frozen=True)
+class Call(Generic[R]):
+    """One unary call, ready to send: the RPC's path, the request, and the parser of its response."""
+
+    method: str
+    request: Any
+    parse: Callable[[Any], R]
+
+
+@dataclass(frozen=True)
+class StreamCall(Generic[R]):
+    """One server-streaming call: the RPC's path, the request, and the parser of all its responses."""
+
+    method: str
+    request: Any
+    parse: Callable[[Iterable[ChunkResponse]], R]
+
+
+def _path(name: str) -> str:
+    return f"/{SERVICE}/{name}"
+
+
+def _serialize(message: Any) -> bytes:
+    return cast(bytes, message.SerializeToString())
+
+
+_STREAMS = ("GetGradients", "GetParameters")
+_SPLICED = ("Forward", "TrainStep")  # their requests are codec.SplicedRequest: the batch's bytes beside the message
+
+
+def unary_methods(channel: Any) -> dict[str, Any]:
+    """Every unary RPC of the service (and the health check) on ``channel``, sync or asyncio, by path."""
+    methods = {
+        _path(m.name): channel.unary_unary(
+            _path(m.name),
+            request_serializer=codec.SplicedRequest.serialize if m.name in _SPLICED else _serialize,
+            response_deserializer=getattr(pb, m.output_type.name).FromString,
+        )
+        for m in pb.DESCRIPTOR.services_by_name["TrainerService"].methods
+        if m.name not in _STREAMS
+    }
+    methods[HEALTH_CHECK] = channel.unary_unary(
+        HEALTH_CHECK, request_serializer=_serialize, response_deserializer=health_pb2.HealthCheckResponse.FromString
+    )
+    return methods
+
+
+def stream_methods(channel: Any) -> dict[str, Any]:
+    """GetGradients and GetParameters on ``channel`` (sync or asyncio), by path, read without
+    protobuf's two copies of each chunk's data (``codec.split_chunk_response``)."""
+    return {
+        _path(name): channel.unary_stream(
+            _path(name), request_serializer=_serialize, response_deserializer=codec.split_chunk_response
+        )
+        for name in _STREAMS
+    }
+
+
+# -- arrays in -------------------------------------------------------------------------------------
+
+
+def as_array(x: Any, dtype: npt.DTypeLike | None = None) -> npt.NDArray[Any]:
+    """A numpy array from numpy, a nested list or a torch tensor (detached, moved to the CPU)."""
+    if hasattr(x, "detach") and hasattr(x, "cpu"):
+        x = x.detach().cpu().numpy()
+    arr = np.asarray(x)
+    if dtype is not None:
+        if np.dtype(dtype).kind in "iu" and arr.dtype.kind in "fc":
+            _require_whole(arr, np.dtype(dtype))
+        return arr.astype(dtype, copy=False)
+    if arr.dtype.kind == "f" and arr.dtype != np.float32:
+        return arr.astype(np.float32)
+    return arr
+
+
+def _require_whole(arr: npt.NDArray[Any], dtype: np.dtype[Any]) -> None:
+    """Refuses a cast to integers that would change a value (numpy truncates 1.7 to 1 and turns NaN
+    into INT64_MIN without a word): every value must be a finite whole number within ``dtype``."""
+    if arr.dtype.kind == "c":
+        raise ValueError(f"complex values cannot be {dtype} class indices")
+    finite = np.isfinite(arr)
+    if not finite.all():
+        raise ValueError(f"{int((~finite).sum())} value(s) are NaN or infinite: they cannot be {dtype} class indices")
+    fraction = arr != np.floor(arr)
+    if fraction.any():
+        raise ValueError(f"{arr[fraction].ravel()[:3].tolist()} are not whole numbers: pass {dtype} class indices, "
+                         "not floats, so nothing is rounded away")
+    info = np.iinfo(dtype)  # its bounds as floats: min exactly, max + 1 exactly (powers of two)
+    if arr.size and (arr.min() < float(info.min) or arr.max() >= float(info.max) + 1):
+        raise ValueError(f"values outside the range of {dtype}")
+
+
+def _fill_input(target: pb.TensorInput, x: Any, dtype: npt.DTypeLike | None = None) -> None:
+    # Written in place into the request: a sub-message passed to a constructor or CopyFrom is copied.
+    codec.encode_into(target.tensor, as_array(x, dtype))
+
+
+def _spliced_input(request: pb.ForwardRequest | pb.TrainStepRequest, x: Any) -> codec.SplicedRequest:
+    """``request`` with the float32 batch ``x`` as its input, its bytes sent beside the message."""
+    raw = codec.encode_header_into(request.input.tensor, as_array(x, np.float32))
+    path, _ = codec.raw_input_path(type(request))
+    return codec.SplicedRequest(request, path, raw)
+
+
+def _fill_loss(target: pb.Loss, loss: LossName, labels: Any) -> None:
+    if loss not in codec.LOSS_FUNCTIONS:
+        raise ValueError(f"loss must be one of {sorted(codec.LOSS_FUNCTIONS)}, got {loss!r}")
+    if labels is None:
+        raise ValueError(f"loss {loss!r} needs labels")
+    target.function = codec.LOSS_FUNCTIONS[loss]
+    _fill_input(target.labels, labels, np.int64 if loss == "cross_entropy" else np.float32)
+
+
+def _optimizer_message(optimizer: Optimizer) -> pb.OptimizerConfig:
+    if optimizer.kind not in codec.OPTIMIZER_KINDS:
+        raise ValueError(f"optimizer kind must be one of {sorted(codec.OPTIMIZER_KINDS)}, got {optimizer.kind!r}")
+    config = pb.OptimizerConfig(kind=codec.OPTIMIZER_KINDS[optimizer.kind])
+    for name in names.OPTIMIZER_FIELDS:
+        value = getattr(optimizer, name)
+        if value is not None:
+            setattr(config, name, value)
+    return config
+
+
+def _transfer_type(dtype: TransferDataType) -> pb.DataType.ValueType:
+    if dtype not in ("float32", "float16", "bfloat16"):
+        raise ValueError(f"dtype must be float32, float16 or bfloat16, got {dtype!r}")
+    return pb.DataType.ValueType(codec.DATA_TYPES_BY_NAME[dtype])
+
+
+# -- results out -----------------------------------------------------------------------------------
+
+
+def stats(msg: pb.TensorStats) -> Stats:
+    return Stats(msg.norm, msg.min, msg.max, msg.mean, msg.non_finite_count, msg.num_elements)
+
+
+def optimizer(msg: pb.OptimizerConfig) -> Optimizer:
+    return Optimizer(codec.OPTIMIZER_NAMES.get(msg.kind, "sgd"), **{name: getattr(msg, name) for name in names.OPTIMIZER_FIELDS})
+
+
+def session_info(msg: pb.SessionInfo) -> SessionInfo:
+    return SessionInfo(
+        msg.session_id, msg.model, msg.weights, msg.device, msg.num_classes, optimizer(msg.optimizer),
+        msg.step_count, msg.pending_forward_id, msg.trainable_parameters, msg.frozen_parameters, msg.is_default,
+        msg.autocast, msg.memory_format,
+    )
+
+
+def _logits(response: pb.ForwardResponse | pb.TrainStepResponse) -> Any:
+    # A writable copy (the decoded view would be read-only, over the response's bytes); logits are small.
+    return codec.decode(response.logits).copy() if response.HasField("logits") else None
+
+
+def named_tensors(chunks: Iterable[tuple[pb.TensorChunk, memoryview]], with_data: bool) -> dict[str, NamedTensor]:
+    """The tensors of a GetGradients or GetParameters stream, by name, in the order they came."""
+    return {
+        t.name: NamedTensor(t.name, t.shape, t.present, stats(t.stats) if t.stats else None, t.array)  # type: ignore[arg-type]
+        for t in codec.assemble_split_chunks(chunks, with_data)
+    }
+
+
+def _named_tensors(with_data: bool) -> Callable[[Iterable[ChunkResponse]], dict[str, NamedTensor]]:
+    return lambda responses: named_tensors((chunk for response in responses for chunk in response), with_data)
+
+
+# -- one function per RPC: the request from the method's arguments, and how to read the answer ------
+
+
+def health(service: str) -> Call[str]:
+    return Call(HEALTH_CHECK, health_pb2.HealthCheckRequest(service=service),
+                lambda r: str(health_pb2.HealthCheckResponse.ServingStatus.Name(r.status)))
+
+
+def create_session(
+    weights: str, num_classes: int, optimizer: Optimizer | None, seed: int,
+    autocast: AutocastName | None, memory_format: MemoryFormatName | None,
+) -> Call[SessionInfo]:
+    request = pb.CreateSessionRequest(weights=weights, num_classes=num_classes, seed=seed, autocast=autocast or "",
+                                      memory_format=memory_format or "")
+    if optimizer is not None:
+        request.optimizer.CopyFrom(_optimizer_message(optimizer))
+    return Call(_path("CreateSession"), request, lambda r: session_info(r.session))
+
+
+def list_sessions() -> Call[list[SessionInfo]]:
+    return Call(_path("ListSessions"), pb.ListSessionsRequest(), lambda r: [session_info(s) for s in r.sessions])
+
+
+def list_checkpoints() -> Call[list[CheckpointFile]]:
+    return Call(_path("ListSessions"), pb.ListSessionsRequest(),
+                lambda r: [CheckpointFile(c.name, c.size_bytes, c.modified_unix_seconds) for c in r.checkpoints])
+
+
+def close_session(session_id: str) -> Call[None]:
+    return Call(_path("CloseSession"), pb.CloseSessionRequest(session_id=session_id), lambda r: None)
+
+
+def describe_session(session_id: str) -> Call[SessionInfo]:
+    return Call(_path("DescribeSession"), pb.DescribeSessionRequest(session_id=session_id), lambda r: session_info(r.session))
+
+
+def forward(session_id: str, x: Any, eval_mode: bool, no_grad: bool, stats_only: bool) -> Call[ForwardResult]:
+    request = pb.ForwardRequest(
+        session_id=session_id, eval_mode=eval_mode, no_grad=no_grad,
+        output_format=pb.OUTPUT_FORMAT_STATS_ONLY if stats_only else pb.OUTPUT_FORMAT_RAW,
+    )
+    return Call(_path("Forward"), _spliced_input(request, x),
+                lambda r: ForwardResult(r.forward_id, _logits(r), stats(r.logits_stats)))
+
+
+def backward(
+    session_id: str, forward_id: int, loss: LossName | None, labels: Any, output_gradient: Any,
+    retain_graph: bool, step: bool, zero_grad_after_step: bool, grad_norm: bool,
+) -> Call[BackwardResult]:
+    if (loss is None) == (output_gradient is None):
+        raise ValueError("give exactly one of loss (with labels) or output_gradient")
+    request = pb.BackwardRequest(
+        session_id=session_id, forward_id=forward_id, retain_graph=retain_graph, step=step,
+        zero_grad_after_step=zero_grad_after_step, skip_grad_norm=not grad_norm,
+    )
+    if loss is not None:
+        _fill_loss(request.loss, loss, labels)
+    else:
+        _fill_input(request.output_gradient, output_gradient, np.float32)
+    return Call(_path("Backward"), request, lambda r: BackwardResult(
+        r.forward_id, r.loss if r.HasField("loss") else None, r.parameters_with_grad,
+        r.grad_norm if r.HasField("grad_norm") else None, r.step_count, r.parameters_updated,
+    ))
+
+
+def train_step(
+    session_id: str, x: Any, loss: LossName, labels: Any, zero_grad: bool, grad_norm: bool, return_logits: bool
+) -> Call[TrainStepResult]:
+    request = pb.TrainStepRequest(session_id=session_id, zero_grad=zero_grad, return_grad_norm=grad_norm,
+                                  return_logits=return_logits)
+    _fill_loss(request.loss, loss, labels)
+    return Call(_path("TrainStep"), _spliced_input(request, x), lambda r: TrainStepResult(
+        r.forward_id, r.loss, stats(r.logits_stats), r.step_count, r.parameters_updated,
+        r.grad_norm if r.HasField("grad_norm") else None, _logits(r),
+    ))
+
+
+def step(session_id: str, expected_step_count: int | None) -> Call[int]:
+    request = pb.StepRequest(session_id=session_id, expected_step_count=expected_step_count)
+    return Call(_path("Step"), request, lambda r: int(r.step_count))
+
+
+def zero_grad(session_id: str, set_to_none: bool) -> Call[int]:
+    request = pb.ZeroGradRequest(session_id=session_id, set_to_none=set_to_none)
+    return Call(_path("ZeroGrad"), request, lambda r: int(r.parameters_cleared))
+
+
+def configure_optimizer(session_id: str, config: Optimizer | None, values: dict[str, Any]) -> Call[Optimizer]:
+    request = pb.ConfigureOptimizerRequest(session_id=session_id, optimizer=_optimizer_message(config or Optimizer(**values)))
+    return Call(_path("ConfigureOptimizer"), request, lambda r: optimizer(r.optimizer))
+
+
+def freeze(session_id: str, patterns: Iterable[str], unfreeze: bool) -> Call[FreezeResult]:
+    request = pb.FreezeLayersRequest(session_id=session_id, patterns=list(patterns), unfreeze=unfreeze)
+    return Call(_path("FreezeLayers"), request, lambda r: FreezeResult(list(r.changed), list(r.trainable), r.frozen_count))
+
+
+def replace_head(session_id: str, num_classes: int, seed: int) -> Call[SessionInfo]:
+    request = pb.ReplaceHeadRequest(session_id=session_id, num_classes=num_classes, seed=seed)
+    return Call(_path("ReplaceHead"), request, lambda r: session_info(r.session))
+
+
+def _parameter_list(response: pb.ListParametersResponse) -> ParameterList:
+    return ParameterList(
+        [
+            ParameterInfo(p.name, tuple(p.shape), codec.DATA_TYPE_NAMES.get(p.data_type, "unknown"), p.requires_grad,
+                          p.has_grad, p.num_elements)
+            for p in response.parameters
+        ],
+        response.trainable_count, response.frozen_count, response.trainable_elements, response.total_elements,
+    )
+
+
+def list_parameters(session_id: str) -> Call[ParameterList]:
+    return Call(_path("ListParameters"), pb.ListParametersRequest(session_id=session_id), _parameter_list)
+
+
+def gradients(
+    session_id: str, patterns: Iterable[str], stats_only: bool, dtype: TransferDataType, with_stats: bool
+) -> StreamCall[dict[str, NamedTensor]]:
+    request = pb.GetGradientsRequest(session_id=session_id, patterns=list(patterns), stats_only=stats_only,
+                                     transfer_data_type=_transfer_type(dtype), skip_stats=not with_stats, pack_chunks=True)
+    return StreamCall(_path("GetGradients"), request, _named_tensors(not stats_only))
+
+
+def parameters(
+    session_id: str, patterns: Iterable[str], stats_only: bool, dtype: TransferDataType, include_buffers: bool,
+    with_stats: bool,
+) -> StreamCall[dict[str, NamedTensor]]:
+    request = pb.GetParametersRequest(session_id=session_id, patterns=list(patterns), stats_only=stats_only,
+                                      transfer_data_type=_transfer_type(dtype), include_buffers=include_buffers,
+                                      skip_stats=not with_stats, pack_chunks=True)
+    return StreamCall(_path("GetParameters"), request, _named_tensors(not stats_only))
+
+
+def save_checkpoint(session_id: str, name: str) -> Call[int]:
+    return Call(_path("SaveCheckpoint"), pb.SaveCheckpointRequest(session_id=session_id, name=name), lambda r: int(r.step_count))
+
+
+def load_checkpoint(session_id: str, name: str) -> Call[SessionInfo]:
+    return Call(_path("LoadCheckpoint"), pb.LoadCheckpointRequest(session_id=session_id, name=name), lambda r: session_info(r.session))
+
+
+def _graph(response: pb.GetGraphResponse) -> Graph:
+    return Graph(
+        response.forward_id, response.root_id, [GraphNode(n.id, n.function, n.parameter) for n in response.nodes],
+        [(e.from_id, e.to_id) for e in response.edges], list(response.leaf_parameters), list(response.excluded_parameters),
+    )
+
+
+def graph(session_id: str) -> Call[Graph]:
+    return Call(_path("GetGraph"), pb.GetGraphRequest(session_id=session_id), _graph)
+
+
+def reset_session(session_id: str) -> Call[SessionInfo]:
+    return Call(_path("ResetSession"), pb.ResetSessionRequest(session_id=session_id), lambda r: session_info(r.session))
