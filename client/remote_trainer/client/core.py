@@ -221,7 +221,7 @@ def session_info(msg: pb.SessionInfo) -> SessionInfo:
     return SessionInfo(
         msg.session_id, msg.model, msg.weights, msg.device, msg.num_classes, optimizer(msg.optimizer),
         msg.step_count, msg.pending_forward_id, msg.trainable_parameters, msg.frozen_parameters, msg.is_default,
-        msg.autocast, msg.memory_format,
+        cast(AutocastName, msg.autocast), cast(MemoryFormatName, msg.memory_format),  # the server sends only these names
     )
 
 

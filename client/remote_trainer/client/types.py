@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import numpy.typing as npt
 
-from remote_trainer.contract.names import OptimizerName
+from remote_trainer.contract.names import AutocastName, MemoryFormatName, OptimizerName
 
 FloatArray = npt.NDArray[np.floating]
 
@@ -135,8 +135,8 @@ class SessionInfo:
     is_default: bool
     # What its forwards run under: "off", "bf16" or "fp16" autocast, and "contiguous" or
     # "channels_last" weights and inputs (its own choice at creation, or the server's).
-    autocast: str = "off"
-    memory_format: str = "contiguous"
+    autocast: AutocastName = "off"
+    memory_format: MemoryFormatName = "contiguous"
 
 
 @dataclass(frozen=True)
