@@ -116,7 +116,10 @@ def test_the_engine_imports_no_transport() -> None:
 
 
 def test_the_contract_imports_neither_side() -> None:
-    loaded = loaded_after("import remote_trainer.contract.codec, remote_trainer.contract.names")
+    loaded = loaded_after(
+        "import remote_trainer.contract.codec, remote_trainer.contract.names, remote_trainer.contract.chunking, "
+        "remote_trainer.contract.wire"
+    )
     assert not loaded & {"torch", "remote_trainer.server", "remote_trainer.client", "remote_trainer.engine"}, loaded
 
 
