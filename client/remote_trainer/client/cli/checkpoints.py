@@ -38,16 +38,3 @@ def cmd_checkpoint(client: TrainerClient, session: Session, args: argparse.Names
         print(f"loaded checkpoint {args.name}: step {info.step_count}, {info.num_classes} classes, "
               f"{info.trainable_parameters} trainable, {info.frozen_parameters} frozen, {optimizer_text(info.optimizer)}")
     return 0
-
-
-def _add_checkpoint(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    p = sub.add_parser("checkpoint", help="save, load or list checkpoints in the server's --checkpoint-dir",
-                       description="Save the session (weights, buffers, head, frozen set, optimizer and its state, steps) to a "
-                                   "checkpoint, load one into it, or list those this token may load.")
-    p.add_argument("action", choices=("save", "load", "list"))
-    p.add_argument("name", nargs="?", metavar="NAME", help="file name in the checkpoint directory, such as run.ckpt")
-    p.set_defaults(run=cmd_checkpoint)
-
-
-PARSERS = {"checkpoint": _add_checkpoint}
-"""Each command of this module and the function that adds its parser."""

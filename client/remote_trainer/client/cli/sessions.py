@@ -9,7 +9,6 @@ import dataclasses
 from remote_trainer.client.cli.output import PROG, info_json, optimizer_text, optimizer_values, print_json, shape_text, table
 from remote_trainer.client.client import Session, TrainerClient
 from remote_trainer.client.types import Optimizer
-from remote_trainer.contract.names import AUTOCAST_MODES, MEMORY_FORMATS
 
 
 def cmd_health(client: TrainerClient, session: Session, args: argparse.Namespace) -> int:
@@ -153,81 +152,3 @@ def cmd_replace_head(client: TrainerClient, session: Session, args: argparse.Nam
     print(f"fc = Linear(512, {info.num_classes}) (seed {args.seed}); {info.trainable_parameters} trainable, "
           f"{info.frozen_parameters} frozen parameters; optimizer rebuilt")
     return 0
-
-
-# -- their command lines -------------------------------------------------------------------------
-
-
-def _add_health(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    p = sub.add_parser("health", help="the server's health status (exit 0 when SERVING)",
-                       description="Print the server's gRPC health status; exit 0 when it is SERVING, 1 otherwise.")
-    p.add_argument("--service", default="", help="a service name to check (default: the whole server)")
-    p.set_defaults(run=cmd_health)
-
-
-def _add_info(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    p = sub.add_parser("info", help="model, weights, device, optimizer and parameter counts",
-                       description="Describe the session: model, weights, device, classes, optimizer, steps, parameters.")
-    p.add_argument("--parameters", action="store_true", help="also list every parameter with shape and flags")
-    p.set_defaults(run=cmd_info)
-
-
-def _add_sessions(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    p = sub.add_parser("sessions", help="list, create or close sessions",
-                       description="List the sessions this token may use (the default one and its own), create one, or close some.")
-    p.add_argument("action", nargs="?", choices=("list", "create", "close"), help="default: list")
-    p.add_argument("ids", nargs="*", metavar="ID", help="for close: the sessions to close")
-    p.add_argument("--weights", default="random",
-                   help="for create: 'random' (seeded), 'imagenet' or a weights file in the server's --data-dir (default: random)")
-    p.add_argument("--num-classes", type=int, default=0, help="for create: classes of the head (default: the weights' own)")
-    p.add_argument("--seed", type=int, default=0, help="for create: seed of random weights and of a new head (default: 0)")
-    p.add_argument("--autocast", choices=AUTOCAST_MODES,
-                   help="for create: run the session's forwards under torch.autocast in this type (default: the server's --autocast)")
-    p.add_argument("--memory-format", choices=MEMORY_FORMATS,
-                   help="for create: memory format of the session's weights and inputs (default: the server's --memory-format)")
-    p.set_defaults(run=cmd_sessions)
-
-
-def _add_reset(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    p = sub.add_parser("reset", help="put the default session back as the server started it",
-                       description="Restore the default session's weights, BatchNorm buffers, head, optimizer (and its state), "
-                                   "step count and frozen set as the server started it; gradients and the pending forward go.")
-    p.set_defaults(run=cmd_reset)
-
-
-def _add_optimizer(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    p = sub.add_parser("optimizer", help="show, or set, the optimizer (kind, lr, momentum, ...)",
-                       description="Show the session's optimizer, or replace it with 'set' (its state starts anew). With the "
-                                   "same kind, values not given stay as they are; another --kind starts from torch's defaults.")
-    p.add_argument("action", nargs="?", choices=("show", "set"), default="show", help="default: show")
-    p.add_argument("--kind", choices=("sgd", "adam", "adamw"))
-    for flag in ("lr", "momentum", "dampening", "weight_decay", "beta1", "beta2", "eps"):
-        p.add_argument("--" + flag.replace("_", "-"), dest=flag, type=float)
-    p.add_argument("--nesterov", action=argparse.BooleanOptionalAction, default=None, help="sgd")
-    p.add_argument("--amsgrad", action=argparse.BooleanOptionalAction, default=None, help="adam, adamw")
-    p.set_defaults(run=cmd_optimizer)
-
-
-def _add_freeze(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    p = sub.add_parser("freeze", help="freeze (or --unfreeze) parameters by name pattern",
-                       description="Set requires_grad = False (or True with --unfreeze) on parameters matching the patterns: "
-                                   "a glob ('layer4.*', '*') or a module name ('layer1', 'fc').")
-    p.add_argument("patterns", nargs="+", metavar="PATTERN")
-    p.add_argument("--unfreeze", action="store_true", help="set requires_grad = True instead")
-    p.set_defaults(run=cmd_freeze)
-
-
-def _add_replace_head(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    p = sub.add_parser("replace-head", help="model.fc = nn.Linear(512, N), as in the tutorial's finetuning",
-                       description="Replace the classifier with a new, trainable nn.Linear(512, NUM_CLASSES); "
-                                   "the optimizer is rebuilt over the new parameters.")
-    p.add_argument("num_classes", type=int, metavar="NUM_CLASSES")
-    p.add_argument("--seed", type=int, default=0, help="torch.manual_seed before the new layer is made (default: 0)")
-    p.set_defaults(run=cmd_replace_head)
-
-
-PARSERS = {
-    "health": _add_health, "info": _add_info, "sessions": _add_sessions, "reset": _add_reset,
-    "optimizer": _add_optimizer, "freeze": _add_freeze, "replace-head": _add_replace_head,
-}
-"""Each command of this module and the function that adds its parser."""
