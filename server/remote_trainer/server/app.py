@@ -304,7 +304,7 @@ def session_store(
             # A Ray of this server's own: keep it on loopback (Ray reads this when imported; without
             # it Ray binds some ports on the host's routable address).
             os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-        from remote_trainer.server.ray_backend import RaySessionStore  # imports ray: only with this backend
+        from remote_trainer.server.ray_backend.store import RaySessionStore  # imports ray: only with this backend
 
         return RaySessionStore.connect(settings, default_model, limits), UNLIMITED
     budget = MemoryBudget(
