@@ -96,9 +96,6 @@ class Row:
     target: str = ""
     words: dict[str, str] = field(default_factory=dict)
 
-    def figure(self, name: str) -> float:
-        return self.figures[name].value
-
     def cells(self) -> dict[str, str]:
         """The text of each column of the table."""
         names: dict[str, Any] = {**self.figures, **self.words}

@@ -1,14 +1,17 @@
 """The training step the sections time: in local PyTorch (``LocalStep``) and through the server
 (``RemoteStep``), the same seed-0 weights, the tutorial's loss and SGD; and the few helpers the
-step-timing sections share (repetitions from a time budget, inputs, the logits' agreement)."""
+step-timing sections share (repetitions from a time budget, timing side by side, inputs, the
+logits' agreement)."""
 
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
 
 import numpy as np
 import torch
 
+from bench.measure import SideBySide, timed
 from remote_trainer.client import Session
 from remote_trainer.engine.models import build_model, head_of, new_head
 
@@ -100,6 +103,24 @@ def repetitions(args: argparse.Namespace, first: float, calls: int = 1) -> int:
     """As many repetitions as ``--seconds-per-case`` allows (``calls`` timed steps of ``first``
     seconds each), between ``--min-reps`` and ``--reps``."""
     return int(max(args.min_reps, min(args.reps, int(args.seconds_per_case / calls / max(first, 1e-3)))))
+
+
+def measure_steps(args: argparse.Namespace, contenders: dict[str, Callable[[], None]],
+                  agreement: Callable[[], float]) -> tuple[SideBySide, int, float]:
+    """Every contender's step once (their time sets the repetitions), then side by side; returns
+    the timings, the repetitions, and the worst ``agreement()`` (of the logits) after the first
+    step and after the last."""
+
+    def each_once() -> None:
+        for step in contenders.values():
+            step()
+
+    first = timed(each_once)
+    worst = agreement()
+    reps = repetitions(args, first)
+    sbs = SideBySide(list(contenders))
+    sbs.run(dict(contenders), reps=reps, warmup=max(0, args.warmup - 1))
+    return sbs, reps, max(worst, agreement())
 
 
 def step_inputs(shape: tuple[int, ...], classes: int = 1000) -> tuple[np.ndarray, np.ndarray]:

@@ -13,9 +13,9 @@ import torch
 
 from bench import rpc_peer
 from bench.launch import Context
-from bench.measure import SideBySide, timed
+from bench.measure import SideBySide
 from bench.rows import BYTES, RELATIVE, Figure, Layout, Row, count, rate, ratio, seconds
-from bench.steps import LocalStep, RemoteStep, difference, repetitions, shape_name, step_inputs
+from bench.steps import LocalStep, RemoteStep, difference, measure_steps, shape_name, step_inputs
 from remote_trainer.client import TrainerClient
 
 EMPTY_CALL = Layout("{ours}", "{reference}", "one round trip on loopback (rpc: TensorPipe uv transport, basic channel; "
@@ -67,28 +67,9 @@ def run(ctx: Context) -> list[Row]:
                 theirs = RpcStep(peer, case, args.device)
                 with client.create_session("random", seed=0) as session:
                     ours = RemoteStep(session, case)
-
-                    def ours_step() -> None:
-                        ours(x, labels)
-
-                    def rpc_step() -> None:
-                        theirs(xt, lt)
-
-                    def local_step() -> None:
-                        local(xt, lt)
-
-                    def all_three() -> None:
-                        ours_step()
-                        rpc_step()
-                        local_step()
-
-                    first = timed(all_three)
-                    worst = _agreement(ours, theirs, local)
-                    reps = repetitions(args, first)
-                    sbs = SideBySide(["ours", "rpc", "local"])
-                    sbs.run({"ours": ours_step, "rpc": rpc_step, "local": local_step}, reps=reps,
-                            warmup=max(0, args.warmup - 1))
-                    worst = max(worst, _agreement(ours, theirs, local))
+                    sbs, reps, worst = measure_steps(
+                        args, {"ours": lambda: ours(x, labels), "rpc": lambda: theirs(xt, lt), "local": lambda: local(xt, lt)},
+                        lambda: _agreement(ours, theirs, local))
                 rows.append(Row(
                     "rpc", f"{title} {shape_name(shape)}",
                     {"ours": seconds(sbs.median("ours")), "reference": seconds(sbs.median("rpc")), "local": seconds(sbs.median("local")),

@@ -8,9 +8,9 @@ import numpy as np
 import torch
 
 from bench.launch import Context
-from bench.measure import SideBySide, median, timed
+from bench.measure import SideBySide, median
 from bench.rows import RELATIVE, Figure, Layout, Row, count, seconds
-from bench.steps import LocalStep, RemoteStep, difference, repetitions, shape_name, step_inputs
+from bench.steps import LocalStep, RemoteStep, difference, measure_steps, shape_name, step_inputs
 from remote_trainer.client import TrainerClient
 
 EMPTY_CALL = Layout("{ours}", "{reference}", "one round trip on loopback; raw sync-server unary {raw_sync}")
@@ -38,24 +38,10 @@ def run(ctx: Context) -> list[Row]:
                 local = LocalStep(case, device)
                 with client.create_session("random", seed=0) as session:
                     remote = RemoteStep(session, case)
-
-                    def remote_step() -> None:
-                        remote(x, labels)
-
-                    def local_step() -> None:
-                        local(xt, lt)
-
-                    def both() -> None:
-                        remote_step()
-                        local_step()
-
-                    first = timed(both)
-                    worst = difference(remote.logits, local.logits)
-                    reps = repetitions(args, first)
-                    raw.timings()
-                    sbs = SideBySide(["remote", "local"])
-                    sbs.run({"remote": remote_step, "local": local_step}, reps=reps, warmup=max(0, args.warmup - 1))
-                    worst = max(worst, difference(remote.logits, local.logits))
+                    raw.timings()  # the server's torch times from here on
+                    sbs, reps, worst = measure_steps(
+                        args, {"remote": lambda: remote(x, labels), "local": lambda: local(xt, lt)},
+                        lambda: difference(remote.logits, local.logits))
                     engine = raw.timings()
                 torch_time = engine_step_time(engine, args.warmup - 1 + reps)
                 remote_med = sbs.median("remote")
