@@ -95,6 +95,14 @@ def generate(shape: tuple[int, ...], distribution: Distribution, seed: int, high
     return torch.randint(high, shape, generator=g)
 
 
+def grad_norm(grads: list[torch.Tensor]) -> float:
+    """The L2 norm over all ``grads`` together: one fused per-tensor pass (``torch._foreach_norm``)."""
+    if not grads:
+        return 0.0
+    norms = torch._foreach_norm([g if g.dtype == torch.float32 else g.float() for g in grads])
+    return float(torch.linalg.vector_norm(torch.stack(norms)))
+
+
 def require_finite(t: torch.Tensor, field_name: str) -> None:
     if not t.is_floating_point():
         return
