@@ -45,9 +45,12 @@ def device_memory(method: Callable[Concatenate[S, P], R]) -> Callable[Concatenat
 
 @dataclass(frozen=True)
 class Placement:
-    """A session's device and how it runs there: ``autocast`` ("off", "bf16", "fp16") runs forwards
-    under ``torch.autocast``; ``channels_last`` keeps weights and inputs in that memory format;
-    ``pin_memory`` (CUDA only) moves tensors through page-locked host memory with non-blocking copies."""
+    """A session's device and how its model runs there. ``autocast`` ("off", "bf16", "fp16") runs
+    forwards under ``torch.autocast`` on the device, as a local mixed-precision loop does (logits come
+    back as float32); ``channels_last`` keeps the weights and inputs in that memory format;
+    ``pin_memory`` (CUDA only) moves inputs, labels and output gradients to the device from
+    page-locked host memory with non-blocking copies, and brings gradients and parameters back
+    through page-locked buffers with one synchronisation."""
 
     device: torch.device
     autocast: str = "off"
@@ -100,6 +103,14 @@ class Placement:
         """Waits for the device's queued work (nothing to wait for off CUDA)."""
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
+
+    def warm_up(self, scratch: nn.Module) -> None:
+        """One forward and backward of a small batch through ``scratch`` (a copy of a model), so that
+        cold kernels and the allocator are paid for before the first client call."""
+        with self.autocast_context():
+            out = scratch(torch.zeros(2, 3, 64, 64, device=self.device).to(memory_format=self.memory_format))
+        out.float().sum().backward()
+        self.synchronize()
 
     def stage(self, values: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:
         """Device tensors copied into page-locked host tensors (floating ones in ``dtype``), all

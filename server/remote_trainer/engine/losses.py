@@ -20,9 +20,7 @@ def backpropagate(
     ``logits.backward(gradient=output_gradient)``, returning None; exactly one of the two is given.
     ``head_note`` is said after a shape error (what ReplaceHead changed)."""
     if loss is not None and output_gradient is None:
-        root = compute_loss(loss, logits, labels, placement, head_note)
-        root.backward(retain_graph=retain_graph)  # type: ignore[no-untyped-call]
-        return float(root.detach())
+        return float(backward_from_loss(loss, logits, labels, placement, head_note, retain_graph))
     if output_gradient is not None and loss is None:
         require_float32(output_gradient, "output_gradient")
         if tuple(output_gradient.shape) != tuple(logits.shape):
@@ -36,6 +34,16 @@ def backpropagate(
         logits.backward(gradient=gradient, retain_graph=retain_graph)  # type: ignore[no-untyped-call]
         return None
     raise invalid("source", "give exactly one of loss or output_gradient", "NO_BACKWARD_SOURCE")
+
+
+def backward_from_loss(
+    loss: LossName, logits: torch.Tensor, labels: torch.Tensor | None, placement: Placement, head_note: str,
+    retain_graph: bool = False,
+) -> torch.Tensor:
+    """``loss(logits, labels).backward()``; returns the loss, detached (on the device: reading it waits for it)."""
+    root = compute_loss(loss, logits, labels, placement, head_note)
+    root.backward(retain_graph=retain_graph)  # type: ignore[no-untyped-call]
+    return root.detach()
 
 
 def check_labels(loss: LossName, labels: torch.Tensor | None, logits_shape: tuple[int, ...], head_note: str) -> torch.Tensor:

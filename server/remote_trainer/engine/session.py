@@ -29,16 +29,15 @@ from remote_trainer.engine.errors import Abandoned, FailedPrecondition, invalid
 from remote_trainer.engine.graph import autograd_graph
 from remote_trainer.engine.inputs import check_input, check_logits_size
 from remote_trainer.engine.limits import MAX_CLASSES, Limits
-from remote_trainer.engine.losses import backpropagate, check_labels, compute_loss
-from remote_trainer.engine.models import ModelSpec, head_of, new_head
+from remote_trainer.engine.losses import backpropagate, backward_from_loss, check_labels
+from remote_trainer.engine.models import ModelSpec, head_of, new_head, set_trainable
 from remote_trainer.engine.optimizer import OptimizerSpec
-from remote_trainer.engine.patterns import match_patterns
 from remote_trainer.engine.pending import Pending, require_graph, revertible
 from remote_trainer.engine.results import (BackwardResult, CheckpointInfo, ForwardResult, FreezeResult, Graph, NamedTensor,
                                            ParameterInfo, SessionDescription, TrainStepResult)
 from remote_trainer.engine.snapshots import Selection, owned
 from remote_trainer.engine.state import SessionState
-from remote_trainer.engine.tensors import grad_norm as gradients_norm, tensor_stats
+from remote_trainer.engine.tensors import global_norm, tensor_stats
 
 
 log = logging.getLogger(__name__)
@@ -49,27 +48,13 @@ T = TypeVar("T")
 class SessionEngine:
     """One model with its optimizer, gradients and pending forward; every method is thread-safe."""
 
-    def __init__(
-        self,
-        model: nn.Module,
-        device: torch.device,
-        weights: str,
-        optimizer: OptimizerSpec,
-        limits: Limits,
-        budget: MemoryBudget = UNLIMITED,
-        keep_initial_state: bool = False,
-        autocast: str = "off",
-        channels_last: bool = False,
-        pin_memory: bool = False,
-    ) -> None:
+    def __init__(self, model: nn.Module, device: torch.device, weights: str, optimizer: OptimizerSpec, limits: Limits,
+                 budget: MemoryBudget = UNLIMITED, keep_initial_state: bool = False, autocast: str = "off",
+                 channels_last: bool = False, pin_memory: bool = False) -> None:
         """``budget`` is the memory budget the session counts against (shared by the sessions of one
         process); ``keep_initial_state`` keeps a CPU copy of the starting state (the size of the
-        weights), which ``reset()`` returns to: the server's default session has one. ``autocast``
-        ("off", "bf16", "fp16") runs forwards under ``torch.autocast`` on the session's device, as a
-        local mixed-precision loop does (logits come back as float32); ``channels_last`` keeps the
-        weights and inputs in that memory format; ``pin_memory`` (CUDA only) moves inputs, labels and
-        output gradients to the device from page-locked host memory with non-blocking copies, and
-        brings gradients and parameters back through page-locked buffers with one synchronisation."""
+        weights), which ``reset()`` returns to: the server's default session has one. ``autocast``,
+        ``channels_last`` and ``pin_memory`` are how the model runs on ``device`` (``Placement``)."""
         optimizer.validate()
         self._placement = Placement(device, autocast, channels_last, pin_memory)
         self._placement.validate()
@@ -95,14 +80,8 @@ class SessionEngine:
         self._budget.keep(self, model_bytes(head_of(self._model).out_features) + pending)
 
     @classmethod
-    def from_spec(
-        cls,
-        model: ModelSpec,
-        optimizer: OptimizerSpec,
-        limits: Limits,
-        budget: MemoryBudget = UNLIMITED,
-        keep_initial_state: bool = False,
-    ) -> SessionEngine:
+    def from_spec(cls, model: ModelSpec, optimizer: OptimizerSpec, limits: Limits, budget: MemoryBudget = UNLIMITED,
+                  keep_initial_state: bool = False) -> SessionEngine:
         """A session whose model is built here, from plain data (how a session in another process is made)."""
         optimizer.validate()
         module, source, device = model.build()
@@ -116,24 +95,15 @@ class SessionEngine:
         started = time.monotonic()
         with self._lock:
             scratch = copy.deepcopy(self._model).train()
-        with self._placement.autocast_context():
-            out = scratch(torch.zeros(2, 3, 64, 64, device=self._device).to(memory_format=self._placement.memory_format))
-        out.float().sum().backward()
-        self._placement.synchronize()
+        self._placement.warm_up(scratch)
         del scratch
         log.info("warmed up in %.2f s", time.monotonic() - started)
 
     # -- training step -------------------------------------------------------------------------
 
     @device_memory
-    def forward(
-        self,
-        x: torch.Tensor,
-        eval_mode: bool = False,
-        no_grad: bool = False,
-        max_logits_elements: int | None = None,
-        still_wanted: Callable[[], bool] | None = None,
-    ) -> ForwardResult:
+    def forward(self, x: torch.Tensor, eval_mode: bool = False, no_grad: bool = False, max_logits_elements: int | None = None,
+                still_wanted: Callable[[], bool] | None = None) -> ForwardResult:
         """``model(x)`` in train or eval mode, keeping the graph for Backward unless ``no_grad``.
 
         ``max_logits_elements`` refuses, before anything runs or changes, a forward whose logits
@@ -165,17 +135,9 @@ class SessionEngine:
             return ForwardResult(fid, out.to("cpu"), tensor_stats(out))
 
     @device_memory
-    def backward(
-        self,
-        forward_id: int = 0,
-        loss: LossName | None = None,
-        labels: torch.Tensor | None = None,
-        output_gradient: torch.Tensor | None = None,
-        retain_graph: bool = False,
-        step: bool = False,
-        zero_grad_after_step: bool = False,
-        grad_norm: bool = True,
-    ) -> BackwardResult:
+    def backward(self, forward_id: int = 0, loss: LossName | None = None, labels: torch.Tensor | None = None,
+                 output_gradient: torch.Tensor | None = None, retain_graph: bool = False, step: bool = False,
+                 zero_grad_after_step: bool = False, grad_norm: bool = True) -> BackwardResult:
         """Backpropagates from the pending forward: from ``loss(logits, labels)`` or from
         ``logits.backward(gradient=output_gradient)``; gradients accumulate as in PyTorch.
         ``grad_norm`` False leaves the global gradient norm out (a pass over every .grad).
@@ -197,7 +159,7 @@ class SessionEngine:
                 )
                 self._keep_budget()
             grads = [p.grad for p in self._model.parameters() if p.grad is not None]
-            norm = gradients_norm(grads) if grad_norm else None
+            norm = global_norm(grads) if grad_norm else None
             if not step:
                 return BackwardResult(pending.forward_id, loss_value, len(grads), norm)
             step_count, updated = self._step()
@@ -240,16 +202,9 @@ class SessionEngine:
         return self._step_count, updated
 
     @device_memory
-    def train_step(
-        self,
-        x: torch.Tensor,
-        loss: LossName,
-        labels: torch.Tensor | None,
-        zero_grad: bool = True,
-        grad_norm: bool = False,
-        max_logits_elements: int | None = None,
-        still_wanted: Callable[[], bool] | None = None,
-    ) -> TrainStepResult:
+    def train_step(self, x: torch.Tensor, loss: LossName, labels: torch.Tensor | None, zero_grad: bool = True,
+                   grad_norm: bool = False, max_logits_elements: int | None = None,
+                   still_wanted: Callable[[], bool] | None = None) -> TrainStepResult:
         """One training step under one lock, in a local training loop's order::
 
             optimizer.zero_grad()          # when zero_grad (set_to_none=True)
@@ -280,14 +235,13 @@ class SessionEngine:
             logits = self._placement.run(self._model, x)
             self._forward_count += 1
             fid = self._forward_count
-            root = compute_loss(loss, logits, labels, self._placement, self._head_note)
-            root.backward()  # type: ignore[no-untyped-call]
+            root = backward_from_loss(loss, logits, labels, self._placement, self._head_note)
             self._pending = Pending(fid, None, f"the graph of forward {fid} was freed by TrainStep's backward", "GRAPH_FREED")
             self._keep_budget()
-            norm = gradients_norm([p.grad for p in self._model.parameters() if p.grad is not None]) if grad_norm else None
+            norm = global_norm([p.grad for p in self._model.parameters() if p.grad is not None]) if grad_norm else None
             step_count, updated = self._step()
             out = logits.detach().float()
-            return TrainStepResult(fid, float(root.detach()), out.to("cpu"), tensor_stats(out), step_count, updated, norm)
+            return TrainStepResult(fid, float(root), out.to("cpu"), tensor_stats(out), step_count, updated, norm)
 
     def zero_grad(self, set_to_none: bool = True) -> int:
         """Clears every parameter's .grad; returns how many had one."""
@@ -320,15 +274,7 @@ class SessionEngine:
     def freeze(self, patterns: list[str], unfreeze: bool = False) -> FreezeResult:
         """Sets requires_grad on the parameters matching ``patterns`` (False to freeze)."""
         with self._lock:
-            params = dict(self._model.named_parameters())
-            if not patterns:
-                raise invalid("patterns", "give at least one pattern ('*' for every parameter)", "NO_PATTERNS")
-            names = match_patterns(list(params), patterns)
-            changed = [n for n in names if params[n].requires_grad != unfreeze]
-            for n in names:
-                params[n].requires_grad_(unfreeze)
-            trainable = [n for n, p in params.items() if p.requires_grad]
-            return FreezeResult(changed, trainable, len(params) - len(trainable))
+            return set_trainable(self._model, patterns, unfreeze)
 
     @device_memory
     def replace_head(self, num_classes: int, seed: int) -> SessionDescription:
@@ -422,14 +368,8 @@ class SessionEngine:
         return self.encode_gradients(patterns, stats_only, dtype, owned, with_stats)
 
     @device_memory
-    def parameters(
-        self,
-        patterns: list[str],
-        stats_only: bool = False,
-        dtype: torch.dtype = torch.float32,
-        include_buffers: bool = False,
-        with_stats: bool = True,
-    ) -> list[NamedTensor]:
+    def parameters(self, patterns: list[str], stats_only: bool = False, dtype: torch.dtype = torch.float32,
+                   include_buffers: bool = False, with_stats: bool = True) -> list[NamedTensor]:
         """Snapshots of parameter values (and buffers) matching ``patterns`` (all when empty)."""
         return self.encode_parameters(patterns, stats_only, dtype, include_buffers, owned, with_stats)
 
@@ -450,16 +390,9 @@ class SessionEngine:
         """``encode_gradients`` for parameter values (and buffers)."""
         return self._snapshot(patterns, stats_only, dtype, lambda p: p, include_buffers, encode, with_stats)
 
-    def _snapshot(
-        self,
-        patterns: list[str],
-        stats_only: bool,
-        dtype: torch.dtype,
-        pick: Callable[[torch.Tensor], torch.Tensor | None],
-        include_buffers: bool,
-        encode: Callable[[NamedTensor], T],
-        with_stats: bool = True,
-    ) -> list[T]:
+    def _snapshot(self, patterns: list[str], stats_only: bool, dtype: torch.dtype, pick: Callable[[torch.Tensor], torch.Tensor | None],
+                  include_buffers: bool, encode: Callable[[NamedTensor], T], with_stats: bool = True) -> list[T]:
+        """``encode`` of each tensor ``pick`` chooses, under the lock (``encode_gradients``)."""
         if stats_only and not with_stats:
             raise invalid("skip_stats", "skip_stats with stats_only would send nothing", "NOTHING_TO_SEND")
         with self._lock:
