@@ -83,7 +83,8 @@ class SessionState:
     def from_dict(cls, state: Mapping[str, object]) -> SessionState:
         """The state a checkpoint file's dictionary holds. A missing field raises KeyError, a field of
         the wrong type TypeError, a value out of range ValueError (a bad optimizer value: the error
-        ``OptimizerSpec.validate`` raises)."""
+        ``OptimizerSpec.validate`` raises); the tensors and names inside ``model`` and ``frozen`` are
+        checked by ``build``, as the model takes them."""
         if state.get("format") != CHECKPOINT_FORMAT:
             raise ValueError(f"unknown checkpoint format {state.get('format')!r}")
         spec_fields = _typed(state, "optimizer_spec", dict, "a mapping")
