@@ -83,6 +83,27 @@ def test_checkpoints_are_engine_operations(tmp_path: Path) -> None:
         assert torch.equal(a.tensor, b.tensor), a.name  # type: ignore[arg-type]
 
 
+def test_a_checkpoint_with_a_damaged_field_is_refused_and_changes_nothing(tmp_path: Path) -> None:
+    """A checkpoint file is a plain dictionary whose fields are read with their types checked: a
+    field missing or of the wrong type is BAD_CHECKPOINT, naming the field, and the session stays as
+    it was."""
+    engine = fresh()
+    engine.save_checkpoint(str(tmp_path / "good.ckpt"))
+    good = torch.load(tmp_path / "good.ckpt", weights_only=True)
+    assert list(good) == ["format", "weights", "num_classes", "model", "frozen", "optimizer_spec", "optimizer_state", "step_count"]
+    before = engine.parameters([], include_buffers=True)
+    damaged = {"format": "other", "num_classes": [10], "model": 1, "frozen": 3, "optimizer_spec": "sgd", "optimizer_state": [],
+               "step_count": None}
+    for key, value in damaged.items():
+        for name, state in ((f"{key}.ckpt", dict(good, **{key: value})), (f"no-{key}.ckpt", {k: v for k, v in good.items() if k != key})):
+            torch.save(state, tmp_path / name)
+            with pytest.raises(TrainerError) as err:
+                engine.load_checkpoint(str(tmp_path / name))
+            assert err.value.reason == "BAD_CHECKPOINT" and key in err.value.message, (name, err.value.message)
+    for a, b in zip(before, engine.parameters([], include_buffers=True)):
+        assert torch.equal(a.tensor, b.tensor), a.name  # type: ignore[arg-type]
+
+
 def test_device_out_of_memory_is_a_domain_error(monkeypatch: pytest.MonkeyPatch) -> None:
     engine = fresh()
 
