@@ -281,20 +281,32 @@ def test_the_servers_cut_never_reads_damaged_bytes_differently_from_protobuf(see
         assert (bytes(raw) if raw is not None else b"") == expected.input.tensor.raw_data
 
 
-def test_the_servers_cut_walks_a_bounded_number_of_fields() -> None:
+@pytest.mark.parametrize("level", range(len(FORWARD_PATH[0])))
+def test_the_servers_cut_walks_a_bounded_number_of_fields(level: int) -> None:
     """The cut runs in Python on the server's event loop: a request made of millions of tiny fields
     (which protobuf's C parser reads at once) is left to protobuf after at most MAX_CUT_FIELDS fields
-    per message, instead of walking them all while every other call waits."""
-    many = b"\x18\x01" * 1_000_000  # eval_mode = true, a million times
-    with pytest.raises(ValueError, match="fields in one message"):
-        wire.cut_field(many, *FORWARD_PATH)
-    tensor = b"\x10\x01" * 100  # Tensor.data_type, a hundred times, inside input.tensor
-    tensor_input = b"\x0a" + wire._varint(len(tensor)) + tensor  # TensorInput.tensor
-    nested = b"\x12" + wire._varint(len(tensor_input)) + tensor_input
-    with pytest.raises(ValueError, match="fields in one message"):
-        wire.cut_field(nested, *FORWARD_PATH)
-    assert pb.ForwardRequest.FromString(nested).input.tensor.data_type == 1
-    assert pb.ForwardRequest.FromString(many).eval_mode  # what the server then reads instead
+    per message, instead of walking them all while every other call waits. At each level the cut
+    walks (the request, its TensorInput, its Tensor), MAX_CUT_FIELDS fields are read as protobuf
+    reads them and one more, or a million, are refused."""
+    path = FORWARD_PATH[0]
+
+    def request_with(fields: int) -> bytes:
+        # ``fields`` empty pieces of the path's own field at ``level``, inside one piece of each level above.
+        data = _piece(path[level], b"") * fields
+        for number in reversed(path[:level]):
+            data = _piece(number, data)
+        return data
+
+    at_the_bound = request_with(wire.MAX_CUT_FIELDS)
+    rest, raw = wire.cut_field(at_the_bound, *FORWARD_PATH)
+    expected = pb.ForwardRequest.FromString(at_the_bound)
+    assert pb.ForwardRequest.FromString(rest) == _without_raw(expected)
+    assert (bytes(raw) if raw is not None else b"") == expected.input.tensor.raw_data
+    for fields in (wire.MAX_CUT_FIELDS + 1, 1_000_000):
+        data = request_with(fields)
+        with pytest.raises(ValueError, match="fields in one message"):
+            wire.cut_field(data, *FORWARD_PATH)
+        assert pb.ForwardRequest.FromString(data) == expected  # what the server then reads instead
 
 
 def _piece(number: int, payload: bytes) -> bytes:

@@ -16,7 +16,7 @@ import torch
 from torchvision.models import resnet18
 
 from remote_trainer.engine import portable
-from remote_trainer.engine.errors import FieldViolation, ResourceExhausted, TrainerError, Unavailable
+from remote_trainer.engine.errors import FieldViolation, ResourceExhausted, TrainerError, Unavailable, invalid
 from remote_trainer.engine.limits import Limits
 from remote_trainer.engine.models import ModelSpec
 from remote_trainer.engine.optimizer import OptimizerSpec
@@ -60,13 +60,17 @@ def test_results_cross_as_numpy_and_come_back_equal() -> None:
 
 
 def test_domain_errors_pickle_with_every_field() -> None:
+    """An engine in another process (a Ray actor) raises these: code, reason, violations and
+    metadata must cross."""
     for error in (
         Unavailable("session x was lost", "SESSION_LOST", metadata={"checkpoint": "auto-x.ckpt"}),
         ResourceExhausted("too many", "TOO_MANY_SESSIONS", (FieldViolation("f", "d"),), {"limit": "3"}),
+        invalid("input", "input must be float32", "WRONG_DTYPE"),  # the violation made from the field
     ):
         back = pickle.loads(pickle.dumps(error))
         assert type(back) is type(error) and isinstance(back, TrainerError)
         assert (back.message, back.reason, back.violations, back.metadata) == (error.message, error.reason, error.violations, error.metadata)
+        assert str(back) == str(error)
 
 
 def test_checkpoints_are_engine_operations(tmp_path: Path) -> None:
