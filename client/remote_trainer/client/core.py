@@ -25,7 +25,7 @@ from remote_trainer.client.types import (
     BackwardResult, CheckpointFile, ForwardResult, FreezeResult, Graph, GraphNode, NamedTensor, Optimizer, ParameterInfo,
     ParameterList, SessionInfo, Stats, TrainStepResult,
 )
-from remote_trainer.contract import codec, names
+from remote_trainer.contract import chunking, codec, names, wire
 from remote_trainer.contract.names import AutocastName, LossName, MemoryFormatName
 from remote_trainer.contract.trainer.v1 import trainer_pb2 as pb
 
@@ -72,7 +72,7 @@ def channel_settings(max_message_bytes: int, options: Iterable[tuple[str, Any]] 
 
 R = TypeVar("R")
 # What a GetGradients or GetParameters response reads as: its chunks, each without its data, beside
-# a view of that data in the received bytes (``codec.split_chunk_response``).
+# a view of that data in the received bytes (``wire.split_chunk_response``).
 ChunkResponse = list[tuple[pb.TensorChunk, memoryview]]
 
 
@@ -103,7 +103,7 @@ def _serialize(message: Any) -> bytes:
 
 
 _STREAMS = ("GetGradients", "GetParameters")
-_SPLICED = ("Forward", "TrainStep")  # their requests are codec.SplicedRequest: the batch's bytes beside the message
+_SPLICED = ("Forward", "TrainStep")  # their requests are wire.SplicedRequest: the batch's bytes beside the message
 
 
 def unary_methods(channel: Any) -> dict[str, Any]:
@@ -111,7 +111,7 @@ def unary_methods(channel: Any) -> dict[str, Any]:
     methods = {
         _path(m.name): channel.unary_unary(
             _path(m.name),
-            request_serializer=codec.SplicedRequest.serialize if m.name in _SPLICED else _serialize,
+            request_serializer=wire.SplicedRequest.serialize if m.name in _SPLICED else _serialize,
             response_deserializer=getattr(pb, m.output_type.name).FromString,
         )
         for m in pb.DESCRIPTOR.services_by_name["TrainerService"].methods
@@ -125,10 +125,10 @@ def unary_methods(channel: Any) -> dict[str, Any]:
 
 def stream_methods(channel: Any) -> dict[str, Any]:
     """GetGradients and GetParameters on ``channel`` (sync or asyncio), by path, read without
-    protobuf's two copies of each chunk's data (``codec.split_chunk_response``)."""
+    protobuf's two copies of each chunk's data (``wire.split_chunk_response``)."""
     return {
         _path(name): channel.unary_stream(
-            _path(name), request_serializer=_serialize, response_deserializer=codec.split_chunk_response
+            _path(name), request_serializer=_serialize, response_deserializer=wire.split_chunk_response
         )
         for name in _STREAMS
     }
@@ -173,11 +173,11 @@ def _fill_input(target: pb.TensorInput, x: Any, dtype: npt.DTypeLike | None = No
     codec.encode_into(target.tensor, as_array(x, dtype))
 
 
-def _spliced_input(request: pb.ForwardRequest | pb.TrainStepRequest, x: Any) -> codec.SplicedRequest:
+def _spliced_input(request: pb.ForwardRequest | pb.TrainStepRequest, x: Any) -> wire.SplicedRequest:
     """``request`` with the float32 batch ``x`` as its input, its bytes sent beside the message."""
     raw = codec.encode_header_into(request.input.tensor, as_array(x, np.float32))
-    path, _ = codec.raw_input_path(type(request))
-    return codec.SplicedRequest(request, path, raw)
+    path, _ = wire.raw_input_path(type(request))
+    return wire.SplicedRequest(request, path, raw)
 
 
 def _fill_loss(target: pb.Loss, loss: LossName, labels: Any) -> None:
@@ -234,7 +234,7 @@ def named_tensors(chunks: Iterable[tuple[pb.TensorChunk, memoryview]], with_data
     """The tensors of a GetGradients or GetParameters stream, by name, in the order they came."""
     return {
         t.name: NamedTensor(t.name, t.shape, t.present, stats(t.stats) if t.stats else None, t.array)  # type: ignore[arg-type]
-        for t in codec.assemble_split_chunks(chunks, with_data)
+        for t in chunking.assemble_split_chunks(chunks, with_data)
     }
 
 

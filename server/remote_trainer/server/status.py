@@ -27,7 +27,7 @@ from google.protobuf import any_pb2
 from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
-from remote_trainer.contract import codec
+from remote_trainer.contract import wire
 from remote_trainer.server.metrics import Metrics
 from remote_trainer.engine.errors import (
     Abandoned,
@@ -217,7 +217,7 @@ class StreamBytes:
 
 
 def _size(message: Any) -> int:
-    return len(message.data) if isinstance(message, codec.Serialized) else int(message.ByteSize())
+    return len(message.data) if isinstance(message, wire.Serialized) else int(message.ByteSize())
 
 
 class Servicer(Protocol):
