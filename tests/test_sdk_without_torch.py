@@ -4,6 +4,8 @@ there to import; it trains against a real server and the numbers match local PyT
 
 from __future__ import annotations
 
+import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -16,6 +18,9 @@ import torch
 from tests.conftest import WEIGHTS_NAME
 
 ROOT = Path(__file__).resolve().parent.parent
+
+# The thin client's environment: nothing of this interpreter's import path (PYTHONPATH) leaks into it.
+THIN_ENV = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME")}
 
 SCRIPT = textwrap.dedent(
     """
@@ -58,9 +63,11 @@ def thin_client(tmp_path_factory: pytest.TempPathFactory) -> Path:
     base = getattr(sys, "_base_executable", sys.executable)
     subprocess.run([base, "-m", "venv", str(venv)], check=True, timeout=120)
     python = venv / "bin" / "python"
+    for folder in ("protos", "client"):  # installed from copies: setuptools leaves build/ beside the sources
+        shutil.copytree(ROOT / folder, venv.parent / folder, ignore=shutil.ignore_patterns("build", "*.egg-info", "__pycache__"))
     done = subprocess.run(
         [str(python), "-m", "pip", "install", "--quiet", "--disable-pip-version-check", "./protos", "./client"],
-        cwd=ROOT, capture_output=True, text=True, timeout=600,
+        cwd=venv.parent, env=THIN_ENV, capture_output=True, text=True, timeout=600,
     )
     assert done.returncode == 0, done.stdout + done.stderr
     return python
@@ -70,7 +77,7 @@ def test_sdk_works_without_torch(thin_client: Path, target: str, local: torch.nn
     out = tmp_path / "result.npz"
     done = subprocess.run(
         [str(thin_client), "-c", SCRIPT, target, WEIGHTS_NAME, str(out)],
-        cwd=tmp_path, capture_output=True, text=True, timeout=300,
+        cwd=tmp_path, env=THIN_ENV, capture_output=True, text=True, timeout=300,
     )
     assert done.returncode == 0, done.stderr
     assert done.stdout.split() == ["ok", "GRAPH_FREED"]
