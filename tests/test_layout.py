@@ -244,3 +244,14 @@ def test_the_token_flags_are_checked_without_torch(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "ok"
     assert "the token of 'alice' is empty" in done.stderr
+
+
+def test_the_error_map_and_the_call_machinery_load_without_torch() -> None:
+    """How a call is served (decorators, call context, stream flow control, error map, auth) knows no
+    torch: a torch out-of-memory error is recognised without importing it."""
+    loaded = loaded_after(
+        "import remote_trainer.server.status, remote_trainer.server.rpc, remote_trainer.server.auth, "
+        "remote_trainer.server.calls, remote_trainer.server.streams, remote_trainer.server.events"
+    )
+    assert "grpc" in loaded
+    assert "torch" not in loaded, loaded
