@@ -18,7 +18,8 @@ import sys
 import numpy as np
 import torch
 
-from bench.__main__ import LocalStep, RemoteStep, start_server
+from bench.launch import start_server
+from bench.steps import LocalStep, RemoteStep
 from remote_trainer.client import TrainerClient
 
 # Server and local run the same kernels, but in two processes: cuDNN may pick other algorithms

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import re
 
 import numpy as np
 import pytest
@@ -12,7 +13,9 @@ from torch import nn
 
 from remote_trainer.client.aio import AsyncSession, AsyncTrainerClient
 from remote_trainer.client.errors import FailedPreconditionError, NotFoundError
+from remote_trainer.server.app import TrainerServer
 from tests.conftest import WEIGHTS_NAME, assert_equal_to_local, rand
+from tests.test_hardening import blocking_forward, waiting_for
 
 
 async def assert_matches(session: AsyncSession, local: nn.Module, grads: bool = False) -> None:
@@ -94,17 +97,56 @@ def test_errors_are_the_sync_sdks(target: str) -> None:
     asyncio.run(main())
 
 
-def test_a_cancelled_call_raises_cancelled_and_the_session_goes_on(target: str, local: nn.Module) -> None:
+STATUS_LOG = "remote_trainer.server.status"
+
+
+def test_a_call_cancelled_while_it_runs_is_logged_cancelled_and_changes_nothing(
+    server: TrainerServer, target: str, local: nn.Module
+) -> None:
+    """The task is cancelled only once the server has started the Forward (its own "running" line,
+    and a hook that holds the model's forward until the server has marked the call gone), so the
+    cancel reaches a call in progress: the server logs and counts it CANCELLED, keeps no pending
+    forward and puts its BatchNorm statistics back; the session then trains as local PyTorch."""
+
+    def cancelled_forwards() -> float:
+        return server.metrics.registry.get_sample_value(
+            "trainer_requests_total", {"method": "Forward", "code": "CANCELLED"}
+        ) or 0.0
+
     async def main() -> None:
         async with AsyncTrainerClient(target) as client, await client.create_session(WEIGHTS_NAME) as session:
-            task = asyncio.create_task(session.forward(rand(16, 3, 128, 128)))
-            await asyncio.sleep(0)  # let it start its call
-            task.cancel()
-            with pytest.raises(asyncio.CancelledError):
-                await task
+            sid = session.session_id
+            before = await session.parameters(include_buffers=True)
+            counted = cancelled_forwards()
+            entered, release, remove = blocking_forward(server.store.get(sid)._model, until_abandoned=True)
+            try:
+                with waiting_for(f"rpc=Forward session={sid} running", STATUS_LOG) as started, \
+                        waiting_for(f"rpc=Forward session={sid} status=", STATUS_LOG) as finished:
+                    task = asyncio.create_task(session.forward(rand(2, 3, 32, 32, seed=3)))
+                    # Waited for off the event loop, which must go on sending the call meanwhile.
+                    assert await asyncio.to_thread(started.seen.wait, 120)
+                    assert await asyncio.to_thread(entered.wait, 120)  # the model's forward has begun
+                    task.cancel()
+                    with pytest.raises(asyncio.CancelledError):
+                        await task
+                    remove()
+                    release.set()  # the hook now waits until the server marks the call gone
+                    assert await asyncio.to_thread(finished.seen.wait, 120)
+            finally:
+                remove()
+                release.set()
+            assert re.search(r"status=CANCELLED ", finished.messages[0]), finished.messages
+            assert cancelled_forwards() == counted + 1
+            info = await session.info()
+            assert (info.pending_forward_id, info.step_count) == (0, 0)  # the cancelled forward was not kept
+            after = await session.parameters(include_buffers=True)
+            assert after.keys() == before.keys()
+            for name in before:  # BatchNorm's running statistics included
+                np.testing.assert_array_equal(after[name].array, before[name].array, err_msg=name)
             # The session serves the next forward and backward as local PyTorch computes them.
             data, labels = rand(2, 3, 32, 32, seed=7), rand(2, 1000, seed=8)
             forward = await session.forward(data)
+            assert forward.forward_id == 1
             await session.backward("sum", labels)
             local.train()
             prediction = local(torch.from_numpy(data))

@@ -1,22 +1,46 @@
 """The benchmark runs end to end (``python -m bench --quick``): a smoke test, never a timing assertion.
 
 It proves every section still works against the current server and SDK; the figures themselves are
-in docs/benchmarks.md, measured by hand on a quiet machine.
+in docs/benchmarks.md, measured by hand on a quiet machine. It reads the rows ``--json`` writes:
+numbers with units, never the printed text.
 """
 
 from __future__ import annotations
 
 import json
-import re
+import math
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from bench.__main__ import SECTIONS
+from bench.harness import SECTIONS
+from bench.rows import MIB, Figure, Layout, Row, seconds
 
 ROOT = Path(__file__).resolve().parent.parent
+
+
+def figure(row: dict[str, Any], name: str) -> float:
+    """A row's figure ``name``, as a number."""
+    value = row["figures"][name]["value"]
+    assert isinstance(value, float), row
+    return value
+
+
+def test_a_row_formats_its_figures_for_people_and_carries_them_as_numbers() -> None:
+    row = Row("grads", "GetGradients", {"ours": seconds(0.0812), "ours_rate": Figure(576e6, "B/s"), "worst": Figure(float("nan"), "s")},
+              0.4412, Layout("{ours} = {ours_rate}", "{worst}", "ratio {ratio:.3f}"), target=">= 0.80")
+    assert row.cells() == {"section": "grads", "case": "GetGradients", "ours": "81.2 ms = 576 MB/s", "reference": "-",
+                           "ratio": "0.44", "target": ">= 0.80", "note": "ratio 0.441"}
+    doc = json.loads(json.dumps(row.as_json(), allow_nan=False))  # valid JSON: not-a-number is null
+    assert doc["ratio"] == 0.4412 and doc["figures"]["ours"] == {"value": 0.0812, "unit": "s"}
+    assert doc["figures"]["worst"] == {"value": None, "unit": "s"}
+    # No ratio: "-" where the column shows it, or another figure instead.
+    assert Row("c", "x", {}, None, Layout("", "")).cells()["ratio"] == "-"
+    growth = Row("m", "cycles", {"growth": Figure(36.4, MIB)}, None, Layout("", "", ratio="{growth:+.0f} MiB"))
+    assert growth.cells()["ratio"] == "+36 MiB" and growth.as_json()["ratio"] is None
 
 
 @pytest.mark.slow
@@ -28,29 +52,32 @@ def test_quick_benchmark_prints_every_section(tmp_path: Path) -> None:
     )
     assert run.returncode == 0, run.stderr[-3000:]
     assert "| section | case |" in run.stdout
-    rows = json.loads(out.read_text())["rows"]
+    doc = json.loads(out.read_text())
+    rows = doc["rows"]
     assert {r["section"] for r in rows} >= set(SECTIONS)
-    # Remote and local PyTorch computed the same logits (the step section checks every repetition).
     for row in rows:
-        if row["section"] == "step" and not row["case"].startswith("empty call"):
-            agreement = float(row["note"].rsplit("logits agree to ", 1)[1])
-            assert agreement < 1e-4, row
+        assert row["ratio"] is None or isinstance(row["ratio"], float), row
+        assert all(math.isfinite(f["value"]) for f in row["figures"].values() if f["value"] is not None), row
+    # Remote and local PyTorch computed the same logits (the step section checks every repetition).
+    step_rows = [r for r in rows if r["section"] == "step"]
+    assert len(step_rows) == 7, step_rows  # the empty call and six cases at the quick size
+    for row in step_rows[1:]:
+        assert figure(row, "logits_agree") < 1e-4, row
     # torch.distributed.rpc beside us: the empty call, the one-call and the separate-call step at the
     # quick size, both gradient fetches; the same logits and gradients as local PyTorch and ours,
     # and the peer process shut down cleanly.
     rpc_rows = [r for r in rows if r["section"] == "rpc"]
     assert len(rpc_rows) == 5, rpc_rows
     for row in rpc_rows[1:3]:
-        assert float(row["note"].rsplit("logits agree to ", 1)[1]) < 1e-4, row
+        assert figure(row, "logits_agree") < 1e-4, row
     for row in rpc_rows[3:]:
-        assert "same bytes" in row["note"] and float(row["note"].rsplit("values agree to ", 1)[1]) < 1e-4, row
-    assert re.search(r"# rpc peer \(pid \d+\) exited with code 0", run.stderr), run.stderr[-3000:]
+        assert figure(row, "tensors") == 62 and figure(row, "bytes") > 0 and figure(row, "values_agree") < 1e-4, row
+    assert doc["children"]["rpc peer"]["returncode"] == 0, run.stderr[-3000:]
     # No client with a session of its own failed. (On one shared session, clients refuse each
     # other's steps by the session's rules; the benchmark counts those refusals and reports any
     # other error, which this smoke test does not judge.)
-    for row in rows:
-        if row["section"] == "concurrency" and "own sessions" in row["case"]:
-            assert "errors 0" in row["note"], row
+    own = [r for r in rows if r["section"] == "concurrency" and "own sessions" in r["case"]]
+    assert own and all(figure(r, "errors") == 0 for r in own), own
 
 
 @pytest.mark.slow

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import re
 import subprocess
 import sys
@@ -37,9 +38,16 @@ def test_health_and_info(capsys: pytest.CaptureFixture[str], target: str, sessio
     assert re.search(r"^layer4\.1\.conv2\.weight +512x512x3x3 +yes +-$", out, re.M)
 
 
+def rpcs(caplog: pytest.LogCaptureFixture) -> list[str]:
+    """The RPCs the server logged (its one line per call, ``rpc=NAME ...``), in order."""
+    return [r.getMessage().split()[0].removeprefix("rpc=") for r in caplog.records if r.getMessage().startswith("rpc=")]
+
+
 def test_step_on_npy_data_prints_the_loss_of_each_step_as_local_pytorch(
-    capsys: pytest.CaptureFixture[str], target: str, session: Session, local: nn.Module, tmp_path: Path
+    capsys: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture, target: str, session: Session, local: nn.Module,
+    tmp_path: Path,
 ) -> None:
+    caplog.set_level(logging.INFO, logger="remote_trainer.server.status")
     rng = np.random.default_rng(0)
     x, y = rng.random((4, 3, 32, 32), dtype=np.float32), rng.random((4, 1000), dtype=np.float32)
     np.save(tmp_path / "x.npy", x)
@@ -50,6 +58,7 @@ def test_step_on_npy_data_prints_the_loss_of_each_step_as_local_pytorch(
     lines = out.splitlines()
     assert [line.split()[1] for line in lines] == ["1/3", "2/3", "3/3"]
     assert "3/3" in err and "#" * 30 in err  # the progress bar, full at the end
+    assert rpcs(caplog) == ["DescribeSession"] + ["TrainStep"] * 3  # one call a step
     optim = torch.optim.SGD(local.parameters(), lr=1e-2, momentum=0.9)
     for i, line in enumerate(lines):
         index = np.arange(i * 2, i * 2 + 2) % 4
@@ -145,8 +154,13 @@ def test_failures_exit_1_with_one_line(
 def test_entry_point_help_and_unreachable_server() -> None:
     done = subprocess.run([str(CLI), "--help"], capture_output=True, text=True, timeout=60, check=False)
     assert done.returncode == 0
-    for command in ("health", "info", "step", "grads", "freeze", "replace-head", "graph"):
-        assert re.search(rf"^    {command} ", done.stdout, re.M), command
+    commands = ("health", "info", "step", "grads", "freeze", "replace-head", "graph",
+                "sessions", "reset", "optimizer", "zero-grad", "checkpoint", "predict", "train")
+    listed = re.findall(r"^    (\S+) ", done.stdout, re.M)
+    assert tuple(listed) == commands  # every command, in this order
+    module = subprocess.run([sys.executable, "-m", "remote_trainer.client.cli", "--help"],
+                            capture_output=True, text=True, timeout=60, check=False)
+    assert (module.returncode, module.stdout) == (0, done.stdout)
     done = subprocess.run([str(CLI), "step", "--help"], capture_output=True, text=True, timeout=60, check=False)
     assert done.returncode == 0 and "--loss {sum,cross_entropy,mse}" in done.stdout
 

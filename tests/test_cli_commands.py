@@ -5,6 +5,7 @@ scripts, the numbers compared with local PyTorch."""
 from __future__ import annotations
 
 import json
+import logging
 import re
 import subprocess
 import sys
@@ -74,7 +75,9 @@ def test_sessions_create_list_close(cli: Any) -> None:
     assert sid not in [s["session_id"] for s in as_json(cli("--json", "sessions"))]
 
 
-def test_optimizer_set_then_train_on_npz_equals_local_adam(cli: Any, local: nn.Module, tmp_path: Path) -> None:
+def test_optimizer_set_then_train_on_npz_equals_local_adam(
+    cli: Any, local: nn.Module, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     sid = new_session(cli)
     shown = as_json(cli("--json", "--session", sid, "optimizer"))
     assert shown == {"kind": "sgd", "lr": 0.01, "momentum": 0.9, "dampening": 0.0, "weight_decay": 0.0, "nesterov": False}
@@ -86,8 +89,11 @@ def test_optimizer_set_then_train_on_npz_equals_local_adam(cli: Any, local: nn.M
     rng = np.random.default_rng(0)
     x, y = rng.random((6, 3, 32, 32), dtype=np.float32), rng.integers(0, 1000, 6)
     np.savez(tmp_path / "d.npz", x=x, y=y)
+    caplog.set_level(logging.INFO, logger="remote_trainer.server.status")
     status, out, err = cli("--session", sid, "train", "-n", "3", "--batch", "3", "--data", str(tmp_path / "d.npz"), "--progress")
     assert status == 0, err
+    calls = [r.getMessage().split()[0] for r in caplog.records if r.getMessage().startswith("rpc=")]
+    assert calls == ["rpc=DescribeSession"] + ["rpc=TrainStep"] * 3  # one call a step
     assert "#" * 30 in err and "3/3" in err  # the progress bar, full at the end
     steps = [line for line in out.splitlines() if line.startswith("step ")]
     assert [line.split()[1] for line in steps] == ["1/3", "2/3", "3/3"]

@@ -9,7 +9,7 @@ import pytest
 import torch
 from google.protobuf.message import DecodeError
 
-from remote_trainer.contract import codec
+from remote_trainer.contract import chunking, codec, wire
 from remote_trainer.server import convert
 from remote_trainer.contract.trainer.v1 import trainer_pb2 as pb
 
@@ -58,14 +58,28 @@ def test_values_to_integers_must_be_whole() -> None:
         codec.values_to_array(pb.TensorValues(shape=[1], values=[0.5]), np.int64)
 
 
+def _protobuf_chunks(name: str, data: bytes | None, shape: tuple[int, ...], stats: pb.TensorStats | None = None) -> list[pb.TensorChunk]:
+    """What a stream of float32 chunks of at most 4096 bytes holds, built with protobuf: the
+    reference the codec's hand-written chunks are checked against."""
+    if data is None:  # an absent tensor: one chunk that says so
+        return [pb.TensorChunk(name=name, shape=shape, data_type=pb.DATA_TYPE_FLOAT32, last=True)]
+    starts = range(0, max(len(data), 1), 4096)
+    chunks = [pb.TensorChunk(name=name, offset=s, data=data[s : s + 4096], last=s + 4096 >= len(data)) for s in starts]
+    chunks[0].MergeFrom(pb.TensorChunk(shape=shape, data_type=pb.DATA_TYPE_FLOAT32, present=True, total_bytes=len(data)))
+    if stats is not None:
+        chunks[0].stats.CopyFrom(stats)
+    return chunks
+
+
 @pytest.mark.parametrize("size", [0, 1, 1000, 4096, 4097, 10_000])
 def test_chunks_reassemble(size: int) -> None:
     array = np.arange(size, dtype=np.float32)
     stats = pb.TensorStats(norm=1.0)
-    chunks = list(codec.encode_chunks("w", array.tobytes(), array.shape, pb.DATA_TYPE_FLOAT32, stats, 4096))
-    assert all(len(c.data) <= 4096 for c in chunks) and chunks[-1].last
-    absent = list(codec.encode_chunks("g", None, (3,), pb.DATA_TYPE_FLOAT32, None, 4096))
-    out = list(codec.assemble_chunks(chunks + absent))
+    sent = chunking.encode_chunk_wire("w", memoryview(array).cast("B"), array.shape, pb.DATA_TYPE_FLOAT32, stats, 4096)
+    sent += chunking.encode_chunk_wire("g", None, (3,), pb.DATA_TYPE_FLOAT32, None, 4096)
+    chunks = [c for s in sent for c in wire.split_chunk_response(s.data)]
+    assert all(len(data) <= 4096 for _, data in chunks) and chunks[-2][0].last
+    out = list(chunking.assemble_split_chunks(chunks))
     assert [t.name for t in out] == ["w", "g"]
     np.testing.assert_array_equal(out[0].array, array)
     assert out[0].stats == stats
@@ -73,9 +87,9 @@ def test_chunks_reassemble(size: int) -> None:
 
 
 def test_out_of_order_chunks_are_refused() -> None:
-    chunks = list(codec.encode_chunks("w", b"\0" * 8192, (2048,), pb.DATA_TYPE_FLOAT32, None, 4096))
+    chunks = [(c, c.data) for c in _protobuf_chunks("w", b"\0" * 8192, (2048,))]
     with pytest.raises(codec.CodecError):
-        list(codec.assemble_chunks([chunks[0], chunks[0], chunks[1]]))
+        list(chunking.assemble_split_chunks([chunks[0], chunks[0], chunks[1]]))
 
 
 @pytest.mark.parametrize("size", [0, 1, 1000, 4096, 4097, 10_000])
@@ -84,20 +98,18 @@ def test_wire_chunks_are_the_protobuf_messages_and_read_back(size: int) -> None:
     build, and the SDK's reader gets the same chunks back from protobuf's own bytes."""
     array = np.arange(size, dtype=np.float32)
     stats = pb.TensorStats(norm=1.0, num_elements=size)
-    wire = codec.encode_chunk_wire("w", memoryview(array).cast("B"), array.shape, pb.DATA_TYPE_FLOAT32, stats, 4096)
-    wire += codec.encode_chunk_wire("g", None, (3,), pb.DATA_TYPE_FLOAT32, None, 4096)
+    sent = chunking.encode_chunk_wire("w", memoryview(array).cast("B"), array.shape, pb.DATA_TYPE_FLOAT32, stats, 4096)
+    sent += chunking.encode_chunk_wire("g", None, (3,), pb.DATA_TYPE_FLOAT32, None, 4096)
     expected = [
-        pb.GetGradientsResponse(chunk=c)
-        for c in [*codec.encode_chunks("w", array.tobytes(), array.shape, pb.DATA_TYPE_FLOAT32, stats, 4096),
-                  *codec.encode_chunks("g", None, (3,), pb.DATA_TYPE_FLOAT32, None, 4096)]
+        pb.GetGradientsResponse(chunk=c) for c in [*_protobuf_chunks("w", array.tobytes(), array.shape, stats), *_protobuf_chunks("g", None, (3,))]
     ]
-    assert [pb.GetGradientsResponse.FromString(w.data) for w in wire] == expected
+    assert [pb.GetGradientsResponse.FromString(w.data) for w in sent] == expected
     for message in expected:
-        [(chunk, data)] = codec.split_chunk_response(message.SerializeToString())
+        [(chunk, data)] = wire.split_chunk_response(message.SerializeToString())
         assert bytes(data) == message.chunk.data
         chunk.data = bytes(data)
         assert chunk == message.chunk
-    out = list(codec.assemble_split_chunks(c for w in wire for c in codec.split_chunk_response(w.data)))
+    out = list(chunking.assemble_split_chunks(c for w in sent for c in wire.split_chunk_response(w.data)))
     np.testing.assert_array_equal(out[0].array, array)
     assert out[0].stats == stats and not out[1].present
 
@@ -108,23 +120,23 @@ def test_packed_chunks_are_the_protobuf_messages_and_read_back(limit: int) -> No
     with protobuf into ``chunks`` holding exactly the chunks of the unpacked stream, in order, and
     the SDK's reader gets the same tensors back; a response at the limit is sent as it is."""
     tensors = [np.arange(n, dtype=np.float32) for n in (3000, 1, 0, 40, 2000)]
-    wire: list[codec.Serialized] = []
+    sent: list[wire.Serialized] = []
     expected: list[pb.TensorChunk] = []
     for i, t in enumerate(tensors):
         raw = memoryview(t).cast("B")
-        wire += codec.encode_chunk_wire(f"t{i}", raw, t.shape, pb.DATA_TYPE_FLOAT32, None, 4096, packed=True)
-        expected += codec.encode_chunks(f"t{i}", t.tobytes(), t.shape, pb.DATA_TYPE_FLOAT32, None, 4096)
-    wire += codec.encode_chunk_wire("absent", None, (3,), pb.DATA_TYPE_FLOAT32, None, 4096, packed=True)
-    expected += codec.encode_chunks("absent", None, (3,), pb.DATA_TYPE_FLOAT32, None, 4096)
-    packer = codec.Packer(limit)
-    packed = [p for p in [*map(packer.add, wire), packer.flush()] if p is not None]
+        sent += chunking.encode_chunk_wire(f"t{i}", raw, t.shape, pb.DATA_TYPE_FLOAT32, None, 4096, packed=True)
+        expected += _protobuf_chunks(f"t{i}", t.tobytes(), t.shape)
+    sent += chunking.encode_chunk_wire("absent", None, (3,), pb.DATA_TYPE_FLOAT32, None, 4096, packed=True)
+    expected += _protobuf_chunks("absent", None, (3,))
+    packer = wire.Packer(limit)
+    packed = [p for p in [*map(packer.add, sent), packer.flush()] if p is not None]
     responses = [pb.GetGradientsResponse.FromString(p.data) for p in packed]
     assert [c for r in responses for c in r.chunks] == expected and not any(r.HasField("chunk") for r in responses)
     assert all(len(p.data) <= limit or len(r.chunks) == 1 for p, r in zip(packed, responses))
     for a, b in zip(packed, responses[1:]):  # each response as full as the limit allows
         assert len(a.data) + len(pb.GetGradientsResponse(chunks=b.chunks[:1]).SerializeToString()) > limit
-    assert len(packed) == {1: len(wire), 1 << 20: 1}.get(limit, len(packed))
-    out = list(codec.assemble_split_chunks(c for p in packed for c in codec.split_chunk_response(p.data)))
+    assert len(packed) == {1: len(sent), 1 << 20: 1}.get(limit, len(packed))
+    out = list(chunking.assemble_split_chunks(c for p in packed for c in wire.split_chunk_response(p.data)))
     assert [t.name for t in out] == ["t0", "t1", "t2", "t3", "t4", "absent"]
     for t, got in zip(tensors, out):
         np.testing.assert_array_equal(got.array, t)
@@ -134,11 +146,11 @@ def test_unusual_wire_layouts_fall_back_to_protobuf() -> None:
     # Two chunk fields in one message: protobuf merges them (the data of the second wins).
     a = pb.GetGradientsResponse(chunk=pb.TensorChunk(name="w", data=b"ab", total_bytes=2)).SerializeToString()
     b = pb.GetGradientsResponse(chunk=pb.TensorChunk(data=b"cd")).SerializeToString()
-    [(chunk, data)] = codec.split_chunk_response(a + b)
+    [(chunk, data)] = wire.split_chunk_response(a + b)
     assert (chunk.name, bytes(data), chunk.total_bytes) == ("w", b"cd", 2)
     # The data field twice inside one chunk: the last wins, as in protobuf.
     twice = pb.TensorChunk(data=b"xy").SerializeToString() + pb.TensorChunk(name="v", data=b"z").SerializeToString()
-    [(chunk, data)] = codec.split_chunk_response(b"\x0a" + bytes([len(twice)]) + twice)
+    [(chunk, data)] = wire.split_chunk_response(b"\x0a" + bytes([len(twice)]) + twice)
     assert (chunk.name, bytes(data)) == ("v", b"z")
 
 
@@ -150,9 +162,9 @@ def _varint(n: int) -> bytes:
     return bytes(out + bytes([n]))
 
 
-def _field(number: int, wire: int, payload: bytes) -> bytes:
-    """One field in wire form; a length-delimited one (wire 2) gets its length."""
-    return _varint(number << 3 | wire) + (_varint(len(payload)) if wire == 2 else b"") + payload
+def _field(number: int, wire_type: int, payload: bytes) -> bytes:
+    """One field in wire form; a length-delimited one (wire type 2) gets its length."""
+    return _varint(number << 3 | wire_type) + (_varint(len(payload)) if wire_type == 2 else b"") + payload
 
 
 # Fields of a newer version of the contract, one of each wire type: protobuf keeps them as unknown
@@ -168,7 +180,7 @@ def test_a_spliced_request_parses_as_the_whole_message(shape: tuple[int, ...]) -
     codec.encode_into(whole.input.tensor, array)
     header = pb.ForwardRequest(session_id="s", eval_mode=True)
     raw = codec.encode_header_into(header.input.tensor, array)
-    spliced = codec.SplicedRequest(header, (2, 1, 3), raw).serialize()
+    spliced = wire.SplicedRequest(header, (2, 1, 3), raw).serialize()
     assert pb.ForwardRequest.FromString(spliced) == whole
 
 
@@ -188,7 +200,7 @@ def test_unknown_fields_of_every_wire_type_are_stepped_over() -> None:
     chunk_field = pb.GetGradientsResponse.DESCRIPTOR.fields_by_name["chunk"].number
     chunk = UNKNOWN + pb.TensorChunk(name="w", data=b"abcd", total_bytes=4).SerializeToString() + UNKNOWN
     data = _field(chunk_field, 2, chunk)
-    [(got, view)] = codec.split_chunk_response(data)
+    [(got, view)] = wire.split_chunk_response(data)
     expected = pb.GetGradientsResponse.FromString(data).chunk
     assert (got.name, got.total_bytes, bytes(view)) == (expected.name, expected.total_bytes, expected.data)
     assert view.obj is data  # read by the codec's own walk, not protobuf's fallback
@@ -198,7 +210,7 @@ def test_unknown_fields_of_every_wire_type_are_stepped_over() -> None:
     input_field, tensor_field, _ = FORWARD_PATH[0]
     request = UNKNOWN + _field(input_field, 2, UNKNOWN + _field(tensor_field, 2, tensor) + UNKNOWN) + UNKNOWN
     expected_request = pb.ForwardRequest.FromString(request)
-    rest, raw = codec.cut_field(request, *FORWARD_PATH)
+    rest, raw = wire.cut_field(request, *FORWARD_PATH)
     assert raw is not None and raw.obj is request and bytes(raw) == expected_request.input.tensor.raw_data
     np.testing.assert_array_equal(codec.decode(pb.ForwardRequest.FromString(rest).input.tensor, raw), array)
 
@@ -212,7 +224,7 @@ def test_the_servers_cut_reads_a_request_as_protobuf_does(how: str) -> None:
     whole = pb.ForwardRequest(session_id="s", eval_mode=True)
     if how == "spliced":
         header = pb.ForwardRequest(session_id="s", eval_mode=True)
-        data = codec.SplicedRequest(header, FORWARD_PATH[0], codec.encode_header_into(header.input.tensor, array)).serialize()
+        data = wire.SplicedRequest(header, FORWARD_PATH[0], codec.encode_header_into(header.input.tensor, array)).serialize()
     elif how == "values":
         whole.input.values.shape.extend([2])
         whole.input.values.values.extend([1.0, 2.0])
@@ -227,9 +239,9 @@ def test_the_servers_cut_reads_a_request_as_protobuf_does(how: str) -> None:
     expected = pb.ForwardRequest.FromString(data)
     if how == "values":  # another member of the input's oneof: left to protobuf (see below)
         with pytest.raises(ValueError):
-            codec.cut_field(data, *FORWARD_PATH)
+            wire.cut_field(data, *FORWARD_PATH)
         return
-    rest, raw = codec.cut_field(data, *FORWARD_PATH)
+    rest, raw = wire.cut_field(data, *FORWARD_PATH)
     assert pb.ForwardRequest.FromString(rest) == _without_raw(expected)
     if expected.input.HasField("tensor"):
         assert raw is not None and bytes(raw) == expected.input.tensor.raw_data
@@ -258,7 +270,7 @@ def test_the_servers_cut_never_reads_damaged_bytes_differently_from_protobuf(see
         except Exception:
             expected = None
         try:
-            rest, raw = codec.cut_field(bytes(data), *FORWARD_PATH)
+            rest, raw = wire.cut_field(bytes(data), *FORWARD_PATH)
         except ValueError:
             continue
         if expected is None:
@@ -269,24 +281,36 @@ def test_the_servers_cut_never_reads_damaged_bytes_differently_from_protobuf(see
         assert (bytes(raw) if raw is not None else b"") == expected.input.tensor.raw_data
 
 
-def test_the_servers_cut_walks_a_bounded_number_of_fields() -> None:
+@pytest.mark.parametrize("level", range(len(FORWARD_PATH[0])))
+def test_the_servers_cut_walks_a_bounded_number_of_fields(level: int) -> None:
     """The cut runs in Python on the server's event loop: a request made of millions of tiny fields
     (which protobuf's C parser reads at once) is left to protobuf after at most MAX_CUT_FIELDS fields
-    per message, instead of walking them all while every other call waits."""
-    many = b"\x18\x01" * 1_000_000  # eval_mode = true, a million times
-    with pytest.raises(ValueError, match="fields in one message"):
-        codec.cut_field(many, *FORWARD_PATH)
-    tensor = b"\x10\x01" * 100  # Tensor.data_type, a hundred times, inside input.tensor
-    tensor_input = b"\x0a" + codec._varint(len(tensor)) + tensor  # TensorInput.tensor
-    nested = b"\x12" + codec._varint(len(tensor_input)) + tensor_input
-    with pytest.raises(ValueError, match="fields in one message"):
-        codec.cut_field(nested, *FORWARD_PATH)
-    assert pb.ForwardRequest.FromString(nested).input.tensor.data_type == 1
-    assert pb.ForwardRequest.FromString(many).eval_mode  # what the server then reads instead
+    per message, instead of walking them all while every other call waits. At each level the cut
+    walks (the request, its TensorInput, its Tensor), MAX_CUT_FIELDS fields are read as protobuf
+    reads them and one more, or a million, are refused."""
+    path = FORWARD_PATH[0]
+
+    def request_with(fields: int) -> bytes:
+        # ``fields`` empty pieces of the path's own field at ``level``, inside one piece of each level above.
+        data = _piece(path[level], b"") * fields
+        for number in reversed(path[:level]):
+            data = _piece(number, data)
+        return data
+
+    at_the_bound = request_with(wire.MAX_CUT_FIELDS)
+    rest, raw = wire.cut_field(at_the_bound, *FORWARD_PATH)
+    expected = pb.ForwardRequest.FromString(at_the_bound)
+    assert pb.ForwardRequest.FromString(rest) == _without_raw(expected)
+    assert (bytes(raw) if raw is not None else b"") == expected.input.tensor.raw_data
+    for fields in (wire.MAX_CUT_FIELDS + 1, 1_000_000):
+        data = request_with(fields)
+        with pytest.raises(ValueError, match="fields in one message"):
+            wire.cut_field(data, *FORWARD_PATH)
+        assert pb.ForwardRequest.FromString(data) == expected  # what the server then reads instead
 
 
 def _piece(number: int, payload: bytes) -> bytes:
-    return codec._varint(number << 3 | 2) + codec._varint(len(payload)) + payload
+    return wire._varint(number << 3 | 2) + wire._varint(len(payload)) + payload
 
 
 def test_the_servers_cut_leaves_what_it_does_not_follow_to_protobuf() -> None:
@@ -300,10 +324,10 @@ def test_the_servers_cut_leaves_what_it_does_not_follow_to_protobuf() -> None:
         for data in (_piece(2, with_raw) + _piece(2, between) + _piece(2, shape_only), _piece(2, with_raw + between + shape_only)):
             assert pb.ForwardRequest.FromString(data).input.tensor.raw_data == b""  # protobuf: the bytes are gone
             with pytest.raises(ValueError):
-                codec.cut_field(data, *FORWARD_PATH)
+                wire.cut_field(data, *FORWARD_PATH)
     six_byte_tag = bytes([0x80 | (3 << 3 | 2), 0x80, 0x80, 0x80, 0x80, 0x00])
     data = _piece(2, _piece(1, six_byte_tag + b"\x04YYYY"))
     with pytest.raises(DecodeError):
         pb.ForwardRequest.FromString(data)
     with pytest.raises(ValueError):
-        codec.cut_field(data, *FORWARD_PATH)
+        wire.cut_field(data, *FORWARD_PATH)

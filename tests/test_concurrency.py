@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
@@ -123,6 +124,7 @@ class OverlapDetector:
         self.linger = linger
         self.inside = 0
         self.most_inside = 0
+        self.entered: Counter[str] = Counter()  # by the name given to wrap(): proof the wrapped path was taken
         self._lock = threading.Lock()
         self._arrived = threading.Condition(self._lock)
 
@@ -137,8 +139,9 @@ class OverlapDetector:
         with self._lock:
             self.inside -= 1
 
-    def wrap(self, fn: Callable[..., object]) -> Callable[..., object]:
+    def wrap(self, fn: Callable[..., object], name: str = "") -> Callable[..., object]:
         def wrapped(*args: object, **kwargs: object) -> object:
+            self.entered[name] += 1
             self.enter()
             try:
                 return fn(*args, **kwargs)
@@ -149,12 +152,16 @@ class OverlapDetector:
 
 def test_no_two_calls_run_at_once_on_one_session(client: TrainerClient, server: TrainerServer) -> None:
     """Through the server: the session's engine is entered by one call at a time (the dispatcher's
-    per-session turn). Removing that turn makes this fail every time, not by chance."""
+    per-session turn). Removing that turn makes this fail every time, not by chance. Each RPC's
+    own engine method is instrumented (GetGradients streams through ``encode_gradients``), and the
+    test checks that every call went through its instrumented method, so a path that changes
+    cannot leave a call unwatched."""
     with client.create_session(WEIGHTS_NAME) as session:
         engine = server.store.get(session.session_id)
         detector = OverlapDetector()
-        for name in ("forward", "backward", "zero_grad", "gradients", "describe"):
-            setattr(engine, name, detector.wrap(getattr(engine, name)))
+        paths = {"Backward": "backward", "GetGradients": "encode_gradients", "DescribeSession": "describe", "ZeroGrad": "zero_grad"}
+        for name in paths.values():
+            setattr(engine, name, detector.wrap(getattr(engine, name), name))
         session.forward(rand(2, 3, 32, 32))
         labels = rand(2, 1000)
         with ThreadPoolExecutor(max_workers=8) as pool:
@@ -162,6 +169,7 @@ def test_no_two_calls_run_at_once_on_one_session(client: TrainerClient, server: 
                      session.info, session.zero_grad] * 2
             for f in [pool.submit(c) for c in calls]:
                 f.result(timeout=600)
+        assert detector.entered == {name: 2 for name in paths.values()}, detector.entered
         assert detector.most_inside == 1
 
 

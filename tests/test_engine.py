@@ -117,18 +117,3 @@ def test_generated_tensors_are_reproducible_with_torch_generator() -> None:
 def test_optimizer_defaults_follow_torch() -> None:
     assert OptimizerSpec.with_defaults("adamw").weight_decay == 0.01
     assert OptimizerSpec.with_defaults("sgd", lr=0.5).momentum == 0.0
-
-
-def test_domain_errors_survive_pickling_with_every_field() -> None:
-    """An engine in another process (a Ray actor) raises these: code, reason and violations must cross."""
-    import pickle
-
-    from remote_trainer.engine.errors import ResourceExhausted, invalid
-
-    for error in (invalid("input", "input must be float32", "WRONG_DTYPE"),
-                  ResourceExhausted("too big", "INPUT_TOO_LARGE", metadata={"limit": "3"})):
-        copy = pickle.loads(pickle.dumps(error))
-        assert type(copy) is type(error)
-        assert (copy.message, copy.reason, copy.violations, copy.metadata) == (
-            error.message, error.reason, error.violations, error.metadata)
-        assert str(copy) == str(error)

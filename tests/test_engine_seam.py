@@ -16,7 +16,7 @@ import torch
 from torchvision.models import resnet18
 
 from remote_trainer.engine import portable
-from remote_trainer.engine.errors import FieldViolation, ResourceExhausted, TrainerError, Unavailable
+from remote_trainer.engine.errors import FieldViolation, ResourceExhausted, TrainerError, Unavailable, invalid
 from remote_trainer.engine.limits import Limits
 from remote_trainer.engine.models import ModelSpec
 from remote_trainer.engine.optimizer import OptimizerSpec
@@ -60,13 +60,17 @@ def test_results_cross_as_numpy_and_come_back_equal() -> None:
 
 
 def test_domain_errors_pickle_with_every_field() -> None:
+    """An engine in another process (a Ray actor) raises these: code, reason, violations and
+    metadata must cross."""
     for error in (
         Unavailable("session x was lost", "SESSION_LOST", metadata={"checkpoint": "auto-x.ckpt"}),
         ResourceExhausted("too many", "TOO_MANY_SESSIONS", (FieldViolation("f", "d"),), {"limit": "3"}),
+        invalid("input", "input must be float32", "WRONG_DTYPE"),  # the violation made from the field
     ):
         back = pickle.loads(pickle.dumps(error))
         assert type(back) is type(error) and isinstance(back, TrainerError)
         assert (back.message, back.reason, back.violations, back.metadata) == (error.message, error.reason, error.violations, error.metadata)
+        assert str(back) == str(error)
 
 
 def test_checkpoints_are_engine_operations(tmp_path: Path) -> None:
@@ -80,6 +84,27 @@ def test_checkpoints_are_engine_operations(tmp_path: Path) -> None:
     other = fresh(seed=9)
     assert other.load_checkpoint(str(tmp_path / "c.ckpt")).step_count == 1
     for a, b in zip(engine.parameters([], include_buffers=True), other.parameters([], include_buffers=True)):
+        assert torch.equal(a.tensor, b.tensor), a.name  # type: ignore[arg-type]
+
+
+def test_a_checkpoint_with_a_damaged_field_is_refused_and_changes_nothing(tmp_path: Path) -> None:
+    """A checkpoint file is a plain dictionary whose fields are read with their types checked: a
+    field missing or of the wrong type is BAD_CHECKPOINT, naming the field, and the session stays as
+    it was."""
+    engine = fresh()
+    engine.save_checkpoint(str(tmp_path / "good.ckpt"))
+    good = torch.load(tmp_path / "good.ckpt", weights_only=True)
+    assert list(good) == ["format", "weights", "num_classes", "model", "frozen", "optimizer_spec", "optimizer_state", "step_count"]
+    before = engine.parameters([], include_buffers=True)
+    damaged = {"format": "other", "num_classes": [10], "model": 1, "frozen": 3, "optimizer_spec": "sgd", "optimizer_state": [],
+               "step_count": None}
+    for key, value in damaged.items():
+        for name, state in ((f"{key}.ckpt", dict(good, **{key: value})), (f"no-{key}.ckpt", {k: v for k, v in good.items() if k != key})):
+            torch.save(state, tmp_path / name)
+            with pytest.raises(TrainerError) as err:
+                engine.load_checkpoint(str(tmp_path / name))
+            assert err.value.reason == "BAD_CHECKPOINT" and key in err.value.message, (name, err.value.message)
+    for a, b in zip(before, engine.parameters([], include_buffers=True)):
         assert torch.equal(a.tensor, b.tensor), a.name  # type: ignore[arg-type]
 
 

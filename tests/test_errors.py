@@ -9,8 +9,11 @@ from typing import Any
 import grpc
 import numpy as np
 import pytest
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
 
 from remote_trainer.client import Optimizer, Session, TrainerClient, TrainerError
+from remote_trainer.client.errors import from_rpc_error
 from remote_trainer.contract import codec
 from remote_trainer.server.app import create_server
 from remote_trainer.server.settings import Settings
@@ -223,14 +226,41 @@ def test_create_session_with_bad_optimizer(client: TrainerClient) -> None:
 
 
 def test_bytes_that_are_not_a_request(target: str) -> None:
+    """Bytes that do not parse as the method's request are the client's mistake: INVALID_ARGUMENT
+    with reason MALFORMED_REQUEST (not gRPC's own INTERNAL), for a Forward (whose batch bytes the
+    server cuts out first), a unary call and a stream."""
     with grpc.insecure_channel(target) as channel:
-        for method in ("Forward", "GetGradients"):
+        for method in ("Forward", "Step", "GetGradients"):
             call = getattr(channel, "unary_stream" if method == "GetGradients" else "unary_unary")(f"/trainer.v1.TrainerService/{method}")
             with pytest.raises(grpc.RpcError) as err:
                 result = call(b"\xff\xff\xff", timeout=30)
                 list(result) if method == "GetGradients" else result
-            assert err.value.code() == INVALID
+            assert err.value.code() == INVALID, method
             assert f"not a valid trainer.v1.{method}Request" in err.value.details()
+            status = rpc_status.from_call(err.value)  # type: ignore[arg-type]
+            assert status is not None, method
+            infos = [error_details_pb2.ErrorInfo() for _ in status.details]
+            assert [(i.reason, i.domain) for i, d in zip(infos, status.details) if d.Unpack(i)] == [
+                ("MALFORMED_REQUEST", "trainer.v1")], method
+            assert from_rpc_error(err.value).reason == "MALFORMED_REQUEST"  # as the SDK reports it
+
+
+def test_a_backward_through_a_graph_whose_parameters_a_step_changed(session: Session) -> None:
+    """A graph kept with retain_graph saved the parameters it was made with; a Step changes them in
+    place, so the next Backward through it is refused (PARAMETERS_CHANGED), before anything
+    changes; a new Forward trains on."""
+    first = session.forward(rand(2, 3, 64, 64)).forward_id
+    session.backward("sum", rand(2, 1000), retain_graph=True)
+    assert session.step() == 1
+    before = state_of(session)
+    with pytest.raises(TrainerError) as err:
+        session.backward("sum", rand(2, 1000, seed=1), forward_id=first)
+    assert (err.value.code, err.value.reason) == (PRECONDITION, "PARAMETERS_CHANGED"), err.value
+    assert "run Forward again" in err.value.message
+    assert_same_state(before, state_of(session))
+    assert before.info.step_count == 1
+    session.forward(rand(2, 3, 64, 64, seed=2))
+    assert session.backward("sum", rand(2, 1000)).parameters_with_grad == 62
 
 
 def test_too_many_sessions() -> None:

@@ -116,7 +116,10 @@ def test_the_engine_imports_no_transport() -> None:
 
 
 def test_the_contract_imports_neither_side() -> None:
-    loaded = loaded_after("import remote_trainer.contract.codec, remote_trainer.contract.names")
+    loaded = loaded_after(
+        "import remote_trainer.contract.codec, remote_trainer.contract.names, remote_trainer.contract.chunking, "
+        "remote_trainer.contract.wire"
+    )
     assert not loaded & {"torch", "remote_trainer.server", "remote_trainer.client", "remote_trainer.engine"}, loaded
 
 
@@ -158,27 +161,88 @@ def test_registration_refuses_a_servicer_that_does_not_match_the_descriptor(serv
         app._counted_handlers(servicer, metrics=None)  # type: ignore[arg-type]
 
 
+# The fifth "must never" arrow of docs/architecture.md, and the SDK's modules without torch.
+
+OUTSIDE_THE_PACKAGE = {"tests", "bench", "examples"}
+
+
+def modules_named_by(source: str, filename: str) -> set[str]:
+    """The modules a file's text imports anywhere (in functions too): ``import``, absolute
+    ``from ... import``, and ``importlib.import_module("...")`` or ``__import__("...")`` of a literal
+    name. Relative imports stay inside ``remote_trainer`` and are left out."""
+    import ast
+
+    names: set[str] = set()
+    for node in ast.walk(ast.parse(source, filename)):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            names.add(node.module)
+        elif isinstance(node, ast.Call) and node.args and isinstance(node.args[0], ast.Constant):
+            func = node.func
+            called = func.attr if isinstance(func, ast.Attribute) else func.id if isinstance(func, ast.Name) else ""
+            if called in ("import_module", "__import__") and isinstance(node.args[0].value, str):
+                names.add(node.args[0].value)
+    return names
+
+
+def test_nothing_in_remote_trainer_imports_tests_bench_or_examples() -> None:
+    """Every module file of the three distributions (generated code included), read as Python:
+    none names a module of tests/, bench/ or examples/, at its top or inside a function."""
+    files = sorted(path for folder in PORTIONS for path in (ROOT / folder / "remote_trainer").rglob("*.py"))
+    assert len(files) > 30 and ROOT / "server" / "remote_trainer" / "server" / "app.py" in files, files
+    crossing = {
+        str(path.relative_to(ROOT)): sorted(bad)
+        for path in files
+        if (bad := {n for n in modules_named_by(path.read_text(), str(path)) if n.split(".")[0] in OUTSIDE_THE_PACKAGE})
+    }
+    assert not crossing, crossing
+
+
+def test_every_sdk_module_but_remote_model_loads_without_torch() -> None:
+    """The thin client's SDK modules, the command line and the graph drawing included, load neither
+    torch nor the server: only ``remote_trainer.client.remote`` (RemoteModel, an ``nn.Module``) needs
+    torch."""
+    loaded = loaded_after(
+        "import importlib, pkgutil, remote_trainer.client as c\n"
+        "        found = [m.name for m in pkgutil.walk_packages(c.__path__, 'remote_trainer.client.')]\n"
+        "        assert {'remote_trainer.client.aio', 'remote_trainer.client.graphviz'} <= set(found), found\n"
+        "        assert any(n.startswith('remote_trainer.client.cli') for n in found), found\n"
+        "        [importlib.import_module(n) for n in found if n != 'remote_trainer.client.remote' and not n.endswith('__main__')]"
+    )
+    assert {"remote_trainer.client", "remote_trainer.contract", "grpc"} <= loaded, loaded
+    assert not loaded & {"torch", "torchvision", "remote_trainer.server", "remote_trainer.engine"}, loaded
+
+
 SERVER = ROOT / "server" / "remote_trainer" / "server"
 
 
 def server_imports() -> dict[str, set[str]]:
-    """Each module of remote_trainer.server (by short name) and the modules of remote_trainer.server
-    it imports anywhere in its text (in functions too: a deferred import still closes a circle)."""
+    """Each module of remote_trainer.server (by its name under it: ``app``, ``ray_backend.store``) and
+    the modules of remote_trainer.server it imports when it runs: anywhere in its text (in functions
+    too: a deferred import still closes a circle) but under ``if TYPE_CHECKING:``."""
     import ast
 
-    modules = {path.stem for path in SERVER.glob("*.py")}
-    graph: dict[str, set[str]] = {}
-    for name in modules:
-        imported: set[str] = set()
-        for node in ast.walk(ast.parse((SERVER / f"{name}.py").read_text())):
-            if isinstance(node, ast.Import):
-                targets = [alias.name for alias in node.names]
-            elif isinstance(node, ast.ImportFrom) and node.module:
-                targets = [node.module] + [f"{node.module}.{alias.name}" for alias in node.names]
-            else:
+    def run_time_nodes(node: ast.AST) -> Iterator[ast.AST]:
+        for child in ast.iter_child_nodes(node):
+            if isinstance(child, ast.If) and "TYPE_CHECKING" in ast.unparse(child.test):
+                yield from (n for branch in child.orelse for n in [branch, *run_time_nodes(branch)])
                 continue
-            imported |= {t.split(".")[2] for t in targets if t.startswith("remote_trainer.server.") and t.split(".")[2] in modules}
-        graph[name] = imported - {name}
+            yield child
+            yield from run_time_nodes(child)
+
+    paths = {".".join(p.relative_to(SERVER).with_suffix("").parts).removesuffix(".__init__"): p
+             for p in SERVER.rglob("*.py") if p.parent != SERVER or p.name != "__init__.py"}
+    graph: dict[str, set[str]] = {}
+    for name, path in paths.items():
+        targets: set[str] = set()
+        for node in run_time_nodes(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                targets.update(alias.name for alias in node.names)
+            elif isinstance(node, ast.ImportFrom) and node.module:  # "from remote_trainer.server import convert" too
+                targets.update([node.module] + [f"{node.module}.{alias.name}" for alias in node.names])
+        prefix = "remote_trainer.server."
+        graph[name] = {t[len(prefix):] for t in targets if t.startswith(prefix) and t[len(prefix):] in paths} - {name}
     return graph
 
 

@@ -10,7 +10,7 @@ the nodes; a session made through one front-end is trained through the other, an
 front-end restart; ownership and the session limits hold across front-ends; a killed node makes its
 sessions UNAVAILABLE SESSION_LOST within seconds (naming the last checkpoint) while the others go
 on; and a session restored from that checkpoint on the surviving node continues bit-identically.
-Select with ``-m ray``.
+Select with ``-m ray``. The front-end's proxy alone, without a cluster: tests/test_ray_proxy.py.
 """
 
 from __future__ import annotations

@@ -1,8 +1,10 @@
-"""ResetSession, ListSessions and errors that say what a changed head did, through a real server."""
+"""ResetSession, ListSessions and errors that say what a changed head did, through a real server;
+the session rules both stores apply (``session_policy``), as they word them."""
 
 from __future__ import annotations
 
 import copy
+import importlib.util
 from collections.abc import Iterator
 
 import numpy as np
@@ -12,9 +14,13 @@ from torch import nn
 
 from remote_trainer.client import Session, TrainerClient
 from remote_trainer.client.errors import FailedPreconditionError, InvalidArgumentError
+from remote_trainer.engine.errors import FailedPrecondition, NotFound, ResourceExhausted
+from remote_trainer.server import session_policy
 from remote_trainer.server.app import TrainerServer, create_server
+from remote_trainer.server.session_policy import Expired, SessionLimits
 from remote_trainer.server.settings import Settings
 from tests.conftest import assert_equal_to_local, rand
+from tests.test_layout import loaded_after
 
 
 def test_reset_puts_the_default_session_back_as_the_server_started_it(
@@ -122,3 +128,61 @@ def test_list_sessions_shows_the_default_and_the_callers_own_only(token_server: 
         finally:
             for s in (a1, a2, b1):
                 s.close()
+
+
+# -- the rules both stores apply ------------------------------------------------------------------
+
+
+def exhausted(limits: SessionLimits, place: str, held: list[tuple[str, str]], owner: str,
+              building: dict[str, int] | None = None) -> ResourceExhausted:
+    with pytest.raises(ResourceExhausted) as err:
+        limits.check_room(place, held, owner, building)
+    return err.value
+
+
+def test_the_limits_count_the_default_session_in_all_and_not_per_owner() -> None:
+    limits = SessionLimits(max_sessions=3, max_per_owner=1)
+    limits.check_room("server", [("default", ""), ("s1", "alice")], "bob")
+    err = exhausted(limits, "cluster", [("default", ""), ("s1", "alice"), ("s2", "bob")], "carol")
+    assert (err.reason, err.metadata) == ("TOO_MANY_SESSIONS", {"limit": "3"})
+    assert err.message == "the cluster holds 3 sessions, its limit max_sessions=3; close one first"
+    err = exhausted(limits, "server", [("default", ""), ("s1", "alice")], "alice")
+    assert (err.reason, err.metadata) == ("TOO_MANY_SESSIONS_FOR_TOKEN", {"limit": "1"})
+    assert err.message == "this token holds 1 sessions, its limit max_sessions_per_token=1; close one first"
+    SessionLimits(max_sessions=3).check_room("server", [("default", ""), ("s1", "alice")], "alice")  # 0: no limit per owner
+
+
+def test_sessions_being_built_count_against_the_limits_but_not_in_the_messages() -> None:
+    limits = SessionLimits(max_sessions=3, max_per_owner=2)
+    err = exhausted(limits, "server", [("default", ""), ("s1", "alice")], "bob", {"alice": 1})
+    assert err.message == "the server holds 2 sessions, its limit max_sessions=3; close one first"
+    err = exhausted(SessionLimits(max_sessions=9, max_per_owner=2), "server", [("s1", "alice")], "alice", {"alice": 1})
+    assert err.message.startswith("this token holds 1 sessions")
+    limits.check_room("server", [("default", ""), ("s1", "alice")], "bob", {"bob": 0})
+
+
+def test_a_missing_session_is_expired_to_its_owner_only() -> None:
+    expired = session_policy.missing("abc", "alice", Expired("alice", 61.4))
+    assert (expired.reason, expired.message) == ("SESSION_EXPIRED", "session 'abc' expired after 61 s without calls")
+    for err in (session_policy.missing("abc", "bob", Expired("alice", 61.4)), session_policy.missing("abc", "alice", None)):
+        assert isinstance(err, NotFound)
+        assert (err.reason, err.message) == ("SESSION_NOT_FOUND", "no session 'abc' (closed, or never created)")
+
+
+def test_the_default_session_is_everyones_and_cannot_be_closed() -> None:
+    assert session_policy.may_use("default", "", "anyone") and session_policy.may_use("s1", "alice", "alice")
+    assert not session_policy.may_use("s1", "alice", "bob")
+    for sid in ("", "default"):
+        with pytest.raises(FailedPrecondition) as err:
+            session_policy.check_closable(sid)
+        assert (err.value.reason, err.value.message) == ("DEFAULT_SESSION", "the default session cannot be closed")
+    session_policy.check_closable("s1")
+
+
+def test_the_rules_and_the_ray_registry_load_without_torch() -> None:
+    """The registry's actor runs them on the head node, which may have no torch."""
+    statement = "import remote_trainer.server.session_policy"
+    if importlib.util.find_spec("ray") is not None:
+        statement += ", remote_trainer.server.ray_backend.registry"
+    loaded = loaded_after(statement)
+    assert "torch" not in loaded, loaded

@@ -17,7 +17,7 @@ from torch import nn
 
 from remote_trainer.client import FailedPreconditionError, InvalidArgumentError, Session, TrainerClient
 from remote_trainer.client.remote import RemoteModel
-from remote_trainer.contract import codec
+from remote_trainer.contract import wire
 from remote_trainer.contract.trainer.v1 import trainer_pb2 as pb
 from tests.conftest import WEIGHTS_NAME, assert_equal_to_local, rand
 from tests.test_errors import assert_same_state, state_of
@@ -161,7 +161,7 @@ class CallCounter:
         original = client.call
 
         def call(method: Any, request: Any, timeout: float | None = None) -> Any:
-            message = request.message if isinstance(request, codec.SplicedRequest) else request
+            message = request.message if isinstance(request, wire.SplicedRequest) else request
             self.calls.append(type(message).__name__.removesuffix("Request"))
             return original(method, request, timeout)
 

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from remote_trainer.client import InvalidArgumentError, Session
-from remote_trainer.contract import codec
+from remote_trainer.contract import wire
 from remote_trainer.contract.trainer.v1 import trainer_pb2 as pb
 from remote_trainer.engine.errors import Abandoned
 from remote_trainer.engine.results import NamedTensor
@@ -86,7 +86,7 @@ def test_a_stream_sends_its_first_tensors_while_later_ones_are_encoded(session: 
     waited: list[bool] = []
     original = convert.wire_chunks
 
-    def wire_chunks(item: NamedTensor, chunk_bytes: int, packed: bool = False) -> list[codec.Serialized]:
+    def wire_chunks(item: NamedTensor, chunk_bytes: int, packed: bool = False) -> list[wire.Serialized]:
         if item.name == "layer4.1.bn2.bias":
             waited.append(first_arrived.wait(timeout=20))
         return original(item, chunk_bytes, packed)
@@ -105,7 +105,7 @@ def test_a_stream_sends_its_first_tensors_while_later_ones_are_encoded(session: 
 def test_a_stream_whose_client_left_stops_encoding_at_the_next_tensor() -> None:
     """The sender of GetGradients/GetParameters asks before each tensor whether the stream's client
     still waits: once it left, nothing more is encoded (the call ends Abandoned)."""
-    sent: list[codec.Serialized] = []
+    sent: list[wire.Serialized] = []
     wanted = [True]
     send = convert.ChunkSender(sent.append, 1 << 20, False, lambda: wanted[0])
     tensor = NamedTensor("fc.bias", (3,), torch.ones(3), None)

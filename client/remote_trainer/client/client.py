@@ -16,7 +16,7 @@ import numpy as np
 import numpy.typing as npt
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from remote_trainer.contract import codec, names
+from remote_trainer.contract import chunking, codec, names, wire
 from remote_trainer.contract.names import AutocastName, MemoryFormatName
 from remote_trainer.client.errors import from_rpc_error
 from remote_trainer.client.types import (
@@ -105,20 +105,20 @@ def _fill_input(target: pb.TensorInput, x: Any, dtype: npt.DTypeLike | None = No
     codec.encode_into(target.tensor, as_array(x, dtype))
 
 
-def _spliced_input(request: pb.ForwardRequest | pb.TrainStepRequest, x: Any) -> codec.SplicedRequest:
+def _spliced_input(request: pb.ForwardRequest | pb.TrainStepRequest, x: Any) -> wire.SplicedRequest:
     """``request`` with the float32 batch ``x`` as its input, its bytes sent beside the message."""
     raw = codec.encode_header_into(request.input.tensor, as_array(x, np.float32))
-    path, _ = codec.raw_input_path(type(request))
-    return codec.SplicedRequest(request, path, raw)
+    path, _ = wire.raw_input_path(type(request))
+    return wire.SplicedRequest(request, path, raw)
 
 
 def tensor_streams(channel: Any) -> dict[str, Any]:
     """GetGradients and GetParameters on ``channel`` (sync or asyncio), read without protobuf's two
     copies of each chunk's data: each response comes as a list of (chunk without its data, a view
-    of the data in the received bytes), ``codec.split_chunk_response``."""
+    of the data in the received bytes), ``wire.split_chunk_response``."""
     return {
         name: channel.unary_stream(
-            f"/{SERVICE}/{name}", request_serializer=request.SerializeToString, response_deserializer=codec.split_chunk_response
+            f"/{SERVICE}/{name}", request_serializer=request.SerializeToString, response_deserializer=wire.split_chunk_response
         )
         for name, request in (("GetGradients", pb.GetGradientsRequest), ("GetParameters", pb.GetParametersRequest))
     }
@@ -241,10 +241,10 @@ class TrainerClient:
             self._channel = grpc.intercept_channel(self._channel, _BearerToken(token))
         self._stub = trainer_pb2_grpc.TrainerServiceStub(self._channel)
         self._tensor_streams = tensor_streams(self._channel)
-        # Forward and TrainStep with the input's bytes copied once into the request (codec.SplicedRequest).
+        # Forward and TrainStep with the input's bytes copied once into the request (wire.SplicedRequest).
         self._spliced = {
             name: self._channel.unary_unary(
-                f"/{SERVICE}/{name}", request_serializer=codec.SplicedRequest.serialize,
+                f"/{SERVICE}/{name}", request_serializer=wire.SplicedRequest.serialize,
                 response_deserializer=response.FromString,
             )
             for name, response in (("Forward", pb.ForwardResponse), ("TrainStep", pb.TrainStepResponse))
@@ -518,7 +518,7 @@ class Session:
     def _assemble(chunks: Iterable[tuple[pb.TensorChunk, memoryview]], with_data: bool) -> dict[str, NamedTensor]:
         return {
             t.name: NamedTensor(t.name, t.shape, t.present, _stats(t.stats) if t.stats else None, t.array)  # type: ignore[arg-type]
-            for t in codec.assemble_split_chunks(chunks, with_data)
+            for t in chunking.assemble_split_chunks(chunks, with_data)
         }
 
     def save_checkpoint(self, name: str, timeout: float | None = None) -> int:

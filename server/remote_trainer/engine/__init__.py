@@ -6,7 +6,15 @@ Import each module by name (``from remote_trainer.engine.session import SessionE
 package itself imports nothing, so the light ones (``limits``, ``errors``) load without torch.
 
 - ``session``: ``SessionEngine``, one model with its optimizer, gradients and pending forward
-- ``models``: building resnet18 (random, from a file, ImageNet from the hub cache), devices
+- ``pending``: ``Pending``, the pending forward (its logits, or why Backward cannot use it), and
+  running a forward that can be taken back
+- ``device``: ``Placement`` (a session's device, autocast, memory format, pinned memory) and the
+  out-of-memory handling
+- ``inputs``: the input batches Forward and TrainStep accept
+- ``losses``: labels and output gradients, the losses, backpropagating from logits
+- ``snapshots``: what the gradient and parameter streams copy out under the session's lock
+- ``state``: ``SessionState``, the typed state a checkpoint holds
+- ``models``: building resnet18 (random, from a file, ImageNet from the hub cache), devices, freezing
 - ``optimizer``: ``OptimizerSpec``, the optimizer as validated plain data
 - ``results``: the dataclasses the engine returns
 - ``limits``: the sizes a session accepts

@@ -20,6 +20,7 @@ import torch
 
 from remote_trainer.engine.errors import FailedPrecondition, NotFound, ResourceExhausted, TrainerError, Unavailable, invalid
 from remote_trainer.engine.models import resolve_inside
+from remote_trainer.engine.state import SessionState
 
 log = logging.getLogger(__name__)
 
@@ -84,8 +85,8 @@ def _os_error(error: BaseException | None) -> OSError | None:
     return None
 
 
-def save(state: dict[str, object], path: Path) -> int:
-    """Writes ``state`` to ``path`` atomically: a reader sees the old file or the whole new one.
+def save(state: SessionState, path: Path) -> int:
+    """Writes ``state`` (its ``to_dict()``) to ``path`` atomically: a reader sees the old file or the whole new one.
 
     The temporary file is ``.<16 hex digits>.tmp`` next to ``path``; one left by a save that was
     killed midway is removed when the server starts (``remove_stale_temporaries``).
@@ -94,7 +95,7 @@ def save(state: dict[str, object], path: Path) -> int:
     with os_errors(f"saving checkpoint {path.name!r}"):
         try:
             with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "wb") as f:
-                torch.save(state, f)
+                torch.save(state.to_dict(), f)
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, path)
@@ -109,7 +110,7 @@ def save(state: dict[str, object], path: Path) -> int:
         return path.stat().st_size
 
 
-def load(path: Path) -> dict[str, object]:
+def load(path: Path) -> SessionState:
     """Reads a checkpoint with ``weights_only=True``: tensors and plain data, never code."""
     if not path.is_file():
         raise NotFound(f"no checkpoint {path.name!r}", "CHECKPOINT_NOT_FOUND")
@@ -123,7 +124,10 @@ def load(path: Path) -> dict[str, object]:
         raise invalid("name", f"cannot read checkpoint {path.name!r}: {detail}", "BAD_CHECKPOINT") from exc
     if not isinstance(state, dict):
         raise invalid("name", f"{path.name!r} is not a session checkpoint", "BAD_CHECKPOINT")
-    return state
+    try:
+        return SessionState.from_dict(state)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise invalid("name", f"the checkpoint does not fit this session: {exc}", "BAD_CHECKPOINT") from exc
 
 
 def remove_stale_temporaries(checkpoint_dir: str) -> int:

@@ -50,5 +50,10 @@ def release_freed_memory() -> None:
     """
     if _malloc_trim is not None:
         _malloc_trim(0)
+    release_cached_device_memory()
+
+
+def release_cached_device_memory() -> None:
+    """Gives the blocks the CUDA caching allocator keeps for reuse back to the device (when CUDA is in use)."""
     if torch.cuda.is_initialized():  # type: ignore[no-untyped-call]
         torch.cuda.empty_cache()

@@ -20,6 +20,8 @@ from torchvision.models import ResNet18_Weights, resnet18
 
 from remote_trainer.engine.errors import FailedPrecondition, InvalidArgument, NotFound, invalid
 from remote_trainer.engine.limits import MAX_CLASSES
+from remote_trainer.engine.patterns import match_patterns
+from remote_trainer.engine.results import FreezeResult
 
 # Seeded construction uses the global CPU generator (nn.Linear and resnet18 take no generator);
 # this lock keeps two threads from seeding it at the same time.
@@ -60,6 +62,19 @@ def head_of(model: nn.Module) -> nn.Linear:
     if not isinstance(head, nn.Linear):
         raise TypeError(f"model.fc is a {type(head).__name__}, not an nn.Linear")
     return head
+
+
+def set_trainable(model: nn.Module, patterns: list[str], trainable: bool) -> FreezeResult:
+    """Sets requires_grad to ``trainable`` on the parameters matching ``patterns`` (at least one)."""
+    params = dict(model.named_parameters())
+    if not patterns:
+        raise invalid("patterns", "give at least one pattern ('*' for every parameter)", "NO_PATTERNS")
+    names = match_patterns(list(params), patterns)
+    changed = [n for n in names if params[n].requires_grad != trainable]
+    for n in names:
+        params[n].requires_grad_(trainable)
+    now_trainable = [n for n, p in params.items() if p.requires_grad]
+    return FreezeResult(changed, now_trainable, len(params) - len(now_trainable))
 
 
 WEIGHTS_FILE_HELP = (

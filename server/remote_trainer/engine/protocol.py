@@ -1,6 +1,6 @@
 """``Engine``: the methods the servicer calls on a session, whoever holds it.
 
-``SessionEngine`` (this process) and the Ray backend's proxy (``server/ray_backend.py``, a session
+``SessionEngine`` (this process) and the Ray backend's proxy (``server/ray_backend/proxy.py``, a session
 held by a Ray actor anywhere in the cluster) both satisfy it, so the servicer and the session store
 do not know which backend they have. Everything that crosses it is plain data: CPU torch tensors
 (numpy arrays, when it crosses a process: ``engine/portable.py``), torch dtypes, the dataclasses of

@@ -95,6 +95,15 @@ def generate(shape: tuple[int, ...], distribution: Distribution, seed: int, high
     return torch.randint(high, shape, generator=g)
 
 
+def global_norm(tensors: list[torch.Tensor]) -> float:
+    """The L2 norm over all ``tensors`` together (of gradients: the global gradient norm), in one
+    fused per-tensor pass (``torch._foreach_norm``)."""
+    if not tensors:
+        return 0.0
+    norms = torch._foreach_norm([t if t.dtype == torch.float32 else t.float() for t in tensors])
+    return float(torch.linalg.vector_norm(torch.stack(norms)))
+
+
 def require_finite(t: torch.Tensor, field_name: str) -> None:
     if not t.is_floating_point():
         return

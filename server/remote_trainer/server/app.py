@@ -39,7 +39,7 @@ from remote_trainer.server.servicer import ServicerOptions, TrainerServicer
 from remote_trainer.server.sessions import DEFAULT_SESSION_ID, Sessions, SessionStore
 from remote_trainer.server.settings import Settings
 from remote_trainer.server.tensorboard import TrainingLog
-from remote_trainer.contract import codec
+from remote_trainer.contract import wire
 from remote_trainer.contract.trainer.v1 import trainer_pb2
 
 log = logging.getLogger(__name__)
@@ -277,7 +277,7 @@ def _counted_handlers(servicer: TrainerServicer, metrics: Metrics) -> grpc.Gener
             # Forward and TrainStep: the batch's bytes stay where they arrived (convert.LargeInput).
             metrics.received(name, len(data))
             try:
-                rest, raw = codec.cut_field(data, *convert.INPUT_PATHS[name])
+                rest, raw = wire.cut_field(data, *convert.INPUT_PATHS[name])
                 return convert.LargeInput(cls.FromString(rest), raw)
             except (ValueError, DecodeError):
                 pass  # a layout the cut does not read: protobuf's parser decides
@@ -287,8 +287,8 @@ def _counted_handlers(servicer: TrainerServicer, metrics: Metrics) -> grpc.Gener
                 return Undecodable(cls.DESCRIPTOR.full_name, str(exc))
 
         def serialize(message: Any, name: str = method.name) -> bytes:
-            # Tensor streams hand over messages already in wire form (codec.Serialized).
-            data: bytes = message.data if isinstance(message, codec.Serialized) else message.SerializeToString()
+            # Tensor streams hand over messages already in wire form (wire.Serialized).
+            data: bytes = message.data if isinstance(message, wire.Serialized) else message.SerializeToString()
             metrics.sent(name, len(data))
             return data
 
@@ -331,7 +331,7 @@ def session_store(
             # A Ray of this server's own: keep it on loopback (Ray reads this when imported; without
             # it Ray binds some ports on the host's routable address).
             os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-        from remote_trainer.server.ray_backend import RaySessionStore  # imports ray: only with this backend
+        from remote_trainer.server.ray_backend.store import RaySessionStore  # imports ray: only with this backend
 
         return RaySessionStore.connect(settings, default_model, limits), UNLIMITED
     budget = MemoryBudget(

@@ -16,7 +16,7 @@ from typing import Generic, TypeVar
 import numpy as np
 import torch
 
-from remote_trainer.contract import codec
+from remote_trainer.contract import chunking, codec, wire
 from remote_trainer.contract.names import OPTIMIZER_FIELDS, LossName, OptimizerName
 from remote_trainer.engine.optimizer import OptimizerSpec
 from remote_trainer.engine.results import Graph, NamedTensor, ParameterInfo, SessionDescription, Stats
@@ -68,8 +68,8 @@ class LargeInput(Generic[M]):
         return self.message.session_id
 
 
-# Where each request's batch bytes are, for the server's cut (``codec.raw_input_path``).
-INPUT_PATHS = {name: codec.raw_input_path(cls) for name, cls in (("Forward", pb.ForwardRequest), ("TrainStep", pb.TrainStepRequest))}
+# Where each request's batch bytes are, for the server's cut (``wire.raw_input_path``).
+INPUT_PATHS = {name: wire.raw_input_path(cls) for name, cls in (("Forward", pb.ForwardRequest), ("TrainStep", pb.TrainStepRequest))}
 
 
 def input_tensor(
@@ -161,16 +161,16 @@ def transfer_dtype(code: int) -> torch.dtype:
     return _TRANSFER_TYPES[code]
 
 
-def wire_chunks(item: NamedTensor, chunk_bytes: int, packed: bool = False) -> list[codec.Serialized]:
+def wire_chunks(item: NamedTensor, chunk_bytes: int, packed: bool = False) -> list[wire.Serialized]:
     """A named tensor as GetGradients/GetParameters responses in wire form, its data copied once
     from the tensor's memory (the caller holds the session's lock while this reads it); ``packed``
-    for a stream whose responses a ``codec.Packer`` joins (the request's pack_chunks)."""
+    for a stream whose responses a ``wire.Packer`` joins (the request's pack_chunks)."""
     if not item.present:
-        return codec.encode_chunk_wire(item.name, None, item.shape, pb.DATA_TYPE_FLOAT32, None, chunk_bytes, packed)
+        return chunking.encode_chunk_wire(item.name, None, item.shape, pb.DATA_TYPE_FLOAT32, None, chunk_bytes, packed)
     t = item.tensor
     data_type = TORCH_TO_WIRE[t.dtype] if t is not None else pb.DATA_TYPE_UNSPECIFIED
     stats = stats_message(item.stats) if item.stats is not None else None
-    return codec.encode_chunk_wire(item.name, raw_view(t) if t is not None else b"", item.shape, data_type, stats, chunk_bytes, packed)
+    return chunking.encode_chunk_wire(item.name, raw_view(t) if t is not None else b"", item.shape, data_type, stats, chunk_bytes, packed)
 
 
 class ChunkSender:
@@ -180,11 +180,11 @@ class ChunkSender:
     (``still_wanted``), the next tensor raises ``Abandoned`` instead of being encoded."""
 
     def __init__(
-        self, emit: Callable[[codec.Serialized], None], chunk_bytes: int, packed: bool, still_wanted: Callable[[], bool]
+        self, emit: Callable[[wire.Serialized], None], chunk_bytes: int, packed: bool, still_wanted: Callable[[], bool]
     ) -> None:
         self._emit = emit
         self._chunk_bytes = chunk_bytes
-        self._packer = codec.Packer(chunk_bytes) if packed else None
+        self._packer = wire.Packer(chunk_bytes) if packed else None
         self._still_wanted = still_wanted
 
     def __call__(self, item: NamedTensor) -> None:

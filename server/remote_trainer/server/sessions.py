@@ -4,9 +4,10 @@ A request with an empty id means the default session, which every caller may use
 expires. Other sessions belong to the caller that created them: to anyone else they do not exist.
 
 ``Sessions`` is what the servicer needs of a store. ``SessionStore`` keeps the sessions in this
-process; ``server/ray_backend.py``'s ``RaySessionStore`` keeps each in a Ray actor. Both hand out
-engines through the ``Engine`` protocol and build them from plain data (a ``ModelSpec`` and an
-``OptimizerSpec``), so the servicer does not know which backend it has.
+process; ``server/ray_backend/store.py``'s ``RaySessionStore`` keeps each in a Ray actor. Both hand
+out engines through the ``Engine`` protocol, build them from plain data (a ``ModelSpec`` and an
+``OptimizerSpec``) and apply the same rules (``session_policy.py``: limits, ownership, NOT_FOUND and
+SESSION_EXPIRED), so the servicer does not know which backend it has.
 """
 
 from __future__ import annotations
@@ -20,16 +21,24 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
-from remote_trainer.engine.errors import Abandoned, FailedPrecondition, NotFound, ResourceExhausted
+from remote_trainer.engine.errors import Abandoned, NotFound
 from remote_trainer.engine.memory import release_freed_memory
 from remote_trainer.engine.models import ModelSpec
 from remote_trainer.engine.optimizer import OptimizerSpec
 from remote_trainer.engine.protocol import Engine
+from remote_trainer.server.session_policy import (
+    DEFAULT_SESSION_ID,
+    REMEMBERED,
+    Expired,
+    SessionLimits,
+    check_closable,
+    may_use,
+    missing,
+)
+
+__all__ = ["DEFAULT_SESSION_ID", "EngineFactory", "Sessions", "SessionStore"]
 
 log = logging.getLogger(__name__)
-
-DEFAULT_SESSION_ID = "default"
-_REMEMBERED_EXPIRIES = 10_000  # expired ids kept to say "expired" rather than "unknown"
 
 
 # Builds a session's engine from plain data (SessionEngine.from_spec with the server's limits).
@@ -96,12 +105,11 @@ class SessionStore:
         self._clock = clock
         self._factory = factory
         self._sessions: dict[str, _Entry] = {DEFAULT_SESSION_ID: _Entry(default, "", clock())}
-        self._max_sessions = max_sessions
-        self._max_per_owner = max_per_owner
+        self._limits = SessionLimits(max_sessions, max_per_owner)
         self._idle_seconds = idle_seconds
         self._pending_seconds = pending_seconds
         self._reserved: dict[str, int] = {}  # sessions being built, by owner, counted against the limits
-        self._expired: OrderedDict[str, tuple[str, float]] = OrderedDict()  # id -> (owner, seconds idle)
+        self._expired: OrderedDict[str, Expired] = OrderedDict()
 
     @property
     def idle_seconds(self) -> float:
@@ -116,7 +124,7 @@ class SessionStore:
         sid = session_id or DEFAULT_SESSION_ID
         with self._lock:
             entry = self._sessions.get(sid)
-            if entry is not None and (sid == DEFAULT_SESSION_ID or entry.owner == owner):
+            if entry is not None and may_use(sid, entry.owner, owner):
                 entry.last_used = self._clock()
                 return entry.engine
         raise self._missing(session_id, owner)
@@ -125,9 +133,7 @@ class SessionStore:
         """The NOT_FOUND for a session that is not there: expired (told only to its owner) or unknown."""
         with self._lock:
             expired = self._expired.get(session_id)
-        if expired is not None and expired[0] == owner:  # to anyone else it never existed
-            return NotFound(f"session {session_id!r} expired after {expired[1]:.0f} s without calls", "SESSION_EXPIRED")
-        return NotFound(f"no session {session_id!r} (closed, or never created)", "SESSION_NOT_FOUND")
+        return missing(session_id, owner, expired)
 
     def create(
         self, model: ModelSpec, optimizer: OptimizerSpec, owner: str = "", still_wanted: Callable[[], bool] = lambda: True
@@ -136,21 +142,7 @@ class SessionStore:
         id, unless ``still_wanted()`` says the caller stopped waiting meanwhile: then the session is
         dropped (no one could ever use or close it) and ``Abandoned`` is raised."""
         with self._lock:
-            if len(self._sessions) + sum(self._reserved.values()) >= self._max_sessions:
-                raise ResourceExhausted(
-                    f"the server holds {len(self._sessions)} sessions, its limit max_sessions={self._max_sessions}; "
-                    "close one first",
-                    "TOO_MANY_SESSIONS",
-                    metadata={"limit": str(self._max_sessions)},
-                )
-            owned = sum(1 for sid, e in self._sessions.items() if e.owner == owner and sid != DEFAULT_SESSION_ID)
-            if self._max_per_owner and owned + self._reserved.get(owner, 0) >= self._max_per_owner:
-                raise ResourceExhausted(
-                    f"this token holds {owned} sessions, its limit max_sessions_per_token={self._max_per_owner}; "
-                    "close one first",
-                    "TOO_MANY_SESSIONS_FOR_TOKEN",
-                    metadata={"limit": str(self._max_per_owner)},
-                )
+            self._limits.check_room("server", [(sid, e.owner) for sid, e in self._sessions.items()], owner, self._reserved)
             self._reserved[owner] = self._reserved.get(owner, 0) + 1
         try:
             engine = self._factory(model, optimizer)
@@ -172,8 +164,7 @@ class SessionStore:
 
     def close(self, session_id: str, owner: str = "") -> None:
         """Forgets a session; its memory is freed once in-flight calls on it finish."""
-        if session_id in ("", DEFAULT_SESSION_ID):
-            raise FailedPrecondition("the default session cannot be closed", "DEFAULT_SESSION")
+        check_closable(session_id)
         with self._lock:
             entry = self._sessions.get(session_id)
             mine = entry is not None and entry.owner == owner
@@ -209,11 +200,11 @@ class SessionStore:
             ]
             for sid in stale:
                 entry = self._sessions.pop(sid)
-                self._expired[sid] = (entry.owner, now - entry.last_used)
-            while len(self._expired) > _REMEMBERED_EXPIRIES:
+                self._expired[sid] = Expired(entry.owner, now - entry.last_used)
+            while len(self._expired) > REMEMBERED:
                 self._expired.popitem(last=False)
         for sid in stale:
-            log.info("session %s expired after %.0f s idle", sid, self._expired[sid][1])
+            log.info("session %s expired after %.0f s idle", sid, self._expired[sid].idle_seconds)
         if stale:
             release_freed_memory()
         return stale
@@ -222,7 +213,7 @@ class SessionStore:
         """The sessions ``owner`` may use: the default session first, then its own in creation order."""
         with self._lock:
             return [
-                (sid, e.engine) for sid, e in self._sessions.items() if sid == DEFAULT_SESSION_ID or e.owner == owner
+                (sid, e.engine) for sid, e in self._sessions.items() if may_use(sid, e.owner, owner)
             ]
 
     def __len__(self) -> int:

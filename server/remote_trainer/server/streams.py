@@ -15,7 +15,7 @@ from typing import Any
 
 import grpc
 
-from remote_trainer.contract import codec
+from remote_trainer.contract import wire
 from remote_trainer.engine.errors import ResourceExhausted
 
 Emit = Callable[[Any], None]  # how a streaming method sends a message: never waits
@@ -54,7 +54,7 @@ class StreamBytes:
 
 def size(message: Any) -> int:
     """The bytes a response message holds while it waits to be written."""
-    return len(message.data) if isinstance(message, codec.Serialized) else int(message.ByteSize())
+    return len(message.data) if isinstance(message, wire.Serialized) else int(message.ByteSize())
 
 
 class SlowReader(Exception):

@@ -1,0 +1,100 @@
+"""What every section runs against: the benchmark's server subprocess (``python -m bench.serve``),
+the raw gRPC floors it serves beside the trainer, and the ``Context`` a section is given."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+from bench.measure import rss_bytes, stop_child
+from bench.raw import MIB, RawClient
+
+
+@dataclass
+class Server:
+    """The benchmark's server subprocess."""
+
+    process: subprocess.Popen[str]
+    target: str
+    raw_target: str
+    raw_aio_target: str
+    pid: int
+
+    def rss(self) -> int:
+        return rss_bytes(self.pid)
+
+
+@contextmanager
+def start_server(
+    device: str, max_sessions: int, chunk_bytes: int = 0, threads: int = 0, backend: str = "local", reuse_buffers_bytes: int = 0,
+    pin_memory: bool = False,
+) -> Iterator[Server]:
+    """Runs ``python -m bench.serve`` and yields its addresses; stops it by closing its stdin."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    cmd = [sys.executable, "-m", "bench.serve", "--device", device, "--max-sessions", str(max_sessions)]
+    if chunk_bytes:
+        cmd += ["--chunk-bytes", str(chunk_bytes)]
+    if threads:
+        cmd += ["--threads", str(threads)]
+    if backend != "local":
+        cmd += ["--backend", backend]
+    if reuse_buffers_bytes:
+        cmd += ["--reuse-buffers-bytes", str(reuse_buffers_bytes)]
+    if pin_memory:
+        cmd += ["--pin-memory", "1"]
+    process = subprocess.Popen(cmd, cwd=root, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert process.stdout is not None
+        line = process.stdout.readline()
+        if not line:
+            raise RuntimeError(f"the benchmark server did not start (exit code {process.wait()})")
+        info = json.loads(line)
+        yield Server(process, f"127.0.0.1:{info['trainer_port']}", f"127.0.0.1:{info['raw_port']}",
+                     f"127.0.0.1:{info['raw_aio_port']}", int(info["pid"]))
+    finally:
+        stop_child(process, timeout=30)
+
+
+@dataclass
+class Floors:
+    """The raw floor's two servers: ``sync`` (a threaded grpc server) and ``aio`` (grpc.aio, the
+    trainer server's own stack); timings come from either (they share the recorder)."""
+
+    sync: RawClient
+    aio: RawClient
+
+    def timings(self) -> dict[str, list[float]]:
+        return self.sync.timings()
+
+    def close(self) -> None:
+        self.sync.close()
+        self.aio.close()
+
+
+@contextmanager
+def open_floors(server: Server) -> Iterator[Floors]:
+    """Clients of the server's two raw floors, with the SDK's message limits."""
+    options: list[tuple[str, Any]] = [("grpc.max_send_message_length", 512 * MIB), ("grpc.max_receive_message_length", 512 * MIB)]
+    floors = Floors(RawClient(server.raw_target, options), RawClient(server.raw_aio_target, options))
+    try:
+        yield floors
+    finally:
+        floors.close()
+
+
+@dataclass
+class Context:
+    """What a section gets: the command's arguments, the server, its floors; and where it records
+    the exit code of a child process of its own (``children``, written to the JSON)."""
+
+    args: argparse.Namespace
+    server: Server
+    floors: Floors
+    children: dict[str, dict[str, int | None]] = field(default_factory=dict)

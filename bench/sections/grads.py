@@ -1,0 +1,98 @@
+"""Section ``grads``: GetGradients of every parameter (float32 and float16, with and without
+statistics) against the raw floors streaming the same bytes in 1 MiB messages and a memory copy;
+ratio: floor / ours (1.0 = transport speed). Then statistics-only GetGradients against one fused
+local pass over gradients of the same sizes; ratio: ours / fused."""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import numpy as np
+import torch
+
+from bench.launch import Context
+from bench.measure import SideBySide
+from bench.raw import MIB
+from bench.rows import Layout, Row, ratio, rate, seconds
+from remote_trainer.client import Session, TrainerClient
+from remote_trainer.engine.models import build_model
+
+WITH_STATS = Layout("{ours} = {ours_rate}", "raw aio 1 MiB stream {reference} = {reference_rate}",
+                    "raw sync-server stream {raw_sync} = {raw_sync_rate} (ratio {ratio_to_raw_sync:.2f}); "
+                    "memory copy {copy} = {copy_rate}")
+NO_STATS = Layout("{ours} = {ours_rate}", "raw aio 1 MiB stream {reference}",
+                  "ratio to the raw sync-server stream {ratio_to_raw_sync:.2f}")
+STATS_ONLY = Layout("{ours}", "one local fused pass (torch._foreach_norm) {reference}",
+                    "local norm/min/max/mean tensor by tensor {naive}", ratio="{ratio:.1f}x")
+
+
+def run(ctx: Context) -> list[Row]:
+    args, raw = ctx.args, ctx.floors
+    rows: list[Row] = []
+    with TrainerClient(ctx.server.target, timeout=600) as client, client.create_session("random", seed=0) as session:
+        x = np.random.default_rng(0).random((2, 3, 64, 64), dtype=np.float32)
+        session.forward(x)
+        session.backward("sum", np.ones((2, 1000), np.float32))
+        params = session.list_parameters()
+        fp32_bytes = params.total_elements * 4
+        for dtype, size in (("float32", 4), ("float16", 2)):
+            nbytes = params.total_elements * size
+            source = np.ones(nbytes, np.uint8)
+            dest = np.empty_like(source)
+            got: dict[str, Any] = {}
+
+            def ours(dtype: str = dtype) -> None:
+                got["grads"] = session.gradients(dtype=dtype)
+
+            def ours_no_stats(dtype: str = dtype) -> None:
+                got["grads"] = session.gradients(dtype=dtype, stats=False)
+
+            sbs = SideBySide(["ours", "ours-no-stats", "raw-aio", "raw", "copy"])
+            sbs.run({"ours": ours, "ours-no-stats": ours_no_stats, "raw-aio": functools.partial(raw.aio.download, nbytes, MIB),
+                     "raw": functools.partial(raw.sync.download, nbytes, MIB), "copy": lambda: np.copyto(dest, source)},
+                    reps=args.transfer_reps, warmup=2)
+            assert sum(t.array.nbytes for t in got["grads"].values() if t.array is not None) == fp32_bytes * size // 4
+
+            def timing(name: str, contender: str) -> dict[str, Any]:
+                return {name: seconds(sbs.median(contender)), f"{name}_rate": rate(nbytes, sbs.median(contender))}
+
+            floors = {**timing("reference", "raw-aio"), **timing("raw_sync", "raw")}
+            rows.append(Row(
+                "grads", f"GetGradients all {dtype} ({nbytes / 1e6:.1f} MB)",
+                {**timing("ours", "ours"), **floors, **timing("copy", "copy"),
+                 "ratio_to_raw_sync": ratio(sbs.paired_ratio("raw", "ours"))},
+                sbs.paired_ratio("raw-aio", "ours"), WITH_STATS, target=">= 0.80",
+            ))
+            rows.append(Row(
+                "grads", f"GetGradients all {dtype}, stats=False ({nbytes / 1e6:.1f} MB)",
+                {**timing("ours", "ours-no-stats"), **floors, "ratio_to_raw_sync": ratio(sbs.paired_ratio("raw", "ours-no-stats"))},
+                sbs.paired_ratio("raw-aio", "ours-no-stats"), NO_STATS, target=">= 0.80",
+            ))
+        rows.append(_stats_only(ctx, session))
+    return rows
+
+
+def _stats_only(ctx: Context, session: Session) -> Row:
+    """Statistics-only GetGradients against one fused local pass over gradients of the same sizes."""
+    local, _ = build_model("random", 0, 0)
+    local.train()
+    local(torch.rand(2, 3, 64, 64)).sum().backward()
+    grads = [p.grad for p in local.parameters() if p.grad is not None]
+    nbytes = sum(g.numel() * 4 for g in grads)
+
+    def fused() -> None:
+        torch.stack(torch._foreach_norm(grads)).tolist()
+
+    def naive() -> None:  # norm, min, max, mean, one reduction and one host sync each, tensor by tensor
+        for g in grads:
+            [float(g.norm()), float(g.min()), float(g.max()), float(g.mean())]
+
+    sbs = SideBySide(["ours", "fused", "naive"])
+    sbs.run({"ours": lambda: session.gradients(stats_only=True), "fused": fused, "naive": naive},
+            reps=ctx.args.transfer_reps, warmup=2)
+    return Row(
+        "grads", f"statistics-only GetGradients ({nbytes / 1e6:.1f} MB of gradients)",
+        {"ours": seconds(sbs.median("ours")), "reference": seconds(sbs.median("fused")), "naive": seconds(sbs.median("naive"))},
+        sbs.paired_ratio("ours", "fused"), STATS_ONLY, target="<= 3x",
+    )

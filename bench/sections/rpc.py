@@ -1,0 +1,130 @@
+"""Section ``rpc``: our service against torch.distributed.rpc doing the same work on a peer process
+(bench/rpc_peer.py: rank 1 of a two-process RPC group whose rank 0 is this benchmark, TCP on
+loopback), and against local PyTorch: an empty call, the step as one call and as separate calls at
+every ``--sizes`` shape, and the fetch of all gradients. Ratio: ours / rpc."""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+import numpy as np
+import torch
+
+from bench import rpc_peer
+from bench.launch import Context
+from bench.measure import SideBySide
+from bench.rows import BYTES, RELATIVE, Figure, Layout, Row, count, rate, ratio, seconds
+from bench.steps import LocalStep, RemoteStep, difference, measure_steps, shape_name, step_inputs
+from remote_trainer.client import TrainerClient
+
+EMPTY_CALL = Layout("{ours}", "{reference}", "one round trip on loopback (rpc: TensorPipe uv transport, basic channel; "
+                    "torch threads on the peer: {peer_threads})")
+STEP = Layout("{ours}", "rpc {reference}; PyTorch {local}",
+              "reps {reps}; rpc / PyTorch {rpc_vs_local:.3f}, ours / PyTorch {ours_vs_local:.3f}; logits agree to {logits_agree}",
+              ratio="{ratio:.3f}")
+GRADIENTS = Layout("{ours} = {ours_rate}", "rpc {reference} = {reference_rate}", "{tensors} tensors, same bytes; values agree to {values_agree}")
+STEP_CASES = (("train-step", "TrainStep vs rpc one-call step"), ("full", "Forward/Backward/Step vs rpc forward/backward/step calls"))
+
+
+class RpcStep:
+    """The same step on the torch.distributed.rpc peer, on a fresh model: ``train-step`` one call
+    (forward, loss, backward, step); ``full`` three calls (forward keeping the graph, backward with
+    the labels, step), as our Forward/Backward/Step."""
+
+    def __init__(self, peer: rpc_peer.Peer, case: str, device: str) -> None:
+        self.peer = peer
+        self.case = case
+        peer.reset(device)
+        self.logits: torch.Tensor | None = None
+
+    def __call__(self, x: torch.Tensor, labels: torch.Tensor) -> None:
+        if self.case == "train-step":
+            self.logits = self.peer.train_step(x, labels)
+            return
+        self.logits = self.peer.forward(x)
+        self.peer.backward(labels)
+        self.peer.step()
+
+
+def run(ctx: Context) -> list[Row]:
+    args = ctx.args
+    device = torch.device(args.device)
+    rows: list[Row] = []
+    with rpc_peer.connect(args.threads) as peer, TrainerClient(ctx.server.target, timeout=600) as client:
+        peer_threads = peer.reset(args.device)
+        s = SideBySide(["ours", "rpc"])
+        default = client.session()
+        s.run({"ours": lambda: default.info(), "rpc": peer.empty}, reps=200, warmup=20)
+        rows.append(Row("rpc", "empty call: DescribeSession vs rpc_sync of an empty function",
+                        {"ours": seconds(s.median("ours")), "reference": seconds(s.median("rpc")), "peer_threads": count(peer_threads)},
+                        s.paired_ratio("ours", "rpc"), EMPTY_CALL))
+        for shape in args.sizes:
+            x, labels = step_inputs(shape)
+            xt, lt = torch.from_numpy(x), torch.from_numpy(labels)
+            for case, title in STEP_CASES:
+                local = LocalStep("full", device)
+                theirs = RpcStep(peer, case, args.device)
+                with client.create_session("random", seed=0) as session:
+                    ours = RemoteStep(session, case)
+                    sbs, reps, worst = measure_steps(
+                        args, {"ours": lambda: ours(x, labels), "rpc": lambda: theirs(xt, lt), "local": lambda: local(xt, lt)},
+                        lambda: _agreement(ours, theirs, local))
+                rows.append(Row(
+                    "rpc", f"{title} {shape_name(shape)}",
+                    {"ours": seconds(sbs.median("ours")), "reference": seconds(sbs.median("rpc")), "local": seconds(sbs.median("local")),
+                     "reps": count(reps), "rpc_vs_local": ratio(sbs.paired_ratio("rpc", "local")),
+                     "ours_vs_local": ratio(sbs.paired_ratio("ours", "local")), "logits_agree": Figure(worst, RELATIVE)},
+                    sbs.paired_ratio("ours", "rpc"), STEP,
+                ))
+        rows += _gradients(ctx, client, peer)
+    print(f"# rpc peer (pid {peer.pid}) exited with code {peer.returncode}", file=sys.stderr, flush=True)
+    ctx.children["rpc peer"] = {"pid": peer.pid, "returncode": peer.returncode}
+    return rows
+
+
+def _agreement(ours: RemoteStep, theirs: RpcStep, local: LocalStep) -> float:
+    """The larger difference of our and the rpc peer's logits from local PyTorch's."""
+    rpc_logits = theirs.logits.numpy() if theirs.logits is not None else None
+    return max(difference(ours.logits, local.logits), difference(rpc_logits, local.logits))
+
+
+def _gradients(ctx: Context, client: TrainerClient, peer: rpc_peer.Peer) -> list[Row]:
+    """All gradients in float32, ours (with and without statistics) against the rpc peer's, after
+    one identical forward and backward on the same weights."""
+    x, labels = step_inputs((2, 3, 64, 64))
+    with client.create_session("random", seed=0) as session:
+        peer.reset(ctx.args.device)
+        session.forward(x)
+        session.backward("sum", labels)
+        peer.forward(torch.from_numpy(x))
+        peer.backward(torch.from_numpy(labels))
+        got: dict[str, Any] = {}
+
+        def ours() -> None:
+            got["ours"] = session.gradients()
+
+        def ours_no_stats() -> None:
+            got["ours"] = session.gradients(stats=False)
+
+        def theirs() -> None:
+            got["rpc"] = peer.gradients()
+
+        sbs = SideBySide(["ours", "ours-no-stats", "rpc"])
+        sbs.run({"ours": ours, "ours-no-stats": ours_no_stats, "rpc": theirs}, reps=ctx.args.transfer_reps, warmup=2)
+    ours_arrays = [t.array for t in got["ours"].values() if t.array is not None]
+    rpc_arrays = [g.numpy() for g in got["rpc"]]
+    nbytes = sum(a.nbytes for a in ours_arrays)
+    if nbytes != sum(a.nbytes for a in rpc_arrays) or [a.shape for a in ours_arrays] != [a.shape for a in rpc_arrays]:
+        raise AssertionError(f"gradients differ in size: ours {nbytes} bytes, rpc {sum(a.nbytes for a in rpc_arrays)}")
+    worst = max(float(np.abs(a - b).max()) / max(1.0, float(np.abs(b).max())) for a, b in zip(ours_arrays, rpc_arrays))
+    rows = []
+    for case, name in (("ours", "GetGradients all float32"), ("ours-no-stats", "GetGradients all float32, stats=False")):
+        rows.append(Row(
+            "rpc", f"{name} vs rpc fetch of all .grad ({nbytes / 1e6:.1f} MB)",
+            {"ours": seconds(sbs.median(case)), "ours_rate": rate(nbytes, sbs.median(case)), "reference": seconds(sbs.median("rpc")),
+             "reference_rate": rate(nbytes, sbs.median("rpc")), "tensors": count(len(rpc_arrays)), "bytes": Figure(nbytes, BYTES),
+             "values_agree": Figure(worst, RELATIVE)},
+            sbs.paired_ratio(case, "rpc"), GRADIENTS,
+        ))
+    return rows

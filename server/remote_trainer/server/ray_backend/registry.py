@@ -1,0 +1,137 @@
+"""``SessionRegistry``: the one actor that knows every session of the cluster.
+
+A small detached actor on the head node that knows every session's owner, state (creating, live,
+lost, expired) and last checkpoint. Its methods run one at a time, so the session limits (in all,
+and per token) hold across the cluster without races; it also remembers lost sessions, so that any
+front-end, even one started after the loss, answers SESSION_LOST with the session's last checkpoint
+instead of "unknown session". It imports ray but not torch (the head node may have none).
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+from dataclasses import dataclass
+
+import ray
+
+from remote_trainer.server.session_policy import DEFAULT_SESSION_ID, REMEMBERED, Expired, SessionLimits
+
+REGISTRY_NAME = "session-registry"
+# A resource Ray gives the head node only: the registry lives there, with the GCS it cannot outlive.
+HEAD_NODE_RESOURCE = "node:__internal_head__"
+
+HELD = ("creating", "live")  # the states that count against the limits
+
+
+def actor_name(session_id: str) -> str:
+    """The Ray actor name of a session."""
+    return f"session-{session_id}"
+
+
+@dataclass
+class Record:
+    """What the registry knows of one session."""
+
+    owner: str
+    state: str  # "creating", "live", "lost" or "expired"
+    since: float  # time.time() of the last change of state
+    actor_id: str = ""
+    checkpoint: str = ""  # the last checkpoint's name, relative to the owner's checkpoint folder
+    checkpoint_step: int = 0
+    idle_seconds: float = 0.0
+
+    def expiry(self) -> Expired | None:
+        """How the session expired, if it did (for ``session_policy.missing``)."""
+        return Expired(self.owner, self.idle_seconds) if self.state == "expired" else None
+
+
+class SessionRegistry:
+    """Every session of the namespace: owner, state, last checkpoint. One call at a time (a plain
+    Ray actor), so checking a limit and reserving an id are one step for the whole cluster."""
+
+    def __init__(self, namespace: str) -> None:
+        self._namespace = namespace
+        self._records: dict[str, Record] = {}
+
+    def reserve(self, owner: str, limits: SessionLimits, stale_after: float) -> str:
+        """A new session id for ``owner`` within the limits, held as "creating" until ``commit``."""
+        self._prune(stale_after)
+        limits.check_room("cluster", [(sid, r.owner) for sid, r in self._records.items() if r.state in HELD], owner)
+        session_id = secrets.token_hex(16)  # unguessable: 128 random bits
+        self._records[session_id] = Record(owner, "creating", time.time())
+        return session_id
+
+    def commit(self, session_id: str, actor_id: str) -> None:
+        record = self._records.get(session_id)
+        if record is not None:
+            record.state, record.since, record.actor_id = "live", time.time(), actor_id
+
+    def abort(self, session_id: str) -> None:
+        self._records.pop(session_id, None)
+
+    def register_default(self, actor_id: str) -> None:
+        """The default session's actor (created by whichever front-end started first)."""
+        self._records[DEFAULT_SESSION_ID] = Record("", "live", time.time(), actor_id)
+
+    def lookup(self, session_id: str) -> Record | None:
+        return self._records.get(session_id)
+
+    def lost(self, session_id: str, actor_id: str) -> Record | None:
+        """Marks the session lost if ``actor_id`` (whose calls failed) is still its actor; its record."""
+        record = self._records.get(session_id)
+        if record is not None and record.state == "live" and record.actor_id == actor_id:
+            record.state, record.since = "lost", time.time()
+            self._forget_old()
+        return record
+
+    def checkpointed(self, session_id: str, name: str, step_count: int) -> None:
+        record = self._records.get(session_id)
+        if record is not None:
+            record.checkpoint, record.checkpoint_step = name, step_count
+
+    def close(self, session_id: str, owner: str) -> Record | None:
+        """Forgets a live or lost session of ``owner``; its record, or None when there is none to close."""
+        record = self._records.get(session_id)
+        if record is None or record.owner != owner or record.state not in ("live", "lost"):
+            return None
+        return self._records.pop(session_id)
+
+    def expire(self, session_id: str, idle_seconds: float) -> bool:
+        """Marks a live session expired; False when it is no longer live (closed, lost, expired)."""
+        record = self._records.get(session_id)
+        if record is None or record.state != "live" or session_id == DEFAULT_SESSION_ID:
+            return False
+        record.state, record.since, record.idle_seconds = "expired", time.time(), idle_seconds
+        self._forget_old()
+        return True
+
+    def live(self) -> list[str]:
+        """The live sessions but the default one."""
+        return [sid for sid, r in self._records.items() if r.state == "live" and sid != DEFAULT_SESSION_ID]
+
+    def owned(self, owner: str) -> list[str]:
+        """The live sessions of ``owner`` but the default one, in creation order."""
+        return [sid for sid, r in self._records.items() if r.state == "live" and r.owner == owner and sid != DEFAULT_SESSION_ID]
+
+    def count(self) -> int:
+        """Sessions held (live or being created), the default one included."""
+        return sum(1 for r in self._records.values() if r.state in HELD)
+
+    def _prune(self, stale_after: float) -> None:
+        """Lost sessions that no front-end has called yet stop counting; abandoned reservations go."""
+        now = time.time()
+        for sid, record in list(self._records.items()):
+            if record.state == "creating" and now - record.since > stale_after:
+                del self._records[sid]  # its front-end died while creating it
+            elif record.state == "live":
+                try:
+                    ray.get_actor(actor_name(sid), namespace=self._namespace)
+                except ValueError:  # the cluster no longer has the actor: its process or node died
+                    record.state, record.since = "lost", now
+        self._forget_old()
+
+    def _forget_old(self) -> None:
+        gone = sorted((r.since, sid) for sid, r in self._records.items() if r.state in ("lost", "expired"))
+        for _, sid in gone[: max(0, len(gone) - REMEMBERED)]:
+            del self._records[sid]

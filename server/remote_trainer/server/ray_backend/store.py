@@ -1,0 +1,317 @@
+"""``RaySessionStore``: the front-end's ``Sessions``, with every session in a Ray actor.
+
+Each call on a session is ``ray.get(actor.call.remote(...), timeout=--ray-timeout)`` (through the
+proxy, ``proxy.RayEngine``). A session whose process or node died answers UNAVAILABLE
+``SESSION_LOST`` (naming its last checkpoint); a node that does not answer yet, UNAVAILABLE
+``SESSION_UNREACHABLE``; a call over the timeout, UNAVAILABLE ``SESSION_TIMEOUT``. Domain errors
+raised in the actor arrive wrapped in ``RayTaskError``; their ``cause`` (with reason, violations and
+metadata) is raised as is. Owners, states and checkpoints are the registry's (``registry.py``); the
+limits, ownership and NOT_FOUND answers are ``session_policy.py``'s, as for the local store.
+
+Residual races (documented in docs/deployment.md): a session whose node just died still counts
+against the limits until the cluster declares the node dead (seconds, with Ray's health checks), and
+a call that arrives while idle expiry closes its session may run or not before the actor is killed.
+The registry lives on the head node: losing the head loses the cluster (Ray's GCS) anyway.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import ray
+from ray.exceptions import ActorUnavailableError, GetTimeoutError, RayActorError, RayTaskError
+
+from remote_trainer.engine.errors import NotFound, ResourceExhausted, Unavailable
+from remote_trainer.engine.limits import Limits
+from remote_trainer.engine.models import ModelSpec
+from remote_trainer.engine.optimizer import OptimizerSpec
+from remote_trainer.engine.protocol import Engine
+from remote_trainer.engine.results import SessionDescription
+from remote_trainer.server.ray_backend.actor import SessionActor
+from remote_trainer.server.ray_backend.proxy import RayEngine, check_wanted
+from remote_trainer.server.ray_backend.registry import HEAD_NODE_RESOURCE, REGISTRY_NAME, Record, SessionRegistry, actor_name
+from remote_trainer.server.session_policy import DEFAULT_SESSION_ID, SessionLimits, check_closable, may_use, missing
+from remote_trainer.server.settings import Settings, ray_resources
+
+# The package's logger: the log lines name the Ray backend, whichever of its modules writes them.
+log = logging.getLogger(__package__)
+
+# Registry calls are small; a registry that does not answer within this is reported unavailable.
+REGISTRY_TIMEOUT = 30.0
+
+
+def _cause(exc: RayTaskError) -> BaseException:
+    """The exception the actor raised (a domain error with all its fields), or the wrapper itself."""
+    cause = getattr(exc, "cause", None)
+    return cause if isinstance(cause, BaseException) else exc
+
+
+class RaySessionStore:
+    """The front-end's view of the sessions in the Ray cluster (the ``Sessions`` protocol).
+
+    It keeps nothing that another front-end would need: owners, states and checkpoints are in the
+    registry, sessions in their actors. It caches actor handles (a session's owner never changes).
+    """
+
+    def __init__(self, settings: Settings, limits: Limits, registry: Any) -> None:
+        self._namespace = settings.ray_namespace
+        self._limits = limits
+        self._session_limits = SessionLimits(settings.max_sessions, settings.max_sessions_per_token)
+        self._idle_seconds = settings.session_idle_seconds
+        self._pending_seconds = settings.pending_graph_seconds
+        self._session_memory_bytes = settings.session_memory_bytes
+        self._timeout = settings.ray_timeout
+        self._checkpoint_dir = settings.checkpoint_dir
+        self._registry = registry
+        self._actor: Any = ray.remote(SessionActor)
+        options: dict[str, Any] = {
+            "namespace": self._namespace,
+            "lifetime": "detached",  # sessions outlive the front-end that made them
+            "num_cpus": settings.ray_num_cpus,
+            "num_gpus": settings.ray_num_gpus,
+            "resources": ray_resources(settings),
+            "max_restarts": 0,  # a restarted actor would be a fresh model: lost is lost, told as such
+            "max_task_retries": 0,  # never run a Backward or Step twice
+            "max_concurrency": 8,  # describe and idle checks while a step runs (the engine serialises)
+        }
+        if settings.ray_scheduling == "spread":
+            options["scheduling_strategy"] = "SPREAD"
+        self._options = options
+        self._lock = threading.Lock()
+        self._cache: dict[str, RayEngine] = {}
+
+    @classmethod
+    def connect(cls, settings: Settings, default_model: ModelSpec, limits: Limits) -> RaySessionStore:
+        """Joins (or starts) the Ray cluster, finds or makes the registry and the default session."""
+        if not ray.is_initialized():
+            if settings.ray_address:
+                ray.init(address=settings.ray_address, namespace=settings.ray_namespace,
+                         log_to_driver=False, logging_level=logging.WARNING)
+            else:  # a one-node Ray for this front-end alone, on loopback
+                ray.init(namespace=settings.ray_namespace, include_dashboard=False, _node_ip_address="127.0.0.1",
+                         log_to_driver=False, logging_level=logging.WARNING)
+        registry_class: Any = ray.remote(SessionRegistry)
+        registry = registry_class.options(
+            name=REGISTRY_NAME, namespace=settings.ray_namespace, lifetime="detached", get_if_exists=True,
+            num_cpus=0, resources={HEAD_NODE_RESOURCE: 0.001}, max_restarts=0,
+        ).remote(settings.ray_namespace)
+        store = cls(settings, limits, registry)
+        store._start_default(default_model)
+        log.info("joined Ray cluster %s (namespace %s)", settings.ray_address or "(local)", settings.ray_namespace)
+        return store
+
+    @property
+    def idle_seconds(self) -> float:
+        return self._idle_seconds
+
+    # -- the Sessions protocol ----------------------------------------------------------------------
+
+    def visible_to(self, owner: str = "") -> list[tuple[str, Engine]]:
+        """The sessions ``owner`` may use, from any front-end: the default session first, then its own."""
+        owned: list[str] = self._ask(self._registry.owned.remote(owner))
+        return [(sid, self.get(sid, owner)) for sid in [DEFAULT_SESSION_ID, *owned]]
+
+    def get(self, session_id: str, owner: str = "") -> RayEngine:
+        sid = session_id or DEFAULT_SESSION_ID
+        with self._lock:
+            engine = self._cache.get(sid)
+        if engine is not None:
+            if may_use(sid, engine.owner, owner):
+                return engine
+            raise self._missing(session_id, owner, None)
+        record = self._ask(self._registry.lookup.remote(sid))
+        if record is None or not may_use(sid, record.owner, owner) or record.state not in ("live", "lost"):
+            raise self._missing(session_id, owner, record)
+        if record.state == "lost":
+            raise self._lost_error(sid, record)
+        try:
+            handle = ray.get_actor(actor_name(sid), namespace=self._namespace)
+        except ValueError:  # the actor is gone, the registry not told yet
+            raise self._lost(sid, record.actor_id) from None
+        engine = RayEngine(self, sid, record.owner, handle, record.actor_id)
+        with self._lock:
+            self._cache[sid] = engine
+        return engine
+
+    def create(
+        self, model: ModelSpec, optimizer: OptimizerSpec, owner: str = "", still_wanted: Callable[[], bool] = lambda: True
+    ) -> tuple[str, Engine]:
+        sid: str = self._ask(self._registry.reserve.remote(owner, self._session_limits, 2 * self._timeout))
+        handle = None
+        try:
+            handle = self._actor.options(name=actor_name(sid), **self._options).remote()
+            description, actor_id = self._build(handle, model, optimizer)
+            check_wanted(still_wanted, "the session was built but dropped")  # no one could use or close it
+            self._ask(self._registry.commit.remote(sid, actor_id))
+        except BaseException:
+            if handle is not None:
+                ray.kill(handle)
+            try:
+                self._ask(self._registry.abort.remote(sid))
+            except Unavailable:
+                log.warning("could not release the reservation of session %s (the registry drops it later)", sid)
+            raise
+        engine = RayEngine(self, sid, owner, handle, actor_id)
+        with self._lock:
+            self._cache[sid] = engine
+        log.info("session %s created (owner %s) on %s", sid, owner or "-", description.device)
+        return sid, engine
+
+    def close(self, session_id: str, owner: str = "") -> None:
+        check_closable(session_id)
+        record = self._ask(self._registry.close.remote(session_id, owner))
+        if record is None:
+            raise self._missing(session_id, owner, self._ask(self._registry.lookup.remote(session_id)))
+        self._kill(session_id)
+        log.info("session %s closed", session_id)
+
+    @property
+    def pending_seconds(self) -> float:
+        return self._pending_seconds
+
+    def expire_idle(self, busy: Callable[[str], bool] = lambda sid: False) -> list[str]:
+        """Closes the sessions whose actors had no call for ``idle_seconds`` (a session with a call
+        running or waiting on this front-end is not idle), and drops pending graphs unused for
+        ``pending_seconds``. An actor busy with a call does not answer within 10 s: not idle either."""
+        stale: list[str] = []
+        if not self._idle_seconds and not self._pending_seconds:
+            return stale
+        for sid in [DEFAULT_SESSION_ID, *self._ask(self._registry.live.remote())]:
+            if busy(sid):
+                continue
+            try:
+                handle: Any = ray.get_actor(actor_name(sid), namespace=self._namespace)
+                idle = float(ray.get(handle.idle_seconds.remote(), timeout=10))
+                if self._pending_seconds and idle > self._pending_seconds:
+                    ray.get(handle.call.remote("drop_pending", (f"unused for {idle:.0f} s (pending_graph_seconds)",), {}), timeout=10)
+            except (ValueError, RayActorError, GetTimeoutError):
+                continue  # lost (told to its next caller) or not answering: not idle
+            if sid == DEFAULT_SESSION_ID or not self._idle_seconds:
+                continue
+            if idle > self._idle_seconds and self._ask(self._registry.expire.remote(sid, idle)):
+                self._kill(sid)
+                stale.append(sid)
+                log.info("session %s expired after %.0f s idle", sid, idle)
+        return stale
+
+    def __len__(self) -> int:
+        count: int = self._ask(self._registry.count.remote())
+        return count
+
+    # -- for RayEngine ------------------------------------------------------------------------------
+
+    def wait(self, engine: RayEngine, ref: Any) -> Any:
+        """The result of an actor call, or the domain error that tells what happened to it."""
+        try:
+            return ray.get(ref, timeout=self._timeout)
+        except RayTaskError as exc:  # the engine raised: a domain error (or a bug, told as INTERNAL)
+            raise _cause(exc) from None
+        except ActorUnavailableError:  # not known dead yet: may be a passing network fault
+            raise Unavailable(
+                f"session {engine.session_id} cannot be reached now: the Ray node holding it does not answer "
+                "(the call may or may not have run); try again shortly",
+                "SESSION_UNREACHABLE",
+            ) from None
+        except RayActorError:  # the actor's process or node died (or the session was closed meanwhile)
+            raise self._lost(engine.session_id, engine.actor_id) from None
+        except GetTimeoutError:
+            raise Unavailable(
+                f"session {engine.session_id} did not answer within ray-timeout={self._timeout:g} s "
+                "(the call may still be running)",
+                "SESSION_TIMEOUT",
+            ) from None
+
+    def checkpointed(self, engine: RayEngine, path: str, step_count: int) -> None:
+        """Tells the registry the session's latest checkpoint, named as the owner names it."""
+        root = Path(self._checkpoint_dir, engine.owner) if engine.owner else Path(self._checkpoint_dir)
+        try:
+            name = str(Path(path).relative_to(root.resolve()))
+        except ValueError:
+            name = Path(path).name
+        try:
+            self._ask(self._registry.checkpointed.remote(engine.session_id, name, step_count))
+        except Unavailable:  # the checkpoint is written; only the hint in a later SESSION_LOST is missing
+            log.warning("could not record checkpoint %s of session %s in the registry", name, engine.session_id)
+
+    # -- internals ----------------------------------------------------------------------------------
+
+    def _start_default(self, model: ModelSpec) -> None:
+        handle = self._actor.options(
+            name=actor_name(DEFAULT_SESSION_ID), get_if_exists=True, **self._options
+        ).remote()
+        try:
+            description, actor_id = self._build(handle, model, OptimizerSpec.tutorial(), keep_initial_state=True)
+        except BaseException:
+            ray.kill(handle)  # so that a front-end started with corrected settings builds it anew
+            raise
+        self._ask(self._registry.register_default.remote(actor_id))
+        log.info("default session on %s (weights %s)", description.device, description.weights)
+
+    def _build(
+        self, handle: Any, model: ModelSpec, optimizer: OptimizerSpec, keep_initial_state: bool = False
+    ) -> tuple[SessionDescription, str]:
+        try:
+            built: tuple[SessionDescription, str] = ray.get(
+                handle.build.remote(model, optimizer, self._limits, keep_initial_state, self._session_memory_bytes),
+                timeout=self._timeout,
+            )
+            return built
+        except RayTaskError as exc:
+            raise _cause(exc) from None
+        except GetTimeoutError:
+            raise ResourceExhausted(
+                f"no node of the Ray cluster could start the session within {self._timeout:g} s: it asks for "
+                f"{self._options['num_cpus']:g} CPU, {self._options['num_gpus']:g} GPU and {self._options['resources'] or 'no custom resources'}",
+                "NO_RESOURCES_FOR_SESSION",
+            ) from None
+        except RayActorError:
+            raise Unavailable("the session's actor died while it was being built", "SESSION_LOST") from None
+
+    def _ask(self, ref: Any) -> Any:
+        """The result of a registry call."""
+        try:
+            return ray.get(ref, timeout=REGISTRY_TIMEOUT)
+        except RayTaskError as exc:
+            raise _cause(exc) from None
+        except (RayActorError, GetTimeoutError):
+            raise Unavailable("the session registry of the Ray cluster does not answer", "REGISTRY_UNAVAILABLE") from None
+
+    def _kill(self, session_id: str) -> None:
+        with self._lock:
+            self._cache.pop(session_id, None)
+        try:
+            ray.kill(ray.get_actor(actor_name(session_id), namespace=self._namespace))
+        except ValueError:
+            pass  # already gone
+
+    def _lost(self, session_id: str, actor_id: str) -> Exception:
+        """The error for a session whose actor calls fail: lost, or closed or expired meanwhile."""
+        with self._lock:
+            self._cache.pop(session_id, None)
+        record = self._ask(self._registry.lost.remote(session_id, actor_id))
+        if record is None or record.state == "expired":
+            return self._missing(session_id, record.owner if record else "", record)
+        if record.state == "live":  # a new actor took the name (the default session, re-created)
+            return Unavailable(f"session {session_id} was restarted; call again", "SESSION_RESTARTED")
+        return self._lost_error(session_id, record)
+
+    def _lost_error(self, session_id: str, record: Record) -> Unavailable:
+        if record.checkpoint:
+            hint = (f"its last checkpoint is {record.checkpoint!r} (step {record.checkpoint_step}): create a session "
+                    f"and LoadCheckpoint {record.checkpoint!r} to go on from there")
+        else:
+            hint = "it had no checkpoint (SaveCheckpoint, or the server's --checkpoint-every, makes them)"
+        return Unavailable(
+            f"session {session_id} was lost: the Ray node or process holding it died; {hint}",
+            "SESSION_LOST",
+            metadata={"checkpoint": record.checkpoint, "step_count": str(record.checkpoint_step)} if record.checkpoint else {},
+        )
+
+    @staticmethod
+    def _missing(session_id: str, owner: str, record: Record | None) -> NotFound:
+        """NOT_FOUND, as the local store says it: expired (told only to its owner) or unknown."""
+        return missing(session_id, owner, record.expiry() if record is not None else None)
