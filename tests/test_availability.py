@@ -21,7 +21,7 @@ from remote_trainer.contract.trainer.v1 import trainer_pb2_grpc as pb_grpc
 from remote_trainer.server.app import TrainerServer, create_server
 from remote_trainer.server.settings import Settings
 from remote_trainer.engine.errors import ResourceExhausted
-from remote_trainer.server.status import StreamBytes
+from remote_trainer.server.streams import StreamBytes
 from tests.conftest import rand
 
 WORKERS = 4

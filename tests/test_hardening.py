@@ -30,7 +30,7 @@ from remote_trainer.contract.trainer.v1 import trainer_pb2 as pb
 from remote_trainer.engine.limits import MAX_CLASSES, MAX_PATTERN_LENGTH, MAX_PATTERNS
 from remote_trainer.server.app import create_server
 from remote_trainer.server.settings import Settings, parse_settings
-from remote_trainer.server.status import current_call
+from remote_trainer.server.calls import current_call
 from tests.conftest import rand
 
 
@@ -173,7 +173,7 @@ def test_cpu_out_of_memory_is_resource_exhausted() -> None:
     map turned into INTERNAL."""
     import torch
 
-    from remote_trainer.server.status import _status_for
+    from remote_trainer.server.status import status_for as _status_for
 
     with pytest.raises(RuntimeError) as caught:
         torch.empty(1 << 60)

@@ -20,7 +20,7 @@ import pytest
 from remote_trainer.contract.trainer.v1 import trainer_pb2, trainer_pb2_grpc
 from remote_trainer.server import app
 from remote_trainer.server.servicer import TrainerServicer
-from remote_trainer.server.status import unary
+from remote_trainer.server.rpc import unary
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -212,3 +212,110 @@ def test_every_sdk_module_but_remote_model_loads_without_torch() -> None:
     )
     assert {"remote_trainer.client", "remote_trainer.contract", "grpc"} <= loaded, loaded
     assert not loaded & {"torch", "torchvision", "remote_trainer.server", "remote_trainer.engine"}, loaded
+
+
+SERVER = ROOT / "server" / "remote_trainer" / "server"
+
+
+def server_imports() -> dict[str, set[str]]:
+    """Each module of remote_trainer.server (by its name under it: ``app``, ``ray_backend.store``) and
+    the modules of remote_trainer.server it imports when it runs: anywhere in its text (in functions
+    too: a deferred import still closes a circle) but under ``if TYPE_CHECKING:``."""
+    import ast
+
+    def run_time_nodes(node: ast.AST) -> Iterator[ast.AST]:
+        for child in ast.iter_child_nodes(node):
+            if isinstance(child, ast.If) and "TYPE_CHECKING" in ast.unparse(child.test):
+                yield from (n for branch in child.orelse for n in [branch, *run_time_nodes(branch)])
+                continue
+            yield child
+            yield from run_time_nodes(child)
+
+    paths = {".".join(p.relative_to(SERVER).with_suffix("").parts).removesuffix(".__init__"): p
+             for p in SERVER.rglob("*.py") if p.parent != SERVER or p.name != "__init__.py"}
+    graph: dict[str, set[str]] = {}
+    for name, path in paths.items():
+        targets: set[str] = set()
+        for node in run_time_nodes(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                targets.update(alias.name for alias in node.names)
+            elif isinstance(node, ast.ImportFrom) and node.module:  # "from remote_trainer.server import convert" too
+                targets.update([node.module] + [f"{node.module}.{alias.name}" for alias in node.names])
+        prefix = "remote_trainer.server."
+        graph[name] = {t[len(prefix):] for t in targets if t.startswith(prefix) and t[len(prefix):] in paths} - {name}
+    return graph
+
+
+def reachable(graph: dict[str, set[str]], start: str) -> set[str]:
+    """The modules ``start`` imports, directly or through others."""
+    seen: set[str] = set()
+    todo = list(graph[start])
+    while todo:
+        name = todo.pop()
+        if name not in seen:
+            seen.add(name)
+            todo.extend(graph[name])
+    return seen
+
+
+def test_no_server_module_imports_itself_back() -> None:
+    graph = server_imports()
+    assert {"app", "servicer", "status", "auth", "settings", "tokens"} <= set(graph), sorted(graph)
+    circles = sorted(name for name in graph if name in reachable(graph, name))
+    assert not circles, f"modules in an import circle: {circles} ({ {n: sorted(graph[n]) for n in circles} })"
+
+
+# The process layer builds the server from flags and watches it; the RPC layer serves calls and is
+# handed plain values and an observer (server/events.py), so it never imports the process layer.
+PROCESS_LAYER = {"app", "__main__", "settings", "metrics", "tensorboard"}
+RPC_LAYER = {"servicer", "rpc", "status", "calls", "streams", "events", "auth", "tokens"}
+
+
+def test_the_rpc_layer_never_imports_the_process_layer() -> None:
+    graph = server_imports()
+    assert RPC_LAYER <= set(graph), sorted(RPC_LAYER - set(graph))
+    for name in sorted(RPC_LAYER):
+        assert not reachable(graph, name) & PROCESS_LAYER, (name, sorted(reachable(graph, name) & PROCESS_LAYER))
+
+
+def test_the_token_flags_are_checked_without_torch(tmp_path: Path) -> None:
+    """``--tokens NAME:TOKEN`` is parsed and checked (docs/architecture.md: settings never pull torch in)
+    where importing torch fails."""
+    code = textwrap.dedent("""
+        import sys
+
+        class NoTorch:
+            def find_spec(self, name, path=None, target=None):
+                if name.split(".")[0] in ("torch", "torchvision"):
+                    raise ImportError(f"{name} is not installed here")
+                return None
+
+        sys.meta_path.insert(0, NoTorch())
+        from remote_trainer.server.settings import parse_settings
+
+        settings = parse_settings(["--tokens", "alice:secret,bob:other"], environ={})
+        assert settings.tokens == "alice:secret,bob:other", settings
+        try:
+            parse_settings(["--tokens", "alice:"], environ={})  # checked: an empty token is refused
+        except SystemExit as exc:
+            assert exc.code == 2, exc.code
+        else:
+            raise AssertionError("an empty token was accepted")
+        assert "torch" not in sys.modules
+        print("ok")
+    """)
+    done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "ok"
+    assert "the token of 'alice' is empty" in done.stderr
+
+
+def test_the_error_map_and_the_call_machinery_load_without_torch() -> None:
+    """How a call is served (decorators, call context, stream flow control, error map, auth) knows no
+    torch: a torch out-of-memory error is recognised without importing it."""
+    loaded = loaded_after(
+        "import remote_trainer.server.status, remote_trainer.server.rpc, remote_trainer.server.auth, "
+        "remote_trainer.server.calls, remote_trainer.server.streams, remote_trainer.server.events"
+    )
+    assert "grpc" in loaded
+    assert "torch" not in loaded, loaded

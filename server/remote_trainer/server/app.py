@@ -31,12 +31,14 @@ from remote_trainer.engine.memory import reuse_freed_buffers
 from remote_trainer.engine.optimizer import OptimizerSpec
 from remote_trainer.engine.session import SessionEngine
 from remote_trainer.server import convert, reflection
+from remote_trainer.server.events import Observers
 from remote_trainer.server.metrics import Metrics
 from remote_trainer.engine.models import ModelSpec, resolve_device
-from remote_trainer.server.servicer import TrainerServicer
+from remote_trainer.server.rpc import Undecodable, rpc_kind
+from remote_trainer.server.servicer import ServicerOptions, TrainerServicer
 from remote_trainer.server.sessions import DEFAULT_SESSION_ID, Sessions, SessionStore
 from remote_trainer.server.settings import Settings
-from remote_trainer.server.status import Undecodable, rpc_kind
+from remote_trainer.server.tensorboard import TrainingLog
 from remote_trainer.contract import wire
 from remote_trainer.contract.trainer.v1 import trainer_pb2
 
@@ -49,7 +51,7 @@ SERVICE_NAME = SERVICE.full_name
 @dataclass
 class TrainerServer:
     """A started server: the asyncio grpc server (on its own event-loop thread), its port, health
-    service, sessions and metrics."""
+    service, sessions, metrics and TensorBoard log."""
 
     server: grpc.aio.Server
     port: int
@@ -59,6 +61,7 @@ class TrainerServer:
     servicer: TrainerServicer
     loop: asyncio.AbstractEventLoop
     metrics_port: int | None = None
+    training_log: TrainingLog | None = None
     _stopping: threading.Event = field(default_factory=threading.Event)
     _stopped: threading.Event = field(default_factory=threading.Event)
 
@@ -80,7 +83,7 @@ class TrainerServer:
             await self.server.stop(grace)
         finally:
             self.metrics.close()
-            self.servicer.close()
+            _close(self.servicer, self.training_log)
             self.loop.call_soon(self.loop.stop)
             self._stopped.set()
 
@@ -108,16 +111,18 @@ def create_server(settings: Settings, clock: Callable[[], float] = time.monotoni
     store, budget = session_store(settings, limits, clock)
     default_session = store.get(DEFAULT_SESSION_ID)
     default = default_session.describe()
-    auth = TokenAuth.from_settings(settings)
+    auth = TokenAuth.load(settings.tokens, settings.tokens_file)
     metrics = Metrics(store.__len__)
-    servicer = TrainerServicer(store, limits, settings, auth, metrics, budget)
+    training_log = TrainingLog(settings.tensorboard_dir, settings.tensorboard_histograms_every) if settings.tensorboard_dir else None
+    observer = metrics if training_log is None else Observers(metrics, training_log)
+    servicer = TrainerServicer(store, limits, servicer_options(settings), auth, observer, budget)
 
     loop = asyncio.new_event_loop()
     threading.Thread(target=loop.run_forever, name="grpc-aio", daemon=True).start()
     try:
         server, health_servicer, port = asyncio.run_coroutine_threadsafe(_start(settings, servicer, metrics, auth), loop).result()
     except BaseException:
-        servicer.close()
+        _close(servicer, training_log)
         loop.call_soon_threadsafe(loop.stop)
         raise
     try:
@@ -126,11 +131,11 @@ def create_server(settings: Settings, clock: Callable[[], float] = time.monotoni
         asyncio.run_coroutine_threadsafe(_serving(health_servicer), loop).result()
     except BaseException:
         asyncio.run_coroutine_threadsafe(server.stop(None), loop).result()
-        servicer.close()
+        _close(servicer, training_log)
         loop.call_soon_threadsafe(loop.stop)
         raise
     metrics_port = metrics.serve(settings.host, settings.metrics_port) if settings.metrics_port >= 0 else None
-    running = TrainerServer(server, port, health_servicer, store, metrics, servicer, loop, metrics_port)
+    running = TrainerServer(server, port, health_servicer, store, metrics, servicer, loop, metrics_port, training_log)
     if settings.session_idle_seconds or settings.pending_graph_seconds:
         threading.Thread(target=_expire_sessions, args=(running,), name="session-expiry", daemon=True).start()
     log.info(
@@ -140,6 +145,28 @@ def create_server(settings: Settings, clock: Callable[[], float] = time.monotoni
         "tokens required" if auth else "no authentication",
     )
     return running
+
+
+def servicer_options(settings: Settings) -> ServicerOptions:
+    """What of the settings the servicer works with."""
+    return ServicerOptions(
+        model=ModelSpec(device=settings.device, data_dir=settings.data_dir, **settings.run_options()),
+        chunk_bytes=settings.chunk_bytes,
+        max_message_bytes=settings.max_message_bytes,
+        max_workers=settings.max_workers,
+        stream_write_timeout=settings.stream_write_timeout_seconds,
+        max_stream_bytes=settings.max_stream_bytes,
+        checkpoint_dir=settings.checkpoint_dir,
+        checkpoint_every=settings.checkpoint_every,
+        keep_auto_checkpoints=settings.keep_auto_checkpoints,
+    )
+
+
+def _close(servicer: TrainerServicer, training_log: TrainingLog | None) -> None:
+    """Stops the worker threads once their current work is done, then closes the TensorBoard files."""
+    servicer.close()
+    if training_log is not None:
+        training_log.close()
 
 
 async def _start(

@@ -9,11 +9,14 @@ from wsgiref.simple_server import WSGIServer
 import torch
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
+from remote_trainer.server.events import CallObserver
+
 log = logging.getLogger(__name__)
 
 
-class Metrics:
-    """The server's metrics, in a registry of its own (so several servers in one process stay apart)."""
+class Metrics(CallObserver):
+    """The server's metrics, in a registry of its own (so several servers in one process stay apart);
+    finished calls come as the servicer's events, message bytes from the method handlers (app.py)."""
 
     def __init__(self, sessions_open: Callable[[], int]) -> None:
         self.registry = CollectorRegistry()
@@ -35,7 +38,7 @@ class Metrics:
                 lambda: float(torch.cuda.memory_allocated())
             )
 
-    def observe(self, method: str, code: str, seconds: float) -> None:
+    def call_finished(self, method: str, session_id: str | None, code: str, seconds: float) -> None:
         """Counts one finished call."""
         self._requests.labels(method, code).inc()
         self._latency.labels(method).observe(seconds)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TypeVar
 
@@ -19,11 +19,11 @@ from remote_trainer.engine.optimizer import OptimizerSpec
 from remote_trainer.engine.protocol import Engine
 from remote_trainer.engine.results import SessionDescription
 from remote_trainer.engine.errors import invalid
-from remote_trainer.server.metrics import Metrics
+from remote_trainer.server.calls import current_call
+from remote_trainer.server.events import CallObserver
+from remote_trainer.server.rpc import Context, streaming, unary
 from remote_trainer.server.sessions import DEFAULT_SESSION_ID, Sessions
-from remote_trainer.server.settings import Settings
-from remote_trainer.server.status import Context, Emit, StreamBytes, current_call, streaming, unary
-from remote_trainer.server.tensorboard import TrainingLog
+from remote_trainer.server.streams import Emit, StreamBytes
 from remote_trainer.contract import codec
 from remote_trainer.contract.names import AUTOCAST_MODES, MEMORY_FORMATS
 from remote_trainer.contract.trainer.v1 import trainer_pb2 as pb
@@ -31,6 +31,23 @@ from remote_trainer.contract.trainer.v1 import trainer_pb2 as pb
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class ServicerOptions:
+    """What the servicer is configured with (server/app.py fills it from the settings)."""
+
+    # Every session's model spec but for what the request chooses: files only from the data
+    # directory; the engine builds the model wherever it runs.
+    model: ModelSpec
+    chunk_bytes: int  # data bytes per chunk in tensor streams
+    max_message_bytes: int  # largest message sent: bounds the logits a call returns
+    max_workers: int  # worker threads running the calls' torch work
+    stream_write_timeout: float  # seconds a stream waits for its reader to take the next message
+    max_stream_bytes: int  # bytes of stream responses made and not yet written, all streams together
+    checkpoint_dir: str  # empty: checkpoints disabled
+    checkpoint_every: int  # automatic checkpoint every N steps (0: never)
+    keep_auto_checkpoints: int  # newest automatic checkpoints kept per folder (0: all)
 
 
 class TrainerServicer:
@@ -41,30 +58,25 @@ class TrainerServicer:
         self,
         store: Sessions,
         limits: Limits,
-        settings: Settings,
+        options: ServicerOptions,
         auth: TokenAuth | None,
-        metrics: Metrics,
+        observer: CallObserver,
         budget: MemoryBudget = UNLIMITED,
     ) -> None:
         self._store = store
         self._budget = budget
-        # Every session's model spec but for what the request chooses: files only from the data
-        # directory; the engine builds the model wherever it runs.
-        self._model_options = ModelSpec(device=settings.device, data_dir=settings.data_dir, **settings.run_options())
+        self._model_options = options.model
         self._limits = limits
-        self._chunk_bytes = settings.chunk_bytes
-        self._max_message_bytes = settings.max_message_bytes
-        self._checkpoint_dir = settings.checkpoint_dir
-        self._checkpoint_every = settings.checkpoint_every
-        self._keep_auto_checkpoints = settings.keep_auto_checkpoints
+        self._chunk_bytes = options.chunk_bytes
+        self._max_message_bytes = options.max_message_bytes
+        self._checkpoint_dir = options.checkpoint_dir
+        self._checkpoint_every = options.checkpoint_every
+        self._keep_auto_checkpoints = options.keep_auto_checkpoints
         self._auth = auth
-        self.metrics = metrics
-        self.stream_write_timeout = settings.stream_write_timeout_seconds
-        self.stream_bytes = StreamBytes(settings.max_stream_bytes)
-        self._dispatcher = Dispatcher(settings.max_workers)
-        self._tensorboard = (
-            TrainingLog(settings.tensorboard_dir, settings.tensorboard_histograms_every) if settings.tensorboard_dir else None
-        )
+        self.observer = observer  # told of finished calls (the decorators) and of training
+        self.stream_write_timeout = options.stream_write_timeout
+        self.stream_bytes = StreamBytes(options.max_stream_bytes)
+        self._dispatcher = Dispatcher(options.max_workers)
 
     async def run(self, session_id: str | None, work: Callable[[], T]) -> T:
         """Runs a method's blocking work on a worker thread, one call at a time per session."""
@@ -77,14 +89,11 @@ class TrainerServicer:
     def close(self) -> None:
         """Stops the worker threads once their current work is done."""
         self._dispatcher.close()
-        if self._tensorboard is not None:
-            self._tensorboard.close()
 
     def forget_sessions(self, session_ids: list[str]) -> None:
-        """Lets go of what the servicer keeps for sessions the store has closed (expired ones)."""
-        if self._tensorboard is not None:
-            for session_id in session_ids:
-                self._tensorboard.close_session(session_id)
+        """Reports sessions the store has closed (expired ones) as closed."""
+        for session_id in session_ids:
+            self.observer.session_closed(session_id)
 
     def _session(self, session_id: str, context: Context) -> Engine:
         return self._store.get(session_id, caller(self._auth, context))
@@ -125,8 +134,7 @@ class TrainerServicer:
     @unary
     def CloseSession(self, request: pb.CloseSessionRequest, context: Context) -> pb.CloseSessionResponse:
         self._store.close(request.session_id, caller(self._auth, context))
-        if self._tensorboard is not None:
-            self._tensorboard.close_session(request.session_id)
+        self.observer.session_closed(request.session_id)
         return pb.CloseSessionResponse(session_id=request.session_id)
 
     @unary
@@ -147,8 +155,7 @@ class TrainerServicer:
         budget = None if fmt == pb.OUTPUT_FORMAT_STATS_ONLY else (self._max_message_bytes - 65536) // (8 if as_values else 4)
         result = engine.forward(x, eval_mode=request.eval_mode, no_grad=request.no_grad, max_logits_elements=budget,
                                 still_wanted=current_call().still_wanted)
-        if self._tensorboard is not None:
-            self._tensorboard.forward(request.session_id or DEFAULT_SESSION_ID)
+        self.observer.forwarded(request.session_id or DEFAULT_SESSION_ID)
         response = pb.ForwardResponse(forward_id=result.forward_id, logits_stats=convert.stats_message(result.stats))
         if as_values:
             response.logits_values.CopyFrom(convert.output_values(result.logits))
@@ -177,9 +184,7 @@ class TrainerServicer:
                                      grad_norm=not request.skip_grad_norm)
         else:
             raise invalid("source", "give a loss or an output_gradient", "NO_BACKWARD_SOURCE")
-        if self._tensorboard is not None:
-            self._tensorboard.backward(request.session_id or DEFAULT_SESSION_ID, engine.describe().step_count, result.loss,
-                                       result.grad_norm)
+        self.observer.backwarded(request.session_id or DEFAULT_SESSION_ID, engine, result.loss, result.grad_norm)
         response = pb.BackwardResponse(
             forward_id=result.forward_id, parameters_with_grad=result.parameters_with_grad,
             step_count=result.step_count, parameters_updated=result.parameters_updated,
@@ -201,12 +206,9 @@ class TrainerServicer:
         return pb.StepResponse(step_count=step_count, parameters_updated=updated)
 
     def _after_step(self, engine: Engine, step_count: int, session_id: str, context: Context) -> None:
-        """After any call that stepped: the TensorBoard scalars (and histograms when due), and the
-        automatic checkpoint every ``checkpoint_every`` steps."""
-        if self._tensorboard is not None:
-            due = self._tensorboard.histograms_due(step_count)
-            self._tensorboard.step(session_id or DEFAULT_SESSION_ID, step_count, engine.describe().optimizer.lr,
-                                   engine.gradients([]) if due else [])
+        """After any call that stepped: the observer is told (TensorBoard), and the automatic
+        checkpoint every ``checkpoint_every`` steps."""
+        self.observer.stepped(session_id or DEFAULT_SESSION_ID, engine, step_count)
         if self._checkpoint_every and step_count % self._checkpoint_every == 0:
             name = f"auto-{session_id or DEFAULT_SESSION_ID}.ckpt"
             try:

@@ -15,6 +15,7 @@ from typing import Any
 
 from remote_trainer.contract.names import AUTOCAST_MODES, MEMORY_FORMATS
 from remote_trainer.engine.limits import Limits
+from remote_trainer.server.tokens import load_tokens
 
 MIB = 1024 * 1024
 
@@ -292,10 +293,8 @@ def validate(settings: Settings) -> list[str]:
     except ValueError as exc:
         problems.append(str(exc))
     if not problems and (settings.tokens or settings.tokens_file):
-        from remote_trainer.server.auth import TokenAuth  # auth imports this module
-
         try:
-            TokenAuth.from_settings(settings)
+            load_tokens(settings.tokens, settings.tokens_file)
         except (ValueError, OSError) as exc:
             problems.append(str(exc))
     return problems

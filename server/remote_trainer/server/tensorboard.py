@@ -21,13 +21,15 @@ from pathlib import Path
 from typing import Any
 
 from remote_trainer.engine.errors import FailedPrecondition
-from remote_trainer.engine.results import NamedTensor
+from remote_trainer.engine.protocol import Engine
+from remote_trainer.server.events import CallObserver
 
 log = logging.getLogger(__name__)
 
 
-class TrainingLog:
-    """Per-session TensorBoard writers; every method is thread-safe and cheap when nothing is due."""
+class TrainingLog(CallObserver):
+    """Per-session TensorBoard writers, written as the servicer reports training events; every
+    method is thread-safe and cheap when nothing is due."""
 
     def __init__(self, directory: str, histograms_every: int) -> None:
         try:
@@ -52,12 +54,14 @@ class TrainingLog:
                 writer = self._writers[session_id] = self._writer_class(log_dir=str(self._directory / session_id))
             return writer
 
-    def forward(self, session_id: str) -> None:
+    def forwarded(self, session_id: str) -> None:
         """A Forward ran: the first since the last Step starts the iteration that Step will end."""
         with self._lock:
             self._iteration_started.setdefault(session_id, time.monotonic())
 
-    def backward(self, session_id: str, step_count: int, loss: float | None, grad_norm: float | None) -> None:
+    def backwarded(self, session_id: str, session: Engine, loss: float | None, grad_norm: float | None) -> None:
+        """Loss and gradient norm, at the session's step count."""
+        step_count = session.describe().step_count
         writer = self._writer(session_id)
         if loss is not None:
             writer.add_scalar("loss", loss, step_count)
@@ -67,8 +71,11 @@ class TrainingLog:
     def histograms_due(self, step_count: int) -> bool:
         return self.histograms_every > 0 and step_count % self.histograms_every == 0
 
-    def step(self, session_id: str, step_count: int, lr: float, gradients: list[NamedTensor]) -> None:
-        """A Step ended: learning rate, iteration time and (when given) gradient histograms; then flushed."""
+    def stepped(self, session_id: str, session: Engine, step_count: int) -> None:
+        """A Step ended: learning rate, iteration time and (when due) gradient histograms; then flushed."""
+        due = self.histograms_due(step_count)
+        lr = session.describe().optimizer.lr
+        gradients = session.gradients([]) if due else []
         writer = self._writer(session_id)
         with self._lock:
             started = self._iteration_started.pop(session_id, None)
@@ -80,7 +87,7 @@ class TrainingLog:
                 writer.add_histogram(f"grad/{g.name}", g.tensor, step_count)
         writer.flush()
 
-    def close_session(self, session_id: str) -> None:
+    def session_closed(self, session_id: str) -> None:
         with self._lock:
             writer = self._writers.pop(session_id, None)
             self._iteration_started.pop(session_id, None)

@@ -1,0 +1,183 @@
+"""The decorators that serve servicer methods on the asyncio server: ``@unary`` and ``@streaming``.
+
+Each runs the method (blocking torch work) on a worker thread, one call at a time per session,
+while waiting for the request, for the session or for a slow reader holds no thread. What both do
+around the method is one context manager, ``_served``: the call is timed, reported to the servicer's
+observer and logged in one line (method, session, status, duration), and any error goes through the
+error map (server/status.py). Their log lines keep the logger ``remote_trainer.server.status``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import logging
+import time
+from collections.abc import AsyncIterator, Callable, Coroutine
+from dataclasses import dataclass
+from typing import Any, Protocol, TypeVar
+
+import grpc
+
+from remote_trainer.engine.errors import Abandoned, InvalidArgument
+from remote_trainer.server.calls import Call, call_of, run_as
+from remote_trainer.server.events import CallObserver
+from remote_trainer.server.status import status_for
+from remote_trainer.server.streams import Emit, Outbox, SlowReader, StreamBytes
+
+# The logger operators (and the tests) filter the one line per call on, named before the error map
+# moved out of the module that also served the calls.
+log = logging.getLogger("remote_trainer.server.status")
+
+S = TypeVar("S", bound="Servicer")
+T = TypeVar("T")
+Req = TypeVar("Req")
+Resp = TypeVar("Resp")
+Context = grpc.aio.ServicerContext[Any, Any]
+
+# The call shape each decorator serves, marked on the methods it wraps so that registration can check
+# it against the service descriptor (app.py).
+UNARY_UNARY = "unary_unary"
+UNARY_STREAM = "unary_stream"
+
+
+def rpc_kind(client_streaming: bool, server_streaming: bool) -> str:
+    """The kind of an RPC as its descriptor states it: one of the four gRPC call shapes."""
+    return ("stream" if client_streaming else "unary") + "_" + ("stream" if server_streaming else "unary")
+
+
+class Servicer(Protocol):
+    """What the decorators need of a servicer: whom to tell of finished calls, how long a reader may
+    stall a stream, the bound on unsent stream bytes, and a way to run blocking work off the event
+    loop, one call at a time per session."""
+
+    observer: CallObserver
+    stream_write_timeout: float
+    stream_bytes: StreamBytes
+
+    async def run(self, session_id: str | None, work: Callable[[], T]) -> T: ...
+
+
+@dataclass(frozen=True)
+class Undecodable:
+    """Stands in for a request whose bytes did not parse, so the call is refused as the client's
+    mistake (INVALID_ARGUMENT) rather than with gRPC's own INTERNAL "Exception deserializing request!"."""
+
+    message_type: str
+    error: str
+
+
+def _session_of(request: object) -> str | None:
+    """The session a request works on ("" is the default one), or None for calls on no session."""
+    return getattr(request, "session_id", None)
+
+
+def _abandoned_code(call: Call) -> grpc.StatusCode:
+    return grpc.StatusCode.DEADLINE_EXCEEDED if call.outcome() == "DEADLINE_EXCEEDED" else grpc.StatusCode.CANCELLED
+
+
+def _finish(servicer: Servicer, method: str, request: Any, code: grpc.StatusCode, start: float) -> None:
+    """Reports and logs a finished call. A call that fails is finished before its status is sent
+    (``context.abort`` sends it at once), so a client that has seen the error finds it counted."""
+    seconds = time.perf_counter() - start
+    servicer.observer.call_finished(method, _session_of(request), code.name, seconds)
+    log.info(
+        "rpc=%s session=%s status=%s duration_ms=%.1f",
+        method, getattr(request, "session_id", "") or "-", code.name, seconds * 1000,
+    )
+
+
+@contextlib.asynccontextmanager
+async def _served(servicer: Servicer, method: str, request: Any, context: Context, call: Call) -> AsyncIterator[None]:
+    """Around one call: refuses an undecodable request, times the call, maps its error to a status
+    (sent with ``context.abort``) and finishes it exactly once, before any error status is sent."""
+    start = time.perf_counter()
+    code = grpc.StatusCode.OK
+    finished = False
+    try:
+        if isinstance(request, Undecodable):
+            raise InvalidArgument(f"the request is not a valid {request.message_type}: {request.error}", "MALFORMED_REQUEST")
+        yield
+    except SlowReader:
+        # The unsent message still occupies the stream, so no status can follow it: the call
+        # is cancelled (the client sees CANCELLED), which frees the stream and what it held.
+        code = grpc.StatusCode.CANCELLED
+        log.warning("rpc=%s: the client read nothing for %.0f s; stream cancelled (stream_write_timeout_seconds)",
+                    method, servicer.stream_write_timeout)
+        raise asyncio.CancelledError() from None
+    except asyncio.CancelledError:
+        code = _abandoned_code(call)
+        raise
+    except grpc.aio.AbortError:  # context.abort's own way out: already answered
+        raise
+    except Exception as exc:
+        status = status_for(exc, method)
+        code = _abandoned_code(call) if isinstance(exc, Abandoned) else status.code
+        _finish(servicer, method, request, code, start)  # before the client can hear of it
+        finished = True
+        await context.abort(status.code, status.details, status.trailing_metadata)
+        raise  # abort raises; this line is never reached
+    finally:
+        if not finished:
+            _finish(servicer, method, request, code, start)
+
+
+def _run(servicer: Servicer, method: str, request: Any, call: Call, work: Callable[[], T]) -> Coroutine[Any, Any, T]:
+    """Runs ``work`` as ``call`` on a worker thread in its session's turn (``Servicer.run``)."""
+    session_id = _session_of(request)
+    label = f"rpc={method} session={session_id or '-'}"
+
+    def logged() -> T:
+        log.debug("%s running", label)  # its session's turn is held from here to the end of work()
+        return work()
+
+    return run_as(call, functools.partial(servicer.run, session_id), logged)
+
+
+def unary(method: Callable[[S, Req, Context], Resp]) -> Callable[[S, Req, Context], Coroutine[Any, Any, Resp]]:
+    """Serves a unary servicer method: its answer is the method's return value."""
+
+    @functools.wraps(method)
+    async def wrapper(self: S, request: Req, context: Context) -> Resp:
+        call = call_of(context)
+        async with _served(self, method.__name__, request, context, call):
+            response = await _run(self, method.__name__, request, call, functools.partial(method, self, request, context))
+        return response
+
+    wrapper.rpc_kind = UNARY_UNARY  # type: ignore[attr-defined]
+    return wrapper
+
+
+def streaming(
+    method: Callable[[S, Req, Context, Emit], None],
+) -> Callable[[S, Req, Context], Coroutine[Any, Any, None]]:
+    """Serves a server-streaming servicer method: the method hands each message to ``emit`` as soon
+    as it is made, which never waits; the event loop writes them meanwhile, so sending overlaps the
+    making. Each message is written within the servicer's ``stream_write_timeout`` (a reader that
+    stops reading is cancelled); the worker and the session's turn are held only while the method
+    runs, however slowly the client reads; the messages waiting meanwhile count against the
+    servicer's ``stream_bytes`` (an ``emit`` past its limit fails the method). A method that fails
+    after some messages ends the stream with its error status."""
+
+    @functools.wraps(method)
+    async def wrapper(self: S, request: Req, context: Context) -> None:
+        call = call_of(context)
+        outbox = Outbox(self.stream_bytes)
+        producer: asyncio.Future[None] | None = None
+        async with _served(self, method.__name__, request, context, call):
+            try:
+                work = functools.partial(method, self, request, context, outbox.emit)
+                producer = asyncio.ensure_future(_run(self, method.__name__, request, call, work))
+                producer.add_done_callback(outbox.producer_done)
+                await outbox.write_all(context, self.stream_write_timeout)
+                await producer  # the method's error, if it failed
+            finally:
+                outbox.close()
+                if producer is not None and not producer.done():
+                    # The stream ended first (slow reader, client gone): the method's call is marked
+                    # gone (its sender stops at the next tensor) and ends on its own.
+                    producer.cancel()
+
+    wrapper.rpc_kind = UNARY_STREAM  # type: ignore[attr-defined]
+    return wrapper
