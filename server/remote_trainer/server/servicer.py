@@ -24,7 +24,6 @@ from remote_trainer.server.events import CallObserver
 from remote_trainer.server.rpc import Context, streaming, unary
 from remote_trainer.server.sessions import DEFAULT_SESSION_ID, Sessions
 from remote_trainer.server.streams import Emit, StreamBytes
-from remote_trainer.contract import codec
 from remote_trainer.contract.names import AUTOCAST_MODES, MEMORY_FORMATS
 from remote_trainer.contract.trainer.v1 import trainer_pb2 as pb
 
