@@ -37,7 +37,7 @@ RUN groupadd --system --gid 10001 trainer \
     && mkdir -p /data/checkpoints /cache/torch/hub/checkpoints \
     && chown -R trainer:trainer /data /cache
 
-# Dependencies, pinned (deploy/lock.sh writes the lock from pyproject.toml).
+# Dependencies, pinned (deploy/lock.sh writes the lock from protos/ and server/pyproject.toml).
 # A virtual environment keeps them apart from the base image's Python.
 COPY deploy/requirements.lock /tmp/requirements.lock
 RUN python -m venv /opt/venv \

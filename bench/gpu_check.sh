@@ -5,7 +5,7 @@
 # (1, 3, 64, 64) with the server and local PyTorch on CUDA, side by side, every case (separate
 # calls, TrainStep, the two-round-trip client loss), and the step and transfers once more with
 # --pin-memory 1.
-# Needs a Python with the project's server extra and a CUDA build of torch (scripts/setup.sh, or
+# Needs a Python with protos/, server/ and client/ installed and a CUDA build of torch (scripts/setup.sh, or
 # PYTHON=/path/to/python). About 5-7 minutes on one H100; writes its log to ${OUT:-.}/gpu_check.log.
 #   bench/gpu_check.sh            # everything
 #   STEP_REPS=5 bench/gpu_check.sh  # fewer repetitions

@@ -37,9 +37,8 @@ import grpc
 import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 
-from remote_trainer.client import Session, TrainerClient, TrainerError  # noqa: E402
+from remote_trainer.client import Session, TrainerClient, TrainerError
 from remote_trainer.contract.trainer.v1 import trainer_pb2 as pb  # noqa: E402
 
 MIB = 1024 * 1024

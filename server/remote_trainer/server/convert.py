@@ -1,8 +1,9 @@
 """Conversions between trainer.v1 messages and the engine's torch tensors and dataclasses.
 
 The server's one conversion module: every message the servicer answers with is built here. Byte
-layout is the contract's codec (``remote_trainer.contract.codec``, shared with the SDK); this module
-only adds torch and the engine's types on the server's side.
+layout is the contract's (``remote_trainer.contract``: ``codec`` for tensors, ``chunking`` for tensor
+streams, ``wire`` for the hand-written wire bytes, all shared with the SDK); this module only adds
+torch and the engine's types on the server's side.
 """
 
 from __future__ import annotations
