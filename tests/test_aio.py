@@ -15,7 +15,7 @@ from remote_trainer.client.aio import AsyncSession, AsyncTrainerClient
 from remote_trainer.client.errors import FailedPreconditionError, NotFoundError
 from remote_trainer.server.app import TrainerServer
 from tests.conftest import WEIGHTS_NAME, assert_equal_to_local, rand
-from tests.test_hardening import blocking_forward, waiting_for
+from tests.server_events import blocking_forward, waiting_for
 
 
 async def assert_matches(session: AsyncSession, local: nn.Module, grads: bool = False) -> None:

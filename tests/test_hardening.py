@@ -5,22 +5,17 @@ Each test drives a real server through real channels and fails when the guard it
 
 from __future__ import annotations
 
-import contextlib
-import logging
 import os
 import re
 import subprocess
 import sys
 import threading
-import time
 import urllib.request
-from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import grpc
 import numpy as np
 import pytest
-import torch
 
 from remote_trainer.engine.models import ModelSpec
 from remote_trainer.engine.optimizer import OptimizerSpec
@@ -30,8 +25,8 @@ from remote_trainer.contract.trainer.v1 import trainer_pb2 as pb
 from remote_trainer.engine.limits import MAX_CLASSES, MAX_PATTERN_LENGTH, MAX_PATTERNS
 from remote_trainer.server.app import create_server
 from remote_trainer.server.settings import Settings, parse_settings
-from remote_trainer.server.calls import current_call
 from tests.conftest import rand
+from tests.server_events import FakeClock, blocking_forward, waiting_for
 
 
 def test_pattern_lists_are_bounded_and_refused_before_matching(client: TrainerClient, session: Session) -> None:
@@ -201,65 +196,6 @@ def test_the_sdk_refuses_casts_that_change_values_and_truncated_streams(client: 
     cut = [m for m in messages if m.name == "fc.weight"][:-1]  # the stream ends before fc.weight's last chunk
     with pytest.raises(ValueError, match="ended inside tensor 'fc.weight'"):
         core.named_tensors([(m, m.data) for m in cut], True)
-
-
-class FakeClock:
-    """The session store's clock, moved by the test instead of sleeping."""
-
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
-class LogWaiter(logging.Handler):
-    """Sets an event when a log record's message contains ``text`` (a server-side sync point)."""
-
-    def __init__(self, text: str) -> None:
-        super().__init__(logging.DEBUG)
-        self.text = text
-        self.seen = threading.Event()
-        self.messages: list[str] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        message = record.getMessage()
-        if self.text in message:
-            self.messages.append(message)
-            self.seen.set()
-
-
-@contextlib.contextmanager
-def waiting_for(text: str, logger: str) -> Iterator[LogWaiter]:
-    waiter = LogWaiter(text)
-    target = logging.getLogger(logger)
-    level = target.level
-    target.addHandler(waiter)
-    target.setLevel(logging.DEBUG)
-    try:
-        yield waiter
-    finally:
-        target.removeHandler(waiter)
-        target.setLevel(level)
-
-
-def blocking_forward(
-    model: torch.nn.Module, until_abandoned: bool = False
-) -> tuple[threading.Event, threading.Event, Callable[[], None]]:
-    """A forward pre-hook on a server's model: ``entered`` is set when a forward starts, which then
-    waits for ``release`` (and with ``until_abandoned`` also until the server has marked the call
-    gone: a deadline passes on the server a little after it passes on the client, as the server
-    counts from when the request arrived). Returns (entered, release, remove)."""
-    entered, release = threading.Event(), threading.Event()
-
-    def hook(module: torch.nn.Module, args: object) -> None:
-        entered.set()
-        assert release.wait(120)
-        if until_abandoned:
-            assert current_call().gone.wait(120)
-
-    handle = model.register_forward_pre_hook(hook)
-    return entered, release, handle.remove
 
 
 def test_a_session_whose_create_failed_for_the_client_is_dropped() -> None:

@@ -21,7 +21,7 @@ from remote_trainer.client import Session, TrainerClient, TrainerError
 from remote_trainer.server.app import TrainerServer, create_server
 from remote_trainer.server.settings import Settings
 from tests.conftest import WEIGHTS_NAME, rand
-from tests.test_hardening import FakeClock, blocking_forward, waiting_for
+from tests.server_events import FakeClock, blocking_forward, waiting_for
 from tests.test_server_process import start
 from remote_trainer.contract.trainer.v1 import trainer_pb2 as pb
 
