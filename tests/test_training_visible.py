@@ -6,6 +6,7 @@ from __future__ import annotations
 import subprocess
 import sys
 from collections.abc import Iterator
+from typing import Any
 from pathlib import Path
 
 import numpy as np
@@ -122,3 +123,69 @@ def test_gradient_flow_picture_from_the_sdk_and_the_cli(target: str, session: Se
     assert (tmp_path / "fc.png").read_bytes().startswith(b"\x89PNG")
     # Two parameters, two pairs of bars: fewer bar pixels than the 44 pairs above, but some of each colour.
     assert bar_pixels(tmp_path / "fc.png", NORM_COLOR) > 500 and bar_pixels(tmp_path / "fc.png", MAX_COLOR) > 500
+
+
+def test_a_train_step_shows_in_tensorboard_as_a_forward_backward_and_step(
+    board_server: TrainerServer, board: Path, local: nn.Module
+) -> None:
+    """TrainStep (the SDK's train_step, the CLI's step and train) is one call for a whole iteration:
+    its loss and gradient norm are written at the step count it started from, lr and step_seconds at
+    the one it ended at, as for separate calls, and equal to local PyTorch."""
+    with TrainerClient(f"localhost:{board_server.port}") as client:
+        session = client.create_session(WEIGHTS_NAME, optimizer=None)
+        session.configure_optimizer(kind="sgd", lr=0.05, momentum=0.9)
+        optim = torch.optim.SGD(local.parameters(), lr=0.05, momentum=0.9)
+        results, local_losses = [], []
+        for i in range(2):
+            x, y = rand(2, 3, 32, 32, seed=i), rand(2, 1000, seed=10 + i)
+            results.append(session.train_step(x, "sum", y, grad_norm=True))
+            optim.zero_grad()
+            loss = (local(torch.from_numpy(x)) - torch.from_numpy(y)).sum()
+            loss.backward()
+            local_losses.append(loss.item())
+            optim.step()
+        session_id = session.session_id
+        session.close()
+
+    events = event_accumulator.EventAccumulator(str(board / session_id), size_guidance={"scalars": 0})
+    events.Reload()
+    assert [(e.step, e.value) for e in events.Scalars("loss")] == [
+        (0, pytest.approx(results[0].loss, rel=1e-6)), (1, pytest.approx(results[1].loss, rel=1e-6))]
+    assert [e.value for e in events.Scalars("loss")] == pytest.approx(local_losses, rel=1e-5)
+    assert [(e.step, e.value) for e in events.Scalars("grad_norm")] == [
+        (0, pytest.approx(results[0].grad_norm, rel=1e-6)), (1, pytest.approx(results[1].grad_norm, rel=1e-6))]
+    assert [(e.step, e.value) for e in events.Scalars("lr")] == [(1, pytest.approx(0.05)), (2, pytest.approx(0.05))]
+    assert [e.step for e in events.Scalars("step_seconds")] == [1, 2]
+    assert all(e.value > 0 for e in events.Scalars("step_seconds"))
+
+
+def test_an_observer_that_fails_never_fails_the_call_nor_silences_the_others(caplog: pytest.LogCaptureFixture) -> None:
+    """The server hands every event to ``Observers`` (metrics, TensorBoard): one that raises (a full
+    disk under the event files, say) is logged and passed over, so the call it watched keeps its
+    status and the observers after it still hear of the event."""
+    from remote_trainer.server.events import CallObserver, Observers
+
+    heard: list[tuple[str, object]] = []
+
+    class Failing(CallObserver):
+        def call_finished(self, method: str, session_id: str | None, code: str, seconds: float) -> None:
+            raise OSError("no space left on device")
+
+        def backwarded(self, session_id: str, session: Any, loss: float | None, grad_norm: float | None,
+                       step_count: int | None = None) -> None:
+            raise OSError("no space left on device")
+
+    class Listening(CallObserver):
+        def call_finished(self, method: str, session_id: str | None, code: str, seconds: float) -> None:
+            heard.append(("call_finished", code))
+
+        def backwarded(self, session_id: str, session: Any, loss: float | None, grad_norm: float | None,
+                       step_count: int | None = None) -> None:
+            heard.append(("backwarded", loss))
+
+    observers = Observers(Failing(), Listening())
+    observers.call_finished("Step", "s", "OK", 0.1)
+    observers.backwarded("s", None, 1.5, None, 3)
+    assert heard == [("call_finished", "OK"), ("backwarded", 1.5)]
+    failures = [r for r in caplog.records if r.name == "remote_trainer.server.events"]
+    assert [r.getMessage() for r in failures] == ["observer Failing failed on call_finished", "observer Failing failed on backwarded"]

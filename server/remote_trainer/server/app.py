@@ -114,7 +114,7 @@ def create_server(settings: Settings, clock: Callable[[], float] = time.monotoni
     auth = TokenAuth.load(settings.tokens, settings.tokens_file)
     metrics = Metrics(store.__len__)
     training_log = TrainingLog(settings.tensorboard_dir, settings.tensorboard_histograms_every) if settings.tensorboard_dir else None
-    observer = metrics if training_log is None else Observers(metrics, training_log)
+    observer = Observers(metrics, *([] if training_log is None else [training_log]))
     servicer = TrainerServicer(store, limits, servicer_options(settings), auth, observer, budget)
 
     loop = asyncio.new_event_loop()

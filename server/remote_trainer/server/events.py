@@ -9,10 +9,14 @@ training events on the call's worker thread while it holds its session's turn.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Protocol
+import logging
+from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:  # the engine's protocol imports torch; events only pass sessions along
     from remote_trainer.engine.protocol import Engine
+
+
+log = logging.getLogger(__name__)
 
 
 class CallObserver(Protocol):
@@ -24,12 +28,16 @@ class CallObserver(Protocol):
         ``code`` (a ``grpc.StatusCode`` name) after ``seconds``; a failed one before its status is sent."""
         return None
 
-    def forwarded(self, session_id: str) -> None:
-        """A Forward ran on the session."""
+    def forwarded(self, session_id: str, began: float | None = None) -> None:
+        """A forward ran on the session (a Forward, or the first part of a TrainStep); ``began`` is when
+        it started (``time.monotonic()``), None for now."""
         return None
 
-    def backwarded(self, session_id: str, session: Engine, loss: float | None, grad_norm: float | None) -> None:
-        """A Backward ran on ``session``: its loss (when the server computed one) and gradient norm (when asked)."""
+    def backwarded(self, session_id: str, session: Engine, loss: float | None, grad_norm: float | None,
+                   step_count: int | None = None) -> None:
+        """A backward ran on ``session`` (a Backward, or the middle of a TrainStep): its loss (when the
+        server computed one) and gradient norm (when asked). ``step_count`` is the step count it ran at
+        when the call knows it (it also stepped); None: the session's current one."""
         return None
 
     def stepped(self, session_id: str, session: Engine, step_count: int) -> None:
@@ -42,27 +50,31 @@ class CallObserver(Protocol):
 
 
 class Observers(CallObserver):
-    """Several observers as one: each event goes to each of them, in order."""
+    """Observers as one: each event goes to each of them, in order. An observer that fails is logged
+    and passed over: watching a call never fails it (its work may be done, its status not yet sent)."""
 
     def __init__(self, *observers: CallObserver) -> None:
         self._observers = observers
 
+    def _each(self, event: str, *args: Any) -> None:
+        for observer in self._observers:
+            try:
+                getattr(observer, event)(*args)
+            except Exception:
+                log.exception("observer %s failed on %s", type(observer).__name__, event)
+
     def call_finished(self, method: str, session_id: str | None, code: str, seconds: float) -> None:
-        for observer in self._observers:
-            observer.call_finished(method, session_id, code, seconds)
+        self._each("call_finished", method, session_id, code, seconds)
 
-    def forwarded(self, session_id: str) -> None:
-        for observer in self._observers:
-            observer.forwarded(session_id)
+    def forwarded(self, session_id: str, began: float | None = None) -> None:
+        self._each("forwarded", session_id, began)
 
-    def backwarded(self, session_id: str, session: Engine, loss: float | None, grad_norm: float | None) -> None:
-        for observer in self._observers:
-            observer.backwarded(session_id, session, loss, grad_norm)
+    def backwarded(self, session_id: str, session: Engine, loss: float | None, grad_norm: float | None,
+                   step_count: int | None = None) -> None:
+        self._each("backwarded", session_id, session, loss, grad_norm, step_count)
 
     def stepped(self, session_id: str, session: Engine, step_count: int) -> None:
-        for observer in self._observers:
-            observer.stepped(session_id, session, step_count)
+        self._each("stepped", session_id, session, step_count)
 
     def session_closed(self, session_id: str) -> None:
-        for observer in self._observers:
-            observer.session_closed(session_id)
+        self._each("session_closed", session_id)

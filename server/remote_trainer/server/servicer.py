@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -183,7 +184,8 @@ class TrainerServicer:
                                      grad_norm=not request.skip_grad_norm)
         else:
             raise invalid("source", "give a loss or an output_gradient", "NO_BACKWARD_SOURCE")
-        self.observer.backwarded(request.session_id or DEFAULT_SESSION_ID, engine, result.loss, result.grad_norm)
+        self.observer.backwarded(request.session_id or DEFAULT_SESSION_ID, engine, result.loss, result.grad_norm,
+                                 result.step_count - 1 if request.step else None)  # before the step it took
         response = pb.BackwardResponse(
             forward_id=result.forward_id, parameters_with_grad=result.parameters_with_grad,
             step_count=result.step_count, parameters_updated=result.parameters_updated,
@@ -316,8 +318,13 @@ class TrainerServicer:
         labels, _ = convert.input_tensor(request.loss.labels, "loss.labels", max_elements, integer=loss == "cross_entropy")
         zero_grad = request.zero_grad if request.HasField("zero_grad") else True
         budget = (self._max_message_bytes - 65536) // 4 if request.return_logits else None
+        began = time.monotonic()
         result = engine.train_step(x, loss, labels, zero_grad=zero_grad, grad_norm=request.return_grad_norm,
                                    max_logits_elements=budget, still_wanted=current_call().still_wanted)
+        # One call, the whole iteration: the observer hears of it as of a Forward, Backward and Step.
+        session_id = request.session_id or DEFAULT_SESSION_ID
+        self.observer.forwarded(session_id, began)
+        self.observer.backwarded(session_id, engine, result.loss, result.grad_norm, result.step_count - 1)
         self._after_step(engine, result.step_count, request.session_id, context)
         response = pb.TrainStepResponse(
             forward_id=result.forward_id, loss=result.loss, logits_stats=convert.stats_message(result.stats),

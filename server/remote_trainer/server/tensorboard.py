@@ -54,14 +54,16 @@ class TrainingLog(CallObserver):
                 writer = self._writers[session_id] = self._writer_class(log_dir=str(self._directory / session_id))
             return writer
 
-    def forwarded(self, session_id: str) -> None:
-        """A Forward ran: the first since the last Step starts the iteration that Step will end."""
+    def forwarded(self, session_id: str, began: float | None = None) -> None:
+        """A forward ran: the first since the last Step starts the iteration that Step will end."""
         with self._lock:
-            self._iteration_started.setdefault(session_id, time.monotonic())
+            self._iteration_started.setdefault(session_id, time.monotonic() if began is None else began)
 
-    def backwarded(self, session_id: str, session: Engine, loss: float | None, grad_norm: float | None) -> None:
-        """Loss and gradient norm, at the session's step count."""
-        step_count = session.describe().step_count
+    def backwarded(self, session_id: str, session: Engine, loss: float | None, grad_norm: float | None,
+                   step_count: int | None = None) -> None:
+        """Loss and gradient norm, at the step count the backward ran at."""
+        if step_count is None:
+            step_count = session.describe().step_count
         writer = self._writer(session_id)
         if loss is not None:
             writer.add_scalar("loss", loss, step_count)
