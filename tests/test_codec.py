@@ -6,6 +6,8 @@ import math
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 import torch
 from google.protobuf.message import DecodeError
 
@@ -331,3 +333,85 @@ def test_the_servers_cut_leaves_what_it_does_not_follow_to_protobuf() -> None:
         pb.ForwardRequest.FromString(data)
     with pytest.raises(ValueError):
         wire.cut_field(data, *FORWARD_PATH)
+
+
+# -- the one fuzz target of the hand-written wire code ------------------------------------------------
+
+def _chunk_without_data(chunk: pb.TensorChunk) -> tuple[bytes, bytes]:
+    fields = pb.TensorChunk()
+    fields.CopyFrom(chunk)
+    fields.ClearField("data")
+    return fields.SerializeToString(deterministic=True), bytes(chunk.data)
+
+
+def _mutated(draw: st.DrawFn, good: bytes) -> bytes:
+    """``good`` with a few bytes overwritten, inserted or cut, and perhaps truncated."""
+    data = bytearray(good)
+    for _ in range(draw(st.integers(0, 4))):
+        at = draw(st.integers(0, max(len(data) - 1, 0)))
+        how = draw(st.sampled_from(["set", "insert", "delete"]))
+        if how == "set" and data:
+            data[at] = draw(st.integers(0, 255))
+        elif how == "insert":
+            data[at:at] = draw(st.binary(min_size=1, max_size=6))
+        elif data:
+            del data[at]
+    return bytes(data[: draw(st.integers(0, len(data)))]) if draw(st.booleans()) else bytes(data)
+
+
+@st.composite
+def _request_bytes(draw: st.DrawFn) -> bytes:
+    request = pb.ForwardRequest(session_id=draw(st.text(max_size=4)), eval_mode=draw(st.booleans()))
+    shape = draw(st.lists(st.integers(0, 3), min_size=0, max_size=4))
+    codec.encode_into(request.input.tensor, np.ones(shape, dtype=np.float32))
+    return _mutated(draw, request.SerializeToString())
+
+
+@st.composite
+def _response_bytes(draw: st.DrawFn) -> bytes:
+    def chunk() -> pb.TensorChunk:
+        return pb.TensorChunk(name=draw(st.sampled_from(["fc.weight", "conv1.weight", ""])),
+                              shape=draw(st.lists(st.integers(0, 4), max_size=3)), present=draw(st.booleans()),
+                              offset=draw(st.integers(0, 64)), data=draw(st.binary(max_size=16)), last=draw(st.booleans()))
+    response = pb.GetGradientsResponse()
+    if draw(st.booleans()):
+        response.chunk.CopyFrom(chunk())
+    response.chunks.extend(chunk() for _ in range(draw(st.integers(0, 3))))
+    return _mutated(draw, response.SerializeToString())
+
+
+@settings(max_examples=400, deadline=None, database=None)
+@given(data=_request_bytes())
+def test_fuzz_the_servers_cut_reads_any_bytes_as_protobuf_does(data: bytes) -> None:
+    """contract.wire.cut_field on valid, damaged and cut requests: it refuses (ValueError: the server
+    lets protobuf decide) or reads exactly what protobuf reads, the batch's bytes included."""
+    try:
+        expected: pb.ForwardRequest | None = pb.ForwardRequest.FromString(data)
+    except DecodeError:
+        expected = None
+    try:
+        rest, raw = wire.cut_field(data, *FORWARD_PATH)
+    except ValueError:
+        return
+    if expected is None:
+        with pytest.raises(DecodeError):
+            pb.ForwardRequest.FromString(rest)
+        return
+    assert pb.ForwardRequest.FromString(rest) == _without_raw(expected)
+    assert (bytes(raw) if raw is not None else b"") == expected.input.tensor.raw_data
+
+
+@settings(max_examples=400, deadline=None, database=None)
+@given(data=_response_bytes())
+def test_fuzz_the_sdks_chunk_reader_reads_any_bytes_as_protobuf_does(data: bytes) -> None:
+    """contract.wire.split_chunk_response on valid, damaged and cut tensor-stream responses: the
+    chunks it returns (fields, and data as a view) are protobuf's, or it fails as protobuf does."""
+    try:
+        response = pb.GetGradientsResponse.FromString(data)
+    except DecodeError:
+        with pytest.raises(DecodeError):
+            wire.split_chunk_response(data)
+        return
+    expected = ([response.chunk] if response.HasField("chunk") else []) + list(response.chunks)
+    got = wire.split_chunk_response(data)
+    assert [(_chunk_without_data(c)[0], bytes(view)) for c, view in got] == [_chunk_without_data(c) for c in expected]
