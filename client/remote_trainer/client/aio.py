@@ -23,7 +23,8 @@ import grpc
 
 from remote_trainer.client import core
 from remote_trainer.client.auth import async_bearer_token
-from remote_trainer.client.core import MIB, TransferDataType
+from remote_trainer.client.core import MIB
+from remote_trainer.contract.names import TransferDataType
 from remote_trainer.client.errors import from_rpc_error
 from remote_trainer.client.types import (
     BackwardResult,

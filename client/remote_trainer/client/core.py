@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any, Generic, Literal, TypeVar, cast
+from typing import Any, Generic, TypeVar, cast
 
 import numpy as np
 import numpy.typing as npt
@@ -26,14 +26,13 @@ from remote_trainer.client.types import (
     ParameterList, SessionInfo, Stats, TrainStepResult,
 )
 from remote_trainer.contract import chunking, codec, names, wire
-from remote_trainer.contract.names import AutocastName, LossName, MemoryFormatName
+from remote_trainer.contract.names import AutocastName, LossName, MemoryFormatName, TransferDataType
 from remote_trainer.contract.trainer.v1 import trainer_pb2 as pb
 
 MIB = 1024 * 1024
 SERVICE = "trainer.v1.TrainerService"
 HEALTH_CHECK = "/grpc.health.v1.Health/Check"
 # The data types GetGradients and GetParameters can send tensors in.
-TransferDataType = Literal["float32", "float16", "bfloat16"]
 
 # Calls that change nothing may be retried when the server is briefly UNAVAILABLE; calls that
 # change a session (Forward, Backward, Step, ...) never are.

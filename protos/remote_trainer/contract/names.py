@@ -25,3 +25,5 @@ AutocastName = Literal["off", "bf16", "fp16"]
 MemoryFormatName = Literal["contiguous", "channels_last"]
 AUTOCAST_MODES: tuple[AutocastName, ...] = get_args(AutocastName)
 MEMORY_FORMATS: tuple[MemoryFormatName, ...] = get_args(MemoryFormatName)
+# The dtypes gradients and parameters can travel in (GetGradients/GetParameters transfer_data_type).
+TransferDataType = Literal["float32", "float16", "bfloat16"]
