@@ -214,13 +214,19 @@ def test_every_sdk_module_but_remote_model_loads_without_torch() -> None:
     assert not loaded & {"torch", "torchvision", "remote_trainer.server", "remote_trainer.engine"}, loaded
 
 
-SERVER = ROOT / "server" / "remote_trainer" / "server"
+# Each package of the namespace and the folder it lives in.
+PACKAGES = {
+    "contract": ROOT / "protos" / "remote_trainer" / "contract",
+    "client": ROOT / "client" / "remote_trainer" / "client",
+    "server": ROOT / "server" / "remote_trainer" / "server",
+    "engine": ROOT / "server" / "remote_trainer" / "engine",
+}
 
 
-def server_imports() -> dict[str, set[str]]:
-    """Each module of remote_trainer.server (by its name under it: ``app``, ``ray_backend.store``) and
-    the modules of remote_trainer.server it imports when it runs: anywhere in its text (in functions
-    too: a deferred import still closes a circle) but under ``if TYPE_CHECKING:``."""
+def package_imports(package: str = "server") -> dict[str, set[str]]:
+    """Each module of remote_trainer.PACKAGE (by its name under it: ``app``, ``ray_backend.store``) and
+    the modules of the same package it imports when it runs: anywhere in its text (in functions too:
+    a deferred import still closes a circle) but under ``if TYPE_CHECKING:``."""
     import ast
 
     def run_time_nodes(node: ast.AST) -> Iterator[ast.AST]:
@@ -231,8 +237,9 @@ def server_imports() -> dict[str, set[str]]:
             yield child
             yield from run_time_nodes(child)
 
-    paths = {".".join(p.relative_to(SERVER).with_suffix("").parts).removesuffix(".__init__"): p
-             for p in SERVER.rglob("*.py") if p.parent != SERVER or p.name != "__init__.py"}
+    folder = PACKAGES[package]
+    paths = {".".join(p.relative_to(folder).with_suffix("").parts).removesuffix(".__init__"): p
+             for p in folder.rglob("*.py") if p.parent != folder or p.name != "__init__.py"}
     graph: dict[str, set[str]] = {}
     for name, path in paths.items():
         targets: set[str] = set()
@@ -241,7 +248,7 @@ def server_imports() -> dict[str, set[str]]:
                 targets.update(alias.name for alias in node.names)
             elif isinstance(node, ast.ImportFrom) and node.module:  # "from remote_trainer.server import convert" too
                 targets.update([node.module] + [f"{node.module}.{alias.name}" for alias in node.names])
-        prefix = "remote_trainer.server."
+        prefix = f"remote_trainer.{package}."
         graph[name] = {t[len(prefix):] for t in targets if t.startswith(prefix) and t[len(prefix):] in paths} - {name}
     return graph
 
@@ -258,9 +265,11 @@ def reachable(graph: dict[str, set[str]], start: str) -> set[str]:
     return seen
 
 
-def test_no_server_module_imports_itself_back() -> None:
-    graph = server_imports()
-    assert {"app", "servicer", "status", "auth", "settings", "tokens"} <= set(graph), sorted(graph)
+@pytest.mark.parametrize("package", sorted(PACKAGES))
+def test_no_module_imports_itself_back(package: str) -> None:
+    graph = package_imports(package)
+    assert {"contract": {"codec", "wire"}, "client": {"core", "client", "aio"}, "server": {"app", "auth", "settings"},
+            "engine": {"session", "pending"}}[package] <= set(graph), sorted(graph)
     circles = sorted(name for name in graph if name in reachable(graph, name))
     assert not circles, f"modules in an import circle: {circles} ({ {n: sorted(graph[n]) for n in circles} })"
 
@@ -272,7 +281,7 @@ RPC_LAYER = {"servicer", "rpc", "status", "calls", "streams", "events", "auth", 
 
 
 def test_the_rpc_layer_never_imports_the_process_layer() -> None:
-    graph = server_imports()
+    graph = package_imports("server")
     assert RPC_LAYER <= set(graph), sorted(RPC_LAYER - set(graph))
     for name in sorted(RPC_LAYER):
         assert not reachable(graph, name) & PROCESS_LAYER, (name, sorted(reachable(graph, name) & PROCESS_LAYER))
