@@ -6,7 +6,7 @@ import math
 
 import numpy as np
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 import torch
 from google.protobuf.message import DecodeError
@@ -351,7 +351,7 @@ def _response_bytes(draw: st.DrawFn) -> bytes:
     return _mutated(draw, response.SerializeToString())
 
 
-@settings(max_examples=400, deadline=None, database=None)
+@settings(max_examples=1000, deadline=None, database=None)
 @given(data=_request_bytes())
 def test_fuzz_the_servers_cut_reads_any_bytes_as_protobuf_does(data: bytes) -> None:
     """contract.wire.cut_field on valid, damaged and cut requests: it refuses (ValueError: the server
@@ -372,8 +372,9 @@ def test_fuzz_the_servers_cut_reads_any_bytes_as_protobuf_does(data: bytes) -> N
     assert (bytes(raw) if raw is not None else b"") == expected.input.tensor.raw_data
 
 
-@settings(max_examples=400, deadline=None, database=None)
+@settings(max_examples=1000, deadline=None, database=None)
 @given(data=_response_bytes())
+@example(data=b"\x02\x0b\n\tfc.weight")  # a field numbered 0, which protobuf refuses (found by this test)
 def test_fuzz_the_sdks_chunk_reader_reads_any_bytes_as_protobuf_does(data: bytes) -> None:
     """contract.wire.split_chunk_response on valid, damaged and cut tensor-stream responses: the
     chunks it returns (fields, and data as a view) are protobuf's, or it fails as protobuf does."""

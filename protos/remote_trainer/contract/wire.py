@@ -217,6 +217,8 @@ def split_chunk_response(data: bytes) -> list[tuple[pb.TensorChunk, memoryview]]
                 out.append(_split_chunk(buf[pos : pos + size]))
             elif key >> 3 == _CHUNKS_FIELD:
                 out.append(_split_chunk(buf[pos : pos + size]))
+            else:
+                raise ValueError("a field this reader does not expect")  # protobuf decides (field 0: refused)
             pos += size
         if pos != len(buf) or (single and len(out) > 1):
             raise ValueError("unexpected layout")
