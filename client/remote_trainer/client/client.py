@@ -17,7 +17,6 @@ import grpc
 from remote_trainer.client import core
 from remote_trainer.client.auth import BearerToken
 from remote_trainer.client.core import MIB
-from remote_trainer.contract.names import TransferDataType
 from remote_trainer.client.errors import from_rpc_error
 from remote_trainer.client.types import (
     BackwardResult,
@@ -31,7 +30,7 @@ from remote_trainer.client.types import (
     SessionInfo,
     TrainStepResult,
 )
-from remote_trainer.contract.names import AutocastName, LossName, MemoryFormatName
+from remote_trainer.contract.names import AutocastName, LossName, MemoryFormatName, TransferDataType
 from remote_trainer.contract.trainer.v1 import trainer_pb2_grpc
 
 R = TypeVar("R")

@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any, Generic, TypeVar, cast
+from typing import Any, Generic, TypeVar, cast, get_args
 
 import numpy as np
 import numpy.typing as npt
@@ -32,7 +32,6 @@ from remote_trainer.contract.trainer.v1 import trainer_pb2 as pb
 MIB = 1024 * 1024
 SERVICE = "trainer.v1.TrainerService"
 HEALTH_CHECK = "/grpc.health.v1.Health/Check"
-# The data types GetGradients and GetParameters can send tensors in.
 
 # Calls that change nothing may be retried when the server is briefly UNAVAILABLE; calls that
 # change a session (Forward, Backward, Step, ...) never are.
@@ -200,7 +199,7 @@ def _optimizer_message(optimizer: Optimizer) -> pb.OptimizerConfig:
 
 
 def _transfer_type(dtype: TransferDataType) -> pb.DataType.ValueType:
-    if dtype not in ("float32", "float16", "bfloat16"):
+    if dtype not in get_args(TransferDataType):
         raise ValueError(f"dtype must be float32, float16 or bfloat16, got {dtype!r}")
     return pb.DataType.ValueType(codec.DATA_TYPES_BY_NAME[dtype])
 
