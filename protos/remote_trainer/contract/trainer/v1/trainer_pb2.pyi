@@ -474,6 +474,44 @@ class OptimizerConfig(_message.Message):
 Global___OptimizerConfig: _TypeAlias = OptimizerConfig  # noqa: Y015
 
 @_typing.final
+class Operation(_message.Message):
+    """Operation numbers a call that changes a session, so that a retry is safe.
+    A client numbers its calls on a session 1, 2, 3, ... (a session starts at
+    1; SessionInfo.next_operation says where one is). The server runs numbered
+    calls in their order whatever order they arrive in (a call waits a bounded
+    time for a missing number, then FAILED_PRECONDITION OPERATION_OUT_OF_ORDER),
+    and answers a repeat of a number it ran with the answer it gave, without
+    running it again. A call that ends DEADLINE_EXCEEDED, CANCELLED or
+    UNAVAILABLE did not use its number (a retry runs it); any other answer
+    did. See docs/reliability.md.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NUMBER_FIELD_NUMBER: _builtins.int
+    SUPERSEDE_FIELD_NUMBER: _builtins.int
+    number: _builtins.int
+    """1 or more: the call's place in the session's order."""
+    supersede: _builtins.bool
+    """The client gave up waiting for the numbers below this one that the
+    server has not seen yet: they are never run (a late copy is refused with
+    OPERATION_GIVEN_UP) and this call runs now.
+    """
+    def __init__(
+        self,
+        *,
+        number: _builtins.int = ...,
+        supersede: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["number", b"number", "supersede", b"supersede"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Operation: _TypeAlias = Operation  # noqa: Y015
+
+@_typing.final
 class SessionInfo(_message.Message):
     """SessionInfo describes a session."""
 
@@ -492,6 +530,7 @@ class SessionInfo(_message.Message):
     IS_DEFAULT_FIELD_NUMBER: _builtins.int
     AUTOCAST_FIELD_NUMBER: _builtins.int
     MEMORY_FORMAT_FIELD_NUMBER: _builtins.int
+    NEXT_OPERATION_FIELD_NUMBER: _builtins.int
     session_id: _builtins.str
     """The session's id."""
     model: _builtins.str
@@ -520,6 +559,10 @@ class SessionInfo(_message.Message):
     """Memory format of the session's weights and inputs: "contiguous" or
     "channels_last" (its own choice, or the server's --memory-format).
     """
+    next_operation: _builtins.int
+    """The number the session expects on its next numbered call (Operation):
+    a client taking over a session numbers its calls from here.
+    """
     @_builtins.property
     def optimizer(self) -> Global___OptimizerConfig:
         """The optimizer, with every value filled in."""
@@ -540,10 +583,11 @@ class SessionInfo(_message.Message):
         is_default: _builtins.bool = ...,
         autocast: _builtins.str = ...,
         memory_format: _builtins.str = ...,
+        next_operation: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["optimizer", b"optimizer"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["autocast", b"autocast", "device", b"device", "frozen_parameters", b"frozen_parameters", "is_default", b"is_default", "memory_format", b"memory_format", "model", b"model", "num_classes", b"num_classes", "optimizer", b"optimizer", "pending_forward_id", b"pending_forward_id", "session_id", b"session_id", "step_count", b"step_count", "trainable_parameters", b"trainable_parameters", "weights", b"weights"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["autocast", b"autocast", "device", b"device", "frozen_parameters", b"frozen_parameters", "is_default", b"is_default", "memory_format", b"memory_format", "model", b"model", "next_operation", b"next_operation", "num_classes", b"num_classes", "optimizer", b"optimizer", "pending_forward_id", b"pending_forward_id", "session_id", b"session_id", "step_count", b"step_count", "trainable_parameters", b"trainable_parameters", "weights", b"weights"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -561,6 +605,8 @@ class CreateSessionRequest(_message.Message):
     SEED_FIELD_NUMBER: _builtins.int
     AUTOCAST_FIELD_NUMBER: _builtins.int
     MEMORY_FORMAT_FIELD_NUMBER: _builtins.int
+    CLIENT_TOKEN_FIELD_NUMBER: _builtins.int
+    RESUME_FROM_FIELD_NUMBER: _builtins.int
     weights: _builtins.str
     """"random" (seeded by seed), "imagenet" (from the server's torch hub
     cache), or the name of a weights file in the server's data directory
@@ -582,6 +628,19 @@ class CreateSessionRequest(_message.Message):
     """Memory format of this session's weights and inputs: "contiguous" or
     "channels_last". Empty: the server's --memory-format.
     """
+    client_token: _builtins.str
+    """A token of the client's choosing (up to 128 characters): a repeat of a
+    create with the same token (a retry whose answer was lost) answers with
+    the session the first one made instead of making another. Empty: none.
+    """
+    resume_from: _builtins.str
+    """Resume: the name of a checkpoint (such as "auto-<session id>.ckpt", the
+    server's --checkpoint-every) to build the session from, with the
+    operation numbering it had when the checkpoint was written, so the
+    client goes on numbering where it was and a retry of a call the
+    checkpoint saw is answered, not run again. The model settings above are
+    then taken from the checkpoint.
+    """
     @_builtins.property
     def optimizer(self) -> Global___OptimizerConfig:
         """The optimizer; unset means the tutorial's SGD(lr=0.01, momentum=0.9)."""
@@ -595,10 +654,12 @@ class CreateSessionRequest(_message.Message):
         seed: _builtins.int = ...,
         autocast: _builtins.str = ...,
         memory_format: _builtins.str = ...,
+        client_token: _builtins.str = ...,
+        resume_from: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["optimizer", b"optimizer"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["autocast", b"autocast", "memory_format", b"memory_format", "num_classes", b"num_classes", "optimizer", b"optimizer", "seed", b"seed", "weights", b"weights"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["autocast", b"autocast", "client_token", b"client_token", "memory_format", b"memory_format", "num_classes", b"num_classes", "optimizer", b"optimizer", "resume_from", b"resume_from", "seed", b"seed", "weights", b"weights"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -635,16 +696,22 @@ class CloseSessionRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     SESSION_ID_FIELD_NUMBER: _builtins.int
+    CLIENT_TOKEN_FIELD_NUMBER: _builtins.int
     session_id: _builtins.str
     """Session to close; the default session cannot be closed."""
+    client_token: _builtins.str
+    """A token of the client's choosing: a repeat of a close with the same token
+    (a retry whose answer was lost) answers as the first one did.
+    """
     def __init__(
         self,
         *,
         session_id: _builtins.str = ...,
+        client_token: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["session_id", b"session_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["client_token", b"client_token", "session_id", b"session_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -729,6 +796,7 @@ class ForwardRequest(_message.Message):
     EVAL_MODE_FIELD_NUMBER: _builtins.int
     NO_GRAD_FIELD_NUMBER: _builtins.int
     OUTPUT_FORMAT_FIELD_NUMBER: _builtins.int
+    OPERATION_FIELD_NUMBER: _builtins.int
     session_id: _builtins.str
     """Session to use; empty for the default session."""
     eval_mode: _builtins.bool
@@ -741,6 +809,12 @@ class ForwardRequest(_message.Message):
     def input(self) -> Global___TensorInput:
         """Input images, float32, shape (N, 3, H, W) with H and W >= 32."""
 
+    @_builtins.property
+    def operation(self) -> Global___Operation:
+        """The call's number in the session's order of changes (exactly-once
+        retries, docs/reliability.md); unset: not numbered, run as it comes.
+        """
+
     def __init__(
         self,
         *,
@@ -749,10 +823,11 @@ class ForwardRequest(_message.Message):
         eval_mode: _builtins.bool = ...,
         no_grad: _builtins.bool = ...,
         output_format: Global___OutputFormat.ValueType = ...,
+        operation: Global___Operation | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["input", b"input"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["input", b"input", "operation", b"operation"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["eval_mode", b"eval_mode", "input", b"input", "no_grad", b"no_grad", "output_format", b"output_format", "session_id", b"session_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["eval_mode", b"eval_mode", "input", b"input", "no_grad", b"no_grad", "operation", b"operation", "output_format", b"output_format", "session_id", b"session_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -842,6 +917,7 @@ class BackwardRequest(_message.Message):
     STEP_FIELD_NUMBER: _builtins.int
     ZERO_GRAD_AFTER_STEP_FIELD_NUMBER: _builtins.int
     SKIP_GRAD_NORM_FIELD_NUMBER: _builtins.int
+    OPERATION_FIELD_NUMBER: _builtins.int
     session_id: _builtins.str
     """Session to use; empty for the default session."""
     forward_id: _builtins.int
@@ -872,6 +948,12 @@ class BackwardRequest(_message.Message):
         the logits: logits.backward(gradient=output_gradient).
         """
 
+    @_builtins.property
+    def operation(self) -> Global___Operation:
+        """The call's number in the session's order of changes (exactly-once
+        retries, docs/reliability.md); unset: not numbered, run as it comes.
+        """
+
     def __init__(
         self,
         *,
@@ -883,10 +965,11 @@ class BackwardRequest(_message.Message):
         step: _builtins.bool = ...,
         zero_grad_after_step: _builtins.bool = ...,
         skip_grad_norm: _builtins.bool = ...,
+        operation: Global___Operation | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["loss", b"loss", "output_gradient", b"output_gradient", "source", b"source"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["loss", b"loss", "operation", b"operation", "output_gradient", b"output_gradient", "source", b"source"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["forward_id", b"forward_id", "loss", b"loss", "output_gradient", b"output_gradient", "retain_graph", b"retain_graph", "session_id", b"session_id", "skip_grad_norm", b"skip_grad_norm", "source", b"source", "step", b"step", "zero_grad_after_step", b"zero_grad_after_step"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["forward_id", b"forward_id", "loss", b"loss", "operation", b"operation", "output_gradient", b"output_gradient", "retain_graph", b"retain_graph", "session_id", b"session_id", "skip_grad_norm", b"skip_grad_norm", "source", b"source", "step", b"step", "zero_grad_after_step", b"zero_grad_after_step"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType_source: _TypeAlias = _typing.Literal["loss", "output_gradient"]  # noqa: Y015
     _WhichOneofArgType_source: _TypeAlias = _typing.Literal["source", b"source"]  # noqa: Y015
@@ -954,6 +1037,7 @@ class StepRequest(_message.Message):
 
     SESSION_ID_FIELD_NUMBER: _builtins.int
     EXPECTED_STEP_COUNT_FIELD_NUMBER: _builtins.int
+    OPERATION_FIELD_NUMBER: _builtins.int
     session_id: _builtins.str
     """Session to use; empty for the default session."""
     expected_step_count: _builtins.int
@@ -963,15 +1047,22 @@ class StepRequest(_message.Message):
     count is answered with parameters_updated 0. Otherwise FAILED_PRECONDITION
     STEP_COUNT_MISMATCH. Unset: always step.
     """
+    @_builtins.property
+    def operation(self) -> Global___Operation:
+        """The call's number in the session's order of changes (exactly-once
+        retries, docs/reliability.md); unset: not numbered, run as it comes.
+        """
+
     def __init__(
         self,
         *,
         session_id: _builtins.str = ...,
         expected_step_count: _builtins.int | None = ...,
+        operation: Global___Operation | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_expected_step_count", b"_expected_step_count", "expected_step_count", b"expected_step_count"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_expected_step_count", b"_expected_step_count", "expected_step_count", b"expected_step_count", "operation", b"operation"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_expected_step_count", b"_expected_step_count", "expected_step_count", b"expected_step_count", "session_id", b"session_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_expected_step_count", b"_expected_step_count", "expected_step_count", b"expected_step_count", "operation", b"operation", "session_id", b"session_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__expected_step_count: _TypeAlias = _typing.Literal["expected_step_count"]  # noqa: Y015
     _WhichOneofArgType__expected_step_count: _TypeAlias = _typing.Literal["_expected_step_count", b"_expected_step_count"]  # noqa: Y015
@@ -1013,19 +1104,27 @@ class ZeroGradRequest(_message.Message):
 
     SESSION_ID_FIELD_NUMBER: _builtins.int
     SET_TO_NONE_FIELD_NUMBER: _builtins.int
+    OPERATION_FIELD_NUMBER: _builtins.int
     session_id: _builtins.str
     """Session to use; empty for the default session."""
     set_to_none: _builtins.bool
     """Set .grad to None (torch's default) rather than to zeros. Unset: true."""
+    @_builtins.property
+    def operation(self) -> Global___Operation:
+        """The call's number in the session's order of changes (exactly-once
+        retries, docs/reliability.md); unset: not numbered, run as it comes.
+        """
+
     def __init__(
         self,
         *,
         session_id: _builtins.str = ...,
         set_to_none: _builtins.bool | None = ...,
+        operation: Global___Operation | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_set_to_none", b"_set_to_none", "set_to_none", b"set_to_none"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_set_to_none", b"_set_to_none", "operation", b"operation", "set_to_none", b"set_to_none"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_set_to_none", b"_set_to_none", "session_id", b"session_id", "set_to_none", b"set_to_none"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_set_to_none", b"_set_to_none", "operation", b"operation", "session_id", b"session_id", "set_to_none", b"set_to_none"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__set_to_none: _TypeAlias = _typing.Literal["set_to_none"]  # noqa: Y015
     _WhichOneofArgType__set_to_none: _TypeAlias = _typing.Literal["_set_to_none", b"_set_to_none"]  # noqa: Y015
@@ -1063,21 +1162,29 @@ class ConfigureOptimizerRequest(_message.Message):
 
     SESSION_ID_FIELD_NUMBER: _builtins.int
     OPTIMIZER_FIELD_NUMBER: _builtins.int
+    OPERATION_FIELD_NUMBER: _builtins.int
     session_id: _builtins.str
     """Session to use; empty for the default session."""
     @_builtins.property
     def optimizer(self) -> Global___OptimizerConfig:
         """The new optimizer."""
 
+    @_builtins.property
+    def operation(self) -> Global___Operation:
+        """The call's number in the session's order of changes (exactly-once
+        retries, docs/reliability.md); unset: not numbered, run as it comes.
+        """
+
     def __init__(
         self,
         *,
         session_id: _builtins.str = ...,
         optimizer: Global___OptimizerConfig | None = ...,
+        operation: Global___Operation | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["optimizer", b"optimizer"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["operation", b"operation", "optimizer", b"optimizer"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["optimizer", b"optimizer", "session_id", b"session_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["operation", b"operation", "optimizer", b"optimizer", "session_id", b"session_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1116,6 +1223,7 @@ class FreezeLayersRequest(_message.Message):
     SESSION_ID_FIELD_NUMBER: _builtins.int
     PATTERNS_FIELD_NUMBER: _builtins.int
     UNFREEZE_FIELD_NUMBER: _builtins.int
+    OPERATION_FIELD_NUMBER: _builtins.int
     session_id: _builtins.str
     """Session to use; empty for the default session."""
     unfreeze: _builtins.bool
@@ -1127,16 +1235,23 @@ class FreezeLayersRequest(_message.Message):
         Each pattern must match at least one parameter.
         """
 
+    @_builtins.property
+    def operation(self) -> Global___Operation:
+        """The call's number in the session's order of changes (exactly-once
+        retries, docs/reliability.md); unset: not numbered, run as it comes.
+        """
+
     def __init__(
         self,
         *,
         session_id: _builtins.str = ...,
         patterns: _abc.Iterable[_builtins.str] | None = ...,
         unfreeze: _builtins.bool = ...,
+        operation: Global___Operation | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["operation", b"operation"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["patterns", b"patterns", "session_id", b"session_id", "unfreeze", b"unfreeze"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["operation", b"operation", "patterns", b"patterns", "session_id", b"session_id", "unfreeze", b"unfreeze"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1185,22 +1300,30 @@ class ReplaceHeadRequest(_message.Message):
     SESSION_ID_FIELD_NUMBER: _builtins.int
     NUM_CLASSES_FIELD_NUMBER: _builtins.int
     SEED_FIELD_NUMBER: _builtins.int
+    OPERATION_FIELD_NUMBER: _builtins.int
     session_id: _builtins.str
     """Session to use; empty for the default session."""
     num_classes: _builtins.int
     """Outputs of the new nn.Linear(512, num_classes); >= 1."""
     seed: _builtins.int
     """The head is initialised as torch.manual_seed(seed); nn.Linear(512, num_classes)."""
+    @_builtins.property
+    def operation(self) -> Global___Operation:
+        """The call's number in the session's order of changes (exactly-once
+        retries, docs/reliability.md); unset: not numbered, run as it comes.
+        """
+
     def __init__(
         self,
         *,
         session_id: _builtins.str = ...,
         num_classes: _builtins.int = ...,
         seed: _builtins.int = ...,
+        operation: Global___Operation | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["operation", b"operation"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["num_classes", b"num_classes", "seed", b"seed", "session_id", b"session_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["num_classes", b"num_classes", "operation", b"operation", "seed", b"seed", "session_id", b"session_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1771,19 +1894,27 @@ class LoadCheckpointRequest(_message.Message):
 
     SESSION_ID_FIELD_NUMBER: _builtins.int
     NAME_FIELD_NUMBER: _builtins.int
+    OPERATION_FIELD_NUMBER: _builtins.int
     session_id: _builtins.str
     """Session to load into; empty for the default session."""
     name: _builtins.str
     """File name inside the server's checkpoint directory."""
+    @_builtins.property
+    def operation(self) -> Global___Operation:
+        """The call's number in the session's order of changes (exactly-once
+        retries, docs/reliability.md); unset: not numbered, run as it comes.
+        """
+
     def __init__(
         self,
         *,
         session_id: _builtins.str = ...,
         name: _builtins.str = ...,
+        operation: Global___Operation | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["operation", b"operation"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name", "session_id", b"session_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name", "operation", b"operation", "session_id", b"session_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1823,18 +1954,26 @@ class ResetSessionRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     SESSION_ID_FIELD_NUMBER: _builtins.int
+    OPERATION_FIELD_NUMBER: _builtins.int
     session_id: _builtins.str
     """Session to reset; empty for the default session (the only one that can
     be reset: close another session and create a new one instead).
     """
+    @_builtins.property
+    def operation(self) -> Global___Operation:
+        """The call's number in the session's order of changes (exactly-once
+        retries, docs/reliability.md); unset: not numbered, run as it comes.
+        """
+
     def __init__(
         self,
         *,
         session_id: _builtins.str = ...,
+        operation: Global___Operation | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["operation", b"operation"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["session_id", b"session_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["operation", b"operation", "session_id", b"session_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1958,6 +2097,7 @@ class TrainStepRequest(_message.Message):
     ZERO_GRAD_FIELD_NUMBER: _builtins.int
     RETURN_GRAD_NORM_FIELD_NUMBER: _builtins.int
     RETURN_LOGITS_FIELD_NUMBER: _builtins.int
+    OPERATION_FIELD_NUMBER: _builtins.int
     session_id: _builtins.str
     """Session to use; empty for the default session."""
     zero_grad: _builtins.bool
@@ -1979,6 +2119,12 @@ class TrainStepRequest(_message.Message):
     def loss(self) -> Global___Loss:
         """The loss the server computes from the logits and labels."""
 
+    @_builtins.property
+    def operation(self) -> Global___Operation:
+        """The call's number in the session's order of changes (exactly-once
+        retries, docs/reliability.md); unset: not numbered, run as it comes.
+        """
+
     def __init__(
         self,
         *,
@@ -1988,10 +2134,11 @@ class TrainStepRequest(_message.Message):
         zero_grad: _builtins.bool | None = ...,
         return_grad_norm: _builtins.bool = ...,
         return_logits: _builtins.bool = ...,
+        operation: Global___Operation | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_zero_grad", b"_zero_grad", "input", b"input", "loss", b"loss", "zero_grad", b"zero_grad"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_zero_grad", b"_zero_grad", "input", b"input", "loss", b"loss", "operation", b"operation", "zero_grad", b"zero_grad"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_zero_grad", b"_zero_grad", "input", b"input", "loss", b"loss", "return_grad_norm", b"return_grad_norm", "return_logits", b"return_logits", "session_id", b"session_id", "zero_grad", b"zero_grad"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_zero_grad", b"_zero_grad", "input", b"input", "loss", b"loss", "operation", b"operation", "return_grad_norm", b"return_grad_norm", "return_logits", b"return_logits", "session_id", b"session_id", "zero_grad", b"zero_grad"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__zero_grad: _TypeAlias = _typing.Literal["zero_grad"]  # noqa: Y015
     _WhichOneofArgType__zero_grad: _TypeAlias = _typing.Literal["_zero_grad", b"_zero_grad"]  # noqa: Y015
