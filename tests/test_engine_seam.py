@@ -94,7 +94,8 @@ def test_a_checkpoint_with_a_damaged_field_is_refused_and_changes_nothing(tmp_pa
     engine = fresh()
     engine.save_checkpoint(str(tmp_path / "good.ckpt"))
     good = torch.load(tmp_path / "good.ckpt", weights_only=True)
-    assert list(good) == ["format", "weights", "num_classes", "model", "frozen", "optimizer_spec", "optimizer_state", "step_count"]
+    assert list(good) == ["format", "weights", "num_classes", "model", "frozen", "optimizer_spec", "optimizer_state", "step_count",
+                          "operations"]
     before = engine.parameters([], include_buffers=True)
     damaged = {"format": "other", "num_classes": [10], "model": 1, "frozen": 3, "optimizer_spec": "sgd", "optimizer_state": [],
                "step_count": None}
@@ -104,6 +105,16 @@ def test_a_checkpoint_with_a_damaged_field_is_refused_and_changes_nothing(tmp_pa
             with pytest.raises(TrainerError) as err:
                 engine.load_checkpoint(str(tmp_path / name))
             assert err.value.reason == "BAD_CHECKPOINT" and key in err.value.message, (name, err.value.message)
+    # The record of numbered operations may be missing (files from before it), not of another type;
+    # a damaged one is refused when a session resumes from it.
+    for name, operations in (("ops-type.ckpt", 5), ("ops-bad.ckpt", {"next_number": 0, "answers": []}),
+                             ("ops-missing.ckpt", {"answers": []})):
+        torch.save(dict(good, operations=operations), tmp_path / name)
+        with pytest.raises(TrainerError) as err:
+            engine.resume(str(tmp_path / name))
+        assert err.value.reason == "BAD_CHECKPOINT", (name, err.value.message)
+    torch.save({k: v for k, v in good.items() if k != "operations"}, tmp_path / "old.ckpt")
+    assert engine.resume(str(tmp_path / "old.ckpt")).next_operation == 1
     for a, b in zip(before, engine.parameters([], include_buffers=True)):
         assert torch.equal(a.tensor, b.tensor), a.name  # type: ignore[arg-type]
 

@@ -38,6 +38,8 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 from remote_trainer.client import Session, TrainerClient, TrainerError  # noqa: E402
+from remote_trainer.contract import codec  # noqa: E402
+from remote_trainer.contract.trainer.v1 import trainer_pb2 as pb  # noqa: E402
 from tests import test_fast_paths as fast_paths  # noqa: E402
 from tests import test_train_step as train_steps  # noqa: E402
 from tests import test_training as training  # noqa: E402
@@ -309,6 +311,23 @@ def test_a_restarted_front_end_loses_nothing(front_ends: tuple[FrontEnd, FrontEn
             with b.connect("tok-bob") as bob_b:  # the owner is kept with the session, not in a front-end
                 expect_error(bob_b.session(session.session_id).info, grpc.StatusCode.NOT_FOUND, "SESSION_NOT_FOUND")
         session.close()
+
+
+def test_a_repeat_through_another_front_end_is_answered_by_the_session_actor(front_ends: tuple[FrontEnd, FrontEnd]) -> None:
+    """The record of numbered operations lives with the session, in its actor: a TrainStep whose
+    answer was lost, retried through the other front-end, is answered there and not run again."""
+    a, b = front_ends
+    with a.connect("tok-alice") as alice_a, b.connect("tok-alice") as alice_b, alice_a.create_session(WEIGHTS_NAME) as s:
+        number = s.info().next_operation
+        request = pb.TrainStepRequest(
+            session_id=s.session_id, input=pb.TensorInput(tensor=codec.encode(rand(2, 3, 32, 32))),
+            loss=pb.Loss(function=pb.LOSS_FUNCTION_CROSS_ENTROPY, labels=pb.TensorInput(tensor=codec.encode(np.array([1, 2])))),
+            operation=pb.Operation(number=number),
+        )
+        first = alice_a.call(alice_a.stub.TrainStep, request)
+        assert alice_b.call(alice_b.stub.TrainStep, request) == first
+        info = s.info()
+        assert (info.step_count, info.next_operation) == (1, number + 1)
 
 
 def test_front_ends_and_nodes_use_only_loopback(front_ends: tuple[FrontEnd, FrontEnd]) -> None:

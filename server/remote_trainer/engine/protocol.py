@@ -18,6 +18,8 @@ from typing import Protocol, TypeVar
 import torch
 
 from remote_trainer.contract.names import LossName
+from remote_trainer.engine.errors import TrainerError
+from remote_trainer.engine.operation import Operation
 from remote_trainer.engine.optimizer import OptimizerSpec
 from remote_trainer.engine.results import (
     BackwardResult,
@@ -28,6 +30,7 @@ from remote_trainer.engine.results import (
     NamedTensor,
     ParameterInfo,
     SessionDescription,
+    StepResult,
     TrainStepResult,
 )
 
@@ -44,6 +47,8 @@ class Engine(Protocol):
         no_grad: bool = False,
         max_logits_elements: int | None = None,
         still_wanted: Callable[[], bool] | None = None,
+        *,
+        operation: Operation | None = None,
     ) -> ForwardResult: ...
 
     def backward(
@@ -56,6 +61,9 @@ class Engine(Protocol):
         step: bool = False,
         zero_grad_after_step: bool = False,
         grad_norm: bool = True,
+        still_wanted: Callable[[], bool] | None = None,
+        *,
+        operation: Operation | None = None,
     ) -> BackwardResult: ...
 
     def train_step(
@@ -67,19 +75,24 @@ class Engine(Protocol):
         grad_norm: bool = False,
         max_logits_elements: int | None = None,
         still_wanted: Callable[[], bool] | None = None,
+        *,
+        operation: Operation | None = None,
     ) -> TrainStepResult: ...
 
-    def step(self, expected_step_count: int | None = None, still_wanted: Callable[[], bool] | None = None) -> tuple[int, int]: ...
+    def step(
+        self, expected_step_count: int | None = None, still_wanted: Callable[[], bool] | None = None,
+        *, operation: Operation | None = None,
+    ) -> StepResult: ...
 
     def drop_pending(self, why: str) -> bool: ...
 
-    def zero_grad(self, set_to_none: bool = True) -> int: ...
+    def zero_grad(self, set_to_none: bool = True, *, operation: Operation | None = None) -> int: ...
 
-    def configure_optimizer(self, spec: OptimizerSpec) -> OptimizerSpec: ...
+    def configure_optimizer(self, spec: OptimizerSpec, *, operation: Operation | None = None) -> OptimizerSpec: ...
 
-    def freeze(self, patterns: list[str], unfreeze: bool = False) -> FreezeResult: ...
+    def freeze(self, patterns: list[str], unfreeze: bool = False, *, operation: Operation | None = None) -> FreezeResult: ...
 
-    def replace_head(self, num_classes: int, seed: int) -> SessionDescription: ...
+    def replace_head(self, num_classes: int, seed: int, *, operation: Operation | None = None) -> SessionDescription: ...
 
     def parameters_info(self) -> list[ParameterInfo]: ...
 
@@ -112,8 +125,12 @@ class Engine(Protocol):
 
     def save_checkpoint(self, path: str) -> CheckpointInfo: ...
 
-    def load_checkpoint(self, path: str) -> SessionDescription: ...
+    def load_checkpoint(self, path: str, *, operation: Operation | None = None) -> SessionDescription: ...
 
-    def reset(self) -> SessionDescription: ...
+    def resume(self, path: str) -> SessionDescription: ...
+
+    def refuse(self, operation: Operation, error: TrainerError) -> None: ...
+
+    def reset(self, *, operation: Operation | None = None) -> SessionDescription: ...
 
     def warm_up(self) -> None: ...

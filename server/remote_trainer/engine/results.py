@@ -28,6 +28,7 @@ class ForwardResult:
     forward_id: int
     logits: torch.Tensor
     stats: Stats
+    replayed: bool = False  # the answer of an operation that ran before (engine/ledger.py), not run again
 
 
 @dataclass(frozen=True)
@@ -40,6 +41,16 @@ class BackwardResult:
     grad_norm: float | None  # None when not asked for
     step_count: int = 0  # with a step in the same call: the step count after it
     parameters_updated: int = 0  # with a step in the same call: how many parameters it updated
+    replayed: bool = False  # the answer of an operation that ran before (engine/ledger.py), not run again
+
+
+@dataclass(frozen=True)
+class StepResult:
+    """What Step did: the step count after it and how many parameters it updated."""
+
+    step_count: int
+    parameters_updated: int
+    replayed: bool = False  # the answer of an operation that ran before (engine/ledger.py), not run again
 
 
 @dataclass(frozen=True)
@@ -53,6 +64,7 @@ class TrainStepResult:
     step_count: int
     parameters_updated: int
     grad_norm: float | None
+    replayed: bool = False  # the answer of an operation that ran before (engine/ledger.py), not run again
 
 
 @dataclass(frozen=True)
@@ -124,6 +136,7 @@ class SessionDescription:
     # The fast paths the session runs with (names.AUTOCAST_MODES, names.MEMORY_FORMATS).
     autocast: str = "off"
     memory_format: str = "contiguous"
+    next_operation: int = 1  # the number the session expects on its next numbered call (engine/ledger.py)
 
 
 @dataclass(frozen=True)

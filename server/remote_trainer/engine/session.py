@@ -15,6 +15,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import TypeVar
 
@@ -25,8 +26,10 @@ from remote_trainer.contract.names import LossName
 from remote_trainer.engine import checkpoints
 from remote_trainer.engine.budget import UNLIMITED, GRAPH_BYTES_PER_PIXEL, MemoryBudget, forward_bytes, head_bytes, model_bytes
 from remote_trainer.engine.device import Placement, device_memory
-from remote_trainer.engine.errors import Abandoned, FailedPrecondition, invalid
+from remote_trainer.engine.errors import Abandoned, FailedPrecondition, TrainerError, invalid
 from remote_trainer.engine.graph import autograd_graph
+from remote_trainer.engine.ledger import Ledger, numbered
+from remote_trainer.engine.operation import Operation
 from remote_trainer.engine.inputs import check_input, check_logits_size
 from remote_trainer.engine.limits import MAX_CLASSES, Limits
 from remote_trainer.engine.losses import backpropagate, backward_from_loss, check_labels
@@ -34,7 +37,7 @@ from remote_trainer.engine.models import ModelSpec, head_of, new_head, set_train
 from remote_trainer.engine.optimizer import OptimizerSpec
 from remote_trainer.engine.pending import Pending, require_graph, revertible
 from remote_trainer.engine.results import (BackwardResult, CheckpointInfo, ForwardResult, FreezeResult, Graph, NamedTensor,
-                                           ParameterInfo, SessionDescription, TrainStepResult)
+                                           ParameterInfo, SessionDescription, StepResult, TrainStepResult)
 from remote_trainer.engine.snapshots import Selection, owned
 from remote_trainer.engine.state import SessionState
 from remote_trainer.engine.tensors import global_norm, tensor_stats
@@ -59,6 +62,7 @@ class SessionEngine:
         self._placement = Placement(device, autocast, channels_last, pin_memory)
         self._placement.validate()
         self._lock = threading.Lock()
+        self.ledger = Ledger()  # taken before self._lock, never after it
         self._model = self._placement.place(model)
         self._device = device
         self._weights = weights
@@ -101,9 +105,10 @@ class SessionEngine:
 
     # -- training step -------------------------------------------------------------------------
 
+    @numbered
     @device_memory
     def forward(self, x: torch.Tensor, eval_mode: bool = False, no_grad: bool = False, max_logits_elements: int | None = None,
-                still_wanted: Callable[[], bool] | None = None) -> ForwardResult:
+                still_wanted: Callable[[], bool] | None = None, *, operation: Operation | None = None) -> ForwardResult:
         """``model(x)`` in train or eval mode, keeping the graph for Backward unless ``no_grad``.
 
         ``max_logits_elements`` refuses, before anything runs or changes, a forward whose logits
@@ -134,22 +139,27 @@ class SessionEngine:
             out = logits.detach().float()  # float32 under autocast too, as the logits a client compares
             return ForwardResult(fid, out.to("cpu"), tensor_stats(out))
 
+    @numbered
     @device_memory
     def backward(self, forward_id: int = 0, loss: LossName | None = None, labels: torch.Tensor | None = None,
                  output_gradient: torch.Tensor | None = None, retain_graph: bool = False, step: bool = False,
-                 zero_grad_after_step: bool = False, grad_norm: bool = True) -> BackwardResult:
+                 zero_grad_after_step: bool = False, grad_norm: bool = True, still_wanted: Callable[[], bool] | None = None,
+                 *, operation: Operation | None = None) -> BackwardResult:
         """Backpropagates from the pending forward: from ``loss(logits, labels)`` or from
         ``logits.backward(gradient=output_gradient)``; gradients accumulate as in PyTorch.
         ``grad_norm`` False leaves the global gradient norm out (a pass over every .grad).
 
         ``step`` runs the optimizer step right after, under the same lock (as ``step()`` would), and
         ``zero_grad_after_step`` then clears every .grad (to None): a client-side-loss training step
-        in one call after its Forward.
+        in one call after its Forward. ``still_wanted`` is asked before the backward runs (once it
+        has, gradients have accumulated in place and cannot be taken back).
         """
         if zero_grad_after_step and not step:
             raise invalid("zero_grad_after_step", "zero_grad_after_step needs step", "ZERO_GRAD_WITHOUT_STEP")
         with self._lock:
             pending, logits = require_graph(self._pending, forward_id)
+            if still_wanted is not None and not still_wanted():
+                raise Abandoned("the backward was not run: its caller stopped waiting", "ABANDONED")
             loss_value = backpropagate(logits, loss, labels, output_gradient, retain_graph, self._placement, self._head_note)
             if not retain_graph:
                 pending.free(
@@ -167,8 +177,10 @@ class SessionEngine:
                 self._model.zero_grad(set_to_none=True)
             return BackwardResult(pending.forward_id, loss_value, len(grads), norm, step_count, updated)
 
+    @numbered
     @device_memory
-    def step(self, expected_step_count: int | None = None, still_wanted: Callable[[], bool] | None = None) -> tuple[int, int]:
+    def step(self, expected_step_count: int | None = None, still_wanted: Callable[[], bool] | None = None,
+             *, operation: Operation | None = None) -> StepResult:
         """One optimizer step; returns the step count and how many parameters had a gradient.
 
         ``expected_step_count`` makes a retried step safe: it is the step count the caller saw before
@@ -176,17 +188,20 @@ class SessionEngine:
         was lost): nothing is done and the current count is returned, with 0 parameters updated. Any
         other difference is refused. ``still_wanted`` is asked right before stepping.
         """
+        if expected_step_count is not None and expected_step_count < 0:
+            raise invalid("expected_step_count", f"expected_step_count must be 0 or more, got {expected_step_count}",
+                          "BAD_EXPECTED_STEP_COUNT")
         with self._lock:
             if expected_step_count is not None and expected_step_count != self._step_count:
                 if expected_step_count + 1 == self._step_count:
-                    return self._step_count, 0
+                    return StepResult(self._step_count, 0)
                 raise FailedPrecondition(
                     f"expected_step_count {expected_step_count} does not fit the session's step count {self._step_count}",
                     "STEP_COUNT_MISMATCH", metadata={"step_count": str(self._step_count)},
                 )
             if still_wanted is not None and not still_wanted():
                 raise Abandoned("the step was not taken: its caller stopped waiting", "ABANDONED")
-            return self._step()
+            return StepResult(*self._step())
 
     def _step(self) -> tuple[int, int]:
         updated = sum(1 for g in self._optimizer.param_groups for p in g["params"] if p.grad is not None)
@@ -201,10 +216,11 @@ class SessionEngine:
             self._keep_budget()
         return self._step_count, updated
 
+    @numbered
     @device_memory
     def train_step(self, x: torch.Tensor, loss: LossName, labels: torch.Tensor | None, zero_grad: bool = True,
                    grad_norm: bool = False, max_logits_elements: int | None = None,
-                   still_wanted: Callable[[], bool] | None = None) -> TrainStepResult:
+                   still_wanted: Callable[[], bool] | None = None, *, operation: Operation | None = None) -> TrainStepResult:
         """One training step under one lock, in a local training loop's order::
 
             optimizer.zero_grad()          # when zero_grad (set_to_none=True)
@@ -243,7 +259,8 @@ class SessionEngine:
             out = logits.detach().float()
             return TrainStepResult(fid, float(root), out.to("cpu"), tensor_stats(out), step_count, updated, norm)
 
-    def zero_grad(self, set_to_none: bool = True) -> int:
+    @numbered
+    def zero_grad(self, set_to_none: bool = True, *, operation: Operation | None = None) -> int:
         """Clears every parameter's .grad; returns how many had one."""
         with self._lock:
             cleared = sum(1 for p in self._model.parameters() if p.grad is not None)
@@ -262,8 +279,9 @@ class SessionEngine:
 
     # -- model and optimizer changes ---------------------------------------------------------
 
+    @numbered
     @device_memory
-    def configure_optimizer(self, spec: OptimizerSpec) -> OptimizerSpec:
+    def configure_optimizer(self, spec: OptimizerSpec, *, operation: Operation | None = None) -> OptimizerSpec:
         """Replaces the optimizer (its state starts anew)."""
         spec.validate()
         with self._lock:
@@ -271,13 +289,15 @@ class SessionEngine:
             self._spec = spec
             return spec
 
-    def freeze(self, patterns: list[str], unfreeze: bool = False) -> FreezeResult:
+    @numbered
+    def freeze(self, patterns: list[str], unfreeze: bool = False, *, operation: Operation | None = None) -> FreezeResult:
         """Sets requires_grad on the parameters matching ``patterns`` (False to freeze)."""
         with self._lock:
             return set_trainable(self._model, patterns, unfreeze)
 
+    @numbered
     @device_memory
-    def replace_head(self, num_classes: int, seed: int) -> SessionDescription:
+    def replace_head(self, num_classes: int, seed: int, *, operation: Operation | None = None) -> SessionDescription:
         """``model.fc = nn.Linear(512, num_classes)`` seeded, then a new optimizer over all parameters."""
         if num_classes < 1 or num_classes > MAX_CLASSES:
             raise invalid("num_classes", f"num_classes must be in 1..{MAX_CLASSES}, got {num_classes}", "BAD_NUM_CLASSES")
@@ -301,9 +321,11 @@ class SessionEngine:
     @device_memory
     def checkpoint(self) -> SessionState:
         """Everything needed to go on bit-identically: weights and buffers, head size, frozen set,
-        optimizer settings and state (momentum buffers), step count. Gradients are not kept."""
-        with self._lock:
-            return SessionState.capture(self._model, self._weights, self._spec, self._optimizer, self._step_count)
+        optimizer settings and state (momentum buffers), step count, and the record of numbered
+        operations (engine/ledger.py). Gradients are not kept."""
+        with self.ledger.lock, self._lock:  # no numbered call half-way: the record fits the state
+            return SessionState.capture(self._model, self._weights, self._spec, self._optimizer, self._step_count,
+                                        self.ledger.snapshot())
 
     @device_memory
     def save_checkpoint(self, path: str) -> CheckpointInfo:
@@ -312,9 +334,29 @@ class SessionEngine:
         size = checkpoints.save(state, Path(path))
         return CheckpointInfo(state.step_count, size)
 
-    def load_checkpoint(self, path: str) -> SessionDescription:
+    @numbered
+    def load_checkpoint(self, path: str, *, operation: Operation | None = None) -> SessionDescription:
         """``restore`` from the checkpoint file ``path``; a missing or bad file leaves the session as it was."""
         return self.restore(checkpoints.load(Path(path)))
+
+    def refuse(self, operation: Operation, error: TrainerError) -> None:
+        """Records that ``operation`` was refused before it reached the session (a bad request), so
+        that its number is used and its repeat refused the same way (``Ledger.refuse``)."""
+        self.ledger.refuse(operation, error)
+
+    def resume(self, path: str) -> SessionDescription:
+        """``load_checkpoint`` with the checkpoint's record of numbered operations too: a session
+        resumed after a crash goes on numbering where the checkpoint was, and a repeat of a call the
+        checkpoint saw is answered from it. A bad file leaves the session as it was."""
+        state = checkpoints.load(Path(path))
+        try:
+            put_back = self.ledger.restore(state.operations or {"next_number": 1, "answers": []})
+        except (KeyError, TypeError, ValueError) as exc:
+            raise invalid("resume_from", f"the checkpoint's operation record is unreadable: {exc}", "BAD_CHECKPOINT") from exc
+        with self.ledger.lock:
+            description = self.restore(state)
+            put_back()
+            return replace(description, next_operation=self.ledger.next_number)
 
     @device_memory
     def restore(self, state: SessionState) -> SessionDescription:
@@ -339,7 +381,8 @@ class SessionEngine:
         self._keep_budget()
         return self._describe()
 
-    def reset(self) -> SessionDescription:
+    @numbered
+    def reset(self, *, operation: Operation | None = None) -> SessionDescription:
         """Back to the state the session started in (``keep_initial_state``): weights, buffers, head,
         optimizer settings and state, step count, frozen set; no gradients, no pending forward.
         Forward ids keep counting up, so a prediction from before the reset stays stale."""
@@ -430,4 +473,5 @@ class SessionEngine:
             frozen_parameters=len(params) - trainable,
             autocast=self._placement.autocast,
             memory_format="channels_last" if self._placement.channels_last else "contiguous",
+            next_operation=self.ledger.next_number,
         )

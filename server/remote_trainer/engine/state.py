@@ -35,10 +35,14 @@ class SessionState:
     optimizer_spec: OptimizerSpec
     optimizer_state: dict[str, Any]  # torch.optim's state_dict, tensors on the CPU
     step_count: int
+    # The session's record of numbered operations (engine/ledger.py, plain data); None in files
+    # written before operations were numbered.
+    operations: dict[str, Any] | None = None
 
     @classmethod
     def capture(
-        cls, model: nn.Module, weights: str, spec: OptimizerSpec, optimizer: torch.optim.Optimizer, step_count: int
+        cls, model: nn.Module, weights: str, spec: OptimizerSpec, optimizer: torch.optim.Optimizer, step_count: int,
+        operations: dict[str, Any] | None = None,
     ) -> SessionState:
         """A copy of the state of ``model`` and ``optimizer``, on the CPU."""
         return cls(
@@ -49,6 +53,7 @@ class SessionState:
             optimizer_spec=spec,
             optimizer_state={k: to_cpu(v) for k, v in optimizer.state_dict().items()},
             step_count=step_count,
+            operations=operations,
         )
 
     def build(self, template: nn.Module, device: torch.device) -> tuple[nn.Module, torch.optim.Optimizer]:
@@ -77,6 +82,7 @@ class SessionState:
             "optimizer_spec": asdict(self.optimizer_spec),
             "optimizer_state": self.optimizer_state,
             "step_count": self.step_count,
+            **({"operations": self.operations} if self.operations is not None else {}),
         }
 
     @classmethod
@@ -96,6 +102,7 @@ class SessionState:
         if not isinstance(frozen, Iterable):
             raise TypeError(f"frozen must be a list of parameter names, got {type(frozen).__name__}")
         step_count = _int(state, "step_count")
+        operations = _typed(state, "operations", dict, "an operation record") if "operations" in state else None
         return cls(
             weights=str(state["weights"]) if "weights" in state else None,
             num_classes=num_classes,
@@ -104,6 +111,7 @@ class SessionState:
             optimizer_spec=spec,
             optimizer_state=_typed(state, "optimizer_state", dict, "an optimizer state dict"),
             step_count=step_count,
+            operations=operations,
         )
 
 

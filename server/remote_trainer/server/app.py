@@ -159,6 +159,7 @@ def servicer_options(settings: Settings) -> ServicerOptions:
         checkpoint_dir=settings.checkpoint_dir,
         checkpoint_every=settings.checkpoint_every,
         keep_auto_checkpoints=settings.keep_auto_checkpoints,
+        order_wait=settings.operation_order_wait_seconds,
     )
 
 
@@ -180,12 +181,14 @@ async def _start(
             ("grpc.max_send_message_length", settings.max_message_bytes),
             # Never share the port with another process (Linux would otherwise allow two servers on it).
             ("grpc.so_reuseport", 0),
-            # Ping idle clients every 5 minutes so dead connections are noticed; allow client pings
-            # every 10 s without calls in flight.
-            ("grpc.keepalive_time_ms", 300_000),
+            # Ping clients every 60 s so dead connections are noticed; allow the SDK's keepalive
+            # pings (every 10 s, with or without calls in flight: a dead link is noticed in seconds)
+            # and any client's down to one every 5 s.
+            ("grpc.keepalive_time_ms", 60_000),
             ("grpc.keepalive_timeout_ms", 20_000),
-            ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+            ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
             ("grpc.keepalive_permit_without_calls", 1),
+            ("grpc.http2.max_pings_without_data", 0),
             # A call waiting for its request holds no thread here, but it holds a stream: at most 256
             # at once per connection, and every connection is closed after an hour (GOAWAY; clients
             # reconnect by themselves), its calls given 5 minutes to finish, so none lingers forever.

@@ -68,6 +68,14 @@ class LargeInput(Generic[M]):
     def session_id(self) -> str:
         return self.message.session_id
 
+    @property
+    def operation(self) -> pb.Operation:
+        return self.message.operation
+
+    def HasField(self, name: str) -> bool:  # noqa: N802  (protobuf's name, for operation_of)
+        return self.message.HasField(name)  # type: ignore[arg-type]
+
+
 
 # Where each request's batch bytes are, for the server's cut (``wire.raw_input_path``).
 INPUT_PATHS = {name: wire.raw_input_path(cls) for name, cls in (("Forward", pb.ForwardRequest), ("TrainStep", pb.TrainStepRequest))}
@@ -230,7 +238,7 @@ def session_info(session_id: str, desc: SessionDescription, is_default: bool) ->
         num_classes=desc.num_classes, optimizer=optimizer_config(desc.optimizer), step_count=desc.step_count,
         pending_forward_id=desc.pending_forward_id, trainable_parameters=desc.trainable_parameters,
         frozen_parameters=desc.frozen_parameters, is_default=is_default, autocast=desc.autocast,
-        memory_format=desc.memory_format,
+        memory_format=desc.memory_format, next_operation=desc.next_operation,
     )
 
 

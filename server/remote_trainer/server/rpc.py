@@ -21,6 +21,7 @@ from typing import Any, Protocol, TypeVar
 import grpc
 
 from remote_trainer.engine.errors import Abandoned, InvalidArgument
+from remote_trainer.engine.operation import Operation
 from remote_trainer.server.calls import Call, call_of, run_as
 from remote_trainer.server.events import CallObserver
 from remote_trainer.server.status import status_for
@@ -56,7 +57,7 @@ class Servicer(Protocol):
     stream_write_timeout: float
     stream_bytes: StreamBytes
 
-    async def run(self, session_id: str | None, work: Callable[[], T]) -> T: ...
+    async def run(self, session_id: str | None, work: Callable[[], T], operation: Operation | None = None) -> T: ...
 
 
 @dataclass(frozen=True)
@@ -71,6 +72,14 @@ class Undecodable:
 def _session_of(request: object) -> str | None:
     """The session a request works on ("" is the default one), or None for calls on no session."""
     return getattr(request, "session_id", None)
+
+
+def operation_of(request: Any, method: str) -> Operation | None:
+    """The number a request that changes a session carries (``Operation``), or None when it is not
+    numbered (no ``operation``, or number 0: run as it comes, as grpcurl's calls are)."""
+    if not hasattr(request, "operation") or not request.HasField("operation") or request.operation.number == 0:
+        return None
+    return Operation(request.operation.number, method, request.operation.supersede)
 
 
 def _abandoned_code(call: Call) -> grpc.StatusCode:
@@ -124,7 +133,8 @@ async def _served(servicer: Servicer, method: str, request: Any, context: Contex
 
 
 def _run(servicer: Servicer, method: str, request: Any, call: Call, work: Callable[[], T]) -> Coroutine[Any, Any, T]:
-    """Runs ``work`` as ``call`` on a worker thread in its session's turn (``Servicer.run``)."""
+    """Runs ``work`` as ``call`` on a worker thread in its session's turn, and in its number's order
+    when it is numbered (``Servicer.run``)."""
     session_id = _session_of(request)
     label = f"rpc={method} session={session_id or '-'}"
 
@@ -132,7 +142,7 @@ def _run(servicer: Servicer, method: str, request: Any, call: Call, work: Callab
         log.debug("%s running", label)  # its session's turn is held from here to the end of work()
         return work()
 
-    return run_as(call, functools.partial(servicer.run, session_id), logged)
+    return run_as(call, functools.partial(servicer.run, session_id, operation=operation_of(request, method)), logged)
 
 
 def unary(method: Callable[[S, Req, Context], Resp]) -> Callable[[S, Req, Context], Coroutine[Any, Any, Resp]]:

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TypeVar
@@ -19,10 +20,12 @@ from remote_trainer.engine.models import ModelSpec
 from remote_trainer.engine.optimizer import OptimizerSpec
 from remote_trainer.engine.protocol import Engine
 from remote_trainer.engine.results import SessionDescription
-from remote_trainer.engine.errors import invalid
+from remote_trainer.engine.errors import TrainerError, invalid
+from remote_trainer.engine.operation import Operation
 from remote_trainer.server.calls import current_call
+from remote_trainer.server.client_tokens import Once
 from remote_trainer.server.events import CallObserver
-from remote_trainer.server.rpc import Context, streaming, unary
+from remote_trainer.server.rpc import Context, operation_of, streaming, unary
 from remote_trainer.server.sessions import DEFAULT_SESSION_ID, Sessions
 from remote_trainer.server.streams import Emit, StreamBytes
 from remote_trainer.contract.names import AUTOCAST_MODES, MEMORY_FORMATS
@@ -48,6 +51,7 @@ class ServicerOptions:
     checkpoint_dir: str  # empty: checkpoints disabled
     checkpoint_every: int  # automatic checkpoint every N steps (0: never)
     keep_auto_checkpoints: int  # newest automatic checkpoints kept per folder (0: all)
+    order_wait: float = 10.0  # seconds a numbered call waits for the lower numbers (server/dispatch.py)
 
 
 class TrainerServicer:
@@ -76,11 +80,14 @@ class TrainerServicer:
         self.observer = observer  # told of finished calls (the decorators) and of training
         self.stream_write_timeout = options.stream_write_timeout
         self.stream_bytes = StreamBytes(options.max_stream_bytes)
-        self._dispatcher = Dispatcher(options.max_workers)
+        self._dispatcher = Dispatcher(options.max_workers, options.order_wait)
+        self._created: Once[str] = Once()  # CreateSession by client_token: the session each token made
+        self._closed: Once[str] = Once()  # CloseSession by client_token
 
-    async def run(self, session_id: str | None, work: Callable[[], T]) -> T:
-        """Runs a method's blocking work on a worker thread, one call at a time per session."""
-        return await self._dispatcher.run(session_id, work)
+    async def run(self, session_id: str | None, work: Callable[[], T], operation: Operation | None = None) -> T:
+        """Runs a method's blocking work on a worker thread, one call at a time per session, numbered
+        calls in their number's order."""
+        return await self._dispatcher.run(session_id, work, operation)
 
     def busy(self, session_id: str) -> bool:
         """Whether a call is running or waiting on the session (then it is not idle)."""
@@ -101,6 +108,20 @@ class TrainerServicer:
     def _info(self, session_id: str, description: SessionDescription) -> pb.SessionInfo:
         sid = session_id or DEFAULT_SESSION_ID
         return convert.session_info(sid, description, sid == DEFAULT_SESSION_ID)
+
+    @staticmethod
+    @contextlib.contextmanager
+    def _numbered(engine: Engine, operation: Operation | None) -> Iterator[None]:
+        """Around a numbered call's work: a request refused before it reached the engine (a bad
+        field) uses its number too, so the numbers after it are not held up and its repeat is refused
+        the same way (``Engine.refuse``; nothing when the engine used or refused the number itself)."""
+        try:
+            yield
+        except TrainerError as exc:
+            if operation is not None:
+                with contextlib.suppress(TrainerError):  # the session cannot be told (lost): the refusal stands
+                    engine.refuse(operation, exc)
+            raise
 
     def _checkpoint_path(self, name: str, context: Context) -> Path:
         return checkpoints.checkpoint_path(name, self._checkpoint_dir, caller(self._auth, context))
@@ -126,16 +147,33 @@ class TrainerServicer:
                          else self._model_options.channels_last)
         model = replace(self._model_options, weights=request.weights or "random", num_classes=request.num_classes,
                         seed=request.seed, autocast=autocast, channels_last=channels_last)
-        reservation = Reservation()  # the new session's share of the memory budget while it is built
-        with self._budget.use(reservation, model_bytes(request.num_classes or 1000), "a new session"):
-            session_id, engine = self._store.create(model, spec, caller(self._auth, context), current_call().still_wanted)
-        return pb.CreateSessionResponse(session=self._info(session_id, engine.describe()))
+        owner = caller(self._auth, context)
+        resume = self._checkpoint_path(request.resume_from, context) if request.resume_from else None
+
+        def create() -> str:
+            reservation = Reservation()  # the new session's share of the memory budget while it is built
+            with self._budget.use(reservation, model_bytes(request.num_classes or 1000), "a new session"):
+                session_id, engine = self._store.create(model, spec, owner, current_call().still_wanted)
+            if resume is not None:
+                try:
+                    engine.resume(str(resume))
+                except BaseException:
+                    self._store.close(session_id, owner)  # a session that did not resume is no use to anyone
+                    raise
+            return session_id
+
+        session_id, _ = self._created.run(owner, request.client_token, create)
+        return pb.CreateSessionResponse(session=self._info(session_id, self._session(session_id, context).describe()))
 
     @unary
     def CloseSession(self, request: pb.CloseSessionRequest, context: Context) -> pb.CloseSessionResponse:
-        self._store.close(request.session_id, caller(self._auth, context))
-        self.observer.session_closed(request.session_id)
-        return pb.CloseSessionResponse(session_id=request.session_id)
+        def close() -> str:
+            self._store.close(request.session_id, caller(self._auth, context))
+            self.observer.session_closed(request.session_id)
+            return request.session_id
+
+        closed, _ = self._closed.run(caller(self._auth, context), request.client_token, close)
+        return pb.CloseSessionResponse(session_id=closed)
 
     @unary
     def DescribeSession(self, request: pb.DescribeSessionRequest, context: Context) -> pb.DescribeSessionResponse:
@@ -146,16 +184,23 @@ class TrainerServicer:
     def Forward(self, received: convert.LargeInput[pb.ForwardRequest], context: Context) -> pb.ForwardResponse:
         request = received.message
         engine = self._session(request.session_id, context)
+        operation = operation_of(request, "Forward")
+        with self._numbered(engine, operation):
+            return self._forward(engine, request, received.raw, operation)
+
+    def _forward(self, engine: Engine, request: pb.ForwardRequest, raw: memoryview | None,
+                 operation: Operation | None) -> pb.ForwardResponse:
         fmt = request.output_format
         if fmt not in pb.OutputFormat.values():
             raise invalid("output_format", f"unknown output_format {fmt}", "BAD_OUTPUT_FORMAT")
-        x, as_numbers = convert.input_tensor(request.input, "input", self._limits.max_input_elements, raw=received.raw)
+        x, as_numbers = convert.input_tensor(request.input, "input", self._limits.max_input_elements, raw=raw)
         as_values = fmt == pb.OUTPUT_FORMAT_VALUES or fmt == pb.OUTPUT_FORMAT_UNSPECIFIED and as_numbers
         # Numbers travel as 8-byte doubles, raw logits as 4-byte floats; 64 KiB for the rest of the message.
         budget = None if fmt == pb.OUTPUT_FORMAT_STATS_ONLY else (self._max_message_bytes - 65536) // (8 if as_values else 4)
         result = engine.forward(x, eval_mode=request.eval_mode, no_grad=request.no_grad, max_logits_elements=budget,
-                                still_wanted=current_call().still_wanted)
-        self.observer.forwarded(request.session_id or DEFAULT_SESSION_ID)
+                                still_wanted=current_call().still_wanted, operation=operation)
+        if not result.replayed:
+            self.observer.forwarded(request.session_id or DEFAULT_SESSION_ID)
         response = pb.ForwardResponse(forward_id=result.forward_id, logits_stats=convert.stats_message(result.stats))
         if as_values:
             response.logits_values.CopyFrom(convert.output_values(result.logits))
@@ -166,6 +211,13 @@ class TrainerServicer:
     @unary
     def Backward(self, request: pb.BackwardRequest, context: Context) -> pb.BackwardResponse:
         engine = self._session(request.session_id, context)
+        operation = operation_of(request, "Backward")
+        with self._numbered(engine, operation):
+            return self._backward(engine, request, operation, context)
+
+    def _backward(self, engine: Engine, request: pb.BackwardRequest, operation: Operation | None,
+                  context: Context) -> pb.BackwardResponse:
+        wanted = current_call().still_wanted
         source = request.WhichOneof("source")
         max_elements = self._limits.max_input_elements
         if source == "loss":
@@ -176,16 +228,17 @@ class TrainerServicer:
             labels, _ = convert.input_tensor(request.loss.labels, "loss.labels", max_elements, integer=loss == "cross_entropy")
             result = engine.backward(request.forward_id, loss=loss, labels=labels, retain_graph=request.retain_graph,
                                      step=request.step, zero_grad_after_step=request.zero_grad_after_step,
-                                     grad_norm=not request.skip_grad_norm)
+                                     grad_norm=not request.skip_grad_norm, still_wanted=wanted, operation=operation)
         elif source == "output_gradient":
             gradient, _ = convert.input_tensor(request.output_gradient, "output_gradient", max_elements)
             result = engine.backward(request.forward_id, output_gradient=gradient, retain_graph=request.retain_graph,
                                      step=request.step, zero_grad_after_step=request.zero_grad_after_step,
-                                     grad_norm=not request.skip_grad_norm)
+                                     grad_norm=not request.skip_grad_norm, still_wanted=wanted, operation=operation)
         else:
             raise invalid("source", "give a loss or an output_gradient", "NO_BACKWARD_SOURCE")
-        self.observer.backwarded(request.session_id or DEFAULT_SESSION_ID, engine, result.loss, result.grad_norm,
-                                 result.step_count - 1 if request.step else None)  # before the step it took
+        if not result.replayed:
+            self.observer.backwarded(request.session_id or DEFAULT_SESSION_ID, engine, result.loss, result.grad_norm,
+                                     result.step_count - 1 if request.step else None)  # before the step it took
         response = pb.BackwardResponse(
             forward_id=result.forward_id, parameters_with_grad=result.parameters_with_grad,
             step_count=result.step_count, parameters_updated=result.parameters_updated,
@@ -194,7 +247,7 @@ class TrainerServicer:
             response.loss = result.loss
         if result.grad_norm is not None:
             response.grad_norm = result.grad_norm
-        if request.step:
+        if request.step and not result.replayed:
             self._after_step(engine, result.step_count, request.session_id, context)
         return response
 
@@ -202,9 +255,10 @@ class TrainerServicer:
     def Step(self, request: pb.StepRequest, context: Context) -> pb.StepResponse:
         engine = self._session(request.session_id, context)
         expected = request.expected_step_count if request.HasField("expected_step_count") else None
-        step_count, updated = engine.step(expected, current_call().still_wanted)
-        self._after_step(engine, step_count, request.session_id, context)
-        return pb.StepResponse(step_count=step_count, parameters_updated=updated)
+        result = engine.step(expected, current_call().still_wanted, operation=operation_of(request, "Step"))
+        if not result.replayed:
+            self._after_step(engine, result.step_count, request.session_id, context)
+        return pb.StepResponse(step_count=result.step_count, parameters_updated=result.parameters_updated)
 
     def _after_step(self, engine: Engine, step_count: int, session_id: str, context: Context) -> None:
         """After any call that stepped: the observer is told (TensorBoard), and the automatic
@@ -223,7 +277,7 @@ class TrainerServicer:
     @unary
     def ZeroGrad(self, request: pb.ZeroGradRequest, context: Context) -> pb.ZeroGradResponse:
         set_to_none = request.set_to_none if request.HasField("set_to_none") else True
-        cleared = self._session(request.session_id, context).zero_grad(set_to_none)
+        cleared = self._session(request.session_id, context).zero_grad(set_to_none, operation=operation_of(request, "ZeroGrad"))
         return pb.ZeroGradResponse(parameters_cleared=cleared)
 
     @unary
@@ -231,21 +285,25 @@ class TrainerServicer:
         self, request: pb.ConfigureOptimizerRequest, context: Context
     ) -> pb.ConfigureOptimizerResponse:
         engine = self._session(request.session_id, context)
-        if not request.HasField("optimizer") or request.optimizer == pb.OptimizerConfig():
-            # It would have meant torch's SGD(lr=0.001), unlike a session's default: say which one instead.
-            raise invalid("optimizer", "give the optimizer's kind (and any settings); a new session's default is "
-                          "kind SGD with lr 0.01 and momentum 0.9", "NO_OPTIMIZER")
-        spec = engine.configure_optimizer(convert.optimizer_spec(request.optimizer))
+        operation = operation_of(request, "ConfigureOptimizer")
+        with self._numbered(engine, operation):
+            if not request.HasField("optimizer") or request.optimizer == pb.OptimizerConfig():
+                # It would have meant torch's SGD(lr=0.001), unlike a session's default: say which one instead.
+                raise invalid("optimizer", "give the optimizer's kind (and any settings); a new session's default is "
+                              "kind SGD with lr 0.01 and momentum 0.9", "NO_OPTIMIZER")
+            spec = engine.configure_optimizer(convert.optimizer_spec(request.optimizer), operation=operation)
         return pb.ConfigureOptimizerResponse(optimizer=convert.optimizer_config(spec))
 
     @unary
     def FreezeLayers(self, request: pb.FreezeLayersRequest, context: Context) -> pb.FreezeLayersResponse:
-        result = self._session(request.session_id, context).freeze(list(request.patterns), unfreeze=request.unfreeze)
+        result = self._session(request.session_id, context).freeze(list(request.patterns), unfreeze=request.unfreeze,
+                                                                   operation=operation_of(request, "FreezeLayers"))
         return pb.FreezeLayersResponse(changed=result.changed, trainable=result.trainable, frozen_count=result.frozen_count)
 
     @unary
     def ReplaceHead(self, request: pb.ReplaceHeadRequest, context: Context) -> pb.ReplaceHeadResponse:
-        description = self._session(request.session_id, context).replace_head(request.num_classes, request.seed)
+        description = self._session(request.session_id, context).replace_head(
+            request.num_classes, request.seed, operation=operation_of(request, "ReplaceHead"))
         return pb.ReplaceHeadResponse(session=self._info(request.session_id, description))
 
     @unary
@@ -287,12 +345,14 @@ class TrainerServicer:
     @unary
     def LoadCheckpoint(self, request: pb.LoadCheckpointRequest, context: Context) -> pb.LoadCheckpointResponse:
         engine = self._session(request.session_id, context)
-        description = engine.load_checkpoint(str(self._checkpoint_path(request.name, context)))
+        operation = operation_of(request, "LoadCheckpoint")
+        with self._numbered(engine, operation):
+            description = engine.load_checkpoint(str(self._checkpoint_path(request.name, context)), operation=operation)
         return pb.LoadCheckpointResponse(session=self._info(request.session_id, description))
 
     @unary
     def ResetSession(self, request: pb.ResetSessionRequest, context: Context) -> pb.ResetSessionResponse:
-        description = self._session(request.session_id, context).reset()
+        description = self._session(request.session_id, context).reset(operation=operation_of(request, "ResetSession"))
         return pb.ResetSessionResponse(session=self._info(request.session_id, description))
 
     @unary
@@ -309,23 +369,30 @@ class TrainerServicer:
     def TrainStep(self, received: convert.LargeInput[pb.TrainStepRequest], context: Context) -> pb.TrainStepResponse:
         request = received.message
         engine = self._session(request.session_id, context)
+        operation = operation_of(request, "TrainStep")
+        with self._numbered(engine, operation):
+            return self._train_step(engine, request, received.raw, operation, context)
+
+    def _train_step(self, engine: Engine, request: pb.TrainStepRequest, raw: memoryview | None, operation: Operation | None,
+                    context: Context) -> pb.TrainStepResponse:
         loss = convert.LOSSES.get(request.loss.function)
         if loss is None:
             raise invalid("loss.function", f"unknown loss function {request.loss.function}: "
                           "use SUM_DIFFERENCE, CROSS_ENTROPY or MSE", "UNKNOWN_LOSS")
         max_elements = self._limits.max_input_elements
-        x, _ = convert.input_tensor(request.input, "input", max_elements, raw=received.raw)
+        x, _ = convert.input_tensor(request.input, "input", max_elements, raw=raw)
         labels, _ = convert.input_tensor(request.loss.labels, "loss.labels", max_elements, integer=loss == "cross_entropy")
         zero_grad = request.zero_grad if request.HasField("zero_grad") else True
         budget = (self._max_message_bytes - 65536) // 4 if request.return_logits else None
         began = time.monotonic()
         result = engine.train_step(x, loss, labels, zero_grad=zero_grad, grad_norm=request.return_grad_norm,
-                                   max_logits_elements=budget, still_wanted=current_call().still_wanted)
-        # One call, the whole iteration: the observer hears of it as of a Forward, Backward and Step.
-        session_id = request.session_id or DEFAULT_SESSION_ID
-        self.observer.forwarded(session_id, began)
-        self.observer.backwarded(session_id, engine, result.loss, result.grad_norm, result.step_count - 1)
-        self._after_step(engine, result.step_count, request.session_id, context)
+                                   max_logits_elements=budget, still_wanted=current_call().still_wanted, operation=operation)
+        if not result.replayed:
+            # One call, the whole iteration: the observer hears of it as of a Forward, Backward and Step.
+            session_id = request.session_id or DEFAULT_SESSION_ID
+            self.observer.forwarded(session_id, began)
+            self.observer.backwarded(session_id, engine, result.loss, result.grad_norm, result.step_count - 1)
+            self._after_step(engine, result.step_count, request.session_id, context)
         response = pb.TrainStepResponse(
             forward_id=result.forward_id, loss=result.loss, logits_stats=convert.stats_message(result.stats),
             step_count=result.step_count, parameters_updated=result.parameters_updated,

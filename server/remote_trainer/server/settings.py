@@ -56,6 +56,9 @@ class Settings:
     # would pass it is refused (RESOURCE_EXHAUSTED), so clients opening streams they do not read
     # cannot make the server hold more. About 20 streams of all of resnet18's gradients.
     max_stream_bytes: int = 1024 * MIB
+    # Seconds a numbered call that arrived before the numbers below it waits for them (then it is
+    # refused OPERATION_OUT_OF_ORDER): how far a pipelining client's calls may be reordered in transit.
+    operation_order_wait_seconds: float = 10.0
     # Seconds that in-flight calls get to finish on SIGTERM.
     grace_seconds: float = 10.0
     # Python logging level name.
@@ -162,6 +165,7 @@ _HELP = {
     "max_workers": "worker threads running torch work (at most one per session at a time)",
     "stream_write_timeout_seconds": "seconds a stream waits for a client to read its next message",
     "max_stream_bytes": "most bytes of tensor-stream responses made and not yet sent, all streams together",
+    "operation_order_wait_seconds": "seconds a numbered call waits for the lower numbers that have not arrived",
     "grace_seconds": "seconds in-flight calls get to finish on SIGTERM",
     "log_level": "DEBUG | INFO | WARNING | ERROR",
     "tokens": "accepted bearer tokens, comma-separated, each TOKEN or NAME:TOKEN (empty: no authentication)",
@@ -252,6 +256,8 @@ def validate(settings: Settings) -> list[str]:
                         "the sessions' device is the CPU" + (" (ray-num-gpus is 0)" if settings.device == "auto" else ""))
     if settings.stream_write_timeout_seconds <= 0:
         problems.append("stream-write-timeout-seconds must be positive")
+    if settings.operation_order_wait_seconds < 0:
+        problems.append("operation-order-wait-seconds must not be negative")
     if settings.max_stream_bytes < settings.chunk_bytes:
         problems.append("max-stream-bytes must be at least chunk-bytes")
     if settings.num_classes < 0:

@@ -91,7 +91,7 @@ class RayEngine:
         return result
 
     forward = Forwarded(Engine.forward, not_run="the forward was not run")
-    backward = Forwarded(Engine.backward)
+    backward = Forwarded(Engine.backward, not_run="the backward was not run")
     train_step = Forwarded(Engine.train_step, not_run="the training step was not run")
     step = Forwarded(Engine.step, not_run="the step was not taken")
     drop_pending = Forwarded(Engine.drop_pending)
@@ -107,6 +107,8 @@ class RayEngine:
     reset = Forwarded(Engine.reset)
     warm_up = Forwarded(Engine.warm_up)
     load_checkpoint = Forwarded(Engine.load_checkpoint)
+    resume = Forwarded(Engine.resume)
+    refuse = Forwarded(Engine.refuse)
     _save_checkpoint = Forwarded(Engine.save_checkpoint)
 
     def save_checkpoint(self, path: str) -> CheckpointInfo:

@@ -1,0 +1,267 @@
+"""A session's record of numbered operations: run in order, each at most once, repeats answered.
+
+A client numbers the calls that change a session 1, 2, 3, ... (``Operation``). ``Ledger.run`` runs
+call ``n`` only when ``n`` is the number the session expects next; a repeat of a number it ran is
+answered with the answer it gave (the result, or the same error) without running again, so a retry
+after a lost answer cannot apply a step twice. What ended ``Abandoned`` (the caller's deadline passed
+or it cancelled before the change was committed) or ``Unavailable`` (nothing was done; try again) did
+not use its number: a retry runs it. Everything else did, errors included, so the numbers that
+follow are not held up by a refused call.
+
+The ledger lives in the engine, beside the state it guards, so the check, the work and the record are
+one step wherever the engine runs (this process, or a Ray actor that several front-ends call), and a
+checkpoint carries it (``snapshot``/``restore``): a session resumed from one goes on numbering where
+it was, and a retry of a call the checkpoint saw is still answered.
+
+Memory: the answers of the last ``KEEP_ANSWERS`` numbers are kept, small dataclasses but for the
+logits of Forward and TrainStep, which are kept up to ``KEEP_TENSOR_BYTES`` in all (oldest answers
+go first); an answer with more logits than that is remembered as run but not kept, and its repeat is
+refused with ``OPERATION_ANSWER_NOT_KEPT`` instead of run again.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import threading
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, ParamSpec, Protocol, TypeVar, cast
+
+import torch
+
+from remote_trainer.engine import errors
+from remote_trainer.engine.errors import Abandoned, FailedPrecondition, InvalidArgument, TrainerError, Unavailable
+from remote_trainer.engine.operation import Operation
+
+T = TypeVar("T")
+P = ParamSpec("P")
+
+KEEP_ANSWERS = 64
+KEEP_TENSOR_BYTES = 16 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class _Answer:
+    """What a numbered call answered: its result or its error; ``kept`` False when too large to keep."""
+
+    method: str
+    result: Any = None
+    error: TrainerError | None = None
+    kept: bool = True
+    given_up: bool = False  # superseded before it arrived: never run
+
+    def tensor_bytes(self) -> int:
+        return _tensor_bytes(self.result) if self.kept else 0
+
+
+def _tensor_bytes(value: Any) -> int:
+    if isinstance(value, torch.Tensor):
+        return value.numel() * value.element_size()
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return sum(_tensor_bytes(getattr(value, f.name)) for f in dataclasses.fields(value))
+    if isinstance(value, (list, tuple)):
+        return sum(_tensor_bytes(v) for v in value)
+    return 0
+
+
+class Ledger:
+    """The next number a session expects and the answers of the last ones it ran (thread-safe).
+
+    ``lock`` is held while a numbered call runs; code that holds the engine's own lock never takes it
+    (the order is always ledger, then engine), so reading ``next_number`` takes no lock.
+    """
+
+    def __init__(self, keep_answers: int = KEEP_ANSWERS, keep_tensor_bytes: int = KEEP_TENSOR_BYTES) -> None:
+        self.lock = threading.RLock()
+        self.next_number = 1
+        self._answers: OrderedDict[int, _Answer] = OrderedDict()
+        self._keep_answers = keep_answers
+        self._keep_tensor_bytes = keep_tensor_bytes
+
+    def run(self, operation: Operation, work: Callable[[], T]) -> T:
+        """``work()`` as operation ``operation.number``: run when it is the next number, answered from
+        the record when it ran already (a result with a ``replayed`` field comes back with it True),
+        refused otherwise."""
+        with self.lock:
+            number = operation.number
+            if number < 1:
+                raise InvalidArgument(f"operation numbers start at 1, got {number}", "BAD_OPERATION_NUMBER")
+            if number < self.next_number:
+                return self._repeat(operation)  # type: ignore[no-any-return]
+            if number > self.next_number:
+                if not operation.supersede:
+                    raise FailedPrecondition(
+                        f"operation {number} arrived before operation {self.next_number}: the session runs numbered "
+                        f"calls in order and expects {self.next_number} next",
+                        "OPERATION_OUT_OF_ORDER", metadata={"expected": str(self.next_number)},
+                    )
+                for skipped in range(self.next_number, number):
+                    self._record(skipped, _Answer("", given_up=True, kept=False))
+            try:
+                result = work()
+            except (Abandoned, Unavailable):
+                raise  # nothing was done: the number stays free for the retry
+            except TrainerError as exc:
+                self._record(number, _Answer(operation.method, error=exc))
+                raise
+            self._record(number, self._kept(operation.method, result))
+            return result
+
+    def refuse(self, operation: Operation, error: TrainerError) -> None:
+        """Records ``error`` as the answer of ``operation`` when it is the next number and the
+        request was refused before it could run (a bad request: its repeat is refused the same way)."""
+        with self.lock:
+            if operation.number == self.next_number and not isinstance(error, (Abandoned, Unavailable)):
+                self._record(operation.number, _Answer(operation.method, error=error))
+
+    def _repeat(self, operation: Operation) -> Any:
+        number = operation.number
+        answer = self._answers.get(number)
+        if answer is None:
+            oldest = next(iter(self._answers), self.next_number)
+            raise FailedPrecondition(
+                f"operation {number} ran already and its answer is no longer kept (the session keeps the answers "
+                f"of operations {oldest} to {self.next_number - 1})",
+                "OPERATION_FORGOTTEN", metadata={"expected": str(self.next_number)},
+            )
+        if answer.given_up:
+            raise FailedPrecondition(
+                f"operation {number} was given up by a later call (supersede) and never ran", "OPERATION_GIVEN_UP",
+                metadata={"expected": str(self.next_number)},
+            )
+        if answer.method != operation.method:
+            raise InvalidArgument(
+                f"operation {number} was a {answer.method}, not a {operation.method}: a repeat must be the same call",
+                "OPERATION_MISMATCH",
+            )
+        if answer.error is not None:
+            raise answer.error
+        if not answer.kept:
+            raise FailedPrecondition(
+                f"operation {number} ({answer.method}) ran; its answer was too large to keep "
+                f"(the session keeps {self._keep_tensor_bytes} bytes of logits)",
+                "OPERATION_ANSWER_NOT_KEPT",
+            )
+        result = answer.result
+        if dataclasses.is_dataclass(result) and any(f.name == "replayed" for f in dataclasses.fields(result)):
+            result = dataclasses.replace(result, replayed=True)  # type: ignore[type-var]
+        return result
+
+    def _kept(self, method: str, result: Any) -> _Answer:
+        if _tensor_bytes(result) > self._keep_tensor_bytes:
+            return _Answer(method, kept=False)
+        return _Answer(method, result=result)
+
+    def _record(self, number: int, answer: _Answer) -> None:
+        self._answers[number] = answer
+        self.next_number = number + 1
+        while len(self._answers) > self._keep_answers:
+            self._answers.popitem(last=False)
+        while sum(a.tensor_bytes() for a in self._answers.values()) > self._keep_tensor_bytes:
+            self._answers.popitem(last=False)
+
+    # -- in a checkpoint ---------------------------------------------------------------------------
+
+    def snapshot(self) -> dict[str, Any]:
+        """The ledger as plain data (dicts, lists, strings, numbers, tensors) for a checkpoint file."""
+        with self.lock:
+            return {
+                "next_number": self.next_number,
+                "answers": [[number, _plain(answer)] for number, answer in self._answers.items()],
+            }
+
+    def restore(self, state: dict[str, Any]) -> Callable[[], None]:
+        """Checks what ``snapshot`` made (a bad one raises ValueError, TypeError or KeyError) and
+        returns the change that puts it back, to be made once everything else is checked too."""
+        next_number = int(state["next_number"])
+        answers = OrderedDict((int(number), _from_plain(plain)) for number, plain in state["answers"])
+        if next_number < 1 or any(number >= next_number for number in answers):
+            raise ValueError("the checkpoint's operation record is inconsistent")
+
+        def put_back() -> None:
+            with self.lock:
+                self.next_number = next_number
+                self._answers = answers
+
+        return put_back
+
+
+# -- answers as plain data ---------------------------------------------------------------------------
+# A checkpoint is read with torch.load(weights_only=True): no classes, so each dataclass is written
+# as {"type": name, fields...} and read back through this list of the types an answer may hold.
+
+def _answer_types() -> dict[str, type]:
+    from remote_trainer.engine import results
+    from remote_trainer.engine.optimizer import OptimizerSpec
+
+    kinds: list[type] = [results.ForwardResult, results.BackwardResult, results.TrainStepResult, results.StepResult,
+                         results.FreezeResult, results.SessionDescription, results.Stats, OptimizerSpec]
+    return {kind.__name__: kind for kind in kinds}
+
+
+_ERRORS = {kind.__name__: kind for kind in (errors.NotFound, errors.InvalidArgument, errors.FailedPrecondition,
+                                            errors.ResourceExhausted, errors.TrainerError)}
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, _Answer):
+        return {"method": value.method, "result": _plain(value.result), "kept": value.kept, "given_up": value.given_up,
+                "error": None if value.error is None else _plain_error(value.error)}
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {"type": type(value).__name__, **{f.name: _plain(getattr(value, f.name)) for f in dataclasses.fields(value)}}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def _plain_error(error: TrainerError) -> dict[str, Any]:
+    kind = type(error).__name__ if type(error).__name__ in _ERRORS else "TrainerError"
+    return {"kind": kind, "message": error.message, "reason": error.reason, "metadata": dict(error.metadata),
+            "violations": [[v.field, v.description] for v in error.violations]}
+
+
+def _from_plain(plain: dict[str, Any]) -> _Answer:
+    error = plain["error"]
+    return _Answer(
+        method=str(plain["method"]), result=_value(plain["result"]), kept=bool(plain["kept"]), given_up=bool(plain["given_up"]),
+        error=None if error is None else _ERRORS[error["kind"]](
+            str(error["message"]), str(error["reason"]),
+            tuple(errors.FieldViolation(str(f), str(d)) for f, d in error["violations"]),
+            {str(k): str(v) for k, v in error["metadata"].items()},
+        ),
+    )
+
+
+def _value(plain: Any) -> Any:
+    if isinstance(plain, dict) and "type" in plain:
+        kind = _answer_types()[plain["type"]]
+        fields = {f.name: f for f in dataclasses.fields(kind)}
+        values = {k: _value(v) for k, v in plain.items() if k != "type"}
+        for name, field in fields.items():  # tuples were written as lists
+            if name in values and isinstance(values[name], list) and "tuple" in str(field.type):
+                values[name] = tuple(values[name])
+        return kind(**values)
+    if isinstance(plain, list):
+        return [_value(v) for v in plain]
+    return plain
+
+
+class _Numbered(Protocol):
+    ledger: Ledger
+
+
+def numbered(method: Callable[P, T]) -> Callable[P, T]:
+    """A method that changes its session (an engine with a ``ledger``), run under its ``operation=``
+    number when one is given (``Ledger.run``: in order, at most once, a repeat answered from the
+    record). The method declares ``operation`` for its signature's sake: it is taken here, never
+    passed on."""
+
+    @functools.wraps(method)
+    def run(self: _Numbered, *args: Any, operation: Operation | None = None, **kwargs: Any) -> T:
+        if operation is None:
+            return method(self, *args, **kwargs)  # type: ignore[arg-type]
+        return self.ledger.run(operation, lambda: method(self, *args, **kwargs))  # type: ignore[arg-type]
+
+    return cast(Callable[P, T], run)

@@ -1,0 +1,89 @@
+"""The ledger of numbered operations on its own: what it keeps, what it forgets, what a checkpoint holds."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from remote_trainer.engine.errors import Abandoned, FailedPrecondition, InvalidArgument, Unavailable
+from remote_trainer.engine.ledger import Ledger
+from remote_trainer.engine.operation import Operation
+from remote_trainer.engine.results import ForwardResult, Stats, StepResult
+
+STATS = Stats(1.0, 0.0, 1.0, 0.5, 0, 4)
+
+
+def _forward(number: int, elements: int = 4) -> tuple[Operation, ForwardResult]:
+    return Operation(number, "Forward"), ForwardResult(number, torch.arange(elements, dtype=torch.float32), STATS)
+
+
+def test_answers_are_kept_up_to_a_count_then_forgotten_with_a_reason() -> None:
+    ledger = Ledger(keep_answers=2)
+    for n in (1, 2, 3):
+        ledger.run(Operation(n, "Step"), lambda n=n: StepResult(n, 1))
+    assert ledger.run(Operation(3, "Step"), lambda: StepResult(99, 1)) == StepResult(3, 1, replayed=True)
+    with pytest.raises(FailedPrecondition) as forgotten:
+        ledger.run(Operation(1, "Step"), lambda: StepResult(99, 1))
+    assert forgotten.value.reason == "OPERATION_FORGOTTEN" and "operations 2 to 3" in forgotten.value.message
+
+
+def test_logits_are_kept_up_to_a_byte_bound_and_a_larger_answer_is_not_kept() -> None:
+    ledger = Ledger(keep_tensor_bytes=64)  # 16 float32 logits
+    op, result = _forward(1, elements=32)
+    assert ledger.run(op, lambda: result) is result
+    with pytest.raises(FailedPrecondition) as not_kept:
+        ledger.run(op, lambda: result)
+    assert not_kept.value.reason == "OPERATION_ANSWER_NOT_KEPT"
+    for n in (2, 3, 4):  # 16 bytes each: the oldest answers go once 64 bytes are passed
+        op, result = _forward(n)
+        ledger.run(op, lambda result=result: result)
+    op, _ = _forward(5)
+    ledger.run(op, lambda: _forward(5)[1])
+    with pytest.raises(FailedPrecondition):
+        ledger.run(Operation(1, "Forward"), lambda: result)
+    assert ledger.run(Operation(5, "Forward"), lambda: result).replayed
+
+
+def test_abandoned_and_unavailable_calls_leave_their_number_free() -> None:
+    ledger = Ledger()
+    for error in (Abandoned("gone", "ABANDONED"), Unavailable("later", "X")):
+        def fail(error: Exception = error) -> StepResult:
+            raise error
+        with pytest.raises(type(error)):
+            ledger.run(Operation(1, "Step"), fail)
+        assert ledger.next_number == 1
+    with pytest.raises(InvalidArgument):
+        ledger.run(Operation(0, "Step"), lambda: StepResult(1, 1))
+
+
+def test_a_snapshot_holds_the_answers_as_plain_data_and_restores_them() -> None:
+    ledger = Ledger()
+    op, result = _forward(1)
+    ledger.run(op, lambda: result)
+    bad = InvalidArgument("bad input", "BAD_SHAPE")
+
+    def refuse() -> StepResult:
+        raise bad
+    with pytest.raises(InvalidArgument):
+        ledger.run(Operation(2, "Step"), refuse)
+    ledger.run(Operation(4, "ZeroGrad", supersede=True), lambda: 3)
+    snapshot = ledger.snapshot()
+    # torch.load(weights_only=True) reads a checkpoint: plain types and tensors only.
+    import io
+    buffer = io.BytesIO()
+    torch.save(snapshot, buffer)
+    buffer.seek(0)
+    restored = Ledger()
+    restored.restore(torch.load(buffer, weights_only=True))()
+    assert restored.next_number == 5
+    replayed = restored.run(op, lambda: _forward(9)[1])
+    assert replayed.forward_id == 1 and replayed.stats == STATS and torch.equal(replayed.logits, result.logits)
+    with pytest.raises(InvalidArgument) as again:
+        restored.run(Operation(2, "Step"), lambda: StepResult(1, 1))
+    assert (again.value.message, again.value.reason) == ("bad input", "BAD_SHAPE")
+    with pytest.raises(FailedPrecondition) as given_up:
+        restored.run(Operation(3, "Step"), lambda: StepResult(1, 1))
+    assert given_up.value.reason == "OPERATION_GIVEN_UP"
+    assert restored.run(Operation(4, "ZeroGrad"), lambda: 0) == 3
+    with pytest.raises(ValueError):
+        Ledger().restore({"next_number": 1, "answers": [[3, snapshot["answers"][0][1]]]})
