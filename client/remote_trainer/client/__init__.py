@@ -1,4 +1,4 @@
-"""Python SDK of the training service: ``TrainerClient``, ``Session``, results and errors.
+"""Python SDK of the training service: ``TrainerClient``, ``Session``, results, errors and ``RetryPolicy``.
 
 Needs grpcio, protobuf and numpy only; torch tensors are accepted as inputs when torch is installed
 (``remote_trainer.client.remote.RemoteModel``, the server's model as an ``nn.Module``, needs torch).
@@ -25,6 +25,7 @@ from remote_trainer.client.errors import (
     UnimplementedError,
     UnknownError,
 )
+from remote_trainer.client.retry import RetryPolicy
 from remote_trainer.client.types import (
     BackwardResult,
     CheckpointFile,
@@ -44,7 +45,7 @@ __all__ = [
     "AbortedError", "AlreadyExistsError", "BackwardResult", "Cancelled", "CheckpointFile", "DataLossError",
     "DeadlineExceededError", "FailedPreconditionError", "FieldViolation", "ForwardResult", "FreezeResult", "Graph", "InternalError",
     "InvalidArgumentError", "NamedTensor", "NotFoundError", "Optimizer", "OutOfRangeError", "ParameterInfo",
-    "ParameterList", "PermissionDeniedError", "ResourceExhaustedError", "Session", "SessionInfo", "Stats",
+    "ParameterList", "PermissionDeniedError", "ResourceExhaustedError", "RetryPolicy", "Session", "SessionInfo", "Stats",
     "TrainerClient", "TrainerError", "TrainStepResult", "UnauthenticatedError", "UnavailableError",
     "UnimplementedError", "UnknownError",
 ]

@@ -3,9 +3,12 @@
 The same methods as ``TrainerClient``/``Session``, with the same parameters, as coroutines, so one
 event loop can drive many sessions, or upload the next batch while the server computes the last
 one. Cancelling the task that awaits a call cancels the RPC. What each call sends and how its
-answer is read is ``core``'s, as for the sync SDK, so arrays, results and errors are the sync
-SDK's (numpy in and out, ``client.types`` dataclasses, ``client.errors`` exceptions); a test
-(tests/test_sdk_twins.py) keeps the two faces' signatures the same.
+answer is read is ``core``'s, and when and how often it is tried ``retry``'s, as for the sync SDK,
+so arrays, results, errors, retries and operation numbers are the sync SDK's (numpy in and out,
+``client.types`` dataclasses, ``client.errors`` exceptions); a test (tests/test_sdk_twins.py) keeps
+the two faces' signatures the same. A session's changing calls are numbered when they are called,
+so calls pipelined on the loop (``asyncio.gather(s.forward(a), s.zero_grad())``) run on the server
+in the order they were made.
 
     async with AsyncTrainerClient("localhost:50051") as client:
         model = client.session()
@@ -15,6 +18,8 @@ SDK's (numpy in and out, ``client.types`` dataclasses, ``client.errors`` excepti
 
 from __future__ import annotations
 
+import asyncio
+import functools
 from collections.abc import AsyncIterator, Callable, Iterable
 from types import TracebackType
 from typing import Any, TypeVar
@@ -24,7 +29,8 @@ import grpc
 from remote_trainer.client import core
 from remote_trainer.client.auth import async_bearer_token
 from remote_trainer.client.core import MIB
-from remote_trainer.client.errors import from_rpc_error
+from remote_trainer.client.errors import TrainerError, from_rpc_error
+from remote_trainer.client.retry import Attempts, Operations, Place, RetryPolicy, final, policy_of
 from remote_trainer.client.types import (
     BackwardResult,
     CheckpointFile,
@@ -47,9 +53,9 @@ class AsyncTrainerClient:
     """A ``grpc.aio`` connection to a training server; the async twin of ``TrainerClient``.
 
     ``async with AsyncTrainerClient(target) as client:`` closes the channel on exit. The options
-    (``timeout``, ``token``, TLS certificates, ``max_message_bytes``) are ``TrainerClient``'s; the
-    token goes with every call, those made through ``stub`` too. Create it inside the event loop
-    that will use it.
+    (``timeout``, ``token``, TLS certificates, ``max_message_bytes``, ``retry``) are
+    ``TrainerClient``'s; the token goes with every call, those made through ``stub`` too. Create it
+    inside the event loop that will use it.
     """
 
     def __init__(
@@ -64,9 +70,12 @@ class AsyncTrainerClient:
         client_key: bytes | None = None,
         max_message_bytes: int = 512 * MIB,
         options: Iterable[tuple[str, Any]] = (),
+        retry: RetryPolicy | None = RetryPolicy(),
     ) -> None:
         self.target = target
         self.timeout = timeout
+        self._retry = policy_of(retry)
+        self._operations: dict[str, Operations] = {}
         channel_options = core.channel_settings(max_message_bytes, options)
         interceptors = async_bearer_token(token) if token else None
         if tls or ca_cert or client_cert or client_key:
@@ -104,11 +113,61 @@ class AsyncTrainerClient:
         except grpc.RpcError as exc:
             raise from_rpc_error(exc) from exc
 
-    async def _send(self, call: core.Call[R], *, timeout: float | None) -> R:
-        return call.parse(await self.call(self._unary[call.method], call.request, timeout=timeout))
+    @property
+    def retry_policy(self) -> RetryPolicy:
+        """How a call that failed transiently is tried again (``retry`` at construction)."""
+        return self._retry
 
-    async def _receive(self, call: core.StreamCall[R], *, timeout: float | None) -> R:
-        return call.parse([r async for r in self.stream(self._streams[call.method], call.request, timeout=timeout)])
+    def _operations_of(self, session_id: str) -> Operations:
+        """The operation numbers of a session, shared by this client's handles on it."""
+        return self._operations.setdefault(session_id or "default", Operations(session_id))
+
+    async def _send(
+        self, call: core.Call[R] | core.StreamCall[R], *, timeout: float | None, operations: Operations | None = None
+    ) -> R:
+        """Runs ``call`` with retries within its deadline, numbered in ``operations`` if it changes the session."""
+        attempts = Attempts(self._retry, self.timeout if timeout is None else timeout)
+        if not call.numbered or operations is None:
+            return await self._attempts(call, attempts)
+        place = Place(operations)  # taken before the first await: in the order the calls are made
+        try:
+            if not operations.known:  # a handle on an existing session: where does its numbering stand?
+                info = await self._send(core.describe_session(operations.session_id), timeout=attempts.remaining())
+                operations.begin(info.next_operation)
+            attempts.retryable = operations.numbering
+            result = await self._attempts(call, attempts, place)
+        except BaseException as error:  # asyncio.CancelledError too: the call may or may not have run
+            place.end(error, self._retry)
+            raise
+        place.end(None, self._retry)
+        return result
+
+    async def _attempts(self, call: core.Call[R] | core.StreamCall[R], attempts: Attempts, place: Place | None = None) -> R:
+        while True:
+            timeout = attempts.next()
+            if place is not None:
+                place.stamp(call.request)
+            try:
+                return await self._attempt(call, timeout)
+            except TrainerError as error:
+                if attempts.count > 1 and call.done_if is not None and (done := call.done_if(error)) is not None:
+                    return call.parse(done)
+                pause = attempts.delay(error)
+                if pause is None:
+                    state = self._channel.get_state(try_to_connect=False)
+                    if (last := final(error, attempts, self.target, state)) is not error:
+                        raise last from error
+                    raise
+            await asyncio.sleep(pause)
+
+    async def _attempt(self, call: core.Call[R] | core.StreamCall[R], timeout: float | None) -> R:
+        """One attempt, through ``call`` or ``stream``: a stream that fails midway is read again
+        from its start by the next attempt."""
+        if isinstance(call, core.StreamCall):
+            method = functools.partial(self._streams[call.method], wait_for_ready=self._retry.wait_for_ready)
+            return call.parse([response async for response in self.stream(method, call.request, timeout=timeout)])
+        method = functools.partial(self._unary[call.method], wait_for_ready=self._retry.wait_for_ready)
+        return call.parse(await self.call(method, call.request, timeout=timeout))
 
     @property
     def stub(self) -> trainer_pb2_grpc.TrainerServiceStub:
@@ -130,6 +189,7 @@ class AsyncTrainerClient:
         """A new session (see ``TrainerClient.create_session``); ``async with`` it to close it on exit.
         Its ``created_info`` is the ``SessionInfo`` the server answered with."""
         info = await self._send(core.create_session(weights, num_classes, optimizer, seed, autocast, memory_format), timeout=timeout)
+        self._operations_of(info.session_id).begin(info.next_operation)
         return AsyncSession(self, info.session_id, created_info=info)
 
     async def list_sessions(self, *, timeout: float | None = None) -> list[SessionInfo]:
@@ -142,7 +202,8 @@ class AsyncTrainerClient:
 
 
 class AsyncSession:
-    """One session on the server, with ``Session``'s methods as coroutines (``created_info``: see ``Session``)."""
+    """One session on the server, with ``Session``'s methods as coroutines (``created_info`` and the
+    operation numbers: see ``Session``)."""
 
     def __init__(self, client: AsyncTrainerClient, session_id: str = "", *, created_info: SessionInfo | None = None) -> None:
         self._client = client
@@ -150,6 +211,15 @@ class AsyncSession:
         self.created_info = created_info
         self._closed = False
         self._last_forward_id = 0  # of the last Forward or TrainStep made through this handle
+        self._operations = client._operations_of(session_id)
+
+    @property
+    def next_operation(self) -> int | None:
+        """The operation number of the session's next changing call (None until it is known)."""
+        return self._operations.next_number
+
+    async def _call(self, call: core.Call[R] | core.StreamCall[R], timeout: float | None) -> R:
+        return await self._client._send(call, timeout=timeout, operations=self._operations)
 
     async def __aenter__(self) -> AsyncSession:
         return self
@@ -161,18 +231,20 @@ class AsyncSession:
         """Closes the session on the server; idempotent, and a no-op for the default session."""
         if self.session_id in ("", "default") or self._closed:
             return
-        await self._client._send(core.close_session(self.session_id), timeout=timeout)
+        await self._call(core.close_session(self.session_id), timeout)
         self._closed = True
 
     async def info(self, *, timeout: float | None = None) -> SessionInfo:
-        """What the session holds."""
-        return await self._client._send(core.describe_session(self.session_id), timeout=timeout)
+        """What the session holds (and where its numbering stands: see ``Session.info``)."""
+        info = await self._call(core.describe_session(self.session_id), timeout)
+        self._operations.begin(info.next_operation)
+        return info
 
     async def forward(
         self, x: Any, *, eval_mode: bool = False, no_grad: bool = False, stats_only: bool = False, timeout: float | None = None
     ) -> ForwardResult:
         """``model(x)`` on the server (see ``Session.forward``)."""
-        result = await self._client._send(core.forward(self.session_id, x, eval_mode, no_grad, stats_only), timeout=timeout)
+        result = await self._call(core.forward(self.session_id, x, eval_mode, no_grad, stats_only), timeout)
         self._last_forward_id = result.forward_id
         return result
 
@@ -184,51 +256,51 @@ class AsyncSession:
         """Backpropagates from the pending forward, and steps if asked (see ``Session.backward``)."""
         fid = self._last_forward_id if forward_id is None else forward_id
         call = core.backward(self.session_id, fid, loss, labels, output_gradient, retain_graph, step, zero_grad_after_step, grad_norm)
-        return await self._client._send(call, timeout=timeout)
+        return await self._call(call, timeout)
 
     async def train_step(
         self, x: Any, loss: LossName, labels: Any, *, zero_grad: bool = True, grad_norm: bool = False,
         return_logits: bool = False, timeout: float | None = None,
     ) -> TrainStepResult:
         """One whole training step in one round trip (see ``Session.train_step``)."""
-        result = await self._client._send(core.train_step(self.session_id, x, loss, labels, zero_grad, grad_norm, return_logits), timeout=timeout)
+        result = await self._call(core.train_step(self.session_id, x, loss, labels, zero_grad, grad_norm, return_logits), timeout)
         self._last_forward_id = result.forward_id
         return result
 
     async def step(self, *, expected_step_count: int | None = None, timeout: float | None = None) -> int:
         """One optimizer step; returns the session's step count (see ``Session.step``)."""
-        return await self._client._send(core.step(self.session_id, expected_step_count), timeout=timeout)
+        return await self._call(core.step(self.session_id, expected_step_count), timeout)
 
     async def zero_grad(self, set_to_none: bool = True, *, timeout: float | None = None) -> int:
         """Clears every .grad (to None, or to zeros); returns how many were set."""
-        return await self._client._send(core.zero_grad(self.session_id, set_to_none), timeout=timeout)
+        return await self._call(core.zero_grad(self.session_id, set_to_none), timeout)
 
     async def configure_optimizer(self, optimizer: Optimizer | None = None, *, timeout: float | None = None, **values: Any) -> Optimizer:
         """Replaces the optimizer: ``await configure_optimizer(kind="adam", lr=1e-3)``."""
-        return await self._client._send(core.configure_optimizer(self.session_id, optimizer, values), timeout=timeout)
+        return await self._call(core.configure_optimizer(self.session_id, optimizer, values), timeout)
 
     async def freeze(self, *patterns: str, timeout: float | None = None) -> FreezeResult:
         """Freezes parameters by name pattern."""
-        return await self._client._send(core.freeze(self.session_id, patterns, False), timeout=timeout)
+        return await self._call(core.freeze(self.session_id, patterns, False), timeout)
 
     async def unfreeze(self, *patterns: str, timeout: float | None = None) -> FreezeResult:
         """Unfreezes parameters by name pattern."""
-        return await self._client._send(core.freeze(self.session_id, patterns, True), timeout=timeout)
+        return await self._call(core.freeze(self.session_id, patterns, True), timeout)
 
     async def replace_head(self, num_classes: int, seed: int = 0, *, timeout: float | None = None) -> SessionInfo:
         """``model.fc = nn.Linear(512, num_classes)`` after ``torch.manual_seed(seed)``."""
-        return await self._client._send(core.replace_head(self.session_id, num_classes, seed), timeout=timeout)
+        return await self._call(core.replace_head(self.session_id, num_classes, seed), timeout)
 
     async def list_parameters(self, *, timeout: float | None = None) -> ParameterList:
         """Every parameter with shape, dtype, requires_grad and whether it has a .grad."""
-        return await self._client._send(core.list_parameters(self.session_id), timeout=timeout)
+        return await self._call(core.list_parameters(self.session_id), timeout)
 
     async def gradients(
         self, *patterns: str, stats_only: bool = False, dtype: TransferDataType = "float32", stats: bool = True,
         timeout: float | None = None,
     ) -> dict[str, NamedTensor]:
         """The .grad of every parameter (or those matching ``patterns``), by name (see ``Session.gradients``)."""
-        return await self._client._receive(core.gradients(self.session_id, patterns, stats_only, dtype, stats), timeout=timeout)
+        return await self._call(core.gradients(self.session_id, patterns, stats_only, dtype, stats), timeout)
 
     async def parameters(
         self, *patterns: str, stats_only: bool = False, dtype: TransferDataType = "float32", include_buffers: bool = False,
@@ -236,20 +308,20 @@ class AsyncSession:
     ) -> dict[str, NamedTensor]:
         """The values of every parameter (or those matching ``patterns``), and buffers if asked."""
         call = core.parameters(self.session_id, patterns, stats_only, dtype, include_buffers, stats)
-        return await self._client._receive(call, timeout=timeout)
+        return await self._call(call, timeout)
 
     async def save_checkpoint(self, name: str, *, timeout: float | None = None) -> int:
         """Writes the session's state to checkpoint ``name``; returns the step count saved."""
-        return await self._client._send(core.save_checkpoint(self.session_id, name), timeout=timeout)
+        return await self._call(core.save_checkpoint(self.session_id, name), timeout)
 
     async def load_checkpoint(self, name: str, *, timeout: float | None = None) -> SessionInfo:
         """Puts the session in the state of checkpoint ``name``."""
-        return await self._client._send(core.load_checkpoint(self.session_id, name), timeout=timeout)
+        return await self._call(core.load_checkpoint(self.session_id, name), timeout)
 
     async def graph(self, *, timeout: float | None = None) -> Graph:
         """The autograd graph of the pending forward."""
-        return await self._client._send(core.graph(self.session_id), timeout=timeout)
+        return await self._call(core.graph(self.session_id), timeout)
 
     async def reset(self, *, timeout: float | None = None) -> SessionInfo:
         """Puts the default session back as the server started it (see ``Session.reset``)."""
-        return await self._client._send(core.reset_session(self.session_id), timeout=timeout)
+        return await self._call(core.reset_session(self.session_id), timeout)

@@ -1,13 +1,17 @@
 """The Python SDK: ``TrainerClient`` and the ``Session`` handle.
 
 Needs grpcio, protobuf and numpy only. Arrays go in as numpy (or torch tensors, converted on the
-CPU) and come back as numpy; results are small dataclasses. Every call has a deadline. What each
-call sends and how its answer is read is ``core``'s, shared with the asyncio twin (``aio``): this
-module only does the I/O.
+CPU) and come back as numpy; results are small dataclasses. Every call has a deadline, within which
+a transient failure is retried (``retry.RetryPolicy``, ``client.retry_policy``), and every call that
+changes a session carries an operation number, so that a retry runs at most once (``retry``). What
+each call sends and how its answer is read is ``core``'s, when and how often it is tried
+``retry``'s, both shared with the asyncio twin (``aio``): this module only does the I/O.
 """
 
 from __future__ import annotations
 
+import functools
+import time
 from collections.abc import Callable, Iterable, Iterator
 from types import TracebackType
 from typing import Any, TypeVar
@@ -17,7 +21,8 @@ import grpc
 from remote_trainer.client import core
 from remote_trainer.client.auth import BearerToken
 from remote_trainer.client.core import MIB
-from remote_trainer.client.errors import from_rpc_error
+from remote_trainer.client.errors import TrainerError, from_rpc_error
+from remote_trainer.client.retry import Attempts, Operations, Place, RetryPolicy, final, policy_of
 from remote_trainer.client.types import (
     BackwardResult,
     CheckpointFile,
@@ -46,6 +51,10 @@ class TrainerClient:
     ``stub`` too. ``tls`` (implied by any certificate) encrypts the channel; ``ca_cert`` is the PEM
     of the CA that signed the server's certificate (default: the system's roots), ``client_cert``
     and ``client_key`` the PEM pair for a server that asks for client certificates (mutual TLS).
+
+    ``retry`` is how a call that failed transiently is tried again within its deadline (``None``:
+    never, failing fast; see ``retry.RetryPolicy``); ``retry_policy`` tells it. Calls made through
+    ``stub``, ``call`` and ``stream`` are made once, as given.
     """
 
     def __init__(
@@ -60,9 +69,11 @@ class TrainerClient:
         client_key: bytes | None = None,
         max_message_bytes: int = 512 * MIB,
         options: Iterable[tuple[str, Any]] = (),
+        retry: RetryPolicy | None = RetryPolicy(),
     ) -> None:
         self.target = target
         self.timeout = timeout
+        self._retry = policy_of(retry)
         channel_options = core.channel_settings(max_message_bytes, options)
         if tls or ca_cert or client_cert or client_key:
             credentials = grpc.ssl_channel_credentials(ca_cert, client_key, client_cert)
@@ -70,6 +81,10 @@ class TrainerClient:
         else:
             self._channel = grpc.insecure_channel(target, options=channel_options)
         self._base_channel = self._channel
+        self._state = grpc.ChannelConnectivity.IDLE
+        if self._retry.wait_for_ready:  # to tell a server never reached from a slow one (``retry.final``)
+            self._base_channel.subscribe(self._connectivity, try_to_connect=False)
+        self._operations: dict[str, Operations] = {}
         if token:
             self._channel = grpc.intercept_channel(self._channel, BearerToken(token))
         self._stub = trainer_pb2_grpc.TrainerServiceStub(self._channel)
@@ -87,6 +102,8 @@ class TrainerClient:
         """Closes the channel; calling it again does nothing."""
         if not self._closed:
             self._closed = True
+            if self._retry.wait_for_ready:
+                self._base_channel.unsubscribe(self._connectivity)
             self._base_channel.close()
 
     def call(self, method: Callable[..., Any], request: Any, *, timeout: float | None = None) -> Any:
@@ -104,11 +121,61 @@ class TrainerClient:
         except grpc.RpcError as exc:
             raise from_rpc_error(exc) from exc
 
-    def _send(self, call: core.Call[R], *, timeout: float | None) -> R:
-        return call.parse(self.call(self._unary[call.method], call.request, timeout=timeout))
+    @property
+    def retry_policy(self) -> RetryPolicy:
+        """How a call that failed transiently is tried again (``retry`` at construction)."""
+        return self._retry
 
-    def _receive(self, call: core.StreamCall[R], *, timeout: float | None) -> R:
-        return call.parse(self.stream(self._streams[call.method], call.request, timeout=timeout))
+    def _connectivity(self, state: grpc.ChannelConnectivity) -> None:
+        self._state = state
+
+    def _operations_of(self, session_id: str) -> Operations:
+        """The operation numbers of a session, shared by this client's handles on it."""
+        return self._operations.setdefault(session_id or "default", Operations(session_id))
+
+    def _send(self, call: core.Call[R] | core.StreamCall[R], *, timeout: float | None, operations: Operations | None = None) -> R:
+        """Runs ``call`` with retries within its deadline, numbered in ``operations`` if it changes the session."""
+        attempts = Attempts(self._retry, self.timeout if timeout is None else timeout)
+        if not call.numbered or operations is None:
+            return self._attempts(call, attempts)
+        place = Place(operations)  # taken now, in the order the calls are made
+        try:
+            if not operations.known:  # a handle on an existing session: where does its numbering stand?
+                info = self._send(core.describe_session(operations.session_id), timeout=attempts.remaining())
+                operations.begin(info.next_operation)
+            attempts.retryable = operations.numbering
+            result = self._attempts(call, attempts, place)
+        except BaseException as error:
+            place.end(error, self._retry)
+            raise
+        place.end(None, self._retry)
+        return result
+
+    def _attempts(self, call: core.Call[R] | core.StreamCall[R], attempts: Attempts, place: Place | None = None) -> R:
+        while True:
+            timeout = attempts.next()
+            if place is not None:
+                place.stamp(call.request)
+            try:
+                return self._attempt(call, timeout)
+            except TrainerError as error:
+                if attempts.count > 1 and call.done_if is not None and (done := call.done_if(error)) is not None:
+                    return call.parse(done)
+                pause = attempts.delay(error)
+                if pause is None:
+                    if (last := final(error, attempts, self.target, self._state)) is not error:
+                        raise last from error
+                    raise
+            time.sleep(pause)
+
+    def _attempt(self, call: core.Call[R] | core.StreamCall[R], timeout: float | None) -> R:
+        """One attempt, through ``call`` or ``stream``: a stream that fails midway is read again
+        from its start by the next attempt."""
+        if isinstance(call, core.StreamCall):
+            method = functools.partial(self._streams[call.method], wait_for_ready=self._retry.wait_for_ready)
+            return call.parse(self.stream(method, call.request, timeout=timeout))
+        method = functools.partial(self._unary[call.method], wait_for_ready=self._retry.wait_for_ready)
+        return call.parse(self.call(method, call.request, timeout=timeout))
 
     @property
     def stub(self) -> trainer_pb2_grpc.TrainerServiceStub:
@@ -144,6 +211,7 @@ class TrainerClient:
         """
         call = core.create_session(weights, num_classes, optimizer, seed, autocast, memory_format)
         info = self._send(call, timeout=timeout)
+        self._operations_of(info.session_id).begin(info.next_operation)
         return Session(self, info.session_id, created_info=info)
 
     def list_sessions(self, *, timeout: float | None = None) -> list[SessionInfo]:
@@ -162,6 +230,13 @@ class Session:
 
     ``created_info`` is the ``SessionInfo`` the server returned when ``create_session`` made this
     session (as it was then: ``info()`` asks for it now); None on a handle from ``client.session(id)``.
+
+    Every call that changes the session (forward, backward, train_step, step, zero_grad,
+    configure_optimizer, freeze, unfreeze, replace_head, load_checkpoint, reset) carries the next
+    operation number (``next_operation``), shared by all of the client's handles on the session; a
+    handle on an existing session asks the server where its numbering stands (one DescribeSession)
+    before its first such call. Two clients changing one session each number it on their own, and
+    so must not take turns on it without a DescribeSession between (see ``retry``).
     """
 
     def __init__(self, client: TrainerClient, session_id: str = "", *, created_info: SessionInfo | None = None) -> None:
@@ -170,6 +245,15 @@ class Session:
         self.created_info = created_info
         self._closed = False
         self._last_forward_id = 0  # of the last Forward or TrainStep made through this handle
+        self._operations = client._operations_of(session_id)
+
+    @property
+    def next_operation(self) -> int | None:
+        """The operation number of the session's next changing call (None until it is known)."""
+        return self._operations.next_number
+
+    def _call(self, call: core.Call[R] | core.StreamCall[R], timeout: float | None) -> R:
+        return self._client._send(call, timeout=timeout, operations=self._operations)
 
     def __enter__(self) -> Session:
         return self
@@ -181,18 +265,21 @@ class Session:
         """Closes the session on the server; idempotent, and a no-op for the default session."""
         if self.session_id in ("", "default") or self._closed:
             return
-        self._client._send(core.close_session(self.session_id), timeout=timeout)
+        self._call(core.close_session(self.session_id), timeout)
         self._closed = True  # only now: a close that failed (a timeout, say) can be tried again
 
     def info(self, *, timeout: float | None = None) -> SessionInfo:
-        """What the session holds."""
-        return self._client._send(core.describe_session(self.session_id), timeout=timeout)
+        """What the session holds (and, for a handle that has not numbered a call yet, where its
+        numbering stands)."""
+        info = self._call(core.describe_session(self.session_id), timeout)
+        self._operations.begin(info.next_operation)
+        return info
 
     def forward(
         self, x: Any, *, eval_mode: bool = False, no_grad: bool = False, stats_only: bool = False, timeout: float | None = None
     ) -> ForwardResult:
         """``model(x)`` on the server for a float batch (N, 3, H, W); keeps the graph unless ``no_grad``."""
-        result = self._client._send(core.forward(self.session_id, x, eval_mode, no_grad, stats_only), timeout=timeout)
+        result = self._call(core.forward(self.session_id, x, eval_mode, no_grad, stats_only), timeout)
         self._last_forward_id = result.forward_id
         return result
 
@@ -229,7 +316,7 @@ class Session:
         """
         fid = self._last_forward_id if forward_id is None else forward_id
         call = core.backward(self.session_id, fid, loss, labels, output_gradient, retain_graph, step, zero_grad_after_step, grad_norm)
-        return self._client._send(call, timeout=timeout)
+        return self._call(call, timeout)
 
     def train_step(
         self,
@@ -254,42 +341,43 @@ class Session:
         gradients' L2 norm (one more pass over them), ``return_logits`` the logits.
         """
         call = core.train_step(self.session_id, x, loss, labels, zero_grad, grad_norm, return_logits)
-        result = self._client._send(call, timeout=timeout)
+        result = self._call(call, timeout)
         self._last_forward_id = result.forward_id
         return result
 
     def step(self, *, expected_step_count: int | None = None, timeout: float | None = None) -> int:
         """One optimizer step; returns the session's step count.
 
-        ``expected_step_count`` (the count before this step) makes retrying safe after a lost answer
+        The SDK's own retries are safe without it (the operation number). ``expected_step_count``
+        (the count before this step) makes a step you retry yourself safe too, after a lost answer
         (DEADLINE_EXCEEDED, UNAVAILABLE): if the first try was taken, the retry takes no second step
         and answers with the same count. Any other count gives STEP_COUNT_MISMATCH.
         """
-        return self._client._send(core.step(self.session_id, expected_step_count), timeout=timeout)
+        return self._call(core.step(self.session_id, expected_step_count), timeout)
 
     def zero_grad(self, set_to_none: bool = True, *, timeout: float | None = None) -> int:
         """Clears every .grad (to None, or to zeros); returns how many were set."""
-        return self._client._send(core.zero_grad(self.session_id, set_to_none), timeout=timeout)
+        return self._call(core.zero_grad(self.session_id, set_to_none), timeout)
 
     def configure_optimizer(self, optimizer: Optimizer | None = None, *, timeout: float | None = None, **values: Any) -> Optimizer:
         """Replaces the optimizer: ``configure_optimizer(kind="sgd", lr=1e-2, momentum=0.9)``."""
-        return self._client._send(core.configure_optimizer(self.session_id, optimizer, values), timeout=timeout)
+        return self._call(core.configure_optimizer(self.session_id, optimizer, values), timeout)
 
     def freeze(self, *patterns: str, timeout: float | None = None) -> FreezeResult:
         """Freezes parameters by name pattern ("layer4.*", a module prefix "layer1", or "*")."""
-        return self._client._send(core.freeze(self.session_id, patterns, False), timeout=timeout)
+        return self._call(core.freeze(self.session_id, patterns, False), timeout)
 
     def unfreeze(self, *patterns: str, timeout: float | None = None) -> FreezeResult:
         """Unfreezes parameters by name pattern."""
-        return self._client._send(core.freeze(self.session_id, patterns, True), timeout=timeout)
+        return self._call(core.freeze(self.session_id, patterns, True), timeout)
 
     def replace_head(self, num_classes: int, seed: int = 0, *, timeout: float | None = None) -> SessionInfo:
         """``model.fc = nn.Linear(512, num_classes)`` after ``torch.manual_seed(seed)``; the optimizer is rebuilt."""
-        return self._client._send(core.replace_head(self.session_id, num_classes, seed), timeout=timeout)
+        return self._call(core.replace_head(self.session_id, num_classes, seed), timeout)
 
     def list_parameters(self, *, timeout: float | None = None) -> ParameterList:
         """Every parameter with shape, dtype, requires_grad and whether it has a .grad."""
-        return self._client._send(core.list_parameters(self.session_id), timeout=timeout)
+        return self._call(core.list_parameters(self.session_id), timeout)
 
     def gradients(
         self, *patterns: str, stats_only: bool = False, dtype: TransferDataType = "float32", stats: bool = True,
@@ -299,7 +387,7 @@ class Session:
 
         ``stats=False`` leaves out the statistics (one pass fewer over the gradients on the server).
         """
-        return self._client._receive(core.gradients(self.session_id, patterns, stats_only, dtype, stats), timeout=timeout)
+        return self._call(core.gradients(self.session_id, patterns, stats_only, dtype, stats), timeout)
 
     def parameters(
         self, *patterns: str, stats_only: bool = False, dtype: TransferDataType = "float32", include_buffers: bool = False,
@@ -308,22 +396,22 @@ class Session:
         """The values of every parameter (or those matching ``patterns``), and buffers if asked
         (``stats=False``: without statistics)."""
         call = core.parameters(self.session_id, patterns, stats_only, dtype, include_buffers, stats)
-        return self._client._receive(call, timeout=timeout)
+        return self._call(call, timeout)
 
     def save_checkpoint(self, name: str, *, timeout: float | None = None) -> int:
         """Writes the session's state to checkpoint ``name`` on the server; returns the step count saved."""
-        return self._client._send(core.save_checkpoint(self.session_id, name), timeout=timeout)
+        return self._call(core.save_checkpoint(self.session_id, name), timeout)
 
     def load_checkpoint(self, name: str, *, timeout: float | None = None) -> SessionInfo:
         """Puts the session in the state of checkpoint ``name`` (gradients and pending forward cleared)."""
-        return self._client._send(core.load_checkpoint(self.session_id, name), timeout=timeout)
+        return self._call(core.load_checkpoint(self.session_id, name), timeout)
 
     def graph(self, *, timeout: float | None = None) -> Graph:
         """The autograd graph of the pending forward."""
-        return self._client._send(core.graph(self.session_id), timeout=timeout)
+        return self._call(core.graph(self.session_id), timeout)
 
     def reset(self, *, timeout: float | None = None) -> SessionInfo:
         """Puts the default session back as the server started it: weights, BatchNorm buffers, head,
         optimizer and its state, step count, frozen set; no gradients, no pending forward. Other
         sessions cannot be reset (``FailedPreconditionError``, reason ``RESET_NOT_AVAILABLE``)."""
-        return self._client._send(core.reset_session(self.session_id), timeout=timeout)
+        return self._call(core.reset_session(self.session_id), timeout)

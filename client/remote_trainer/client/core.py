@@ -12,7 +12,7 @@ Needs grpcio, protobuf and numpy only.
 
 from __future__ import annotations
 
-import json
+import uuid
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar, cast, get_args
@@ -21,6 +21,7 @@ import numpy as np
 import numpy.typing as npt
 from grpc_health.v1 import health_pb2
 
+from remote_trainer.client.errors import NotFoundError, TrainerError
 from remote_trainer.client.types import (
     BackwardResult, CheckpointFile, ForwardResult, FreezeResult, Graph, GraphNode, NamedTensor, Optimizer, ParameterInfo,
     ParameterList, SessionInfo, Stats, TrainStepResult,
@@ -33,35 +34,29 @@ MIB = 1024 * 1024
 SERVICE = "trainer.v1.TrainerService"
 HEALTH_CHECK = "/grpc.health.v1.Health/Check"
 
-# Calls that change nothing may be retried when the server is briefly UNAVAILABLE; calls that
-# change a session (Forward, Backward, Step, ...) never are.
-_IDEMPOTENT = ("DescribeSession", "ListParameters", "GetGradients", "GetParameters", "GetGraph", "ListSessions")
-_SERVICE_CONFIG = json.dumps(
-    {
-        "methodConfig": [
-            {
-                "name": [{"service": SERVICE, "method": m} for m in _IDEMPOTENT] + [{"service": "grpc.health.v1.Health"}],
-                "retryPolicy": {
-                    "maxAttempts": 4,
-                    "initialBackoff": "0.1s",
-                    "maxBackoff": "2s",
-                    "backoffMultiplier": 2,
-                    "retryableStatusCodes": ["UNAVAILABLE"],
-                },
-            }
-        ]
-    }
+# Calls that change a session: each carries an Operation number (``retry``), so a retry is run at
+# most once. Every other call changes nothing, or carries a client_token the server remembers.
+NUMBERED = frozenset(
+    f"/{SERVICE}/{m}" for m in ("Forward", "Backward", "Step", "ZeroGrad", "ConfigureOptimizer", "FreezeLayers",
+                                "ReplaceHead", "LoadCheckpoint", "ResetSession", "TrainStep")
 )
 
 
 def channel_settings(max_message_bytes: int, options: Iterable[tuple[str, Any]] = ()) -> list[tuple[str, Any]]:
-    """The channel options of both faces: message sizes, and the retry policy of the idempotent
-    calls (``_SERVICE_CONFIG``), then the caller's own ``options``."""
+    """The channel options of both faces, then the caller's own ``options``: message sizes, a quick
+    reconnect after the server comes back (100 ms, backing off to 2 s), and keepalive pings every
+    10 s, answered within 5 s, so that a dead connection is noticed in seconds, between calls too.
+    Retries are the SDK's own (``retry``), not gRPC's."""
     return [
         ("grpc.max_send_message_length", max_message_bytes),
         ("grpc.max_receive_message_length", max_message_bytes),
-        ("grpc.enable_retries", 1),
-        ("grpc.service_config", _SERVICE_CONFIG),
+        ("grpc.initial_reconnect_backoff_ms", 100),
+        ("grpc.min_reconnect_backoff_ms", 100),
+        ("grpc.max_reconnect_backoff_ms", 2000),
+        ("grpc.keepalive_time_ms", 10_000),
+        ("grpc.keepalive_timeout_ms", 5_000),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.max_pings_without_data", 0),
         *options,
     ]
 
@@ -76,11 +71,21 @@ ChunkResponse = list[tuple[pb.TensorChunk, memoryview]]
 
 @dataclass(frozen=True)
 class Call(Generic[R]):
-    """One unary call, ready to send: the RPC's path, the request, and the parser of its response."""
+    """One unary call, ready to send: the RPC's path, the request, and the parser of its response.
+
+    ``done_if`` reads the error of a retry whose earlier attempt may have done the work: the response
+    that error stands for, or None when it stands for itself (CloseSession: NOT_FOUND, closed).
+    """
 
     method: str
     request: Any
     parse: Callable[[Any], R]
+    done_if: Callable[[TrainerError], Any] | None = None
+
+    @property
+    def numbered(self) -> bool:
+        """Whether the call changes a session and so carries an operation number."""
+        return self.method in NUMBERED
 
 
 @dataclass(frozen=True)
@@ -90,6 +95,26 @@ class StreamCall(Generic[R]):
     method: str
     request: Any
     parse: Callable[[Iterable[ChunkResponse]], R]
+    done_if: Callable[[TrainerError], Any] | None = None
+    numbered = False
+
+
+def number(request: Any, number: int, supersede: bool) -> None:
+    """Puts the operation ``number`` (and ``supersede``) in a numbered call's request."""
+    message = request.message if isinstance(request, wire.SplicedRequest) else request
+    message.operation.number = number
+    message.operation.supersede = supersede
+
+
+def operation(request: Any) -> pb.Operation:
+    """The operation a numbered call's request carries."""
+    message = request.message if isinstance(request, wire.SplicedRequest) else request
+    return cast(pb.Operation, message.operation)
+
+
+def token() -> str:
+    """A fresh client_token: a random UUID, in hex."""
+    return uuid.uuid4().hex
 
 
 def _path(name: str) -> str:
@@ -220,6 +245,7 @@ def session_info(msg: pb.SessionInfo) -> SessionInfo:
         msg.session_id, msg.model, msg.weights, msg.device, msg.num_classes, optimizer(msg.optimizer),
         msg.step_count, msg.pending_forward_id, msg.trainable_parameters, msg.frozen_parameters, msg.is_default,
         cast(AutocastName, msg.autocast), cast(MemoryFormatName, msg.memory_format),  # the server sends only these names
+        msg.next_operation,
     )
 
 
@@ -253,7 +279,7 @@ def create_session(
     autocast: AutocastName | None, memory_format: MemoryFormatName | None,
 ) -> Call[SessionInfo]:
     request = pb.CreateSessionRequest(weights=weights, num_classes=num_classes, seed=seed, autocast=autocast or "",
-                                      memory_format=memory_format or "")
+                                      memory_format=memory_format or "", client_token=token())
     if optimizer is not None:
         request.optimizer.CopyFrom(_optimizer_message(optimizer))
     return Call(_path("CreateSession"), request, lambda r: session_info(r.session))
@@ -269,7 +295,10 @@ def list_checkpoints() -> Call[list[CheckpointFile]]:
 
 
 def close_session(session_id: str) -> Call[None]:
-    return Call(_path("CloseSession"), pb.CloseSessionRequest(session_id=session_id), lambda r: None)
+    """A retry answered NOT_FOUND after an attempt that may have closed the session: closed."""
+    request = pb.CloseSessionRequest(session_id=session_id, client_token=token())
+    return Call(_path("CloseSession"), request, lambda r: None,
+                done_if=lambda e: pb.CloseSessionResponse(session_id=session_id) if isinstance(e, NotFoundError) else None)
 
 
 def describe_session(session_id: str) -> Call[SessionInfo]:

@@ -41,6 +41,7 @@ from torch import nn
 
 from remote_trainer.client.client import Session, TrainerClient
 from remote_trainer.client.remote_handles import RemoteModule, RemoteParameter, to_tensor
+from remote_trainer.client.retry import RetryPolicy
 from remote_trainer.client.types import BackwardResult, Graph, Optimizer, ParameterList, SessionInfo
 
 __all__ = ["Adam", "RemoteModel", "RemoteModule", "RemoteOptimizer", "RemoteParameter", "SGD"]
@@ -79,12 +80,16 @@ class RemoteModel(nn.Module):
     ``RemoteModel("localhost:50051")`` drives the server's default session;
     ``RemoteModel(client.session(id))`` or ``RemoteModel(client)`` use a session of an existing
     client; ``RemoteModel.create(target, weights=...)`` makes a new session, closed by ``close()``
-    (or on leaving a ``with`` block).
+    (or on leaving a ``with`` block). Calls are retried by the client's ``retry_policy``; ``retry``
+    is that of the client a model opens itself (from a target string).
     """
 
     last_backward: BackwardResult | None
 
-    def __init__(self, target: str | TrainerClient | Session = "localhost:50051", *, session_id: str = "", timeout: float = 120.0) -> None:
+    def __init__(
+        self, target: str | TrainerClient | Session = "localhost:50051", *, session_id: str = "", timeout: float = 120.0,
+        retry: RetryPolicy | None = RetryPolicy(),
+    ) -> None:
         super().__init__()
         self._own_client: TrainerClient | None = None
         self._own_session = False
@@ -92,7 +97,7 @@ class RemoteModel(nn.Module):
             self._session = target
         else:
             if isinstance(target, str):
-                target = self._own_client = TrainerClient(target, timeout=timeout)
+                target = self._own_client = TrainerClient(target, timeout=timeout, retry=retry)
             self._session = target.session(session_id)
         self._parameters_cache: ParameterList | None = None
         # requires_grad as the server last said it, and the changes made here not yet sent.
@@ -116,9 +121,10 @@ class RemoteModel(nn.Module):
         seed: int = 0,
         optimizer: Optimizer | None = None,
         timeout: float = 120.0,
+        retry: RetryPolicy | None = RetryPolicy(),
     ) -> RemoteModel:
         """A new session on the server ("random" seeded weights, "imagenet", or a file in its data dir)."""
-        own = TrainerClient(target, timeout=timeout) if isinstance(target, str) else None
+        own = TrainerClient(target, timeout=timeout, retry=retry) if isinstance(target, str) else None
         client = own or target
         assert isinstance(client, TrainerClient)
         try:

@@ -137,6 +137,8 @@ class SessionInfo:
     # "channels_last" weights and inputs (its own choice at creation, or the server's).
     autocast: AutocastName = "off"
     memory_format: MemoryFormatName = "contiguous"
+    # The number the session expects on its next numbered call (0: the server does not number calls).
+    next_operation: int = 0
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,236 @@
+"""The SDK's one retry policy and a session's operation numbers, with no I/O: both faces run their
+calls through ``Attempts`` and number a session's changes with ``Operations``.
+
+**What is retried.** A failure is transient when the call may simply be made again: UNAVAILABLE
+(but not the reasons in ``RetryPolicy.permanent_reasons``, such as the Ray backend's
+``SESSION_LOST``: the session is gone), and the transport failures that gRPC reports under other
+codes (INTERNAL or UNKNOWN whose details name a reset stream or socket,
+``RetryPolicy.transport_details``). A transient failure is retried with bounded exponential backoff
+and jitter, within the call's own deadline (each attempt gets the time left), so the caller sees an
+exception only once the deadline is spent, the attempts are used up, or the failure is not
+transient. Every call of the service is safe to retry: the read-only ones, ``CreateSession`` and
+``CloseSession`` (which carry a ``client_token`` the server remembers) and the calls that change a
+session, which carry an operation number (below). Attempts use ``wait_for_ready``: a call made
+while the connection is down waits, within its deadline, for it to come back.
+
+**Operation numbers.** A session's changing calls carry ``Operation(number=...)``, numbered 1, 2, 3,
+... per session from ``SessionInfo.next_operation``; a number is taken when the call is made (so
+calls pipelined on an event loop are numbered in the order they were made) and every retry of the
+call reuses it, so the server runs it at most once and answers a repeat with the answer it gave.
+A call that ends in doubt (DEADLINE_EXCEEDED, CANCELLED, UNAVAILABLE, a transport failure, or an
+exception before its answer came: it may or may not have run, and its number is not used up) makes
+the session's next numbered call carry ``supersede``, so that a late copy of it can never run after
+that one. A server that does not number (``next_operation`` 0: one from before numbering) gets
+the numbers, which it ignores, but no retries of changing calls. The handles one client makes on a
+session share its numbers; two clients that change one session (the default session, say) each
+number it on their own, so their numbers collide unless they take turns with a DescribeSession
+between (a new handle asks for ``next_operation`` before its first changing call).
+
+**Deadlines.** Every call the SDK makes has one, the method's ``timeout`` or the client's (120 s
+unless set), so no retry loop runs on; ``max_attempts`` bounds it too. Calls made through a
+client's ``stub``, ``call`` and ``stream`` are the caller's own: one attempt, as given.
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import grpc
+
+from remote_trainer.client import core
+from remote_trainer.client.errors import TrainerError, UnavailableError
+
+# Codes after which the server has not used up a call's number (docs/reliability.md): the call may
+# or may not have run, and a retry with the same number runs it if it did not.
+_UNSETTLED = frozenset({grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED, grpc.StatusCode.UNAVAILABLE})
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """How the SDK retries a call that failed transiently; ``client.retry_policy``.
+
+    ``max_attempts`` counts the first attempt; the pause before retry ``n`` (1, 2, ...) is
+    ``min(max_backoff, initial_backoff * multiplier ** (n - 1))`` seconds, scaled by a random
+    factor in ``[1 - jitter, 1 + jitter]``; no pause reaches past the call's deadline.
+    ``wait_for_ready`` makes an attempt wait for the connection (within the deadline) instead of
+    failing at once while it is down. ``RetryPolicy.none()`` (or ``retry=None`` on a client) is
+    one attempt that fails fast: the SDK's behaviour before it retried.
+
+    What is transient: ``codes`` (UNAVAILABLE), except the server ``permanent_reasons``; and
+    ``transport_codes`` (INTERNAL, UNKNOWN) when the details contain one of
+    ``transport_details`` (how gRPC reports a connection that dropped mid-call).
+    """
+
+    max_attempts: int = 10
+    initial_backoff: float = 0.1
+    max_backoff: float = 5.0
+    multiplier: float = 2.0
+    jitter: float = 0.2
+    wait_for_ready: bool = True
+    codes: frozenset[grpc.StatusCode] = frozenset({grpc.StatusCode.UNAVAILABLE})
+    permanent_reasons: frozenset[str] = frozenset({"SESSION_LOST", "CHECKPOINT_DIR_NOT_WRITABLE", "CHECKPOINT_IO_ERROR"})
+    transport_codes: frozenset[grpc.StatusCode] = frozenset({grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN})
+    transport_details: tuple[str, ...] = ("RST_STREAM", "Stream removed", "Socket closed", "Connection reset")
+
+    def __post_init__(self) -> None:
+        if self.max_attempts < 1:
+            raise ValueError(f"max_attempts must be 1 or more, got {self.max_attempts}")
+        if self.initial_backoff < 0 or self.max_backoff < self.initial_backoff or self.multiplier < 1:
+            raise ValueError("need 0 <= initial_backoff <= max_backoff and multiplier >= 1")
+        if not 0 <= self.jitter <= 1:
+            raise ValueError(f"jitter must be within [0, 1], got {self.jitter}")
+
+    @classmethod
+    def none(cls) -> RetryPolicy:
+        """One attempt, failing fast when the server cannot be reached."""
+        return cls(max_attempts=1, wait_for_ready=False)
+
+    def transient(self, error: TrainerError) -> bool:
+        """Whether ``error`` may go away if the call is made again."""
+        if error.code in self.codes:
+            return error.reason not in self.permanent_reasons
+        return error.code in self.transport_codes and any(text in error.message for text in self.transport_details)
+
+    def backoff(self, retry: int, uniform: Callable[[float, float], float] = random.uniform) -> float:
+        """Seconds to wait before retry number ``retry`` (1 for the first retry)."""
+        delay = min(self.max_backoff, self.initial_backoff * self.multiplier ** (retry - 1))
+        return delay * uniform(1 - self.jitter, 1 + self.jitter)
+
+
+def in_doubt(error: BaseException, policy: RetryPolicy) -> bool:
+    """Whether a call that ended with ``error`` may or may not have run, its number not used up."""
+    if not isinstance(error, TrainerError):
+        return True  # no answer came (cancelled task, interrupt, a bug on the way)
+    return error.code in _UNSETTLED or policy.transient(error)
+
+
+def policy_of(retry: RetryPolicy | None) -> RetryPolicy:
+    """The policy a client's ``retry`` argument means (None: ``RetryPolicy.none()``)."""
+    return RetryPolicy.none() if retry is None else retry
+
+
+class Attempts:
+    """The attempts of one call within its deadline: how long each may take, whether and when the
+    next one goes. ``retryable`` False: one attempt only."""
+
+    def __init__(
+        self, policy: RetryPolicy, timeout: float | None, retryable: bool = True,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.policy = policy
+        self.retryable = retryable
+        self.count = 0
+        self.timeout = timeout
+        self._clock = clock
+        self._deadline = None if timeout is None else clock() + timeout
+
+    def remaining(self) -> float | None:
+        """Seconds left before the call's deadline (None: no deadline)."""
+        return None if self._deadline is None else max(0.0, self._deadline - self._clock())
+
+    def next(self) -> float | None:
+        """Starts an attempt; returns its timeout, the time left."""
+        self.count += 1
+        return self.remaining()
+
+    def delay(self, error: TrainerError) -> float | None:
+        """Seconds to wait before the next attempt after ``error``, or None to give up (raise it)."""
+        if not self.retryable or self.count >= self.policy.max_attempts or not self.policy.transient(error):
+            return None
+        pause = self.policy.backoff(self.count)
+        left = self.remaining()
+        return None if left is not None and pause >= left else pause
+
+
+def final(error: TrainerError, attempts: Attempts, target: str, state: grpc.ChannelConnectivity) -> TrainerError:
+    """The error to raise after the last attempt: as it came, except that an attempt that waited
+    for a connection (``wait_for_ready``) until its deadline, the connection still not READY,
+    was never sent: UNAVAILABLE ``SERVER_UNREACHABLE`` says so, where DEADLINE_EXCEEDED would
+    suggest a slow server."""
+    if error.code is not grpc.StatusCode.DEADLINE_EXCEEDED or not attempts.policy.wait_for_ready:
+        return error
+    if state is grpc.ChannelConnectivity.READY:
+        return error
+    within = f" within {attempts.timeout:g} s" if attempts.timeout is not None else ""
+    return UnavailableError(f"could not connect to {target}{within} (the connection is {state.name})", "SERVER_UNREACHABLE")
+
+
+@dataclass
+class Operations:
+    """The operation numbers of one session, shared by every handle on it made by one client.
+
+    ``take`` hands out places in the order calls are made; ``begin`` learns where the session's
+    numbering starts (its ``next_operation``) and a place's number is that plus the place. A place
+    whose call ended in doubt is remembered until a later numbered call that superseded it was
+    answered.
+    """
+
+    session_id: str
+    start: int | None = None  # the number of place 0, once known
+    numbering: bool = False  # the server numbers this session (retries of changing calls are safe)
+    _taken: int = field(default=0, init=False)
+    _doubt: int = field(default=-1, init=False)  # the highest place that ended in doubt, not superseded yet
+    _lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
+
+    @property
+    def known(self) -> bool:
+        return self.start is not None
+
+    @property
+    def next_number(self) -> int | None:
+        """The number the next numbered call will carry (None until the start is known)."""
+        return None if self.start is None else self.start + self._taken
+
+    def begin(self, next_operation: int) -> None:
+        """Learns the session's next number from a ``SessionInfo`` (the first one learnt counts)."""
+        with self._lock:
+            if self.start is None:
+                self.start = max(1, next_operation)
+                self.numbering = next_operation >= 1
+
+    def take(self) -> int:
+        """The next place, in the order calls are made."""
+        with self._lock:
+            self._taken += 1
+            return self._taken - 1
+
+    def number(self, place: int) -> tuple[int, bool]:
+        """The number of ``place`` and whether its call supersedes the places before it in doubt."""
+        if self.start is None:
+            raise RuntimeError("the session's first number is not known yet: begin() comes first")
+        with self._lock:
+            return self.start + place, 0 <= self._doubt < place
+
+    def settle(self, place: int, doubtful: bool, superseded: bool) -> None:
+        """Records how the call at ``place`` ended: in doubt, or answered (and then, if it carried
+        ``supersede``, the places in doubt before it are given up on the server)."""
+        with self._lock:
+            if doubtful:
+                self._doubt = max(self._doubt, place)
+            elif superseded and self._doubt < place:
+                self._doubt = -1
+
+
+class Place:
+    """One numbered call's place in its session's order, from when the call is made to its end."""
+
+    def __init__(self, operations: Operations) -> None:
+        self.operations = operations
+        self.index = operations.take()
+        self._sent = False
+        self._superseding = False
+
+    def stamp(self, request: object) -> None:
+        """Puts the place's number in ``request``, before each attempt (``supersede`` as it stands now)."""
+        number, self._superseding = self.operations.number(self.index)
+        core.number(request, number, self._superseding)
+        self._sent = True
+
+    def end(self, error: BaseException | None, policy: RetryPolicy) -> None:
+        """Records how the call ended: answered (``error`` None or a definite error) or in doubt."""
+        doubtful = error is not None and (not self._sent or in_doubt(error, policy))
+        self.operations.settle(self.index, doubtful, self._superseding)
