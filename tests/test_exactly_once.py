@@ -167,6 +167,18 @@ def test_a_repeat_must_be_the_same_call(stub: pb_grpc.TrainerServiceStub, sid: s
     assert _reason(mismatch.value) == "OPERATION_MISMATCH"
 
 
+def test_a_number_another_client_used_is_not_answered_with_its_answer(stub: pb_grpc.TrainerServiceStub, sid: str) -> None:
+    """Two clients numbering one session collide: the second is refused, not handed the first's answer."""
+    mine = stub.TrainStep(_train_step(sid, 1), timeout=120)
+    theirs = _train_step(sid, 1, seed=5)
+    theirs.operation.client = "another-client"
+    with pytest.raises(grpc.RpcError) as refused:
+        stub.TrainStep(theirs, timeout=120)
+    assert _reason(refused.value) == "OPERATION_MISMATCH" and "another client" in (refused.value.details() or "")
+    assert stub.TrainStep(_train_step(sid, 1), timeout=120) == mine
+    assert _describe(stub, sid).step_count == 1
+
+
 def test_supersede_gives_up_the_missing_numbers_for_good(stub: pb_grpc.TrainerServiceStub, sid: str) -> None:
     stub.TrainStep(_train_step(sid, 1), timeout=120)
     # 2 was sent but never arrived (the client gave up on it): 3 supersedes it and runs at once.

@@ -395,24 +395,28 @@ def test_a_killed_node_loses_only_its_sessions_and_recovery_is_bit_identical(
         # The session on the surviving node goes on, through either front-end.
         assert train(alice_b.session(other.session_id), *batches[1]) == 2
 
-        # Recovery: a new session (on the surviving node) from the checkpoint redoes step 3 exactly.
-        with alice_b.create_session(WEIGHTS_NAME) as recovered:
-            assert ray_cluster.node_of(recovered.info().device) == other_node
-            assert recovered.load_checkpoint(checkpoint).step_count == 2
-            assert train(recovered, *batches[2]) == 3
-            redone = recovered.parameters(include_buffers=True)
-            assert set(redone) == set(after_three)
-            for name, item in after_three.items():
-                np.testing.assert_array_equal(redone[name].array, item.array, err_msg=name)
+        # Recovery: the same handle resumes from the checkpoint, on a new session on the surviving node,
+        # numbering where the checkpoint was (4 numbered calls a step), and redoes step 3 exactly.
+        lost_id = doomed.session_id
+        resumed = doomed.resume()
+        assert (resumed.step_count, resumed.next_operation) == (2, 9) and doomed.session_id != lost_id
+        assert ray_cluster.node_of(resumed.device) == other_node
+        assert train(doomed, *batches[2]) == 3
+        redone = doomed.parameters(include_buffers=True)
+        assert set(redone) == set(after_three)
+        for name, item in after_three.items():
+            np.testing.assert_array_equal(redone[name].array, item.array, err_msg=name)
 
-            # And both equal local PyTorch's three steps (within the tolerance of every other test).
-            optim = torch.optim.SGD(local.parameters(), lr=1e-2, momentum=0.9)
-            for data, labels in batches:
-                optim.zero_grad()
-                (local(torch.from_numpy(data)) - torch.from_numpy(labels)).sum().backward()
-                optim.step()
-            for name, value in [*local.named_parameters(), *local.named_buffers()]:
-                assert_equal_to_local(redone[name].array, value)
-        doomed.close()  # a lost session can be closed (forgotten)
-        expect_error(doomed.info, grpc.StatusCode.NOT_FOUND, "SESSION_NOT_FOUND")
+        # And both equal local PyTorch's three steps (within the tolerance of every other test).
+        optim = torch.optim.SGD(local.parameters(), lr=1e-2, momentum=0.9)
+        for data, labels in batches:
+            optim.zero_grad()
+            (local(torch.from_numpy(data)) - torch.from_numpy(labels)).sum().backward()
+            optim.step()
+        for name, value in [*local.named_parameters(), *local.named_buffers()]:
+            assert_equal_to_local(redone[name].array, value)
+        doomed.close()
+        lost = alice_a.session(lost_id)
+        lost.close()  # a lost session can be closed (forgotten)
+        expect_error(lost.info, grpc.StatusCode.NOT_FOUND, "SESSION_NOT_FOUND")
         other.close()

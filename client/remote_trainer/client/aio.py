@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import uuid
 from collections.abc import AsyncIterator, Callable, Iterable
 from types import TracebackType
 from typing import Any, TypeVar
@@ -76,6 +77,7 @@ class AsyncTrainerClient:
         self.timeout = timeout
         self._retry = policy_of(retry)
         self._operations: dict[str, Operations] = {}
+        self._client_id = uuid.uuid4().hex  # sent with each operation number: whose numbers they are
         channel_options = core.channel_settings(max_message_bytes, options)
         interceptors = async_bearer_token(token) if token else None
         if tls or ca_cert or client_cert or client_key:
@@ -120,7 +122,7 @@ class AsyncTrainerClient:
 
     def _operations_of(self, session_id: str) -> Operations:
         """The operation numbers of a session, shared by this client's handles on it."""
-        return self._operations.setdefault(session_id or "default", Operations(session_id))
+        return self._operations.setdefault(session_id or "default", Operations(session_id, self._client_id))
 
     async def _send(
         self, call: core.Call[R] | core.StreamCall[R], *, timeout: float | None, operations: Operations | None = None
@@ -237,6 +239,19 @@ class AsyncSession:
     async def info(self, *, timeout: float | None = None) -> SessionInfo:
         """What the session holds (and where its numbering stands: see ``Session.info``)."""
         info = await self._call(core.describe_session(self.session_id), timeout)
+        self._operations.begin(info.next_operation)
+        return info
+
+    async def resume(self, checkpoint: str | None = None, *, timeout: float | None = None) -> SessionInfo:
+        """Goes on after the server lost this session (it was restarted, or its Ray node died): a new
+        session from the session's last checkpoint (``auto-<session id>.ckpt``, which the server's
+        ``--checkpoint-every`` writes, unless ``checkpoint`` names another), with the operation
+        numbering the checkpoint holds, so a call the checkpoint saw is answered and not run again.
+        This handle then works on the new session (``session_id`` changes); ``info().step_count``
+        says where the training is. Returns the new session's ``SessionInfo``."""
+        info = await self._client._send(core.resume_session(checkpoint or f"auto-{self.session_id}.ckpt"), timeout=timeout)
+        self.session_id, self.created_info, self._closed = info.session_id, info, False
+        self._operations = self._client._operations_of(info.session_id)
         self._operations.begin(info.next_operation)
         return info
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import time
+import uuid
 from collections.abc import Callable, Iterable, Iterator
 from types import TracebackType
 from typing import Any, TypeVar
@@ -85,6 +86,7 @@ class TrainerClient:
         if self._retry.wait_for_ready:  # to tell a server never reached from a slow one (``retry.final``)
             self._base_channel.subscribe(self._connectivity, try_to_connect=False)
         self._operations: dict[str, Operations] = {}
+        self._client_id = uuid.uuid4().hex  # sent with each operation number: whose numbers they are
         if token:
             self._channel = grpc.intercept_channel(self._channel, BearerToken(token))
         self._stub = trainer_pb2_grpc.TrainerServiceStub(self._channel)
@@ -131,7 +133,7 @@ class TrainerClient:
 
     def _operations_of(self, session_id: str) -> Operations:
         """The operation numbers of a session, shared by this client's handles on it."""
-        return self._operations.setdefault(session_id or "default", Operations(session_id))
+        return self._operations.setdefault(session_id or "default", Operations(session_id, self._client_id))
 
     def _send(self, call: core.Call[R] | core.StreamCall[R], *, timeout: float | None, operations: Operations | None = None) -> R:
         """Runs ``call`` with retries within its deadline, numbered in ``operations`` if it changes the session."""
@@ -272,6 +274,19 @@ class Session:
         """What the session holds (and, for a handle that has not numbered a call yet, where its
         numbering stands)."""
         info = self._call(core.describe_session(self.session_id), timeout)
+        self._operations.begin(info.next_operation)
+        return info
+
+    def resume(self, checkpoint: str | None = None, *, timeout: float | None = None) -> SessionInfo:
+        """Goes on after the server lost this session (it was restarted, or its Ray node died): a new
+        session from the session's last checkpoint (``auto-<session id>.ckpt``, which the server's
+        ``--checkpoint-every`` writes, unless ``checkpoint`` names another), with the operation
+        numbering the checkpoint holds, so a call the checkpoint saw is answered and not run again.
+        This handle then works on the new session (``session_id`` changes); ``info().step_count``
+        says where the training is. Returns the new session's ``SessionInfo``."""
+        info = self._client._send(core.resume_session(checkpoint or f"auto-{self.session_id}.ckpt"), timeout=timeout)
+        self.session_id, self.created_info, self._closed = info.session_id, info, False
+        self._operations = self._client._operations_of(info.session_id)
         self._operations.begin(info.next_operation)
         return info
 

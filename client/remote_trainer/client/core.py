@@ -99,11 +99,12 @@ class StreamCall(Generic[R]):
     numbered = False
 
 
-def number(request: Any, number: int, supersede: bool) -> None:
-    """Puts the operation ``number`` (and ``supersede``) in a numbered call's request."""
+def number(request: Any, number: int, supersede: bool, client: str = "") -> None:
+    """Puts the operation ``number`` (and ``supersede``, and who numbers) in a numbered call's request."""
     message = request.message if isinstance(request, wire.SplicedRequest) else request
     message.operation.number = number
     message.operation.supersede = supersede
+    message.operation.client = client
 
 
 def operation(request: Any) -> pb.Operation:
@@ -282,6 +283,12 @@ def create_session(
                                       memory_format=memory_format or "", client_token=token())
     if optimizer is not None:
         request.optimizer.CopyFrom(_optimizer_message(optimizer))
+    return Call(_path("CreateSession"), request, lambda r: session_info(r.session))
+
+
+def resume_session(checkpoint: str) -> Call[SessionInfo]:
+    """A new session from ``checkpoint`` with the operation numbering it holds (CreateSession's resume_from)."""
+    request = pb.CreateSessionRequest(resume_from=checkpoint, client_token=token())
     return Call(_path("CreateSession"), request, lambda r: session_info(r.session))
 
 

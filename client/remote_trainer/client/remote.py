@@ -320,6 +320,10 @@ class RemoteModel(nn.Module):
         """What the session holds: weights, device, classes, optimizer, steps."""
         return self.session.info()
 
+    def resume(self, checkpoint: str | None = None) -> SessionInfo:
+        """Goes on after the server lost the session, from its last checkpoint (``Session.resume``)."""
+        return self._session.resume(checkpoint)
+
     def graph(self) -> Graph:
         """The autograd graph of the last forward (call it before ``backward``, which frees it)."""
         return self.session.graph()

@@ -170,6 +170,7 @@ class Operations:
     """
 
     session_id: str
+    client: str = ""  # this client's id, sent with every number (a repeat from another client is refused)
     start: int | None = None  # the number of place 0, once known
     numbering: bool = False  # the server numbers this session (retries of changing calls are safe)
     _taken: int = field(default=0, init=False)
@@ -227,7 +228,7 @@ class Place:
     def stamp(self, request: object) -> None:
         """Puts the place's number in ``request``, before each attempt (``supersede`` as it stands now)."""
         number, self._superseding = self.operations.number(self.index)
-        core.number(request, number, self._superseding)
+        core.number(request, number, self._superseding, self.operations.client)
         self._sent = True
 
     def end(self, error: BaseException | None, policy: RetryPolicy) -> None:

@@ -40,6 +40,7 @@ P = ParamSpec("P")
 
 KEEP_ANSWERS = 64
 KEEP_TENSOR_BYTES = 16 * 1024 * 1024
+MAX_CLIENT_CHARS = 64
 
 
 @dataclass(frozen=True)
@@ -47,6 +48,7 @@ class _Answer:
     """What a numbered call answered: its result or its error; ``kept`` False when too large to keep."""
 
     method: str
+    client: str = ""
     result: Any = None
     error: TrainerError | None = None
     kept: bool = True
@@ -88,6 +90,9 @@ class Ledger:
             number = operation.number
             if number < 1:
                 raise InvalidArgument(f"operation numbers start at 1, got {number}", "BAD_OPERATION_NUMBER")
+            if len(operation.client) > MAX_CLIENT_CHARS:
+                raise InvalidArgument(f"operation.client has {len(operation.client)} characters, more than {MAX_CLIENT_CHARS}",
+                                      "BAD_OPERATION_CLIENT")
             if number < self.next_number:
                 return self._repeat(operation)  # type: ignore[no-any-return]
             if number > self.next_number:
@@ -104,9 +109,9 @@ class Ledger:
             except (Abandoned, Unavailable):
                 raise  # nothing was done: the number stays free for the retry
             except TrainerError as exc:
-                self._record(number, _Answer(operation.method, error=exc))
+                self._record(number, _Answer(operation.method, operation.client, error=exc))
                 raise
-            self._record(number, self._kept(operation.method, result))
+            self._record(number, self._kept(operation, result))
             return result
 
     def refuse(self, operation: Operation, error: TrainerError) -> None:
@@ -114,7 +119,7 @@ class Ledger:
         request was refused before it could run (a bad request: its repeat is refused the same way)."""
         with self.lock:
             if operation.number == self.next_number and not isinstance(error, (Abandoned, Unavailable)):
-                self._record(operation.number, _Answer(operation.method, error=error))
+                self._record(operation.number, _Answer(operation.method, operation.client, error=error))
 
     def _repeat(self, operation: Operation) -> Any:
         number = operation.number
@@ -130,6 +135,12 @@ class Ledger:
             raise FailedPrecondition(
                 f"operation {number} was given up by a later call (supersede) and never ran", "OPERATION_GIVEN_UP",
                 metadata={"expected": str(self.next_number)},
+            )
+        if answer.client != operation.client:
+            raise InvalidArgument(
+                f"operation {number} was made by another client: two clients are numbering this session (a client "
+                "taking a session over numbers from its next_operation, after the other has stopped)",
+                "OPERATION_MISMATCH",
             )
         if answer.method != operation.method:
             raise InvalidArgument(
@@ -149,10 +160,10 @@ class Ledger:
             result = dataclasses.replace(result, replayed=True)  # type: ignore[type-var]
         return result
 
-    def _kept(self, method: str, result: Any) -> _Answer:
+    def _kept(self, operation: Operation, result: Any) -> _Answer:
         if _tensor_bytes(result) > self._keep_tensor_bytes:
-            return _Answer(method, kept=False)
-        return _Answer(method, result=result)
+            return _Answer(operation.method, operation.client, kept=False)
+        return _Answer(operation.method, operation.client, result=result)
 
     def _record(self, number: int, answer: _Answer) -> None:
         self._answers[number] = answer
@@ -207,7 +218,7 @@ _ERRORS = {kind.__name__: kind for kind in (errors.NotFound, errors.InvalidArgum
 
 def _plain(value: Any) -> Any:
     if isinstance(value, _Answer):
-        return {"method": value.method, "result": _plain(value.result), "kept": value.kept, "given_up": value.given_up,
+        return {"method": value.method, "client": value.client, "result": _plain(value.result), "kept": value.kept, "given_up": value.given_up,
                 "error": None if value.error is None else _plain_error(value.error)}
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
         return {"type": type(value).__name__, **{f.name: _plain(getattr(value, f.name)) for f in dataclasses.fields(value)}}
@@ -225,7 +236,7 @@ def _plain_error(error: TrainerError) -> dict[str, Any]:
 def _from_plain(plain: dict[str, Any]) -> _Answer:
     error = plain["error"]
     return _Answer(
-        method=str(plain["method"]), result=_value(plain["result"]), kept=bool(plain["kept"]), given_up=bool(plain["given_up"]),
+        method=str(plain["method"]), client=str(plain.get("client", "")), result=_value(plain["result"]), kept=bool(plain["kept"]), given_up=bool(plain["given_up"]),
         error=None if error is None else _ERRORS[error["kind"]](
             str(error["message"]), str(error["reason"]),
             tuple(errors.FieldViolation(str(f), str(d)) for f, d in error["violations"]),

@@ -16,3 +16,4 @@ class Operation:
     number: int
     method: str
     supersede: bool = False
+    client: str = ""  # who numbers the calls: a repeat from another client is not answered

@@ -79,7 +79,7 @@ def operation_of(request: Any, method: str) -> Operation | None:
     numbered (no ``operation``, or number 0: run as it comes, as grpcurl's calls are)."""
     if not hasattr(request, "operation") or not request.HasField("operation") or request.operation.number == 0:
         return None
-    return Operation(request.operation.number, method, request.operation.supersede)
+    return Operation(request.operation.number, method, request.operation.supersede, request.operation.client)
 
 
 def _abandoned_code(call: Call) -> grpc.StatusCode:

@@ -490,6 +490,7 @@ class Operation(_message.Message):
 
     NUMBER_FIELD_NUMBER: _builtins.int
     SUPERSEDE_FIELD_NUMBER: _builtins.int
+    CLIENT_FIELD_NUMBER: _builtins.int
     number: _builtins.int
     """1 or more: the call's place in the session's order."""
     supersede: _builtins.bool
@@ -497,15 +498,22 @@ class Operation(_message.Message):
     server has not seen yet: they are never run (a late copy is refused with
     OPERATION_GIVEN_UP) and this call runs now.
     """
+    client: _builtins.str
+    """Who numbers the calls: a token of the client's choosing (up to 64
+    characters), the same on every call and retry of one client. A repeat of
+    a number another client used is refused (OPERATION_MISMATCH) instead of
+    answered with that client's answer. Empty: any client.
+    """
     def __init__(
         self,
         *,
         number: _builtins.int = ...,
         supersede: _builtins.bool = ...,
+        client: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["number", b"number", "supersede", b"supersede"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["client", b"client", "number", b"number", "supersede", b"supersede"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
