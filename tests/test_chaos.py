@@ -191,7 +191,7 @@ def test_a_server_killed_mid_loop_and_restarted_resumes_bit_identical(data_dir: 
     port = _free_port()
     args = ["--port", str(port), "--weights", "random", "--data-dir", str(data_dir), "--checkpoint-dir", str(tmp_path),
             "--checkpoint-every", "1"]
-    killed, restarted = threading.Event(), threading.Event()
+    killed = threading.Event()
     processes: list[subprocess.Popen[str]] = []
 
     def kill_at_step_6(line: str) -> None:
@@ -203,7 +203,6 @@ def test_a_server_killed_mid_loop_and_restarted_resumes_bit_identical(data_dir: 
         assert killed.wait(300)
         processes[0].wait()
         processes.append(start(*args)[0])
-        restarted.set()
 
     processes.append(start(*args, on_line=kill_at_step_6)[0])
     restarter = threading.Thread(target=restart, daemon=True)
@@ -217,7 +216,7 @@ def test_a_server_killed_mid_loop_and_restarted_resumes_bit_identical(data_dir: 
                     x, labels = BATCHES[done]
                     session.train_step(x, "cross_entropy", labels)
                 except TrainerError as lost:  # the restarted server does not know the session
-                    assert lost.reason == "SESSION_NOT_FOUND" and restarted.is_set(), lost
+                    assert lost.reason == "SESSION_NOT_FOUND" and killed.is_set(), lost
                     resumed_at = session.resume().step_count
                     assert resumed_at in (done, done + 1)  # the checkpoint saw the step in flight, or not
                     resumes += 1

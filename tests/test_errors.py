@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -34,8 +35,10 @@ class State:
 
 
 def state_of(s: Session) -> State:
+    """The session's state; its operation numbering left out (a refusal uses its number, by design:
+    docs/reliability.md, and another session numbers on its own)."""
     return State(
-        s.info(),
+        dataclasses.replace(s.info(), next_operation=0, operation_epoch=""),
         {k: v.array for k, v in s.parameters(include_buffers=True).items()},  # type: ignore[misc]
         {k: v.array for k, v in s.gradients().items()},
     )

@@ -18,7 +18,7 @@ import pytest
 import torch
 from torchvision.models import resnet18
 
-from remote_trainer.client import TrainerClient
+from remote_trainer.client import TrainerClient, TrainerError
 from remote_trainer.client.errors import from_rpc_error
 from remote_trainer.contract import codec
 from remote_trainer.contract.trainer.v1 import trainer_pb2 as pb
@@ -157,6 +157,76 @@ def test_a_refused_call_uses_its_number_and_its_repeat_is_refused_the_same(stub:
     with pytest.raises(grpc.RpcError) as repeat:
         stub.Backward(backward, timeout=60)  # a forward is pending now, but 3's answer was the refusal
     assert _reason(repeat.value) == _reason(no_forward.value) == "NO_PENDING_FORWARD"
+
+
+def test_a_bad_request_that_came_early_is_refused_in_its_turn_and_uses_its_number(
+    stub: pb_grpc.TrainerServiceStub, sid: str
+) -> None:
+    """Backward (2) with an unknown loss arrives first: it is refused in its turn (after Forward 1),
+    using its number, so ZeroGrad (3) is not held up."""
+    bad = pb.BackwardRequest(session_id=sid, loss=pb.Loss(function=99), operation=_op(2))  # type: ignore[arg-type]
+    with ThreadPoolExecutor(1) as pool, waiting_for("operation 2 waits for operation 1", "remote_trainer.server.dispatch") as seen:
+        early = pool.submit(stub.Backward, bad, timeout=60)
+        assert seen.seen.wait(60)
+        stub.Forward(pb.ForwardRequest(session_id=sid, input=_tensor(rand(*BATCH)), operation=_op(1)), timeout=60)
+        with pytest.raises(grpc.RpcError) as refused:
+            early.result()
+    assert _reason(refused.value) == "UNKNOWN_LOSS"
+    stub.ZeroGrad(pb.ZeroGradRequest(session_id=sid, operation=_op(3)), timeout=60)
+    assert _describe(stub, sid).next_operation == 4
+
+
+def test_a_waiting_call_is_tried_again_at_most_once_a_second(stub: pb_grpc.TrainerServiceStub, sid: str) -> None:
+    """A call whose lower numbers never come waits without spinning: the servicer runs it about once
+    a second (the engine is asked again) until the bound (2 s here), then refuses it."""
+    with waiting_for(f"rpc=Step session={sid} running", "remote_trainer.server.status") as runs:
+        with pytest.raises(grpc.RpcError) as refused:
+            stub.Step(pb.StepRequest(session_id=sid, operation=_op(5)), timeout=60)
+    assert _reason(refused.value) == "OPERATION_OUT_OF_ORDER"
+    assert 1 <= len(runs.messages) <= 4, runs.messages
+
+
+def test_a_supersede_gives_up_a_bounded_number_of_operations(stub: pb_grpc.TrainerServiceStub, sid: str) -> None:
+    with pytest.raises(grpc.RpcError) as refused:
+        stub.ZeroGrad(pb.ZeroGradRequest(session_id=sid, operation=_op(10**12, supersede=True)), timeout=60)
+    assert _reason(refused.value) == "BAD_OPERATION_NUMBER"
+    stub.ZeroGrad(pb.ZeroGradRequest(session_id=sid, operation=_op(1000, supersede=True)), timeout=60)
+    assert _describe(stub, sid).next_operation == 1001
+    with pytest.raises(grpc.RpcError) as late:
+        stub.ZeroGrad(pb.ZeroGradRequest(session_id=sid, operation=_op(990)), timeout=60)
+    assert _reason(late.value) == "OPERATION_GIVEN_UP"
+
+
+def test_a_session_made_anew_refuses_the_old_numbering(stub: pb_grpc.TrainerServiceStub, sid: str) -> None:
+    """The default session of a restarted server has the same id and a fresh state: a client of the
+    old one is told (SESSION_RESTARTED), not run on the fresh weights."""
+    epoch = _describe(stub, sid).operation_epoch
+    assert len(epoch) == 16
+    stub.ZeroGrad(pb.ZeroGradRequest(session_id=sid, operation=pb.Operation(number=1, epoch=epoch)), timeout=60)
+    with pytest.raises(grpc.RpcError) as refused:
+        stub.ZeroGrad(pb.ZeroGradRequest(session_id=sid, operation=pb.Operation(number=2, epoch="0" * 16, supersede=True)),
+                      timeout=60)
+    assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION and _reason(refused.value) == "SESSION_RESTARTED"
+
+
+def test_the_sdk_is_not_stuck_behind_a_refusal_its_number_never_reached(numbered_server: TrainerServer) -> None:
+    """A Forward refused by gRPC's own message limit never reaches the session's record; the SDK's
+    next call supersedes its number instead of waiting for it for ever."""
+    with TrainerClient(f"localhost:{numbered_server.port}", timeout=60, max_message_bytes=1 << 20) as client, \
+            client.create_session(WEIGHTS_NAME) as session:
+        with pytest.raises(TrainerError) as too_big:
+            session.forward(rand(4, 3, 224, 224))
+        assert too_big.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert session.zero_grad() == 0
+        session.train_step(rand(*BATCH), "cross_entropy", np.array([1, 2]))
+        assert session.info().step_count == 1
+
+
+def test_resume_refuses_a_session_that_still_lives(numbered_server: TrainerServer) -> None:
+    with TrainerClient(f"localhost:{numbered_server.port}", timeout=60) as client, client.create_session(WEIGHTS_NAME) as session:
+        with pytest.raises(TrainerError) as alive:
+            session.resume()
+        assert alive.value.reason == "SESSION_ALIVE"
 
 
 def test_a_repeat_must_be_the_same_call(stub: pb_grpc.TrainerServiceStub, sid: str) -> None:

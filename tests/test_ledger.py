@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from remote_trainer.engine.errors import Abandoned, FailedPrecondition, InvalidArgument, Unavailable
+from remote_trainer.engine.errors import Abandoned, FailedPrecondition, InvalidArgument, TrainerError, Unavailable
 from remote_trainer.engine.ledger import Ledger
 from remote_trainer.engine.operation import Operation
 from remote_trainer.engine.results import ForwardResult, Stats, StepResult
@@ -87,3 +87,34 @@ def test_a_snapshot_holds_the_answers_as_plain_data_and_restores_them() -> None:
     assert restored.run(Operation(4, "ZeroGrad"), lambda: 0) == 3
     with pytest.raises(ValueError):
         Ledger().restore({"next_number": 1, "answers": [[3, snapshot["answers"][0][1]]]})
+
+
+def test_a_kept_error_holds_no_traceback_and_each_repeat_raises_a_fresh_one() -> None:
+    """A refused request's tensors live in its error's traceback: the record keeps a bare copy."""
+    ledger = Ledger()
+    big = torch.zeros(1 << 20)
+
+    def refuse(x: torch.Tensor = big) -> StepResult:
+        raise InvalidArgument(f"bad input of {x.numel()} numbers", "BAD_SHAPE")
+    with pytest.raises(InvalidArgument) as first:
+        ledger.run(Operation(1, "Forward"), refuse)
+    kept = ledger._answers[1].error
+    assert kept is not None and kept.__traceback__ is None and kept.__context__ is None
+    with pytest.raises(InvalidArgument) as again:
+        ledger.run(Operation(1, "Forward"), refuse)
+    with pytest.raises(InvalidArgument) as third:
+        ledger.run(Operation(1, "Forward"), refuse)
+    assert again.value is not third.value and again.value is not kept
+    assert (again.value.message, again.value.metadata["next_operation"]) == (first.value.message, "2")
+
+
+def test_a_bug_uses_its_number_as_internal() -> None:
+    ledger = Ledger()
+
+    def bug() -> StepResult:
+        raise ZeroDivisionError("a bug")
+    with pytest.raises(ZeroDivisionError):
+        ledger.run(Operation(1, "Step"), bug)
+    with pytest.raises(TrainerError) as repeat:
+        ledger.run(Operation(1, "Step"), lambda: StepResult(1, 1))
+    assert repeat.value.reason == "INTERNAL" and ledger.next_number == 2

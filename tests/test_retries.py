@@ -23,9 +23,11 @@ import pytest
 from remote_trainer.client import TrainerClient
 from remote_trainer.client import core
 from remote_trainer.client.aio import AsyncTrainerClient
-from remote_trainer.client.errors import DeadlineExceededError, InternalError, NotFoundError, UnavailableError
+from remote_trainer.client.errors import (
+    DeadlineExceededError, FailedPreconditionError, InternalError, NotFoundError, UnavailableError,
+)
 from remote_trainer.client.remote import RemoteModel
-from remote_trainer.client.retry import Attempts, Operations, Place, RetryPolicy, in_doubt
+from remote_trainer.client.retry import Attempts, Operations, Place, RetryPolicy
 from remote_trainer.contract.trainer.v1 import trainer_pb2 as pb
 from remote_trainer.server.app import TrainerServer, create_server
 from remote_trainer.server.settings import Settings
@@ -72,8 +74,6 @@ def test_the_policy_backs_off_exponentially_with_jitter_and_knows_what_is_transi
     assert policy.transient(InternalError("Received RST_STREAM with error code 2"))
     assert not policy.transient(InternalError("a bug"))
     assert not policy.transient(NotFoundError("no such session"))
-    assert in_doubt(UnavailableError("x", "SESSION_LOST"), policy) and in_doubt(KeyboardInterrupt(), policy)
-    assert not in_doubt(NotFoundError("x"), policy)
     assert (RetryPolicy.none().max_attempts, RetryPolicy.none().wait_for_ready) == (1, False)
     for bad in ({"max_attempts": 0}, {"jitter": 1.5}, {"initial_backoff": 3.0, "max_backoff": 1.0}):
         with pytest.raises(ValueError):
@@ -95,21 +95,25 @@ def test_numbers_follow_the_order_calls_are_made_and_a_doubt_makes_the_next_call
         place.stamp(call.request)
     assert [(core.operation(c.request).number, core.operation(c.request).supersede) for c in calls] == [(7, False), (8, False)]
     assert pb.ForwardRequest.FromString(calls[1].request.serialize()).operation.number == 8  # on the wire too
-    second.end(None, RetryPolicy())
-    first.end(UnavailableError("lost"), RetryPolicy())  # 7 may or may not have run
+    second.end(None)
+    first.end(UnavailableError("lost"))  # 7 may or may not have run
     third = Place(ops)
     step = core.step("s", None)
     third.stamp(step.request)
     assert (step.request.operation.number, step.request.operation.supersede, ops.next_number) == (9, True, 10)
-    third.end(None, RetryPolicy())  # answered: 7 is given up on the server, if it never came
+    third.end(None)  # answered: 7 is given up on the server, if it never came
     fourth = Place(ops)
     fourth.stamp(step.request)
     assert (step.request.operation.number, step.request.operation.supersede) == (10, False)
-    fourth.end(NotFoundError("no such session"), RetryPolicy())  # a definite answer uses the number up
-    unsent = Place(ops)
-    unsent.end(NotFoundError("from the DescribeSession before it"), RetryPolicy())  # never sent: in doubt
+    # Any failure, a definite one too: its number may be unused (refused before the session's record,
+    # or by gRPC's own limits), so the next call supersedes it (a no-op when it was used).
+    fourth.end(NotFoundError("no such session"))
+    fifth = Place(ops)
+    fifth.stamp(step.request)
+    assert (step.request.operation.number, step.request.operation.supersede) == (11, True)
+    fifth.end(None)
     Place(ops).stamp(step.request)
-    assert (step.request.operation.number, step.request.operation.supersede) == (12, True)
+    assert (step.request.operation.number, step.request.operation.supersede) == (12, False)
 
 
 # -- numbers and tokens on the wire ----------------------------------------------------------------
@@ -247,20 +251,17 @@ def test_a_call_waits_within_its_deadline_for_a_server_that_comes_back(restartin
     with TrainerClient(target, timeout=60) as client, TrainerClient(target, timeout=60, retry=None) as fail_fast:
         assert client.health() == fail_fast.health() == "SERVING"
         servers[0].stop(None).wait()
-        began = time.monotonic()
-        with pytest.raises(UnavailableError):
+        with pytest.raises(UnavailableError) as refused:  # one attempt: the transport's own refusal
             fail_fast.session().info()
-        assert time.monotonic() - began < 2
-        began = time.monotonic()
+        assert refused.value.reason != "SERVER_UNREACHABLE"
         with pytest.raises(UnavailableError) as spent:  # waited its whole deadline; the server never came
             client.session().info(timeout=1.5)
-        assert 1.4 < time.monotonic() - began < 5 and spent.value.reason == "SERVER_UNREACHABLE"
-        restart = threading.Timer(1.0, lambda: servers.append(create_server(Settings(port=port, weights="random"))))
-        restart.start()
-        began = time.monotonic()
+        assert spent.value.reason == "SERVER_UNREACHABLE"
+        restart = threading.Thread(target=lambda: servers.append(create_server(Settings(port=port, weights="random"))))
+        restart.start()  # while the call below waits for the connection (or just before it)
         result = client.session().forward(rand(2, 3, 32, 32), timeout=60)  # DescribeSession, then Forward, once back
         restart.join()
-        assert result.logits is not None and time.monotonic() - began >= 1.0
+        assert result.logits is not None
         assert client.session().info().pending_forward_id == result.forward_id
 
 
@@ -274,13 +275,13 @@ def test_a_changing_call_whose_deadline_passes_makes_the_next_one_supersede(rest
             number = session.next_operation
             assert number is not None
             servers[0].stop(None).wait()
-            began = time.monotonic()
             with pytest.raises((UnavailableError, DeadlineExceededError)):  # the proxy waits for the server until the deadline
                 session.zero_grad(timeout=2)
-            assert time.monotonic() - began < 5
             servers.append(create_server(Settings(port=port, weights="random")))
-            session.zero_grad()
-            assert session.next_operation == number + 2
+            # The restarted server's default session is a new one (fresh weights): not run on it.
+            with pytest.raises(FailedPreconditionError) as restarted:
+                session.zero_grad()
+            assert restarted.value.reason == "SESSION_RESTARTED"
         assert operations(hop, "ZeroGrad")[-1] == ("ZeroGrad", number + 1, True)
         assert all(not supersede for _, n, supersede in operations(hop, "ZeroGrad") if n <= number)
     finally:

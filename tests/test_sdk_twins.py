@@ -76,7 +76,7 @@ def fields(result: Any) -> dict[str, Any]:
     if not dataclasses.is_dataclass(result):
         return result
     values = dataclasses.asdict(result)  # type: ignore[arg-type]
-    for name in ("forward_id", "session_id"):
+    for name in ("forward_id", "session_id", "operation_epoch"):
         values.pop(name, None)
     return {name: value.tolist() if isinstance(value, np.ndarray) else value for name, value in values.items()}
 

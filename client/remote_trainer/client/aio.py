@@ -135,13 +135,13 @@ class AsyncTrainerClient:
         try:
             if not operations.known:  # a handle on an existing session: where does its numbering stand?
                 info = await self._send(core.describe_session(operations.session_id), timeout=attempts.remaining())
-                operations.begin(info.next_operation)
+                operations.begin(info.next_operation, info.operation_epoch)
             attempts.retryable = operations.numbering
             result = await self._attempts(call, attempts, place)
         except BaseException as error:  # asyncio.CancelledError too: the call may or may not have run
-            place.end(error, self._retry)
+            place.end(error)
             raise
-        place.end(None, self._retry)
+        place.end(None)
         return result
 
     async def _attempts(self, call: core.Call[R] | core.StreamCall[R], attempts: Attempts, place: Place | None = None) -> R:
@@ -191,7 +191,7 @@ class AsyncTrainerClient:
         """A new session (see ``TrainerClient.create_session``); ``async with`` it to close it on exit.
         Its ``created_info`` is the ``SessionInfo`` the server answered with."""
         info = await self._send(core.create_session(weights, num_classes, optimizer, seed, autocast, memory_format), timeout=timeout)
-        self._operations_of(info.session_id).begin(info.next_operation)
+        self._operations_of(info.session_id).begin(info.next_operation, info.operation_epoch)
         return AsyncSession(self, info.session_id, created_info=info)
 
     async def list_sessions(self, *, timeout: float | None = None) -> list[SessionInfo]:
@@ -235,11 +235,12 @@ class AsyncSession:
             return
         await self._call(core.close_session(self.session_id), timeout)
         self._closed = True
+        self._client._operations.pop(self.session_id, None)
 
     async def info(self, *, timeout: float | None = None) -> SessionInfo:
         """What the session holds (and where its numbering stands: see ``Session.info``)."""
         info = await self._call(core.describe_session(self.session_id), timeout)
-        self._operations.begin(info.next_operation)
+        self._operations.begin(info.next_operation, info.operation_epoch)
         return info
 
     async def resume(self, checkpoint: str | None = None, *, timeout: float | None = None) -> SessionInfo:
@@ -248,11 +249,19 @@ class AsyncSession:
         ``--checkpoint-every`` writes, unless ``checkpoint`` names another), with the operation
         numbering the checkpoint holds, so a call the checkpoint saw is answered and not run again.
         This handle then works on the new session (``session_id`` changes); ``info().step_count``
-        says where the training is. Returns the new session's ``SessionInfo``."""
+        says where the training is. Returns the new session's ``SessionInfo``. Refused
+        (``SESSION_ALIVE``) while the server still has the session."""
+        try:
+            alive = await self._client._send(core.describe_session(self.session_id), timeout=timeout)
+        except TrainerError as error:
+            if not core.lost(error):
+                raise
+        else:
+            raise core.not_lost(self.session_id, alive)
         info = await self._client._send(core.resume_session(checkpoint or f"auto-{self.session_id}.ckpt"), timeout=timeout)
         self.session_id, self.created_info, self._closed = info.session_id, info, False
         self._operations = self._client._operations_of(info.session_id)
-        self._operations.begin(info.next_operation)
+        self._operations.begin(info.next_operation, info.operation_epoch)
         return info
 
     async def forward(

@@ -144,13 +144,13 @@ class TrainerClient:
         try:
             if not operations.known:  # a handle on an existing session: where does its numbering stand?
                 info = self._send(core.describe_session(operations.session_id), timeout=attempts.remaining())
-                operations.begin(info.next_operation)
+                operations.begin(info.next_operation, info.operation_epoch)
             attempts.retryable = operations.numbering
             result = self._attempts(call, attempts, place)
         except BaseException as error:
-            place.end(error, self._retry)
+            place.end(error)
             raise
-        place.end(None, self._retry)
+        place.end(None)
         return result
 
     def _attempts(self, call: core.Call[R] | core.StreamCall[R], attempts: Attempts, place: Place | None = None) -> R:
@@ -213,7 +213,7 @@ class TrainerClient:
         """
         call = core.create_session(weights, num_classes, optimizer, seed, autocast, memory_format)
         info = self._send(call, timeout=timeout)
-        self._operations_of(info.session_id).begin(info.next_operation)
+        self._operations_of(info.session_id).begin(info.next_operation, info.operation_epoch)
         return Session(self, info.session_id, created_info=info)
 
     def list_sessions(self, *, timeout: float | None = None) -> list[SessionInfo]:
@@ -269,12 +269,13 @@ class Session:
             return
         self._call(core.close_session(self.session_id), timeout)
         self._closed = True  # only now: a close that failed (a timeout, say) can be tried again
+        self._client._operations.pop(self.session_id, None)
 
     def info(self, *, timeout: float | None = None) -> SessionInfo:
         """What the session holds (and, for a handle that has not numbered a call yet, where its
         numbering stands)."""
         info = self._call(core.describe_session(self.session_id), timeout)
-        self._operations.begin(info.next_operation)
+        self._operations.begin(info.next_operation, info.operation_epoch)
         return info
 
     def resume(self, checkpoint: str | None = None, *, timeout: float | None = None) -> SessionInfo:
@@ -283,11 +284,19 @@ class Session:
         ``--checkpoint-every`` writes, unless ``checkpoint`` names another), with the operation
         numbering the checkpoint holds, so a call the checkpoint saw is answered and not run again.
         This handle then works on the new session (``session_id`` changes); ``info().step_count``
-        says where the training is. Returns the new session's ``SessionInfo``."""
+        says where the training is. Returns the new session's ``SessionInfo``. Refused
+        (``SESSION_ALIVE``) while the server still has the session."""
+        try:
+            alive = self._client._send(core.describe_session(self.session_id), timeout=timeout)
+        except TrainerError as error:
+            if not core.lost(error):
+                raise
+        else:
+            raise core.not_lost(self.session_id, alive)
         info = self._client._send(core.resume_session(checkpoint or f"auto-{self.session_id}.ckpt"), timeout=timeout)
         self.session_id, self.created_info, self._closed = info.session_id, info, False
         self._operations = self._client._operations_of(info.session_id)
-        self._operations.begin(info.next_operation)
+        self._operations.begin(info.next_operation, info.operation_epoch)
         return info
 
     def forward(

@@ -21,7 +21,7 @@ import numpy as np
 import numpy.typing as npt
 from grpc_health.v1 import health_pb2
 
-from remote_trainer.client.errors import NotFoundError, TrainerError
+from remote_trainer.client.errors import FailedPreconditionError, NotFoundError, TrainerError
 from remote_trainer.client.types import (
     BackwardResult, CheckpointFile, ForwardResult, FreezeResult, Graph, GraphNode, NamedTensor, Optimizer, ParameterInfo,
     ParameterList, SessionInfo, Stats, TrainStepResult,
@@ -99,12 +99,14 @@ class StreamCall(Generic[R]):
     numbered = False
 
 
-def number(request: Any, number: int, supersede: bool, client: str = "") -> None:
-    """Puts the operation ``number`` (and ``supersede``, and who numbers) in a numbered call's request."""
+def number(request: Any, number: int, supersede: bool, client: str = "", epoch: str = "") -> None:
+    """Puts the operation ``number`` (and ``supersede``, who numbers, and the numbering's epoch) in a
+    numbered call's request."""
     message = request.message if isinstance(request, wire.SplicedRequest) else request
     message.operation.number = number
     message.operation.supersede = supersede
     message.operation.client = client
+    message.operation.epoch = epoch
 
 
 def operation(request: Any) -> pb.Operation:
@@ -246,7 +248,7 @@ def session_info(msg: pb.SessionInfo) -> SessionInfo:
         msg.session_id, msg.model, msg.weights, msg.device, msg.num_classes, optimizer(msg.optimizer),
         msg.step_count, msg.pending_forward_id, msg.trainable_parameters, msg.frozen_parameters, msg.is_default,
         cast(AutocastName, msg.autocast), cast(MemoryFormatName, msg.memory_format),  # the server sends only these names
-        msg.next_operation,
+        msg.next_operation, msg.operation_epoch,
     )
 
 
@@ -290,6 +292,19 @@ def resume_session(checkpoint: str) -> Call[SessionInfo]:
     """A new session from ``checkpoint`` with the operation numbering it holds (CreateSession's resume_from)."""
     request = pb.CreateSessionRequest(resume_from=checkpoint, client_token=token())
     return Call(_path("CreateSession"), request, lambda r: session_info(r.session))
+
+
+def lost(error: TrainerError) -> bool:
+    """Whether a DescribeSession refused with ``error`` says the session is gone (what resuming is for)."""
+    return isinstance(error, NotFoundError) or error.reason == "SESSION_LOST"
+
+
+def not_lost(session_id: str, info: SessionInfo) -> FailedPreconditionError:
+    """The refusal of a resume of a session that still lives (it would go back to its checkpoint)."""
+    return FailedPreconditionError(
+        f"session {session_id} is alive (step {info.step_count}): resume() is for a session the server lost; "
+        "close it first to go back to its checkpoint", "SESSION_ALIVE",
+    )
 
 
 def list_sessions() -> Call[list[SessionInfo]]:

@@ -17,14 +17,17 @@ while the connection is down waits, within its deadline, for it to come back.
 ... per session from ``SessionInfo.next_operation``; a number is taken when the call is made (so
 calls pipelined on an event loop are numbered in the order they were made) and every retry of the
 call reuses it, so the server runs it at most once and answers a repeat with the answer it gave.
-A call that ends in doubt (DEADLINE_EXCEEDED, CANCELLED, UNAVAILABLE, a transport failure, or an
-exception before its answer came: it may or may not have run, and its number is not used up) makes
-the session's next numbered call carry ``supersede``, so that a late copy of it can never run after
-that one. A server that does not number (``next_operation`` 0: one from before numbering) gets
-the numbers, which it ignores, but no retries of changing calls. The handles one client makes on a
-session share its numbers; two clients that change one session (the default session, say) each
-number it on their own, so their numbers collide unless they take turns with a DescribeSession
-between (a new handle asks for ``next_operation`` before its first changing call).
+A call that failed in any way makes the session's next numbered call carry ``supersede``: one that
+failed in transit (DEADLINE_EXCEEDED, CANCELLED, UNAVAILABLE, a reset, an exception before its answer
+came) may or may not have run, and one refused before the session's record (gRPC's own message
+limit) did not use its number; superseding makes sure a late copy can never run after the next call,
+and changes nothing when the number was used. Each number carries this client's id and the
+session's numbering epoch (``SessionInfo.operation_epoch``): a repeat of another client's number, or
+a call to a session made anew under the same id (a restarted server's default session), is refused
+rather than answered or run. A server that does not number (``next_operation`` 0: one from before
+numbering) gets the numbers, which it ignores, but no retries of changing calls. The handles one
+client makes on a session share its numbers (a new handle asks for ``next_operation`` before its
+first changing call).
 
 **Deadlines.** Every call the SDK makes has one, the method's ``timeout`` or the client's (120 s
 unless set), so no retry loop runs on; ``max_attempts`` bounds it too. Calls made through a
@@ -43,10 +46,6 @@ import grpc
 
 from remote_trainer.client import core
 from remote_trainer.client.errors import TrainerError, UnavailableError
-
-# Codes after which the server has not used up a call's number (docs/reliability.md): the call may
-# or may not have run, and a retry with the same number runs it if it did not.
-_UNSETTLED = frozenset({grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED, grpc.StatusCode.UNAVAILABLE})
 
 
 @dataclass(frozen=True)
@@ -99,13 +98,6 @@ class RetryPolicy:
         """Seconds to wait before retry number ``retry`` (1 for the first retry)."""
         delay = min(self.max_backoff, self.initial_backoff * self.multiplier ** (retry - 1))
         return delay * uniform(1 - self.jitter, 1 + self.jitter)
-
-
-def in_doubt(error: BaseException, policy: RetryPolicy) -> bool:
-    """Whether a call that ended with ``error`` may or may not have run, its number not used up."""
-    if not isinstance(error, TrainerError):
-        return True  # no answer came (cancelled task, interrupt, a bug on the way)
-    return error.code in _UNSETTLED or policy.transient(error)
 
 
 def policy_of(retry: RetryPolicy | None) -> RetryPolicy:
@@ -171,6 +163,7 @@ class Operations:
 
     session_id: str
     client: str = ""  # this client's id, sent with every number (a repeat from another client is refused)
+    epoch: str = ""  # the session's numbering (SessionInfo.operation_epoch): a session made anew refuses it
     start: int | None = None  # the number of place 0, once known
     numbering: bool = False  # the server numbers this session (retries of changing calls are safe)
     _taken: int = field(default=0, init=False)
@@ -186,12 +179,14 @@ class Operations:
         """The number the next numbered call will carry (None until the start is known)."""
         return None if self.start is None else self.start + self._taken
 
-    def begin(self, next_operation: int) -> None:
-        """Learns the session's next number from a ``SessionInfo`` (the first one learnt counts)."""
+    def begin(self, next_operation: int, epoch: str = "") -> None:
+        """Learns the session's next number and its numbering's epoch from a ``SessionInfo`` (the
+        first one learnt counts)."""
         with self._lock:
             if self.start is None:
                 self.start = max(1, next_operation)
                 self.numbering = next_operation >= 1
+                self.epoch = epoch
 
     def take(self) -> int:
         """The next place, in the order calls are made."""
@@ -222,16 +217,17 @@ class Place:
     def __init__(self, operations: Operations) -> None:
         self.operations = operations
         self.index = operations.take()
-        self._sent = False
         self._superseding = False
 
     def stamp(self, request: object) -> None:
         """Puts the place's number in ``request``, before each attempt (``supersede`` as it stands now)."""
         number, self._superseding = self.operations.number(self.index)
-        core.number(request, number, self._superseding, self.operations.client)
-        self._sent = True
+        core.number(request, number, self._superseding, self.operations.client, self.operations.epoch)
 
-    def end(self, error: BaseException | None, policy: RetryPolicy) -> None:
-        """Records how the call ended: answered (``error`` None or a definite error) or in doubt."""
-        doubtful = error is not None and (not self._sent or in_doubt(error, policy))
+    def end(self, error: BaseException | None) -> None:
+        """Records how the call ended: answered, or failed. After any failure the session's next call
+        supersedes this one: its number may be unused (refused before the session's record, or by
+        gRPC's own limits) or in doubt (lost in transit), and superseding a number that was used
+        changes nothing."""
+        doubtful = error is not None
         self.operations.settle(self.index, doubtful, self._superseding)

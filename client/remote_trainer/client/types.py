@@ -139,6 +139,8 @@ class SessionInfo:
     memory_format: MemoryFormatName = "contiguous"
     # The number the session expects on its next numbered call (0: the server does not number calls).
     next_operation: int = 0
+    # The identity of that numbering: a session made anew under the same id numbers under another.
+    operation_epoch: str = ""
 
 
 @dataclass(frozen=True)

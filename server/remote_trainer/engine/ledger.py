@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import secrets
 import threading
 from collections import OrderedDict
 from collections.abc import Callable
@@ -41,6 +42,8 @@ P = ParamSpec("P")
 KEEP_ANSWERS = 64
 KEEP_TENSOR_BYTES = 16 * 1024 * 1024
 MAX_CLIENT_CHARS = 64
+MAX_NUMBER = 2**62  # far past any session's life, and within int64 after +1
+MAX_SKIP = 1 << 20  # numbers one supersede may give up at once
 
 
 @dataclass(frozen=True)
@@ -78,6 +81,9 @@ class Ledger:
     def __init__(self, keep_answers: int = KEEP_ANSWERS, keep_tensor_bytes: int = KEEP_TENSOR_BYTES) -> None:
         self.lock = threading.RLock()
         self.next_number = 1
+        # This numbering's identity: a session re-created under the same id (the default session of a
+        # restarted server) numbers anew under another epoch, and a client of the old one is told so.
+        self.epoch = secrets.token_hex(8)
         self._answers: OrderedDict[int, _Answer] = OrderedDict()
         self._keep_answers = keep_answers
         self._keep_tensor_bytes = keep_tensor_bytes
@@ -85,41 +91,77 @@ class Ledger:
     def run(self, operation: Operation, work: Callable[[], T]) -> T:
         """``work()`` as operation ``operation.number``: run when it is the next number, answered from
         the record when it ran already (a result with a ``replayed`` field comes back with it True),
-        refused otherwise."""
+        refused otherwise. An error that used the number says the next one (metadata ``next_operation``)."""
         with self.lock:
-            number = operation.number
-            if number < 1:
-                raise InvalidArgument(f"operation numbers start at 1, got {number}", "BAD_OPERATION_NUMBER")
-            if len(operation.client) > MAX_CLIENT_CHARS:
-                raise InvalidArgument(f"operation.client has {len(operation.client)} characters, more than {MAX_CLIENT_CHARS}",
-                                      "BAD_OPERATION_CLIENT")
+            number = self._check(operation)
             if number < self.next_number:
                 return self._repeat(operation)  # type: ignore[no-any-return]
             if number > self.next_number:
-                if not operation.supersede:
-                    raise FailedPrecondition(
-                        f"operation {number} arrived before operation {self.next_number}: the session runs numbered "
-                        f"calls in order and expects {self.next_number} next",
-                        "OPERATION_OUT_OF_ORDER", metadata={"expected": str(self.next_number)},
-                    )
-                for skipped in range(self.next_number, number):
-                    self._record(skipped, _Answer("", given_up=True, kept=False))
+                self._skip_to(operation)
             try:
                 result = work()
             except (Abandoned, Unavailable):
                 raise  # nothing was done: the number stays free for the retry
             except TrainerError as exc:
-                self._record(number, _Answer(operation.method, operation.client, error=exc))
-                raise
+                raise self._record_error(operation, exc) from None
+            except Exception as exc:  # a bug: its answer is INTERNAL, now and on a repeat (the log has the traceback)
+                self._record_error(operation, TrainerError(f"internal error in operation {number}", "INTERNAL"))
+                raise exc
             self._record(number, self._kept(operation, result))
             return result
 
-    def refuse(self, operation: Operation, error: TrainerError) -> None:
-        """Records ``error`` as the answer of ``operation`` when it is the next number and the
-        request was refused before it could run (a bad request: its repeat is refused the same way)."""
+    def refuse(self, operation: Operation, error: TrainerError) -> TrainerError:
+        """The answer to a request refused before it could run (a bad field): recorded under its number
+        when that is the next one, so its repeat is refused the same way; refused as out of order when
+        it came early (it is then tried again in its turn, server/dispatch.py)."""
         with self.lock:
-            if operation.number == self.next_number and not isinstance(error, (Abandoned, Unavailable)):
-                self._record(operation.number, _Answer(operation.method, operation.client, error=error))
+            number = self._check(operation)
+            if number < self.next_number or isinstance(error, (Abandoned, Unavailable)):
+                return error
+            if number > self.next_number:
+                self._skip_to(operation)  # OPERATION_OUT_OF_ORDER unless it supersedes
+            return self._record_error(operation, error)
+
+    def _check(self, operation: Operation) -> int:
+        number = operation.number
+        if not 1 <= number <= MAX_NUMBER:
+            raise InvalidArgument(f"operation numbers are 1 to {MAX_NUMBER}, got {number}", "BAD_OPERATION_NUMBER")
+        if len(operation.client) > MAX_CLIENT_CHARS:
+            raise InvalidArgument(f"operation.client has {len(operation.client)} characters, more than {MAX_CLIENT_CHARS}",
+                                  "BAD_OPERATION_CLIENT")
+        if operation.epoch and operation.epoch != self.epoch:
+            raise FailedPrecondition(
+                "the session was made anew since this client numbered its calls (the server or its node restarted): "
+                "its state is not the one the client trained; resume from a checkpoint, or start a new client",
+                "SESSION_RESTARTED", metadata={"expected": str(self.next_number)},
+            )
+        return number
+
+    def _skip_to(self, operation: Operation) -> None:
+        """``operation`` came before the numbers below it: refused, or with ``supersede`` the missing
+        numbers are given up (the last ``keep_answers`` of them remembered as such)."""
+        number = operation.number
+        if not operation.supersede:
+            raise FailedPrecondition(
+                f"operation {number} arrived before operation {self.next_number}: the session runs numbered "
+                f"calls in order and expects {self.next_number} next",
+                "OPERATION_OUT_OF_ORDER", metadata={"expected": str(self.next_number)},
+            )
+        if number - self.next_number > MAX_SKIP:
+            raise InvalidArgument(f"operation {number} would give up {number - self.next_number} operations "
+                                  f"(at most {MAX_SKIP}); the session expects {self.next_number}", "BAD_OPERATION_NUMBER")
+        for skipped in range(max(self.next_number, number - self._keep_answers), number):
+            self._record(skipped, _Answer("", given_up=True, kept=False))
+
+    def _record_error(self, operation: Operation, error: TrainerError) -> TrainerError:
+        """Records ``error`` (a copy without its traceback, which holds the request) as the answer of
+        ``operation``; returns the error to raise, saying the number the session expects next."""
+        self._record(operation.number, _Answer(operation.method, operation.client, error=_bare(error)))
+        return self._answered(_bare(error))
+
+    def _answered(self, error: TrainerError) -> TrainerError:
+        error.metadata["next_operation"] = str(self.next_number)
+        return error
 
     def _repeat(self, operation: Operation) -> Any:
         number = operation.number
@@ -148,7 +190,7 @@ class Ledger:
                 "OPERATION_MISMATCH",
             )
         if answer.error is not None:
-            raise answer.error
+            raise self._answered(_bare(answer.error))
         if not answer.kept:
             raise FailedPrecondition(
                 f"operation {number} ({answer.method}) ran; its answer was too large to keep "
@@ -173,12 +215,14 @@ class Ledger:
         while sum(a.tensor_bytes() for a in self._answers.values()) > self._keep_tensor_bytes:
             self._answers.popitem(last=False)
 
+
     # -- in a checkpoint ---------------------------------------------------------------------------
 
     def snapshot(self) -> dict[str, Any]:
         """The ledger as plain data (dicts, lists, strings, numbers, tensors) for a checkpoint file."""
         with self.lock:
             return {
+                "epoch": self.epoch,
                 "next_number": self.next_number,
                 "answers": [[number, _plain(answer)] for number, answer in self._answers.items()],
             }
@@ -187,16 +231,23 @@ class Ledger:
         """Checks what ``snapshot`` made (a bad one raises ValueError, TypeError or KeyError) and
         returns the change that puts it back, to be made once everything else is checked too."""
         next_number = int(state["next_number"])
+        epoch = str(state.get("epoch", "")) or secrets.token_hex(8)
         answers = OrderedDict((int(number), _from_plain(plain)) for number, plain in state["answers"])
         if next_number < 1 or any(number >= next_number for number in answers):
             raise ValueError("the checkpoint's operation record is inconsistent")
 
         def put_back() -> None:
             with self.lock:
-                self.next_number = next_number
-                self._answers = answers
+                self.next_number, self.epoch, self._answers = next_number, epoch, answers
 
         return put_back
+
+
+def _bare(error: TrainerError) -> TrainerError:
+    """A copy of ``error`` with its message, reason, violations and metadata only: no traceback,
+    cause or context (which hold the request's tensors), so a kept answer is small and each raise
+    of it is a fresh exception."""
+    return type(error)(error.message, error.reason, tuple(error.violations), dict(error.metadata))
 
 
 # -- answers as plain data ---------------------------------------------------------------------------

@@ -17,3 +17,4 @@ class Operation:
     method: str
     supersede: bool = False
     client: str = ""  # who numbers the calls: a repeat from another client is not answered
+    epoch: str = ""  # the numbering the client follows (Ledger.epoch); empty: not checked

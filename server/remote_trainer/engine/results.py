@@ -137,6 +137,7 @@ class SessionDescription:
     autocast: str = "off"
     memory_format: str = "contiguous"
     next_operation: int = 1  # the number the session expects on its next numbered call (engine/ledger.py)
+    operation_epoch: str = ""  # the identity of that numbering
 
 
 @dataclass(frozen=True)

@@ -339,10 +339,10 @@ class SessionEngine:
         """``restore`` from the checkpoint file ``path``; a missing or bad file leaves the session as it was."""
         return self.restore(checkpoints.load(Path(path)))
 
-    def refuse(self, operation: Operation, error: TrainerError) -> None:
-        """Records that ``operation`` was refused before it reached the session (a bad request), so
-        that its number is used and its repeat refused the same way (``Ledger.refuse``)."""
-        self.ledger.refuse(operation, error)
+    def refuse(self, operation: Operation, error: TrainerError) -> TrainerError:
+        """The answer to ``operation``, refused before it reached the session (a bad request): its
+        number is used and its repeat refused the same way (``Ledger.refuse``)."""
+        return self.ledger.refuse(operation, error)
 
     def resume(self, path: str) -> SessionDescription:
         """``load_checkpoint`` with the checkpoint's record of numbered operations too: a session
@@ -356,7 +356,7 @@ class SessionEngine:
         with self.ledger.lock:
             description = self.restore(state)
             put_back()
-            return replace(description, next_operation=self.ledger.next_number)
+            return replace(description, next_operation=self.ledger.next_number, operation_epoch=self.ledger.epoch)
 
     @device_memory
     def restore(self, state: SessionState) -> SessionDescription:
@@ -474,4 +474,5 @@ class SessionEngine:
             autocast=self._placement.autocast,
             memory_format="channels_last" if self._placement.channels_last else "contiguous",
             next_operation=self.ledger.next_number,
+            operation_epoch=self.ledger.epoch,
         )

@@ -36,6 +36,10 @@ class Call:
     def still_wanted(self) -> bool:
         return self.outcome() is None
 
+    def remaining(self) -> float | None:
+        """Seconds until the deadline (None: no deadline)."""
+        return None if self.deadline is None else self.deadline - time.monotonic()
+
     def outcome(self) -> str | None:
         """None while the client waits; else DEADLINE_EXCEEDED or CANCELLED."""
         if self.deadline is not None and time.monotonic() >= self.deadline:

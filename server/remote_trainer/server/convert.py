@@ -238,7 +238,7 @@ def session_info(session_id: str, desc: SessionDescription, is_default: bool) ->
         num_classes=desc.num_classes, optimizer=optimizer_config(desc.optimizer), step_count=desc.step_count,
         pending_forward_id=desc.pending_forward_id, trainable_parameters=desc.trainable_parameters,
         frozen_parameters=desc.frozen_parameters, is_default=is_default, autocast=desc.autocast,
-        memory_format=desc.memory_format, next_operation=desc.next_operation,
+        memory_format=desc.memory_format, next_operation=desc.next_operation, operation_epoch=desc.operation_epoch,
     )
 
 

@@ -10,8 +10,10 @@ Numbered calls (``Operation``, engine/ledger.py) take their turn in their number
 order they arrived: a call whose number is ahead of the one the session expects waits (on the event
 loop, before its turn, so the missing call can still take it) until the earlier ones have run, at
 most ``ORDER_WAIT`` seconds; then the engine, which decides, refuses it. What the session expects is
-learned from the answers: each numbered call that used its number, and the engine's refusal of a call
-that came too early (it names the number it expects), after which that call waits and runs again.
+learned from the answers: each numbered call that succeeded, an error that used its number (it says
+the next one) and the engine's refusal of a call that came too early (it names the number it
+expects), after which that call waits and is tried again, at least every ``ASK_AGAIN`` seconds (the
+missing numbers may reach the session through another front-end, on the Ray backend).
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
 
-from remote_trainer.engine.errors import Abandoned, TrainerError, Unavailable
+from remote_trainer.engine.errors import TrainerError
 from remote_trainer.engine.operation import Operation
 from remote_trainer.server.sessions import DEFAULT_SESSION_ID
 
@@ -33,6 +35,7 @@ T = TypeVar("T")
 log = logging.getLogger(__name__)
 
 ORDER_WAIT = 10.0  # seconds a numbered call waits for the numbers before it
+ASK_AGAIN = 1.0  # seconds between asking the engine again while a call waits for its turn
 _KNOWN_SESSIONS = 4096  # sessions whose next number is remembered here (oldest forgotten first)
 
 
@@ -54,7 +57,6 @@ class Dispatcher:
         if session_id is None:
             return await self._on_worker(work)
         sid = session_id or DEFAULT_SESSION_ID
-        number = operation.number if operation is not None else None
         give_up_at = asyncio.get_running_loop().time() + self._order_wait
         while True:
             if operation is not None and not operation.supersede:
@@ -63,22 +65,22 @@ class Dispatcher:
                 async with self._turn(sid):
                     result = await self._on_worker(work)
             except TrainerError as exc:
-                if number is None:
+                if operation is None:
                     raise
-                expected = exc.metadata.get("expected", "") if exc.reason == "OPERATION_OUT_OF_ORDER" else ""
-                if expected.isdigit() and int(expected) < number:
-                    await self._hear(sid, int(expected))
-                    if asyncio.get_running_loop().time() < give_up_at:
-                        continue  # it came before its turn: wait for the numbers before it, then run it
-                elif not isinstance(exc, (Abandoned, Unavailable)):
-                    await self._hear(sid, number + 1)  # the refusal used the number (or it was a repeat)
+                said = exc.metadata.get("expected" if exc.reason == "OPERATION_OUT_OF_ORDER" else "next_operation", "")
+                if said.isdigit():
+                    await self._hear(sid, int(said), exact=True)  # the engine's word, which may be lower than ours
+                if exc.reason == "OPERATION_OUT_OF_ORDER" and asyncio.get_running_loop().time() < give_up_at:
+                    continue  # it came before its turn: wait for the numbers before it, then try again
                 raise
-            if number is not None:
-                await self._hear(sid, number + 1)
+            if operation is not None:
+                await self._hear(sid, operation.number + 1)
             return result
 
     async def _in_order(self, session_id: str, number: int, give_up_at: float) -> None:
-        """Waits until the session expects ``number`` (or a later one: a repeat), or until ``give_up_at``."""
+        """Waits until the session expects ``number`` (or a later one: a repeat), ``give_up_at``, or
+        ``ASK_AGAIN`` seconds (then the engine is asked again: another front-end may have run the
+        missing numbers)."""
         heard = self._condition()
         async with heard:
             expected = self._expected.get(session_id, number)
@@ -87,14 +89,16 @@ class Dispatcher:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(
                     heard.wait_for(lambda: self._expected.get(session_id, number) >= number),
-                    max(0.0, give_up_at - asyncio.get_running_loop().time()),
+                    max(0.0, min(ASK_AGAIN, give_up_at - asyncio.get_running_loop().time())),
                 )
 
-    async def _hear(self, session_id: str, expected: int) -> None:
-        """The session expects ``expected`` next (numbers only go up); wakes the calls waiting for it."""
+    async def _hear(self, session_id: str, expected: int, exact: bool = False) -> None:
+        """The session expects ``expected`` next (from an answer: numbers only go up; ``exact``, the
+        engine's own word); wakes the calls waiting for it."""
         heard = self._condition()
         async with heard:
-            self._expected[session_id] = max(expected, self._expected.get(session_id, 0))
+            known = self._expected.get(session_id, 0)
+            self._expected[session_id] = expected if exact else max(expected, known)
             self._expected.move_to_end(session_id)
             while len(self._expected) > _KNOWN_SESSIONS:
                 self._expected.popitem(last=False)

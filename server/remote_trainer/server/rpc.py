@@ -79,7 +79,8 @@ def operation_of(request: Any, method: str) -> Operation | None:
     numbered (no ``operation``, or number 0: run as it comes, as grpcurl's calls are)."""
     if not hasattr(request, "operation") or not request.HasField("operation") or request.operation.number == 0:
         return None
-    return Operation(request.operation.number, method, request.operation.supersede, request.operation.client)
+    given = request.operation
+    return Operation(given.number, method, given.supersede, given.client, given.epoch)
 
 
 def _abandoned_code(call: Call) -> grpc.StatusCode:

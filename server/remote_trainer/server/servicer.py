@@ -20,7 +20,7 @@ from remote_trainer.engine.models import ModelSpec
 from remote_trainer.engine.optimizer import OptimizerSpec
 from remote_trainer.engine.protocol import Engine
 from remote_trainer.engine.results import SessionDescription
-from remote_trainer.engine.errors import TrainerError, invalid
+from remote_trainer.engine.errors import TrainerError, Unavailable, invalid
 from remote_trainer.engine.operation import Operation
 from remote_trainer.server.calls import current_call
 from remote_trainer.server.client_tokens import Once
@@ -32,6 +32,10 @@ from remote_trainer.contract.names import AUTOCAST_MODES, MEMORY_FORMATS
 from remote_trainer.contract.trainer.v1 import trainer_pb2 as pb
 
 log = logging.getLogger(__name__)
+
+# The ledger's own refusals (engine/ledger.py): answers about the number, not about the request.
+_LEDGER_REASONS = frozenset({"OPERATION_OUT_OF_ORDER", "OPERATION_FORGOTTEN", "OPERATION_GIVEN_UP", "OPERATION_MISMATCH",
+                             "OPERATION_ANSWER_NOT_KEPT", "BAD_OPERATION_NUMBER", "BAD_OPERATION_CLIENT", "SESSION_RESTARTED"})
 
 T = TypeVar("T")
 
@@ -114,14 +118,18 @@ class TrainerServicer:
     def _numbered(engine: Engine, operation: Operation | None) -> Iterator[None]:
         """Around a numbered call's work: a request refused before it reached the engine (a bad
         field) uses its number too, so the numbers after it are not held up and its repeat is refused
-        the same way (``Engine.refuse``; nothing when the engine used or refused the number itself)."""
+        the same way; one that came early is refused as out of order, to be tried in its turn
+        (``Engine.refuse``; nothing when the engine used or refused the number itself)."""
         try:
             yield
         except TrainerError as exc:
-            if operation is not None:
-                with contextlib.suppress(TrainerError):  # the session cannot be told (lost): the refusal stands
-                    engine.refuse(operation, exc)
-            raise
+            if operation is None or "next_operation" in exc.metadata or exc.reason in _LEDGER_REASONS:
+                raise  # the engine's own answer
+            try:
+                answer = engine.refuse(operation, exc)
+            except Unavailable:  # the session cannot be told (lost): the refusal stands
+                raise exc from None
+            raise answer from None
 
     def _checkpoint_path(self, name: str, context: Context) -> Path:
         return checkpoints.checkpoint_path(name, self._checkpoint_dir, caller(self._auth, context))
@@ -162,7 +170,7 @@ class TrainerServicer:
                     raise
             return session_id
 
-        session_id, _ = self._created.run(owner, request.client_token, create)
+        session_id, _ = self._created.run(owner, request.client_token, create, wait=current_call().remaining())
         return pb.CreateSessionResponse(session=self._info(session_id, self._session(session_id, context).describe()))
 
     @unary
@@ -172,7 +180,8 @@ class TrainerServicer:
             self.observer.session_closed(request.session_id)
             return request.session_id
 
-        closed, _ = self._closed.run(caller(self._auth, context), request.client_token, close)
+        closed, _ = self._closed.run(caller(self._auth, context), request.client_token, close, scope=request.session_id,
+                                     wait=current_call().remaining())
         return pb.CloseSessionResponse(session_id=closed)
 
     @unary

@@ -491,6 +491,7 @@ class Operation(_message.Message):
     NUMBER_FIELD_NUMBER: _builtins.int
     SUPERSEDE_FIELD_NUMBER: _builtins.int
     CLIENT_FIELD_NUMBER: _builtins.int
+    EPOCH_FIELD_NUMBER: _builtins.int
     number: _builtins.int
     """1 or more: the call's place in the session's order."""
     supersede: _builtins.bool
@@ -504,16 +505,23 @@ class Operation(_message.Message):
     a number another client used is refused (OPERATION_MISMATCH) instead of
     answered with that client's answer. Empty: any client.
     """
+    epoch: _builtins.str
+    """The numbering this client follows (SessionInfo.operation_epoch): a session
+    made anew under the same id (the default session of a restarted server)
+    refuses the old numbering's calls with SESSION_RESTARTED instead of
+    running them on its fresh state. Empty: not checked.
+    """
     def __init__(
         self,
         *,
         number: _builtins.int = ...,
         supersede: _builtins.bool = ...,
         client: _builtins.str = ...,
+        epoch: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["client", b"client", "number", b"number", "supersede", b"supersede"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["client", b"client", "epoch", b"epoch", "number", b"number", "supersede", b"supersede"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -539,6 +547,7 @@ class SessionInfo(_message.Message):
     AUTOCAST_FIELD_NUMBER: _builtins.int
     MEMORY_FORMAT_FIELD_NUMBER: _builtins.int
     NEXT_OPERATION_FIELD_NUMBER: _builtins.int
+    OPERATION_EPOCH_FIELD_NUMBER: _builtins.int
     session_id: _builtins.str
     """The session's id."""
     model: _builtins.str
@@ -571,6 +580,8 @@ class SessionInfo(_message.Message):
     """The number the session expects on its next numbered call (Operation):
     a client taking over a session numbers its calls from here.
     """
+    operation_epoch: _builtins.str
+    """The identity of the session's numbering (Operation.epoch)."""
     @_builtins.property
     def optimizer(self) -> Global___OptimizerConfig:
         """The optimizer, with every value filled in."""
@@ -592,10 +603,11 @@ class SessionInfo(_message.Message):
         autocast: _builtins.str = ...,
         memory_format: _builtins.str = ...,
         next_operation: _builtins.int = ...,
+        operation_epoch: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["optimizer", b"optimizer"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["autocast", b"autocast", "device", b"device", "frozen_parameters", b"frozen_parameters", "is_default", b"is_default", "memory_format", b"memory_format", "model", b"model", "next_operation", b"next_operation", "num_classes", b"num_classes", "optimizer", b"optimizer", "pending_forward_id", b"pending_forward_id", "session_id", b"session_id", "step_count", b"step_count", "trainable_parameters", b"trainable_parameters", "weights", b"weights"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["autocast", b"autocast", "device", b"device", "frozen_parameters", b"frozen_parameters", "is_default", b"is_default", "memory_format", b"memory_format", "model", b"model", "next_operation", b"next_operation", "num_classes", b"num_classes", "operation_epoch", b"operation_epoch", "optimizer", b"optimizer", "pending_forward_id", b"pending_forward_id", "session_id", b"session_id", "step_count", b"step_count", "trainable_parameters", b"trainable_parameters", "weights", b"weights"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
