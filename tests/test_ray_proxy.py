@@ -5,6 +5,7 @@ with the fast tests; tests/test_ray_backend.py runs it against real actors.
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import pytest
@@ -14,6 +15,7 @@ from remote_trainer.engine import portable
 from remote_trainer.engine.errors import Abandoned
 from remote_trainer.engine.protocol import Engine
 from remote_trainer.engine.results import CheckpointInfo
+from remote_trainer.server.calls import Call, in_call
 from remote_trainer.server.ray_backend.proxy import FORWARDED, RayEngine
 from tests.test_layout import loaded_after
 
@@ -23,11 +25,13 @@ class FakeActor:
 
     def __init__(self, answer: object = None) -> None:
         self.calls: list[tuple[str, tuple[Any, ...], dict[str, Any]]] = []
+        self.deadlines: list[float | None] = []
         self.answer = answer
         self.call = self
 
-    def remote(self, method: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> object:
+    def remote(self, method: str, args: tuple[Any, ...], kwargs: dict[str, Any], until: float | None) -> object:
         self.calls.append((method, portable.unpack(args), portable.unpack(kwargs)))
+        self.deadlines.append(until)
         return portable.pack(self.answer)
 
 
@@ -80,6 +84,19 @@ def test_the_proxy_asks_still_wanted_before_sending_and_never_sends_it() -> None
     assert engine.step(4, lambda: True) == (1, 1)
     engine.forward(torch.ones(1, 3, 8, 8), no_grad=True, still_wanted=lambda: True)
     assert [(m, len(a), k) for m, a, k in actor.calls] == [("step", 1, {}), ("forward", 1, {"no_grad": True})]
+
+
+def test_the_proxy_sends_the_calls_deadline_as_wall_clock_time() -> None:
+    """The deadline crosses to the actor as plain data: when it passes, by ``time.time()`` (the
+    actor's process has another monotonic clock); none outside a call or for a call without one."""
+    engine, actor, _ = proxy(answer=0)
+    engine.zero_grad()
+    in_call(Call(), engine.zero_grad)
+    before = time.time()
+    in_call(Call(deadline=time.monotonic() + 30), engine.zero_grad)
+    assert actor.deadlines[:2] == [None, None]
+    until = actor.deadlines[2]
+    assert until is not None and before + 29 < until < time.time() + 30
 
 
 def test_the_proxy_tells_the_registry_of_a_saved_checkpoint() -> None:

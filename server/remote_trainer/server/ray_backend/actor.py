@@ -6,26 +6,51 @@ it), placed by Ray where the resources it asks for (``--ray-num-cpus``, ``--ray-
 from a ``ModelSpec``; tensors cross as numpy arrays (``engine/portable.py``) through Ray's object
 store, which readers map without copying. It runs the engine methods the front-end's proxy forwards
 (``proxy.FORWARDED``) and nothing else.
+
+A call carries its caller's deadline (``until``, wall-clock): one that passed while the call waited
+for the actor is not run; the engine methods that check ``still_wanted`` get ``Wanted``, which also
+says no once the front-end has cancelled the task. The idle clock counts a running call as use: it
+is set when a call starts and when it ends, and the actor is not idle while one runs (so neither
+idle expiry nor pending-graph expiry acts on a session busy with another front-end's call).
 """
 
 from __future__ import annotations
 
 import threading
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 import ray
 
 from remote_trainer.engine import portable
 from remote_trainer.engine.budget import MemoryBudget, default_total_bytes
-from remote_trainer.engine.errors import FailedPrecondition
+from remote_trainer.engine.errors import Abandoned, FailedPrecondition
 from remote_trainer.engine.limits import Limits
 from remote_trainer.engine.models import ModelSpec, resolve_device
 from remote_trainer.engine.optimizer import OptimizerSpec
 from remote_trainer.engine.results import SessionDescription
 from remote_trainer.engine.session import SessionEngine
-from remote_trainer.server.ray_backend.proxy import FORWARDED
+from remote_trainer.server.ray_backend.proxy import CHECKED, FORWARDED
+
+# The front-ends' housekeeping, which is no use of the session (it does not reset the idle clock).
+HOUSEKEEPING = frozenset({"drop_pending"})
+
+
+@dataclass(frozen=True)
+class Wanted:
+    """``still_wanted`` in the actor: no once the caller's deadline (``time.time()``) has passed or
+    the front-end has cancelled the task (its client went away)."""
+
+    until: float | None
+
+    def __call__(self) -> bool:
+        return self.outcome() is None
+
+    def outcome(self) -> str | None:
+        if self.until is not None and time.time() >= self.until:
+            return "DEADLINE_EXCEEDED"
+        return "CANCELLED" if ray.get_runtime_context().is_canceled() else None
 
 
 class SessionActor:
@@ -36,7 +61,9 @@ class SessionActor:
         self._build_lock = threading.Lock()
         self._node = ray.get_runtime_context().get_node_id()
         self._actor_id = ray.get_runtime_context().get_actor_id() or ""
+        self._clock = threading.Lock()
         self._last_call = time.monotonic()
+        self._running = 0  # calls under way (housekeeping aside)
 
     def build(
         self,
@@ -56,20 +83,40 @@ class SessionActor:
                 self._engine = SessionEngine.from_spec(model, optimizer, limits, budget, keep_initial_state)
             return self._placed(self._engine.describe()), self._actor_id
 
-    def call(self, method: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-        """``engine.method(*args, **kwargs)`` with tensors packed as numpy arrays both ways."""
+    def call(self, method: str, args: tuple[Any, ...], kwargs: dict[str, Any], until: float | None = None) -> Any:
+        """``engine.method(*args, **kwargs)`` with tensors packed as numpy arrays both ways, unless
+        the caller's deadline ``until`` (``time.time()``) passed while it waited to run."""
         if self._engine is None or method not in FORWARDED:
             raise FailedPrecondition(f"session actor cannot run {method!r} (not built, or not an engine method)", "SESSION_NOT_READY")
-        if method != "drop_pending":  # the front-ends' housekeeping is no use of the session
-            self._last_call = time.monotonic()
-        result = getattr(self._engine, method)(*portable.unpack(args), **portable.unpack(kwargs))
+        wanted = Wanted(until)
+        outcome = wanted.outcome()
+        if outcome is not None:
+            raise Abandoned(f"{method} was not run: its caller stopped waiting before the session was free", outcome)
+        unpacked = portable.unpack(kwargs)
+        if method in CHECKED:
+            unpacked["still_wanted"] = wanted
+        use = method not in HOUSEKEEPING
+        self._count(use, +1)
+        try:
+            result = getattr(self._engine, method)(*portable.unpack(args), **unpacked)
+        finally:
+            self._count(use, -1)
         if isinstance(result, SessionDescription):
             result = self._placed(result)
         return portable.pack(result)
 
+    def _count(self, use: bool, change: int) -> None:
+        """A call of the session starts (+1) or ends (-1): both are use, for the idle clock."""
+        if use:
+            with self._clock:
+                self._running += change
+                self._last_call = time.monotonic()
+
     def idle_seconds(self) -> float:
-        """Seconds since the last engine call (for idle expiry; asking does not count as a call)."""
-        return time.monotonic() - self._last_call
+        """Seconds since an engine call last started or ended, 0 while one runs (for idle and
+        pending-graph expiry; asking does not count as a call)."""
+        with self._clock:
+            return 0.0 if self._running else time.monotonic() - self._last_call
 
     def _placed(self, description: SessionDescription) -> SessionDescription:
         # Where the session runs: the device in its process, and the Ray node holding that process.

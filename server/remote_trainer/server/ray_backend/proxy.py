@@ -10,11 +10,17 @@ or forwarded under another's name fails there). What the actor may run is exactl
 (``FORWARDED``). Three things stay in the front-end: ``still_wanted`` (a callable of this front-end's
 call, asked before sending), the registry's note of a new checkpoint, and ``encode_*`` (the encoding
 of what the actor returned).
+
+The caller's deadline crosses as plain data: the time it passes, on the wall clock (``time.time()``:
+monotonic clocks differ between processes). The actor runs nothing whose deadline has passed, and
+hands the methods that take ``still_wanted`` one of its own, which says no once the deadline has
+passed or the front-end cancelled the task (``ray.cancel``, when its client goes away).
 """
 
 from __future__ import annotations
 
 import inspect
+import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Concatenate, Generic, ParamSpec, TypeVar, overload
 
@@ -24,6 +30,7 @@ from remote_trainer.engine import portable
 from remote_trainer.engine.errors import Abandoned
 from remote_trainer.engine.protocol import Engine
 from remote_trainer.engine.results import CheckpointInfo, NamedTensor
+from remote_trainer.server.calls import Call, current_call
 
 if TYPE_CHECKING:
     from remote_trainer.server.ray_backend.store import RaySessionStore
@@ -31,6 +38,12 @@ if TYPE_CHECKING:
 P = ParamSpec("P")
 R = TypeVar("R")
 T = TypeVar("T")
+
+
+def wall_deadline(call: Call) -> float | None:
+    """When ``call``'s deadline passes, as ``time.time()`` (which another process on any node can
+    compare, with clocks kept in step by NTP); None for a call without one."""
+    return None if call.deadline is None else time.time() + (call.deadline - time.monotonic())
 
 
 def check_wanted(still_wanted: Callable[[], bool] | None, what: str) -> None:
@@ -82,11 +95,12 @@ class RayEngine:
         sent: tuple[tuple[Any, ...], dict[str, Any]] = (args, kwargs)
         if method.not_run:
             # ``still_wanted`` asks this front-end's call, which cannot cross to the actor: it is asked
-            # before sending; a caller giving up while the actor runs the method is not seen there.
+            # before sending; in the actor the engine asks the actor's own (the deadline, a cancel).
             bound = method.signature.bind(self, *args, **kwargs)
             check_wanted(bound.arguments.pop("still_wanted", None), method.not_run)
             sent = (bound.args[1:], bound.kwargs)
-        ref = self._handle.call.remote(method.name, portable.pack(sent[0]), portable.pack(sent[1]))
+        until = wall_deadline(current_call())
+        ref = self._handle.call.remote(method.name, portable.pack(sent[0]), portable.pack(sent[1]), until)
         result: R = portable.unpack(self._store.wait(self, ref))
         return result
 
@@ -134,3 +148,5 @@ class RayEngine:
 
 # The engine methods a front-end calls on a session actor, and all that the actor runs.
 FORWARDED = frozenset(member.name for member in vars(RayEngine).values() if isinstance(member, Forwarded))
+# Those that take ``still_wanted``: the actor gives them its own.
+CHECKED = frozenset(member.name for member in vars(RayEngine).values() if isinstance(member, Forwarded) and member.not_run)

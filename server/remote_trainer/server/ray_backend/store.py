@@ -1,7 +1,9 @@
 """``RaySessionStore``: the front-end's ``Sessions``, with every session in a Ray actor.
 
-Each call on a session is ``ray.get(actor.call.remote(...), timeout=--ray-timeout)`` (through the
-proxy, ``proxy.RayEngine``). A session whose process or node died answers UNAVAILABLE
+Each call on a session is ``actor.call.remote(...)`` (through the proxy, ``proxy.RayEngine``), waited
+for until the call's own deadline or ``--ray-timeout``, whichever comes first; a call whose client
+goes away (or whose deadline passes) stops waiting at once and cancels the actor's task, which then
+commits nothing (``actor.Wanted``), so a SIGTERM's grace is never outlived by a call on an actor. A session whose process or node died answers UNAVAILABLE
 ``SESSION_LOST`` (naming its last checkpoint); a node that does not answer yet, UNAVAILABLE
 ``SESSION_UNREACHABLE``; a call over the timeout, UNAVAILABLE ``SESSION_TIMEOUT``. Domain errors
 raised in the actor arrive wrapped in ``RayTaskError``; their ``cause`` (with reason, violations and
@@ -17,15 +19,18 @@ The registry lives on the head node: losing the head loses the cluster (Ray's GC
 from __future__ import annotations
 
 import logging
+import math
 import threading
+import time
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import ray
-from ray.exceptions import ActorUnavailableError, GetTimeoutError, RayActorError, RayTaskError
+from ray.exceptions import ActorUnavailableError, GetTimeoutError, RayActorError, RayTaskError, TaskCancelledError
 
-from remote_trainer.engine.errors import NotFound, ResourceExhausted, Unavailable
+from remote_trainer.engine.errors import Abandoned, NotFound, ResourceExhausted, Unavailable
 from remote_trainer.engine.limits import Limits
 from remote_trainer.engine.models import ModelSpec
 from remote_trainer.engine.optimizer import OptimizerSpec
@@ -33,6 +38,7 @@ from remote_trainer.engine.protocol import Engine
 from remote_trainer.engine.results import SessionDescription
 from remote_trainer.server.ray_backend.actor import SessionActor
 from remote_trainer.server.ray_backend.proxy import RayEngine, check_wanted
+from remote_trainer.server.calls import Call, current_call
 from remote_trainer.server.ray_backend.registry import HEAD_NODE_RESOURCE, REGISTRY_NAME, Record, SessionRegistry, actor_name
 from remote_trainer.server.session_policy import DEFAULT_SESSION_ID, SessionLimits, check_closable, may_use, missing
 from remote_trainer.server.settings import Settings, ray_resources
@@ -42,12 +48,28 @@ log = logging.getLogger(__package__)
 
 # Registry calls are small; a registry that does not answer within this is reported unavailable.
 REGISTRY_TIMEOUT = 30.0
+# How often a call waiting on an actor looks whether its client went away (Call.gone has no callback).
+GONE_POLL = 0.1
+# A CreateSession that finds no room answers this long before its deadline, so its client hears why.
+ANSWER_MARGIN = 0.5
 
 
 def _cause(exc: RayTaskError) -> BaseException:
     """The exception the actor raised (a domain error with all its fields), or the wrapper itself."""
     cause = getattr(exc, "cause", None)
     return cause if isinstance(cause, BaseException) else exc
+
+
+def _sized_for_own_ray(settings: Settings) -> Settings:
+    """On a Ray this server started itself (as many CPUs and GPUs as the machine), each session
+    reserves at most its share, so that it holds ``--max-sessions`` as the local backend would."""
+    total: dict[str, float] = ray.cluster_resources()  # type: ignore[no-untyped-call]
+    cpus = min(settings.ray_num_cpus, math.floor(total.get("CPU", 0.0) / settings.max_sessions * 1e4) / 1e4)
+    gpus = min(settings.ray_num_gpus, math.floor(total.get("GPU", 0.0) / settings.max_sessions * 1e4) / 1e4)
+    if (cpus, gpus) != (settings.ray_num_cpus, settings.ray_num_gpus):
+        log.info("each session reserves %g CPU and %g GPU of this server's own Ray (room for max-sessions=%d)",
+                 cpus, gpus, settings.max_sessions)
+    return replace(settings, ray_num_cpus=cpus, ray_num_gpus=gpus)
 
 
 class RaySessionStore:
@@ -94,6 +116,7 @@ class RaySessionStore:
             else:  # a one-node Ray for this front-end alone, on loopback
                 ray.init(namespace=settings.ray_namespace, include_dashboard=False, _node_ip_address="127.0.0.1",
                          log_to_driver=False, logging_level=logging.WARNING)
+                settings = _sized_for_own_ray(settings)
         registry_class: Any = ray.remote(SessionRegistry)
         registry = registry_class.options(
             name=REGISTRY_NAME, namespace=settings.ray_namespace, lifetime="detached", get_if_exists=True,
@@ -207,7 +230,7 @@ class RaySessionStore:
     def wait(self, engine: RayEngine, ref: Any) -> Any:
         """The result of an actor call, or the domain error that tells what happened to it."""
         try:
-            return ray.get(ref, timeout=self._timeout)
+            return self._await(ref, current_call())
         except RayTaskError as exc:  # the engine raised: a domain error (or a bug, told as INTERNAL)
             raise _cause(exc) from None
         except ActorUnavailableError:  # not known dead yet: may be a passing network fault
@@ -218,6 +241,8 @@ class RaySessionStore:
             ) from None
         except RayActorError:  # the actor's process or node died (or the session was closed meanwhile)
             raise self._lost(engine.session_id, engine.actor_id) from None
+        except TaskCancelledError:
+            raise Abandoned(f"a call on session {engine.session_id} was cancelled: its caller stopped waiting", "CANCELLED") from None
         except GetTimeoutError:
             raise Unavailable(
                 f"session {engine.session_id} did not answer within ray-timeout={self._timeout:g} s "
@@ -254,22 +279,64 @@ class RaySessionStore:
     def _build(
         self, handle: Any, model: ModelSpec, optimizer: OptimizerSpec, keep_initial_state: bool = False
     ) -> tuple[SessionDescription, str]:
+        call, started = current_call(), time.monotonic()
+        ref = handle.build.remote(model, optimizer, self._limits, keep_initial_state, self._session_memory_bytes)
         try:
-            built: tuple[SessionDescription, str] = ray.get(
-                handle.build.remote(model, optimizer, self._limits, keep_initial_state, self._session_memory_bytes),
-                timeout=self._timeout,
-            )
+            try:
+                built: tuple[SessionDescription, str] = self._await(ref, call, margin=ANSWER_MARGIN)
+            except GetTimeoutError:
+                # Short of the deadline (or at ray-timeout): refused while the client can hear why,
+                # unless the cluster has room (the actor is placed and still building: wait the rest).
+                free: dict[str, float] = ray.available_resources()  # type: ignore[no-untyped-call]
+                if not self._fits(free) or time.monotonic() - started >= self._timeout:
+                    raise self._no_room(free, time.monotonic() - started) from None
+                built = self._await(ref, call)
             return built
         except RayTaskError as exc:
             raise _cause(exc) from None
-        except GetTimeoutError:
-            raise ResourceExhausted(
-                f"no node of the Ray cluster could start the session within {self._timeout:g} s: it asks for "
-                f"{self._options['num_cpus']:g} CPU, {self._options['num_gpus']:g} GPU and {self._options['resources'] or 'no custom resources'}",
-                "NO_RESOURCES_FOR_SESSION",
-            ) from None
         except RayActorError:
             raise Unavailable("the session's actor died while it was being built", "SESSION_LOST") from None
+
+    def _await(self, ref: Any, call: Call, margin: float = 0.0) -> Any:
+        """``ray.get(ref)`` within ``--ray-timeout`` (else ``GetTimeoutError``) and the call's deadline
+        less ``margin``. When the client goes away or its deadline passes, or at ``--ray-timeout``, the
+        task is cancelled (one not started never runs; a running one sees it, ``actor.Wanted``) and
+        ``Abandoned`` or ``GetTimeoutError`` raised; at the margin, ``GetTimeoutError`` alone."""
+        give_up = time.monotonic() + self._timeout
+        while True:
+            now = time.monotonic()
+            end = give_up if call.deadline is None else min(give_up, call.deadline - margin)
+            ready, _ = ray.wait([ref], timeout=max(0.0, min(end - now, GONE_POLL)))
+            if ready:
+                return ray.get(ref)
+            outcome, now = call.outcome(), time.monotonic()
+            if outcome is not None or now >= give_up:
+                ray.cancel(ref)
+                if outcome is not None:
+                    raise Abandoned("the call on the session was dropped: its caller stopped waiting", outcome)
+            if now >= end:
+                raise GetTimeoutError()
+
+    def _asked(self) -> dict[str, float]:
+        """What each session's actor reserves (the resources it asks for that are not 0)."""
+        asked = {"CPU": self._options["num_cpus"], "GPU": self._options["num_gpus"], **self._options["resources"]}
+        return {name: float(amount) for name, amount in asked.items() if amount}
+
+    def _fits(self, free: dict[str, float]) -> bool:
+        """Whether ``free`` (the whole cluster's: one node may still lack it) holds one more session."""
+        return all(free.get(name, 0.0) >= amount for name, amount in self._asked().items())
+
+    def _no_room(self, free: dict[str, float], waited: float) -> ResourceExhausted:
+        """NO_RESOURCES_FOR_SESSION, saying what a session asks for and what the cluster has free."""
+        asked = self._asked()
+        show = ", ".join(f"{name} {free.get(name, 0.0):g}" for name in asked)
+        wants = ", ".join(f"{name} {amount:g}" for name, amount in asked.items()) or "nothing"
+        return ResourceExhausted(
+            f"no node of the Ray cluster had room for the session (it asks for {wants}; free in the whole cluster now: "
+            f"{show or 'n/a'}), waited {waited:.1f} s; close a session or add a node",
+            "NO_RESOURCES_FOR_SESSION",
+            metadata={"free_" + name: f"{free.get(name, 0.0):g}" for name in asked},
+        )
 
     def _ask(self, ref: Any) -> Any:
         """The result of a registry call."""
