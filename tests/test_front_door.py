@@ -82,3 +82,26 @@ def test_list_sessions_never_waits_for_a_busy_session(two_workers: TrainerServer
             remove()
             release.set()
             other.close()
+
+
+def test_a_stream_cancelled_unread_is_cancelled_not_internal(two_workers: TrainerServer) -> None:
+    """A client that cancels a GetGradients stream it never read: the call is logged and counted as
+    CANCELLED, with no traceback (a write to the cancelled stream failed inside gRPC and was
+    answered as an unexpected INTERNAL error, in some of the tries)."""
+    with TrainerClient(f"localhost:{two_workers.port}", timeout=120) as client:
+        s = client.create_session()
+        s.forward(rand(2, 3, 32, 32))
+        s.backward("sum", rand(2, 1000))
+        with grpc.insecure_channel(f"localhost:{two_workers.port}") as channel:
+            stream = channel.unary_stream("/trainer.v1.TrainerService/GetGradients", request_serializer=pb.GetGradientsRequest.SerializeToString)
+            request = pb.GetGradientsRequest(session_id=s.session_id)
+            for _ in range(20):
+                with waiting_for(f"rpc=GetGradients session={s.session_id} running", STATUS_LOG) as running, \
+                        waiting_for(f"rpc=GetGradients session={s.session_id} status=", STATUS_LOG) as finished, \
+                        waiting_for("unexpected error", STATUS_LOG) as unexpected:
+                    call = stream(request, timeout=120)
+                    assert running.seen.wait(120)
+                    call.cancel()
+                    assert finished.seen.wait(120)
+                assert "status=CANCELLED" in finished.messages[0] and not unexpected.seen.is_set()
+        s.close()
