@@ -14,7 +14,7 @@ import grpc
 import numpy as np
 import pytest
 
-from remote_trainer.client import TrainerClient
+from remote_trainer.client import TrainerClient, TrainerError
 from remote_trainer.contract import codec
 from remote_trainer.contract.trainer.v1 import trainer_pb2 as pb
 from remote_trainer.server.app import TrainerServer, create_server
@@ -105,3 +105,15 @@ def test_a_stream_cancelled_unread_is_cancelled_not_internal(two_workers: Traine
                     assert finished.seen.wait(120)
                 assert "status=CANCELLED" in finished.messages[0] and not unexpected.seen.is_set()
         s.close()
+
+
+@pytest.mark.parametrize("char", ["x", "\u00e4", "\U0001f600"])
+def test_a_long_value_echoed_in_an_error_arrives_cut_with_its_reason(two_workers: TrainerServer, char: str) -> None:
+    """A 20,000-character session id is echoed by the NOT_FOUND that refuses it: the status passed
+    the client's 16 KiB limit on metadata and arrived as RESOURCE_EXHAUSTED with no reason. Every
+    text of a status is now cut to a size that arrives (server/status.py), for any characters."""
+    with TrainerClient(f"localhost:{two_workers.port}", timeout=60) as client:
+        with pytest.raises(TrainerError) as err:
+            client.session(char * 20_000).info()
+    assert (err.value.code, err.value.reason) == (grpc.StatusCode.NOT_FOUND, "SESSION_NOT_FOUND")
+    assert "more characters" in str(err.value)
