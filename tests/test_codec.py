@@ -286,6 +286,40 @@ def _piece(number: int, payload: bytes) -> bytes:
     return wire._varint(number << 3 | 2) + wire._varint(len(payload)) + payload
 
 
+def nested_forward(pieces: int = 64, fields: int = 62) -> tuple[bytes, np.ndarray]:
+    """A valid Forward request of a (1, 3, 8, 8) batch whose input comes in ``pieces`` pieces, each
+    holding ``pieces`` pieces of its tensor of ``fields`` data_type fields (the levels multiply: half
+    a megabyte of 262,144 fields), the batch itself in the last piece; and that batch."""
+    input_field, tensor_field, _ = FORWARD_PATH[0][:3]
+    dtype_field = pb.Tensor.DESCRIPTOR.fields_by_name["data_type"].number
+    filler = (wire._varint(dtype_field << 3) + wire._varint(pb.DATA_TYPE_FLOAT32)) * fields
+    one_input = _piece(tensor_field, filler) * pieces
+    array = np.arange(3 * 8 * 8, dtype=np.float32).reshape(1, 3, 8, 8)
+    batch = pb.ForwardRequest(eval_mode=True)
+    codec.encode_into(batch.input.tensor, array)
+    return _piece(input_field, one_input) * pieces + batch.SerializeToString(), array
+
+
+def test_the_servers_cut_walks_a_bounded_number_of_fields_in_the_whole_request() -> None:
+    """Pieces at each level multiply: 64 pieces of the input, each of 64 pieces of its tensor, each
+    of 62 fields, stay within the bound per message but are 262,144 fields in all, which the cut
+    (Python, on the event loop) once walked field by field. It stops after MAX_CUT_FIELDS_TOTAL of
+    them (counted by its budget) and leaves the request to protobuf, which reads it whole."""
+    data, array = nested_forward()
+    budget = wire.FieldBudget()
+    with pytest.raises(ValueError, match="fields in the request"):
+        wire.cut_field(data, *FORWARD_PATH, budget=budget)
+    assert budget.used == wire.MAX_CUT_FIELDS_TOTAL
+    parsed = pb.ForwardRequest.FromString(data)  # what the server reads instead
+    np.testing.assert_array_equal(codec.decode(parsed.input.tensor), array)
+    # The SDK's own layout stays far within the budget.
+    header = pb.ForwardRequest(session_id="s", eval_mode=True, operation=pb.Operation(number=3, client="c"))
+    spliced = wire.SplicedRequest(header, FORWARD_PATH[0], codec.encode_header_into(header.input.tensor, array)).serialize()
+    budget = wire.FieldBudget()
+    rest, raw = wire.cut_field(spliced, *FORWARD_PATH, budget=budget)
+    assert raw is not None and budget.used < 20
+
+
 def test_the_servers_cut_leaves_what_it_does_not_follow_to_protobuf() -> None:
     """Layouts where protobuf's reading turns on rules the cut does not follow are refused
     (ValueError), so the server lets protobuf parse them: another member of TensorInput's oneof

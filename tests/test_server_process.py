@@ -6,6 +6,7 @@ import ctypes
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -13,7 +14,9 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import grpc
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from remote_trainer.client import TrainerClient
 from remote_trainer.server.settings import Settings, parse_settings
@@ -111,6 +114,56 @@ def test_a_signal_the_kernel_hands_to_another_thread_stops_the_server(
     assert proc.wait(timeout=60) == 0
     text = "".join(log.whole())
     assert f"received {signum.name}: shutting down" in text and "stopped" in text
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("localhost", 0))
+        return int(probe.getsockname()[1])
+
+
+def _signal_when_serving(proc: subprocess.Popen[str], port: int) -> None:
+    """SIGTERM the moment health first says SERVING (watched as it changes, not polled)."""
+    with grpc.insecure_channel(f"localhost:{port}") as channel:
+        watch = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest(), wait_for_ready=True, timeout=120)
+        for answer in watch:
+            if answer.status == health_pb2.HealthCheckResponse.SERVING:
+                proc.send_signal(signal.SIGTERM)
+                return
+
+
+@pytest.mark.parametrize("moment", ["starting", "serving", "listening on"])
+def test_a_signal_at_any_moment_of_start_up_is_a_graceful_stop(moment: str) -> None:
+    """SIGTERM the moment the process says it is starting (before torch is imported), the moment
+    health first says SERVING, and at its 'listening on' line, each twice: every time the server
+    stops gracefully with exit 0. The handlers came after SERVING, and a signal then killed one
+    server in three by the default action (exit -15, no drain)."""
+    for _ in range(2):
+        port = _free_port()
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "remote_trainer.server", "--port", str(port), "--weights", "random"],
+            cwd=ROOT, stderr=subprocess.PIPE, text=True,
+        )
+        assert proc.stderr is not None
+        lines: list[str] = []
+        try:
+            if moment == "serving":
+                watcher = threading.Thread(target=_signal_when_serving, args=(proc, port))
+                watcher.start()
+            for line in proc.stderr:
+                lines.append(line)
+                if moment != "serving" and moment in line:
+                    proc.send_signal(signal.SIGTERM)
+                    break
+            lines += proc.stderr.readlines()
+            assert proc.wait(timeout=60) == 0, "".join(lines)
+            if moment == "serving":
+                watcher.join(60)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+        text = "".join(lines)
+        assert "received SIGTERM" in text and "shutting down" in text and "stopped" in text, text
 
 
 def test_missing_imagenet_weights_stop_startup_with_the_path(tmp_path: Path) -> None:

@@ -86,7 +86,7 @@ def raw_input_path(request: type[Any]) -> tuple[tuple[int, ...], tuple[frozenset
 
 
 def cut_field(
-    data: bytes, path: tuple[int, ...], refuse: tuple[frozenset[int], ...] = ()
+    data: bytes, path: tuple[int, ...], refuse: tuple[frozenset[int], ...] = (), budget: FieldBudget | None = None
 ) -> tuple[bytes, memoryview | None]:
     """A serialised message with one length-delimited field taken out, and that field's bytes as a
     view of ``data`` (no copy), or None when it is absent; ``path`` gives the field numbers from the
@@ -98,17 +98,41 @@ def cut_field(
     is copied, so it should be small.
 
     Raises ``ValueError`` where protobuf's reading is left to protobuf: bytes that do not parse, a
-    tag or length longer than 5 bytes (which upb refuses), a refused field, or a message with more
-    than ``MAX_CUT_FIELDS`` fields at one level (this walk is Python, run on the server's event
-    loop, so it must stay short whatever a client sends; protobuf's C parser reads such a request)."""
-    return _cut(memoryview(data), path, refuse + (frozenset(),) * (len(path) - len(refuse)))
+    tag or length longer than 5 bytes (which upb refuses), a refused field, a message with more than
+    ``MAX_CUT_FIELDS`` fields at one level, or a request with more than ``budget`` fields in all
+    levels together (a fresh ``FieldBudget()`` by default: ``MAX_CUT_FIELDS_TOTAL``). This walk is
+    Python, run on the server's event loop, so it must stay short whatever a client sends: the
+    levels' pieces multiply (64 pieces of the input, each of 64 pieces of the tensor, each of 64
+    fields, is 262,144 fields in half a megabyte), so the bound is on the whole request; protobuf's
+    C parser reads such a request in milliseconds."""
+    budget = FieldBudget() if budget is None else budget
+    return _cut(memoryview(data), path, refuse + (frozenset(),) * (len(path) - len(refuse)), budget)
 
 
-# Far more fields than any Forward or TrainStep request has at one level (they have under ten).
+# Far more fields than any Forward or TrainStep request has at one level (they have under ten), and
+# in all levels together (the SDK's spliced request has under 20).
 MAX_CUT_FIELDS = 64
+MAX_CUT_FIELDS_TOTAL = 256
 
 
-def _cut(buf: memoryview, path: tuple[int, ...], refuse: tuple[frozenset[int], ...]) -> tuple[bytes, memoryview | None]:
+class FieldBudget:
+    """The fields one ``cut_field`` may read, all levels together; ``used`` counts those it read."""
+
+    __slots__ = ("limit", "used")
+
+    def __init__(self, limit: int = MAX_CUT_FIELDS_TOTAL) -> None:
+        self.limit = limit
+        self.used = 0
+
+    def take(self) -> None:
+        if self.used >= self.limit:
+            raise ValueError(f"more than {self.limit} fields in the request")
+        self.used += 1
+
+
+def _cut(
+    buf: memoryview, path: tuple[int, ...], refuse: tuple[frozenset[int], ...], budget: FieldBudget
+) -> tuple[bytes, memoryview | None]:
     out: list[bytes | memoryview] = []
     found: memoryview | None = None
     pos = 0
@@ -117,6 +141,7 @@ def _cut(buf: memoryview, path: tuple[int, ...], refuse: tuple[frozenset[int], .
         fields += 1
         if fields > MAX_CUT_FIELDS:
             raise ValueError(f"more than {MAX_CUT_FIELDS} fields in one message")
+        budget.take()
         start = pos
         key, pos = _read_short_varint(buf, pos)
         if key >> 32 or key >> 3 in refuse[0]:
@@ -133,7 +158,7 @@ def _cut(buf: memoryview, path: tuple[int, ...], refuse: tuple[frozenset[int], .
                 if len(path) == 1:
                     found = buf[pos:end]
                 else:
-                    inner, deeper = _cut(buf[pos:end], path[1:], refuse[1:])
+                    inner, deeper = _cut(buf[pos:end], path[1:], refuse[1:], budget)
                     out += [_varint(key), _varint(len(inner)), inner]
                     found = deeper if deeper is not None else found
                 pos = end

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import copy
 import logging
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import replace
@@ -25,6 +24,7 @@ from torch import nn
 from remote_trainer.contract.names import LossName
 from remote_trainer.engine import checkpoints
 from remote_trainer.engine.budget import UNLIMITED, GRAPH_BYTES_PER_PIXEL, MemoryBudget, forward_bytes, head_bytes, model_bytes
+from remote_trainer.engine.described import DescribedLock
 from remote_trainer.engine.device import Placement, device_memory
 from remote_trainer.engine.errors import Abandoned, FailedPrecondition, TrainerError, invalid
 from remote_trainer.engine.graph import autograd_graph
@@ -61,7 +61,7 @@ class SessionEngine:
         optimizer.validate()
         self._placement = Placement(device, autocast, channels_last, pin_memory)
         self._placement.validate()
-        self._lock = threading.Lock()
+        self._lock = DescribedLock(self._describe)  # describe() never waits for a call that holds it
         self.ledger = Ledger()  # taken before self._lock, never after it
         self._model = self._placement.place(model)
         self._device = device
@@ -454,9 +454,8 @@ class SessionEngine:
             return autograd_graph(pending.forward_id, logits.grad_fn, names)
 
     def describe(self) -> SessionDescription:
-        """What the session holds."""
-        with self._lock:
-            return self._describe()
+        """What the session holds: now, or while a call holds the session, as the last call left it (never waits)."""
+        return self._lock.now_or_last()
 
     def _describe(self) -> SessionDescription:
         params = list(self._model.parameters())

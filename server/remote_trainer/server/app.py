@@ -6,14 +6,12 @@ import asyncio
 import errno
 import logging
 import os
-import signal
 import socket
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import FrameType
 from typing import Any
 
 import grpc
@@ -38,6 +36,7 @@ from remote_trainer.server.rpc import Undecodable, rpc_kind
 from remote_trainer.server.servicer import ServicerOptions, TrainerServicer
 from remote_trainer.server.sessions import DEFAULT_SESSION_ID, Sessions, SessionStore
 from remote_trainer.server.settings import Settings
+from remote_trainer.server.signals import StopSignals
 from remote_trainer.server.tensorboard import TrainingLog
 from remote_trainer.contract import wire
 from remote_trainer.contract.trainer.v1 import trainer_pb2
@@ -353,18 +352,15 @@ def session_store(
     return store, budget
 
 
-def serve(settings: Settings) -> None:
-    """Runs the server until SIGTERM or SIGINT, then shuts down gracefully."""
+def serve(settings: Settings, signals: StopSignals | None = None) -> None:
+    """Runs the server until SIGTERM or SIGINT, then shuts down gracefully. ``signals`` were
+    installed before start-up (``trainer-server`` does so first): one received meanwhile stops the
+    server as soon as it is up."""
+    signals = signals or StopSignals().install()
     running = create_server(settings)
-
-    def on_signal(signum: int, frame: FrameType | None) -> None:
-        log.info("received %s: shutting down (grace %.1fs)", signal.Signals(signum).name, settings.grace_seconds)
-        running.stop(settings.grace_seconds)
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
+    signals.serving(lambda: running.stop(settings.grace_seconds), settings.grace_seconds)
     # The kernel may hand a signal to any of the process's threads (gRPC's, torch's); Python then
-    # runs ``on_signal`` in the main thread the next time that thread runs Python code. So the main
+    # runs the handler in the main thread the next time that thread runs Python code. So the main
     # thread wakes now and then to let it: asleep until the server stops, it never would.
     while not running.wait(timeout=0.2):
         pass

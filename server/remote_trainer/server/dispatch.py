@@ -117,6 +117,8 @@ class Dispatcher:
             # The client went away; the thread cannot be stopped, so the session's turn lasts until
             # the work is done (its result is dropped).
             await asyncio.wait([future])
+            if not future.cancelled():
+                future.exception()  # dropped, as no one hears of it: not logged as "never retrieved"
             raise
 
     @contextlib.asynccontextmanager

@@ -25,7 +25,7 @@ from remote_trainer.engine.operation import Operation
 from remote_trainer.server.calls import Call, call_of, run_as
 from remote_trainer.server.events import CallObserver
 from remote_trainer.server.status import status_for
-from remote_trainer.server.streams import Emit, Outbox, SlowReader, StreamBytes
+from remote_trainer.server.streams import Emit, Outbox, ReaderGone, SlowReader, StreamBytes
 
 # The logger operators (and the tests) filter the one line per call on, named before the error map
 # moved out of the module that also served the calls.
@@ -115,6 +115,10 @@ async def _served(servicer: Servicer, method: str, request: Any, context: Contex
         code = grpc.StatusCode.CANCELLED
         log.warning("rpc=%s: the client read nothing for %.0f s; stream cancelled (stream_write_timeout_seconds)",
                     method, servicer.stream_write_timeout)
+        raise asyncio.CancelledError() from None
+    except ReaderGone:
+        # The client cancelled a stream before reading it all: counted as it saw it, no traceback.
+        code = _abandoned_code(call)
         raise asyncio.CancelledError() from None
     except asyncio.CancelledError:
         code = _abandoned_code(call)

@@ -53,19 +53,38 @@ def status_code(error: TrainerError) -> grpc.StatusCode:
     return grpc.StatusCode.INTERNAL
 
 
+# A status travels in trailing metadata, which gRPC clients take up to 16 KiB of by default (past
+# it the client sees RESOURCE_EXHAUSTED and no reason). The message goes twice (grpc-message,
+# percent-encoded: up to 12 characters for one, and in grpc-status-details-bin, base64), so every
+# text a status carries is cut to these lengths, whatever value of the client's it echoes; the
+# whole stays under 12 KiB.
+MAX_MESSAGE = 400
+MAX_VALUE = 100  # an ErrorInfo metadata value, a violation's field
+MAX_ITEMS = 8  # metadata entries and field violations
+
+
+def short(text: str, limit: int = MAX_MESSAGE) -> str:
+    """``text``, cut to ``limit`` characters and saying how much was cut."""
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text) - limit} more characters)"
+
+
 def to_status(code: grpc.StatusCode, message: str, reason: str, error: TrainerError | None = None) -> grpc.Status:
-    """A rich status: code, message, ErrorInfo and, for field errors, BadRequest."""
-    info = error_details_pb2.ErrorInfo(reason=reason, domain=DOMAIN, metadata=error.metadata if error else {})
+    """A rich status: code, message, ErrorInfo and, for field errors, BadRequest; every text cut
+    to a size that arrives whole (``short``)."""
+    metadata = list((error.metadata if error else {}).items())[:MAX_ITEMS]
+    info = error_details_pb2.ErrorInfo(
+        reason=short(reason, MAX_VALUE), domain=DOMAIN, metadata={short(k, MAX_VALUE): short(v, MAX_VALUE) for k, v in metadata}
+    )
     details = [_pack(info)]
     if error is not None and error.violations:
         bad = error_details_pb2.BadRequest(
             field_violations=[
-                error_details_pb2.BadRequest.FieldViolation(field=v.field, description=v.description)
-                for v in error.violations
+                error_details_pb2.BadRequest.FieldViolation(field=short(v.field, MAX_VALUE), description=short(v.description, 200))
+                for v in error.violations[:MAX_ITEMS]
             ]
         )
         details.append(_pack(bad))
-    proto = status_pb2.Status(code=code.value[0], message=message, details=details)
+    proto = status_pb2.Status(code=code.value[0], message=short(message), details=details)
     return rpc_status.to_status(proto)
 
 

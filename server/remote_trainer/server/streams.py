@@ -61,6 +61,10 @@ class SlowReader(Exception):
     """A stream's client took none of its messages for the stream's write timeout."""
 
 
+class ReaderGone(Exception):
+    """A stream's message could not be written: its client cancelled the call (or went away)."""
+
+
 _END = object()
 
 
@@ -92,12 +96,14 @@ class Outbox:
 
     async def write_all(self, context: grpc.aio.ServicerContext[Any, Any], timeout: float) -> None:
         """Writes each message as the reader takes it, until the producer is done; ``SlowReader``
-        when one is not taken within ``timeout`` seconds."""
+        when one is not taken within ``timeout`` seconds, ``ReaderGone`` when the call ended first."""
         while (message := await self._queue.get()) is not _END:
             try:
                 await asyncio.wait_for(context.write(message), timeout)
             except asyncio.TimeoutError:
                 raise SlowReader() from None
+            except Exception as exc:  # gRPC's own (ExecuteBatchError): the call is over, no status can follow
+                raise ReaderGone() from exc
             finally:
                 self._held.give(size(message))
 
