@@ -60,8 +60,8 @@ def test_quick_benchmark_prints_every_section(tmp_path: Path) -> None:
         assert all(math.isfinite(f["value"]) for f in row["figures"].values() if f["value"] is not None), row
     # Remote and local PyTorch computed the same logits (the step section checks every repetition).
     step_rows = [r for r in rows if r["section"] == "step"]
-    assert len(step_rows) == 7, step_rows  # the empty call and six cases at the quick size
-    for row in step_rows[1:]:
+    assert len(step_rows) == 8, step_rows  # the empty call, the numbered call and six cases at the quick size
+    for row in step_rows[2:]:
         assert figure(row, "logits_agree") < 1e-4, row
     # torch.distributed.rpc beside us: the empty call, the one-call and the separate-call step at the
     # quick size, both gradient fetches; the same logits and gradients as local PyTorch and ours,

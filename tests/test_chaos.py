@@ -211,8 +211,10 @@ def test_a_server_killed_mid_loop_and_restarted_resumes_bit_identical(data_dir: 
     try:
         with TrainerClient(f"127.0.0.1:{port}", timeout=120) as client:
             session = client.create_session(WEIGHTS_NAME)
-            while (done := session.info().step_count) < STEPS:
+            while True:
                 try:
+                    if (done := session.info().step_count) == STEPS:
+                        break
                     x, labels = BATCHES[done]
                     session.train_step(x, "cross_entropy", labels)
                 except TrainerError as lost:  # the restarted server does not know the session

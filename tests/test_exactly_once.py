@@ -199,14 +199,14 @@ def test_a_supersede_gives_up_a_bounded_number_of_operations(stub: pb_grpc.Train
 
 def test_a_session_made_anew_refuses_the_old_numbering(stub: pb_grpc.TrainerServiceStub, sid: str) -> None:
     """The default session of a restarted server has the same id and a fresh state: a client of the
-    old one is told (SESSION_RESTARTED), not run on the fresh weights."""
+    old one is told (SESSION_RECREATED), not run on the fresh weights."""
     epoch = _describe(stub, sid).operation_epoch
     assert len(epoch) == 16
     stub.ZeroGrad(pb.ZeroGradRequest(session_id=sid, operation=pb.Operation(number=1, epoch=epoch)), timeout=60)
     with pytest.raises(grpc.RpcError) as refused:
         stub.ZeroGrad(pb.ZeroGradRequest(session_id=sid, operation=pb.Operation(number=2, epoch="0" * 16, supersede=True)),
                       timeout=60)
-    assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION and _reason(refused.value) == "SESSION_RESTARTED"
+    assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION and _reason(refused.value) == "SESSION_RECREATED"
 
 
 def test_the_sdk_is_not_stuck_behind_a_refusal_its_number_never_reached(numbered_server: TrainerServer) -> None:

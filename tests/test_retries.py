@@ -281,7 +281,7 @@ def test_a_changing_call_whose_deadline_passes_makes_the_next_one_supersede(rest
             # The restarted server's default session is a new one (fresh weights): not run on it.
             with pytest.raises(FailedPreconditionError) as restarted:
                 session.zero_grad()
-            assert restarted.value.reason == "SESSION_RESTARTED"
+            assert restarted.value.reason == "SESSION_RECREATED"
         assert operations(hop, "ZeroGrad")[-1] == ("ZeroGrad", number + 1, True)
         assert all(not supersede for _, n, supersede in operations(hop, "ZeroGrad") if n <= number)
     finally:

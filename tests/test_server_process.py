@@ -141,9 +141,9 @@ def test_a_signal_at_any_moment_of_start_up_is_a_graceful_stop(moment: str) -> N
     for _ in range(2):
         port = _free_port()
         proc = subprocess.Popen(
-            [sys.executable, "-m", "remote_trainer.server", "--port", str(port), "--weights", "random"],
+            [sys.executable, "-m", "remote_trainer.server", "--port", str(port), "--weights", "random", "--log-level", "DEBUG"],
             cwd=ROOT, stderr=subprocess.PIPE, text=True,
-        )
+        )  # DEBUG: the 'starting' line
         assert proc.stderr is not None
         lines: list[str] = []
         try:

@@ -12,8 +12,10 @@ from bench.measure import SideBySide, median
 from bench.rows import RELATIVE, Figure, Layout, Row, count, seconds
 from bench.steps import LocalStep, RemoteStep, difference, measure_steps, shape_name, step_inputs
 from remote_trainer.client import TrainerClient
+from remote_trainer.contract.trainer.v1 import trainer_pb2 as pb
 
 EMPTY_CALL = Layout("{ours}", "{reference}", "one round trip on loopback; raw sync-server unary {raw_sync}")
+NUMBERED = Layout("{ours}", "{reference}", "the SDK numbers it; the server orders it and records its answer (docs/reliability.md)")
 STEP = Layout("{ours}", "{reference}", "reps {reps}; server torch {server_torch}, rest {rest}; logits agree to {logits_agree}",
               ratio="{ratio:.3f}")
 
@@ -31,6 +33,15 @@ def run(ctx: Context) -> list[Row]:
                         {"ours": seconds(s.median("ours")), "reference": seconds(s.median("raw-aio")),
                          "raw_sync": seconds(s.median("raw"))},
                         s.paired_ratio("ours", "raw-aio"), EMPTY_CALL))
+        # What exactly-once adds to a call: a ZeroGrad numbered by the SDK (ordered and recorded on
+        # the server) against the same call unnumbered through the raw stub.
+        z = SideBySide(["numbered", "unnumbered"])
+        unnumbered = pb.ZeroGradRequest()
+        z.run({"numbered": lambda: default.zero_grad(), "unnumbered": lambda: client.stub.ZeroGrad(unnumbered, timeout=60)},
+              reps=200, warmup=20)
+        rows.append(Row("step", "numbered call: ZeroGrad numbered (SDK) vs unnumbered (raw stub)",
+                        {"ours": seconds(z.median("numbered")), "reference": seconds(z.median("unnumbered"))},
+                        z.paired_ratio("numbered", "unnumbered"), NUMBERED))
         for shape in args.sizes:
             for case in args.cases:
                 x, labels = step_inputs(shape, 10 if case == "frozen" else 1000)

@@ -133,7 +133,7 @@ class Ledger:
             raise FailedPrecondition(
                 "the session was made anew since this client numbered its calls (the server or its node restarted): "
                 "its state is not the one the client trained; resume from a checkpoint, or start a new client",
-                "SESSION_RESTARTED", metadata={"expected": str(self.next_number)},
+                "SESSION_RECREATED", metadata={"expected": str(self.next_number)},
             )
         return number
 

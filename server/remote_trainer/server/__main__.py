@@ -21,7 +21,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s %(message)s",
         stream=sys.stderr,
     )
-    logging.getLogger("remote_trainer.server").info("starting (SIGTERM or SIGINT stops the server from here on)")
+    logging.getLogger("remote_trainer.server").debug("starting (SIGTERM or SIGINT stops the server from here on)")
     from remote_trainer.server.app import serve  # imports torch: after the flags are known to be good
 
     try:

@@ -35,7 +35,7 @@ log = logging.getLogger(__name__)
 
 # The ledger's own refusals (engine/ledger.py): answers about the number, not about the request.
 _LEDGER_REASONS = frozenset({"OPERATION_OUT_OF_ORDER", "OPERATION_FORGOTTEN", "OPERATION_GIVEN_UP", "OPERATION_MISMATCH",
-                             "OPERATION_ANSWER_NOT_KEPT", "BAD_OPERATION_NUMBER", "BAD_OPERATION_CLIENT", "SESSION_RESTARTED"})
+                             "OPERATION_ANSWER_NOT_KEPT", "BAD_OPERATION_NUMBER", "BAD_OPERATION_CLIENT", "SESSION_RECREATED"})
 
 T = TypeVar("T")
 

@@ -508,7 +508,7 @@ class Operation(_message.Message):
     epoch: _builtins.str
     """The numbering this client follows (SessionInfo.operation_epoch): a session
     made anew under the same id (the default session of a restarted server)
-    refuses the old numbering's calls with SESSION_RESTARTED instead of
+    refuses the old numbering's calls with SESSION_RECREATED instead of
     running them on its fresh state. Empty: not checked.
     """
     def __init__(
