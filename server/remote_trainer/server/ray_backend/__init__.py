@@ -7,5 +7,7 @@ this package itself imports nothing, so the registry's actor loads without torch
 - ``proxy``: ``RayEngine``, a session's ``Engine`` in the front-end: one forwarder over the protocol
 - ``actor``: ``SessionActor``, one session's ``SessionEngine`` in a Ray actor on some node
 - ``registry``: ``SessionRegistry``, the actor on the head node that knows every session's owner,
-  state and last checkpoint, and keeps the session limits for the whole cluster
+  state and last checkpoint, and keeps the session limits for the whole cluster; its table is in the
+  GCS, so it restarts with it
+- ``watchdog``: a session actor's own expiry, for when no front-end is left to expire it
 """

@@ -25,6 +25,7 @@ from remote_trainer.engine.models import ModelSpec, resolve_device
 from remote_trainer.engine.optimizer import OptimizerSpec
 from remote_trainer.engine.results import SessionDescription
 from remote_trainer.engine.session import SessionEngine
+from remote_trainer.server.ray_backend import watchdog
 from remote_trainer.server.ray_backend.proxy import FORWARDED
 
 
@@ -37,6 +38,8 @@ class SessionActor:
         self._node = ray.get_runtime_context().get_node_id()
         self._actor_id = ray.get_runtime_context().get_actor_id() or ""
         self._last_call = time.monotonic()
+        self._running = 0  # engine calls under way (the watchdog never ends a busy session)
+        self._running_lock = threading.Lock()
 
     def build(
         self,
@@ -45,12 +48,15 @@ class SessionActor:
         limits: Limits,
         keep_initial_state: bool = False,
         session_memory_bytes: int = 0,
+        expire_after: float = 0.0,
     ) -> tuple[SessionDescription, str]:
         """Builds the engine (once: a second front-end starting the default session finds it built);
         returns its description and this actor's id. The default session keeps its initial state
-        (for ResetSession)."""
+        (for ResetSession). ``expire_after`` > 0: the actor ends itself after that long without a
+        call (``watchdog.py``)."""
         with self._build_lock:
             if self._engine is None:
+                watchdog.watch(lambda: 0.0 if self._running else self.idle_seconds(), expire_after)
                 # A budget of this actor's own process: the session's limit, within most of the node's memory.
                 budget = MemoryBudget(default_total_bytes(resolve_device(model.device)), session_memory_bytes)
                 self._engine = SessionEngine.from_spec(model, optimizer, limits, budget, keep_initial_state)
@@ -60,9 +66,16 @@ class SessionActor:
         """``engine.method(*args, **kwargs)`` with tensors packed as numpy arrays both ways."""
         if self._engine is None or method not in FORWARDED:
             raise FailedPrecondition(f"session actor cannot run {method!r} (not built, or not an engine method)", "SESSION_NOT_READY")
-        if method != "drop_pending":  # the front-ends' housekeeping is no use of the session
+        used = method != "drop_pending"  # the front-ends' housekeeping is no use of the session
+        if used:
             self._last_call = time.monotonic()
-        result = getattr(self._engine, method)(*portable.unpack(args), **portable.unpack(kwargs))
+        with self._running_lock:
+            self._running += used
+        try:
+            result = getattr(self._engine, method)(*portable.unpack(args), **portable.unpack(kwargs))
+        finally:
+            with self._running_lock:
+                self._running -= used
         if isinstance(result, SessionDescription):
             result = self._placed(result)
         return portable.pack(result)
