@@ -69,6 +69,7 @@ class SessionRegistry:
         self._namespace = namespace
         self._kv_namespace = kv_namespace(namespace)
         stored = internal_kv._internal_kv_get(TABLE_KEY, namespace=self._kv_namespace)  # a restart: the table back
+        self._saved = stored.decode() if stored else ""
         self._records: dict[str, Record] = {
             sid: Record(**fields) for sid, fields in json.loads(stored).items()
         } if stored else {}
@@ -188,4 +189,6 @@ class SessionRegistry:
     def _save(self) -> None:
         """The whole table to the GCS (small: the held sessions and the last few lost or expired)."""
         table = json.dumps({sid: asdict(record) for sid, record in self._records.items()})
-        internal_kv._internal_kv_put(TABLE_KEY, table, overwrite=True, namespace=self._kv_namespace)
+        if table != self._saved:  # housekeeping mostly changes nothing
+            internal_kv._internal_kv_put(TABLE_KEY, table, overwrite=True, namespace=self._kv_namespace)
+            self._saved = table
