@@ -6,7 +6,8 @@ kill actors as a fault would (``ray.kill``) and to see which actors are left.
 Proven here: a killed registry restarts with its table (sessions reachable, limits held); a session
 whose front-ends are all gone ends itself; an actor whose front-end died before committing it is
 killed by the next front-end's housekeeping; a lost default session comes back fresh for the call
-that needs it, and a lost session is listed as lost. Select with ``-m ray``.
+that needs it, and a lost session is listed as lost; a front-end that a token-authenticated cluster
+refuses stops at once, saying why. Select with ``-m ray``.
 """
 
 from __future__ import annotations
@@ -18,7 +19,10 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 import re  # noqa: E402
 import select  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
 import threading  # noqa: E402
+import time  # noqa: E402
 from collections.abc import Iterator  # noqa: E402
 from typing import Any  # noqa: E402
 
@@ -28,7 +32,7 @@ import pytest  # noqa: E402
 
 from remote_trainer.client import TrainerClient, TrainerError  # noqa: E402
 from tests.test_ray_backend import NODE, expect_error  # noqa: E402
-from tests.test_server_process import start  # noqa: E402
+from tests.test_server_process import ROOT, start  # noqa: E402
 
 cluster_utils = pytest.importorskip("ray.cluster_utils")
 ray = pytest.importorskip("ray")
@@ -192,3 +196,42 @@ def test_an_actor_whose_front_end_died_creating_it_is_killed(cluster: Any, front
     front_end.wait_for(rf"session {reserved[0]} was never committed")
     with pytest.raises(ray.exceptions.RayActorError):
         ray.get(handle.__ray_ready__.remote(), timeout=60)
+
+
+TOKEN_HEAD = """
+import sys
+from ray import cluster_utils
+cluster = cluster_utils.Cluster(initialize_head=True, head_node_args=dict(
+    node_ip_address="127.0.0.1", include_dashboard=False, num_cpus=0, object_store_memory=100 * 2**20))
+print(cluster.address, flush=True)
+sys.stdin.read()  # until the test closes it
+cluster.shutdown()
+"""
+
+
+def test_a_front_end_the_cluster_refuses_says_so_at_once() -> None:
+    """A cluster with Ray's token authentication (its head started with RAY_AUTH_MODE=token and a
+    token) and a front-end without the token: it stops at once with one line that says what to set,
+    not after Ray's 20 s of retries and a traceback."""
+    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": "0123456789abcdef0123456789abcdef"}
+    head = subprocess.Popen([sys.executable, "-c", TOKEN_HEAD], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
+    try:
+        assert head.stdout is not None
+        address = head.stdout.readline().strip()
+        assert address, "the token-authenticated head did not start"
+        without = {k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH")}
+        started = time.monotonic()
+        front_end = subprocess.run(
+            [sys.executable, "-m", "remote_trainer.server", "--port", "0", "--backend", "ray", "--ray-address", address,
+             "--ray-namespace", "refused", "--weights", "random"],
+            capture_output=True, text=True, env=without, timeout=120, cwd=ROOT,
+        )
+        assert front_end.returncode == 2, front_end.stderr[-2000:]
+        assert time.monotonic() - started < 15  # the process start and imports; no 20 s of retries
+        ours = [line for line in front_end.stderr.splitlines() if "remote_trainer" in line]
+        assert len(ours) == 1 and "uses token authentication" in ours[0] and "RAY_AUTH_MODE=token" in ours[0], ours
+        assert "Traceback" not in front_end.stderr
+    finally:
+        assert head.stdin is not None
+        head.stdin.close()
+        head.wait(120)

@@ -10,4 +10,5 @@ this package itself imports nothing, so the registry's actor loads without torch
   state and last checkpoint, and keeps the session limits for the whole cluster; its table is in the
   GCS, so it restarts with it
 - ``watchdog``: a session actor's own expiry, for when no front-end is left to expire it
+- ``access``: the check that the cluster accepts this front-end (Ray's token authentication)
 """

@@ -22,6 +22,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -34,12 +35,13 @@ from remote_trainer.engine.models import ModelSpec
 from remote_trainer.engine.optimizer import OptimizerSpec
 from remote_trainer.engine.protocol import Engine
 from remote_trainer.engine.results import SessionDescription
+from remote_trainer.server.ray_backend.access import check_access
 from remote_trainer.server.ray_backend.actor import SessionActor
 from remote_trainer.server.ray_backend.proxy import RayEngine, check_wanted
 from remote_trainer.server.ray_backend.registry import HEAD_NODE_RESOURCE, REGISTRY_NAME, Record, SessionRegistry, actor_name
-from remote_trainer.server.session_policy import DEFAULT_SESSION_ID, SessionLimits, check_closable, may_use, missing
 from remote_trainer.server.ray_backend.watchdog import SELF_EXPIRY_FACTOR
-from remote_trainer.server.settings import Settings, ray_resources
+from remote_trainer.server.session_policy import DEFAULT_SESSION_ID, SessionLimits, check_closable, may_use, missing
+from remote_trainer.server.settings import LOCAL_RAY_NAMESPACE, Settings, ray_resources
 
 # The package's logger: the log lines name the Ray backend, whichever of its modules writes them.
 log = logging.getLogger(__package__)
@@ -93,8 +95,10 @@ class RaySessionStore:
     @classmethod
     def connect(cls, settings: Settings, default_model: ModelSpec, limits: Limits) -> RaySessionStore:
         """Joins (or starts) the Ray cluster, finds or makes the registry and the default session."""
+        settings = replace(settings, ray_namespace=settings.ray_namespace or LOCAL_RAY_NAMESPACE)
         if not ray.is_initialized():
             if settings.ray_address:
+                check_access(settings.ray_address)
                 ray.init(address=settings.ray_address, namespace=settings.ray_namespace,
                          log_to_driver=False, logging_level=logging.WARNING)
             else:  # a one-node Ray for this front-end alone, on loopback
