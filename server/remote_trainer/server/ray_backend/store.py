@@ -222,11 +222,16 @@ class RaySessionStore:
         First the registry drops the reservations of front-ends that died creating a session, and kills
         the actors they started."""
         stale: list[str] = []
-        for sid in self._ask("housekeeping"):
-            log.info("session %s was never committed (its front-end died creating it): reservation and actor dropped", sid)
+        try:  # this runs on the expiry thread: a registry that does not answer now is asked next time
+            for sid in self._ask("housekeeping"):
+                log.info("session %s was never committed (its front-end died creating it): reservation and actor dropped", sid)
+            live: list[str] = self._ask("live") if self._idle_seconds or self._pending_seconds else []
+        except Unavailable as exc:
+            log.warning("housekeeping skipped: %s", exc.message)
+            return stale
         if not self._idle_seconds and not self._pending_seconds:
             return stale
-        for sid in [DEFAULT_SESSION_ID, *self._ask("live")]:
+        for sid in [DEFAULT_SESSION_ID, *live]:
             if busy(sid):
                 continue
             try:
