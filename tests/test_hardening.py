@@ -17,6 +17,7 @@ import grpc
 import numpy as np
 import pytest
 
+from remote_trainer.engine import checkpoints
 from remote_trainer.engine.models import ModelSpec
 from remote_trainer.engine.optimizer import OptimizerSpec
 from remote_trainer.engine.session import SessionEngine
@@ -307,6 +308,20 @@ def test_a_session_with_a_call_running_is_not_idle() -> None:
         running.stop(None).wait()
 
 
+def test_a_starting_server_leaves_other_writers_temporaries_alone(tmp_path: Path) -> None:
+    """The checkpoint folder is shared (front-ends, Ray nodes): a starting server removes only the
+    temporary files that are certainly stale, never a live save's (whose rename would then fail)."""
+    ended = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True, check=True)
+    live = checkpoints.temporary_path(tmp_path / "a.ckpt")  # a save of this (live) process, under way
+    dead = checkpoints.temporary_path(tmp_path / "b.ckpt", int(ended.stdout))  # its writer has ended
+    elsewhere = tmp_path / ".fedcba9876543210.1@other-host~1.tmp"  # another host's, being written
+    for path in (live, dead, elsewhere):
+        path.write_bytes(b"half a checkpoint")
+    running = create_server(Settings(port=0, weights="random", checkpoint_dir=str(tmp_path)))
+    running.stop(None).wait()
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([live.name, elsewhere.name])
+
+
 def test_safe_defaults_reclaim_sessions_graphs_checkpoints_and_temporaries(tmp_path: Path) -> None:
     defaults = Settings()
     assert (defaults.session_idle_seconds, defaults.pending_graph_seconds, defaults.keep_auto_checkpoints) == (3600, 600, 3)
@@ -314,6 +329,7 @@ def test_safe_defaults_reclaim_sessions_graphs_checkpoints_and_temporaries(tmp_p
     (tmp_path / "alice").mkdir()
     for stale in (tmp_path / ".0123456789abcdef.tmp", tmp_path / "alice" / ".run.ckpt.x1y2.tmp"):
         stale.write_bytes(b"half a checkpoint")
+        os.utime(stale, (0, os.stat(stale).st_mtime - 2 * checkpoints.STALE_TEMPORARY_SECONDS))  # untouched for long
     (tmp_path / "keep.ckpt").write_bytes(b"not ours to remove")
     clock = FakeClock()
     running = create_server(Settings(port=0, weights="random", checkpoint_dir=str(tmp_path), checkpoint_every=1), clock=clock)

@@ -129,7 +129,7 @@ def checkpoint_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def front_ends(ray_cluster: RayCluster, data_dir: Path, checkpoint_dir: Path) -> Iterator[tuple[FrontEnd, FrontEnd]]:
     args = [
-        "--backend", "ray", "--ray-address", ray_cluster.cluster.address,
+        "--backend", "ray", "--ray-address", ray_cluster.cluster.address, "--ray-namespace", "ray-backend-test",
         "--weights", str(data_dir / WEIGHTS_NAME), "--data-dir", str(data_dir),
         "--checkpoint-dir", str(checkpoint_dir), "--checkpoint-every", str(CHECKPOINT_EVERY),
         "--tokens", TOKENS, "--max-sessions", str(MAX_SESSIONS), "--max-sessions-per-token", str(MAX_PER_TOKEN),

@@ -103,7 +103,7 @@ def cluster() -> Iterator[Any]:
 
 def front_end_args(cluster: Any, data_dir: Path, *extra: str) -> list[str]:
     return [
-        "--backend", "ray", "--ray-address", cluster.address, "--log-level", "DEBUG",
+        "--backend", "ray", "--ray-address", cluster.address, "--ray-namespace", "ray-limits-test", "--log-level", "DEBUG",
         "--weights", str(data_dir / WEIGHTS_NAME), "--data-dir", str(data_dir),
         "--ray-num-cpus", str(SESSION_CPUS), "--ray-resources", "session_slot=1", "--ray-timeout", "120", *extra,
     ]

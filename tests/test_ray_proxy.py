@@ -17,6 +17,7 @@ from remote_trainer.engine.protocol import Engine
 from remote_trainer.engine.results import CheckpointInfo
 from remote_trainer.server.calls import Call, in_call
 from remote_trainer.server.ray_backend.proxy import FORWARDED, RayEngine
+from remote_trainer.server.settings import parse_settings
 from tests.test_layout import loaded_after
 
 
@@ -109,3 +110,13 @@ def test_the_proxy_tells_the_registry_of_a_saved_checkpoint() -> None:
 def test_the_proxy_loads_without_ray() -> None:
     """So this file runs where ray is not installed (a thin test environment)."""
     assert "ray" not in loaded_after("import remote_trainer.server.ray_backend.proxy")
+
+
+def test_joining_a_cluster_takes_a_namespace_of_its_own(capsys: pytest.CaptureFixture[str]) -> None:
+    """Every deployment on a cluster names its namespace: with one shared default, a front-end of
+    another deployment (``--ray-address auto`` on the same machine) took over this one's sessions."""
+    with pytest.raises(SystemExit):
+        parse_settings(["--backend", "ray", "--ray-address", "auto"], environ={})
+    assert "ray-namespace is required with ray-address" in capsys.readouterr().err
+    assert parse_settings(["--backend", "ray", "--ray-address", "auto", "--ray-namespace", "prod"], environ={}).ray_namespace == "prod"
+    assert parse_settings(["--backend", "ray"], environ={}).ray_namespace == ""  # a Ray of its own: LOCAL_RAY_NAMESPACE

@@ -12,7 +12,10 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import re
 import secrets
+import socket
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,6 +28,22 @@ from remote_trainer.engine.state import SessionState
 log = logging.getLogger(__name__)
 
 TMP_SUFFIX = ".tmp"
+# A temporary file whose writer cannot be told alive or dead (another host's, or an older name) is
+# stale only when untouched this long: a live save writes it continuously, and even a large save to
+# slow storage rewrites it within minutes.
+STALE_TEMPORARY_SECONDS = 3600.0
+# ``.<16 hex digits>.<pid>@<writer's host>.tmp``: whose save it is, so a starting server can tell.
+_TEMPORARY = re.compile(r"\.[0-9a-f]{16}\.(\d+)@(.+)\.tmp")
+
+
+def _this_host() -> str:
+    """This host, as temporary files name it: the host name and the process-id namespace (two
+    containers with one host name have different ones, and a pid means nothing across them)."""
+    try:
+        pid_namespace = os.stat("/proc/self/ns/pid").st_ino
+    except OSError:
+        pid_namespace = 0
+    return f"{socket.gethostname()}~{pid_namespace}"
 
 
 def checkpoint_path(name: str, checkpoint_dir: str, owner: str = "") -> Path:
@@ -85,13 +104,19 @@ def _os_error(error: BaseException | None) -> OSError | None:
     return None
 
 
+def temporary_path(path: Path, pid: int = 0) -> Path:
+    """A new temporary file for a save to ``path``, named with its writer: ``pid`` (this process by
+    default) on this host."""
+    return path.parent / f".{secrets.token_hex(8)}.{pid or os.getpid()}@{_this_host()}{TMP_SUFFIX}"
+
+
 def save(state: SessionState, path: Path) -> int:
     """Writes ``state`` (its ``to_dict()``) to ``path`` atomically: a reader sees the old file or the whole new one.
 
-    The temporary file is ``.<16 hex digits>.tmp`` next to ``path``; one left by a save that was
-    killed midway is removed when the server starts (``remove_stale_temporaries``).
+    The temporary file is ``.<16 hex digits>.<pid>@<host>.tmp`` next to ``path``; one left by a save
+    that was killed midway is removed when a server starts (``remove_stale_temporaries``).
     """
-    tmp = path.parent / f".{secrets.token_hex(8)}{TMP_SUFFIX}"
+    tmp = temporary_path(path)
     with os_errors(f"saving checkpoint {path.name!r}"):
         try:
             with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "wb") as f:
@@ -132,17 +157,37 @@ def load(path: Path) -> SessionState:
 
 def remove_stale_temporaries(checkpoint_dir: str) -> int:
     """Removes the temporary files of saves that were killed midway (in the folder and its owners'
-    folders, one level down); run at start, when no save of this server is under way. Returns the
-    bytes freed."""
+    folders, one level down); run when a server starts. The folder may be shared by other servers
+    and Ray nodes saving right now, so only what is certainly stale goes: a file of a process of
+    this host that has ended, or one untouched for ``STALE_TEMPORARY_SECONDS``. Returns the bytes freed."""
     removed = 0
     root = Path(checkpoint_dir)
+    here, now = _this_host(), time.time()
     for folder in [root, *(p for p in root.iterdir() if p.is_dir() and not p.is_symlink())]:
         for tmp in folder.glob(f".*{TMP_SUFFIX}"):
-            if tmp.is_file() and not tmp.is_symlink():
-                removed += tmp.stat().st_size
+            try:
+                stat = tmp.lstat()
+            except FileNotFoundError:
+                continue  # its save just finished
+            if not tmp.is_file() or tmp.is_symlink():
+                continue
+            writer = _TEMPORARY.fullmatch(tmp.name)
+            ended = writer is not None and writer.group(2) == here and not _alive(int(writer.group(1)))
+            if ended or now - stat.st_mtime > STALE_TEMPORARY_SECONDS:
                 tmp.unlink(missing_ok=True)
+                removed += stat.st_size
                 log.info("removed %s, left by a checkpoint save that did not finish", tmp)
     return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's process
+    return True
 
 
 def keep_newest(folder: Path, pattern: str, keep: int) -> list[str]:

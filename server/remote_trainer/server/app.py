@@ -135,7 +135,8 @@ def create_server(settings: Settings, clock: Callable[[], float] = time.monotoni
         raise
     metrics_port = metrics.serve(settings.host, settings.metrics_port) if settings.metrics_port >= 0 else None
     running = TrainerServer(server, port, health_servicer, store, metrics, servicer, loop, metrics_port, training_log)
-    if settings.session_idle_seconds or settings.pending_graph_seconds:
+    if settings.session_idle_seconds or settings.pending_graph_seconds or settings.backend == "ray":
+        # With Ray also the cluster's housekeeping: abandoned reservations and their actors.
         threading.Thread(target=_expire_sessions, args=(running,), name="session-expiry", daemon=True).start()
     log.info(
         "listening on %s:%d (%s backend, device %s, weights %s, %s, %s)", settings.host, port, settings.backend,

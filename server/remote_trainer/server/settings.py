@@ -18,6 +18,8 @@ from remote_trainer.engine.limits import Limits
 from remote_trainer.server.tokens import load_tokens
 
 MIB = 1024 * 1024
+# The Ray namespace of a server that starts a Ray of its own (no ray_address): no one else is there.
+LOCAL_RAY_NAMESPACE = "remote-trainer"
 
 
 @dataclass(frozen=True)
@@ -101,7 +103,10 @@ class Settings:
     # "ray://HOST:10001" (Ray Client), or empty: start a one-node Ray inside this process.
     ray_address: str = ""
     # Ray namespace of the session actors and their registry: front-ends that share it share sessions.
-    ray_namespace: str = "remote-trainer"
+    # Required with ray_address (a cluster may hold several deployments; one shared default would let
+    # one deployment's front-end take over another's sessions); a Ray of the server's own uses
+    # LOCAL_RAY_NAMESPACE.
+    ray_namespace: str = ""
     # Resources each session's actor reserves, where Ray places it: CPUs, GPUs (a fraction shares a
     # GPU between sessions), and custom resources as "NAME=AMOUNT,...".
     ray_num_cpus: float = 1.0
@@ -184,7 +189,7 @@ _HELP = {
     "metrics_port": "Prometheus metrics HTTP port (-1: off, 0: a free port)",
     "backend": "local | ray: sessions in this process, or each a Ray actor in a Ray cluster",
     "ray_address": "Ray cluster to join (ray backend): auto | HOST:PORT | ray://HOST:PORT; empty: start a local one",
-    "ray_namespace": "Ray namespace of the sessions; front-ends sharing it share sessions",
+    "ray_namespace": "Ray namespace of this deployment's sessions (required with ray-address); front-ends sharing it share sessions",
     "ray_num_cpus": "CPUs each session's actor reserves",
     "ray_num_gpus": "GPUs each session's actor reserves (a fraction shares one GPU)",
     "ray_resources": "custom Ray resources each session reserves, NAME=AMOUNT,...",
@@ -292,6 +297,9 @@ def validate(settings: Settings) -> list[str]:
         problems.append("ray-num-cpus and ray-num-gpus must not be negative, ray-timeout must be positive")
     if settings.ray_num_gpus > 1 and settings.ray_num_gpus != int(settings.ray_num_gpus):
         problems.append("ray-num-gpus above 1 must be a whole number (Ray's rule)")
+    if settings.backend == "ray" and settings.ray_address and not settings.ray_namespace:
+        problems.append("ray-namespace is required with ray-address: name this deployment (its front-ends share the "
+                        "namespace, another deployment on the cluster uses another), e.g. --ray-namespace trainer-prod")
     if settings.ray_scheduling not in ("spread", "default"):
         problems.append(f"ray-scheduling {settings.ray_scheduling!r} is not spread or default")
     try:

@@ -11,7 +11,8 @@ A call carries its caller's deadline (``until``, wall-clock): one that passed wh
 for the actor is not run; the engine methods that check ``still_wanted`` get ``Wanted``, which also
 says no once the front-end has cancelled the task. The idle clock counts a running call as use: it
 is set when a call starts and when it ends, and the actor is not idle while one runs (so neither
-idle expiry nor pending-graph expiry acts on a session busy with another front-end's call).
+idle expiry nor pending-graph expiry acts on a session busy with another front-end's call). The same
+clock drives the actor's own expiry (``watchdog.py``), which thus never ends a busy session.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from remote_trainer.engine.models import ModelSpec, resolve_device
 from remote_trainer.engine.optimizer import OptimizerSpec
 from remote_trainer.engine.results import SessionDescription
 from remote_trainer.engine.session import SessionEngine
+from remote_trainer.server.ray_backend import watchdog
 from remote_trainer.server.ray_backend.proxy import CHECKED, FORWARDED
 
 # The front-ends' housekeeping, which is no use of the session (it does not reset the idle clock).
@@ -63,7 +65,7 @@ class SessionActor:
         self._actor_id = ray.get_runtime_context().get_actor_id() or ""
         self._clock = threading.Lock()
         self._last_call = time.monotonic()
-        self._running = 0  # calls under way (housekeeping aside)
+        self._running = 0  # calls under way (housekeeping aside): the idle clock reads 0 meanwhile
 
     def build(
         self,
@@ -72,12 +74,15 @@ class SessionActor:
         limits: Limits,
         keep_initial_state: bool = False,
         session_memory_bytes: int = 0,
+        expire_after: float = 0.0,
     ) -> tuple[SessionDescription, str]:
         """Builds the engine (once: a second front-end starting the default session finds it built);
         returns its description and this actor's id. The default session keeps its initial state
-        (for ResetSession)."""
+        (for ResetSession). ``expire_after`` > 0: the actor ends itself after that long without a
+        call (``watchdog.py``; ``idle_seconds`` reads 0 while a call runs)."""
         with self._build_lock:
             if self._engine is None:
+                watchdog.watch(self.idle_seconds, expire_after)
                 # A budget of this actor's own process: the session's limit, within most of the node's memory.
                 budget = MemoryBudget(default_total_bytes(resolve_device(model.device)), session_memory_bytes)
                 self._engine = SessionEngine.from_spec(model, optimizer, limits, budget, keep_initial_state)

@@ -5,15 +5,23 @@ lost, expired) and last checkpoint. Its methods run one at a time, so the sessio
 and per token) hold across the cluster without races; it also remembers lost sessions, so that any
 front-end, even one started after the loss, answers SESSION_LOST with the session's last checkpoint
 instead of "unknown session". It imports ray but not torch (the head node may have none).
+
+It is no single point of failure: every change is written to the GCS key-value store (as Ray Serve's
+controller keeps its state) before the call returns, and the actor restarts without limit
+(``max_restarts=-1``), reading the table back; front-ends retry their calls while it restarts
+(``RaySessionStore._ask``). A reservation whose front-end died before committing it is dropped after
+its bound and the actor it may have started is killed (``housekeeping``).
 """
 
 from __future__ import annotations
 
+import json
 import secrets
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import ray
+from ray.experimental import internal_kv
 
 from remote_trainer.server.session_policy import DEFAULT_SESSION_ID, REMEMBERED, Expired, SessionLimits
 
@@ -22,6 +30,12 @@ REGISTRY_NAME = "session-registry"
 HEAD_NODE_RESOURCE = "node:__internal_head__"
 
 HELD = ("creating", "live")  # the states that count against the limits
+TABLE_KEY = "sessions"  # the registry's table in the GCS key-value store, in a namespace of the deployment's
+
+
+def kv_namespace(namespace: str) -> str:
+    """The GCS key-value namespace of the registry of Ray namespace ``namespace``."""
+    return f"remote-trainer:{namespace}"
 
 
 def actor_name(session_id: str) -> str:
@@ -40,6 +54,7 @@ class Record:
     checkpoint: str = ""  # the last checkpoint's name, relative to the owner's checkpoint folder
     checkpoint_step: int = 0
     idle_seconds: float = 0.0
+    stale_at: float = 0.0  # time.time() after which a "creating" reservation is abandoned
 
     def expiry(self) -> Expired | None:
         """How the session expired, if it did (for ``session_policy.missing``)."""
@@ -52,27 +67,41 @@ class SessionRegistry:
 
     def __init__(self, namespace: str) -> None:
         self._namespace = namespace
-        self._records: dict[str, Record] = {}
+        self._kv_namespace = kv_namespace(namespace)
+        stored = internal_kv._internal_kv_get(TABLE_KEY, namespace=self._kv_namespace)  # a restart: the table back
+        self._saved = stored.decode() if stored else ""
+        self._records: dict[str, Record] = {
+            sid: Record(**fields) for sid, fields in json.loads(stored).items()
+        } if stored else {}
 
     def reserve(self, owner: str, limits: SessionLimits, stale_after: float) -> str:
-        """A new session id for ``owner`` within the limits, held as "creating" until ``commit``."""
-        self._prune(stale_after)
+        """A new session id for ``owner`` within the limits, held as "creating" until ``commit``, or
+        abandoned ``stale_after`` seconds from now."""
+        self._prune()
         limits.check_room("cluster", [(sid, r.owner) for sid, r in self._records.items() if r.state in HELD], owner)
         session_id = secrets.token_hex(16)  # unguessable: 128 random bits
-        self._records[session_id] = Record(owner, "creating", time.time())
+        now = time.time()
+        self._records[session_id] = Record(owner, "creating", now, stale_at=now + stale_after)
+        self._save()
         return session_id
 
-    def commit(self, session_id: str, actor_id: str) -> None:
+    def commit(self, session_id: str, actor_id: str) -> bool:
+        """Makes a reservation live; False when it is no longer held (abandoned: its actor is killed)."""
         record = self._records.get(session_id)
-        if record is not None:
-            record.state, record.since, record.actor_id = "live", time.time(), actor_id
+        if record is None or record.state != "creating":
+            return False
+        record.state, record.since, record.actor_id = "live", time.time(), actor_id
+        self._save()
+        return True
 
     def abort(self, session_id: str) -> None:
-        self._records.pop(session_id, None)
+        if self._records.pop(session_id, None) is not None:
+            self._save()
 
     def register_default(self, actor_id: str) -> None:
-        """The default session's actor (created by whichever front-end started first)."""
+        """The default session's actor (created by whichever front-end started first, or re-created)."""
         self._records[DEFAULT_SESSION_ID] = Record("", "live", time.time(), actor_id)
+        self._save()
 
     def lookup(self, session_id: str) -> Record | None:
         return self._records.get(session_id)
@@ -83,19 +112,23 @@ class SessionRegistry:
         if record is not None and record.state == "live" and record.actor_id == actor_id:
             record.state, record.since = "lost", time.time()
             self._forget_old()
+            self._save()
         return record
 
     def checkpointed(self, session_id: str, name: str, step_count: int) -> None:
         record = self._records.get(session_id)
         if record is not None:
             record.checkpoint, record.checkpoint_step = name, step_count
+            self._save()
 
     def close(self, session_id: str, owner: str) -> Record | None:
         """Forgets a live or lost session of ``owner``; its record, or None when there is none to close."""
         record = self._records.get(session_id)
         if record is None or record.owner != owner or record.state not in ("live", "lost"):
             return None
-        return self._records.pop(session_id)
+        record = self._records.pop(session_id)
+        self._save()
+        return record
 
     def expire(self, session_id: str, idle_seconds: float) -> bool:
         """Marks a live session expired; False when it is no longer live (closed, lost, expired)."""
@@ -104,6 +137,7 @@ class SessionRegistry:
             return False
         record.state, record.since, record.idle_seconds = "expired", time.time(), idle_seconds
         self._forget_old()
+        self._save()
         return True
 
     def live(self) -> list[str]:
@@ -111,27 +145,50 @@ class SessionRegistry:
         return [sid for sid, r in self._records.items() if r.state == "live" and sid != DEFAULT_SESSION_ID]
 
     def owned(self, owner: str) -> list[str]:
-        """The live sessions of ``owner`` but the default one, in creation order."""
-        return [sid for sid, r in self._records.items() if r.state == "live" and r.owner == owner and sid != DEFAULT_SESSION_ID]
+        """The live and lost sessions of ``owner`` but the default one, in creation order (a lost
+        session stays listed, as lost, until it is closed)."""
+        return [sid for sid, r in self._records.items()
+                if r.state in ("live", "lost") and r.owner == owner and sid != DEFAULT_SESSION_ID]
 
     def count(self) -> int:
         """Sessions held (live or being created), the default one included."""
         return sum(1 for r in self._records.values() if r.state in HELD)
 
-    def _prune(self, stale_after: float) -> None:
-        """Lost sessions that no front-end has called yet stop counting; abandoned reservations go."""
+    def housekeeping(self) -> list[str]:
+        """Drops the abandoned reservations and kills their actors; the ids of those it dropped."""
+        return self._prune()
+
+    def _prune(self) -> list[str]:
+        """Lost sessions that no front-end has called yet stop counting; abandoned reservations go,
+        with the actor their front-end may have started before it died (else it would hold its
+        resources for good, unreachable); the ids of those dropped."""
         now = time.time()
+        dropped: list[str] = []
         for sid, record in list(self._records.items()):
-            if record.state == "creating" and now - record.since > stale_after:
+            if record.state == "creating" and now > record.stale_at:
                 del self._records[sid]  # its front-end died while creating it
+                dropped.append(sid)
+                try:
+                    ray.kill(ray.get_actor(actor_name(sid), namespace=self._namespace), no_restart=True)
+                except ValueError:
+                    pass  # it never started one
             elif record.state == "live":
                 try:
                     ray.get_actor(actor_name(sid), namespace=self._namespace)
                 except ValueError:  # the cluster no longer has the actor: its process or node died
                     record.state, record.since = "lost", now
         self._forget_old()
+        self._save()
+        return dropped
 
     def _forget_old(self) -> None:
         gone = sorted((r.since, sid) for sid, r in self._records.items() if r.state in ("lost", "expired"))
         for _, sid in gone[: max(0, len(gone) - REMEMBERED)]:
             del self._records[sid]
+
+    def _save(self) -> None:
+        """The whole table to the GCS (small: the held sessions and the last few lost or expired)."""
+        table = json.dumps({sid: asdict(record) for sid, record in self._records.items()})
+        if table != self._saved:  # housekeeping mostly changes nothing
+            internal_kv._internal_kv_put(TABLE_KEY, table, overwrite=True, namespace=self._kv_namespace)
+            self._saved = table

@@ -13,7 +13,9 @@ limits, ownership and NOT_FOUND answers are ``session_policy.py``'s, as for the 
 Residual races (documented in docs/deployment.md): a session whose node just died still counts
 against the limits until the cluster declares the node dead (seconds, with Ray's health checks), and
 a call that arrives while idle expiry closes its session may run or not before the actor is killed.
-The registry lives on the head node: losing the head loses the cluster (Ray's GCS) anyway.
+The registry lives on the head node: losing the head loses the cluster (Ray's GCS) anyway; a lost
+registry actor restarts and reads its table back from the GCS, and registry calls are retried
+while it does (``_ask``). A lost default session is made again by the next call that needs it.
 """
 
 from __future__ import annotations
@@ -36,22 +38,28 @@ from remote_trainer.engine.models import ModelSpec
 from remote_trainer.engine.optimizer import OptimizerSpec
 from remote_trainer.engine.protocol import Engine
 from remote_trainer.engine.results import SessionDescription
-from remote_trainer.server.ray_backend.actor import SessionActor
-from remote_trainer.server.ray_backend.proxy import RayEngine, check_wanted
+from remote_trainer.server.ray_backend.access import check_access
 from remote_trainer.server.calls import Call, current_call
+from remote_trainer.server.ray_backend.actor import SessionActor
+from remote_trainer.server.ray_backend.lost import Described, lost_description, lost_error
+from remote_trainer.server.ray_backend.proxy import RayEngine, check_wanted
 from remote_trainer.server.ray_backend.registry import HEAD_NODE_RESOURCE, REGISTRY_NAME, Record, SessionRegistry, actor_name
+from remote_trainer.server.ray_backend.watchdog import SELF_EXPIRY_FACTOR
 from remote_trainer.server.session_policy import DEFAULT_SESSION_ID, SessionLimits, check_closable, may_use, missing
-from remote_trainer.server.settings import Settings, ray_resources
+from remote_trainer.server.settings import LOCAL_RAY_NAMESPACE, Settings, ray_resources
 
 # The package's logger: the log lines name the Ray backend, whichever of its modules writes them.
 log = logging.getLogger(__package__)
 
-# Registry calls are small; a registry that does not answer within this is reported unavailable.
+# Registry calls are small; a registry that does not answer within this (its restarts included) is
+# reported unavailable.
 REGISTRY_TIMEOUT = 30.0
 # How often a call waiting on an actor looks whether its client went away (Call.gone has no callback).
 GONE_POLL = 0.1
 # A CreateSession that finds no room answers this long before its deadline, so its client hears why.
 ANSWER_MARGIN = 0.5
+# Housekeeping's questions to a session's actor; one busy with a call that long is not idle.
+HOUSEKEEPING_TIMEOUT = 10.0
 
 
 def _cause(exc: RayTaskError) -> BaseException:
@@ -79,7 +87,8 @@ class RaySessionStore:
     registry, sessions in their actors. It caches actor handles (a session's owner never changes).
     """
 
-    def __init__(self, settings: Settings, limits: Limits, registry: Any) -> None:
+    def __init__(self, settings: Settings, limits: Limits, registry: Any, default_model: ModelSpec) -> None:
+        self._default_model = default_model
         self._namespace = settings.ray_namespace
         self._limits = limits
         self._session_limits = SessionLimits(settings.max_sessions, settings.max_sessions_per_token)
@@ -109,8 +118,10 @@ class RaySessionStore:
     @classmethod
     def connect(cls, settings: Settings, default_model: ModelSpec, limits: Limits) -> RaySessionStore:
         """Joins (or starts) the Ray cluster, finds or makes the registry and the default session."""
+        settings = replace(settings, ray_namespace=settings.ray_namespace or LOCAL_RAY_NAMESPACE)
         if not ray.is_initialized():
             if settings.ray_address:
+                check_access(settings.ray_address)
                 ray.init(address=settings.ray_address, namespace=settings.ray_namespace,
                          log_to_driver=False, logging_level=logging.WARNING)
             else:  # a one-node Ray for this front-end alone, on loopback
@@ -120,10 +131,11 @@ class RaySessionStore:
         registry_class: Any = ray.remote(SessionRegistry)
         registry = registry_class.options(
             name=REGISTRY_NAME, namespace=settings.ray_namespace, lifetime="detached", get_if_exists=True,
-            num_cpus=0, resources={HEAD_NODE_RESOURCE: 0.001}, max_restarts=0,
+            num_cpus=0, resources={HEAD_NODE_RESOURCE: 0.001},
+            max_restarts=-1,  # restarts without limit, its table read back from the GCS (registry.py)
         ).remote(settings.ray_namespace)
-        store = cls(settings, limits, registry)
-        store._start_default(default_model)
+        store = cls(settings, limits, registry, default_model)
+        store._start_default()
         log.info("joined Ray cluster %s (namespace %s)", settings.ray_address or "(local)", settings.ray_namespace)
         return store
 
@@ -134,9 +146,33 @@ class RaySessionStore:
     # -- the Sessions protocol ----------------------------------------------------------------------
 
     def visible_to(self, owner: str = "") -> list[tuple[str, Engine]]:
-        """The sessions ``owner`` may use, from any front-end: the default session first, then its own."""
-        owned: list[str] = self._ask(self._registry.owned.remote(owner))
-        return [(sid, self.get(sid, owner)) for sid in [DEFAULT_SESSION_ID, *owned]]
+        """The sessions ``owner`` may use, from any front-end: the default session first, then its
+        own; a lost one as lost (its description says so)."""
+        owned: list[str] = self._ask("owned", owner)
+        visible: list[tuple[str, Engine]] = []
+        for sid in [DEFAULT_SESSION_ID, *owned]:
+            try:
+                visible.append((sid, self._described(sid, owner)))
+            except NotFound:
+                continue  # closed or expired meanwhile
+        return visible
+
+    def _described(self, sid: str, owner: str) -> Engine:
+        """The session as listed, described now; a lost one as lost (a lost default session is made
+        again by ``get`` or ``_lost``: the second try describes the new one)."""
+        for _ in range(2):
+            try:
+                engine = self.get(sid, owner)
+                return Described(self, sid, engine.owner, engine._handle, engine.actor_id, engine.describe())
+            except Unavailable as exc:
+                if exc.reason not in ("SESSION_LOST", "SESSION_RESTARTED"):
+                    raise
+                if sid != DEFAULT_SESSION_ID:
+                    break
+        record = self._ask("lookup", sid)
+        if record is None or record.state != "lost":
+            raise self._missing(sid, owner, record)
+        return Described(self, sid, record.owner, None, record.actor_id, lost_description(record))
 
     def get(self, session_id: str, owner: str = "") -> RayEngine:
         sid = session_id or DEFAULT_SESSION_ID
@@ -146,11 +182,14 @@ class RaySessionStore:
             if may_use(sid, engine.owner, owner):
                 return engine
             raise self._missing(session_id, owner, None)
-        record = self._ask(self._registry.lookup.remote(sid))
+        record = self._ask("lookup", sid)
+        if sid == DEFAULT_SESSION_ID and (record is None or record.state == "lost" or not self._exists(sid)):
+            self._start_default()  # the default session was lost: the call that needs it makes it again, fresh
+            record = self._ask("lookup", sid)
         if record is None or not may_use(sid, record.owner, owner) or record.state not in ("live", "lost"):
             raise self._missing(session_id, owner, record)
         if record.state == "lost":
-            raise self._lost_error(sid, record)
+            raise lost_error(sid, record)
         try:
             handle = ray.get_actor(actor_name(sid), namespace=self._namespace)
         except ValueError:  # the actor is gone, the registry not told yet
@@ -163,18 +202,22 @@ class RaySessionStore:
     def create(
         self, model: ModelSpec, optimizer: OptimizerSpec, owner: str = "", still_wanted: Callable[[], bool] = lambda: True
     ) -> tuple[str, Engine]:
-        sid: str = self._ask(self._registry.reserve.remote(owner, self._session_limits, 2 * self._timeout))
+        # Not committed within twice the build's bound, the reservation is abandoned (its actor killed).
+        sid: str = self._ask("reserve", owner, self._session_limits, 2 * self._timeout)
         handle = None
         try:
             handle = self._actor.options(name=actor_name(sid), **self._options).remote()
-            description, actor_id = self._build(handle, model, optimizer)
+            log.info("session %s reserved; its actor is starting", sid)
+            description, actor_id = self._build(handle, model, optimizer, expire_after=SELF_EXPIRY_FACTOR * self._idle_seconds)
             check_wanted(still_wanted, "the session was built but dropped")  # no one could use or close it
-            self._ask(self._registry.commit.remote(sid, actor_id))
+            if not self._ask("commit", sid, actor_id):
+                raise Unavailable(f"session {sid} took longer than twice ray-timeout to start and was given up; "
+                                  "create it again", "SESSION_ABANDONED")
         except BaseException:
             if handle is not None:
                 ray.kill(handle)
             try:
-                self._ask(self._registry.abort.remote(sid))
+                self._ask("abort", sid)
             except Unavailable:
                 log.warning("could not release the reservation of session %s (the registry drops it later)", sid)
             raise
@@ -186,9 +229,9 @@ class RaySessionStore:
 
     def close(self, session_id: str, owner: str = "") -> None:
         check_closable(session_id)
-        record = self._ask(self._registry.close.remote(session_id, owner))
+        record = self._ask("close", session_id, owner)
         if record is None:
-            raise self._missing(session_id, owner, self._ask(self._registry.lookup.remote(session_id)))
+            raise self._missing(session_id, owner, self._ask("lookup", session_id))
         self._kill(session_id)
         log.info("session %s closed", session_id)
 
@@ -199,30 +242,40 @@ class RaySessionStore:
     def expire_idle(self, busy: Callable[[str], bool] = lambda sid: False) -> list[str]:
         """Closes the sessions whose actors had no call for ``idle_seconds`` (a session with a call
         running or waiting on this front-end is not idle), and drops pending graphs unused for
-        ``pending_seconds``. An actor busy with a call does not answer within 10 s: not idle either."""
+        ``pending_seconds``. An actor busy with a call does not answer within 10 s: not idle either.
+        First the registry drops the reservations of front-ends that died creating a session, and kills
+        the actors they started."""
         stale: list[str] = []
+        try:  # this runs on the expiry thread: a registry that does not answer now is asked next time
+            for sid in self._ask("housekeeping"):
+                log.info("session %s was never committed (its front-end died creating it): reservation and actor dropped", sid)
+            live: list[str] = self._ask("live") if self._idle_seconds or self._pending_seconds else []
+        except Unavailable as exc:
+            log.warning("housekeeping skipped: %s", exc.message)
+            return stale
         if not self._idle_seconds and not self._pending_seconds:
             return stale
-        for sid in [DEFAULT_SESSION_ID, *self._ask(self._registry.live.remote())]:
+        for sid in [DEFAULT_SESSION_ID, *live]:
             if busy(sid):
                 continue
             try:
                 handle: Any = ray.get_actor(actor_name(sid), namespace=self._namespace)
-                idle = float(ray.get(handle.idle_seconds.remote(), timeout=10))
+                idle = float(self._await(handle.idle_seconds.remote(), Call(), HOUSEKEEPING_TIMEOUT))
                 if self._pending_seconds and idle > self._pending_seconds:
-                    ray.get(handle.call.remote("drop_pending", (f"unused for {idle:.0f} s (pending_graph_seconds)",), {}), timeout=10)
+                    self._await(handle.call.remote("drop_pending", (f"unused for {idle:.0f} s (pending_graph_seconds)",), {}),
+                                Call(), HOUSEKEEPING_TIMEOUT)
             except (ValueError, RayActorError, GetTimeoutError):
                 continue  # lost (told to its next caller) or not answering: not idle
             if sid == DEFAULT_SESSION_ID or not self._idle_seconds:
                 continue
-            if idle > self._idle_seconds and self._ask(self._registry.expire.remote(sid, idle)):
+            if idle > self._idle_seconds and self._ask("expire", sid, idle):
                 self._kill(sid)
                 stale.append(sid)
                 log.info("session %s expired after %.0f s idle", sid, idle)
         return stale
 
     def __len__(self) -> int:
-        count: int = self._ask(self._registry.count.remote())
+        count: int = self._ask("count")
         return count
 
     # -- for RayEngine ------------------------------------------------------------------------------
@@ -258,29 +311,30 @@ class RaySessionStore:
         except ValueError:
             name = Path(path).name
         try:
-            self._ask(self._registry.checkpointed.remote(engine.session_id, name, step_count))
+            self._ask("checkpointed", engine.session_id, name, step_count)
         except Unavailable:  # the checkpoint is written; only the hint in a later SESSION_LOST is missing
             log.warning("could not record checkpoint %s of session %s in the registry", name, engine.session_id)
 
     # -- internals ----------------------------------------------------------------------------------
 
-    def _start_default(self, model: ModelSpec) -> None:
+    def _start_default(self) -> None:
+        """Finds the default session's actor, or starts and builds it (the first front-end, or after a loss)."""
         handle = self._actor.options(
             name=actor_name(DEFAULT_SESSION_ID), get_if_exists=True, **self._options
         ).remote()
         try:
-            description, actor_id = self._build(handle, model, OptimizerSpec.tutorial(), keep_initial_state=True)
+            description, actor_id = self._build(handle, self._default_model, OptimizerSpec.tutorial(), keep_initial_state=True)
         except BaseException:
             ray.kill(handle)  # so that a front-end started with corrected settings builds it anew
             raise
-        self._ask(self._registry.register_default.remote(actor_id))
+        self._ask("register_default", actor_id)
         log.info("default session on %s (weights %s)", description.device, description.weights)
 
     def _build(
-        self, handle: Any, model: ModelSpec, optimizer: OptimizerSpec, keep_initial_state: bool = False
+        self, handle: Any, model: ModelSpec, optimizer: OptimizerSpec, keep_initial_state: bool = False, expire_after: float = 0.0
     ) -> tuple[SessionDescription, str]:
         call, started = current_call(), time.monotonic()
-        ref = handle.build.remote(model, optimizer, self._limits, keep_initial_state, self._session_memory_bytes)
+        ref = handle.build.remote(model, optimizer, self._limits, keep_initial_state, self._session_memory_bytes, expire_after)
         try:
             try:
                 built: tuple[SessionDescription, str] = self._await(ref, call, margin=ANSWER_MARGIN)
@@ -297,12 +351,13 @@ class RaySessionStore:
         except RayActorError:
             raise Unavailable("the session's actor died while it was being built", "SESSION_LOST") from None
 
-    def _await(self, ref: Any, call: Call, margin: float = 0.0) -> Any:
-        """``ray.get(ref)`` within ``--ray-timeout`` (else ``GetTimeoutError``) and the call's deadline
-        less ``margin``. When the client goes away or its deadline passes, or at ``--ray-timeout``, the
-        task is cancelled (one not started never runs; a running one sees it, ``actor.Wanted``) and
-        ``Abandoned`` or ``GetTimeoutError`` raised; at the margin, ``GetTimeoutError`` alone."""
-        give_up = time.monotonic() + self._timeout
+    def _await(self, ref: Any, call: Call, timeout: float | None = None, margin: float = 0.0) -> Any:
+        """``ray.get(ref)`` within ``timeout`` (default ``--ray-timeout``; else ``GetTimeoutError``) and the
+        call's deadline less ``margin``. When the client goes away or its deadline passes, or at the
+        timeout, the task is cancelled (one not started never runs; a running one sees it,
+        ``actor.Wanted``) and ``Abandoned`` or ``GetTimeoutError`` raised; at the margin,
+        ``GetTimeoutError`` alone. Every wait on a session's actor is this one."""
+        give_up = time.monotonic() + (self._timeout if timeout is None else timeout)
         while True:
             now = time.monotonic()
             end = give_up if call.deadline is None else min(give_up, call.deadline - margin)
@@ -338,14 +393,31 @@ class RaySessionStore:
             metadata={"free_" + name: f"{free.get(name, 0.0):g}" for name in asked},
         )
 
-    def _ask(self, ref: Any) -> Any:
-        """The result of a registry call."""
+    def _ask(self, method: str, *args: Any) -> Any:
+        """The result of registry call ``method(*args)``. A call that the registry's death cut off is
+        sent again (a new call waits while the registry restarts), within ``REGISTRY_TIMEOUT`` in all:
+        a reservation made twice that way is dropped as abandoned."""
+        deadline = time.monotonic() + REGISTRY_TIMEOUT
+        while True:
+            try:
+                return ray.get(getattr(self._registry, method).remote(*args), timeout=max(0.0, deadline - time.monotonic()))
+            except RayTaskError as exc:
+                raise _cause(exc) from None
+            except RayActorError:
+                if time.monotonic() < deadline:
+                    log.info("the session registry restarts; %s is sent again", method)
+                    time.sleep(0.1)  # a dead registry answers at once: do not spin while it restarts
+                    continue
+            except GetTimeoutError:
+                pass
+            raise Unavailable("the session registry of the Ray cluster does not answer", "REGISTRY_UNAVAILABLE")
+
+    def _exists(self, session_id: str) -> bool:
         try:
-            return ray.get(ref, timeout=REGISTRY_TIMEOUT)
-        except RayTaskError as exc:
-            raise _cause(exc) from None
-        except (RayActorError, GetTimeoutError):
-            raise Unavailable("the session registry of the Ray cluster does not answer", "REGISTRY_UNAVAILABLE") from None
+            ray.get_actor(actor_name(session_id), namespace=self._namespace)
+            return True
+        except ValueError:
+            return False
 
     def _kill(self, session_id: str) -> None:
         with self._lock:
@@ -359,24 +431,15 @@ class RaySessionStore:
         """The error for a session whose actor calls fail: lost, or closed or expired meanwhile."""
         with self._lock:
             self._cache.pop(session_id, None)
-        record = self._ask(self._registry.lost.remote(session_id, actor_id))
+        record = self._ask("lost", session_id, actor_id)
         if record is None or record.state == "expired":
             return self._missing(session_id, record.owner if record else "", record)
         if record.state == "live":  # a new actor took the name (the default session, re-created)
             return Unavailable(f"session {session_id} was restarted; call again", "SESSION_RESTARTED")
-        return self._lost_error(session_id, record)
-
-    def _lost_error(self, session_id: str, record: Record) -> Unavailable:
-        if record.checkpoint:
-            hint = (f"its last checkpoint is {record.checkpoint!r} (step {record.checkpoint_step}): create a session "
-                    f"and LoadCheckpoint {record.checkpoint!r} to go on from there")
-        else:
-            hint = "it had no checkpoint (SaveCheckpoint, or the server's --checkpoint-every, makes them)"
-        return Unavailable(
-            f"session {session_id} was lost: the Ray node or process holding it died; {hint}",
-            "SESSION_LOST",
-            metadata={"checkpoint": record.checkpoint, "step_count": str(record.checkpoint_step)} if record.checkpoint else {},
-        )
+        if session_id == DEFAULT_SESSION_ID:  # lost: made again, fresh, for this call's retry
+            self._start_default()
+            return Unavailable("the default session was lost and is started again, fresh; call again", "SESSION_RESTARTED")
+        return lost_error(session_id, record)
 
     @staticmethod
     def _missing(session_id: str, owner: str, record: Record | None) -> NotFound:
