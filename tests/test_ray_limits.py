@@ -48,7 +48,7 @@ SESSION_CPUS = torch.get_num_threads()
 EXPIRY = 1.5  # front-end B's --session-idle-seconds and --pending-graph-seconds
 # A training-mode forward that takes the session's actor well over EXPIRY seconds (and over the
 # 1 s deadlines below) on a 2-core machine.
-LONG = (32, 3, 224, 224)
+LONGER = (64, 3, 224, 224)  # ~1.8 s on an idle 2-core machine: well past a 1 s deadline once it runs
 
 
 class FrontEnd:
@@ -76,6 +76,10 @@ class FrontEnd:
 
             assert self._said.wait_for(matched, timeout), f"no log line matching {pattern!r}"
             return found[0]
+
+    def lines(self) -> list[str]:
+        with self._said:
+            return list(self._lines)
 
     def connect(self) -> TrainerClient:
         return TrainerClient(f"localhost:{self.port}", timeout=120)
@@ -149,7 +153,7 @@ def test_a_create_without_room_is_refused_within_its_deadline(a: FrontEnd) -> No
 def test_a_forward_abandoned_after_it_ran_changes_nothing(a: FrontEnd) -> None:
     with a.connect() as client, client.create_session(WEIGHTS_NAME) as session:
         before = session.parameters(include_buffers=True)
-        expect(grpc.StatusCode.DEADLINE_EXCEEDED, session.forward, rand(*LONG), stats_only=True, timeout=1)
+        expect(grpc.StatusCode.DEADLINE_EXCEEDED, session.forward, rand(*LONGER), stats_only=True, timeout=1)
         info = session.info()  # runs once the abandoned forward is done: the actor runs one call at a time
         assert (info.pending_forward_id, info.step_count) == (0, 0)
         after = session.parameters(include_buffers=True)
@@ -161,24 +165,10 @@ def test_a_forward_abandoned_after_it_ran_changes_nothing(a: FrontEnd) -> None:
 def long_forward(front_end: FrontEnd, session: Session) -> tuple[threading.Thread, list[Any]]:
     """A long training forward on ``session`` through ``front_end``, running once this returns."""
     results: list[Any] = []
-    thread = threading.Thread(target=lambda: results.append(session.forward(rand(*LONG), stats_only=True)))
+    thread = threading.Thread(target=lambda: results.append(session.forward(rand(*LONGER), stats_only=True)))
     thread.start()
     front_end.wait_for(f"rpc=Forward session={session.session_id} running")
     return thread, results
-
-
-def test_a_step_whose_deadline_passed_behind_another_front_ends_call_is_not_taken(a: FrontEnd, b: FrontEnd) -> None:
-    with a.connect() as client_a, b.connect() as client_b, client_a.create_session(WEIGHTS_NAME) as session:
-        session.forward(rand(2, 3, 32, 32))
-        session.backward("sum", rand(2, 1000))  # a gradient: a step would change the weights
-        before = session.parameters("fc")
-        thread, _ = long_forward(a, session)
-        expect(grpc.StatusCode.DEADLINE_EXCEEDED, client_b.session(session.session_id).step, timeout=1)
-        thread.join(120)
-        assert session.info().step_count == 0
-        after = session.parameters("fc")
-        for name in before:
-            np.testing.assert_array_equal(after[name].array, before[name].array, err_msg=name)
 
 
 def test_expiry_spares_a_session_busy_with_another_front_ends_call(a: FrontEnd, b: FrontEnd) -> None:
@@ -188,7 +178,7 @@ def test_expiry_spares_a_session_busy_with_another_front_ends_call(a: FrontEnd, 
         thread, results = long_forward(a, session)
         thread.join(120)
         assert results, "the forward failed (its session expired while it ran?)"
-        session.backward("sum", rand(LONG[0], 1000))  # its graph was kept
+        session.backward("sum", rand(LONGER[0], 1000))  # its graph was kept
         assert session.step() == 1
 
 
@@ -233,7 +223,7 @@ def test_sigterm_stops_a_front_end_within_its_grace_while_a_call_waits_on_an_act
                 b.wait_for(f"rpc=DescribeSession session={session.session_id} running")
                 stopped = time.monotonic()
                 b.process.send_signal(signal.SIGTERM)
-                assert b.process.wait(timeout=30) == 0
+                assert b.process.wait(timeout=30) == 0, "".join(b.lines()[-30:])
                 assert time.monotonic() - stopped < 6
         finally:
             for pid in actors:

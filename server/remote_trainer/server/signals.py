@@ -41,7 +41,10 @@ class StopSignals:
             log.info("received %s during start-up: stopping as soon as the server is up", signal.Signals(signum).name)
 
     def serving(self, stop: Callable[[], object], grace: float) -> None:
-        """The server is up: ``stop`` stops it (now, when a signal came during start-up)."""
+        """The server is up: ``stop`` stops it (now, when a signal came during start-up). The
+        handlers are installed again: joining Ray (``ray.init``) puts in its own SIGTERM handler,
+        which aborts the process (exit -6, no drain)."""
+        self.install()
         self._grace = grace
         self._stop = stop
         if self.received is not None:
