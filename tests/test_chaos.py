@@ -17,7 +17,6 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import socket
 import subprocess
 import threading
 from collections.abc import Callable, Iterator
@@ -35,7 +34,7 @@ from remote_trainer.server.app import TrainerServer, create_server
 from remote_trainer.server.settings import Settings
 from tests.conftest import WEIGHTS_NAME, rand
 from tests.faults import CUT_REQUEST, DELAY, DROP_RESPONSE, RESET, FaultPlan, FaultyProxy
-from tests.test_server_process import start
+from tests.test_server_process import free_port, start
 
 SEED = int(os.environ.get("CHAOS_SEED", "7"))
 STEPS = 12
@@ -177,18 +176,12 @@ def test_a_remote_model_loop_through_a_failing_connection_equals_the_unfaulted_l
 # -- a server killed mid-loop ----------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def test_a_server_killed_mid_loop_and_restarted_resumes_bit_identical(data_dir: Path, tmp_path: Path) -> None:
     """The server is SIGKILLed the moment it has checkpointed step 6 (its answer may or may not have
     left) and restarted on the same port. The TrainStep in flight retries until the new server
     answers that it does not know the session; the loop, driven by the session's step count, resumes
     from the automatic checkpoint (every step) and ends as a loop that never stopped."""
-    port = _free_port()
+    port = free_port()
     args = ["--port", str(port), "--weights", "random", "--data-dir", str(data_dir), "--checkpoint-dir", str(tmp_path),
             "--checkpoint-every", "1"]
     killed = threading.Event()

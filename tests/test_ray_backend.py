@@ -23,7 +23,6 @@ os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 import re  # noqa: E402
-import signal  # noqa: E402
 import subprocess  # noqa: E402
 import time  # noqa: E402
 from collections.abc import Callable, Iterator  # noqa: E402
@@ -45,7 +44,7 @@ from tests import test_train_step as train_steps  # noqa: E402
 from tests import test_training as training  # noqa: E402
 from tests import test_transfer as transfer  # noqa: E402
 from tests.conftest import WEIGHTS_NAME, assert_equal_to_local, rand  # noqa: E402
-from tests.test_server_process import start  # noqa: E402
+from tests.test_server_process import start, stop  # noqa: E402
 
 cluster_utils = pytest.importorskip("ray.cluster_utils")
 
@@ -107,13 +106,7 @@ class FrontEnd:
         return TrainerClient(f"localhost:{self.port}", token=token, timeout=120)  # CreateSession starts an actor
 
     def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        stop(self.process)
 
     def restart(self) -> None:
         self.stop()

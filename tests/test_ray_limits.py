@@ -23,7 +23,6 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 import re  # noqa: E402
 import signal  # noqa: E402
-import subprocess  # noqa: E402
 import threading  # noqa: E402
 import time  # noqa: E402
 from collections.abc import Iterator  # noqa: E402
@@ -37,7 +36,7 @@ import torch  # noqa: E402
 
 from remote_trainer.client import Session, TrainerClient, TrainerError  # noqa: E402
 from tests.conftest import WEIGHTS_NAME, rand  # noqa: E402
-from tests.test_server_process import start  # noqa: E402
+from tests.test_server_process import start, stop  # noqa: E402
 
 cluster_utils = pytest.importorskip("ray.cluster_utils")
 
@@ -85,13 +84,7 @@ class FrontEnd:
         return TrainerClient(f"localhost:{self.port}", timeout=120)
 
     def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        stop(self.process)
 
 
 @pytest.fixture(scope="module")

@@ -116,10 +116,22 @@ def test_a_signal_the_kernel_hands_to_another_thread_stops_the_server(
     assert f"received {signum.name}: shutting down" in text and "stopped" in text
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A loopback port nothing listens on now (for a server restarted on the same port)."""
     with socket.socket() as probe:
-        probe.bind(("localhost", 0))
+        probe.bind(("127.0.0.1", 0))
         return int(probe.getsockname()[1])
+
+
+def stop(process: subprocess.Popen[str]) -> None:
+    """SIGTERM to a server process still running; killed if it has not stopped within 30 s."""
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
 
 
 def _signal_when_serving(proc: subprocess.Popen[str], port: int) -> None:
@@ -139,7 +151,7 @@ def test_a_signal_at_any_moment_of_start_up_is_a_graceful_stop(moment: str) -> N
     stops gracefully with exit 0. The handlers came after SERVING, and a signal then killed one
     server in three by the default action (exit -15, no drain)."""
     for _ in range(2):
-        port = _free_port()
+        port = free_port()
         proc = subprocess.Popen(
             [sys.executable, "-m", "remote_trainer.server", "--port", str(port), "--weights", "random", "--log-level", "DEBUG"],
             cwd=ROOT, stderr=subprocess.PIPE, text=True,

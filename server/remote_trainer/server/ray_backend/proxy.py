@@ -43,7 +43,8 @@ T = TypeVar("T")
 def wall_deadline(call: Call) -> float | None:
     """When ``call``'s deadline passes, as ``time.time()`` (which another process on any node can
     compare, with clocks kept in step by NTP); None for a call without one."""
-    return None if call.deadline is None else time.time() + (call.deadline - time.monotonic())
+    remaining = call.remaining()
+    return None if remaining is None else time.time() + remaining
 
 
 def check_wanted(still_wanted: Callable[[], bool] | None, what: str) -> None:
