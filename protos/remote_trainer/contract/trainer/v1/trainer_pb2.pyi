@@ -1860,7 +1860,10 @@ class SaveCheckpointRequest(_message.Message):
     """Session to save; empty for the default session."""
     name: _builtins.str
     """File name inside the server's checkpoint directory (no absolute paths, no "..").
-    An existing checkpoint of that name is replaced atomically.
+    An existing checkpoint of that name is replaced atomically. A save that
+    would take the caller's checkpoints past the server's quota
+    (--max-checkpoint-bytes) is refused RESOURCE_EXHAUSTED CHECKPOINT_QUOTA
+    and writes nothing; the file it replaces counts as freed.
     """
     def __init__(
         self,
@@ -1966,6 +1969,63 @@ class LoadCheckpointResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___LoadCheckpointResponse: _TypeAlias = LoadCheckpointResponse  # noqa: Y015
+
+@_typing.final
+class DeleteCheckpointRequest(_message.Message):
+    """DeleteCheckpointRequest names the checkpoint to delete."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    CLIENT_TOKEN_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """File name inside the server's checkpoint directory, as SaveCheckpoint and
+    LoadCheckpoint take it (the caller's own folder when tokens are in use).
+    """
+    client_token: _builtins.str
+    """A token of the client's choosing: a repeat of a delete with the same token
+    (a retry whose answer was lost) answers as the first one did, where a new
+    delete of the same name is NOT_FOUND.
+    """
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        client_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["client_token", b"client_token", "name", b"name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeleteCheckpointRequest: _TypeAlias = DeleteCheckpointRequest  # noqa: Y015
+
+@_typing.final
+class DeleteCheckpointResponse(_message.Message):
+    """DeleteCheckpointResponse confirms the delete."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    SIZE_BYTES_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """The deleted checkpoint's name."""
+    size_bytes: _builtins.int
+    """Size of the deleted file in bytes: what the caller's quota got back."""
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        size_bytes: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name", "size_bytes", b"size_bytes"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeleteCheckpointResponse: _TypeAlias = DeleteCheckpointResponse  # noqa: Y015
 
 @_typing.final
 class ResetSessionRequest(_message.Message):

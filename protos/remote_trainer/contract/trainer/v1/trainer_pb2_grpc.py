@@ -116,6 +116,11 @@ class TrainerServiceStub:
                 request_serializer=remote__trainer_dot_contract_dot_trainer_dot_v1_dot_trainer__pb2.LoadCheckpointRequest.SerializeToString,
                 response_deserializer=remote__trainer_dot_contract_dot_trainer_dot_v1_dot_trainer__pb2.LoadCheckpointResponse.FromString,
                 _registered_method=True)
+        self.DeleteCheckpoint = channel.unary_unary(
+                '/trainer.v1.TrainerService/DeleteCheckpoint',
+                request_serializer=remote__trainer_dot_contract_dot_trainer_dot_v1_dot_trainer__pb2.DeleteCheckpointRequest.SerializeToString,
+                response_deserializer=remote__trainer_dot_contract_dot_trainer_dot_v1_dot_trainer__pb2.DeleteCheckpointResponse.FromString,
+                _registered_method=True)
         self.ResetSession = channel.unary_unary(
                 '/trainer.v1.TrainerService/ResetSession',
                 request_serializer=remote__trainer_dot_contract_dot_trainer_dot_v1_dot_trainer__pb2.ResetSessionRequest.SerializeToString,
@@ -242,7 +247,8 @@ class TrainerServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def SaveCheckpoint(self, request, context):
-        """SaveCheckpoint writes the session's state to the server's checkpoint directory, atomically.
+        """SaveCheckpoint writes the session's state to the server's checkpoint
+        directory, atomically, within the caller's checkpoint quota.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -250,6 +256,14 @@ class TrainerServiceServicer:
 
     def LoadCheckpoint(self, request, context):
         """LoadCheckpoint puts a session in the state a checkpoint holds.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeleteCheckpoint(self, request, context):
+        """DeleteCheckpoint removes one of the caller's checkpoints from the server's
+        checkpoint directory, freeing its bytes of the caller's quota.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -363,6 +377,11 @@ def add_TrainerServiceServicer_to_server(servicer, server):
                     servicer.LoadCheckpoint,
                     request_deserializer=remote__trainer_dot_contract_dot_trainer_dot_v1_dot_trainer__pb2.LoadCheckpointRequest.FromString,
                     response_serializer=remote__trainer_dot_contract_dot_trainer_dot_v1_dot_trainer__pb2.LoadCheckpointResponse.SerializeToString,
+            ),
+            'DeleteCheckpoint': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteCheckpoint,
+                    request_deserializer=remote__trainer_dot_contract_dot_trainer_dot_v1_dot_trainer__pb2.DeleteCheckpointRequest.FromString,
+                    response_serializer=remote__trainer_dot_contract_dot_trainer_dot_v1_dot_trainer__pb2.DeleteCheckpointResponse.SerializeToString,
             ),
             'ResetSession': grpc.unary_unary_rpc_method_handler(
                     servicer.ResetSession,
@@ -814,6 +833,33 @@ class TrainerService:
             '/trainer.v1.TrainerService/LoadCheckpoint',
             remote__trainer_dot_contract_dot_trainer_dot_v1_dot_trainer__pb2.LoadCheckpointRequest.SerializeToString,
             remote__trainer_dot_contract_dot_trainer_dot_v1_dot_trainer__pb2.LoadCheckpointResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteCheckpoint(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/trainer.v1.TrainerService/DeleteCheckpoint',
+            remote__trainer_dot_contract_dot_trainer_dot_v1_dot_trainer__pb2.DeleteCheckpointRequest.SerializeToString,
+            remote__trainer_dot_contract_dot_trainer_dot_v1_dot_trainer__pb2.DeleteCheckpointResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -78,9 +78,15 @@ class TrainerServiceStub:
     GetGraph: _grpc.UnaryUnaryMultiCallable[_trainer_pb2.GetGraphRequest, _trainer_pb2.GetGraphResponse]
     """GetGraph returns the autograd graph of the session's pending forward."""
     SaveCheckpoint: _grpc.UnaryUnaryMultiCallable[_trainer_pb2.SaveCheckpointRequest, _trainer_pb2.SaveCheckpointResponse]
-    """SaveCheckpoint writes the session's state to the server's checkpoint directory, atomically."""
+    """SaveCheckpoint writes the session's state to the server's checkpoint
+    directory, atomically, within the caller's checkpoint quota.
+    """
     LoadCheckpoint: _grpc.UnaryUnaryMultiCallable[_trainer_pb2.LoadCheckpointRequest, _trainer_pb2.LoadCheckpointResponse]
     """LoadCheckpoint puts a session in the state a checkpoint holds."""
+    DeleteCheckpoint: _grpc.UnaryUnaryMultiCallable[_trainer_pb2.DeleteCheckpointRequest, _trainer_pb2.DeleteCheckpointResponse]
+    """DeleteCheckpoint removes one of the caller's checkpoints from the server's
+    checkpoint directory, freeing its bytes of the caller's quota.
+    """
     ResetSession: _grpc.UnaryUnaryMultiCallable[_trainer_pb2.ResetSessionRequest, _trainer_pb2.ResetSessionResponse]
     """ResetSession puts the default session back in the state the server
     started it in: weights, BatchNorm buffers, head, optimizer (settings and
@@ -140,9 +146,15 @@ class TrainerServiceAsyncStub(TrainerServiceStub):
     GetGraph: _aio.UnaryUnaryMultiCallable[_trainer_pb2.GetGraphRequest, _trainer_pb2.GetGraphResponse]  # type: ignore[assignment]
     """GetGraph returns the autograd graph of the session's pending forward."""
     SaveCheckpoint: _aio.UnaryUnaryMultiCallable[_trainer_pb2.SaveCheckpointRequest, _trainer_pb2.SaveCheckpointResponse]  # type: ignore[assignment]
-    """SaveCheckpoint writes the session's state to the server's checkpoint directory, atomically."""
+    """SaveCheckpoint writes the session's state to the server's checkpoint
+    directory, atomically, within the caller's checkpoint quota.
+    """
     LoadCheckpoint: _aio.UnaryUnaryMultiCallable[_trainer_pb2.LoadCheckpointRequest, _trainer_pb2.LoadCheckpointResponse]  # type: ignore[assignment]
     """LoadCheckpoint puts a session in the state a checkpoint holds."""
+    DeleteCheckpoint: _aio.UnaryUnaryMultiCallable[_trainer_pb2.DeleteCheckpointRequest, _trainer_pb2.DeleteCheckpointResponse]  # type: ignore[assignment]
+    """DeleteCheckpoint removes one of the caller's checkpoints from the server's
+    checkpoint directory, freeing its bytes of the caller's quota.
+    """
     ResetSession: _aio.UnaryUnaryMultiCallable[_trainer_pb2.ResetSessionRequest, _trainer_pb2.ResetSessionResponse]  # type: ignore[assignment]
     """ResetSession puts the default session back in the state the server
     started it in: weights, BatchNorm buffers, head, optimizer (settings and
@@ -289,7 +301,9 @@ class TrainerServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _trainer_pb2.SaveCheckpointRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_trainer_pb2.SaveCheckpointResponse, _abc.Awaitable[_trainer_pb2.SaveCheckpointResponse]]:
-        """SaveCheckpoint writes the session's state to the server's checkpoint directory, atomically."""
+        """SaveCheckpoint writes the session's state to the server's checkpoint
+        directory, atomically, within the caller's checkpoint quota.
+        """
 
     @_abc_1.abstractmethod
     def LoadCheckpoint(
@@ -298,6 +312,16 @@ class TrainerServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_trainer_pb2.LoadCheckpointResponse, _abc.Awaitable[_trainer_pb2.LoadCheckpointResponse]]:
         """LoadCheckpoint puts a session in the state a checkpoint holds."""
+
+    @_abc_1.abstractmethod
+    def DeleteCheckpoint(
+        self,
+        request: _trainer_pb2.DeleteCheckpointRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_trainer_pb2.DeleteCheckpointResponse, _abc.Awaitable[_trainer_pb2.DeleteCheckpointResponse]]:
+        """DeleteCheckpoint removes one of the caller's checkpoints from the server's
+        checkpoint directory, freeing its bytes of the caller's quota.
+        """
 
     @_abc_1.abstractmethod
     def ResetSession(
