@@ -114,7 +114,7 @@ def test_optimizer_set_then_train_on_npz_equals_local_adam(
     cli("sessions", "close", sid)
 
 
-def test_zero_grad_and_checkpoints_save_list_load(cli: Any, cli_server: TrainerServer) -> None:
+def test_zero_grad_and_checkpoints_save_list_load_delete(cli: Any, cli_server: TrainerServer) -> None:
     sid = new_session(cli)
     with TrainerClient(f"localhost:{cli_server.port}") as client:
         session = client.session(sid)
@@ -137,6 +137,11 @@ def test_zero_grad_and_checkpoints_save_list_load(cli: Any, cli_server: TrainerS
         status, out, _ = cli("--session", sid, "checkpoint", "load", "two.ckpt")
         assert status == 0 and out.startswith("loaded checkpoint two.ckpt: step 2, 1000 classes")
         np.testing.assert_array_equal(session.parameters("fc.weight")["fc.weight"].array, before)
+        size = files[0]["size_bytes"]
+        assert cli("checkpoint", "delete", "two.ckpt") == (0, f"deleted checkpoint two.ckpt ({size:,} bytes)\n", "")
+        assert as_json(cli("--json", "checkpoint", "list")) == []
+        status, _, err = cli("checkpoint", "delete", "two.ckpt")
+        assert status == 1 and "NOT_FOUND: no checkpoint 'two.ckpt' [CHECKPOINT_NOT_FOUND]" in err
     cli("sessions", "close", sid)
 
 

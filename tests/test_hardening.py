@@ -95,7 +95,8 @@ CHECKPOINT_NAME_CASES = [
 
 
 def test_checkpoint_names_that_cannot_be_a_file_are_refused_and_nothing_is_written_outside(tmp_path: Path) -> None:
-    """Each was INTERNAL before, and SaveCheckpoint(".") wrote its temporary file into the folder's parent."""
+    """Each was INTERNAL before, and SaveCheckpoint(".") wrote its temporary file into the folder's parent.
+    DeleteCheckpoint takes names by the same rules."""
     folder = tmp_path / "checkpoints"
     (folder / "sub").mkdir(parents=True)
     running = create_server(Settings(port=0, weights="random", checkpoint_dir=str(folder)))
@@ -103,7 +104,7 @@ def test_checkpoint_names_that_cannot_be_a_file_are_refused_and_nothing_is_writt
         with TrainerClient(f"localhost:{running.port}") as client:
             s = client.session()
             for name, reason in CHECKPOINT_NAME_CASES:
-                for call in (s.save_checkpoint, s.load_checkpoint):
+                for call in (s.save_checkpoint, s.load_checkpoint, client.delete_checkpoint):
                     with pytest.raises(TrainerError) as err:
                         call(name)
                     assert (err.value.code, err.value.reason) == (grpc.StatusCode.INVALID_ARGUMENT, reason), (name, call)

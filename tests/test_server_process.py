@@ -39,16 +39,18 @@ class ServerLog(list[str]):
 
 
 def start(
-    *args: str, env: dict[str, str] | None = None, on_line: Callable[[str], None] | None = None
+    *args: str, env: dict[str, str] | None = None, on_line: Callable[[str], None] | None = None,
+    preexec_fn: Callable[[], None] | None = None,
 ) -> tuple[subprocess.Popen[str], int, ServerLog]:
     """Starts the server on a free port and reads the port from its 'listening on' log line.
 
     The rest of its log is collected by a thread (so the pipe never fills) into the returned list,
     each line handed to ``on_line`` too (a test's way to wait for what the server says).
+    ``preexec_fn`` runs in the server's process before it starts (a resource limit, say).
     """
     proc = subprocess.Popen(
         [sys.executable, "-m", "remote_trainer.server", "--port", "0", *args],
-        cwd=ROOT, stderr=subprocess.PIPE, text=True, env={**os.environ, **(env or {})},
+        cwd=ROOT, stderr=subprocess.PIPE, text=True, env={**os.environ, **(env or {})}, preexec_fn=preexec_fn,
     )
     assert proc.stderr is not None
     deadline = time.monotonic() + 120

@@ -202,6 +202,10 @@ class AsyncTrainerClient:
         """The checkpoints this token may load, by name."""
         return await self._send(core.list_checkpoints(), timeout=timeout)
 
+    async def delete_checkpoint(self, name: str, *, timeout: float | None = None) -> int:
+        """Deletes one of this token's checkpoints; the bytes freed (see ``TrainerClient.delete_checkpoint``)."""
+        return await self._send(core.delete_checkpoint(name), timeout=timeout)
+
 
 class AsyncSession:
     """One session on the server, with ``Session``'s methods as coroutines (``created_info`` and the

@@ -226,6 +226,12 @@ class TrainerClient:
         ``--checkpoint-dir``)."""
         return self._send(core.list_checkpoints(), timeout=timeout)
 
+    def delete_checkpoint(self, name: str, *, timeout: float | None = None) -> int:
+        """Deletes one of this token's checkpoints (a name ``list_checkpoints`` gives); the bytes it
+        freed of the server's checkpoint quota. ``NotFoundError`` (``CHECKPOINT_NOT_FOUND``) when
+        there is none of that name; a retry of a delete whose answer was lost says 0 bytes."""
+        return self._send(core.delete_checkpoint(name), timeout=timeout)
+
 
 class Session:
     """One session on the server: a model with its optimizer, gradients and pending forward.

@@ -316,6 +316,14 @@ def list_checkpoints() -> Call[list[CheckpointFile]]:
                 lambda r: [CheckpointFile(c.name, c.size_bytes, c.modified_unix_seconds) for c in r.checkpoints])
 
 
+def delete_checkpoint(name: str) -> Call[int]:
+    """The bytes freed. A retry answered CHECKPOINT_NOT_FOUND after an attempt that may have deleted
+    the file: deleted (0 bytes said, the first answer being lost)."""
+    request = pb.DeleteCheckpointRequest(name=name, client_token=token())
+    return Call(_path("DeleteCheckpoint"), request, lambda r: int(r.size_bytes),
+                done_if=lambda e: pb.DeleteCheckpointResponse(name=name) if e.reason == "CHECKPOINT_NOT_FOUND" else None)
+
+
 def close_session(session_id: str) -> Call[None]:
     """A retry answered NOT_FOUND after an attempt that may have closed the session: closed."""
     request = pb.CloseSessionRequest(session_id=session_id, client_token=token())

@@ -5,19 +5,32 @@ allowed). Names that cannot be a file there are refused as INVALID_ARGUMENT befo
 written; the temporary file is always in the checkpoint's own folder, with a short name of its own,
 so a legal 255-byte name saves too. Disk-full and permission errors are the server's state, not the
 request's: RESOURCE_EXHAUSTED and UNAVAILABLE. No message shows a server path.
+
+A ``Quota`` bounds the bytes of one owner's folder (``--max-checkpoint-bytes``). A checkpoint's size
+is known only once it is written, so a save checks twice: before writing, with the least the file
+can be (the bytes of the tensors it holds: ``torch.save`` stores each one whole), so a save that
+certainly does not fit writes nothing; and after writing its temporary file, with the file's real
+size, just before the rename, one save of a folder at a time (so two saves cannot both take the last
+room). A save refused there removes its temporary file. The file a save replaces, and the files
+its caller will remove once it is done, count as freed.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import fcntl
 import logging
 import os
 import re
 import secrets
 import socket
+import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from stat import S_ISREG
 
 import torch
 
@@ -46,12 +59,18 @@ def _this_host() -> str:
     return f"{socket.gethostname()}~{pid_namespace}"
 
 
+def owner_folder(checkpoint_dir: str, owner: str = "") -> Path:
+    """The folder of ``owner``'s checkpoints: its own one inside the checkpoint directory when tokens
+    are in use (``owner`` is the token's name), the directory itself without tokens (owner "")."""
+    return Path(checkpoint_dir) / owner if owner else Path(checkpoint_dir)
+
+
 def checkpoint_path(name: str, checkpoint_dir: str, owner: str = "") -> Path:
     """The file of checkpoint ``name`` in the checkpoint directory (in the owner's own folder when
     tokens are in use, so one token cannot read or overwrite another's checkpoints)."""
     if not checkpoint_dir:
         raise FailedPrecondition("this server has no checkpoint directory (--checkpoint-dir)", "NO_CHECKPOINT_DIR")
-    directory = Path(checkpoint_dir) / owner if owner else Path(checkpoint_dir)
+    directory = owner_folder(checkpoint_dir, owner)
     with os_errors("the checkpoint folder"):
         directory.mkdir(exist_ok=True)
     path = resolve_inside(name, str(directory), "name")
@@ -110,20 +129,122 @@ def temporary_path(path: Path, pid: int = 0) -> Path:
     return path.parent / f".{secrets.token_hex(8)}.{pid or os.getpid()}@{_this_host()}{TMP_SUFFIX}"
 
 
-def save(state: SessionState, path: Path) -> int:
+@dataclass(frozen=True)
+class Quota:
+    """The most bytes one owner's checkpoints may take: every file in ``folder`` (the owner's folder,
+    ``owner_folder``) and in its sub-folders, but the temporary files of saves under way. Plain data:
+    it crosses to a Ray actor with the save."""
+
+    folder: str
+    max_bytes: int
+    # Files the caller removes once the save is done (automatic checkpoints past
+    # keep_auto_checkpoints): they count as freed, as the file the save replaces does.
+    frees: tuple[str, ...] = ()
+
+    def check(self, path: Path, size: int, exact: bool) -> None:
+        """Refuses (RESOURCE_EXHAUSTED ``CHECKPOINT_QUOTA``) a save of ``size`` bytes to ``path``
+        that would take the folder past ``max_bytes``. ``exact``: ``size`` is the written file's,
+        not the least it can be."""
+        freed = {path, *(Path(f) for f in self.frees)}
+        used = folder_bytes(Path(self.folder))
+        kept = used - sum(_size(f) for f in freed)
+        if kept + size <= self.max_bytes:
+            return
+        what = f"{size:,} bytes" if exact else f"at least {size:,} bytes"
+        raise ResourceExhausted(
+            f"checkpoint quota: saving {path.name!r} ({what}) would take your checkpoints to {kept + size:,} bytes, "
+            f"over the quota of {self.max_bytes:,} ({used:,} used now); delete checkpoints you no longer need "
+            "(DeleteCheckpoint; ListSessions lists them) and save again",
+            "CHECKPOINT_QUOTA",
+            metadata={"used_bytes": str(used), "quota_bytes": str(self.max_bytes), "size_bytes": str(size)},
+        )
+
+
+def folder_bytes(folder: Path) -> int:
+    """The bytes of the files in ``folder`` and its sub-folders (symbolic links and the temporary
+    files of saves under way left out)."""
+    total = 0
+    for parent, _, names in os.walk(folder):
+        for name in names:
+            if name.startswith(".") and name.endswith(TMP_SUFFIX):
+                continue
+            try:
+                stat = os.lstat(os.path.join(parent, name))
+            except FileNotFoundError:
+                continue  # removed meanwhile
+            if S_ISREG(stat.st_mode):
+                total += stat.st_size
+    return total
+
+
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size if path.is_file() and not path.is_symlink() else 0
+    except FileNotFoundError:
+        return 0
+
+
+def least_bytes(value: object, seen: set[int] | None = None) -> int:
+    """The least a ``torch.save`` of ``value`` takes: the bytes of the tensors' storages, each once."""
+    seen = set() if seen is None else seen
+    if isinstance(value, torch.Tensor):
+        storage = value.untyped_storage()
+        if storage.data_ptr() in seen:
+            return 0
+        seen.add(storage.data_ptr())
+        return int(storage.nbytes())
+    if isinstance(value, dict):
+        return sum(least_bytes(v, seen) for v in value.values())
+    if isinstance(value, (list, tuple)):
+        return sum(least_bytes(v, seen) for v in value)
+    return 0
+
+
+# One quota check and rename at a time: in this process (threads), and between processes on one
+# host (flock on the folder). Storage whose locks cannot be taken (some network file systems) keeps
+# this process's order only: saves racing on two hosts can then both take the last room.
+_ONE_AT_A_TIME = threading.Lock()
+
+
+@contextlib.contextmanager
+def _quota_turn(quota: Quota | None) -> Iterator[None]:
+    if quota is None:
+        yield
+        return
+    with _ONE_AT_A_TIME:
+        fd = os.open(quota.folder, os.O_RDONLY)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX)
+            except OSError as exc:
+                log.debug("no lock on %s (%s): this process's saves still take turns", quota.folder, exc)
+            yield
+        finally:
+            os.close(fd)  # and the lock with it
+
+
+def save(state: SessionState, path: Path, quota: Quota | None = None) -> int:
     """Writes ``state`` (its ``to_dict()``) to ``path`` atomically: a reader sees the old file or the whole new one.
 
     The temporary file is ``.<16 hex digits>.<pid>@<host>.tmp`` next to ``path``; one left by a save
-    that was killed midway is removed when a server starts (``remove_stale_temporaries``).
+    that was killed midway is removed when a server starts (``remove_stale_temporaries``). With a
+    ``quota``, a save that would pass it is refused before anything is written when the tensors
+    alone pass it, else once the temporary file is written (which is then removed).
     """
+    content = state.to_dict()
+    if quota is not None:
+        quota.check(path, least_bytes(content), exact=False)
     tmp = temporary_path(path)
     with os_errors(f"saving checkpoint {path.name!r}"):
         try:
             with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "wb") as f:
-                torch.save(state.to_dict(), f)
+                torch.save(content, f)
                 f.flush()
                 os.fsync(f.fileno())
-            os.replace(tmp, path)
+            with _quota_turn(quota):
+                if quota is not None:
+                    quota.check(path, tmp.stat().st_size, exact=True)
+                os.replace(tmp, path)
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise
@@ -153,6 +274,20 @@ def load(path: Path) -> SessionState:
         return SessionState.from_dict(state)
     except (KeyError, TypeError, ValueError) as exc:
         raise invalid("name", f"the checkpoint does not fit this session: {exc}", "BAD_CHECKPOINT") from exc
+
+
+def delete(path: Path) -> int:
+    """Removes the checkpoint file ``path`` (NOT_FOUND ``CHECKPOINT_NOT_FOUND`` when there is none);
+    returns the bytes freed."""
+    with os_errors(f"deleting checkpoint {path.name!r}"):
+        if not path.is_file():
+            raise NotFound(f"no checkpoint {path.name!r}", "CHECKPOINT_NOT_FOUND")
+        size = path.stat().st_size
+        try:
+            path.unlink()
+        except FileNotFoundError:
+            raise NotFound(f"no checkpoint {path.name!r}", "CHECKPOINT_NOT_FOUND") from None  # deleted meanwhile
+        return size
 
 
 def remove_stale_temporaries(checkpoint_dir: str) -> int:
@@ -190,16 +325,24 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def keep_newest(folder: Path, pattern: str, keep: int) -> list[str]:
-    """Removes all but the ``keep`` newest files matching ``pattern`` in ``folder`` (by modification
-    time); returns the names removed."""
+def past_newest(folder: Path, pattern: str, keep: int, newest: Path) -> list[Path]:
+    """The files matching ``pattern`` in ``folder`` beyond the ``keep`` newest (by modification
+    time) once ``newest`` is written: what ``keep_newest`` then removes (0: none)."""
     if keep <= 0:
         return []
-    files = sorted((p for p in folder.glob(pattern) if p.is_file()), key=lambda p: p.stat().st_mtime_ns, reverse=True)
-    for old in files[keep:]:
-        old.unlink(missing_ok=True)
-        log.info("removed automatic checkpoint %s (keep_auto_checkpoints=%d)", old.name, keep)
-    return [p.name for p in files[keep:]]
+    files = sorted((p for p in folder.glob(pattern) if p.is_file() and p != newest), key=lambda p: p.stat().st_mtime_ns,
+                   reverse=True)
+    return files[keep - 1:]
+
+
+def keep_newest(folder: Path, pattern: str, keep: int, newest: Path) -> list[str]:
+    """Removes all but the ``keep`` newest files matching ``pattern`` in ``folder``, ``newest``
+    (just written) among them; returns the names removed."""
+    old = past_newest(folder, pattern, keep, newest)
+    for path in old:
+        path.unlink(missing_ok=True)
+        log.info("removed automatic checkpoint %s (keep_auto_checkpoints=%d)", path.name, keep)
+    return [p.name for p in old]
 
 
 @dataclass(frozen=True)

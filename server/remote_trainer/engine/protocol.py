@@ -4,8 +4,8 @@
 held by a Ray actor anywhere in the cluster) both satisfy it, so the servicer and the session store
 do not know which backend they have. Everything that crosses it is plain data: CPU torch tensors
 (numpy arrays, when it crosses a process: ``engine/portable.py``), torch dtypes, the dataclasses of
-``engine/results.py`` and ``OptimizerSpec``, strings (checkpoint paths), and the domain errors of
-``engine/errors.py``, which pickle with their reason, violations and metadata. A device running out
+``engine/results.py`` and ``OptimizerSpec``, strings (checkpoint paths), a checkpoint ``Quota``, and
+the domain errors of ``engine/errors.py``, which pickle with their reason, violations and metadata. A device running out
 of memory is raised as ``ResourceExhausted("DEVICE_OUT_OF_MEMORY")`` by the engine itself.
 """
 
@@ -18,6 +18,7 @@ from typing import Protocol, TypeVar
 import torch
 
 from remote_trainer.contract.names import LossName
+from remote_trainer.engine.checkpoints import Quota
 from remote_trainer.engine.errors import TrainerError
 from remote_trainer.engine.operation import Operation
 from remote_trainer.engine.optimizer import OptimizerSpec
@@ -123,7 +124,7 @@ class Engine(Protocol):
 
     def describe(self) -> SessionDescription: ...  # never waits for a running call (ListSessions)
 
-    def save_checkpoint(self, path: str) -> CheckpointInfo: ...
+    def save_checkpoint(self, path: str, quota: Quota | None = None) -> CheckpointInfo: ...
 
     def load_checkpoint(self, path: str, *, operation: Operation | None = None) -> SessionDescription: ...
 

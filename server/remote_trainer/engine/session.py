@@ -328,10 +328,11 @@ class SessionEngine:
                                         self.ledger.snapshot())
 
     @device_memory
-    def save_checkpoint(self, path: str) -> CheckpointInfo:
-        """Writes ``checkpoint()`` to the file ``path`` atomically (the caller chose and checked it)."""
+    def save_checkpoint(self, path: str, quota: checkpoints.Quota | None = None) -> CheckpointInfo:
+        """Writes ``checkpoint()`` to the file ``path`` atomically (the caller chose and checked it),
+        within ``quota`` when there is one (``checkpoints.save``)."""
         state = self.checkpoint()
-        size = checkpoints.save(state, Path(path))
+        size = checkpoints.save(state, Path(path), quota)
         return CheckpointInfo(state.step_count, size)
 
     @numbered

@@ -159,6 +159,7 @@ def servicer_options(settings: Settings) -> ServicerOptions:
         checkpoint_dir=settings.checkpoint_dir,
         checkpoint_every=settings.checkpoint_every,
         keep_auto_checkpoints=settings.keep_auto_checkpoints,
+        max_checkpoint_bytes=settings.max_checkpoint_bytes,
         order_wait=settings.operation_order_wait_seconds,
     )
 

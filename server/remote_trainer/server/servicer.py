@@ -55,6 +55,7 @@ class ServicerOptions:
     checkpoint_dir: str  # empty: checkpoints disabled
     checkpoint_every: int  # automatic checkpoint every N steps (0: never)
     keep_auto_checkpoints: int  # newest automatic checkpoints kept per folder (0: all)
+    max_checkpoint_bytes: int = 0  # bytes of checkpoints one owner may hold (0: no quota)
     order_wait: float = 10.0  # seconds a numbered call waits for the lower numbers (server/dispatch.py)
 
 
@@ -80,6 +81,7 @@ class TrainerServicer:
         self._checkpoint_dir = options.checkpoint_dir
         self._checkpoint_every = options.checkpoint_every
         self._keep_auto_checkpoints = options.keep_auto_checkpoints
+        self._max_checkpoint_bytes = options.max_checkpoint_bytes
         self._auth = auth
         self.observer = observer  # told of finished calls (the decorators) and of training
         self.stream_write_timeout = options.stream_write_timeout
@@ -87,6 +89,7 @@ class TrainerServicer:
         self._dispatcher = Dispatcher(options.max_workers, options.order_wait)
         self._created: Once[str] = Once()  # CreateSession by client_token: the session each token made
         self._closed: Once[str] = Once()  # CloseSession by client_token
+        self._deleted: Once[int] = Once()  # DeleteCheckpoint by client_token: the bytes it freed
 
     async def run(self, session_id: str | None, work: Callable[[], T], operation: Operation | None = None) -> T:
         """Runs a method's blocking work on a worker thread, one call at a time per session, numbered
@@ -133,6 +136,13 @@ class TrainerServicer:
 
     def _checkpoint_path(self, name: str, context: Context) -> Path:
         return checkpoints.checkpoint_path(name, self._checkpoint_dir, caller(self._auth, context))
+
+    def _quota(self, context: Context, frees: list[Path] | None = None) -> checkpoints.Quota | None:
+        """The caller's checkpoint quota (None: no quota); ``frees``: files removed after the save."""
+        if not self._max_checkpoint_bytes:
+            return None
+        folder = checkpoints.owner_folder(self._checkpoint_dir, caller(self._auth, context))
+        return checkpoints.Quota(str(folder), self._max_checkpoint_bytes, tuple(str(p) for p in frees or ()))
 
     @unary
     def CreateSession(self, request: pb.CreateSessionRequest, context: Context) -> pb.CreateSessionResponse:
@@ -277,11 +287,16 @@ class TrainerServicer:
             name = f"auto-{session_id or DEFAULT_SESSION_ID}.ckpt"
             try:
                 path = self._checkpoint_path(name, context)
-                engine.save_checkpoint(str(path))
-                checkpoints.keep_newest(path.parent, "auto-*.ckpt", self._keep_auto_checkpoints)
+                # The automatic checkpoints that go once this one is written count as freed.
+                rotated = checkpoints.past_newest(path.parent, "auto-*.ckpt", self._keep_auto_checkpoints, path)
+                engine.save_checkpoint(str(path), self._quota(context, rotated))
+                checkpoints.keep_newest(path.parent, "auto-*.ckpt", self._keep_auto_checkpoints, path)
                 log.info("session %s checkpointed to %s at step %d", session_id or DEFAULT_SESSION_ID, name, step_count)
-            except Exception:  # the step is done: a failed automatic checkpoint must not make it look failed
-                log.exception("automatic checkpoint %s at step %d failed", name, step_count)
+            except Exception as exc:  # the step is done: a failed automatic checkpoint must not make it look failed
+                if isinstance(exc, TrainerError) and exc.reason == "CHECKPOINT_QUOTA":  # the owner's to act on
+                    log.warning("automatic checkpoint %s at step %d not written: %s", name, step_count, exc)
+                else:
+                    log.exception("automatic checkpoint %s at step %d failed", name, step_count)
 
     @unary
     def ZeroGrad(self, request: pb.ZeroGradRequest, context: Context) -> pb.ZeroGradResponse:
@@ -348,7 +363,7 @@ class TrainerServicer:
     @unary
     def SaveCheckpoint(self, request: pb.SaveCheckpointRequest, context: Context) -> pb.SaveCheckpointResponse:
         engine = self._session(request.session_id, context)
-        saved = engine.save_checkpoint(str(self._checkpoint_path(request.name, context)))
+        saved = engine.save_checkpoint(str(self._checkpoint_path(request.name, context)), self._quota(context))
         return pb.SaveCheckpointResponse(name=request.name, step_count=saved.step_count, size_bytes=saved.size_bytes)
 
     @unary
@@ -358,6 +373,19 @@ class TrainerServicer:
         with self._numbered(engine, operation):
             description = engine.load_checkpoint(str(self._checkpoint_path(request.name, context)), operation=operation)
         return pb.LoadCheckpointResponse(session=self._info(request.session_id, description))
+
+    @unary
+    def DeleteCheckpoint(self, request: pb.DeleteCheckpointRequest, context: Context) -> pb.DeleteCheckpointResponse:
+        owner = caller(self._auth, context)
+        path = self._checkpoint_path(request.name, context)
+
+        def delete() -> int:
+            size = checkpoints.delete(path)
+            self._store.checkpoint_deleted(owner, str(path))
+            return size
+
+        freed, _ = self._deleted.run(owner, request.client_token, delete, scope=str(path), wait=current_call().remaining())
+        return pb.DeleteCheckpointResponse(name=request.name, size_bytes=freed)
 
     @unary
     def ResetSession(self, request: pb.ResetSessionRequest, context: Context) -> pb.ResetSessionResponse:

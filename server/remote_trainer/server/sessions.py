@@ -78,6 +78,11 @@ class Sessions(Protocol):
         pending graphs unused for ``pending_seconds``; returns the closed sessions' ids."""
         ...
 
+    def checkpoint_deleted(self, owner: str, path: str) -> None:
+        """``owner`` deleted the checkpoint file ``path``: no session of theirs names it as its last
+        checkpoint any more (the Ray backend's lost sessions do)."""
+        ...
+
     def __len__(self) -> int: ...
 
 
@@ -215,6 +220,9 @@ class SessionStore:
             return [
                 (sid, e.engine) for sid, e in self._sessions.items() if may_use(sid, e.owner, owner)
             ]
+
+    def checkpoint_deleted(self, owner: str, path: str) -> None:
+        """Nothing to forget: a session in this process never outlives this process's knowledge of it."""
 
     def __len__(self) -> int:
         with self._lock:

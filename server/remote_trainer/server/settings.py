@@ -89,6 +89,10 @@ class Settings:
     pending_graph_seconds: float = 600.0
     # Automatic checkpoints (checkpoint_every) kept per folder: the newest N auto-*.ckpt files (0: all).
     keep_auto_checkpoints: int = 3
+    # Bytes of checkpoint files one owner (a token's name; everyone alike without tokens) may hold
+    # in the checkpoint directory, automatic ones included; a save past it is refused (0: no quota).
+    # No default bound: the right one depends on the disk and the number of owners.
+    max_checkpoint_bytes: int = 0
     # Memory all sessions together may hold on the server's device, in bytes, estimated from shapes
     # before each big allocation (0: 80% of the machine's memory on CPU, 90% of the GPU's on CUDA).
     memory_budget_bytes: int = 0
@@ -184,6 +188,7 @@ _HELP = {
     "session_idle_seconds": "close sessions idle this long (0: never)",
     "pending_graph_seconds": "drop a pending forward's graph after this long without calls (0: never)",
     "keep_auto_checkpoints": "newest automatic checkpoints kept per folder (0: all)",
+    "max_checkpoint_bytes": "bytes of checkpoints one token (or, without tokens, the whole folder) may hold (0: no quota)",
     "memory_budget_bytes": "memory all sessions may hold on the device, estimated before allocating (0: 80%% of RAM, 90%% of a GPU's)",
     "session_memory_bytes": "memory one session may hold, estimated before allocating",
     "metrics_port": "Prometheus metrics HTTP port (-1: off, 0: a free port)",
@@ -280,11 +285,13 @@ def validate(settings: Settings) -> list[str]:
     if settings.tls_client_ca and not settings.tls_cert:
         problems.append("tls-client-ca needs tls-cert and tls-key")
     for name in ("checkpoint_every", "max_sessions_per_token", "session_idle_seconds", "pending_graph_seconds",
-                 "keep_auto_checkpoints", "memory_budget_bytes"):
+                 "keep_auto_checkpoints", "memory_budget_bytes", "max_checkpoint_bytes"):
         if getattr(settings, name) < 0:
             problems.append(f"{name.replace('_', '-')} must not be negative")
     if settings.checkpoint_every and not settings.checkpoint_dir:
         problems.append("checkpoint-every needs checkpoint-dir")
+    if settings.max_checkpoint_bytes and not settings.checkpoint_dir:
+        problems.append("max-checkpoint-bytes needs checkpoint-dir")
     if settings.tensorboard_histograms_every < 0:
         problems.append("tensorboard-histograms-every must not be negative")
     if not 0 <= settings.reuse_buffers_bytes <= 32 * MIB:

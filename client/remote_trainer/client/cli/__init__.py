@@ -159,10 +159,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--to-zeros", action="store_true", help="zero the tensors instead of setting .grad to None")
     p.set_defaults(run=cmd_zero_grad)
 
-    p = sub.add_parser("checkpoint", help="save, load or list checkpoints in the server's --checkpoint-dir",
+    p = sub.add_parser("checkpoint", help="save, load, list or delete checkpoints in the server's --checkpoint-dir",
                        description="Save the session (weights, buffers, head, frozen set, optimizer and its state, steps) to a "
-                                   "checkpoint, load one into it, or list those this token may load.")
-    p.add_argument("action", choices=("save", "load", "list"))
+                                   "checkpoint, load one into it, list those this token may load, or delete one "
+                                   "(freeing its bytes of the server's --max-checkpoint-bytes quota).")
+    p.add_argument("action", choices=("save", "load", "list", "delete"))
     p.add_argument("name", nargs="?", metavar="NAME", help="file name in the checkpoint directory, such as run.ckpt")
     p.set_defaults(run=cmd_checkpoint)
 

@@ -1,4 +1,4 @@
-"""Checkpoints in the server's --checkpoint-dir: ``checkpoint save``, ``load`` and ``list``."""
+"""Checkpoints in the server's --checkpoint-dir: ``checkpoint save``, ``load``, ``list`` and ``delete``."""
 
 from __future__ import annotations
 
@@ -30,6 +30,13 @@ def cmd_checkpoint(client: TrainerClient, session: Session, args: argparse.Names
             print_json({"name": args.name, "step_count": steps})
         else:
             print(f"saved checkpoint {args.name} at step {steps}")
+        return 0
+    if args.action == "delete":
+        freed = client.delete_checkpoint(args.name)
+        if args.json:
+            print_json({"name": args.name, "size_bytes": freed})
+        else:
+            print(f"deleted checkpoint {args.name} ({freed:,} bytes)")
         return 0
     info = session.load_checkpoint(args.name)
     if args.json:

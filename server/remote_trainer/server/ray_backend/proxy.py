@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any, Concatenate, Generic, ParamSpec, TypeVar,
 import torch
 
 from remote_trainer.engine import portable
+from remote_trainer.engine.checkpoints import Quota
 from remote_trainer.engine.errors import Abandoned
 from remote_trainer.engine.protocol import Engine
 from remote_trainer.engine.results import CheckpointInfo, NamedTensor
@@ -126,9 +127,10 @@ class RayEngine:
     refuse = Forwarded(Engine.refuse)
     _save_checkpoint = Forwarded(Engine.save_checkpoint)
 
-    def save_checkpoint(self, path: str) -> CheckpointInfo:
-        """Written by the actor, on its node: the checkpoint folder must be storage every node sees."""
-        result = self._save_checkpoint(path)
+    def save_checkpoint(self, path: str, quota: Quota | None = None) -> CheckpointInfo:
+        """Written by the actor, on its node: the checkpoint folder must be storage every node sees
+        (the quota is checked there too)."""
+        result = self._save_checkpoint(path, quota)
         self._store.checkpointed(self, path, result.step_count)
         return result
 

@@ -121,6 +121,13 @@ class SessionRegistry:
             record.checkpoint, record.checkpoint_step = name, step_count
             self._save()
 
+    def checkpoint_deleted(self, owner: str, name: str) -> None:
+        """``owner`` deleted checkpoint ``name``: no record of theirs names it as its last one."""
+        for record in self._records.values():
+            if record.owner == owner and record.checkpoint == name:
+                record.checkpoint, record.checkpoint_step = "", 0
+        self._save()
+
     def close(self, session_id: str, owner: str) -> Record | None:
         """Forgets a live or lost session of ``owner``; its record, or None when there is none to close."""
         record = self._records.get(session_id)

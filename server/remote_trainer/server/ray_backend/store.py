@@ -32,6 +32,7 @@ from typing import Any
 import ray
 from ray.exceptions import ActorUnavailableError, GetTimeoutError, RayActorError, RayTaskError, TaskCancelledError
 
+from remote_trainer.engine import checkpoints
 from remote_trainer.engine.errors import Abandoned, NotFound, ResourceExhausted, Unavailable
 from remote_trainer.engine.limits import Limits
 from remote_trainer.engine.models import ModelSpec
@@ -305,15 +306,27 @@ class RaySessionStore:
 
     def checkpointed(self, engine: RayEngine, path: str, step_count: int) -> None:
         """Tells the registry the session's latest checkpoint, named as the owner names it."""
-        root = Path(self._checkpoint_dir, engine.owner) if engine.owner else Path(self._checkpoint_dir)
-        try:
-            name = str(Path(path).relative_to(root.resolve()))
-        except ValueError:
-            name = Path(path).name
+        name = self._checkpoint_name(engine.owner, path)
         try:
             self._ask("checkpointed", engine.session_id, name, step_count)
         except Unavailable:  # the checkpoint is written; only the hint in a later SESSION_LOST is missing
             log.warning("could not record checkpoint %s of session %s in the registry", name, engine.session_id)
+
+    def checkpoint_deleted(self, owner: str, path: str) -> None:
+        """The registry forgets the deleted checkpoint as any of ``owner``'s sessions' last one, so a
+        SESSION_LOST no longer names a file that is gone."""
+        name = self._checkpoint_name(owner, path)
+        try:
+            self._ask("checkpoint_deleted", owner, name)
+        except Unavailable:  # the file is gone; only a later SESSION_LOST may still name it
+            log.warning("could not tell the registry that checkpoint %s of %r was deleted", name, owner)
+
+    def _checkpoint_name(self, owner: str, path: str) -> str:
+        """A checkpoint file's name as its owner names it (relative to their folder)."""
+        try:
+            return str(Path(path).relative_to(checkpoints.owner_folder(self._checkpoint_dir, owner).resolve()))
+        except ValueError:
+            return Path(path).name
 
     # -- internals ----------------------------------------------------------------------------------
 
