@@ -20,12 +20,14 @@ import numpy as np
 import pytest
 import torch
 
-from remote_trainer.client import Session, TrainerClient, TrainerError
+from remote_trainer.client import Session, TrainerClient, TrainerError, core
+from remote_trainer.client.errors import NotFoundError
 from remote_trainer.contract.trainer.v1 import trainer_pb2 as pb
 from remote_trainer.engine import checkpoints
 from remote_trainer.server.app import TrainerServer, create_server
 from remote_trainer.server.settings import Settings
 from tests.conftest import rand
+from tests.grpc_proxy import Proxy
 from tests.test_server_process import start, stop
 
 TOKENS = "alice:tok-alice,bob:tok-bob"
@@ -145,6 +147,29 @@ def test_delete_own_missing_other_owners_and_repeated(quota_server: TrainerServe
         # A new delete of it: there is none.
         err = expect_error(lambda: alice.delete_checkpoint("mine.ckpt"), grpc.StatusCode.NOT_FOUND, "CHECKPOINT_NOT_FOUND")
         assert err.message == "no checkpoint 'mine.ckpt'"
+
+
+def test_a_delete_retried_after_a_lost_answer_is_answered_as_the_first(tmp_path: Path) -> None:
+    """The SDK's retry carries the first attempt's client_token: the server answers it with the bytes
+    the first one freed, where a new delete would be NOT_FOUND. (Where the token is not remembered,
+    a retry's CHECKPOINT_NOT_FOUND reads as deleted.)"""
+    running = create_server(Settings(port=0, weights="random", checkpoint_dir=str(tmp_path)))
+    proxy = Proxy(f"localhost:{running.port}")
+    try:
+        (tmp_path / "x.ckpt").write_bytes(b"12345")
+        proxy.faults = {"DeleteCheckpoint": ["drop_answer"]}
+        with TrainerClient(proxy.target, timeout=60) as client:
+            assert client.delete_checkpoint("x.ckpt") == 5
+        assert proxy.injected == 1 and not (tmp_path / "x.ckpt").exists()
+        tokens = {pb.DeleteCheckpointRequest.FromString(data).client_token for data in proxy.sent("DeleteCheckpoint")}
+        assert len(proxy.sent("DeleteCheckpoint")) == 2 and len(tokens) == 1 and "" not in tokens
+    finally:
+        proxy.stop()
+        running.stop(None).wait()
+    call = core.delete_checkpoint("x.ckpt")
+    assert call.done_if is not None
+    assert call.parse(call.done_if(NotFoundError("no checkpoint 'x.ckpt'", "CHECKPOINT_NOT_FOUND"))) == 0
+    assert call.done_if(NotFoundError("no such session", "SESSION_NOT_FOUND")) is None
 
 
 def test_delete_without_a_checkpoint_directory_says_so(client: TrainerClient) -> None:

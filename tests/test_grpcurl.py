@@ -70,9 +70,9 @@ def one(text: str) -> dict[str, Any]:
 
 
 @pytest.fixture(scope="module")
-def readme_server() -> Iterator[TrainerServer]:
-    """A fresh server as README starts it (random weights, seed 0), on a free port."""
-    running = create_server(Settings(port=0, weights="random", seed=0))
+def readme_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TrainerServer]:
+    """A fresh server as README starts it (random weights, seed 0, a checkpoint folder), on a free port."""
+    running = create_server(Settings(port=0, weights="random", seed=0, checkpoint_dir=str(tmp_path_factory.mktemp("ckpt"))))
     yield running
     running.stop(None).wait()
 
@@ -197,10 +197,27 @@ def check_error(out: str, loss: float) -> None:
     assert '"reason":"PARAMETER_NOT_FOUND"' in out
 
 
+def check_save_checkpoint(out: str, loss: float) -> None:
+    response = one(out)
+    assert (response["name"], response["step_count"]) == ("walk.ckpt", "3") and int(response["size_bytes"]) > 44_000_000
+
+
 def check_list_sessions(out: str, loss: float) -> None:
-    (session,) = one(out)["sessions"]  # the default session only: the walk-through made no other
+    response = one(out)
+    (session,) = response["sessions"]  # the default session only: the walk-through made no other
     assert (session["session_id"], session["is_default"], session["num_classes"]) == ("default", True, "10")
     assert session["step_count"] == "3" and session["trainable_parameters"] == "2"
+    assert [f["name"] for f in response["checkpoints"]] == ["walk.ckpt"]
+
+
+def check_delete_checkpoint(out: str, loss: float) -> None:
+    response = one(out)
+    assert response["name"] == "walk.ckpt" and int(response["size_bytes"]) > 44_000_000
+
+
+def check_error_checkpoint_gone(out: str, loss: float) -> None:
+    assert "Code: NotFound" in out and "Message: no checkpoint 'walk.ckpt'" in out
+    assert '"reason":"CHECKPOINT_NOT_FOUND"' in out
 
 
 def check_reset(out: str, loss: float) -> None:
@@ -209,7 +226,7 @@ def check_reset(out: str, loss: float) -> None:
     assert "step_count" not in session and "frozen_parameters" not in session  # 0: left out by proto3 JSON
 
 
-# README's blocks, in README order, with what each must print; "error" must exit non-zero.
+# README's blocks, in README order, with what each must print; "error..." ones must exit non-zero.
 CHECKS: dict[str, Callable[[str, float], None]] = {
     "list": check_list,
     "describe": check_describe,
@@ -229,7 +246,10 @@ CHECKS: dict[str, Callable[[str, float], None]] = {
     "step-head": check_step_head,
     "health": check_health,
     "error": check_error,
+    "save-checkpoint": check_save_checkpoint,
     "list-sessions": check_list_sessions,
+    "delete-checkpoint": check_delete_checkpoint,
+    "error-checkpoint-gone": check_error_checkpoint_gone,
     "reset": check_reset,
 }
 
@@ -252,11 +272,12 @@ def test_readme_grpcurl_commands_run_verbatim(readme_server: TrainerServer, tuto
             timeout=120, stdin=subprocess.DEVNULL, check=False,
         )
         output = done.stdout + done.stderr
-        if name == "error":
+        failure = name.startswith("error")
+        if failure:
             assert done.returncode != 0, f"{name}: expected a failure\n{output}"
         else:
             assert done.returncode == 0, f"README block {name!r} failed ({done.returncode}):\n{command}\n{output}"
         try:
-            CHECKS[name](done.stdout if name != "error" else output, tutorial_loss)
+            CHECKS[name](output if failure else done.stdout, tutorial_loss)
         except AssertionError as exc:
             raise AssertionError(f"README block {name!r} printed something unexpected:\n{command}\n{output}") from exc

@@ -57,8 +57,9 @@ FAST_HEALTH_CHECKS = {
     "health_check_initial_delay_ms": 0, "health_check_period_ms": 1000,
     "health_check_timeout_ms": 1000, "health_check_failure_threshold": 5,
 }
-TOKENS = "alice:tok-alice,bob:tok-bob,carol:tok-carol,dave:tok-dave"
+TOKENS = "alice:tok-alice,bob:tok-bob,carol:tok-carol,dave:tok-dave,erin:tok-erin"
 MAX_SESSIONS, MAX_PER_TOKEN, CHECKPOINT_EVERY = 6, 2, 2
+CHECKPOINT_QUOTA = 2 * 2**30  # per token: far above what the other tests save
 # Ray gives an actor as many torch threads as CPUs it reserves (OMP_NUM_THREADS); the sessions get
 # as many as this process uses, so both sum in the same order and agree as closely as on the local
 # backend (one thread against two differs by 1e-4 in conv gradients).
@@ -125,6 +126,7 @@ def front_ends(ray_cluster: RayCluster, data_dir: Path, checkpoint_dir: Path) ->
         "--backend", "ray", "--ray-address", ray_cluster.cluster.address, "--ray-namespace", "ray-backend-test",
         "--weights", str(data_dir / WEIGHTS_NAME), "--data-dir", str(data_dir),
         "--checkpoint-dir", str(checkpoint_dir), "--checkpoint-every", str(CHECKPOINT_EVERY),
+        "--max-checkpoint-bytes", str(CHECKPOINT_QUOTA),
         "--tokens", TOKENS, "--max-sessions", str(MAX_SESSIONS), "--max-sessions-per-token", str(MAX_PER_TOKEN),
         "--ray-num-cpus", str(SESSION_CPUS), "--ray-resources", "session_slot=1", "--ray-timeout", "120",
     ]
@@ -212,6 +214,28 @@ def test_list_sessions_and_reset_on_the_ray_backend(front_ends: tuple[FrontEnd, 
         default.step()
         info = carol_a.session().reset()
         assert (info.step_count, info.pending_forward_id, info.num_classes) == (0, 0, 1000)
+
+
+def test_the_checkpoint_quota_and_delete_on_the_ray_backend(front_ends: tuple[FrontEnd, FrontEnd], checkpoint_dir: Path) -> None:
+    """The session's actor checks the owner's quota where it writes (refused before writing: the
+    tensors alone do not fit); DeleteCheckpoint through either front-end frees the room."""
+    a, b = front_ends
+    own = checkpoint_dir / "erin"
+    own.mkdir()
+    room = 10_000_000  # less than a checkpoint's tensors (46.8 MB)
+    with open(own / "filler.bin", "wb") as f:
+        f.truncate(CHECKPOINT_QUOTA - room)  # sparse: takes no disk, counts its size
+    with a.connect("tok-erin") as erin_a, b.connect("tok-erin") as erin_b, erin_a.create_session(WEIGHTS_NAME) as session:
+        err = expect_error(lambda: session.save_checkpoint("x.ckpt"), grpc.StatusCode.RESOURCE_EXHAUSTED, "CHECKPOINT_QUOTA")
+        assert err.metadata["used_bytes"] == str(CHECKPOINT_QUOTA - room)
+        assert sorted(p.name for p in own.iterdir()) == ["filler.bin"]  # no temporary file
+        assert erin_b.delete_checkpoint("filler.bin") == CHECKPOINT_QUOTA - room
+        assert session.save_checkpoint("x.ckpt") == 0
+        assert [f.name for f in erin_b.list_checkpoints()] == ["x.ckpt"]
+        size = (own / "x.ckpt").stat().st_size
+        assert erin_a.delete_checkpoint("x.ckpt") == size
+        expect_error(lambda: erin_b.delete_checkpoint("x.ckpt"), grpc.StatusCode.NOT_FOUND, "CHECKPOINT_NOT_FOUND")
+        assert list(own.iterdir()) == []
 
 
 def test_a_bf16_session_on_the_ray_backend_equals_local_autocast(

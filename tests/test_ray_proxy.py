@@ -14,6 +14,7 @@ import torch
 from remote_trainer.engine import portable
 from remote_trainer.engine.errors import Abandoned
 from remote_trainer.engine.protocol import Engine
+from remote_trainer.engine.checkpoints import Quota
 from remote_trainer.engine.results import CheckpointInfo
 from remote_trainer.server.calls import Call, in_call
 from remote_trainer.server.ray_backend.proxy import FORWARDED, RayEngine
@@ -102,8 +103,9 @@ def test_the_proxy_sends_the_calls_deadline_as_wall_clock_time() -> None:
 
 def test_the_proxy_tells_the_registry_of_a_saved_checkpoint() -> None:
     engine, actor, store = proxy(answer=CheckpointInfo(step_count=5, size_bytes=10))
-    assert engine.save_checkpoint("/ckpt/alice/a.ckpt") == CheckpointInfo(5, 10)
-    assert actor.calls == [("save_checkpoint", ("/ckpt/alice/a.ckpt",), {})]
+    quota = Quota("/ckpt/alice", 1000, ("/ckpt/alice/auto-x.ckpt",))  # checked by the actor, where it writes
+    assert engine.save_checkpoint("/ckpt/alice/a.ckpt", quota) == CheckpointInfo(5, 10)
+    assert actor.calls == [("save_checkpoint", ("/ckpt/alice/a.ckpt", quota), {})]
     assert store.checkpoints == [("/ckpt/alice/a.ckpt", 5)]
 
 

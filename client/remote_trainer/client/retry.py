@@ -8,9 +8,9 @@ codes (INTERNAL or UNKNOWN whose details name a reset stream or socket,
 ``RetryPolicy.transport_details``). A transient failure is retried with bounded exponential backoff
 and jitter, within the call's own deadline (each attempt gets the time left), so the caller sees an
 exception only once the deadline is spent, the attempts are used up, or the failure is not
-transient. Every call of the service is safe to retry: the read-only ones, ``CreateSession`` and
-``CloseSession`` (which carry a ``client_token`` the server remembers) and the calls that change a
-session, which carry an operation number (below). Attempts use ``wait_for_ready``: a call made
+transient. Every call of the service is safe to retry: the read-only ones, ``CreateSession``,
+``CloseSession`` and ``DeleteCheckpoint`` (which carry a ``client_token`` the server remembers) and
+the calls that change a session, which carry an operation number (below). Attempts use ``wait_for_ready``: a call made
 while the connection is down waits, within its deadline, for it to come back.
 
 **Operation numbers.** A session's changing calls carry ``Operation(number=...)``, numbered 1, 2, 3,

@@ -1,5 +1,6 @@
-"""CreateSession and CloseSession by a client's token: a retry whose first answer was lost is
-answered as the first call was, instead of making a second session (or failing a close that worked).
+"""CreateSession, CloseSession and DeleteCheckpoint by a client's token: a retry whose first answer
+was lost is answered as the first call was, instead of making a second session (or failing a close
+or a delete that worked).
 
 ``Once`` remembers the last ``KEEP`` tokens' answers in this process. A second call with a token whose
 first call is still running waits for it (on a worker thread, at most ``WAIT`` seconds or its own
