@@ -5,6 +5,9 @@ integer type, through a real server; every number against local torchvision and 
 from __future__ import annotations
 
 import io
+import re
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -15,6 +18,7 @@ import torch
 from torch import nn
 from PIL import Image
 from torchvision import transforms
+from torchvision.models import resnet18
 from torchvision.transforms.functional import pil_to_tensor
 
 from remote_trainer.client import InputTransform, Session, TrainerClient, TrainerError
@@ -29,6 +33,7 @@ from tests.conftest import WEIGHTS_NAME, assert_equal_to_local
 from tests.test_training import assert_params_equal
 
 INVALID = grpc.StatusCode.INVALID_ARGUMENT
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def images(n: int, size: int = 32, seed: int = 0) -> np.ndarray:
@@ -221,3 +226,20 @@ def test_the_transform_travels_with_the_session(checkpoint_server: TrainerServer
         assert (list(resumed.input_transform.mean), list(resumed.input_transform.std)) == (list(IMAGENET_MEAN), list(IMAGENET_STD))
         with client.session(resumed.session_id) as again:
             np.testing.assert_array_equal(again.forward(batch, eval_mode=True).logits, expected)
+
+
+def test_readme_images_example_runs_verbatim(target: str) -> None:
+    """README's example, run as it is written: the transform described, and the step's loss equal to
+    local PyTorch's on ToTensor() + Normalize() of the same images (the session's weights: random, seed 0)."""
+    found = re.search(r"<!-- images: sdk -->\n```python\n(.*?)```", (ROOT / "README.md").read_text(), re.S)
+    assert found, "README has no block marked images: sdk"
+    done = subprocess.run([sys.executable, "-c", found.group(1).replace("localhost:50051", target)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode == 0, done.stderr
+    described, loss = done.stdout.splitlines()
+    assert described == "InputTransform(mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))"
+    torch.manual_seed(0)
+    model = resnet18()
+    batch = np.random.default_rng(0).integers(0, 256, (4, 3, 64, 64), dtype=np.uint8)
+    expected = nn.functional.cross_entropy(model(local_input(batch)), torch.tensor([3, 7, 1, 0]))
+    assert float(loss) == pytest.approx(expected.item(), rel=1e-5)
