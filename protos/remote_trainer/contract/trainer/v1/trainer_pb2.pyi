@@ -2022,8 +2022,8 @@ Global___LoadCheckpointRequest: _TypeAlias = LoadCheckpointRequest  # noqa: Y015
 @_typing.final
 class LoadCheckpointResponse(_message.Message):
     """LoadCheckpointResponse describes the session after loading. Weights, BatchNorm buffers, head
-    size, frozen set, optimizer settings and state and step count come from the checkpoint; the
-    pending forward and the gradients are cleared.
+    size, frozen set, optimizer settings and state, step count and input transform come from the
+    checkpoint; the pending forward and the gradients are cleared.
     """
 
     DESCRIPTOR: _descriptor.Descriptor
