@@ -243,11 +243,6 @@ def input_transform(request: pb.CreateSessionRequest) -> InputTransform | None:
     return transform
 
 
-def input_transform_message(transform: InputTransform) -> pb.InputTransform:
-    """An ``InputTransform`` as its message."""
-    return pb.InputTransform(mean=transform.mean, std=transform.std)
-
-
 def session_info(session_id: str, desc: SessionDescription, is_default: bool) -> pb.SessionInfo:
     """A session's description as a ``SessionInfo``."""
     info = pb.SessionInfo(
@@ -258,7 +253,7 @@ def session_info(session_id: str, desc: SessionDescription, is_default: bool) ->
         memory_format=desc.memory_format, next_operation=desc.next_operation, operation_epoch=desc.operation_epoch,
     )
     if desc.input_transform is not None:
-        info.input_transform.CopyFrom(input_transform_message(desc.input_transform))
+        info.input_transform.CopyFrom(pb.InputTransform(mean=desc.input_transform.mean, std=desc.input_transform.std))
     return info
 
 
