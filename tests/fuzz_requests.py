@@ -13,10 +13,12 @@ from __future__ import annotations
 import math
 from typing import Any
 
+import numpy as np
 from google.protobuf import text_format
 from hypothesis import strategies as st
 
 from tests.conftest import rand
+from remote_trainer.contract import codec
 from remote_trainer.contract.trainer.v1 import trainer_pb2 as pb
 
 # Small limits keep every accepted forward cheap on a CPU: at most 4 images of 3x64x64 elements.
@@ -72,15 +74,15 @@ def _count(shape: list[int]) -> int | None:
     return n if n <= MAX_ELEMENTS else None
 
 
-_ITEMSIZE = {1: 4, 2: 2, 3: 2, 4: 8, 5: 8, 6: 4}
-_NUMPY = {1: "<f4", 2: "<f2", 4: "<f8", 5: "<i8", 6: "<i4"}
+_ITEMSIZE = {1: 4, 2: 2, 3: 2, 4: 8, 5: 8, 6: 4, 7: 1, 8: 2}
+_NUMPY = {1: "<f4", 2: "<f2", 4: "<f8", 5: "<i8", 6: "<i4", 7: "u1", 8: "<i2"}
 
 
 @st.composite
 def raw_tensors(draw: st.DrawFn) -> pb.Tensor:
     """A raw Tensor: any shape and data type; bytes that fit them (with NaN/inf at times) or not."""
     shape = draw(shapes)
-    data_type = draw(st.one_of(st.sampled_from([1, 1, 1, 2, 3, 4, 5, 6]), enum_values(6)))
+    data_type = draw(st.one_of(st.sampled_from([1, 1, 1, 2, 3, 4, 5, 6, 7, 7, 8]), enum_values(8)))
     n = _count(shape)
     kind = draw(st.sampled_from(["fit", "fit", "fit", "short", "long", "random"]))
     if kind == "random" or n is None or data_type not in _ITEMSIZE:
@@ -88,7 +90,7 @@ def raw_tensors(draw: st.DrawFn) -> pb.Tensor:
     else:
         size = n * _ITEMSIZE[data_type]
         if data_type in _NUMPY:
-            values = rand(n, seed=draw(st.integers(0, 3))).astype(_NUMPY[data_type])
+            values = (rand(n, seed=draw(st.integers(0, 3))) * (255 if data_type in (7, 8) else 1)).astype(_NUMPY[data_type])
             if n and data_type in (1, 2, 4) and draw(st.booleans()):
                 values[draw(st.integers(0, n - 1))] = draw(st.sampled_from([math.nan, math.inf, -math.inf]))
             raw = values.tobytes()
@@ -137,12 +139,20 @@ def plausible_inputs(draw: st.DrawFn) -> pb.TensorInput:
         if draw(st.booleans()):
             array = rand(2, 3, 32, 32, seed=draw(st.integers(0, 3)))
             message.tensor.CopyFrom(pb.Tensor(shape=[2, 3, 32, 32], data_type=pb.DATA_TYPE_FLOAT32, raw_data=array.tobytes()))
+        elif draw(st.booleans()):  # uint8 image bytes (the victim has no input transform: refused)
+            pixels = (rand(2, 3, 32, 32, seed=draw(st.integers(0, 3))) * 255).astype(np.uint8)
+            message.tensor.CopyFrom(pb.Tensor(shape=[2, 3, 32, 32], data_type=pb.DATA_TYPE_UINT8, raw_data=pixels.tobytes()))
         else:
             message.generate.CopyFrom(pb.TensorGenerator(shape=[2, 3, 32, 32], distribution=draw(st.integers(1, 4)), seed=draw(int64s)))  # type: ignore[arg-type]
     elif kind == "labels":
         message.generate.CopyFrom(pb.TensorGenerator(shape=[2, draw(st.sampled_from([1000, 10, 1]))], distribution=draw(st.integers(1, 4))))  # type: ignore[arg-type]
     elif draw(st.booleans()):
         message.values.CopyFrom(pb.TensorValues(shape=[2], values=draw(st.lists(st.sampled_from([0.0, 1.0, 9.0, 999.0, -1.0, 1000.0, 0.5]), min_size=2, max_size=2))))
+    elif draw(st.booleans()):  # class indices in a narrow integer type, as the SDK sends them
+        indices = draw(st.lists(st.sampled_from([0, 3, 255, 999, 1000, -1]), min_size=2, max_size=2))
+        dtype = draw(st.sampled_from(["u1", "<i2", "<i4", "<i8"]))
+        array = np.array(indices).astype(dtype)  # wraps (255 + 1 as uint8 is 0): the server sees what it is sent
+        message.tensor.CopyFrom(pb.Tensor(shape=[2], data_type=codec.DATA_TYPES_BY_NAME[array.dtype.name], raw_data=array.tobytes()))  # type: ignore[arg-type]
     else:
         message.generate.CopyFrom(pb.TensorGenerator(shape=[2], distribution=pb.DISTRIBUTION_RANDINT, high=draw(st.sampled_from([1, 10, 1000, 1001]))))
     return message
@@ -266,6 +276,8 @@ def _create(draw: st.DrawFn, sid: str) -> Request:
     request = pb.CreateSessionRequest(weights=weights, num_classes=draw(num_classes), seed=draw(int64s))
     if draw(st.booleans()):
         request.optimizer.CopyFrom(draw(optimizer_configs()))
+    if draw(st.booleans()):  # any number of means and stds, of any value
+        request.input_transform.CopyFrom(pb.InputTransform(mean=draw(st.lists(floats, max_size=4)), std=draw(st.lists(floats, max_size=4))))
     return "CreateSession", request
 
 

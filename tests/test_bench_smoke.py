@@ -63,6 +63,12 @@ def test_quick_benchmark_prints_every_section(tmp_path: Path) -> None:
     assert len(step_rows) == 8, step_rows  # the empty call, the numbered call and six cases at the quick size
     for row in step_rows[2:]:
         assert figure(row, "logits_agree") < 1e-4, row
+    # The upload of fp32 images and, beside it, of the same images as uint8 (a quarter of the bytes on
+    # the wire), normalised on the server as local ToTensor() + Normalize() does.
+    fp32_upload, uint8_upload = [r for r in rows if r["section"] == "upload"]
+    assert "fp32" in fp32_upload["case"] and "uint8" in uint8_upload["case"], (fp32_upload, uint8_upload)
+    assert figure(uint8_upload, "request_bytes") < 0.3 * figure(uint8_upload, "fp32_request_bytes"), uint8_upload
+    assert figure(uint8_upload, "logits_agree") < 1e-4, uint8_upload
     # torch.distributed.rpc beside us: the empty call, the one-call and the separate-call step at the
     # quick size, both gradient fetches; the same logits and gradients as local PyTorch and ours,
     # and the peer process shut down cleanly.

@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 import torch
 from torch import nn
+from torchvision import transforms
 
 from remote_trainer.client import TrainerClient
 from remote_trainer.server.app import TrainerServer, create_server
@@ -187,4 +188,30 @@ def test_json_of_the_older_commands(cli: Any) -> None:
     sid = new_session(cli)
     assert as_json(cli("--json", "--session", sid, "freeze", "*"))["frozen_count"] == 62
     assert as_json(cli("--json", "--session", sid, "replace-head", "10"))["num_classes"] == 10
+    cli("sessions", "close", sid)
+
+
+def test_a_session_for_uint8_images_trained_from_the_shell_equals_local(cli: Any, local: nn.Module) -> None:
+    """``sessions create --input-transform imagenet`` then ``step --uint8``: generated uint8 images
+    (a quarter of float32's bytes), normalised on the server as torchvision's ToTensor() and
+    Normalize() do; the losses equal local PyTorch's on the same images."""
+    created = as_json(cli("--json", "sessions", "create", "--weights", WEIGHTS_NAME, "--input-transform", "imagenet"))
+    sid = created["session_id"]
+    assert created["input_transform"] == {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
+    status, out, err = cli("--session", sid, "info")
+    assert status == 0 and re.search(r"^input transform: +uint8 images / 255, normalised .* \(imagenet\)$", out, re.M), out
+    records = as_json(cli("--json", "--session", sid, "step", "-n", "2", "--uint8", "--loss", "cross_entropy", "--batch", "2",
+                          "--size", "32", "--seed", "4"))
+    rng = np.random.default_rng(4)  # the generator of `step`: images, then labels, a step at a time
+    prepare = transforms.Compose([transforms.ToTensor(), transforms.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))])
+    optim = torch.optim.SGD(local.parameters(), lr=1e-2, momentum=0.9)
+    for record in records:
+        x, y = rng.integers(0, 256, (2, 3, 32, 32), dtype=np.uint8), rng.integers(0, 1000, 2)
+        optim.zero_grad()
+        loss = nn.functional.cross_entropy(local(torch.stack([prepare(image.transpose(1, 2, 0)) for image in x])), torch.from_numpy(y))
+        loss.backward()
+        optim.step()
+        assert record["loss"] == pytest.approx(loss.item(), rel=1e-5, abs=1e-5)
+    status, _, err = cli("step", "--uint8")  # the default session has no transform
+    assert status == 1 and "INPUT_TRANSFORM_MISSING" in err
     cli("sessions", "close", sid)

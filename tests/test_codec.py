@@ -16,7 +16,7 @@ from remote_trainer.server import convert
 from remote_trainer.contract.trainer.v1 import trainer_pb2 as pb
 
 
-@pytest.mark.parametrize("dtype", [np.float32, np.float16, np.float64, np.int64, np.int32])
+@pytest.mark.parametrize("dtype", [np.float32, np.float16, np.float64, np.int64, np.int32, np.int16, np.uint8])
 def test_round_trip_keeps_values_and_layout(dtype: type) -> None:
     array = (np.arange(24).reshape(2, 3, 4) * 1.5).astype(dtype)
     msg = codec.encode(array)
@@ -40,6 +40,26 @@ def test_bfloat16_matches_torch_rounding() -> None:
     np.testing.assert_array_equal(ours, values.to(torch.bfloat16).float().numpy())
     server_side = convert.output_tensor(values.to(torch.bfloat16))
     np.testing.assert_array_equal(codec.decode(server_side), ours)
+
+
+def test_uint8_images_travel_as_one_byte_each_and_decode_to_torch_uint8() -> None:
+    images = np.random.default_rng(0).integers(0, 256, (2, 3, 4, 5), dtype=np.uint8)
+    msg = codec.encode(images)
+    assert (msg.data_type, len(msg.raw_data)) == (pb.DATA_TYPE_UINT8, images.size)
+    tensor, _ = convert.input_tensor(pb.TensorInput(tensor=msg), "input", 10**6)
+    assert tensor.dtype == torch.uint8 and torch.equal(tensor, torch.from_numpy(images))
+    assert codec.DATA_TYPE_NAMES[pb.DATA_TYPE_UINT8] == "uint8" and codec.DATA_TYPE_NAMES[pb.DATA_TYPE_INT16] == "int16"
+
+
+@pytest.mark.parametrize(("largest", "dtype"), [(0, np.uint8), (255, np.uint8), (256, np.int16), (32767, np.int16),
+                                                (32768, np.int32), (2**31 - 1, np.int32), (2**31, np.int64)])
+def test_class_indices_travel_in_the_narrowest_integer_type(largest: int, dtype: type) -> None:
+    indices = np.array([0, largest, 1], np.int64)
+    narrow = codec.narrowest_integers(indices)
+    assert narrow.dtype == dtype
+    np.testing.assert_array_equal(codec.decode(codec.encode(narrow)).astype(np.int64), indices)  # nothing lost
+    assert codec.narrowest_integers(np.array([-1, 3])).dtype == np.int16  # a negative index still travels (and is refused)
+    assert codec.narrowest_integers(np.array([], np.int64)).dtype == np.uint8
 
 
 def test_wrong_byte_length_is_refused() -> None:

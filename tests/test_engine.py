@@ -3,15 +3,21 @@
 from __future__ import annotations
 
 import copy
+import math
 
 import pytest
 import torch
+from torchvision import transforms
 from torchvision.models import resnet18
+
+from remote_trainer.contract.names import IMAGENET_MEAN, IMAGENET_STD
 
 from remote_trainer.engine.patterns import match_patterns
 from remote_trainer.engine.limits import Limits
 from remote_trainer.engine.optimizer import OptimizerSpec
 from remote_trainer.engine.session import SessionEngine
+from remote_trainer.engine.state import SessionState
+from remote_trainer.engine.transforms import InputTransform
 from remote_trainer.engine.tensors import generate, tensor_stats, tensors_stats
 from remote_trainer.engine.errors import InvalidArgument, NotFound
 
@@ -117,3 +123,49 @@ def test_generated_tensors_are_reproducible_with_torch_generator() -> None:
 def test_optimizer_defaults_follow_torch() -> None:
     assert OptimizerSpec.with_defaults("adamw").weight_decay == 0.01
     assert OptimizerSpec.with_defaults("sgd", lr=0.5).momentum == 0.0
+
+
+def test_input_transform_equals_torchvision_to_tensor_and_normalize() -> None:
+    """The server's arithmetic on uint8 images is torchvision's: ToTensor() on each HWC image, then
+    Normalize(mean, std); within 1e-6 (in fact equal to the last bit)."""
+    images = torch.randint(0, 256, (4, 3, 9, 7), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    to_tensor, normalize = transforms.ToTensor(), transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)
+    expected = torch.stack([normalize(to_tensor(image.permute(1, 2, 0).numpy())) for image in images])
+    got = InputTransform.imagenet().apply(images)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-6)
+    torch.testing.assert_close(InputTransform().apply(images), torch.stack([to_tensor(i.permute(1, 2, 0).numpy()) for i in images]),
+                               rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("transform", [
+    InputTransform((0.5, 0.5), (0.2, 0.2)), InputTransform((0.5,) * 4, (0.2,) * 4), InputTransform((0.5,) * 3, ()),
+    InputTransform((0.5,) * 3, (0.2, 0.0, 0.2)), InputTransform((0.5,) * 3, (0.2, -0.1, 0.2)),
+    InputTransform((0.5, math.nan, 0.5), (0.2,) * 3), InputTransform((0.5,) * 3, (0.2, math.inf, 0.2)),
+])
+def test_bad_input_transforms_are_refused(transform: InputTransform) -> None:
+    with pytest.raises(InvalidArgument) as err:
+        transform.validate()
+    assert err.value.reason == "BAD_INPUT_TRANSFORM"
+
+
+def test_uint8_images_need_an_input_transform_and_it_travels_in_checkpoints() -> None:
+    engine, _ = engine_and_local()
+    images = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    with pytest.raises(InvalidArgument) as err:
+        engine.forward(images)
+    assert err.value.reason == "INPUT_TRANSFORM_MISSING" and engine.describe().pending_forward_id == 0
+    torch.manual_seed(0)
+    with_transform = SessionEngine(resnet18(num_classes=10), torch.device("cpu"), "test", OptimizerSpec.tutorial(), Limits(),
+                                   input_transform=InputTransform.imagenet())
+    state = with_transform.checkpoint()
+    assert state.input_transform == InputTransform.imagenet()
+    assert SessionState.from_dict(state.to_dict()).input_transform == InputTransform.imagenet()
+    engine.restore(SessionState.from_dict(state.to_dict()))
+    assert engine.describe().input_transform == InputTransform.imagenet()
+    expected = with_transform.forward(images, eval_mode=True).logits
+    torch.testing.assert_close(engine.forward(images, eval_mode=True).logits, expected, rtol=0, atol=0)
+    old_file = {k: v for k, v in state.to_dict().items() if k != "input_transform"}  # written before transforms existed
+    assert SessionState.from_dict(old_file).input_transform is None
+    with pytest.raises(ValueError, match="std must be finite and > 0"):
+        SessionState.from_dict({**state.to_dict(), "input_transform": {"mean": [0.5] * 3, "std": [0.0] * 3}})

@@ -94,6 +94,8 @@ CASES: list[tuple[str, Callable[[Session], Callable[[TrainerClient], Any]], grpc
     ("class index beyond int64", lambda s: raw_backward(s, loss=pb.Loss(function=pb.LOSS_FUNCTION_CROSS_ENTROPY,
      labels=pb.TensorInput(values=pb.TensorValues(shape=[2], values=[1, 2.0**64])))), INVALID, "VALUE_OUT_OF_RANGE"),
     ("int32 input", lambda s: raw_forward(s, codec.encode(np.zeros((2, 3, 32, 32), np.int32))), INVALID, "WRONG_DTYPE"),
+    ("uint8 images without an input transform", lambda s: sdk(s.forward, np.zeros((2, 3, 32, 32), np.uint8)), INVALID,
+     "INPUT_TRANSFORM_MISSING"),
     ("bytes do not match shape", lambda s: raw_forward(s, pb.Tensor(shape=[2, 3, 32, 32], data_type=pb.DATA_TYPE_FLOAT32, raw_data=b"\0" * 100)),
      INVALID, "BYTE_LENGTH_MISMATCH"),
     ("unspecified data type", lambda s: raw_forward(s, pb.Tensor(shape=[1], raw_data=b"\0" * 4)), INVALID, "UNKNOWN_DATA_TYPE"),

@@ -19,8 +19,10 @@ from typing import Any
 
 import pytest
 import torch
+from torchvision import transforms
 from torchvision.models import resnet18
 
+from remote_trainer.contract.names import IMAGENET_MEAN, IMAGENET_STD
 from remote_trainer.server.app import TrainerServer, create_server
 from remote_trainer.server.settings import Settings
 
@@ -188,6 +190,21 @@ def check_step_head(out: str, loss: float) -> None:
     assert one(out) == {"step_count": "3", "parameters_updated": "2"}
 
 
+def check_train_step_uint8(out: str, loss: float) -> None:
+    step, closed = json_messages(out)
+    assert (step["forward_id"], step["step_count"], step["parameters_updated"]) == ("1", "1", "62")
+    assert len(closed["session_id"]) == 32  # the session the block made, closed
+    # Local PyTorch on the same bytes: torchvision's ToTensor() on each image, Normalize(ImageNet), the
+    # new session's weights (random, seed 0) in train mode, cross-entropy with the same labels.
+    torch.manual_seed(0)
+    model = resnet18()
+    pixels = torch.arange(24, dtype=torch.uint8).reshape(2, 3, 2, 2)
+    prepare = transforms.Compose([transforms.ToTensor(), transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+    x = torch.stack([prepare(image.permute(1, 2, 0).numpy()) for image in pixels])
+    expected = torch.nn.functional.cross_entropy(model(x), torch.tensor([3, 7]))
+    assert step["loss"] == pytest.approx(expected.item(), rel=1e-5)
+
+
 def check_health(out: str, loss: float) -> None:
     assert one(out) == {"status": "SERVING"}
 
@@ -244,6 +261,7 @@ CHECKS: dict[str, Callable[[str, float], None]] = {
     "backward-cross-entropy": check_backward_cross_entropy,
     "gradient-stats": check_gradient_stats,
     "step-head": check_step_head,
+    "train-step-uint8": check_train_step_uint8,
     "health": check_health,
     "error": check_error,
     "save-checkpoint": check_save_checkpoint,
@@ -259,7 +277,8 @@ def test_every_shell_block_of_the_section_is_marked_and_checked() -> None:
     assert section.count("```sh\n") == len(readme_commands()), "an unmarked ```sh block in the grpcurl section"
     assert [name for name, _ in readme_commands()] == list(CHECKS)
     for name, command in readme_commands():
-        assert command.startswith("grpcurl -plaintext ") and README_TARGET in command, name
+        # A block that needs an id from an earlier answer keeps it in a shell variable.
+        assert command.startswith(("grpcurl -plaintext ", "SESSION=$(grpcurl -plaintext ")) and README_TARGET in command, name
 
 
 def test_readme_grpcurl_commands_run_verbatim(readme_server: TrainerServer, tutorial_loss: float) -> None:

@@ -36,10 +36,11 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
-from remote_trainer.client import Session, TrainerClient, TrainerError  # noqa: E402
+from remote_trainer.client import InputTransform, Session, TrainerClient, TrainerError  # noqa: E402
 from remote_trainer.contract import codec  # noqa: E402
 from remote_trainer.contract.trainer.v1 import trainer_pb2 as pb  # noqa: E402
 from tests import test_fast_paths as fast_paths  # noqa: E402
+from tests import test_images as images  # noqa: E402
 from tests import test_train_step as train_steps  # noqa: E402
 from tests import test_training as training  # noqa: E402
 from tests import test_transfer as transfer  # noqa: E402
@@ -153,9 +154,12 @@ def expect_error(call: Callable[[], object], code: grpc.StatusCode, reason: str)
 
 @pytest.fixture(scope="class")
 def ray_session(front_ends: tuple[FrontEnd, FrontEnd]) -> Iterator[Session]:
-    """One session held by a Ray actor, with its fresh state saved as checkpoint "fresh"."""
+    """One session held by a Ray actor, with its fresh state saved as checkpoint "fresh"; and
+    "fresh-imagenet", the fresh state of a session made with the ImageNet input transform."""
     with front_ends[0].connect("tok-alice") as client, client.create_session(WEIGHTS_NAME) as session:
         assert session.save_checkpoint("fresh") == 0
+        with client.create_session(WEIGHTS_NAME, input_transform="imagenet") as transformed:
+            transformed.save_checkpoint("fresh-imagenet")
         yield session
 
 
@@ -167,11 +171,21 @@ def packed_tensor_streams(session: Session, local: nn.Module) -> None:
     transfer.test_packed_streams_carry_the_same_chunks_in_fewer_responses(session)
 
 
+def uint8_images_with_an_input_transform(session: Session, local: nn.Module) -> None:
+    """The transform CreateSession gave a session reached its actor (its checkpoint holds it), and
+    LoadCheckpoint puts it on this one, in another actor; uint8 images and uint8 class indices then
+    cross the process boundary and train as local ToTensor() + Normalize() does."""
+    images.expect_error(lambda: session.forward(images.images(2)), "INPUT_TRANSFORM_MISSING")
+    assert session.load_checkpoint("fresh-imagenet").input_transform == InputTransform.imagenet()
+    images.check_uint8_training_matches_local(session, local)
+
+
 CHECKS = [
     train_step_cross_entropy,
     train_steps.test_backward_that_steps_and_zeroes_matches_local,
     train_steps.test_backward_without_grad_norm_leaves_only_the_norm_out,
     packed_tensor_streams,
+    uint8_images_with_an_input_transform,
     training.test_forward_logits_and_batchnorm_statistics_match_local,
     training.test_tutorial_training_step_matches_local,
     training.test_several_sgd_momentum_steps_match_local,

@@ -32,6 +32,7 @@ from remote_trainer.client.types import (
     ForwardResult,
     FreezeResult,
     Graph,
+    InputTransform,
     NamedTensor,
     Optimizer,
     ParameterInfo,
@@ -43,8 +44,8 @@ from remote_trainer.client.types import (
 
 __all__ = [
     "AbortedError", "AlreadyExistsError", "BackwardResult", "Cancelled", "CheckpointFile", "DataLossError",
-    "DeadlineExceededError", "FailedPreconditionError", "FieldViolation", "ForwardResult", "FreezeResult", "Graph", "InternalError",
-    "InvalidArgumentError", "NamedTensor", "NotFoundError", "Optimizer", "OutOfRangeError", "ParameterInfo",
+    "DeadlineExceededError", "FailedPreconditionError", "FieldViolation", "ForwardResult", "FreezeResult", "Graph", "InputTransform",
+    "InternalError", "InvalidArgumentError", "NamedTensor", "NotFoundError", "Optimizer", "OutOfRangeError", "ParameterInfo",
     "ParameterList", "PermissionDeniedError", "ResourceExhaustedError", "RetryPolicy", "Session", "SessionInfo", "Stats",
     "TrainerClient", "TrainerError", "TrainStepResult", "UnauthenticatedError", "UnavailableError",
     "UnimplementedError", "UnknownError",

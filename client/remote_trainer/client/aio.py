@@ -38,13 +38,14 @@ from remote_trainer.client.types import (
     ForwardResult,
     FreezeResult,
     Graph,
+    InputTransform,
     NamedTensor,
     Optimizer,
     ParameterList,
     SessionInfo,
     TrainStepResult,
 )
-from remote_trainer.contract.names import AutocastName, LossName, MemoryFormatName, TransferDataType
+from remote_trainer.contract.names import AutocastName, InputTransformName, LossName, MemoryFormatName, TransferDataType
 from remote_trainer.contract.trainer.v1 import trainer_pb2_grpc
 
 R = TypeVar("R")
@@ -186,11 +187,13 @@ class AsyncTrainerClient:
 
     async def create_session(
         self, weights: str = "random", *, num_classes: int = 0, optimizer: Optimizer | None = None, seed: int = 0,
-        autocast: AutocastName | None = None, memory_format: MemoryFormatName | None = None, timeout: float | None = None,
+        autocast: AutocastName | None = None, memory_format: MemoryFormatName | None = None,
+        input_transform: InputTransform | InputTransformName | None = None, timeout: float | None = None,
     ) -> AsyncSession:
         """A new session (see ``TrainerClient.create_session``); ``async with`` it to close it on exit.
         Its ``created_info`` is the ``SessionInfo`` the server answered with."""
-        info = await self._send(core.create_session(weights, num_classes, optimizer, seed, autocast, memory_format), timeout=timeout)
+        call = core.create_session(weights, num_classes, optimizer, seed, autocast, memory_format, input_transform)
+        info = await self._send(call, timeout=timeout)
         self._operations_of(info.session_id).begin(info.next_operation, info.operation_epoch)
         return AsyncSession(self, info.session_id, created_info=info)
 

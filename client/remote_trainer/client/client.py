@@ -30,13 +30,14 @@ from remote_trainer.client.types import (
     ForwardResult,
     FreezeResult,
     Graph,
+    InputTransform,
     NamedTensor,
     Optimizer,
     ParameterList,
     SessionInfo,
     TrainStepResult,
 )
-from remote_trainer.contract.names import AutocastName, LossName, MemoryFormatName, TransferDataType
+from remote_trainer.contract.names import AutocastName, InputTransformName, LossName, MemoryFormatName, TransferDataType
 from remote_trainer.contract.trainer.v1 import trainer_pb2_grpc
 
 R = TypeVar("R")
@@ -201,17 +202,21 @@ class TrainerClient:
         seed: int = 0,
         autocast: AutocastName | None = None,
         memory_format: MemoryFormatName | None = None,
+        input_transform: InputTransform | InputTransformName | None = None,
         timeout: float | None = None,
     ) -> Session:
         """A new session: "random" (seeded) weights, "imagenet", or a weights file in the server's data dir.
 
         ``autocast`` ("off", "bf16", "fp16") runs its forwards under ``torch.autocast`` and
         ``memory_format`` ("contiguous", "channels_last") lays out its weights and inputs; None takes
-        the server's setting (``info()`` says what the session runs with). The handle's
-        ``created_info`` is the ``SessionInfo`` the server answered with. Use it as a context
-        manager to close it on exit.
+        the server's setting (``info()`` says what the session runs with). ``input_transform`` lets
+        the session take uint8 images (a quarter of float32's bytes) and turn them into the model's
+        input on the server, as ``ToTensor()`` then ``Normalize(mean, std)`` would: "imagenet"
+        (ImageNet's mean and std), "scale" (``ToTensor()`` alone) or an ``InputTransform``; None:
+        off (uint8 inputs refused, INPUT_TRANSFORM_MISSING). The handle's ``created_info`` is the
+        ``SessionInfo`` the server answered with. Use it as a context manager to close it on exit.
         """
-        call = core.create_session(weights, num_classes, optimizer, seed, autocast, memory_format)
+        call = core.create_session(weights, num_classes, optimizer, seed, autocast, memory_format, input_transform)
         info = self._send(call, timeout=timeout)
         self._operations_of(info.session_id).begin(info.next_operation, info.operation_epoch)
         return Session(self, info.session_id, created_info=info)
@@ -308,7 +313,8 @@ class Session:
     def forward(
         self, x: Any, *, eval_mode: bool = False, no_grad: bool = False, stats_only: bool = False, timeout: float | None = None
     ) -> ForwardResult:
-        """``model(x)`` on the server for a float batch (N, 3, H, W); keeps the graph unless ``no_grad``."""
+        """``model(x)`` on the server for a batch (N, 3, H, W), float (sent as float32) or uint8 images
+        (numpy or torch, NCHW; on a session with an ``input_transform``); keeps the graph unless ``no_grad``."""
         result = self._call(core.forward(self.session_id, x, eval_mode, no_grad, stats_only), timeout)
         self._last_forward_id = result.forward_id
         return result

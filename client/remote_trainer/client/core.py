@@ -23,11 +23,11 @@ from grpc_health.v1 import health_pb2
 
 from remote_trainer.client.errors import FailedPreconditionError, NotFoundError, TrainerError
 from remote_trainer.client.types import (
-    BackwardResult, CheckpointFile, ForwardResult, FreezeResult, Graph, GraphNode, NamedTensor, Optimizer, ParameterInfo,
-    ParameterList, SessionInfo, Stats, TrainStepResult,
+    BackwardResult, CheckpointFile, ForwardResult, FreezeResult, Graph, GraphNode, InputTransform, NamedTensor, Optimizer,
+    ParameterInfo, ParameterList, SessionInfo, Stats, TrainStepResult,
 )
 from remote_trainer.contract import chunking, codec, names, wire
-from remote_trainer.contract.names import AutocastName, LossName, MemoryFormatName, TransferDataType
+from remote_trainer.contract.names import AutocastName, InputTransformName, LossName, MemoryFormatName, TransferDataType
 from remote_trainer.contract.trainer.v1 import trainer_pb2 as pb
 
 MIB = 1024 * 1024
@@ -199,9 +199,18 @@ def _fill_input(target: pb.TensorInput, x: Any, dtype: npt.DTypeLike | None = No
     codec.encode_into(target.tensor, as_array(x, dtype))
 
 
+def images(x: Any) -> npt.NDArray[Any]:
+    """An input batch as it is sent: uint8 images (numpy, or torch as a decoder gives them; for a
+    session with an input transform) as they are, anything else as float32. Only NCHW is taken:
+    an NHWC batch (N, H, W, 3) is refused by the server's shape check (BAD_INPUT_SHAPE), never
+    guessed at; ``x.permute(0, 3, 1, 2)`` (torch) or ``x.transpose(0, 3, 1, 2)`` (numpy) makes it NCHW."""
+    arr = as_array(x)
+    return arr if arr.dtype == np.uint8 else as_array(arr, np.float32)
+
+
 def _spliced_input(request: pb.ForwardRequest | pb.TrainStepRequest, x: Any) -> wire.SplicedRequest:
-    """``request`` with the float32 batch ``x`` as its input, its bytes sent beside the message."""
-    raw = codec.encode_header_into(request.input.tensor, as_array(x, np.float32))
+    """``request`` with the batch ``x`` as its input (``images``), its bytes sent beside the message."""
+    raw = codec.encode_header_into(request.input.tensor, images(x))
     path, _ = wire.raw_input_path(type(request))
     return wire.SplicedRequest(request, path, raw)
 
@@ -212,7 +221,10 @@ def _fill_loss(target: pb.Loss, loss: LossName, labels: Any) -> None:
     if labels is None:
         raise ValueError(f"loss {loss!r} needs labels")
     target.function = codec.LOSS_FUNCTIONS[loss]
-    _fill_input(target.labels, labels, np.int64 if loss == "cross_entropy" else np.float32)
+    if loss == "cross_entropy":  # class indices in the narrowest integer type that holds them (uint8 below 256)
+        codec.encode_into(target.labels.tensor, codec.narrowest_integers(as_array(labels, np.int64)))
+    else:
+        _fill_input(target.labels, labels, np.float32)
 
 
 def _optimizer_message(optimizer: Optimizer) -> pb.OptimizerConfig:
@@ -243,12 +255,22 @@ def optimizer(msg: pb.OptimizerConfig) -> Optimizer:
     return Optimizer(codec.OPTIMIZER_NAMES.get(msg.kind, "sgd"), **{name: getattr(msg, name) for name in names.OPTIMIZER_FIELDS})
 
 
+def _input_transform_message(transform: InputTransform | InputTransformName) -> pb.InputTransform:
+    if isinstance(transform, str):
+        if transform not in names.INPUT_TRANSFORMS:
+            raise ValueError(f"input_transform must be an InputTransform or one of {list(names.INPUT_TRANSFORMS)}, got {transform!r}")
+        transform = InputTransform.imagenet() if transform == "imagenet" else InputTransform()
+    return pb.InputTransform(mean=transform.mean, std=transform.std)
+
+
 def session_info(msg: pb.SessionInfo) -> SessionInfo:
     return SessionInfo(
         msg.session_id, msg.model, msg.weights, msg.device, msg.num_classes, optimizer(msg.optimizer),
         msg.step_count, msg.pending_forward_id, msg.trainable_parameters, msg.frozen_parameters, msg.is_default,
         cast(AutocastName, msg.autocast), cast(MemoryFormatName, msg.memory_format),  # the server sends only these names
         msg.next_operation, msg.operation_epoch,
+        InputTransform(tuple(msg.input_transform.mean), tuple(msg.input_transform.std))
+        if msg.HasField("input_transform") else None,
     )
 
 
@@ -280,11 +302,14 @@ def health(service: str) -> Call[str]:
 def create_session(
     weights: str, num_classes: int, optimizer: Optimizer | None, seed: int,
     autocast: AutocastName | None, memory_format: MemoryFormatName | None,
+    input_transform: InputTransform | InputTransformName | None = None,
 ) -> Call[SessionInfo]:
     request = pb.CreateSessionRequest(weights=weights, num_classes=num_classes, seed=seed, autocast=autocast or "",
                                       memory_format=memory_format or "", client_token=token())
     if optimizer is not None:
         request.optimizer.CopyFrom(_optimizer_message(optimizer))
+    if input_transform is not None:
+        request.input_transform.CopyFrom(_input_transform_message(input_transform))
     return Call(_path("CreateSession"), request, lambda r: session_info(r.session))
 
 

@@ -42,7 +42,8 @@ from torch import nn
 from remote_trainer.client.client import Session, TrainerClient
 from remote_trainer.client.remote_handles import RemoteModule, RemoteParameter, to_tensor
 from remote_trainer.client.retry import RetryPolicy
-from remote_trainer.client.types import BackwardResult, Graph, Optimizer, ParameterList, SessionInfo
+from remote_trainer.client.types import BackwardResult, Graph, InputTransform, Optimizer, ParameterList, SessionInfo
+from remote_trainer.contract.names import InputTransformName
 
 __all__ = ["Adam", "RemoteModel", "RemoteModule", "RemoteOptimizer", "RemoteParameter", "SGD"]
 
@@ -120,15 +121,19 @@ class RemoteModel(nn.Module):
         num_classes: int = 0,
         seed: int = 0,
         optimizer: Optimizer | None = None,
+        input_transform: InputTransform | InputTransformName | None = None,
         timeout: float = 120.0,
         retry: RetryPolicy | None = RetryPolicy(),
     ) -> RemoteModel:
-        """A new session on the server ("random" seeded weights, "imagenet", or a file in its data dir)."""
+        """A new session on the server ("random" seeded weights, "imagenet", or a file in its data dir).
+        ``input_transform`` ("imagenet", "scale" or an ``InputTransform``) lets ``model(x)`` take uint8
+        images, normalised on the server (``TrainerClient.create_session``)."""
         own = TrainerClient(target, timeout=timeout, retry=retry) if isinstance(target, str) else None
         client = own or target
         assert isinstance(client, TrainerClient)
         try:
-            session = client.create_session(weights, num_classes=num_classes, seed=seed, optimizer=optimizer)
+            session = client.create_session(weights, num_classes=num_classes, seed=seed, optimizer=optimizer,
+                                            input_transform=input_transform)
         except BaseException:
             if own is not None:
                 own.close()
@@ -169,7 +174,8 @@ class RemoteModel(nn.Module):
     # -- forward -------------------------------------------------------------------------------
 
     def forward(self, x: Any) -> torch.Tensor:
-        """``model(x)`` on the server for a float batch (N, 3, H, W); logits (N, classes) on x's device.
+        """``model(x)`` on the server for a batch (N, 3, H, W); logits (N, classes) on x's device. ``x``
+        is float (sent as float32), or uint8 images on a session made with an ``input_transform``.
 
         With grad enabled the logits carry a graph: ``backward`` through them reaches the server.
         Under ``torch.no_grad()`` the server keeps no graph either. ``model.eval()`` runs the server

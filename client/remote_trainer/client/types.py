@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import numpy.typing as npt
 
-from remote_trainer.contract.names import AutocastName, MemoryFormatName, OptimizerName
+from remote_trainer.contract.names import IMAGENET_MEAN, IMAGENET_STD, AutocastName, MemoryFormatName, OptimizerName
 
 FloatArray = npt.NDArray[np.floating]
 
@@ -119,6 +119,23 @@ class Optimizer:
 
 
 @dataclass(frozen=True)
+class InputTransform:
+    """What a session does to uint8 images (N, 3, H, W) on the server, before the model: torchvision's
+    ``ToTensor()`` (``x / 255``) then, when ``mean`` is given, ``Normalize(mean, std)``. Empty
+    ``mean`` and ``std``: the scaling alone. ``InputTransform.imagenet()`` (or the name "imagenet"
+    where a transform is taken) has ImageNet's constants."""
+
+    mean: tuple[float, ...] = ()
+    std: tuple[float, ...] = ()
+
+    @classmethod
+    def imagenet(cls) -> InputTransform:
+        """``Normalize(mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))``, what torchvision's
+        ImageNet weights expect."""
+        return cls(IMAGENET_MEAN, IMAGENET_STD)
+
+
+@dataclass(frozen=True)
 class SessionInfo:
     """What a session holds."""
 
@@ -141,6 +158,8 @@ class SessionInfo:
     next_operation: int = 0
     # The identity of that numbering: a session made anew under the same id numbers under another.
     operation_epoch: str = ""
+    # What the session does to uint8 inputs (None: nothing, and it refuses them).
+    input_transform: InputTransform | None = None
 
 
 @dataclass(frozen=True)

@@ -26,6 +26,8 @@ _WIRE_DTYPES: dict[int, np.dtype] = {
     pb.DATA_TYPE_FLOAT64: np.dtype("<f8"),
     pb.DATA_TYPE_INT64: np.dtype("<i8"),
     pb.DATA_TYPE_INT32: np.dtype("<i4"),
+    pb.DATA_TYPE_UINT8: np.dtype("u1"),
+    pb.DATA_TYPE_INT16: np.dtype("<i2"),
 }
 _NUMPY_TO_WIRE: dict[np.dtype, int] = {
     np.dtype("float32"): pb.DATA_TYPE_FLOAT32,
@@ -33,6 +35,8 @@ _NUMPY_TO_WIRE: dict[np.dtype, int] = {
     np.dtype("float64"): pb.DATA_TYPE_FLOAT64,
     np.dtype("int64"): pb.DATA_TYPE_INT64,
     np.dtype("int32"): pb.DATA_TYPE_INT32,
+    np.dtype("uint8"): pb.DATA_TYPE_UINT8,
+    np.dtype("int16"): pb.DATA_TYPE_INT16,
 }
 # Short names used by the SDK and the server's messages.
 DATA_TYPE_NAMES: dict[int, str] = {
@@ -42,6 +46,8 @@ DATA_TYPE_NAMES: dict[int, str] = {
     pb.DATA_TYPE_FLOAT64: "float64",
     pb.DATA_TYPE_INT64: "int64",
     pb.DATA_TYPE_INT32: "int32",
+    pb.DATA_TYPE_UINT8: "uint8",
+    pb.DATA_TYPE_INT16: "int16",
 }
 DATA_TYPES_BY_NAME: dict[str, int] = {name: code for code, name in DATA_TYPE_NAMES.items()}
 # The wire enum of each loss function and optimizer kind named in ``names`` (the SDK's and the
@@ -111,6 +117,19 @@ def float32_to_bf16_bits(values: npt.NDArray[np.float32]) -> npt.NDArray[np.uint
     if nan.any():
         bits[nan] = np.uint16(0x7FC0)
     return bits
+
+
+def narrowest_integers(array: npt.NDArray[np.integer]) -> npt.NDArray[np.integer]:
+    """Integers (class indices) in the narrowest wire type that holds every one of them: uint8 below
+    256, else int16, int32 or int64 (the receiver widens them back; nothing is lost)."""
+    if array.size == 0:
+        return array.astype(np.uint8)
+    lo, hi = int(array.min()), int(array.max())
+    for dtype in (np.uint8, np.int16, np.int32):
+        info = np.iinfo(dtype)
+        if info.min <= lo and hi <= info.max:
+            return array.astype(dtype)
+    return array.astype(np.int64)
 
 
 def encode(array: npt.ArrayLike, data_type: int | None = None) -> pb.Tensor:

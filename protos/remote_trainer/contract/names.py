@@ -1,6 +1,6 @@
 """The vocabulary that the SDK, the server and the engine share, by name: loss functions,
-optimizers and their fields, the distributions of generated inputs, autocast dtypes and memory
-formats.
+optimizers and their fields, the distributions of generated inputs, autocast dtypes, memory
+formats and the input transforms' constants.
 
 Plain Python with no generated code, so the engine can use these names without importing the wire.
 ``codec`` maps the losses, optimizers and distributions to their wire enums; autocast and memory
@@ -27,3 +27,12 @@ AUTOCAST_MODES: tuple[AutocastName, ...] = get_args(AutocastName)
 MEMORY_FORMATS: tuple[MemoryFormatName, ...] = get_args(MemoryFormatName)
 # The dtypes gradients and parameters can travel in (GetGradients/GetParameters transfer_data_type).
 TransferDataType = Literal["float32", "float16", "bfloat16"]
+# The per-channel (R, G, B) mean and standard deviation of ImageNet that torchvision's pretrained
+# models expect after ToTensor() (``transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)``): the
+# constants of the "imagenet" input transform (InputTransform in the proto).
+IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
+IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
+# The input transforms the SDK and the CLI name: "imagenet" (ToTensor() then Normalize with the
+# constants above) and "scale" (ToTensor() alone: x / 255).
+InputTransformName = Literal["imagenet", "scale"]
+INPUT_TRANSFORMS: tuple[InputTransformName, ...] = get_args(InputTransformName)

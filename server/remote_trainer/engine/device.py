@@ -1,7 +1,7 @@
 """Where a session's tensors live and how its model runs there, and a device running out of memory.
 
-``Placement`` is a session's device with its settings (autocast, memory format, pinned host memory):
-it moves tensors there and back and runs the model there. ``device_memory`` turns
+``Placement`` is a session's device with its settings (autocast, memory format, pinned host memory,
+the input transform): it moves tensors there and back and runs the model there. ``device_memory`` turns
 ``torch.OutOfMemoryError`` into the domain error ``DEVICE_OUT_OF_MEMORY``.
 """
 
@@ -17,6 +17,7 @@ from torch import nn
 
 from remote_trainer.engine.errors import FailedPrecondition, ResourceExhausted, invalid
 from remote_trainer.engine.memory import release_cached_device_memory
+from remote_trainer.engine.transforms import InputTransform
 
 # The --autocast settings and the types torch.autocast runs them in (None: off).
 AUTOCAST_TYPES: dict[str, torch.dtype | None] = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -50,15 +51,19 @@ class Placement:
     back as float32); ``channels_last`` keeps the weights and inputs in that memory format;
     ``pin_memory`` (CUDA only) moves inputs, labels and output gradients to the device from
     page-locked host memory with non-blocking copies, and brings gradients and parameters back
-    through page-locked buffers with one synchronisation."""
+    through page-locked buffers with one synchronisation. ``input_transform`` turns uint8 inputs
+    into the model's float32 input on the device, after the upload (engine/transforms.py)."""
 
     device: torch.device
     autocast: str = "off"
     channels_last: bool = False
     pin_memory: bool = False
+    input_transform: InputTransform | None = None
 
     def validate(self) -> None:
-        """Refuses an unknown autocast, and pinned memory without CUDA."""
+        """Refuses an unknown autocast, pinned memory without CUDA, and a bad input transform."""
+        if self.input_transform is not None:
+            self.input_transform.validate()
         if self.autocast not in AUTOCAST_TYPES:
             raise invalid("autocast", f"autocast must be one of {sorted(AUTOCAST_TYPES)}, got {self.autocast!r}", "BAD_AUTOCAST")
         if self.pin_memory and self.device.type != "cuda":
@@ -90,8 +95,12 @@ class Placement:
         return t.to(self.device, dtype, non_blocking=True)
 
     def run(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        """``model(x)`` on the device, in the memory format, under the autocast."""
-        if self.pin_memory:  # copied as it is, then rearranged on the device
+        """``model(x)`` on the device, in the memory format, under the autocast; uint8 images are
+        uploaded as they are and turned into the model's input there (``input_transform``, which
+        ``inputs.check_input`` made sure the session has)."""
+        if x.dtype == torch.uint8 and self.input_transform is not None:
+            x = self.input_transform.apply(self.to_device(x)).contiguous(memory_format=self.memory_format)
+        elif self.pin_memory:  # copied as it is, then rearranged on the device
             x = self.to_device(x).contiguous(memory_format=self.memory_format)
         else:
             x = x.to(self.device, non_blocking=True, memory_format=self.memory_format)

@@ -8,12 +8,21 @@ import torch
 
 from remote_trainer.engine.errors import ResourceExhausted, invalid
 from remote_trainer.engine.limits import Limits
-from remote_trainer.engine.tensors import require_finite, require_float32
+from remote_trainer.engine.tensors import require_finite
+from remote_trainer.engine.transforms import InputTransform
 
 
-def check_input(x: torch.Tensor, eval_mode: bool, limits: Limits) -> None:
-    """Refuses an input batch resnet18 cannot run (in train mode unless ``eval_mode``), or one over ``limits``."""
-    require_float32(x, "input")
+def check_input(x: torch.Tensor, eval_mode: bool, limits: Limits, transform: InputTransform | None = None) -> None:
+    """Refuses an input batch resnet18 cannot run (in train mode unless ``eval_mode``), or one over
+    ``limits``: float32 images, or uint8 ones when the session has an input ``transform``."""
+    if x.dtype == torch.uint8:
+        if transform is None:
+            raise invalid("input", "input is uint8 (image bytes), but this session has no input_transform to turn them into "
+                          "the model's float input: create the session with one (input_transform, e.g. \"imagenet\" in the "
+                          "SDK and CLI), or send float32", "INPUT_TRANSFORM_MISSING")
+    elif x.dtype != torch.float32:
+        raise invalid("input", f"input must be float32 (or uint8 on a session with an input_transform), got "
+                      f"{str(x.dtype).removeprefix('torch.')}", "WRONG_DTYPE")
     if x.dim() != 4:
         raise invalid("input", f"input must have shape (N, 3, H, W), got rank {x.dim()} shape {list(x.shape)}", "BAD_INPUT_SHAPE")
     n, c, h, w = x.shape

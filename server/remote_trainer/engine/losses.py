@@ -11,6 +11,10 @@ from remote_trainer.engine.device import Placement
 from remote_trainer.engine.errors import invalid
 from remote_trainer.engine.tensors import require_finite, require_float32
 
+# The types class indices may come in (the SDK sends the narrowest that holds them); the loss takes
+# them as int64.
+CLASS_INDEX_DTYPES = (torch.uint8, torch.int16, torch.int32, torch.int64)
+
 
 def backpropagate(
     logits: torch.Tensor, loss: LossName | None, labels: torch.Tensor | None, output_gradient: torch.Tensor | None,
@@ -52,8 +56,9 @@ def check_labels(loss: LossName, labels: torch.Tensor | None, logits_shape: tupl
     if labels is None:
         raise invalid("loss.labels", f"loss {loss} needs labels", "MISSING_LABELS")
     if loss == "cross_entropy":
-        if labels.dtype != torch.int64:
-            raise invalid("loss.labels", f"cross_entropy labels must be int64 class indices, got {labels.dtype}", "WRONG_DTYPE")
+        if labels.dtype not in CLASS_INDEX_DTYPES:
+            raise invalid("loss.labels", "cross_entropy labels must be integer class indices (uint8, int16, int32 or int64), "
+                          f"got {str(labels.dtype).removeprefix('torch.')}", "WRONG_DTYPE")
         if tuple(labels.shape) != (logits_shape[0],):
             raise invalid("loss.labels", f"cross_entropy labels must have shape [{logits_shape[0]}], got {list(labels.shape)}", "BAD_LABEL_SHAPE")
         classes = logits_shape[1]
@@ -73,7 +78,7 @@ def compute_loss(loss: LossName, logits: torch.Tensor, labels: torch.Tensor | No
     """``loss(logits, labels)`` on the logits' device, once ``check_labels`` accepts the labels."""
     labels = check_labels(loss, labels, tuple(logits.shape), head_note)
     if loss == "cross_entropy":
-        return F.cross_entropy(logits, placement.to_device(labels))
+        return F.cross_entropy(logits, placement.to_device(labels, torch.int64))  # widened from the type they came in
     target = placement.to_device(labels)
     if loss == "sum":
         return (logits - target).sum()

@@ -22,6 +22,7 @@ from remote_trainer.engine.errors import FailedPrecondition, InvalidArgument, No
 from remote_trainer.engine.limits import MAX_CLASSES
 from remote_trainer.engine.patterns import match_patterns
 from remote_trainer.engine.results import FreezeResult
+from remote_trainer.engine.transforms import InputTransform
 
 # Seeded construction uses the global CPU generator (nn.Linear and resnet18 take no generator);
 # this lock keeps two threads from seeding it at the same time.
@@ -221,6 +222,9 @@ class ModelSpec:
     channels_last: bool = False
     cudnn_benchmark: bool = False
     pin_memory: bool = False
+    # What the session does to uint8 inputs on the device (the session's choice; None: nothing, and
+    # they are refused).
+    input_transform: InputTransform | None = None
 
     def build(self) -> tuple[nn.Module, str, torch.device]:
         """The model, where its weights came from, and its device."""

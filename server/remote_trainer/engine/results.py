@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from remote_trainer.engine.optimizer import OptimizerSpec
+from remote_trainer.engine.transforms import InputTransform
 
 
 @dataclass(frozen=True)
@@ -138,6 +139,7 @@ class SessionDescription:
     memory_format: str = "contiguous"
     next_operation: int = 1  # the number the session expects on its next numbered call (engine/ledger.py)
     operation_epoch: str = ""  # the identity of that numbering
+    input_transform: InputTransform | None = None  # what uint8 inputs become before the model (None: refused)
 
 
 @dataclass(frozen=True)

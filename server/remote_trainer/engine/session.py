@@ -41,6 +41,7 @@ from remote_trainer.engine.results import (BackwardResult, CheckpointInfo, Forwa
 from remote_trainer.engine.snapshots import Selection, owned
 from remote_trainer.engine.state import SessionState
 from remote_trainer.engine.tensors import global_norm, tensor_stats
+from remote_trainer.engine.transforms import InputTransform
 
 
 log = logging.getLogger(__name__)
@@ -53,13 +54,14 @@ class SessionEngine:
 
     def __init__(self, model: nn.Module, device: torch.device, weights: str, optimizer: OptimizerSpec, limits: Limits,
                  budget: MemoryBudget = UNLIMITED, keep_initial_state: bool = False, autocast: str = "off",
-                 channels_last: bool = False, pin_memory: bool = False) -> None:
+                 channels_last: bool = False, pin_memory: bool = False, input_transform: InputTransform | None = None) -> None:
         """``budget`` is the memory budget the session counts against (shared by the sessions of one
         process); ``keep_initial_state`` keeps a CPU copy of the starting state (the size of the
         weights), which ``reset()`` returns to: the server's default session has one. ``autocast``,
-        ``channels_last`` and ``pin_memory`` are how the model runs on ``device`` (``Placement``)."""
+        ``channels_last``, ``pin_memory`` and ``input_transform`` (what uint8 inputs become) are how the
+        model runs on ``device`` (``Placement``)."""
         optimizer.validate()
-        self._placement = Placement(device, autocast, channels_last, pin_memory)
+        self._placement = Placement(device, autocast, channels_last, pin_memory, input_transform)
         self._placement.validate()
         self._lock = DescribedLock(self._describe)  # describe() never waits for a call that holds it
         self.ledger = Ledger()  # taken before self._lock, never after it
@@ -90,7 +92,7 @@ class SessionEngine:
         optimizer.validate()
         module, source, device = model.build()
         return cls(module, device, source, optimizer, limits, budget, keep_initial_state, model.autocast, model.channels_last,
-                   model.pin_memory)
+                   model.pin_memory, model.input_transform)
 
     def warm_up(self) -> None:
         """One training-mode forward and backward of a small batch on a copy of the model, so that the
@@ -117,8 +119,8 @@ class SessionEngine:
         running statistics the forward updated are put back and ``Abandoned`` is raised, so the
         session keeps its pending forward and is exactly as before.
         """
-        check_input(x, eval_mode, self._limits)
         with self._lock:
+            check_input(x, eval_mode, self._limits, self._placement.input_transform)
             classes = head_of(self._model).out_features
             check_logits_size(x.shape[0], classes, max_logits_elements)
             # Train mode updates BatchNorm's running statistics in place, so the forward runs on copies
@@ -233,8 +235,8 @@ class SessionEngine:
         separate Forward, Backward and Step calls. ``still_wanted`` is asked before anything runs
         (like Backward, a step under way cannot be taken back: gradients accumulate in place).
         """
-        check_input(x, False, self._limits)
         with self._lock:
+            check_input(x, False, self._limits, self._placement.input_transform)
             classes = head_of(self._model).out_features
             labels = check_labels(loss, labels, (x.shape[0], classes), self._head_note)
             check_logits_size(x.shape[0], classes, max_logits_elements)
@@ -325,7 +327,7 @@ class SessionEngine:
         operations (engine/ledger.py). Gradients are not kept."""
         with self.ledger.lock, self._lock:  # no numbered call half-way: the record fits the state
             return SessionState.capture(self._model, self._weights, self._spec, self._optimizer, self._step_count,
-                                        self.ledger.snapshot())
+                                        self.ledger.snapshot(), self._placement.input_transform)
 
     @device_memory
     def save_checkpoint(self, path: str, quota: checkpoints.Quota | None = None) -> CheckpointInfo:
@@ -375,6 +377,7 @@ class SessionEngine:
         except (KeyError, TypeError, ValueError, RuntimeError) as exc:
             raise invalid("name", f"the checkpoint does not fit this session: {exc}", "BAD_CHECKPOINT") from exc
         self._model, self._optimizer, self._spec = model, optimizer, state.optimizer_spec
+        self._placement = replace(self._placement, input_transform=state.input_transform)
         self._step_count = state.step_count
         self._weights = state.weights if state.weights is not None else self._weights
         self._pending = None
@@ -475,4 +478,5 @@ class SessionEngine:
             memory_format="channels_last" if self._placement.channels_last else "contiguous",
             next_operation=self.ledger.next_number,
             operation_epoch=self.ledger.epoch,
+            input_transform=self._placement.input_transform,
         )

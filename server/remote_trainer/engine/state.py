@@ -14,9 +14,11 @@ from typing import Any, TypeVar
 import torch
 from torch import nn
 
+from remote_trainer.engine.errors import TrainerError
 from remote_trainer.engine.models import head_of, new_head
 from remote_trainer.engine.optimizer import OptimizerSpec
 from remote_trainer.engine.tensors import to_cpu
+from remote_trainer.engine.transforms import InputTransform
 
 CHECKPOINT_FORMAT = "trainer.v1/session-checkpoint/1"
 
@@ -26,7 +28,8 @@ V = TypeVar("V")
 @dataclass(frozen=True)
 class SessionState:
     """Everything needed to go on bit-identically: weights and buffers (on the CPU), head size, frozen
-    set, optimizer settings and state (momentum buffers), step count. Gradients are not kept."""
+    set, optimizer settings and state (momentum buffers), step count, and the input transform (what
+    uint8 inputs become). Gradients are not kept."""
 
     weights: str | None  # where the weights came from; None: not said (the session keeps its own)
     num_classes: int
@@ -38,11 +41,14 @@ class SessionState:
     # The session's record of numbered operations (engine/ledger.py, plain data); None in files
     # written before operations were numbered.
     operations: dict[str, Any] | None = None
+    # What uint8 inputs become before the model; None: nothing (and in files written before input
+    # transforms existed, whose sessions had none).
+    input_transform: InputTransform | None = None
 
     @classmethod
     def capture(
         cls, model: nn.Module, weights: str, spec: OptimizerSpec, optimizer: torch.optim.Optimizer, step_count: int,
-        operations: dict[str, Any] | None = None,
+        operations: dict[str, Any] | None = None, input_transform: InputTransform | None = None,
     ) -> SessionState:
         """A copy of the state of ``model`` and ``optimizer``, on the CPU."""
         return cls(
@@ -54,6 +60,7 @@ class SessionState:
             optimizer_state={k: to_cpu(v) for k, v in optimizer.state_dict().items()},
             step_count=step_count,
             operations=operations,
+            input_transform=input_transform,
         )
 
     def build(self, template: nn.Module, device: torch.device) -> tuple[nn.Module, torch.optim.Optimizer]:
@@ -83,6 +90,7 @@ class SessionState:
             "optimizer_state": self.optimizer_state,
             "step_count": self.step_count,
             **({"operations": self.operations} if self.operations is not None else {}),
+            **({"input_transform": asdict(self.input_transform)} if self.input_transform is not None else {}),
         }
 
     @classmethod
@@ -103,6 +111,14 @@ class SessionState:
             raise TypeError(f"frozen must be a list of parameter names, got {type(frozen).__name__}")
         step_count = _int(state, "step_count")
         operations = _typed(state, "operations", dict, "an operation record") if "operations" in state else None
+        transform = None
+        if "input_transform" in state:
+            fields = _typed(state, "input_transform", dict, "a mapping")
+            transform = InputTransform(tuple(float(m) for m in fields["mean"]), tuple(float(s) for s in fields["std"]))
+            try:
+                transform.validate()
+            except TrainerError as exc:
+                raise ValueError(str(exc)) from exc
         return cls(
             weights=str(state["weights"]) if "weights" in state else None,
             num_classes=num_classes,
@@ -112,6 +128,7 @@ class SessionState:
             optimizer_state=_typed(state, "optimizer_state", dict, "an optimizer state dict"),
             step_count=step_count,
             operations=operations,
+            input_transform=transform,
         )
 
 

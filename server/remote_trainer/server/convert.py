@@ -22,6 +22,7 @@ from remote_trainer.contract.names import OPTIMIZER_FIELDS, LossName, OptimizerN
 from remote_trainer.engine.optimizer import OptimizerSpec
 from remote_trainer.engine.results import Graph, NamedTensor, ParameterInfo, SessionDescription, Stats
 from remote_trainer.engine.tensors import generate
+from remote_trainer.engine.transforms import InputTransform
 from remote_trainer.engine.errors import Abandoned, ResourceExhausted, invalid
 from remote_trainer.contract.trainer.v1 import trainer_pb2 as pb
 
@@ -44,6 +45,8 @@ TORCH_TO_WIRE: dict[torch.dtype, int] = {
     torch.float64: pb.DATA_TYPE_FLOAT64,
     torch.int64: pb.DATA_TYPE_INT64,
     torch.int32: pb.DATA_TYPE_INT32,
+    torch.uint8: pb.DATA_TYPE_UINT8,
+    torch.int16: pb.DATA_TYPE_INT16,
 }
 
 
@@ -231,15 +234,27 @@ def optimizer_config(spec: OptimizerSpec) -> pb.OptimizerConfig:
     )
 
 
+def input_transform(request: pb.CreateSessionRequest) -> InputTransform | None:
+    """The request's input transform, checked (``InputTransform.validate``); None when unset (off)."""
+    if not request.HasField("input_transform"):
+        return None
+    transform = InputTransform(tuple(request.input_transform.mean), tuple(request.input_transform.std))
+    transform.validate()
+    return transform
+
+
 def session_info(session_id: str, desc: SessionDescription, is_default: bool) -> pb.SessionInfo:
     """A session's description as a ``SessionInfo``."""
-    return pb.SessionInfo(
+    info = pb.SessionInfo(
         session_id=session_id, model=desc.model, weights=desc.weights, device=desc.device,
         num_classes=desc.num_classes, optimizer=optimizer_config(desc.optimizer), step_count=desc.step_count,
         pending_forward_id=desc.pending_forward_id, trainable_parameters=desc.trainable_parameters,
         frozen_parameters=desc.frozen_parameters, is_default=is_default, autocast=desc.autocast,
         memory_format=desc.memory_format, next_operation=desc.next_operation, operation_epoch=desc.operation_epoch,
     )
+    if desc.input_transform is not None:
+        info.input_transform.CopyFrom(pb.InputTransform(mean=desc.input_transform.mean, std=desc.input_transform.std))
+    return info
 
 
 def parameter_list(params: list[ParameterInfo]) -> pb.ListParametersResponse:

@@ -164,7 +164,8 @@ class TrainerServicer:
         channels_last = (request.memory_format == "channels_last" if request.memory_format
                          else self._model_options.channels_last)
         model = replace(self._model_options, weights=request.weights or "random", num_classes=request.num_classes,
-                        seed=request.seed, autocast=autocast, channels_last=channels_last)
+                        seed=request.seed, autocast=autocast, channels_last=channels_last,
+                        input_transform=convert.input_transform(request))
         owner = caller(self._auth, context)
         resume = self._checkpoint_path(request.resume_from, context) if request.resume_from else None
 

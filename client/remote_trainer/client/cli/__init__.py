@@ -26,7 +26,7 @@ from remote_trainer.client.cli.sessions import cmd_freeze, cmd_health, cmd_info,
 from remote_trainer.client.cli.training import cmd_step, cmd_train, cmd_zero_grad
 from remote_trainer.client.client import TrainerClient
 from remote_trainer.client.errors import TrainerError
-from remote_trainer.contract.names import AUTOCAST_MODES, MEMORY_FORMATS
+from remote_trainer.contract.names import AUTOCAST_MODES, INPUT_TRANSFORMS, MEMORY_FORMATS
 
 __all__ = ["DEFAULT_TARGET", "PROG", "ProgressBar", "build_parser", "main"]
 
@@ -38,6 +38,9 @@ _LOSSES = ("sum", "cross_entropy", "mse")
 def _add_loop_flags(p: argparse.ArgumentParser) -> None:
     """The flags that ``step`` and ``train`` share, after their own."""
     p.add_argument("--seed", type=int, default=0, help="seed of the generated data (default: 0)")
+    p.add_argument("--uint8", action="store_true",
+                   help="generate uint8 images (0-255, a quarter of float32's bytes) instead of float32 in [0, 1): for a "
+                        "session made with an input transform (sessions create --input-transform)")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                    help="draw a progress bar on stderr (default: when stderr is a terminal)")
 
@@ -86,7 +89,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="sum: the tutorial's (prediction - labels).sum(); cross_entropy: class-index labels; mse (default: sum)")
     p.add_argument("--batch", type=int, default=2, help="images per step (default: 2)")
     p.add_argument("--size", type=int, default=64, help="height and width of generated images (default: 64)")
-    p.add_argument("--data", metavar="X.npy", help="input images, float32 (N, 3, H, W); batches cycle through them")
+    p.add_argument("--data", metavar="X.npy",
+                   help="input images (N, 3, H, W), float32 or uint8 (for a session with an input transform); batches cycle "
+                        "through them")
     p.add_argument("--labels", metavar="Y.npy", help="labels: int class indices (N,) for cross_entropy, float (N, classes) otherwise")
     _add_loop_flags(p)
     p.set_defaults(run=cmd_step)
@@ -136,6 +141,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="for create: run the session's forwards under torch.autocast in this type (default: the server's --autocast)")
     p.add_argument("--memory-format", choices=MEMORY_FORMATS,
                    help="for create: memory format of the session's weights and inputs (default: the server's --memory-format)")
+    p.add_argument("--input-transform", choices=INPUT_TRANSFORMS,
+                   help="for create: let the session take uint8 images and turn them into the model's input on the server: "
+                        "imagenet is ToTensor() then Normalize(ImageNet's mean and std), scale is ToTensor() alone "
+                        "(default: none, uint8 images refused)")
     p.set_defaults(run=cmd_sessions)
 
     p = sub.add_parser("reset", help="put the default session back as the server started it",
@@ -179,7 +188,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="N training steps with a progress bar, the loss of each, and a summary",
                        description="Train: zero_grad, forward, backward from a server-side loss, optimizer step, N times, on "
-                                   "generated data or an .npz file holding 'x' (float32 images, N x 3 x H x W) and 'y' (labels: "
+                                   "generated data or an .npz file holding 'x' (images, N x 3 x H x W: float32, or uint8 for a session made "
+                                   "with an input transform) and 'y' (labels: "
                                    "int class indices for cross_entropy, float (N, classes) otherwise); batches cycle through it.")
     p.add_argument("-n", "--steps", type=int, default=10, help="number of steps (default: 10)")
     p.add_argument("--data", metavar="D.npz", help="training data: arrays 'x' and 'y'")

@@ -10,7 +10,7 @@ import time
 from collections.abc import Sequence
 from typing import Any, TextIO
 
-from remote_trainer.client.types import Optimizer, SessionInfo
+from remote_trainer.client.types import InputTransform, Optimizer, SessionInfo
 
 PROG = "trainer-client"
 
@@ -75,6 +75,16 @@ def optimizer_values(opt: Optimizer) -> dict[str, Any]:
 
 def optimizer_text(opt: Optimizer) -> str:
     return f"{opt.kind}(" + ", ".join(f"{k}={v}" for k, v in optimizer_values(opt).items()) + ")"
+
+
+def transform_text(transform: InputTransform | None) -> str:
+    """What a session does to uint8 images, in a few words."""
+    if transform is None:
+        return "none (uint8 images refused)"
+    if not transform.mean:
+        return "uint8 images / 255 (scale)"
+    name = " (imagenet)" if transform == InputTransform.imagenet() else ""
+    return f"uint8 images / 255, normalised with mean {list(transform.mean)} std {list(transform.std)}{name}"
 
 
 def info_json(info: SessionInfo) -> dict[str, Any]:

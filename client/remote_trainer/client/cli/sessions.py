@@ -6,7 +6,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 
-from remote_trainer.client.cli.output import PROG, info_json, optimizer_text, optimizer_values, print_json, shape_text, table
+from remote_trainer.client.cli.output import (PROG, info_json, optimizer_text, optimizer_values, print_json, shape_text, table,
+                                              transform_text)
 from remote_trainer.client.client import Session, TrainerClient
 from remote_trainer.client.types import Optimizer
 
@@ -43,6 +44,7 @@ def cmd_info(client: TrainerClient, session: Session, args: argparse.Namespace) 
         ("weights", info.weights),
         ("device", info.device),
         ("fast paths", f"autocast {info.autocast}, {info.memory_format}"),
+        ("input transform", transform_text(info.input_transform)),
         ("classes", str(info.num_classes)),
         ("optimizer", optimizer_text(info.optimizer)),
         ("steps", str(info.step_count)),
@@ -78,13 +80,14 @@ def cmd_sessions(client: TrainerClient, session: Session, args: argparse.Namespa
         return 0
     if action == "create":
         created = client.create_session(args.weights, num_classes=args.num_classes, seed=args.seed,
-                                        autocast=args.autocast, memory_format=args.memory_format)
+                                        autocast=args.autocast, memory_format=args.memory_format,
+                                        input_transform=args.input_transform)
         info = created.info()
         if args.json:
             print_json(info_json(info))
         else:
             print(f"created session {info.session_id}: {info.model}, weights {info.weights}, {info.num_classes} classes, "
-                  f"autocast {info.autocast}, {info.memory_format}")
+                  f"autocast {info.autocast}, {info.memory_format}, input transform {transform_text(info.input_transform)}")
             print(f"use it with: {PROG} --session {info.session_id} COMMAND")
         return 0
     if not args.ids:

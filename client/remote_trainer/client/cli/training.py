@@ -47,11 +47,13 @@ def _cycling(x: npt.NDArray[Any], y: npt.NDArray[Any], size: int) -> Batches:
 
 
 def _generated(args: argparse.Namespace, classes: int) -> Batches:
-    """Uniform random images (like torch.rand) and labels for ``args.loss``, seeded by ``args.seed``."""
+    """Uniform random images (like torch.rand; with ``--uint8``, uint8 pixels 0-255) and labels for
+    ``args.loss``, seeded by ``args.seed``."""
     rng = np.random.default_rng(args.seed)
+    shape = (args.batch, 3, args.size, args.size)
 
     def batch(i: int) -> Batch:
-        x = rng.random((args.batch, 3, args.size, args.size), dtype=np.float32)
+        x = rng.integers(0, 256, shape, dtype=np.uint8) if args.uint8 else rng.random(shape, dtype=np.float32)
         if args.loss == "cross_entropy":
             return x, rng.integers(0, classes, args.batch)
         return x, rng.random((args.batch, classes), dtype=np.float32)
@@ -113,8 +115,11 @@ def cmd_train(client: TrainerClient, session: Session, args: argparse.Namespace)
     data = _load_npz(args.data) if args.data else None
     if data is not None and len(data[0]) != len(data[1]):
         raise ValueError(f"{args.data}: 'x' has {len(data[0])} samples but 'y' has {len(data[1])}")
-    batches = _cycling(data[0].astype(np.float32, copy=False), data[1], args.batch) if data is not None \
-        else _generated(args, classes)
+    if data is not None:  # uint8 images are sent as they are (for a session with an input transform)
+        images = data[0] if data[0].dtype == np.uint8 else data[0].astype(np.float32, copy=False)
+        batches = _cycling(images, data[1], args.batch)
+    else:
+        batches = _generated(args, classes)
     started = time.monotonic()
     records = _train(session, args, batches, show_step_count=False)
     losses = [r["loss"] for r in records]

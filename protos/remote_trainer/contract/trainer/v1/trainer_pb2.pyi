@@ -45,6 +45,13 @@ class _DataTypeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_DataType.Val
     """Signed 64-bit integer, 8 bytes an element."""
     DATA_TYPE_INT32: _DataType.ValueType  # 6
     """Signed 32-bit integer, 4 bytes an element."""
+    DATA_TYPE_UINT8: _DataType.ValueType  # 7
+    """Unsigned 8-bit integer, 1 byte an element: image pixels as a decoder
+    gives them (0-255, turned into the model's float input on the server by
+    the session's InputTransform), and class indices below 256.
+    """
+    DATA_TYPE_INT16: _DataType.ValueType  # 8
+    """Signed 16-bit integer, 2 bytes an element: class indices below 32768."""
 
 class DataType(_DataType, metaclass=_DataTypeEnumTypeWrapper):
     """DataType is the element type of a tensor on the wire."""
@@ -63,6 +70,13 @@ DATA_TYPE_INT64: DataType.ValueType  # 5
 """Signed 64-bit integer, 8 bytes an element."""
 DATA_TYPE_INT32: DataType.ValueType  # 6
 """Signed 32-bit integer, 4 bytes an element."""
+DATA_TYPE_UINT8: DataType.ValueType  # 7
+"""Unsigned 8-bit integer, 1 byte an element: image pixels as a decoder
+gives them (0-255, turned into the model's float input on the server by
+the session's InputTransform), and class indices below 256.
+"""
+DATA_TYPE_INT16: DataType.ValueType  # 8
+"""Signed 16-bit integer, 2 bytes an element: class indices below 32768."""
 Global___DataType: _TypeAlias = DataType  # noqa: Y015
 
 class _Distribution:
@@ -172,7 +186,10 @@ class _LossFunctionEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_LossFunc
     LOSS_FUNCTION_SUM_DIFFERENCE: _LossFunction.ValueType  # 1
     """The tutorial's (prediction - labels).sum(); labels float32 shaped like the logits."""
     LOSS_FUNCTION_CROSS_ENTROPY: _LossFunction.ValueType  # 2
-    """torch.nn.functional.cross_entropy with class indices: labels int64, shape (N,)."""
+    """torch.nn.functional.cross_entropy with class indices, shape (N,): any
+    integer type (UINT8, INT16, INT32, INT64; the narrowest that holds them
+    saves bytes), widened to int64 on the server.
+    """
     LOSS_FUNCTION_MSE: _LossFunction.ValueType  # 3
     """torch.nn.functional.mse_loss (mean); labels float32 shaped like the logits."""
 
@@ -184,10 +201,53 @@ LOSS_FUNCTION_UNSPECIFIED: LossFunction.ValueType  # 0
 LOSS_FUNCTION_SUM_DIFFERENCE: LossFunction.ValueType  # 1
 """The tutorial's (prediction - labels).sum(); labels float32 shaped like the logits."""
 LOSS_FUNCTION_CROSS_ENTROPY: LossFunction.ValueType  # 2
-"""torch.nn.functional.cross_entropy with class indices: labels int64, shape (N,)."""
+"""torch.nn.functional.cross_entropy with class indices, shape (N,): any
+integer type (UINT8, INT16, INT32, INT64; the narrowest that holds them
+saves bytes), widened to int64 on the server.
+"""
 LOSS_FUNCTION_MSE: LossFunction.ValueType  # 3
 """torch.nn.functional.mse_loss (mean); labels float32 shaped like the logits."""
 Global___LossFunction: _TypeAlias = LossFunction  # noqa: Y015
+
+@_typing.final
+class InputTransform(_message.Message):
+    """InputTransform turns uint8 images into the model's float32 input on the
+    server's device, after the upload, as torchvision's ToTensor() then
+    Normalize(mean, std) do: x = x.float() / 255, then x[:, c] = (x[:, c] -
+    mean[c]) / std[c] (in float32). Only uint8 inputs are transformed; a
+    float input reaches the model as it is sent. The ImageNet constants are
+    mean [0.485, 0.456, 0.406], std [0.229, 0.224, 0.225].
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MEAN_FIELD_NUMBER: _builtins.int
+    STD_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def mean(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]:
+        """Per-channel means (R, G, B) subtracted after the scaling: 3 finite
+        numbers, or none (with no std) for the scaling alone (ToTensor()).
+        """
+
+    @_builtins.property
+    def std(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]:
+        """Per-channel standard deviations divided by: as many as mean, each finite
+        and > 0.
+        """
+
+    def __init__(
+        self,
+        *,
+        mean: _abc.Iterable[_builtins.float] | None = ...,
+        std: _abc.Iterable[_builtins.float] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["mean", b"mean", "std", b"std"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___InputTransform: _TypeAlias = InputTransform  # noqa: Y015
 
 @_typing.final
 class Tensor(_message.Message):
@@ -548,6 +608,7 @@ class SessionInfo(_message.Message):
     MEMORY_FORMAT_FIELD_NUMBER: _builtins.int
     NEXT_OPERATION_FIELD_NUMBER: _builtins.int
     OPERATION_EPOCH_FIELD_NUMBER: _builtins.int
+    INPUT_TRANSFORM_FIELD_NUMBER: _builtins.int
     session_id: _builtins.str
     """The session's id."""
     model: _builtins.str
@@ -586,6 +647,12 @@ class SessionInfo(_message.Message):
     def optimizer(self) -> Global___OptimizerConfig:
         """The optimizer, with every value filled in."""
 
+    @_builtins.property
+    def input_transform(self) -> Global___InputTransform:
+        """What the session does to uint8 inputs before the model; unset: none
+        (uint8 inputs are refused).
+        """
+
     def __init__(
         self,
         *,
@@ -604,10 +671,11 @@ class SessionInfo(_message.Message):
         memory_format: _builtins.str = ...,
         next_operation: _builtins.int = ...,
         operation_epoch: _builtins.str = ...,
+        input_transform: Global___InputTransform | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["optimizer", b"optimizer"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["input_transform", b"input_transform", "optimizer", b"optimizer"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["autocast", b"autocast", "device", b"device", "frozen_parameters", b"frozen_parameters", "is_default", b"is_default", "memory_format", b"memory_format", "model", b"model", "next_operation", b"next_operation", "num_classes", b"num_classes", "operation_epoch", b"operation_epoch", "optimizer", b"optimizer", "pending_forward_id", b"pending_forward_id", "session_id", b"session_id", "step_count", b"step_count", "trainable_parameters", b"trainable_parameters", "weights", b"weights"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["autocast", b"autocast", "device", b"device", "frozen_parameters", b"frozen_parameters", "input_transform", b"input_transform", "is_default", b"is_default", "memory_format", b"memory_format", "model", b"model", "next_operation", b"next_operation", "num_classes", b"num_classes", "operation_epoch", b"operation_epoch", "optimizer", b"optimizer", "pending_forward_id", b"pending_forward_id", "session_id", b"session_id", "step_count", b"step_count", "trainable_parameters", b"trainable_parameters", "weights", b"weights"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -627,6 +695,7 @@ class CreateSessionRequest(_message.Message):
     MEMORY_FORMAT_FIELD_NUMBER: _builtins.int
     CLIENT_TOKEN_FIELD_NUMBER: _builtins.int
     RESUME_FROM_FIELD_NUMBER: _builtins.int
+    INPUT_TRANSFORM_FIELD_NUMBER: _builtins.int
     weights: _builtins.str
     """"random" (seeded by seed), "imagenet" (from the server's torch hub
     cache), or the name of a weights file in the server's data directory
@@ -665,6 +734,13 @@ class CreateSessionRequest(_message.Message):
     def optimizer(self) -> Global___OptimizerConfig:
         """The optimizer; unset means the tutorial's SGD(lr=0.01, momentum=0.9)."""
 
+    @_builtins.property
+    def input_transform(self) -> Global___InputTransform:
+        """Turn uint8 inputs into the model's input on the device (4x fewer bytes
+        on the wire than float32 images). Unset: off, and uint8 inputs are
+        refused (INVALID_ARGUMENT INPUT_TRANSFORM_MISSING).
+        """
+
     def __init__(
         self,
         *,
@@ -676,10 +752,11 @@ class CreateSessionRequest(_message.Message):
         memory_format: _builtins.str = ...,
         client_token: _builtins.str = ...,
         resume_from: _builtins.str = ...,
+        input_transform: Global___InputTransform | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["optimizer", b"optimizer"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["input_transform", b"input_transform", "optimizer", b"optimizer"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["autocast", b"autocast", "client_token", b"client_token", "memory_format", b"memory_format", "num_classes", b"num_classes", "optimizer", b"optimizer", "resume_from", b"resume_from", "seed", b"seed", "weights", b"weights"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["autocast", b"autocast", "client_token", b"client_token", "input_transform", b"input_transform", "memory_format", b"memory_format", "num_classes", b"num_classes", "optimizer", b"optimizer", "resume_from", b"resume_from", "seed", b"seed", "weights", b"weights"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -827,7 +904,9 @@ class ForwardRequest(_message.Message):
     """How the logits are returned."""
     @_builtins.property
     def input(self) -> Global___TensorInput:
-        """Input images, float32, shape (N, 3, H, W) with H and W >= 32."""
+        """Input images, shape (N, 3, H, W): float32, or uint8 on a session with an
+        input_transform.
+        """
 
     @_builtins.property
     def operation(self) -> Global___Operation:
@@ -1946,8 +2025,8 @@ Global___LoadCheckpointRequest: _TypeAlias = LoadCheckpointRequest  # noqa: Y015
 @_typing.final
 class LoadCheckpointResponse(_message.Message):
     """LoadCheckpointResponse describes the session after loading. Weights, BatchNorm buffers, head
-    size, frozen set, optimizer settings and state and step count come from the checkpoint; the
-    pending forward and the gradients are cleared.
+    size, frozen set, optimizer settings and state, step count and input transform come from the
+    checkpoint; the pending forward and the gradients are cleared.
     """
 
     DESCRIPTOR: _descriptor.Descriptor
@@ -2193,7 +2272,9 @@ class TrainStepRequest(_message.Message):
     """Also return the logits, raw float32 (N, num_classes)."""
     @_builtins.property
     def input(self) -> Global___TensorInput:
-        """Input images, float32, shape (N, 3, H, W), run in train mode."""
+        """Input images, shape (N, 3, H, W), run in train mode: float32, or uint8
+        on a session with an input_transform.
+        """
 
     @_builtins.property
     def loss(self) -> Global___Loss:

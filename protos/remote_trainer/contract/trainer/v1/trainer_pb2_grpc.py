@@ -272,7 +272,8 @@ class TrainerServiceServicer:
     def ResetSession(self, request, context):
         """ResetSession puts the default session back in the state the server
         started it in: weights, BatchNorm buffers, head, optimizer (settings and
-        state), step count and frozen set; no gradients and no pending forward.
+        state), step count, frozen set and input transform (none); no gradients
+        and no pending forward.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -90,7 +90,8 @@ class TrainerServiceStub:
     ResetSession: _grpc.UnaryUnaryMultiCallable[_trainer_pb2.ResetSessionRequest, _trainer_pb2.ResetSessionResponse]
     """ResetSession puts the default session back in the state the server
     started it in: weights, BatchNorm buffers, head, optimizer (settings and
-    state), step count and frozen set; no gradients and no pending forward.
+    state), step count, frozen set and input transform (none); no gradients
+    and no pending forward.
     """
     ListSessions: _grpc.UnaryUnaryMultiCallable[_trainer_pb2.ListSessionsRequest, _trainer_pb2.ListSessionsResponse]
     """ListSessions lists the sessions the caller may use (the default session
@@ -158,7 +159,8 @@ class TrainerServiceAsyncStub(TrainerServiceStub):
     ResetSession: _aio.UnaryUnaryMultiCallable[_trainer_pb2.ResetSessionRequest, _trainer_pb2.ResetSessionResponse]  # type: ignore[assignment]
     """ResetSession puts the default session back in the state the server
     started it in: weights, BatchNorm buffers, head, optimizer (settings and
-    state), step count and frozen set; no gradients and no pending forward.
+    state), step count, frozen set and input transform (none); no gradients
+    and no pending forward.
     """
     ListSessions: _aio.UnaryUnaryMultiCallable[_trainer_pb2.ListSessionsRequest, _trainer_pb2.ListSessionsResponse]  # type: ignore[assignment]
     """ListSessions lists the sessions the caller may use (the default session
@@ -331,7 +333,8 @@ class TrainerServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_trainer_pb2.ResetSessionResponse, _abc.Awaitable[_trainer_pb2.ResetSessionResponse]]:
         """ResetSession puts the default session back in the state the server
         started it in: weights, BatchNorm buffers, head, optimizer (settings and
-        state), step count and frozen set; no gradients and no pending forward.
+        state), step count, frozen set and input transform (none); no gradients
+        and no pending forward.
         """
 
     @_abc_1.abstractmethod
