@@ -19,6 +19,7 @@ import pytest
 
 from remote_trainer.contract.trainer.v1 import trainer_pb2, trainer_pb2_grpc
 from remote_trainer.server import app
+from remote_trainer.server.receive import ReceiveGate
 from remote_trainer.server.servicer import TrainerServicer
 from remote_trainer.server.rpc import unary
 
@@ -158,7 +159,7 @@ class _WrongShape(TrainerServicer):
 def test_registration_refuses_a_servicer_that_does_not_match_the_descriptor(servicer_class: type, message: str) -> None:
     servicer = servicer_class.__new__(servicer_class)  # registration reads only the methods
     with pytest.raises(RuntimeError, match=message):
-        app._counted_handlers(servicer, metrics=None)  # type: ignore[arg-type]
+        app._counted_handlers(servicer, None, app.Receiving(ReceiveGate(2, 1), 1.0, str))  # type: ignore[arg-type]
 
 
 # The fifth "must never" arrow of docs/architecture.md, and the SDK's modules without torch.

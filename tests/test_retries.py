@@ -15,6 +15,7 @@ import asyncio
 import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 import numpy as np
@@ -22,9 +23,9 @@ import pytest
 
 from remote_trainer.client import TrainerClient
 from remote_trainer.client import core
-from remote_trainer.client.aio import AsyncTrainerClient
+from remote_trainer.client.aio import AsyncSession, AsyncTrainerClient
 from remote_trainer.client.errors import (
-    DeadlineExceededError, FailedPreconditionError, InternalError, NotFoundError, UnavailableError,
+    DeadlineExceededError, FailedPreconditionError, InternalError, NotFoundError, TrainerError, UnavailableError,
 )
 from remote_trainer.client.remote import RemoteModel
 from remote_trainer.client.retry import Attempts, Operations, Place, RetryPolicy
@@ -215,6 +216,49 @@ def test_async_calls_pipelined_are_numbered_in_the_order_they_were_made(proxy: P
                     assert results[2] == 1 and results[1].forward_id == results[0].forward_id
 
     asyncio.run(main())
+
+
+def test_more_calls_than_the_server_remembers_or_a_connection_carries_each_run_once(target: str, numbering: bool) -> None:
+    """Five sessions, 200 ZeroGrads each made at once on one channel: more calls of a session than
+    the server keeps answers for (64), more calls than a connection carries (256). Every call is
+    answered, even with retries off, and runs once (each session's numbering moves by exactly 200):
+    a session's calls go at most 64 at a time (retry.IN_FLIGHT) and the channel's 128
+    (retry.CHANNEL_IN_FLIGHT). Without the first, a session's numbering moved by 55 of 200
+    (OPERATION_FORGOTTEN); without the second, calls past 256 were refused (UNAVAILABLE), again on
+    retry, until the calls behind them gave up (OPERATION_OUT_OF_ORDER)."""
+    if not numbering:
+        pytest.skip("the server does not number operations")
+
+    async def burst(retry: RetryPolicy | None) -> set[str]:
+        async with AsyncTrainerClient(target, timeout=120, retry=retry) as client:
+            sessions = [await client.create_session(WEIGHTS_NAME) for _ in range(5)]
+            starts = [(await session.info()).next_operation for session in sessions]
+
+            async def one(session: AsyncSession) -> str:
+                try:
+                    await session.zero_grad()
+                    return "OK"
+                except TrainerError as error:
+                    return f"{error.code.name} {error.reason}"
+
+            outcomes = await asyncio.gather(*(one(session) for _ in range(200) for session in sessions))
+            assert [(await s.info()).next_operation - start for s, start in zip(sessions, starts)] == [200] * 5
+            for session in sessions:
+                await session.close()
+            return set(outcomes)
+
+    assert asyncio.run(burst(None)) == {"OK"}
+    assert asyncio.run(burst(RetryPolicy())) == {"OK"}
+
+
+def test_a_sync_session_used_by_many_threads_runs_each_call_once(target: str, numbering: bool) -> None:
+    """The sync face's window: 100 threads' ZeroGrads on one session (64 in flight at most) each
+    run once."""
+    with TrainerClient(target, timeout=120) as client, client.create_session(WEIGHTS_NAME) as session:
+        start = session.info().next_operation
+        with ThreadPoolExecutor(100) as pool:
+            list(pool.map(lambda _: session.zero_grad(), range(100)))
+        assert session.info().next_operation - start == (100 if numbering else 0)
 
 
 def test_remote_model_numbers_through_its_clients_policy(proxy: Proxy) -> None:

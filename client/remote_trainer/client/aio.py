@@ -31,7 +31,9 @@ from remote_trainer.client import core
 from remote_trainer.client.auth import async_bearer_token
 from remote_trainer.client.core import MIB
 from remote_trainer.client.errors import TrainerError, from_rpc_error
-from remote_trainer.client.retry import Attempts, Operations, Place, RetryPolicy, final, policy_of
+from remote_trainer.client.retry import (
+    CHANNEL_IN_FLIGHT, Attempts, Operations, Place, RetryPolicy, final, policy_of, waited_too_long,
+)
 from remote_trainer.client.types import (
     BackwardResult,
     CheckpointFile,
@@ -49,6 +51,12 @@ from remote_trainer.contract.names import AutocastName, InputTransformName, Loss
 from remote_trainer.contract.trainer.v1 import trainer_pb2_grpc
 
 R = TypeVar("R")
+
+
+async def _wake(turns: asyncio.Condition) -> None:
+    """A call has ended: the calls waiting for their turn look again (retry.IN_FLIGHT)."""
+    async with turns:
+        turns.notify_all()
 
 
 class AsyncTrainerClient:
@@ -78,6 +86,8 @@ class AsyncTrainerClient:
         self.timeout = timeout
         self._retry = policy_of(retry)
         self._operations: dict[str, Operations] = {}
+        self._turns: dict[str, asyncio.Condition] = {}  # where calls wait for their turn (retry.IN_FLIGHT)
+        self._in_flight = asyncio.Semaphore(CHANNEL_IN_FLIGHT)  # calls in flight (retry.CHANNEL_IN_FLIGHT)
         self._client_id = uuid.uuid4().hex  # sent with each operation number: whose numbers they are
         channel_options = core.channel_settings(max_message_bytes, options)
         interceptors = async_bearer_token(token) if token else None
@@ -133,7 +143,14 @@ class AsyncTrainerClient:
         if not call.numbered or operations is None:
             return await self._attempts(call, attempts)
         place = Place(operations)  # taken before the first await: in the order the calls are made
+        turns = self._turns.setdefault(operations.session_id or "default", asyncio.Condition())
         try:
+            if not operations.may_start(place.index):
+                async with turns:
+                    try:
+                        await asyncio.wait_for(turns.wait_for(lambda: operations.may_start(place.index)), attempts.remaining())
+                    except TimeoutError:
+                        raise waited_too_long() from None
             if not operations.known:  # a handle on an existing session: where does its numbering stand?
                 info = await self._send(core.describe_session(operations.session_id), timeout=attempts.remaining())
                 operations.begin(info.next_operation, info.operation_epoch)
@@ -141,8 +158,10 @@ class AsyncTrainerClient:
             result = await self._attempts(call, attempts, place)
         except BaseException as error:  # asyncio.CancelledError too: the call may or may not have run
             place.end(error)
+            await _wake(turns)
             raise
         place.end(None)
+        await _wake(turns)
         return result
 
     async def _attempts(self, call: core.Call[R] | core.StreamCall[R], attempts: Attempts, place: Place | None = None) -> R:
@@ -166,11 +185,18 @@ class AsyncTrainerClient:
     async def _attempt(self, call: core.Call[R] | core.StreamCall[R], timeout: float | None) -> R:
         """One attempt, through ``call`` or ``stream``: a stream that fails midway is read again
         from its start by the next attempt."""
-        if isinstance(call, core.StreamCall):
-            method = functools.partial(self._streams[call.method], wait_for_ready=self._retry.wait_for_ready)
-            return call.parse([response async for response in self.stream(method, call.request, timeout=timeout)])
-        method = functools.partial(self._unary[call.method], wait_for_ready=self._retry.wait_for_ready)
-        return call.parse(await self.call(method, call.request, timeout=timeout))
+        try:
+            await asyncio.wait_for(self._in_flight.acquire(), timeout)
+        except TimeoutError:
+            raise waited_too_long(CHANNEL_IN_FLIGHT, "on the client's channel") from None
+        try:
+            if isinstance(call, core.StreamCall):
+                method = functools.partial(self._streams[call.method], wait_for_ready=self._retry.wait_for_ready)
+                return call.parse([response async for response in self.stream(method, call.request, timeout=timeout)])
+            method = functools.partial(self._unary[call.method], wait_for_ready=self._retry.wait_for_ready)
+            return call.parse(await self.call(method, call.request, timeout=timeout))
+        finally:
+            self._in_flight.release()
 
     @property
     def stub(self) -> trainer_pb2_grpc.TrainerServiceStub:

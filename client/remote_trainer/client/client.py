@@ -11,6 +11,7 @@ each call sends and how its answer is read is ``core``'s, when and how often it 
 from __future__ import annotations
 
 import functools
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator
@@ -23,7 +24,9 @@ from remote_trainer.client import core
 from remote_trainer.client.auth import BearerToken
 from remote_trainer.client.core import MIB
 from remote_trainer.client.errors import TrainerError, from_rpc_error
-from remote_trainer.client.retry import Attempts, Operations, Place, RetryPolicy, final, policy_of
+from remote_trainer.client.retry import (
+    CHANNEL_IN_FLIGHT, Attempts, Operations, Place, RetryPolicy, final, policy_of, waited_too_long,
+)
 from remote_trainer.client.types import (
     BackwardResult,
     CheckpointFile,
@@ -87,6 +90,7 @@ class TrainerClient:
         if self._retry.wait_for_ready:  # to tell a server never reached from a slow one (``retry.final``)
             self._base_channel.subscribe(self._connectivity, try_to_connect=False)
         self._operations: dict[str, Operations] = {}
+        self._in_flight = threading.BoundedSemaphore(CHANNEL_IN_FLIGHT)  # calls in flight (retry.CHANNEL_IN_FLIGHT)
         self._client_id = uuid.uuid4().hex  # sent with each operation number: whose numbers they are
         if token:
             self._channel = grpc.intercept_channel(self._channel, BearerToken(token))
@@ -143,6 +147,7 @@ class TrainerClient:
             return self._attempts(call, attempts)
         place = Place(operations)  # taken now, in the order the calls are made
         try:
+            operations.wait_turn(place.index, attempts.remaining())
             if not operations.known:  # a handle on an existing session: where does its numbering stand?
                 info = self._send(core.describe_session(operations.session_id), timeout=attempts.remaining())
                 operations.begin(info.next_operation, info.operation_epoch)
@@ -174,11 +179,16 @@ class TrainerClient:
     def _attempt(self, call: core.Call[R] | core.StreamCall[R], timeout: float | None) -> R:
         """One attempt, through ``call`` or ``stream``: a stream that fails midway is read again
         from its start by the next attempt."""
-        if isinstance(call, core.StreamCall):
-            method = functools.partial(self._streams[call.method], wait_for_ready=self._retry.wait_for_ready)
-            return call.parse(self.stream(method, call.request, timeout=timeout))
-        method = functools.partial(self._unary[call.method], wait_for_ready=self._retry.wait_for_ready)
-        return call.parse(self.call(method, call.request, timeout=timeout))
+        if not self._in_flight.acquire(timeout=timeout):
+            raise waited_too_long(CHANNEL_IN_FLIGHT, "on the client's channel")
+        try:
+            if isinstance(call, core.StreamCall):
+                method = functools.partial(self._streams[call.method], wait_for_ready=self._retry.wait_for_ready)
+                return call.parse(self.stream(method, call.request, timeout=timeout))
+            method = functools.partial(self._unary[call.method], wait_for_ready=self._retry.wait_for_ready)
+            return call.parse(self.call(method, call.request, timeout=timeout))
+        finally:
+            self._in_flight.release()
 
     @property
     def stub(self) -> trainer_pb2_grpc.TrainerServiceStub:

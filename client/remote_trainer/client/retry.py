@@ -29,6 +29,15 @@ numbering) gets the numbers, which it ignores, but no retries of changing calls.
 client makes on a session share its numbers (a new handle asks for ``next_operation`` before its
 first changing call).
 
+**In flight.** At most ``IN_FLIGHT`` (64) numbered calls of one session are in flight from one
+client: the server keeps a session's last 64 answers (engine/ledger.py), so a retried call is always
+one it still remembers. A call made with 64 before it unfinished waits, within its deadline, until
+the oldest has ended (in the order the calls were made: a call never waits behind a later one).
+A client has at most ``CHANNEL_IN_FLIGHT`` (128) calls in flight on its channel, all sessions
+together; the others wait, within their deadlines, in the order they were made: a connection carries
+256 calls at once and the server refuses one past that (UNAVAILABLE: transient, and retried, but a
+client that kept past it would be refused again and again).
+
 **Deadlines.** Every call the SDK makes has one, the method's ``timeout`` or the client's (120 s
 unless set), so no retry loop runs on; ``max_attempts`` bounds it too. Calls made through a
 client's ``stub``, ``call`` and ``stream`` are the caller's own: one attempt, as given.
@@ -45,7 +54,13 @@ from dataclasses import dataclass, field
 import grpc
 
 from remote_trainer.client import core
-from remote_trainer.client.errors import TrainerError, UnavailableError
+from remote_trainer.client.errors import DeadlineExceededError, TrainerError, UnavailableError
+
+# Numbered calls of one session in flight from one client at once: the answers the server keeps.
+IN_FLIGHT = 64
+# Calls in flight on one client's channel at once: well below the 256 a connection carries, so the
+# server never refuses one for the connection's limit (it may count a finished call a moment longer).
+CHANNEL_IN_FLIGHT = 128
 
 
 @dataclass(frozen=True)
@@ -168,7 +183,13 @@ class Operations:
     numbering: bool = False  # the server numbers this session (retries of changing calls are safe)
     _taken: int = field(default=0, init=False)
     _doubt: int = field(default=-1, init=False)  # the highest place that ended in doubt, not superseded yet
+    _oldest: int = field(default=0, init=False)  # every place before it has ended
+    _ended: set[int] = field(default_factory=set, init=False)  # places after it that have ended
     _lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
+    _turns: threading.Condition = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self._turns = threading.Condition(self._lock)
 
     @property
     def known(self) -> bool:
@@ -193,6 +214,26 @@ class Operations:
         with self._lock:
             self._taken += 1
             return self._taken - 1
+
+    def may_start(self, place: int) -> bool:
+        """Whether the call at ``place`` may be sent: fewer than ``IN_FLIGHT`` places before it are unfinished."""
+        with self._lock:
+            return place < self._oldest + IN_FLIGHT
+
+    def wait_turn(self, place: int, timeout: float | None) -> None:
+        """Blocks until ``may_start(place)`` (the sync face); DEADLINE_EXCEEDED when ``timeout`` passes first."""
+        with self._turns:
+            if not self._turns.wait_for(lambda: place < self._oldest + IN_FLIGHT, timeout):
+                raise waited_too_long()
+
+    def finish(self, place: int) -> None:
+        """The call at ``place`` has ended: the calls waiting for their turn may go."""
+        with self._turns:
+            self._ended.add(place)
+            while self._oldest in self._ended:
+                self._ended.remove(self._oldest)
+                self._oldest += 1
+            self._turns.notify_all()
 
     def number(self, place: int) -> tuple[int, bool]:
         """The number of ``place`` and whether its call supersedes the places before it in doubt."""
@@ -231,3 +272,12 @@ class Place:
         changes nothing."""
         doubtful = error is not None
         self.operations.settle(self.index, doubtful, self._superseding)
+        self.operations.finish(self.index)
+
+
+def waited_too_long(limit: int = IN_FLIGHT, where: str = "on its session") -> DeadlineExceededError:
+    """A call whose deadline passed while it waited for its turn (never sent)."""
+    return DeadlineExceededError(
+        f"the call's deadline passed while {limit} earlier calls {where} were still in flight; it was not sent",
+        "CLIENT_CALLS_IN_FLIGHT",
+    )

@@ -63,6 +63,10 @@ class Unavailable(TrainerError):
     write. The caller may retry later or recover, e.g. from the session's last checkpoint."""
 
 
+class DeadlineExceeded(TrainerError):
+    """The client did not do its part in time: its request stopped arriving before it was whole."""
+
+
 class Abandoned(TrainerError):
     """The caller stopped waiting (its deadline passed, or it cancelled) before the work was committed,
     so nothing was changed. The client never sees this

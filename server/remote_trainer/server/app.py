@@ -9,7 +9,7 @@ import os
 import socket
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,7 +28,7 @@ from remote_trainer.engine.limits import Limits
 from remote_trainer.engine.memory import reuse_freed_buffers
 from remote_trainer.engine.optimizer import OptimizerSpec
 from remote_trainer.engine.session import SessionEngine
-from remote_trainer.server import convert, reflection
+from remote_trainer.server import convert, receive, reflection
 from remote_trainer.server.events import Observers
 from remote_trainer.server.metrics import Metrics
 from remote_trainer.engine.models import ModelSpec, resolve_device
@@ -196,9 +196,16 @@ async def _start(
             ("grpc.max_concurrent_streams", 256),
             ("grpc.max_connection_age_ms", 3_600_000),
             ("grpc.max_connection_age_grace_ms", 300_000),
+            # What a call's stream may carry before the server reads its request (server/receive.py);
+            # the window is opened to the request's length when it does. BDP probing would otherwise
+            # grow this first window to megabytes per stream.
+            ("grpc.http2.lookahead_bytes", receive.STREAM_WINDOW_BYTES),
+            ("grpc.http2.bdp_probe", 0),
         ],
     )
-    server.add_generic_rpc_handlers((_counted_handlers(servicer, metrics),))
+    slots, per_caller = receive.slots_for(settings.max_receiving_bytes, settings.max_message_bytes)
+    receiving = Receiving(receive.ReceiveGate(slots, per_caller), settings.request_receive_seconds, _caller_key(auth))
+    server.add_generic_rpc_handlers((_counted_handlers(servicer, metrics, receiving),))
     health_servicer = health_aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable((SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name), server)
@@ -249,9 +256,25 @@ def _tls(settings: Settings) -> grpc.ServerCredentials:
     )
 
 
-def _counted_handlers(servicer: TrainerServicer, metrics: Metrics) -> grpc.GenericRpcHandler[Any, Any]:
+@dataclass(frozen=True)
+class Receiving:
+    """How requests are let in (server/receive.py): the gate, the time limit, and whose call it is."""
+
+    gate: receive.ReceiveGate
+    seconds: float
+    caller: Callable[[grpc.aio.ServicerContext[Any, Any]], str]
+
+
+def _caller_key(auth: TokenAuth | None) -> Callable[[grpc.aio.ServicerContext[Any, Any]], str]:
+    """Whose requests share a caller's receiving slots: the token's, or the connection's without tokens."""
+    if auth is None:
+        return lambda context: context.peer()
+    return lambda context: auth.identify(tuple(context.invocation_metadata() or ())) or ""
+
+
+def _counted_handlers(servicer: TrainerServicer, metrics: Metrics, receiving: Receiving) -> grpc.GenericRpcHandler[Any, Any]:
     """TrainerService's method handlers, one per method of the service descriptor, each of the call
-    shape the descriptor states, counting the bytes of every message as it is parsed or serialised
+    shape the descriptor states on the wire, its one request read in turn (``receive.one_request``), counting the bytes of every message as it is parsed or serialised
     (the sizes come free there), and handing bytes that do not parse to the servicer as
     ``Undecodable`` (refused as INVALID_ARGUMENT).
 
@@ -296,11 +319,20 @@ def _counted_handlers(servicer: TrainerServicer, metrics: Metrics) -> grpc.Gener
             metrics.sent(name, len(data))
             return data
 
-        handlers[method.name] = _HANDLER_FACTORIES[kind](
-            implementation, request_deserializer=deserialize_input if method.name in convert.INPUT_PATHS else deserialize,
+        # Every method takes one request: served as a client-streaming handler that reads it itself.
+        served_as = rpc_kind(True, method.server_streaming)
+        handlers[method.name] = _HANDLER_FACTORIES[served_as](
+            receive.one_request(served_method(implementation), receiving.gate, receiving.seconds, receiving.caller),
+            request_deserializer=deserialize_input if method.name in convert.INPUT_PATHS else deserialize,
             response_serializer=serialize,
         )
     return grpc.method_handlers_generic_handler(SERVICE_NAME, handlers)
+
+
+def served_method(implementation: object) -> Callable[[Any, grpc.aio.ServicerContext[Any, Any]], Awaitable[Any]]:
+    """A servicer method checked above to be served by ``@unary`` or ``@streaming`` (server/rpc.py)."""
+    assert callable(implementation)
+    return implementation
 
 
 _HANDLER_FACTORIES: dict[str, Any] = {

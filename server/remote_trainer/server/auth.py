@@ -65,10 +65,12 @@ class AuthInterceptor(_Interceptor):
         self._auth = auth
         status = to_status(grpc.StatusCode.UNAUTHENTICATED, "a valid 'authorization: Bearer <token>' header is required", "UNAUTHENTICATED")
 
-        async def refuse(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+        async def refuse(requests: Any, context: grpc.aio.ServicerContext[Any, Any]) -> None:
             await context.abort(status.code, status.details, status.trailing_metadata)
 
-        self._refuse = grpc.unary_unary_rpc_method_handler(refuse)
+        # Served as a client-streaming call whose requests are never read: refused at its headers, so
+        # a stranger's request body is never taken in (a unary handler would receive it whole first).
+        self._refuse = grpc.stream_unary_rpc_method_handler(refuse)
 
     async def intercept_service(
         self,

@@ -20,10 +20,11 @@ from typing import Any, Protocol, TypeVar
 
 import grpc
 
-from remote_trainer.engine.errors import Abandoned, InvalidArgument
+from remote_trainer.engine.errors import Abandoned, DeadlineExceeded, InvalidArgument
 from remote_trainer.engine.operation import Operation
 from remote_trainer.server.calls import Call, call_of, run_as
 from remote_trainer.server.events import CallObserver
+from remote_trainer.server.receive import Missing, Unreceived
 from remote_trainer.server.status import status_for
 from remote_trainer.server.streams import Emit, Outbox, ReaderGone, SlowReader, StreamBytes
 
@@ -100,7 +101,8 @@ def _finish(servicer: Servicer, method: str, request: Any, code: grpc.StatusCode
 
 @contextlib.asynccontextmanager
 async def _served(servicer: Servicer, method: str, request: Any, context: Context, call: Call) -> AsyncIterator[None]:
-    """Around one call: refuses an undecodable request, times the call, maps its error to a status
+    """Around one call: refuses a request that did not parse, never came or did not arrive whole in
+    time (server/receive.py), times the call, maps its error to a status
     (sent with ``context.abort``) and finishes it exactly once, before any error status is sent."""
     start = time.perf_counter()
     code = grpc.StatusCode.OK
@@ -108,6 +110,14 @@ async def _served(servicer: Servicer, method: str, request: Any, context: Contex
     try:
         if isinstance(request, Undecodable):
             raise InvalidArgument(f"the request is not a valid {request.message_type}: {request.error}", "MALFORMED_REQUEST")
+        if isinstance(request, Missing):
+            raise InvalidArgument("the call ended its request stream without a request message", "MALFORMED_REQUEST")
+        if isinstance(request, Unreceived):
+            raise DeadlineExceeded(
+                f"the request did not arrive whole within {request.seconds:g} s of the call's start "
+                "(request_receive_seconds): send it at once, or ask the operator for a longer limit",
+                "REQUEST_NOT_RECEIVED",
+            )
         yield
     except SlowReader:
         # The unsent message still occupies the stream, so no status can follow it: the call

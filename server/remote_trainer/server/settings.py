@@ -54,6 +54,15 @@ class Settings:
     max_workers: int = 16
     # Seconds a server stream waits for its client to take the next message before ending the stream.
     stream_write_timeout_seconds: float = 60.0
+    # Seconds a call's request may take to arrive whole, from the call's start (then the call is
+    # refused DEADLINE_EXCEEDED REQUEST_NOT_RECEIVED): a client that stops sending holds nothing longer.
+    # A 256 MiB request needs a link of at least 36 Mbit/s for the default.
+    request_receive_seconds: float = 60.0
+    # Bytes of requests being received at once, all calls together, counted as max_message_bytes each
+    # (the server cannot know a request's length before it reads it): max_receiving_bytes /
+    # max_message_bytes requests are received at once (at least 2), half of them one caller's; the
+    # other calls wait for a turn before their request is read (server/receive.py).
+    max_receiving_bytes: int = 1024 * MIB
     # Bytes of tensor-stream responses made but not yet sent, all streams together: a stream that
     # would pass it is refused (RESOURCE_EXHAUSTED), so clients opening streams they do not read
     # cannot make the server hold more. About 20 streams of all of resnet18's gradients.
@@ -173,6 +182,8 @@ _HELP = {
     "chunk_bytes": "data bytes per chunk in tensor streams",
     "max_workers": "worker threads running torch work (at most one per session at a time)",
     "stream_write_timeout_seconds": "seconds a stream waits for a client to read its next message",
+    "request_receive_seconds": "seconds a call's request may take to arrive whole (then DEADLINE_EXCEEDED)",
+    "max_receiving_bytes": "bytes of requests received at once, each counted as max-message-bytes (at least 2 at once)",
     "max_stream_bytes": "most bytes of tensor-stream responses made and not yet sent, all streams together",
     "operation_order_wait_seconds": "seconds a numbered call waits for the lower numbers that have not arrived",
     "grace_seconds": "seconds in-flight calls get to finish on SIGTERM",
@@ -264,6 +275,10 @@ def validate(settings: Settings) -> list[str]:
                                 and settings.ray_num_gpus == 0):
         problems.append("pin-memory needs a CUDA device (pinned host buffers only speed up copies to an accelerator); "
                         "the sessions' device is the CPU" + (" (ray-num-gpus is 0)" if settings.device == "auto" else ""))
+    if settings.request_receive_seconds <= 0:
+        problems.append("request-receive-seconds must be positive")
+    if settings.max_receiving_bytes < 1:
+        problems.append("max-receiving-bytes must be at least 1")
     if settings.stream_write_timeout_seconds <= 0:
         problems.append("stream-write-timeout-seconds must be positive")
     if settings.operation_order_wait_seconds < 0:

@@ -21,6 +21,7 @@ from grpc_status import rpc_status
 
 from remote_trainer.engine.errors import (
     Abandoned,
+    DeadlineExceeded,
     FailedPrecondition,
     InvalidArgument,
     NotFound,
@@ -40,6 +41,7 @@ CODES: dict[type[TrainerError], grpc.StatusCode] = {
     FailedPrecondition: grpc.StatusCode.FAILED_PRECONDITION,
     ResourceExhausted: grpc.StatusCode.RESOURCE_EXHAUSTED,
     Unavailable: grpc.StatusCode.UNAVAILABLE,  # a session's process or node is gone (Ray), a folder not writable
+    DeadlineExceeded: grpc.StatusCode.DEADLINE_EXCEEDED,  # a request that stopped arriving (server/receive.py)
 }
 # Shutting down (UNAVAILABLE) and bad tokens (UNAUTHENTICATED, server/auth.py) are answered by gRPC
 # and the auth interceptor before a servicer method runs.
