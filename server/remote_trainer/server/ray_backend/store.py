@@ -32,7 +32,8 @@ from typing import Any
 import ray
 from ray.exceptions import ActorUnavailableError, GetTimeoutError, RayActorError, RayTaskError, TaskCancelledError
 
-from remote_trainer.engine.errors import Abandoned, NotFound, ResourceExhausted, Unavailable
+from remote_trainer.engine.budget import model_bytes
+from remote_trainer.engine.errors import Abandoned, FailedPrecondition, NotFound, ResourceExhausted, Unavailable
 from remote_trainer.engine.limits import Limits
 from remote_trainer.engine.models import ModelSpec
 from remote_trainer.engine.optimizer import OptimizerSpec
@@ -133,8 +134,9 @@ class RaySessionStore:
             name=REGISTRY_NAME, namespace=settings.ray_namespace, lifetime="detached", get_if_exists=True,
             num_cpus=0, resources={HEAD_NODE_RESOURCE: 0.001},
             max_restarts=-1,  # restarts without limit, its table read back from the GCS (registry.py)
-        ).remote(settings.ray_namespace)
+        ).remote(settings.ray_namespace, settings.memory_budget_bytes)
         store = cls(settings, limits, registry, default_model)
+        store._agree_on_budget(settings.memory_budget_bytes)
         store._start_default()
         log.info("joined Ray cluster %s (namespace %s)", settings.ray_address or "(local)", settings.ray_namespace)
         return store
@@ -203,14 +205,18 @@ class RaySessionStore:
         self, model: ModelSpec, optimizer: OptimizerSpec, owner: str = "", still_wanted: Callable[[], bool] = lambda: True
     ) -> tuple[str, Engine]:
         # Not committed within twice the build's bound, the reservation is abandoned (its actor killed).
-        sid: str = self._ask("reserve", owner, self._session_limits, 2 * self._timeout)
+        # The memory budget's share: the local backend's estimate (the weights' own head counted as 1000 classes).
+        reserved: tuple[str, int] = self._ask("reserve", owner, self._session_limits, 2 * self._timeout,
+                                              model_bytes(model.num_classes or 1000))
+        sid, room = reserved
         handle = None
         try:
             handle = self._actor.options(name=actor_name(sid), **self._options).remote()
             log.info("session %s reserved; its actor is starting", sid)
-            description, actor_id = self._build(handle, model, optimizer, expire_after=SELF_EXPIRY_FACTOR * self._idle_seconds)
+            description, actor_id = self._build(handle, model, optimizer, expire_after=SELF_EXPIRY_FACTOR * self._idle_seconds,
+                                                memory_bytes=room)
             check_wanted(still_wanted, "the session was built but dropped")  # no one could use or close it
-            if not self._ask("commit", sid, actor_id):
+            if not self._ask("commit", sid, actor_id, model_bytes(description.num_classes)):
                 raise Unavailable(f"session {sid} took longer than twice ray-timeout to start and was given up; "
                                   "create it again", "SESSION_ABANDONED")
         except BaseException:
@@ -323,18 +329,35 @@ class RaySessionStore:
             name=actor_name(DEFAULT_SESSION_ID), get_if_exists=True, **self._options
         ).remote()
         try:
-            description, actor_id = self._build(handle, self._default_model, OptimizerSpec.tutorial(), keep_initial_state=True)
+            description, actor_id = self._build(handle, self._default_model, OptimizerSpec.tutorial(), keep_initial_state=True,
+                                                memory_bytes=self._ask("room", DEFAULT_SESSION_ID))
         except BaseException:
             ray.kill(handle)  # so that a front-end started with corrected settings builds it anew
             raise
-        self._ask("register_default", actor_id)
+        self._ask("register_default", actor_id, model_bytes(description.num_classes))
         log.info("default session on %s (weights %s)", description.device, description.weights)
 
+    def _agree_on_budget(self, memory_budget_bytes: int) -> None:
+        """The memory budget is the registry's, set by the namespace's first front-end: one started
+        with another ``--memory-budget-bytes`` would promise what the cluster does not hold to."""
+        theirs: int = self._ask("memory_budget")
+        if theirs != memory_budget_bytes:
+            raise FailedPrecondition(
+                f"this front-end has memory-budget-bytes={memory_budget_bytes}, but the Ray namespace {self._namespace!r} "
+                f"already has memory-budget-bytes={theirs} (its first front-end's; 0: the cluster's memory): every "
+                "front-end of a namespace must be started with the same value",
+                "MEMORY_BUDGET_MISMATCH",
+            )
+
     def _build(
-        self, handle: Any, model: ModelSpec, optimizer: OptimizerSpec, keep_initial_state: bool = False, expire_after: float = 0.0
+        self, handle: Any, model: ModelSpec, optimizer: OptimizerSpec, keep_initial_state: bool = False,
+        expire_after: float = 0.0, memory_bytes: int = 0,
     ) -> tuple[SessionDescription, str]:
+        """Builds the session in its actor, whose memory budget is ``memory_bytes`` (what the cluster's
+        budget had free for it) at most."""
         call, started = current_call(), time.monotonic()
-        ref = handle.build.remote(model, optimizer, self._limits, keep_initial_state, self._session_memory_bytes, expire_after)
+        ref = handle.build.remote(model, optimizer, self._limits, keep_initial_state, self._session_memory_bytes, expire_after,
+                                  memory_bytes)
         try:
             try:
                 built: tuple[SessionDescription, str] = self._await(ref, call, margin=ANSWER_MARGIN)
