@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import ray
+import torch
 from ray.exceptions import ActorUnavailableError, GetTimeoutError, RayActorError, RayTaskError, TaskCancelledError
 
 from remote_trainer.engine.budget import model_bytes
@@ -71,7 +72,9 @@ def _cause(exc: RayTaskError) -> BaseException:
 
 def _sized_for_own_ray(settings: Settings) -> Settings:
     """On a Ray this server started itself (as many CPUs and GPUs as the machine), each session
-    reserves at most its share, so that it holds ``--max-sessions`` as the local backend would."""
+    reserves at most its share, so that it holds ``--max-sessions`` as the local backend would. The
+    share is Ray's accounting only: each session still computes with as many torch threads as a
+    local session (``RaySessionStore.connect``)."""
     total: dict[str, float] = ray.cluster_resources()  # type: ignore[no-untyped-call]
     cpus = min(settings.ray_num_cpus, math.floor(total.get("CPU", 0.0) / settings.max_sessions * 1e4) / 1e4)
     gpus = min(settings.ray_num_gpus, math.floor(total.get("GPU", 0.0) / settings.max_sessions * 1e4) / 1e4)
@@ -88,8 +91,13 @@ class RaySessionStore:
     registry, sessions in their actors. It caches actor handles (a session's owner never changes).
     """
 
-    def __init__(self, settings: Settings, limits: Limits, registry: Any, default_model: ModelSpec) -> None:
+    def __init__(
+        self, settings: Settings, limits: Limits, registry: Any, default_model: ModelSpec, torch_threads: int = 0
+    ) -> None:
+        """``torch_threads`` > 0: each session's actor computes with that many torch threads (else
+        Ray's: as many as the CPUs it reserves, at least one)."""
         self._default_model = default_model
+        self._torch_threads = torch_threads
         self._namespace = settings.ray_namespace
         self._limits = limits
         self._session_limits = SessionLimits(settings.max_sessions, settings.max_sessions_per_token)
@@ -120,6 +128,10 @@ class RaySessionStore:
     def connect(cls, settings: Settings, default_model: ModelSpec, limits: Limits) -> RaySessionStore:
         """Joins (or starts) the Ray cluster, finds or makes the registry and the default session."""
         settings = replace(settings, ray_namespace=settings.ray_namespace or LOCAL_RAY_NAMESPACE)
+        # On a Ray of its own, sessions compute as the local backend's do: with this process's torch
+        # threads (torch's default for the machine), not one thread for a fractional CPU share; the
+        # numbers are then the local backend's to the last bit, not 1e-4 apart.
+        torch_threads = 0 if settings.ray_address else torch.get_num_threads()
         if not ray.is_initialized():
             if settings.ray_address:
                 check_access(settings.ray_address)
@@ -135,7 +147,7 @@ class RaySessionStore:
             num_cpus=0, resources={HEAD_NODE_RESOURCE: 0.001},
             max_restarts=-1,  # restarts without limit, its table read back from the GCS (registry.py)
         ).remote(settings.ray_namespace, settings.memory_budget_bytes)
-        store = cls(settings, limits, registry, default_model)
+        store = cls(settings, limits, registry, default_model, torch_threads)
         store._agree_on_budget(settings.memory_budget_bytes)
         store._start_default()
         log.info("joined Ray cluster %s (namespace %s)", settings.ray_address or "(local)", settings.ray_namespace)
@@ -357,7 +369,7 @@ class RaySessionStore:
         budget had free for it) at most."""
         call, started = current_call(), time.monotonic()
         ref = handle.build.remote(model, optimizer, self._limits, keep_initial_state, self._session_memory_bytes, expire_after,
-                                  memory_bytes)
+                                  memory_bytes, self._torch_threads)
         try:
             try:
                 built: tuple[SessionDescription, str] = self._await(ref, call, margin=ANSWER_MARGIN)
