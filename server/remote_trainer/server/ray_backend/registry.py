@@ -4,9 +4,9 @@ A small detached actor on the head node that knows every session's owner, state 
 lost, expired), last checkpoint and estimated model size. Its methods run one at a time, so the
 session limits (in all, and per token) and the memory budget (``--memory-budget-bytes``: the
 estimates of the held sessions' models, ``engine/budget.py``) hold across the cluster without races;
-it also remembers lost sessions, so that any
-front-end, even one started after the loss, answers SESSION_LOST with the session's last checkpoint
-instead of "unknown session". It imports ray but not torch (the head node may have none).
+it also remembers lost sessions, so that any front-end, even one started after the loss, answers
+SESSION_LOST with the session's last checkpoint instead of "unknown session". It imports ray but
+not torch (the head node may have none).
 
 It is no single point of failure: every change is written to the GCS key-value store (as Ray Serve's
 controller keeps its state) before the call returns, and the actor restarts without limit
@@ -90,20 +90,22 @@ class SessionRegistry:
         it) and the limits, held as "creating" until ``commit``, or abandoned ``stale_after`` seconds
         from now; and the bytes of the budget that were free for it (its actor's own budget)."""
         self._prune()
-        room = self.room("")
-        if model_bytes > room:
-            raise over_budget("a new session", model_bytes, self._total() - room, self._total())
+        total, held = self._total(), self._held("")
+        if held + model_bytes > total:
+            raise over_budget("a new session", model_bytes, held, total)
         limits.check_room("cluster", [(sid, r.owner) for sid, r in self._records.items() if r.state in HELD], owner)
         session_id = secrets.token_hex(16)  # unguessable: 128 random bits
         now = time.time()
         self._records[session_id] = Record(owner, "creating", now, stale_at=now + stale_after, model_bytes=model_bytes)
         self._save()
-        return session_id, room
+        return session_id, total - held
 
     def room(self, session_id: str) -> int:
         """The bytes of the memory budget that the held sessions but ``session_id`` leave free."""
-        held = sum(r.model_bytes for sid, r in self._records.items() if r.state in HELD and sid != session_id)
-        return self._total() - held
+        return self._total() - self._held(session_id)
+
+    def _held(self, but: str) -> int:
+        return sum(r.model_bytes for sid, r in self._records.items() if r.state in HELD and sid != but)
 
     def _total(self) -> int:
         if self._memory_budget_bytes:
