@@ -33,6 +33,8 @@ from tests.conftest import WEIGHTS_NAME, rand
 ROOT = Path(__file__).resolve().parent.parent
 
 AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
+# Each fast path a session may run on (autocast, memory format); tests/test_ray_backend.py runs each on Ray too.
+FAST_PATHS = [("bf16", "contiguous"), ("fp16", "contiguous"), ("off", "channels_last")]
 
 
 @contextlib.contextmanager
@@ -60,7 +62,7 @@ def local_step(state_dict: dict[str, torch.Tensor], data: np.ndarray, labels: np
     return logits.detach().float(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
 
 
-@pytest.mark.parametrize(("autocast", "memory_format"), [("bf16", "contiguous"), ("fp16", "contiguous"), ("off", "channels_last")])
+@pytest.mark.parametrize(("autocast", "memory_format"), FAST_PATHS)
 def test_a_step_on_a_fast_path_equals_local_pytorch_on_it(
     data_dir: Path, state_dict: dict[str, torch.Tensor], autocast: str, memory_format: str
 ) -> None:

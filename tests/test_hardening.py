@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 
 from remote_trainer.engine import checkpoints
+from remote_trainer.engine.budget import model_bytes
 from remote_trainer.engine.models import ModelSpec
 from remote_trainer.engine.optimizer import OptimizerSpec
 from remote_trainer.engine.session import SessionEngine
@@ -413,6 +414,49 @@ def test_memory_is_refused_before_it_is_allocated() -> None:
         assert len(server_wide.store) == 1
     finally:
         server_wide.stop(None).wait()
+
+
+# A budget that holds the default session and one more (resnet18 with 1000 classes each), not a third.
+ONE_MORE_SESSION = model_bytes(1000) * 5 // 2
+
+
+def check_a_budget_for_one_session(client: TrainerClient) -> None:
+    """The body both backends run (tests/test_ray_limits.py on a Ray cluster), on a server started
+    with ``--memory-budget-bytes ONE_MORE_SESSION``: the second session is refused before anything is
+    built, saying what is held and free; what is left free bounds the first session's calls; closing
+    it makes room at once."""
+    needed = model_bytes(1000)
+    first = client.create_session()
+    with pytest.raises(TrainerError) as err:
+        client.create_session()
+    assert (err.value.code, err.value.reason) == (grpc.StatusCode.RESOURCE_EXHAUSTED, "SERVER_MEMORY_BUDGET")
+    gib = lambda n: f"{n / 2**30:.2f} GiB"  # noqa: E731
+    assert err.value.message == (
+        f"a new session would need about {gib(needed)} more, and the server's sessions hold about {gib(2 * needed)} "
+        f"({gib(ONE_MORE_SESSION - 2 * needed)} free): over the limit memory_budget_bytes={ONE_MORE_SESSION} "
+        f"({gib(ONE_MORE_SESSION)})"
+    ), err.value.message
+    assert err.value.metadata == {"limit": str(ONE_MORE_SESSION), "needed_bytes": str(needed), "held_bytes": str(2 * needed)}
+    assert [info.session_id for info in client.list_sessions()] == ["default", first.session_id]  # nothing half-made
+    # What the budget leaves free (~90 MB) bounds the session's calls too (on Ray, in its actor):
+    # a forward keeping ~126 MB of activations is refused before it runs.
+    with pytest.raises(TrainerError) as err:
+        first.forward(np.zeros((16, 3, 128, 128), np.float32), stats_only=True)
+    assert (err.value.code, err.value.reason) == (grpc.StatusCode.RESOURCE_EXHAUSTED, "SERVER_MEMORY_BUDGET"), err.value
+    first.forward(rand(2, 3, 32, 32))  # used, then closed: its memory is given back at once
+    first.backward("sum", rand(2, 1000))
+    first.step()
+    first.close()
+    client.create_session().close()
+
+
+def test_a_server_wide_budget_for_one_more_session() -> None:
+    running = create_server(Settings(port=0, weights="random", memory_budget_bytes=ONE_MORE_SESSION))
+    try:
+        with TrainerClient(f"localhost:{running.port}", timeout=120) as client:
+            check_a_budget_for_one_session(client)
+    finally:
+        running.stop(None).wait()
 
 
 def test_an_empty_configure_optimizer_is_refused_and_an_empty_create_means_the_default(client: TrainerClient, session: Session) -> None:

@@ -107,6 +107,13 @@ def test_the_local_backend_never_loads_ray() -> None:
     assert "ray" not in loaded, loaded
 
 
+def test_the_ray_registry_loads_without_torch() -> None:
+    """The registry actor runs on the head node, which may have no torch: its limits and the memory
+    budget's words (engine/budget.py) come without it."""
+    loaded = loaded_after("import remote_trainer.server.ray_backend.registry")
+    assert "ray" in loaded and "torch" not in loaded, loaded
+
+
 def test_the_engine_imports_no_transport() -> None:
     loaded = loaded_after(
         "import pkgutil, importlib, remote_trainer.engine as e\n"

@@ -5,7 +5,9 @@ worker processes, all on 127.0.0.1, with fast health checks), and two front-ends
 start them (``python -m remote_trainer.server --backend ray --ray-address ...``). Sessions ask for
 the custom resource ``session_slot``, which only the worker nodes have.
 
-Proven here: the training results equal local PyTorch as on the local backend; sessions spread over
+Proven here: the local backend's fidelity tests pass on Ray (every test of FIDELITY_MODULES that can
+run against a session, each fast path included; those that cannot say why in NOT_ON_RAY, and those
+that need a bare address run on the server's own Ray, tests/test_ray_own.py); sessions spread over
 the nodes; a session made through one front-end is trained through the other, and survives a
 front-end restart; ownership and the session limits hold across front-ends; a killed node makes its
 sessions UNAVAILABLE SESSION_LOST within seconds (naming the last checkpoint) while the others go
@@ -22,10 +24,12 @@ import os
 os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
+import inspect  # noqa: E402
 import re  # noqa: E402
 import subprocess  # noqa: E402
 import time  # noqa: E402
 from collections.abc import Callable, Iterator  # noqa: E402
+from types import ModuleType  # noqa: E402
 from dataclasses import dataclass  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Any  # noqa: E402
@@ -39,11 +43,16 @@ from torch import nn  # noqa: E402
 from remote_trainer.client import InputTransform, Session, TrainerClient, TrainerError  # noqa: E402
 from remote_trainer.contract import codec  # noqa: E402
 from remote_trainer.contract.trainer.v1 import trainer_pb2 as pb  # noqa: E402
+from tests import test_aio as aio  # noqa: E402
+from tests import test_concurrency as concurrency  # noqa: E402
 from tests import test_fast_paths as fast_paths  # noqa: E402
 from tests import test_images as images  # noqa: E402
+from tests import test_remote_model as remote_model  # noqa: E402
 from tests import test_train_step as train_steps  # noqa: E402
 from tests import test_training as training  # noqa: E402
+from tests import test_training_visible as training_visible  # noqa: E402
 from tests import test_transfer as transfer  # noqa: E402
+from tests import test_weights as weights  # noqa: E402
 from tests.conftest import WEIGHTS_NAME, assert_equal_to_local, rand  # noqa: E402
 from tests.test_server_process import start, stop  # noqa: E402
 
@@ -153,22 +162,60 @@ def expect_error(call: Callable[[], object], code: grpc.StatusCode, reason: str)
 
 
 @pytest.fixture(scope="class")
-def ray_session(front_ends: tuple[FrontEnd, FrontEnd]) -> Iterator[Session]:
+def ray_owner(front_ends: tuple[FrontEnd, FrontEnd]) -> Iterator[TrainerClient]:
+    """The client of ``ray_session``'s owner."""
+    with front_ends[0].connect("tok-alice") as client:
+        yield client
+
+
+@pytest.fixture(scope="class")
+def ray_session(ray_owner: TrainerClient) -> Iterator[Session]:
     """One session held by a Ray actor, with its fresh state saved as checkpoint "fresh"; and
     "fresh-imagenet", the fresh state of a session made with the ImageNet input transform."""
-    with front_ends[0].connect("tok-alice") as client, client.create_session(WEIGHTS_NAME) as session:
+    with ray_owner.create_session(WEIGHTS_NAME) as session:
         assert session.save_checkpoint("fresh") == 0
-        with client.create_session(WEIGHTS_NAME, input_transform="imagenet") as transformed:
+        with ray_owner.create_session(WEIGHTS_NAME, input_transform="imagenet") as transformed:
             transformed.save_checkpoint("fresh-imagenet")
         yield session
 
 
-def train_step_cross_entropy(session: Session, local: nn.Module) -> None:
-    train_steps.test_train_steps_match_a_local_training_loop(session, local, "cross_entropy")
+# The local backend's fidelity tests, each run on Ray too: those that ask for a session, a client, or
+# the address of a server (target; on the server's own Ray, tests/test_ray_own.py), unless NOT_ON_RAY
+# says why not. A new test in these modules runs on Ray by itself, or fails collection until it is
+# placed. test_fast_paths.py's step on each fast path: test_a_session_on_a_fast_path_... below.
+FIDELITY_MODULES = [training, train_steps, transfer, weights, remote_model, concurrency, aio, training_visible]
+# What these tests may ask for, on a cluster front-end (its clients carry a token) ...
+ON_THE_CLUSTER = {"session", "client", "local", "state_dict", "data_dir", "monkeypatch", "tmp_path"}
+# ... and on the server's own Ray, which has no tokens (clients made from the bare address).
+ON_OWN_RAY = ON_THE_CLUSTER | {"target"}
+NOT_ON_RAY = {
+    "test_tensorboard_scalars_and_histograms_read_back_equal_the_training":
+        "reads the event files of a local server started with --tensorboard-dir (board_server); the "
+        "front-end writes them from the same results on both backends",
+    "test_a_train_step_shows_in_tensorboard_as_a_forward_backward_and_step": "as above (board_server)",
+    "test_an_observer_that_fails_never_fails_the_call_nor_silences_the_others":
+        "the front-end's observers in this process, no session",
+    "test_no_two_calls_run_at_once_on_one_session":
+        "hooks the model of a local server's session in this process; on Ray the actor runs one call at a "
+        "time (test_concurrent_calls_on_one_session_are_serialised runs here)",
+    "test_the_engine_runs_one_call_at_a_time": "the engine alone, in this process, no server",
+    "test_a_call_cancelled_while_it_runs_is_logged_cancelled_and_changes_nothing":
+        "holds a local session's model in this process; the Ray twin: tests/test_ray_limits.py "
+        "(a Forward abandoned after it ran changes nothing)",
+    "test_a_stream_sends_its_first_tensors_while_later_ones_are_encoded":
+        "patches the encoder of a local server's session in this process (on Ray it runs in the actor)",
+    "test_a_stream_whose_client_left_stops_encoding_at_the_next_tensor": "the front-end's sender alone, no session",
+    "test_no_data_dir_means_no_client_named_files": "starts a local server of its own (no --data-dir)",
+    "test_imagenet_weights_from_the_hub_cache": "the engine's loader with a patched hub cache, in this process",
+    "test_bad_weights_flag_fails_at_startup": "a local server that must not start",
+    "test_the_tutorials_freeze_loop_sends_one_call_and_reading_requires_grad_sends_none":
+        "counts the calls in the log of a server in this process (rpc_log); the SDK sends the same calls "
+        "whatever the backend",
+}
 
 
-def packed_tensor_streams(session: Session, local: nn.Module) -> None:
-    transfer.test_packed_streams_carry_the_same_chunks_in_fewer_responses(session)
+def local_tests(module: ModuleType) -> list[Callable[..., None]]:
+    return [value for name, value in vars(module).items() if name.startswith("test_") and inspect.isfunction(value)]
 
 
 def uint8_images_with_an_input_transform(session: Session, local: nn.Module) -> None:
@@ -180,31 +227,79 @@ def uint8_images_with_an_input_transform(session: Session, local: nn.Module) -> 
     images.check_uint8_training_matches_local(session, local)
 
 
-CHECKS = [
-    train_step_cross_entropy,
-    train_steps.test_backward_that_steps_and_zeroes_matches_local,
-    train_steps.test_backward_without_grad_norm_leaves_only_the_norm_out,
-    packed_tensor_streams,
-    uint8_images_with_an_input_transform,
-    training.test_forward_logits_and_batchnorm_statistics_match_local,
-    training.test_tutorial_training_step_matches_local,
-    training.test_several_sgd_momentum_steps_match_local,
-    training.test_finetuning_frozen_model_with_new_head,
-    training.test_backward_from_client_output_gradient,
-    training.test_gradients_accumulate_over_two_backwards,
-    training.test_gradient_transfer_in_half_precision,
-]
+def fixtures_of(test: Callable[..., None]) -> set[str]:
+    """The fixtures ``test`` asks for (its parameters less those of its own parametrize)."""
+    own = {name.strip() for mark in getattr(test, "pytestmark", []) if mark.name == "parametrize"
+           for name in (mark.args[0].split(",") if isinstance(mark.args[0], str) else mark.args[0])}
+    return set(inspect.signature(test).parameters) - own
+
+
+def cases(test: Callable[..., None]) -> list[Any]:
+    """``test`` as cases of ``run_local_test``: one per case of its own parametrize (the local ids)."""
+    name = test.__name__.removeprefix("test_")
+    marks = [mark for mark in getattr(test, "pytestmark", []) if mark.name == "parametrize"]
+    if not marks:
+        return [pytest.param(test, {}, id=name)]
+    (mark,) = marks
+    names = [n.strip() for n in mark.args[0].split(",")] if isinstance(mark.args[0], str) else list(mark.args[0])
+    ids = mark.kwargs.get("ids")
+    found = []
+    for index, value in enumerate(mark.args[1]):
+        values = value if len(names) > 1 else (value,)
+        found.append(pytest.param(test, dict(zip(names, values)), id=f"{name}[{ids[index] if ids else index}]"))
+    return found
+
+
+def ray_cases(where: str) -> list[Any]:
+    """The cases of FIDELITY_MODULES that run on the cluster (``where`` "cluster") or on the server's
+    own Ray ("own": those that need a bare address)."""
+    found = []
+    for module in FIDELITY_MODULES:
+        for test in local_tests(module):
+            needs = fixtures_of(test)
+            if test.__name__ in NOT_ON_RAY:
+                continue
+            if not needs <= ON_OWN_RAY:
+                raise AssertionError(f"{module.__name__}.{test.__name__} asks for {sorted(needs - ON_OWN_RAY)}: "
+                                     "make it run on Ray, or say in NOT_ON_RAY (tests/test_ray_backend.py) why it cannot")
+            if (where == "own") == ("target" in needs):
+                found.extend(cases(test))
+    return found
+
+
+def run_local_test(test: Callable[..., None], parameters: dict[str, Any], fixtures: dict[str, Any]) -> None:
+    """Runs a local test with the fixtures it asks for, taken from ``fixtures`` (the Ray ones)."""
+    test(**{name: fixtures[name] for name in fixtures_of(test)}, **parameters)
+
+
+@pytest.fixture(scope="class")
+def ray_client(front_ends: tuple[FrontEnd, FrontEnd]) -> Iterator[TrainerClient]:
+    """The client of the local tests that make their own sessions (another token than ``ray_session``'s,
+    whose limit of two they may use)."""
+    with front_ends[0].connect("tok-bob") as client:
+        yield client
 
 
 class TestNumbersMatchLocalPyTorch:
-    @pytest.mark.parametrize("check", CHECKS, ids=[c.__name__.removeprefix("test_") for c in CHECKS])
-    def test_on_the_ray_backend(self, ray_session: Session, local: nn.Module, check: Callable[[Session, nn.Module], None]) -> None:
-        """Each check of tests/test_training.py, on a session in a Ray actor on a worker node. The
-        session starts each from its fresh state (LoadCheckpoint "fresh", which also proves the
-        restore exact: any difference from a fresh session would fail the comparison)."""
+    @pytest.mark.parametrize(("test", "parameters"), ray_cases("cluster"))
+    def test_on_the_ray_backend(
+        self, ray_session: Session, ray_owner: TrainerClient, ray_client: TrainerClient, local: nn.Module,
+        state_dict: dict[str, torch.Tensor],
+        data_dir: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path, test: Callable[..., None], parameters: dict[str, Any],
+    ) -> None:
+        """Each local fidelity test, on a session in a Ray actor on a worker node (or on sessions it
+        makes itself). The session starts each from its fresh state (LoadCheckpoint "fresh", which
+        also proves the restore exact: any difference from a fresh session would fail the comparison)."""
         info = ray_session.load_checkpoint("fresh")
         assert info.step_count == 0 and info.num_classes == 1000 and info.pending_forward_id == 0
-        check(ray_session, local)
+        # A test given a session and a client expects the session's own client (it calls it by hand).
+        client = ray_owner if "session" in fixtures_of(test) else ray_client
+        run_local_test(test, parameters, {"session": ray_session, "client": client, "local": local, "state_dict": state_dict,
+                                          "data_dir": data_dir, "monkeypatch": monkeypatch, "tmp_path": tmp_path})
+
+    def test_uint8_images_with_an_input_transform(self, ray_session: Session, local: nn.Module) -> None:
+        ray_session.load_checkpoint("fresh")
+        uint8_images_with_an_input_transform(ray_session, local)
 
     def test_errors_cross_the_process_boundary_whole(self, ray_session: Session) -> None:
         """A domain error raised in the actor reaches the client with its code, reason and field."""
@@ -252,21 +347,23 @@ def test_the_checkpoint_quota_and_delete_on_the_ray_backend(front_ends: tuple[Fr
         assert list(own.iterdir()) == []
 
 
-def test_a_bf16_session_on_the_ray_backend_equals_local_autocast(
-    front_ends: tuple[FrontEnd, FrontEnd], state_dict: dict[str, torch.Tensor]
+@pytest.mark.parametrize(("autocast", "memory_format"), fast_paths.FAST_PATHS)
+def test_a_session_on_a_fast_path_on_the_ray_backend_equals_local_pytorch_on_it(
+    front_ends: tuple[FrontEnd, FrontEnd], state_dict: dict[str, torch.Tensor], autocast: str, memory_format: str
 ) -> None:
-    """CreateSession's autocast reaches the session's actor (in its ModelSpec): its step equals local
-    PyTorch under the same autocast, with test_fast_paths.py's tolerance, and the other front-end
-    describes the session with it."""
+    """test_fast_paths.py's step on each fast path, on Ray: CreateSession's autocast and memory format
+    reach the session's actor (in its ModelSpec), its step equals local PyTorch on the same fast path
+    with test_fast_paths.py's tolerance, and the other front-end describes the session with them."""
     data, labels = rand(2, 3, 64, 64, seed=7), rand(2, 1000, seed=8)
     a, b = front_ends
     with a.connect("tok-carol") as carol_a, b.connect("tok-carol") as carol_b, \
-            carol_a.create_session(WEIGHTS_NAME, autocast="bf16") as session:
+            carol_a.create_session(WEIGHTS_NAME, autocast=autocast, memory_format=memory_format) as session:
         info = carol_b.session(session.session_id).info()
-        assert (info.autocast, info.memory_format) == ("bf16", "contiguous")
+        assert (info.autocast, info.memory_format) == (autocast, memory_format)
         assert (carol_b.session().info().autocast, carol_b.session().info().memory_format) == ("off", "contiguous")
-        fast_paths.assert_fast_path_equal(fast_paths.remote_step(session, data, labels),
-                                          fast_paths.local_step(state_dict, data, labels, torch.bfloat16, False))
+        fast_paths.assert_fast_path_equal(
+            fast_paths.remote_step(session, data, labels),
+            fast_paths.local_step(state_dict, data, labels, fast_paths.AUTOCAST.get(autocast), memory_format == "channels_last"))
 
 
 # -- sessions over nodes and front-ends ------------------------------------------------------------

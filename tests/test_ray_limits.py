@@ -10,8 +10,9 @@ within its own deadline, saying what is free; a Forward abandoned after it ran k
 pending forward, BatchNorm statistics as they were); a Step whose deadline passed while it waited
 behind another front-end's call is not taken; expiry leaves a session busy with another front-end's
 call alone (and the graph of a forward that just ended); SIGTERM stops a front-end within its grace
-while its call waits on an actor that does not answer. The local backend's twins of the abandoned
-calls: tests/test_aio.py and tests/test_reliability.py.
+while its call waits on an actor that does not answer; ``--memory-budget-bytes`` holds for the whole
+cluster as on the local backend (one test body for both, in tests/test_hardening.py). The local
+backend's twins of the abandoned calls: tests/test_aio.py and tests/test_reliability.py.
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 import re  # noqa: E402
 import signal  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
 import threading  # noqa: E402
 import time  # noqa: E402
 from collections.abc import Iterator  # noqa: E402
@@ -36,7 +39,8 @@ import torch  # noqa: E402
 
 from remote_trainer.client import Session, TrainerClient, TrainerError  # noqa: E402
 from tests.conftest import WEIGHTS_NAME, rand  # noqa: E402
-from tests.test_server_process import start, stop  # noqa: E402
+from tests.test_hardening import ONE_MORE_SESSION, check_a_budget_for_one_session  # noqa: E402
+from tests.test_server_process import ROOT, start, stop  # noqa: E402
 
 cluster_utils = pytest.importorskip("ray.cluster_utils")
 
@@ -153,6 +157,25 @@ def test_a_forward_abandoned_after_it_ran_changes_nothing(a: FrontEnd) -> None:
         for name in before:  # BatchNorm's running statistics included
             np.testing.assert_array_equal(after[name].array, before[name].array, err_msg=name)
         assert session.forward(rand(2, 3, 32, 32)).forward_id == 1  # the abandoned one was not counted
+
+
+def test_the_memory_budget_holds_for_the_whole_cluster(cluster: Any, data_dir: Path) -> None:
+    """The local backend's budget test (tests/test_hardening.py), on Ray, through a front-end of a
+    namespace of its own (its sessions reserve no CPU nor slot, so they fit beside A's): the second
+    session is refused with the local backend's reason and message, and closing the first makes
+    room. The budget is the registry's: a front-end started with another one refuses to start."""
+    args = front_end_args(cluster, data_dir, "--ray-namespace", "ray-budget-test", "--ray-num-cpus", "0",
+                          "--ray-resources", "", "--memory-budget-bytes", str(ONE_MORE_SESSION))
+    front_end = FrontEnd(args)
+    try:
+        with front_end.connect() as client:
+            check_a_budget_for_one_session(client)
+        other = subprocess.run([sys.executable, "-m", "remote_trainer.server", "--port", "0", *args[:-1], "0"],
+                               capture_output=True, text=True, timeout=120, cwd=ROOT)
+        assert other.returncode == 2, other.stderr[-2000:]
+        assert f"the Ray namespace 'ray-budget-test' already has memory-budget-bytes={ONE_MORE_SESSION}" in other.stderr
+    finally:
+        front_end.stop()
 
 
 def long_forward(front_end: FrontEnd, session: Session) -> tuple[threading.Thread, list[Any]]:

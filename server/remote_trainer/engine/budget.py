@@ -15,10 +15,12 @@ import os
 import threading
 import weakref
 from collections.abc import Iterator
-
-import torch
+from typing import TYPE_CHECKING
 
 from remote_trainer.engine.errors import ResourceExhausted
+
+if TYPE_CHECKING:  # torch only where a device is asked about: the Ray registry imports this without it
+    import torch
 
 # resnet18's parameters without its head (conv layers and BatchNorm), and its BatchNorm buffers.
 BODY_PARAMETERS = 11_176_512
@@ -53,6 +55,8 @@ def forward_bytes(batch: int, height: int, width: int, num_classes: int, keeps_g
 def default_total_bytes(device: torch.device) -> int:
     """The server's budget when none is set: 80% of the machine's memory on CPU, 90% of the CUDA
     device's memory on a GPU."""
+    import torch
+
     if device.type == "cuda":
         return int(torch.cuda.get_device_properties(device).total_memory * 0.9)
     return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") * 0.8)
@@ -60,6 +64,16 @@ def default_total_bytes(device: torch.device) -> int:
 
 def _gib(n: int) -> str:
     return f"{n / 2**30:.2f} GiB"
+
+
+def over_budget(what: str, extra: int, held: int, total: int) -> ResourceExhausted:
+    """SERVER_MEMORY_BUDGET: ``what`` needs ``extra`` bytes more while the sessions hold ``held`` of
+    ``total``; said alike by both backends (this process's budget, or the Ray registry's)."""
+    return ResourceExhausted(
+        f"{what} would need about {_gib(extra)} more, and the server's sessions hold about {_gib(held)} "
+        f"({_gib(max(0, total - held))} free): over the limit memory_budget_bytes={total} ({_gib(total)})",
+        "SERVER_MEMORY_BUDGET", metadata={"limit": str(total), "needed_bytes": str(extra), "held_bytes": str(held)},
+    )
 
 
 class MemoryBudget:
@@ -94,11 +108,7 @@ class MemoryBudget:
             )
         everyone = sum(self._kept.values()) + sum(self._in_use.values())
         if everyone + extra > self.total_bytes:
-            raise ResourceExhausted(
-                f"{what} would need about {_gib(extra)} more, and the server's sessions hold about {_gib(everyone)}: over "
-                f"the limit memory_budget_bytes={self.total_bytes} ({_gib(self.total_bytes)})",
-                "SERVER_MEMORY_BUDGET", metadata={"limit": str(self.total_bytes), "needed_bytes": str(extra)},
-            )
+            raise over_budget(what, extra, everyone, self.total_bytes)
 
     @contextlib.contextmanager
     def use(self, holder: object, extra: int, what: str) -> Iterator[None]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import weakref
 from collections.abc import Callable
 from types import TracebackType
 from typing import Generic, TypeVar
@@ -25,9 +26,18 @@ class DescribedLock(Generic[D]):
     when it was last let go (never waits, but for a description never made yet)."""
 
     def __init__(self, describe: Callable[[], D]) -> None:
+        """``describe``: a bound method of the lock's holder, kept weakly: a lock that kept its holder
+        alive would be a cycle, and a closed session's memory (and its share of the memory budget,
+        ``engine/budget.py``) would wait for the garbage collector."""
         self._lock = threading.Lock()
-        self._describe = describe
+        self._describe_method = weakref.WeakMethod(describe)
         self._last: D | None = None
+
+    def _describe(self) -> D:
+        describe = self._describe_method()
+        if describe is None:
+            raise ReferenceError("the lock's holder is gone")
+        return describe()
 
     def __enter__(self) -> None:
         self._lock.acquire()

@@ -357,7 +357,8 @@ def session_store(
     """The sessions of the configured backend, the default session built (or, with Ray, found) from
     the operator's settings (its weights may be any path), and the memory budget the servicer checks
     before it has a session built: this process's, shared by its sessions (local backend); with Ray
-    each session's actor keeps a budget of its own, in its own process (docs/deployment.md)."""
+    none here: the registry checks the cluster's budget when a session is reserved, and each
+    session's actor keeps a budget of its own process (docs/deployment.md)."""
     default_model = ModelSpec(
         settings.weights, settings.num_classes, settings.seed, settings.device, settings.data_dir, trusted_path=True,
         **settings.run_options(),

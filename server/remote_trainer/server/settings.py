@@ -200,7 +200,8 @@ _HELP = {
     "pending_graph_seconds": "drop a pending forward's graph after this long without calls (0: never)",
     "keep_auto_checkpoints": "newest automatic checkpoints kept per folder (0: all)",
     "max_checkpoint_bytes": "bytes of checkpoints one token (or, without tokens, the whole folder) may hold (0: no quota)",
-    "memory_budget_bytes": "memory all sessions may hold on the device, estimated before allocating (0: 80%% of RAM, 90%% of a GPU's)",
+    "memory_budget_bytes": "memory all sessions may hold on the device, estimated before allocating (0: 80%% of RAM, 90%% of a GPU's; "
+                           "with --backend ray the whole cluster's, 0: Ray's memory resource)",
     "session_memory_bytes": "memory one session may hold, estimated before allocating",
     "metrics_port": "Prometheus metrics HTTP port (-1: off, 0: a free port)",
     "backend": "local | ray: sessions in this process, or each a Ray actor in a Ray cluster",

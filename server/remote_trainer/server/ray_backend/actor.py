@@ -23,6 +23,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 import ray
+import torch
 
 from remote_trainer.engine import portable
 from remote_trainer.engine.budget import MemoryBudget, default_total_bytes
@@ -75,16 +76,25 @@ class SessionActor:
         keep_initial_state: bool = False,
         session_memory_bytes: int = 0,
         expire_after: float = 0.0,
+        memory_bytes: int = 0,
+        torch_threads: int = 0,
     ) -> tuple[SessionDescription, str]:
         """Builds the engine (once: a second front-end starting the default session finds it built);
         returns its description and this actor's id. The default session keeps its initial state
         (for ResetSession). ``expire_after`` > 0: the actor ends itself after that long without a
-        call (``watchdog.py``; ``idle_seconds`` reads 0 while a call runs)."""
+        call (``watchdog.py``; ``idle_seconds`` reads 0 while a call runs). ``memory_bytes`` > 0: what the
+        cluster's memory budget had free for the session when it was reserved (the registry's): the
+        budget of this process is no larger. ``torch_threads`` > 0: the session computes with that
+        many torch threads (else Ray's OMP_NUM_THREADS: the CPUs the actor reserves, at least one)."""
         with self._build_lock:
             if self._engine is None:
+                if torch_threads:
+                    torch.set_num_threads(torch_threads)
                 watchdog.watch(self.idle_seconds, expire_after)
-                # A budget of this actor's own process: the session's limit, within most of the node's memory.
-                budget = MemoryBudget(default_total_bytes(resolve_device(model.device)), session_memory_bytes)
+                # A budget of this actor's own process: the session's limit, within most of the node's
+                # memory and what the cluster's budget had free for it.
+                total = default_total_bytes(resolve_device(model.device))
+                budget = MemoryBudget(min(total, memory_bytes) if memory_bytes else total, session_memory_bytes)
                 self._engine = SessionEngine.from_spec(model, optimizer, limits, budget, keep_initial_state)
             return self._placed(self._engine.describe()), self._actor_id
 

@@ -1,10 +1,12 @@
 """``SessionRegistry``: the one actor that knows every session of the cluster.
 
 A small detached actor on the head node that knows every session's owner, state (creating, live,
-lost, expired) and last checkpoint. Its methods run one at a time, so the session limits (in all,
-and per token) hold across the cluster without races; it also remembers lost sessions, so that any
-front-end, even one started after the loss, answers SESSION_LOST with the session's last checkpoint
-instead of "unknown session". It imports ray but not torch (the head node may have none).
+lost, expired), last checkpoint and estimated model size. Its methods run one at a time, so the
+session limits (in all, and per token) and the memory budget (``--memory-budget-bytes``: the
+estimates of the held sessions' models, ``engine/budget.py``) hold across the cluster without races;
+it also remembers lost sessions, so that any front-end, even one started after the loss, answers
+SESSION_LOST with the session's last checkpoint instead of "unknown session". It imports ray but
+not torch (the head node may have none).
 
 It is no single point of failure: every change is written to the GCS key-value store (as Ray Serve's
 controller keeps its state) before the call returns, and the actor restarts without limit
@@ -23,6 +25,7 @@ from dataclasses import asdict, dataclass
 import ray
 from ray.experimental import internal_kv
 
+from remote_trainer.engine.budget import over_budget
 from remote_trainer.server.session_policy import DEFAULT_SESSION_ID, REMEMBERED, Expired, SessionLimits
 
 REGISTRY_NAME = "session-registry"
@@ -55,6 +58,7 @@ class Record:
     checkpoint_step: int = 0
     idle_seconds: float = 0.0
     stale_at: float = 0.0  # time.time() after which a "creating" reservation is abandoned
+    model_bytes: int = 0  # what its model keeps, estimated (engine/budget.py): its share of the memory budget
 
     def expiry(self) -> Expired | None:
         """How the session expired, if it did (for ``session_policy.missing``)."""
@@ -65,8 +69,11 @@ class SessionRegistry:
     """Every session of the namespace: owner, state, last checkpoint. One call at a time (a plain
     Ray actor), so checking a limit and reserving an id are one step for the whole cluster."""
 
-    def __init__(self, namespace: str) -> None:
+    def __init__(self, namespace: str, memory_budget_bytes: int = 0) -> None:
+        """``memory_budget_bytes``: the first front-end's ``--memory-budget-bytes`` (a restart gets it
+        again: Ray calls this with the same arguments); 0, the cluster's ``memory`` resource."""
         self._namespace = namespace
+        self._memory_budget_bytes = memory_budget_bytes
         self._kv_namespace = kv_namespace(namespace)
         stored = internal_kv._internal_kv_get(TABLE_KEY, namespace=self._kv_namespace)  # a restart: the table back
         self._saved = stored.decode() if stored else ""
@@ -74,23 +81,46 @@ class SessionRegistry:
             sid: Record(**fields) for sid, fields in json.loads(stored).items()
         } if stored else {}
 
-    def reserve(self, owner: str, limits: SessionLimits, stale_after: float) -> str:
-        """A new session id for ``owner`` within the limits, held as "creating" until ``commit``, or
-        abandoned ``stale_after`` seconds from now."""
+    def memory_budget(self) -> int:
+        """The budget as set (0: the cluster's ``memory`` resource), for front-ends to agree on."""
+        return self._memory_budget_bytes
+
+    def reserve(self, owner: str, limits: SessionLimits, stale_after: float, model_bytes: int) -> tuple[str, int]:
+        """A new session id for ``owner`` within the memory budget (first, as the local backend checks
+        it) and the limits, held as "creating" until ``commit``, or abandoned ``stale_after`` seconds
+        from now; and the bytes of the budget that were free for it (its actor's own budget)."""
         self._prune()
+        total, held = self._total(), self._held("")
+        if held + model_bytes > total:
+            raise over_budget("a new session", model_bytes, held, total)
         limits.check_room("cluster", [(sid, r.owner) for sid, r in self._records.items() if r.state in HELD], owner)
         session_id = secrets.token_hex(16)  # unguessable: 128 random bits
         now = time.time()
-        self._records[session_id] = Record(owner, "creating", now, stale_at=now + stale_after)
+        self._records[session_id] = Record(owner, "creating", now, stale_at=now + stale_after, model_bytes=model_bytes)
         self._save()
-        return session_id
+        return session_id, total - held
 
-    def commit(self, session_id: str, actor_id: str) -> bool:
-        """Makes a reservation live; False when it is no longer held (abandoned: its actor is killed)."""
+    def room(self, session_id: str) -> int:
+        """The bytes of the memory budget that the held sessions but ``session_id`` leave free."""
+        return self._total() - self._held(session_id)
+
+    def _held(self, but: str) -> int:
+        return sum(r.model_bytes for sid, r in self._records.items() if r.state in HELD and sid != but)
+
+    def _total(self) -> int:
+        if self._memory_budget_bytes:
+            return self._memory_budget_bytes
+        # Ray's memory for tasks and actors on the nodes alive now (what each had available when it
+        # started, less its object store): a node that joins adds its memory.
+        return int(ray.cluster_resources().get("memory", 0))  # type: ignore[no-untyped-call]
+
+    def commit(self, session_id: str, actor_id: str, model_bytes: int) -> bool:
+        """Makes a reservation live, with its model's size as built; False when it is no longer held
+        (abandoned: its actor is killed)."""
         record = self._records.get(session_id)
         if record is None or record.state != "creating":
             return False
-        record.state, record.since, record.actor_id = "live", time.time(), actor_id
+        record.state, record.since, record.actor_id, record.model_bytes = "live", time.time(), actor_id, model_bytes
         self._save()
         return True
 
@@ -98,9 +128,10 @@ class SessionRegistry:
         if self._records.pop(session_id, None) is not None:
             self._save()
 
-    def register_default(self, actor_id: str) -> None:
-        """The default session's actor (created by whichever front-end started first, or re-created)."""
-        self._records[DEFAULT_SESSION_ID] = Record("", "live", time.time(), actor_id)
+    def register_default(self, actor_id: str, model_bytes: int) -> None:
+        """The default session's actor (created by whichever front-end started first, or re-created).
+        It is not refused for the budget (nor on the local backend): the server needs it."""
+        self._records[DEFAULT_SESSION_ID] = Record("", "live", time.time(), actor_id, model_bytes=model_bytes)
         self._save()
 
     def lookup(self, session_id: str) -> Record | None:

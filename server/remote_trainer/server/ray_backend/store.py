@@ -30,10 +30,12 @@ from pathlib import Path
 from typing import Any
 
 import ray
+import torch
 from ray.exceptions import ActorUnavailableError, GetTimeoutError, RayActorError, RayTaskError, TaskCancelledError
 
 from remote_trainer.engine import checkpoints
-from remote_trainer.engine.errors import Abandoned, NotFound, ResourceExhausted, Unavailable
+from remote_trainer.engine.budget import model_bytes
+from remote_trainer.engine.errors import Abandoned, FailedPrecondition, NotFound, ResourceExhausted, Unavailable
 from remote_trainer.engine.limits import Limits
 from remote_trainer.engine.models import ModelSpec
 from remote_trainer.engine.optimizer import OptimizerSpec
@@ -71,7 +73,9 @@ def _cause(exc: RayTaskError) -> BaseException:
 
 def _sized_for_own_ray(settings: Settings) -> Settings:
     """On a Ray this server started itself (as many CPUs and GPUs as the machine), each session
-    reserves at most its share, so that it holds ``--max-sessions`` as the local backend would."""
+    reserves at most its share, so that it holds ``--max-sessions`` as the local backend would. The
+    share is Ray's accounting only: each session still computes with as many torch threads as a
+    local session (``RaySessionStore.connect``)."""
     total: dict[str, float] = ray.cluster_resources()  # type: ignore[no-untyped-call]
     cpus = min(settings.ray_num_cpus, math.floor(total.get("CPU", 0.0) / settings.max_sessions * 1e4) / 1e4)
     gpus = min(settings.ray_num_gpus, math.floor(total.get("GPU", 0.0) / settings.max_sessions * 1e4) / 1e4)
@@ -88,8 +92,13 @@ class RaySessionStore:
     registry, sessions in their actors. It caches actor handles (a session's owner never changes).
     """
 
-    def __init__(self, settings: Settings, limits: Limits, registry: Any, default_model: ModelSpec) -> None:
+    def __init__(
+        self, settings: Settings, limits: Limits, registry: Any, default_model: ModelSpec, torch_threads: int = 0
+    ) -> None:
+        """``torch_threads`` > 0: each session's actor computes with that many torch threads (else
+        Ray's: as many as the CPUs it reserves, at least one)."""
         self._default_model = default_model
+        self._torch_threads = torch_threads
         self._namespace = settings.ray_namespace
         self._limits = limits
         self._session_limits = SessionLimits(settings.max_sessions, settings.max_sessions_per_token)
@@ -120,6 +129,10 @@ class RaySessionStore:
     def connect(cls, settings: Settings, default_model: ModelSpec, limits: Limits) -> RaySessionStore:
         """Joins (or starts) the Ray cluster, finds or makes the registry and the default session."""
         settings = replace(settings, ray_namespace=settings.ray_namespace or LOCAL_RAY_NAMESPACE)
+        # On a Ray of its own, sessions compute as the local backend's do: with this process's torch
+        # threads (torch's default for the machine), not one thread for a fractional CPU share; the
+        # numbers are then the local backend's to the last bit, not 1e-4 apart.
+        torch_threads = 0 if settings.ray_address else torch.get_num_threads()
         if not ray.is_initialized():
             if settings.ray_address:
                 check_access(settings.ray_address)
@@ -134,8 +147,9 @@ class RaySessionStore:
             name=REGISTRY_NAME, namespace=settings.ray_namespace, lifetime="detached", get_if_exists=True,
             num_cpus=0, resources={HEAD_NODE_RESOURCE: 0.001},
             max_restarts=-1,  # restarts without limit, its table read back from the GCS (registry.py)
-        ).remote(settings.ray_namespace)
-        store = cls(settings, limits, registry, default_model)
+        ).remote(settings.ray_namespace, settings.memory_budget_bytes)
+        store = cls(settings, limits, registry, default_model, torch_threads)
+        store._agree_on_budget(settings.memory_budget_bytes)
         store._start_default()
         log.info("joined Ray cluster %s (namespace %s)", settings.ray_address or "(local)", settings.ray_namespace)
         return store
@@ -204,14 +218,18 @@ class RaySessionStore:
         self, model: ModelSpec, optimizer: OptimizerSpec, owner: str = "", still_wanted: Callable[[], bool] = lambda: True
     ) -> tuple[str, Engine]:
         # Not committed within twice the build's bound, the reservation is abandoned (its actor killed).
-        sid: str = self._ask("reserve", owner, self._session_limits, 2 * self._timeout)
+        # The memory budget's share: the local backend's estimate (the weights' own head counted as 1000 classes).
+        reserved: tuple[str, int] = self._ask("reserve", owner, self._session_limits, 2 * self._timeout,
+                                              model_bytes(model.num_classes or 1000))
+        sid, room = reserved
         handle = None
         try:
             handle = self._actor.options(name=actor_name(sid), **self._options).remote()
             log.info("session %s reserved; its actor is starting", sid)
-            description, actor_id = self._build(handle, model, optimizer, expire_after=SELF_EXPIRY_FACTOR * self._idle_seconds)
+            description, actor_id = self._build(handle, model, optimizer, expire_after=SELF_EXPIRY_FACTOR * self._idle_seconds,
+                                                memory_bytes=room)
             check_wanted(still_wanted, "the session was built but dropped")  # no one could use or close it
-            if not self._ask("commit", sid, actor_id):
+            if not self._ask("commit", sid, actor_id, model_bytes(description.num_classes)):
                 raise Unavailable(f"session {sid} took longer than twice ray-timeout to start and was given up; "
                                   "create it again", "SESSION_ABANDONED")
         except BaseException:
@@ -336,18 +354,35 @@ class RaySessionStore:
             name=actor_name(DEFAULT_SESSION_ID), get_if_exists=True, **self._options
         ).remote()
         try:
-            description, actor_id = self._build(handle, self._default_model, OptimizerSpec.tutorial(), keep_initial_state=True)
+            description, actor_id = self._build(handle, self._default_model, OptimizerSpec.tutorial(), keep_initial_state=True,
+                                                memory_bytes=self._ask("room", DEFAULT_SESSION_ID))
         except BaseException:
             ray.kill(handle)  # so that a front-end started with corrected settings builds it anew
             raise
-        self._ask("register_default", actor_id)
+        self._ask("register_default", actor_id, model_bytes(description.num_classes))
         log.info("default session on %s (weights %s)", description.device, description.weights)
 
+    def _agree_on_budget(self, memory_budget_bytes: int) -> None:
+        """The memory budget is the registry's, set by the namespace's first front-end: one started
+        with another ``--memory-budget-bytes`` would promise what the cluster does not hold to."""
+        theirs: int = self._ask("memory_budget")
+        if theirs != memory_budget_bytes:
+            raise FailedPrecondition(
+                f"this front-end has memory-budget-bytes={memory_budget_bytes}, but the Ray namespace {self._namespace!r} "
+                f"already has memory-budget-bytes={theirs} (its first front-end's; 0: the cluster's memory): every "
+                "front-end of a namespace must be started with the same value",
+                "MEMORY_BUDGET_MISMATCH",
+            )
+
     def _build(
-        self, handle: Any, model: ModelSpec, optimizer: OptimizerSpec, keep_initial_state: bool = False, expire_after: float = 0.0
+        self, handle: Any, model: ModelSpec, optimizer: OptimizerSpec, keep_initial_state: bool = False,
+        expire_after: float = 0.0, memory_bytes: int = 0,
     ) -> tuple[SessionDescription, str]:
+        """Builds the session in its actor, whose memory budget is ``memory_bytes`` (what the cluster's
+        budget had free for it) at most."""
         call, started = current_call(), time.monotonic()
-        ref = handle.build.remote(model, optimizer, self._limits, keep_initial_state, self._session_memory_bytes, expire_after)
+        ref = handle.build.remote(model, optimizer, self._limits, keep_initial_state, self._session_memory_bytes, expire_after,
+                                  memory_bytes, self._torch_threads)
         try:
             try:
                 built: tuple[SessionDescription, str] = self._await(ref, call, margin=ANSWER_MARGIN)
