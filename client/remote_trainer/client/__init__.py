@@ -28,25 +28,33 @@ from remote_trainer.client.errors import (
 from remote_trainer.client.retry import RetryPolicy
 from remote_trainer.client.types import (
     BackwardResult,
+    CheckpointEvent,
     CheckpointFile,
+    EndEvent,
     ForwardResult,
+    FreezeEvent,
     FreezeResult,
     Graph,
+    HeadEvent,
     InputTransform,
     NamedTensor,
     Optimizer,
     ParameterInfo,
     ParameterList,
+    ResetEvent,
+    SessionEvent,
     SessionInfo,
     Stats,
+    StepEvent,
     TrainStepResult,
 )
 
 __all__ = [
-    "AbortedError", "AlreadyExistsError", "BackwardResult", "Cancelled", "CheckpointFile", "DataLossError",
-    "DeadlineExceededError", "FailedPreconditionError", "FieldViolation", "ForwardResult", "FreezeResult", "Graph", "InputTransform",
-    "InternalError", "InvalidArgumentError", "NamedTensor", "NotFoundError", "Optimizer", "OutOfRangeError", "ParameterInfo",
-    "ParameterList", "PermissionDeniedError", "ResourceExhaustedError", "RetryPolicy", "Session", "SessionInfo", "Stats",
-    "TrainerClient", "TrainerError", "TrainStepResult", "UnauthenticatedError", "UnavailableError",
+    "AbortedError", "AlreadyExistsError", "BackwardResult", "Cancelled", "CheckpointEvent", "CheckpointFile", "DataLossError",
+    "DeadlineExceededError", "EndEvent", "FailedPreconditionError", "FieldViolation", "ForwardResult", "FreezeEvent", "FreezeResult",
+    "Graph", "HeadEvent", "InputTransform", "InternalError", "InvalidArgumentError", "NamedTensor", "NotFoundError", "Optimizer",
+    "OutOfRangeError", "ParameterInfo", "ParameterList", "PermissionDeniedError", "ResetEvent", "ResourceExhaustedError",
+    "RetryPolicy", "Session", "SessionEvent", "SessionInfo", "Stats", "StepEvent", "TrainerClient", "TrainerError",
+    "TrainStepResult", "UnauthenticatedError", "UnavailableError",
     "UnimplementedError", "UnknownError",
 ]

@@ -44,6 +44,7 @@ from remote_trainer.client.types import (
     NamedTensor,
     Optimizer,
     ParameterList,
+    SessionEvent,
     SessionInfo,
     TrainStepResult,
 )
@@ -378,6 +379,21 @@ class AsyncSession:
     async def graph(self, *, timeout: float | None = None) -> Graph:
         """The autograd graph of the pending forward."""
         return await self._call(core.graph(self.session_id), timeout)
+
+    async def watch(self, *, recent: int | None = None, timeout: float | None = None) -> AsyncIterator[SessionEvent]:
+        """The session's events as they happen (``Session.watch``): ``async for event in session.watch():``."""
+        call = core.watch_session(self.session_id, recent)
+        client = self._client
+        responses = client._streams[call.method](call.request, timeout=timeout, wait_for_ready=client._retry.wait_for_ready)
+        try:
+            async for response in responses:
+                yield call.parse(response)
+        except grpc.RpcError as exc:
+            error = from_rpc_error(exc)
+            if not core.watch_over(error, timeout):
+                raise error from exc
+        finally:
+            responses.cancel()
 
     async def reset(self, *, timeout: float | None = None) -> SessionInfo:
         """Puts the default session back as the server started it (see ``Session.reset``)."""

@@ -37,6 +37,7 @@ from remote_trainer.client.types import (
     NamedTensor,
     Optimizer,
     ParameterList,
+    SessionEvent,
     SessionInfo,
     TrainStepResult,
 )
@@ -189,6 +190,19 @@ class TrainerClient:
             return call.parse(self.call(method, call.request, timeout=timeout))
         finally:
             self._in_flight.release()
+
+    def _watch(self, call: core.WatchCall, timeout: float | None) -> Iterator[SessionEvent]:
+        """The events of a watch as they come; the call is cancelled when the iteration stops."""
+        responses = self._streams[call.method](call.request, timeout=timeout, wait_for_ready=self._retry.wait_for_ready)
+        try:
+            for response in responses:
+                yield call.parse(response)
+        except grpc.RpcError as exc:
+            error = from_rpc_error(exc)
+            if not core.watch_over(error, timeout):
+                raise error from exc
+        finally:
+            responses.cancel()
 
     @property
     def stub(self) -> trainer_pb2_grpc.TrainerServiceStub:
@@ -455,6 +469,25 @@ class Session:
     def graph(self, *, timeout: float | None = None) -> Graph:
         """The autograd graph of the pending forward."""
         return self._call(core.graph(self.session_id), timeout)
+
+    def watch(self, *, recent: int | None = None, timeout: float | None = None) -> Iterator[SessionEvent]:
+        """The session's events as they happen, pushed by the server (``WatchSession``): each
+        optimizer step (its loss, gradient norm, learning rate, time and samples a second), freezes,
+        head changes, checkpoints written and loaded, resets, and last its end (``kind`` "end":
+        closed, expired, lost, or the server stopping), after which the iteration stops. It first
+        gives the session's ``recent`` latest events (None: 16, the most; 0: none), so a watch begun
+        late sees where the run is.
+
+        A watch changes nothing and never slows the session: one that reads more slowly than events
+        come loses the oldest of those waiting on the server, and the next event says how many
+        (``missed``). ``timeout`` bounds how long it watches (None: until the session ends); the
+        iteration then just stops. Leaving the loop (``break``) ends the watch on the server.
+
+        A watch is not retried or resumed: a broken one raises (``UnavailableError``, say), since
+        the events meanwhile are gone; watching again gives the recent ones. Only the session's
+        owner may watch it (anyone the default session), as for every call.
+        """
+        return self._client._watch(core.watch_session(self.session_id, recent), timeout)
 
     def reset(self, *, timeout: float | None = None) -> SessionInfo:
         """Puts the default session back as the server started it: weights, BatchNorm buffers, head,

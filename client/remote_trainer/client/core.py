@@ -17,14 +17,16 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar, cast, get_args
 
+import grpc
 import numpy as np
 import numpy.typing as npt
 from grpc_health.v1 import health_pb2
 
 from remote_trainer.client.errors import FailedPreconditionError, NotFoundError, TrainerError
 from remote_trainer.client.types import (
-    BackwardResult, CheckpointFile, ForwardResult, FreezeResult, Graph, GraphNode, InputTransform, NamedTensor, Optimizer,
-    ParameterInfo, ParameterList, SessionInfo, Stats, TrainStepResult,
+    BackwardResult, CheckpointEvent, CheckpointFile, EndEvent, EventKind, ForwardResult, FreezeEvent, FreezeResult, Graph,
+    GraphNode, HeadEvent, InputTransform, NamedTensor, Optimizer, ParameterInfo, ParameterList, ResetEvent, SessionEvent,
+    SessionInfo, Stats, StepEvent, TrainStepResult, WatchEndReason,
 )
 from remote_trainer.contract import chunking, codec, names, wire
 from remote_trainer.contract.names import AutocastName, InputTransformName, LossName, MemoryFormatName, TransferDataType
@@ -120,6 +122,15 @@ def token() -> str:
     return uuid.uuid4().hex
 
 
+@dataclass(frozen=True)
+class WatchCall:
+    """A watch (``WatchSession``): the RPC's path, the request, and the parser of each event."""
+
+    method: str
+    request: pb.WatchSessionRequest
+    parse: Callable[[pb.WatchSessionResponse], SessionEvent]
+
+
 def _path(name: str) -> str:
     return f"/{SERVICE}/{name}"
 
@@ -129,6 +140,7 @@ def _serialize(message: Any) -> bytes:
 
 
 _STREAMS = ("GetGradients", "GetParameters")
+_WATCH = "WatchSession"
 _SPLICED = ("Forward", "TrainStep")  # their requests are wire.SplicedRequest: the batch's bytes beside the message
 
 
@@ -141,7 +153,7 @@ def unary_methods(channel: Any) -> dict[str, Any]:
             response_deserializer=getattr(pb, m.output_type.name).FromString,
         )
         for m in pb.DESCRIPTOR.services_by_name["TrainerService"].methods
-        if m.name not in _STREAMS
+        if not m.server_streaming
     }
     methods[HEALTH_CHECK] = channel.unary_unary(
         HEALTH_CHECK, request_serializer=_serialize, response_deserializer=health_pb2.HealthCheckResponse.FromString
@@ -151,13 +163,17 @@ def unary_methods(channel: Any) -> dict[str, Any]:
 
 def stream_methods(channel: Any) -> dict[str, Any]:
     """GetGradients and GetParameters on ``channel`` (sync or asyncio), by path, read without
-    protobuf's two copies of each chunk's data (``wire.split_chunk_response``)."""
-    return {
+    protobuf's two copies of each chunk's data (``wire.split_chunk_response``); and WatchSession."""
+    methods = {
         _path(name): channel.unary_stream(
             _path(name), request_serializer=_serialize, response_deserializer=wire.split_chunk_response
         )
         for name in _STREAMS
     }
+    methods[_path(_WATCH)] = channel.unary_stream(
+        _path(_WATCH), request_serializer=_serialize, response_deserializer=pb.WatchSessionResponse.FromString
+    )
+    return methods
 
 
 # -- arrays in -------------------------------------------------------------------------------------
@@ -480,3 +496,54 @@ def graph(session_id: str) -> Call[Graph]:
 
 def reset_session(session_id: str) -> Call[SessionInfo]:
     return Call(_path("ResetSession"), pb.ResetSessionRequest(session_id=session_id), lambda r: session_info(r.session))
+
+
+# -- watching a session -----------------------------------------------------------------------------
+
+_WATCH_ENDS: dict[int, WatchEndReason] = {
+    pb.WATCH_END_SESSION_CLOSED: "session_closed", pb.WATCH_END_SESSION_EXPIRED: "session_expired",
+    pb.WATCH_END_SESSION_LOST: "session_lost", pb.WATCH_END_SERVER_STOPPING: "server_stopping",
+}
+
+
+def _checkpoint_event(msg: pb.CheckpointEvent) -> CheckpointEvent:
+    return CheckpointEvent(msg.name, msg.step_count, msg.size_bytes, msg.automatic)
+
+
+def session_event(response: pb.WatchSessionResponse) -> SessionEvent:
+    """One event of a watch, as the SDK's dataclasses."""
+    kind = response.WhichOneof("event")
+    detail: StepEvent | FreezeEvent | HeadEvent | CheckpointEvent | ResetEvent | EndEvent | None = None
+    if kind == "step":
+        s = response.step
+        detail = StepEvent(s.step_count, s.loss if s.HasField("loss") else None, s.grad_norm if s.HasField("grad_norm") else None,
+                           s.learning_rate, s.seconds, s.samples, s.samples_per_second)
+    elif kind == "freeze":
+        f = response.freeze
+        detail = FreezeEvent(list(f.patterns), f.unfreeze, f.changed_count, f.trainable_count, f.frozen_count)
+    elif kind == "head":
+        detail = HeadEvent(response.head.num_classes)
+    elif kind == "checkpoint_saved":
+        detail = _checkpoint_event(response.checkpoint_saved)
+    elif kind == "checkpoint_loaded":
+        detail = _checkpoint_event(response.checkpoint_loaded)
+    elif kind == "reset":
+        detail = ResetEvent()
+    elif kind == "end":
+        detail = EndEvent(_WATCH_ENDS.get(response.end.reason, "unknown"))
+    known = detail is not None
+    return SessionEvent(response.sequence, response.unix_seconds, response.missed, response.recent,
+                        cast(EventKind, kind) if known else "unknown", detail)
+
+
+def watch_session(session_id: str, recent: int | None) -> WatchCall:
+    """A watch of the session, the ``recent`` latest events first (None: the server's 16)."""
+    request = pb.WatchSessionRequest(session_id=session_id)
+    if recent is not None:
+        request.recent = recent
+    return WatchCall(_path(_WATCH), request, session_event)
+
+
+def watch_over(error: TrainerError, timeout: float | None) -> bool:
+    """Whether a watch that failed with ``error`` just ended: it ran for the ``timeout`` it was given."""
+    return timeout is not None and error.code is grpc.StatusCode.DEADLINE_EXCEEDED

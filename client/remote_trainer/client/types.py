@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
 
 import numpy as np
 import numpy.typing as npt
@@ -199,3 +200,93 @@ class CheckpointFile:
     name: str
     size_bytes: int
     modified_unix_seconds: float
+
+
+# -- a watched session's events (``Session.watch``) ------------------------------------------------
+
+
+@dataclass(frozen=True)
+class StepEvent:
+    """An optimizer step and the iteration it ended: the last backward's loss and gradient norm
+    (None when it had none), the learning rate the step used, the iteration's wall time (from its
+    first forward after the previous step; 0 without one), the samples of its forwards, and their rate."""
+
+    step_count: int
+    loss: float | None
+    grad_norm: float | None
+    learning_rate: float
+    seconds: float
+    samples: int
+    samples_per_second: float
+
+
+@dataclass(frozen=True)
+class FreezeEvent:
+    """A freeze (or ``unfreeze``) of the parameters matching ``patterns``: how many it changed, and
+    how many are trainable and frozen afterwards."""
+
+    patterns: list[str]
+    unfreeze: bool
+    changed_count: int
+    trainable_count: int
+    frozen_count: int
+
+
+@dataclass(frozen=True)
+class HeadEvent:
+    """A new classifier head, ``nn.Linear(512, num_classes)``."""
+
+    num_classes: int
+
+
+@dataclass(frozen=True)
+class CheckpointEvent:
+    """A checkpoint written (``size_bytes``; ``automatic``: by the server's ``--checkpoint-every``) or loaded."""
+
+    name: str
+    step_count: int
+    size_bytes: int
+    automatic: bool
+
+
+@dataclass(frozen=True)
+class ResetEvent:
+    """The default session put back as the server started it (step count 0)."""
+
+
+WatchEndReason = Literal["session_closed", "session_expired", "session_lost", "server_stopping", "unknown"]
+
+
+@dataclass(frozen=True)
+class EndEvent:
+    """The last event of a watch, and why: the session was closed, expired or lost, or the server stops."""
+
+    reason: WatchEndReason
+
+
+EventKind = Literal["step", "freeze", "head", "checkpoint_saved", "checkpoint_loaded", "reset", "end", "unknown"]
+
+
+@dataclass(frozen=True)
+class SessionEvent:
+    """One event of a watched session: its ``kind`` and what it holds (``detail``: ``StepEvent``,
+    ``FreezeEvent``, ``HeadEvent``, ``CheckpointEvent``, ``ResetEvent`` or ``EndEvent``; None for
+    a kind this SDK does not know).
+
+    ``sequence`` numbers the session's events on the server (on the Ray backend: on the front-end
+    the watch goes through), from 1; ``unix_seconds`` is when it happened; ``missed`` how many
+    events this watcher lost just before this one, for reading more slowly than they came;
+    ``recent`` marks the latest events sent when the watch began, not as they happened.
+    """
+
+    sequence: int
+    unix_seconds: float
+    missed: int
+    recent: bool
+    kind: EventKind
+    detail: StepEvent | FreezeEvent | HeadEvent | CheckpointEvent | ResetEvent | EndEvent | None
+
+    @property
+    def step(self) -> StepEvent | None:
+        """The step, for a ``step`` event."""
+        return self.detail if isinstance(self.detail, StepEvent) else None

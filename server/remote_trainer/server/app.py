@@ -38,6 +38,7 @@ from remote_trainer.server.sessions import DEFAULT_SESSION_ID, Sessions, Session
 from remote_trainer.server.settings import Settings
 from remote_trainer.server.signals import StopSignals
 from remote_trainer.server.tensorboard import TrainingLog
+from remote_trainer.server.watch import SessionEvents
 from remote_trainer.contract import wire
 from remote_trainer.contract.trainer.v1 import trainer_pb2
 
@@ -79,6 +80,7 @@ class TrainerServer:
     async def _stop(self, grace: float | None) -> None:
         try:
             await self.health.enter_graceful_shutdown()
+            self.servicer.watchers.close()  # every watch ends now (its last event says why), not after the grace
             await self.server.stop(grace)
         finally:
             self.metrics.close()
@@ -113,8 +115,9 @@ def create_server(settings: Settings, clock: Callable[[], float] = time.monotoni
     auth = TokenAuth.load(settings.tokens, settings.tokens_file)
     metrics = Metrics(store.__len__)
     training_log = TrainingLog(settings.tensorboard_dir, settings.tensorboard_histograms_every) if settings.tensorboard_dir else None
-    observer = Observers(metrics, *([] if training_log is None else [training_log]))
-    servicer = TrainerServicer(store, limits, servicer_options(settings), auth, observer, budget)
+    watchers = SessionEvents(settings.max_watchers, settings.max_watchers_per_session, settings.watch_buffer_events)
+    observer = Observers(metrics, watchers, *([] if training_log is None else [training_log]))
+    servicer = TrainerServicer(store, limits, servicer_options(settings), auth, observer, watchers, budget)
 
     loop = asyncio.new_event_loop()
     threading.Thread(target=loop.run_forever, name="grpc-aio", daemon=True).start()

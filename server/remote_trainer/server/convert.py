@@ -24,6 +24,8 @@ from remote_trainer.engine.results import Graph, NamedTensor, ParameterInfo, Ses
 from remote_trainer.engine.tensors import generate
 from remote_trainer.engine.transforms import InputTransform
 from remote_trainer.engine.errors import Abandoned, ResourceExhausted, invalid
+from remote_trainer.server.events import CheckpointLoaded, CheckpointSaved, Froze, HeadReplaced, WasReset
+from remote_trainer.server.watch import Ended, SessionEvent, Stepped
 from remote_trainer.contract.trainer.v1 import trainer_pb2 as pb
 
 # Inputs are decoded as read-only numpy views of the request's bytes and never written to; torch
@@ -285,3 +287,38 @@ def graph_message(graph: Graph) -> pb.GetGraphResponse:
         leaf_parameters=graph.leaf_parameters,
         excluded_parameters=graph.excluded_parameters,
     )
+
+
+_WATCH_ENDS = {
+    "closed": pb.WATCH_END_SESSION_CLOSED, "expired": pb.WATCH_END_SESSION_EXPIRED, "lost": pb.WATCH_END_SESSION_LOST,
+    "server_stopping": pb.WATCH_END_SERVER_STOPPING,
+}
+
+
+def watch_event(event: SessionEvent, missed: int, recent: bool = False) -> pb.WatchSessionResponse:
+    """One event of a watched session (``missed``: the events the watcher lost just before it)."""
+    response = pb.WatchSessionResponse(sequence=event.sequence, unix_seconds=event.unix_seconds, missed=missed, recent=recent)
+    what = event.what
+    if isinstance(what, Stepped):
+        step = response.step
+        step.step_count, step.learning_rate, step.seconds = what.step_count, what.learning_rate, what.seconds
+        step.samples, step.samples_per_second = what.samples, what.samples_per_second
+        if what.loss is not None:
+            step.loss = what.loss
+        if what.grad_norm is not None:
+            step.grad_norm = what.grad_norm
+    elif isinstance(what, Froze):
+        response.freeze.CopyFrom(pb.FreezeEvent(patterns=what.patterns, unfreeze=what.unfreeze, changed_count=what.changed,
+                                                trainable_count=what.trainable, frozen_count=what.frozen))
+    elif isinstance(what, HeadReplaced):
+        response.head.num_classes = what.num_classes
+    elif isinstance(what, CheckpointSaved):
+        response.checkpoint_saved.CopyFrom(pb.CheckpointEvent(name=what.name, step_count=what.step_count,
+                                                              size_bytes=what.size_bytes, automatic=what.automatic))
+    elif isinstance(what, CheckpointLoaded):
+        response.checkpoint_loaded.CopyFrom(pb.CheckpointEvent(name=what.name, step_count=what.step_count))
+    elif isinstance(what, WasReset):
+        response.reset.SetInParent()
+    elif isinstance(what, Ended):
+        response.end.reason = _WATCH_ENDS[what.why]
+    return response

@@ -38,7 +38,7 @@ class Metrics(CallObserver):
                 lambda: float(torch.cuda.memory_allocated())
             )
 
-    def call_finished(self, method: str, session_id: str | None, code: str, seconds: float) -> None:
+    def call_finished(self, method: str, session_id: str | None, code: str, seconds: float, reason: str = "") -> None:
         """Counts one finished call."""
         self._requests.labels(method, code).inc()
         self._latency.labels(method).observe(seconds)

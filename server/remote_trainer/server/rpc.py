@@ -1,7 +1,9 @@
-"""The decorators that serve servicer methods on the asyncio server: ``@unary`` and ``@streaming``.
+"""The decorators that serve servicer methods on the asyncio server: ``@unary``, ``@streaming`` and ``@pushed``.
 
-Each runs the method (blocking torch work) on a worker thread, one call at a time per session,
-while waiting for the request, for the session or for a slow reader holds no thread. What both do
+``@unary`` and ``@streaming`` run the method (blocking torch work) on a worker thread, one call at a
+time per session, while waiting for the request, for the session or for a slow reader holds no
+thread. ``@pushed`` serves a stream that waits for what it sends (a watch): the method is an async
+generator on the event loop, which holds no thread and no session turn. What all three do
 around the method is one context manager, ``_served``: the call is timed, reported to the servicer's
 observer and logged in one line (method, session, status, duration), and any error goes through the
 error map (server/status.py). Their log lines keep the logger ``remote_trainer.server.status``.
@@ -14,13 +16,13 @@ import contextlib
 import functools
 import logging
 import time
-from collections.abc import AsyncIterator, Callable, Coroutine
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
 import grpc
 
-from remote_trainer.engine.errors import Abandoned, DeadlineExceeded, InvalidArgument
+from remote_trainer.engine.errors import Abandoned, DeadlineExceeded, InvalidArgument, TrainerError
 from remote_trainer.engine.operation import Operation
 from remote_trainer.server.calls import Call, call_of, run_as
 from remote_trainer.server.events import CallObserver
@@ -88,11 +90,11 @@ def _abandoned_code(call: Call) -> grpc.StatusCode:
     return grpc.StatusCode.DEADLINE_EXCEEDED if call.outcome() == "DEADLINE_EXCEEDED" else grpc.StatusCode.CANCELLED
 
 
-def _finish(servicer: Servicer, method: str, request: Any, code: grpc.StatusCode, start: float) -> None:
+def _finish(servicer: Servicer, method: str, request: Any, code: grpc.StatusCode, start: float, reason: str = "") -> None:
     """Reports and logs a finished call. A call that fails is finished before its status is sent
     (``context.abort`` sends it at once), so a client that has seen the error finds it counted."""
     seconds = time.perf_counter() - start
-    servicer.observer.call_finished(method, _session_of(request), code.name, seconds)
+    servicer.observer.call_finished(method, _session_of(request), code.name, seconds, reason)
     log.info(
         "rpc=%s session=%s status=%s duration_ms=%.1f",
         method, getattr(request, "session_id", "") or "-", code.name, seconds * 1000,
@@ -138,7 +140,8 @@ async def _served(servicer: Servicer, method: str, request: Any, context: Contex
     except Exception as exc:
         status = status_for(exc, method)
         code = _abandoned_code(call) if isinstance(exc, Abandoned) else status.code
-        _finish(servicer, method, request, code, start)  # before the client can hear of it
+        reason = exc.reason if isinstance(exc, TrainerError) else ""
+        _finish(servicer, method, request, code, start, reason)  # before the client can hear of it
         finished = True
         await context.abort(status.code, status.details, status.trailing_metadata)
         raise  # abort raises; this line is never reached
@@ -203,6 +206,31 @@ def streaming(
                     # The stream ended first (slow reader, client gone): the method's call is marked
                     # gone (its sender stops at the next tensor) and ends on its own.
                     producer.cancel()
+
+    wrapper.rpc_kind = UNARY_STREAM  # type: ignore[attr-defined]
+    return wrapper
+
+
+def pushed(
+    method: Callable[[S, Req, Context], AsyncGenerator[Resp, None]],
+) -> Callable[[S, Req, Context], Coroutine[Any, Any, None]]:
+    """Serves a server-streaming servicer method that waits for what it sends (events, as they
+    happen): an async generator on the event loop, each message it yields written as the reader
+    takes it. Waiting for the next message, or for a reader that does not read, holds no worker and
+    no session's turn; the method hands any blocking work to ``Servicer.run`` itself, and bounds
+    what it keeps for a slow reader itself. A method that fails ends the stream with its error
+    status; a client that cancels ends the method (at its ``yield`` or where it waits)."""
+
+    @functools.wraps(method)
+    async def wrapper(self: S, request: Req, context: Context) -> None:
+        call = call_of(context)
+        async with _served(self, method.__name__, request, context, call):
+            async with contextlib.aclosing(method(self, request, context)) as messages:
+                async for message in messages:
+                    try:
+                        await context.write(message)
+                    except Exception as exc:  # gRPC's own (ExecuteBatchError): the call is over, no status can follow
+                        raise ReaderGone() from exc
 
     wrapper.rpc_kind = UNARY_STREAM  # type: ignore[attr-defined]
     return wrapper

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncGenerator, Callable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TypeVar
@@ -24,10 +25,11 @@ from remote_trainer.engine.errors import TrainerError, Unavailable, invalid
 from remote_trainer.engine.operation import Operation
 from remote_trainer.server.calls import current_call
 from remote_trainer.server.client_tokens import Once
-from remote_trainer.server.events import CallObserver
-from remote_trainer.server.rpc import Context, operation_of, streaming, unary
+from remote_trainer.server.events import CallObserver, CheckpointLoaded, CheckpointSaved, Froze, HeadReplaced, WasReset
+from remote_trainer.server.rpc import Context, operation_of, pushed, streaming, unary
 from remote_trainer.server.sessions import DEFAULT_SESSION_ID, Sessions
 from remote_trainer.server.streams import Emit, StreamBytes
+from remote_trainer.server.watch import RECENT, SessionEvents
 from remote_trainer.contract.names import AUTOCAST_MODES, MEMORY_FORMATS
 from remote_trainer.contract.trainer.v1 import trainer_pb2 as pb
 
@@ -70,6 +72,7 @@ class TrainerServicer:
         options: ServicerOptions,
         auth: TokenAuth | None,
         observer: CallObserver,
+        watchers: SessionEvents,
         budget: MemoryBudget = UNLIMITED,
     ) -> None:
         self._store = store
@@ -84,6 +87,7 @@ class TrainerServicer:
         self._max_checkpoint_bytes = options.max_checkpoint_bytes
         self._auth = auth
         self.observer = observer  # told of finished calls (the decorators) and of training
+        self.watchers = watchers  # the sessions' events as the observer hears them (one of its observers), for WatchSession
         self.stream_write_timeout = options.stream_write_timeout
         self.stream_bytes = StreamBytes(options.max_stream_bytes)
         self._dispatcher = Dispatcher(options.max_workers, options.order_wait)
@@ -107,7 +111,7 @@ class TrainerServicer:
     def forget_sessions(self, session_ids: list[str]) -> None:
         """Reports sessions the store has closed (expired ones) as closed."""
         for session_id in session_ids:
-            self.observer.session_closed(session_id)
+            self.observer.session_closed(session_id, "expired")
 
     def _session(self, session_id: str, context: Context) -> Engine:
         return self._store.get(session_id, caller(self._auth, context))
@@ -220,7 +224,7 @@ class TrainerServicer:
         result = engine.forward(x, eval_mode=request.eval_mode, no_grad=request.no_grad, max_logits_elements=budget,
                                 still_wanted=current_call().still_wanted, operation=operation)
         if not result.replayed:
-            self.observer.forwarded(request.session_id or DEFAULT_SESSION_ID)
+            self.observer.forwarded(request.session_id or DEFAULT_SESSION_ID, samples=int(x.shape[0]))
         response = pb.ForwardResponse(forward_id=result.forward_id, logits_stats=convert.stats_message(result.stats))
         if as_values:
             response.logits_values.CopyFrom(convert.output_values(result.logits))
@@ -290,8 +294,10 @@ class TrainerServicer:
                 path = self._checkpoint_path(name, context)
                 # The automatic checkpoints that go once this one is written count as freed.
                 rotated = checkpoints.past_newest(path.parent, "auto-*.ckpt", self._keep_auto_checkpoints, path)
-                engine.save_checkpoint(str(path), self._quota(context, rotated))
+                saved = engine.save_checkpoint(str(path), self._quota(context, rotated))
                 checkpoints.keep_newest(path.parent, "auto-*.ckpt", self._keep_auto_checkpoints, path)
+                self.observer.session_changed(session_id or DEFAULT_SESSION_ID,
+                                              CheckpointSaved(name, saved.step_count, saved.size_bytes, automatic=True))
                 log.info("session %s checkpointed to %s at step %d", session_id or DEFAULT_SESSION_ID, name, step_count)
             except Exception as exc:  # the step is done: a failed automatic checkpoint must not make it look failed
                 if isinstance(exc, TrainerError) and exc.reason == "CHECKPOINT_QUOTA":  # the owner's to act on
@@ -323,12 +329,15 @@ class TrainerServicer:
     def FreezeLayers(self, request: pb.FreezeLayersRequest, context: Context) -> pb.FreezeLayersResponse:
         result = self._session(request.session_id, context).freeze(list(request.patterns), unfreeze=request.unfreeze,
                                                                    operation=operation_of(request, "FreezeLayers"))
+        self.observer.session_changed(request.session_id or DEFAULT_SESSION_ID, Froze(
+            tuple(request.patterns), request.unfreeze, len(result.changed), len(result.trainable), result.frozen_count))
         return pb.FreezeLayersResponse(changed=result.changed, trainable=result.trainable, frozen_count=result.frozen_count)
 
     @unary
     def ReplaceHead(self, request: pb.ReplaceHeadRequest, context: Context) -> pb.ReplaceHeadResponse:
         description = self._session(request.session_id, context).replace_head(
             request.num_classes, request.seed, operation=operation_of(request, "ReplaceHead"))
+        self.observer.session_changed(request.session_id or DEFAULT_SESSION_ID, HeadReplaced(description.num_classes))
         return pb.ReplaceHeadResponse(session=self._info(request.session_id, description))
 
     @unary
@@ -365,6 +374,8 @@ class TrainerServicer:
     def SaveCheckpoint(self, request: pb.SaveCheckpointRequest, context: Context) -> pb.SaveCheckpointResponse:
         engine = self._session(request.session_id, context)
         saved = engine.save_checkpoint(str(self._checkpoint_path(request.name, context)), self._quota(context))
+        self.observer.session_changed(request.session_id or DEFAULT_SESSION_ID,
+                                      CheckpointSaved(request.name, saved.step_count, saved.size_bytes))
         return pb.SaveCheckpointResponse(name=request.name, step_count=saved.step_count, size_bytes=saved.size_bytes)
 
     @unary
@@ -373,6 +384,8 @@ class TrainerServicer:
         operation = operation_of(request, "LoadCheckpoint")
         with self._numbered(engine, operation):
             description = engine.load_checkpoint(str(self._checkpoint_path(request.name, context)), operation=operation)
+        self.observer.session_changed(request.session_id or DEFAULT_SESSION_ID,
+                                      CheckpointLoaded(request.name, description.step_count))
         return pb.LoadCheckpointResponse(session=self._info(request.session_id, description))
 
     @unary
@@ -391,6 +404,7 @@ class TrainerServicer:
     @unary
     def ResetSession(self, request: pb.ResetSessionRequest, context: Context) -> pb.ResetSessionResponse:
         description = self._session(request.session_id, context).reset(operation=operation_of(request, "ResetSession"))
+        self.observer.session_changed(request.session_id or DEFAULT_SESSION_ID, WasReset())
         return pb.ResetSessionResponse(session=self._info(request.session_id, description))
 
     @unary
@@ -428,7 +442,7 @@ class TrainerServicer:
         if not result.replayed:
             # One call, the whole iteration: the observer hears of it as of a Forward, Backward and Step.
             session_id = request.session_id or DEFAULT_SESSION_ID
-            self.observer.forwarded(session_id, began)
+            self.observer.forwarded(session_id, began, int(x.shape[0]))
             self.observer.backwarded(session_id, engine, result.loss, result.grad_norm, result.step_count - 1)
             self._after_step(engine, result.step_count, request.session_id, context)
         response = pb.TrainStepResponse(
@@ -440,3 +454,19 @@ class TrainerServicer:
         if request.return_logits:
             response.logits.CopyFrom(convert.output_tensor(result.logits))
         return response
+
+    @pushed
+    async def WatchSession(self, request: pb.WatchSessionRequest,
+                           context: Context) -> AsyncGenerator[pb.WatchSessionResponse, None]:
+        recent = request.recent if request.HasField("recent") else RECENT
+        if recent > RECENT:
+            raise invalid("recent", f"recent must be at most {RECENT}, got {recent}", "BAD_RECENT")
+        with self.watchers.watch(request.session_id) as (watcher, latest):
+            # Who may watch a session is who may call it (NOT_FOUND to anyone else), asked off the
+            # event loop (the Ray backend asks the cluster), once the watcher is in place: nothing
+            # that happens meanwhile is missed, and an end meanwhile ends the watch.
+            await self.run(None, functools.partial(self._session, request.session_id, context))
+            for event in latest[len(latest) - recent:]:
+                yield convert.watch_event(event, 0, recent=True)
+            async for event, missed in watcher.events():
+                yield convert.watch_event(event, missed)

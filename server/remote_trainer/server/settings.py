@@ -67,6 +67,13 @@ class Settings:
     # would pass it is refused (RESOURCE_EXHAUSTED), so clients opening streams they do not read
     # cannot make the server hold more. About 20 streams of all of resnet18's gradients.
     max_stream_bytes: int = 1024 * MIB
+    # Watchers (WatchSession) open at once, all sessions together, and on one session; past either the
+    # watch is refused (RESOURCE_EXHAUSTED). A watcher holds no thread, only its buffer.
+    max_watchers: int = 64
+    max_watchers_per_session: int = 8
+    # Events kept on the server for one watcher that has not read them yet: past it the oldest are
+    # dropped and the watcher is told how many it missed, so a slow watcher never slows training.
+    watch_buffer_events: int = 256
     # Seconds a numbered call that arrived before the numbers below it waits for them (then it is
     # refused OPERATION_OUT_OF_ORDER): how far a pipelining client's calls may be reordered in transit.
     operation_order_wait_seconds: float = 10.0
@@ -185,6 +192,9 @@ _HELP = {
     "request_receive_seconds": "seconds a call's request may take to arrive whole (then DEADLINE_EXCEEDED)",
     "max_receiving_bytes": "bytes of requests received at once, each counted as max-message-bytes (at least 2 at once)",
     "max_stream_bytes": "most bytes of tensor-stream responses made and not yet sent, all streams together",
+    "max_watchers": "most WatchSession streams open at once, all sessions together",
+    "max_watchers_per_session": "most WatchSession streams open at once on one session",
+    "watch_buffer_events": "events kept for a watcher that has not read them (then the oldest are dropped, and it is told)",
     "operation_order_wait_seconds": "seconds a numbered call waits for the lower numbers that have not arrived",
     "grace_seconds": "seconds in-flight calls get to finish on SIGTERM",
     "log_level": "DEBUG | INFO | WARNING | ERROR",
@@ -259,7 +269,8 @@ def validate(settings: Settings) -> list[str]:
     problems = []
     if not 0 <= settings.port <= 65535:
         problems.append(f"port {settings.port} is not in 0..65535")
-    for name in ("session_memory_bytes", "max_sessions", "max_message_bytes", "max_input_elements", "max_batch", "chunk_bytes", "max_workers"):
+    for name in ("session_memory_bytes", "max_sessions", "max_message_bytes", "max_input_elements", "max_batch", "chunk_bytes", "max_workers",
+                 "max_watchers", "max_watchers_per_session", "watch_buffer_events"):
         if getattr(settings, name) < 1:
             problems.append(f"{name.replace('_', '-')} must be at least 1")
     if settings.autocast not in AUTOCAST_MODES:

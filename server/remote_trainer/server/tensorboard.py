@@ -22,7 +22,7 @@ from typing import Any
 
 from remote_trainer.engine.errors import FailedPrecondition
 from remote_trainer.engine.protocol import Engine
-from remote_trainer.server.events import CallObserver
+from remote_trainer.server.events import CallObserver, Ending
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +54,7 @@ class TrainingLog(CallObserver):
                 writer = self._writers[session_id] = self._writer_class(log_dir=str(self._directory / session_id))
             return writer
 
-    def forwarded(self, session_id: str, began: float | None = None) -> None:
+    def forwarded(self, session_id: str, began: float | None = None, samples: int = 0) -> None:
         """A forward ran: the first since the last Step starts the iteration that Step will end."""
         with self._lock:
             self._iteration_started.setdefault(session_id, time.monotonic() if began is None else began)
@@ -89,7 +89,7 @@ class TrainingLog(CallObserver):
                 writer.add_histogram(f"grad/{g.name}", g.tensor, step_count)
         writer.flush()
 
-    def session_closed(self, session_id: str) -> None:
+    def session_closed(self, session_id: str, ending: Ending = "closed") -> None:
         with self._lock:
             writer = self._writers.pop(session_id, None)
             self._iteration_started.pop(session_id, None)

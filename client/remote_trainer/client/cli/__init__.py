@@ -1,14 +1,14 @@
 """``trainer-client``: the training server from a shell.
 
 Sessions, training steps and runs, gradients, freezing, heads, the optimizer, checkpoints,
-predictions, the autograd graph. Needs only the SDK's dependencies (no torch). Every command works on
+predictions, the autograd graph, and a live view of a session's training (``watch``). Needs only the SDK's dependencies (no torch). Every command works on
 the server's default session unless ``--session`` names another; output is tables for people, or
 JSON with ``--json``. A failed call prints one line, ``trainer-client: error: ...``, and exits with
 status 1 (2 for a bad command line).
 
 This module holds the command line (the global flags and every command's flags, in the order
 ``--help`` lists them) and ``main``; the commands live by group in ``sessions``, ``training``,
-``inspect`` and ``checkpoints``, what they print in ``output``.
+``inspect``, ``checkpoints`` and ``watch``, what they print in ``output``.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from remote_trainer.client.cli.inspect import cmd_grads, cmd_graph, cmd_predict
 from remote_trainer.client.cli.output import PROG, ProgressBar, print_error
 from remote_trainer.client.cli.sessions import cmd_freeze, cmd_health, cmd_info, cmd_optimizer, cmd_replace_head, cmd_reset, cmd_sessions
 from remote_trainer.client.cli.training import cmd_step, cmd_train, cmd_zero_grad
+from remote_trainer.client.cli.watch import cmd_watch
 from remote_trainer.client.client import TrainerClient
 from remote_trainer.client.errors import TrainerError
 from remote_trainer.contract.names import AUTOCAST_MODES, INPUT_TRANSFORMS, MEMORY_FORMATS
@@ -55,7 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
                f"  {PROG} sessions create --seed 1\n  {PROG} --session ID train -n 100 --data d.npz\n"
                f"  {PROG} optimizer set --kind adam --lr 1e-3\n  {PROG} checkpoint save run.ckpt\n"
                f"  {PROG} predict --data x.npy --top 5\n  {PROG} grads --plot flow.png\n  {PROG} --json sessions\n"
-               f"  {PROG} reset",
+               f"  {PROG} reset\n  {PROG} watch",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--target", default=os.environ.get("TRAINER_TARGET", DEFAULT_TARGET),
@@ -198,6 +199,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--size", type=int, default=64, help="height and width of generated images (default: 64)")
     _add_loop_flags(p)
     p.set_defaults(run=cmd_train)
+
+    p = sub.add_parser("watch", help="a live view of a session's training, pushed by the server as it happens",
+                       description="Show a session's events as they happen (WatchSession): each optimizer step with its loss, "
+                                   "gradient norm, learning rate and samples/s, freezes, head changes, checkpoints, and its end, "
+                                   "after its latest events. On a terminal a live view (the latest step and a sparkline of the loss "
+                                   "redrawn in place); otherwise a line an event; --json: one JSON object an event. Ends when the "
+                                   "session ends, the server stops, --duration passes, or Ctrl-C.")
+    p.add_argument("watched", nargs="?", metavar="SESSION", help="session id (default: --session, else the default session)")
+    p.add_argument("--recent", type=int, metavar="N", help="latest events to show first, 0..16 (default: 16)")
+    p.add_argument("--duration", type=float, metavar="SECONDS", help="stop watching after this long (default: until the session ends)")
+    p.set_defaults(run=cmd_watch)
 
     for command in sub.choices.values():  # --json after the command works too
         command.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="print JSON instead of tables")

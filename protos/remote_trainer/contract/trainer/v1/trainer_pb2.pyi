@@ -209,6 +209,38 @@ LOSS_FUNCTION_MSE: LossFunction.ValueType  # 3
 """torch.nn.functional.mse_loss (mean); labels float32 shaped like the logits."""
 Global___LossFunction: _TypeAlias = LossFunction  # noqa: Y015
 
+class _WatchEnd:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _WatchEndEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_WatchEnd.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    WATCH_END_UNSPECIFIED: _WatchEnd.ValueType  # 0
+    """Not used."""
+    WATCH_END_SESSION_CLOSED: _WatchEnd.ValueType  # 1
+    """The session was closed (CloseSession)."""
+    WATCH_END_SESSION_EXPIRED: _WatchEnd.ValueType  # 2
+    """The session was closed for being idle (--session-idle-seconds)."""
+    WATCH_END_SESSION_LOST: _WatchEnd.ValueType  # 3
+    """The session's Ray actor is gone (UNAVAILABLE SESSION_LOST to its calls)."""
+    WATCH_END_SERVER_STOPPING: _WatchEnd.ValueType  # 4
+    """The server is stopping (the session may live on, with the Ray backend)."""
+
+class WatchEnd(_WatchEnd, metaclass=_WatchEndEnumTypeWrapper):
+    """WatchEnd is why a watch ended."""
+
+WATCH_END_UNSPECIFIED: WatchEnd.ValueType  # 0
+"""Not used."""
+WATCH_END_SESSION_CLOSED: WatchEnd.ValueType  # 1
+"""The session was closed (CloseSession)."""
+WATCH_END_SESSION_EXPIRED: WatchEnd.ValueType  # 2
+"""The session was closed for being idle (--session-idle-seconds)."""
+WATCH_END_SESSION_LOST: WatchEnd.ValueType  # 3
+"""The session's Ray actor is gone (UNAVAILABLE SESSION_LOST to its calls)."""
+WATCH_END_SERVER_STOPPING: WatchEnd.ValueType  # 4
+"""The server is stopping (the session may live on, with the Ray backend)."""
+Global___WatchEnd: _TypeAlias = WatchEnd  # noqa: Y015
+
 @_typing.final
 class InputTransform(_message.Message):
     """InputTransform turns uint8 images into the model's float32 input on the
@@ -2358,3 +2390,320 @@ class TrainStepResponse(_message.Message):
     def WhichOneof(self, oneof_group: _WhichOneofArgType__grad_norm) -> _WhichOneofReturnType__grad_norm | None: ...
 
 Global___TrainStepResponse: _TypeAlias = TrainStepResponse  # noqa: Y015
+
+@_typing.final
+class WatchSessionRequest(_message.Message):
+    """WatchSessionRequest names the session to watch."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SESSION_ID_FIELD_NUMBER: _builtins.int
+    RECENT_FIELD_NUMBER: _builtins.int
+    session_id: _builtins.str
+    """Session to watch; empty for the default session. A session is watched
+    only by its owner (the token that created it); anyone may watch the
+    default session.
+    """
+    recent: _builtins.int
+    """How many of the session's latest events to send first (at most 16), so
+    that a watcher joining late sees where the run is. Unset: 16; 0: none.
+    """
+    def __init__(
+        self,
+        *,
+        session_id: _builtins.str = ...,
+        recent: _builtins.int | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_recent", b"_recent", "recent", b"recent"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_recent", b"_recent", "recent", b"recent", "session_id", b"session_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__recent: _TypeAlias = _typing.Literal["recent"]  # noqa: Y015
+    _WhichOneofArgType__recent: _TypeAlias = _typing.Literal["_recent", b"_recent"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__recent) -> _WhichOneofReturnType__recent | None: ...
+
+Global___WatchSessionRequest: _TypeAlias = WatchSessionRequest  # noqa: Y015
+
+@_typing.final
+class WatchSessionResponse(_message.Message):
+    """WatchSessionResponse is one event of the watched session."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SEQUENCE_FIELD_NUMBER: _builtins.int
+    UNIX_SECONDS_FIELD_NUMBER: _builtins.int
+    MISSED_FIELD_NUMBER: _builtins.int
+    RECENT_FIELD_NUMBER: _builtins.int
+    STEP_FIELD_NUMBER: _builtins.int
+    FREEZE_FIELD_NUMBER: _builtins.int
+    HEAD_FIELD_NUMBER: _builtins.int
+    CHECKPOINT_SAVED_FIELD_NUMBER: _builtins.int
+    CHECKPOINT_LOADED_FIELD_NUMBER: _builtins.int
+    RESET_FIELD_NUMBER: _builtins.int
+    END_FIELD_NUMBER: _builtins.int
+    sequence: _builtins.int
+    """The event's number among the session's events on this server (with the
+    Ray backend: on this front-end), from 1, in the order they happened.
+    """
+    unix_seconds: _builtins.float
+    """When it happened, in seconds since the Unix epoch (the server's clock)."""
+    missed: _builtins.int
+    """Events this watcher lost just before this one: it read more slowly than
+    they came, its buffer on the server was full and the oldest were dropped.
+    """
+    recent: _builtins.bool
+    """Sent from the session's latest events when the watch began (see
+    WatchSessionRequest.recent), not as it happened.
+    """
+    @_builtins.property
+    def step(self) -> Global___StepEvent:
+        """An optimizer step was taken (Step, Backward with step, TrainStep)."""
+
+    @_builtins.property
+    def freeze(self) -> Global___FreezeEvent:
+        """Parameters were frozen or unfrozen (FreezeLayers)."""
+
+    @_builtins.property
+    def head(self) -> Global___HeadEvent:
+        """The classifier head was replaced (ReplaceHead)."""
+
+    @_builtins.property
+    def checkpoint_saved(self) -> Global___CheckpointEvent:
+        """A checkpoint of the session was written (SaveCheckpoint, or the
+        server's automatic checkpoint).
+        """
+
+    @_builtins.property
+    def checkpoint_loaded(self) -> Global___CheckpointEvent:
+        """The session was put in a checkpoint's state (LoadCheckpoint)."""
+
+    @_builtins.property
+    def reset(self) -> Global___ResetEvent:
+        """The default session was put back as the server started it (ResetSession)."""
+
+    @_builtins.property
+    def end(self) -> Global___EndEvent:
+        """The watch ends, and why: the last event of the stream."""
+
+    def __init__(
+        self,
+        *,
+        sequence: _builtins.int = ...,
+        unix_seconds: _builtins.float = ...,
+        missed: _builtins.int = ...,
+        recent: _builtins.bool = ...,
+        step: Global___StepEvent | None = ...,
+        freeze: Global___FreezeEvent | None = ...,
+        head: Global___HeadEvent | None = ...,
+        checkpoint_saved: Global___CheckpointEvent | None = ...,
+        checkpoint_loaded: Global___CheckpointEvent | None = ...,
+        reset: Global___ResetEvent | None = ...,
+        end: Global___EndEvent | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["checkpoint_loaded", b"checkpoint_loaded", "checkpoint_saved", b"checkpoint_saved", "end", b"end", "event", b"event", "freeze", b"freeze", "head", b"head", "reset", b"reset", "step", b"step"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["checkpoint_loaded", b"checkpoint_loaded", "checkpoint_saved", b"checkpoint_saved", "end", b"end", "event", b"event", "freeze", b"freeze", "head", b"head", "missed", b"missed", "recent", b"recent", "reset", b"reset", "sequence", b"sequence", "step", b"step", "unix_seconds", b"unix_seconds"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_event: _TypeAlias = _typing.Literal["step", "freeze", "head", "checkpoint_saved", "checkpoint_loaded", "reset", "end"]  # noqa: Y015
+    _WhichOneofArgType_event: _TypeAlias = _typing.Literal["event", b"event"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_event) -> _WhichOneofReturnType_event | None: ...
+
+Global___WatchSessionResponse: _TypeAlias = WatchSessionResponse  # noqa: Y015
+
+@_typing.final
+class StepEvent(_message.Message):
+    """StepEvent is one optimizer step and the training iteration it ended."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    STEP_COUNT_FIELD_NUMBER: _builtins.int
+    LOSS_FIELD_NUMBER: _builtins.int
+    GRAD_NORM_FIELD_NUMBER: _builtins.int
+    LEARNING_RATE_FIELD_NUMBER: _builtins.int
+    SECONDS_FIELD_NUMBER: _builtins.int
+    SAMPLES_FIELD_NUMBER: _builtins.int
+    SAMPLES_PER_SECOND_FIELD_NUMBER: _builtins.int
+    step_count: _builtins.int
+    """The session's optimizer steps, this one included."""
+    loss: _builtins.float
+    """The loss of the last backward before this step, when the server computed
+    one (a loss function, not an output gradient).
+    """
+    grad_norm: _builtins.float
+    """L2 norm over all parameters' .grad after that backward, when the call
+    computed it (Backward without skip_grad_norm, TrainStep with
+    return_grad_norm).
+    """
+    learning_rate: _builtins.float
+    """The optimizer's learning rate (lr) the step used."""
+    seconds: _builtins.float
+    """Wall time of the iteration in seconds: from the first forward after the
+    previous step to the end of this one (the client's time between its calls
+    included); 0 when no forward ran since the previous step.
+    """
+    samples: _builtins.int
+    """Samples (the batch sizes) of the forwards in the iteration."""
+    samples_per_second: _builtins.float
+    """samples / seconds; 0 when seconds is 0."""
+    def __init__(
+        self,
+        *,
+        step_count: _builtins.int = ...,
+        loss: _builtins.float | None = ...,
+        grad_norm: _builtins.float | None = ...,
+        learning_rate: _builtins.float = ...,
+        seconds: _builtins.float = ...,
+        samples: _builtins.int = ...,
+        samples_per_second: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_grad_norm", b"_grad_norm", "_loss", b"_loss", "grad_norm", b"grad_norm", "loss", b"loss"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_grad_norm", b"_grad_norm", "_loss", b"_loss", "grad_norm", b"grad_norm", "learning_rate", b"learning_rate", "loss", b"loss", "samples", b"samples", "samples_per_second", b"samples_per_second", "seconds", b"seconds", "step_count", b"step_count"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__grad_norm: _TypeAlias = _typing.Literal["grad_norm"]  # noqa: Y015
+    _WhichOneofArgType__grad_norm: _TypeAlias = _typing.Literal["_grad_norm", b"_grad_norm"]  # noqa: Y015
+    _WhichOneofReturnType__loss: _TypeAlias = _typing.Literal["loss"]  # noqa: Y015
+    _WhichOneofArgType__loss: _TypeAlias = _typing.Literal["_loss", b"_loss"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__grad_norm) -> _WhichOneofReturnType__grad_norm | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__loss) -> _WhichOneofReturnType__loss | None: ...
+
+Global___StepEvent: _TypeAlias = StepEvent  # noqa: Y015
+
+@_typing.final
+class FreezeEvent(_message.Message):
+    """FreezeEvent is a FreezeLayers call that was taken."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PATTERNS_FIELD_NUMBER: _builtins.int
+    UNFREEZE_FIELD_NUMBER: _builtins.int
+    CHANGED_COUNT_FIELD_NUMBER: _builtins.int
+    TRAINABLE_COUNT_FIELD_NUMBER: _builtins.int
+    FROZEN_COUNT_FIELD_NUMBER: _builtins.int
+    unfreeze: _builtins.bool
+    """Whether it unfroze (requires_grad = True) rather than froze."""
+    changed_count: _builtins.int
+    """Parameters whose requires_grad it changed."""
+    trainable_count: _builtins.int
+    """Parameters trainable afterwards."""
+    frozen_count: _builtins.int
+    """Parameters frozen afterwards."""
+    @_builtins.property
+    def patterns(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The name patterns it was given."""
+
+    def __init__(
+        self,
+        *,
+        patterns: _abc.Iterable[_builtins.str] | None = ...,
+        unfreeze: _builtins.bool = ...,
+        changed_count: _builtins.int = ...,
+        trainable_count: _builtins.int = ...,
+        frozen_count: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["changed_count", b"changed_count", "frozen_count", b"frozen_count", "patterns", b"patterns", "trainable_count", b"trainable_count", "unfreeze", b"unfreeze"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___FreezeEvent: _TypeAlias = FreezeEvent  # noqa: Y015
+
+@_typing.final
+class HeadEvent(_message.Message):
+    """HeadEvent is a new classifier head."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NUM_CLASSES_FIELD_NUMBER: _builtins.int
+    num_classes: _builtins.int
+    """Classes of the new nn.Linear(512, num_classes)."""
+    def __init__(
+        self,
+        *,
+        num_classes: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["num_classes", b"num_classes"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___HeadEvent: _TypeAlias = HeadEvent  # noqa: Y015
+
+@_typing.final
+class CheckpointEvent(_message.Message):
+    """CheckpointEvent is a checkpoint written or loaded."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    STEP_COUNT_FIELD_NUMBER: _builtins.int
+    SIZE_BYTES_FIELD_NUMBER: _builtins.int
+    AUTOMATIC_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """The checkpoint's name in the server's checkpoint directory."""
+    step_count: _builtins.int
+    """The step count it holds."""
+    size_bytes: _builtins.int
+    """Size of the file in bytes (for a checkpoint written)."""
+    automatic: _builtins.bool
+    """Written by the server itself (--checkpoint-every), not by a call."""
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        step_count: _builtins.int = ...,
+        size_bytes: _builtins.int = ...,
+        automatic: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["automatic", b"automatic", "name", b"name", "size_bytes", b"size_bytes", "step_count", b"step_count"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CheckpointEvent: _TypeAlias = CheckpointEvent  # noqa: Y015
+
+@_typing.final
+class ResetEvent(_message.Message):
+    """ResetEvent is the default session put back as the server started it
+    (step count 0).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ResetEvent: _TypeAlias = ResetEvent  # noqa: Y015
+
+@_typing.final
+class EndEvent(_message.Message):
+    """EndEvent ends a watch."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REASON_FIELD_NUMBER: _builtins.int
+    reason: Global___WatchEnd.ValueType
+    """Why the watch ends."""
+    def __init__(
+        self,
+        *,
+        reason: Global___WatchEnd.ValueType = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["reason", b"reason"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___EndEvent: _TypeAlias = EndEvent  # noqa: Y015

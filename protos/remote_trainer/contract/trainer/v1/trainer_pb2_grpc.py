@@ -136,6 +136,11 @@ class TrainerServiceStub:
                 request_serializer=remote__trainer_dot_contract_dot_trainer_dot_v1_dot_trainer__pb2.TrainStepRequest.SerializeToString,
                 response_deserializer=remote__trainer_dot_contract_dot_trainer_dot_v1_dot_trainer__pb2.TrainStepResponse.FromString,
                 _registered_method=True)
+        self.WatchSession = channel.unary_stream(
+                '/trainer.v1.TrainerService/WatchSession',
+                request_serializer=remote__trainer_dot_contract_dot_trainer_dot_v1_dot_trainer__pb2.WatchSessionRequest.SerializeToString,
+                response_deserializer=remote__trainer_dot_contract_dot_trainer_dot_v1_dot_trainer__pb2.WatchSessionResponse.FromString,
+                _registered_method=True)
 
 
 class TrainerServiceServicer:
@@ -296,6 +301,19 @@ class TrainerServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def WatchSession(self, request, context):
+        """WatchSession sends a session's events as they happen (each optimizer
+        step with its loss, gradient norm, learning rate and throughput; freezes,
+        head changes, checkpoints; the session's end), after a few recent ones,
+        until the session ends (its end is the last event) or the server stops.
+        It changes nothing. A watcher that reads too slowly misses events and is
+        told how many (missed); it never slows the session's calls. Only the
+        session's owner may watch it, as for every call (docs/watch.md).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_TrainerServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -398,6 +416,11 @@ def add_TrainerServiceServicer_to_server(servicer, server):
                     servicer.TrainStep,
                     request_deserializer=remote__trainer_dot_contract_dot_trainer_dot_v1_dot_trainer__pb2.TrainStepRequest.FromString,
                     response_serializer=remote__trainer_dot_contract_dot_trainer_dot_v1_dot_trainer__pb2.TrainStepResponse.SerializeToString,
+            ),
+            'WatchSession': grpc.unary_stream_rpc_method_handler(
+                    servicer.WatchSession,
+                    request_deserializer=remote__trainer_dot_contract_dot_trainer_dot_v1_dot_trainer__pb2.WatchSessionRequest.FromString,
+                    response_serializer=remote__trainer_dot_contract_dot_trainer_dot_v1_dot_trainer__pb2.WatchSessionResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -942,6 +965,33 @@ class TrainerService:
             '/trainer.v1.TrainerService/TrainStep',
             remote__trainer_dot_contract_dot_trainer_dot_v1_dot_trainer__pb2.TrainStepRequest.SerializeToString,
             remote__trainer_dot_contract_dot_trainer_dot_v1_dot_trainer__pb2.TrainStepResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WatchSession(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/trainer.v1.TrainerService/WatchSession',
+            remote__trainer_dot_contract_dot_trainer_dot_v1_dot_trainer__pb2.WatchSessionRequest.SerializeToString,
+            remote__trainer_dot_contract_dot_trainer_dot_v1_dot_trainer__pb2.WatchSessionResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -102,6 +102,15 @@ class TrainerServiceStub:
     a local training loop: optimizer.zero_grad() (when asked), logits =
     model(input), loss(logits, labels).backward(), optimizer.step().
     """
+    WatchSession: _grpc.UnaryStreamMultiCallable[_trainer_pb2.WatchSessionRequest, _trainer_pb2.WatchSessionResponse]
+    """WatchSession sends a session's events as they happen (each optimizer
+    step with its loss, gradient norm, learning rate and throughput; freezes,
+    head changes, checkpoints; the session's end), after a few recent ones,
+    until the session ends (its end is the last event) or the server stops.
+    It changes nothing. A watcher that reads too slowly misses events and is
+    told how many (missed); it never slows the session's calls. Only the
+    session's owner may watch it, as for every call (docs/watch.md).
+    """
 
 @_typing.type_check_only
 class TrainerServiceAsyncStub(TrainerServiceStub):
@@ -170,6 +179,15 @@ class TrainerServiceAsyncStub(TrainerServiceStub):
     """TrainStep runs one whole training step in one round trip, in the order of
     a local training loop: optimizer.zero_grad() (when asked), logits =
     model(input), loss(logits, labels).backward(), optimizer.step().
+    """
+    WatchSession: _aio.UnaryStreamMultiCallable[_trainer_pb2.WatchSessionRequest, _trainer_pb2.WatchSessionResponse]  # type: ignore[assignment]
+    """WatchSession sends a session's events as they happen (each optimizer
+    step with its loss, gradient norm, learning rate and throughput; freezes,
+    head changes, checkpoints; the session's end), after a few recent ones,
+    until the session ends (its end is the last event) or the server stops.
+    It changes nothing. A watcher that reads too slowly misses events and is
+    told how many (missed); it never slows the session's calls. Only the
+    session's owner may watch it, as for every call (docs/watch.md).
     """
 
 class TrainerServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -356,6 +374,21 @@ class TrainerServiceServicer(metaclass=_abc_1.ABCMeta):
         """TrainStep runs one whole training step in one round trip, in the order of
         a local training loop: optimizer.zero_grad() (when asked), logits =
         model(input), loss(logits, labels).backward(), optimizer.step().
+        """
+
+    @_abc_1.abstractmethod
+    def WatchSession(
+        self,
+        request: _trainer_pb2.WatchSessionRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_trainer_pb2.WatchSessionResponse], _abc.AsyncIterator[_trainer_pb2.WatchSessionResponse]]:
+        """WatchSession sends a session's events as they happen (each optimizer
+        step with its loss, gradient norm, learning rate and throughput; freezes,
+        head changes, checkpoints; the session's end), after a few recent ones,
+        until the session ends (its end is the last event) or the server stops.
+        It changes nothing. A watcher that reads too slowly misses events and is
+        told how many (missed); it never slows the session's calls. Only the
+        session's owner may watch it, as for every call (docs/watch.md).
         """
 
 def add_TrainerServiceServicer_to_server(servicer: TrainerServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
