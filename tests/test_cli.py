@@ -155,7 +155,7 @@ def test_entry_point_help_and_unreachable_server() -> None:
     done = subprocess.run([str(CLI), "--help"], capture_output=True, text=True, timeout=60, check=False)
     assert done.returncode == 0
     commands = ("health", "info", "step", "grads", "freeze", "replace-head", "graph",
-                "sessions", "reset", "optimizer", "zero-grad", "checkpoint", "predict", "train")
+                "sessions", "reset", "optimizer", "zero-grad", "checkpoint", "predict", "train", "watch")
     listed = re.findall(r"^    (\S+) ", done.stdout, re.M)
     assert tuple(listed) == commands  # every command, in this order
     module = subprocess.run([sys.executable, "-m", "remote_trainer.client.cli", "--help"],

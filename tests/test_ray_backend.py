@@ -52,6 +52,7 @@ from tests import test_train_step as train_steps  # noqa: E402
 from tests import test_training as training  # noqa: E402
 from tests import test_training_visible as training_visible  # noqa: E402
 from tests import test_transfer as transfer  # noqa: E402
+from tests import test_watch as watch  # noqa: E402
 from tests import test_weights as weights  # noqa: E402
 from tests.conftest import WEIGHTS_NAME, assert_equal_to_local, rand  # noqa: E402
 from tests.test_server_process import start, stop  # noqa: E402
@@ -183,7 +184,7 @@ def ray_session(ray_owner: TrainerClient) -> Iterator[Session]:
 # the address of a server (target; on the server's own Ray, tests/test_ray_own.py), unless NOT_ON_RAY
 # says why not. A new test in these modules runs on Ray by itself, or fails collection until it is
 # placed. test_fast_paths.py's step on each fast path: test_a_session_on_a_fast_path_... below.
-FIDELITY_MODULES = [training, train_steps, transfer, weights, remote_model, concurrency, aio, training_visible]
+FIDELITY_MODULES = [training, train_steps, transfer, weights, remote_model, concurrency, aio, training_visible, watch]
 # What these tests may ask for, on a cluster front-end (its clients carry a token) ...
 ON_THE_CLUSTER = {"session", "client", "local", "state_dict", "data_dir", "monkeypatch", "tmp_path"}
 # ... and on the server's own Ray, which has no tokens (clients made from the bare address).
@@ -211,6 +212,13 @@ NOT_ON_RAY = {
     "test_the_tutorials_freeze_loop_sends_one_call_and_reading_requires_grad_sends_none":
         "counts the calls in the log of a server in this process (rpc_log); the SDK sends the same calls "
         "whatever the backend",
+    "test_only_the_sessions_owner_may_watch_it": "a local server of its own with tokens (watch_server); ownership "
+                                                 "is the store's, checked as for DescribeSession on both backends",
+    "test_watchers_are_bounded_and_hold_no_worker": "a local server of its own with small limits (watch_server); the "
+                                                    "limits and the hub are the front-end's on both backends",
+    "test_checkpoints_and_expiry_end_to_end": "moves the clock of a local server's store (watch_server)",
+    "test_a_stopping_server_ends_every_watch_at_once": "starts and stops a local server of its own",
+    "test_the_grpcurl_recipe_of_the_docs_runs_as_written": "starts a fresh local server, as the docs' recipe expects",
 }
 
 

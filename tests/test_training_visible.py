@@ -168,7 +168,7 @@ def test_an_observer_that_fails_never_fails_the_call_nor_silences_the_others(cap
     heard: list[tuple[str, object]] = []
 
     class Failing(CallObserver):
-        def call_finished(self, method: str, session_id: str | None, code: str, seconds: float) -> None:
+        def call_finished(self, method: str, session_id: str | None, code: str, seconds: float, reason: str = "") -> None:
             raise OSError("no space left on device")
 
         def backwarded(self, session_id: str, session: Any, loss: float | None, grad_norm: float | None,
@@ -176,7 +176,7 @@ def test_an_observer_that_fails_never_fails_the_call_nor_silences_the_others(cap
             raise OSError("no space left on device")
 
     class Listening(CallObserver):
-        def call_finished(self, method: str, session_id: str | None, code: str, seconds: float) -> None:
+        def call_finished(self, method: str, session_id: str | None, code: str, seconds: float, reason: str = "") -> None:
             heard.append(("call_finished", code))
 
         def backwarded(self, session_id: str, session: Any, loss: float | None, grad_norm: float | None,
