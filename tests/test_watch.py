@@ -55,6 +55,8 @@ from tests.test_grpcurl import grpcurl_path, json_messages
 ROOT = Path(__file__).resolve().parent.parent
 CLI = Path(sys.executable).with_name("trainer-client")
 WATCH_SECONDS = 300.0  # no watch here outlives this, whatever fails
+# A watch that must be refused at once: were it let in, it would end after this long with no event.
+REFUSED_SECONDS = 10.0
 # A client that takes in little of a stream it does not read: HTTP/2 windows of 1 KiB, never grown.
 SMALL_WINDOWS = [("grpc.http2.bdp_probe", 0), ("grpc.http2.lookahead_bytes", 1024)]
 
@@ -289,13 +291,13 @@ def test_only_the_sessions_owner_may_watch_it(watch_server: TrainerServer) -> No
             with pytest.raises(NotFoundError) as described:
                 theirs.info()
             with pytest.raises(NotFoundError) as watched:
-                next(iter(theirs.watch(timeout=WATCH_SECONDS)))
+                next(iter(theirs.watch(timeout=REFUSED_SECONDS)))
             assert (watched.value.reason, watched.value.message) == (described.value.reason, described.value.message)
             assert watched.value.reason == "SESSION_NOT_FOUND"
             with pytest.raises(NotFoundError):
-                next(iter(alice.session("f" * 32).watch(timeout=WATCH_SECONDS)))
+                next(iter(alice.session("f" * 32).watch(timeout=REFUSED_SECONDS)))
             with pytest.raises(UnauthenticatedError):
-                next(iter(nobody.session(mine.session_id).watch(timeout=WATCH_SECONDS)))
+                next(iter(nobody.session(mine.session_id).watch(timeout=REFUSED_SECONDS)))
             alice.session().step()
             default = Reader(bob.session().watch(recent=1, timeout=5))  # ends by itself: the default session never closes
             assert step_of(default.next()).step_count == 1  # in place
@@ -314,12 +316,12 @@ def test_watchers_are_bounded_and_hold_no_worker(watch_server: TrainerServer) ->
         for reader in on_a:
             assert step_of(reader.next()).step_count == 1  # each in place
         with pytest.raises(ResourceExhaustedError) as per_session:
-            next(iter(a.watch(timeout=WATCH_SECONDS)))
+            next(iter(a.watch(timeout=REFUSED_SECONDS)))
         assert per_session.value.reason == "TOO_MANY_SESSION_WATCHERS" and "max_watchers_per_session=2" in per_session.value.message
         on_b = Reader(b.watch(recent=1, timeout=WATCH_SECONDS))
         assert step_of(on_b.next()).step_count == 1
         with pytest.raises(ResourceExhaustedError) as in_all:
-            next(iter(b.watch(timeout=WATCH_SECONDS)))
+            next(iter(b.watch(timeout=REFUSED_SECONDS)))
         assert in_all.value.reason == "TOO_MANY_WATCHERS" and "max_watchers=3" in in_all.value.message
         result = a.train_step(rand(1, 3, 64, 64), "cross_entropy", np.array([7]), timeout=60)  # the one worker is free
     for reader in on_a:
