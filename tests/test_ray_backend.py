@@ -10,8 +10,8 @@ run against a session, each fast path included; those that cannot say why in NOT
 that need a bare address run on the server's own Ray, tests/test_ray_own.py); sessions spread over
 the nodes; a session made through one front-end is trained through the other, and survives a
 front-end restart; ownership and the session limits hold across front-ends; a killed node makes its
-sessions UNAVAILABLE SESSION_LOST within seconds (naming the last checkpoint) while the others go
-on; and a session restored from that checkpoint on the surviving node continues bit-identically.
+sessions UNAVAILABLE SESSION_LOST within seconds (naming the last checkpoint), and ends their
+watches saying so, while the others go on; and a session restored from that checkpoint on the surviving node continues bit-identically.
 Select with ``-m ray``. The front-end's proxy alone, without a cluster: tests/test_ray_proxy.py.
 """
 
@@ -502,6 +502,8 @@ def test_a_killed_node_loses_only_its_sessions_and_recovery_is_bit_identical(
         checkpoint = f"auto-{doomed.session_id}.ckpt"
         after_three = doomed.parameters(include_buffers=True)
         train(other, *batches[0])
+        watched = watch.Reader(doomed.watch(recent=1, timeout=watch.WATCH_SECONDS))  # on the front-end that trains it
+        assert watch.step_of(watched.next()).step_count == 3  # in place
 
         ray_cluster.cluster.remove_node(ray_cluster.workers.pop(doomed_node), allow_graceful=False)  # SIGKILL
         killed = time.monotonic()
@@ -523,6 +525,7 @@ def test_a_killed_node_loses_only_its_sessions_and_recovery_is_bit_identical(
         assert time.monotonic() - killed < 30
         assert checkpoint in err.message and "step 2" in err.message
         assert err.metadata.get("checkpoint") == checkpoint
+        watch.assert_ended(watched.rest(), "session_lost")  # its watch ended when this front-end met the loss
         # The other front-end, which never called it, says the same; a stranger still sees nothing.
         lost = expect_error(alice_b.session(doomed.session_id).info, grpc.StatusCode.UNAVAILABLE, "SESSION_LOST")
         assert checkpoint in lost.message
