@@ -117,7 +117,7 @@ def assert_follows(events: list[SessionEvent]) -> None:
 
 def test_each_step_arrives_with_the_numbers_its_call_returned(client: TrainerClient, local: nn.Module) -> None:
     """A training loop through every way to step (TrainStep; Forward then Backward with step;
-    Forward, Backward, Step), a freeze, a new head and a new learning rate: each step's event has
+    Forward, Backward, Step), a freeze, a new head and a new optimizer: each step's event has
     the step count, loss and gradient norm the call returned (the losses local PyTorch's), the
     learning rate, and samples a second from its iteration's time; the close ends the watch."""
     x = [rand(2, 3, 64, 64, seed=i) for i in range(5)]
@@ -135,7 +135,7 @@ def test_each_step_arrives_with_the_numbers_its_call_returned(client: TrainerCli
         assert session.step() == 4
         frozen = session.freeze("layer1")
         session.replace_head(10, seed=1)
-        session.configure_optimizer(lr=0.05)
+        replaced = session.configure_optimizer(lr=0.05)
         fifth = session.train_step(x[4], "cross_entropy", np.array([3, 9]), grad_norm=True)  # the head has 10 classes
     events = reader.rest()
     assert_follows(events)
@@ -159,8 +159,8 @@ def test_each_step_arrives_with_the_numbers_its_call_returned(client: TrainerCli
     losses[3].backward()
     optimizer.step()
 
-    assert [e.kind for e in events] == ["step", "step", "step", "freeze", "head", "step", "end"]
-    steps = [step_of(e) for e in [joined, *events[:3], events[5]]]
+    assert [e.kind for e in events] == ["step", "step", "step", "freeze", "head", "optimizer", "step", "end"]
+    steps = [step_of(e) for e in [joined, *events[:3], events[6]]]
     results = [(1, first.loss, first.grad_norm), (2, second.loss, second.grad_norm), (3, third.loss, third.grad_norm),
                (4, fourth.loss, fourth.grad_norm), (5, fifth.loss, fifth.grad_norm)]
     assert [(s.step_count, s.loss, s.grad_norm) for s in steps] == results  # what the calls returned, exactly
@@ -172,6 +172,7 @@ def test_each_step_arrives_with_the_numbers_its_call_returned(client: TrainerCli
         assert step.samples_per_second == pytest.approx(2 / step.seconds)
     assert events[3].detail == FreezeEvent(["layer1"], False, len(frozen.changed), len(frozen.trainable), frozen.frozen_count)
     assert events[4].detail == HeadEvent(10)
+    assert events[5].detail == replaced and replaced.lr == 0.05
     assert_ended(events, "session_closed")
 
 
@@ -333,21 +334,26 @@ def test_watchers_are_bounded_and_hold_no_worker(watch_server: TrainerServer) ->
 
 
 def test_checkpoints_and_expiry_end_to_end(watch_server: TrainerServer, clock: FakeClock) -> None:
-    """A checkpoint written by a call and one written automatically (every 2 steps), one loaded, then
-    the session expires: its watch ends saying so."""
+    """A checkpoint written by a call and one written automatically (every 2 steps), one loaded (the
+    steps after it at the checkpoint's learning rate, not the one set since), then the session
+    expires: its watch ends saying so."""
     with connect(watch_server, "alice") as alice:
         session = alice.create_session(WEIGHTS_NAME)
         session.step()
         reader = Reader(session.watch(recent=1, timeout=WATCH_SECONDS))
         reader.next()
         saved = session.save_checkpoint("watched.ckpt")
+        session.configure_optimizer(lr=0.2)
         session.step()  # step 2: the automatic checkpoint
-        loaded = session.load_checkpoint("watched.ckpt")
+        loaded = session.load_checkpoint("watched.ckpt")  # step 1 again, and lr 0.01
+        session.step()
         clock.now += IDLE_SECONDS + 1
         watch_server.servicer.forget_sessions(watch_server.store.expire_idle())
         events = reader.rest()
-    assert [e.kind for e in events] == ["checkpoint_saved", "step", "checkpoint_saved", "checkpoint_loaded", "end"]
-    written, _, automatic, back, _ = [e.detail for e in events]
+    assert [e.kind for e in events] == ["checkpoint_saved", "optimizer", "step", "checkpoint_saved", "checkpoint_loaded",
+                                        "step", "checkpoint_saved", "end"]
+    assert [(step_of(e).step_count, step_of(e).learning_rate) for e in events if e.kind == "step"] == [(2, 0.2), (2, 0.01)]
+    written, _, _, automatic, back, _, _, _ = [e.detail for e in events]
     assert isinstance(written, CheckpointEvent) and (written.name, written.step_count, written.automatic) == ("watched.ckpt", saved, False)
     assert written.size_bytes > 40_000_000
     assert isinstance(automatic, CheckpointEvent) and automatic.automatic

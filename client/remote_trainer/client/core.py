@@ -513,7 +513,7 @@ def _checkpoint_event(msg: pb.CheckpointEvent) -> CheckpointEvent:
 def session_event(response: pb.WatchSessionResponse) -> SessionEvent:
     """One event of a watch, as the SDK's dataclasses."""
     kind = response.WhichOneof("event")
-    detail: StepEvent | FreezeEvent | HeadEvent | CheckpointEvent | ResetEvent | EndEvent | None = None
+    detail: StepEvent | FreezeEvent | HeadEvent | Optimizer | CheckpointEvent | ResetEvent | EndEvent | None = None
     if kind == "step":
         s = response.step
         detail = StepEvent(s.step_count, s.loss if s.HasField("loss") else None, s.grad_norm if s.HasField("grad_norm") else None,
@@ -523,6 +523,8 @@ def session_event(response: pb.WatchSessionResponse) -> SessionEvent:
         detail = FreezeEvent(list(f.patterns), f.unfreeze, f.changed_count, f.trainable_count, f.frozen_count)
     elif kind == "head":
         detail = HeadEvent(response.head.num_classes)
+    elif kind == "optimizer":
+        detail = optimizer(response.optimizer)
     elif kind == "checkpoint_saved":
         detail = _checkpoint_event(response.checkpoint_saved)
     elif kind == "checkpoint_loaded":

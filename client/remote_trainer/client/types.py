@@ -264,14 +264,14 @@ class EndEvent:
     reason: WatchEndReason
 
 
-EventKind = Literal["step", "freeze", "head", "checkpoint_saved", "checkpoint_loaded", "reset", "end", "unknown"]
+EventKind = Literal["step", "freeze", "head", "optimizer", "checkpoint_saved", "checkpoint_loaded", "reset", "end", "unknown"]
 
 
 @dataclass(frozen=True)
 class SessionEvent:
     """One event of a watched session: its ``kind`` and what it holds (``detail``: ``StepEvent``,
-    ``FreezeEvent``, ``HeadEvent``, ``CheckpointEvent``, ``ResetEvent`` or ``EndEvent``; None for
-    a kind this SDK does not know).
+    ``FreezeEvent``, ``HeadEvent``, ``Optimizer`` (the new one), ``CheckpointEvent``, ``ResetEvent``
+    or ``EndEvent``; None for a kind this SDK does not know).
 
     ``sequence`` numbers the session's events on the server (on the Ray backend: on the front-end
     the watch goes through), from 1; ``unix_seconds`` is when it happened; ``missed`` how many
@@ -284,7 +284,7 @@ class SessionEvent:
     missed: int
     recent: bool
     kind: EventKind
-    detail: StepEvent | FreezeEvent | HeadEvent | CheckpointEvent | ResetEvent | EndEvent | None
+    detail: StepEvent | FreezeEvent | HeadEvent | Optimizer | CheckpointEvent | ResetEvent | EndEvent | None
 
     @property
     def step(self) -> StepEvent | None:

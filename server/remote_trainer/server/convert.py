@@ -24,7 +24,7 @@ from remote_trainer.engine.results import Graph, NamedTensor, ParameterInfo, Ses
 from remote_trainer.engine.tensors import generate
 from remote_trainer.engine.transforms import InputTransform
 from remote_trainer.engine.errors import Abandoned, ResourceExhausted, invalid
-from remote_trainer.server.events import CheckpointLoaded, CheckpointSaved, Froze, HeadReplaced, WasReset
+from remote_trainer.server.events import CheckpointLoaded, CheckpointSaved, Froze, HeadReplaced, OptimizerReplaced, WasReset
 from remote_trainer.server.watch import Ended, SessionEvent, Stepped
 from remote_trainer.contract.trainer.v1 import trainer_pb2 as pb
 
@@ -312,6 +312,8 @@ def watch_event(event: SessionEvent, missed: int, recent: bool = False) -> pb.Wa
                                                 trainable_count=what.trainable, frozen_count=what.frozen))
     elif isinstance(what, HeadReplaced):
         response.head.num_classes = what.num_classes
+    elif isinstance(what, OptimizerReplaced):
+        response.optimizer.CopyFrom(optimizer_config(what.optimizer))
     elif isinstance(what, CheckpointSaved):
         response.checkpoint_saved.CopyFrom(pb.CheckpointEvent(name=what.name, step_count=what.step_count,
                                                               size_bytes=what.size_bytes, automatic=what.automatic))

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 if TYPE_CHECKING:  # the engine's protocol imports torch; events only pass sessions along
+    from remote_trainer.engine.optimizer import OptimizerSpec
     from remote_trainer.engine.protocol import Engine
 
 
@@ -43,6 +44,13 @@ class HeadReplaced:
 
 
 @dataclass(frozen=True)
+class OptimizerReplaced:
+    """A ConfigureOptimizer call was taken: the new optimizer's settings."""
+
+    optimizer: OptimizerSpec
+
+
+@dataclass(frozen=True)
 class CheckpointSaved:
     """A checkpoint of the session was written (``automatic``: by the server's ``checkpoint_every``)."""
 
@@ -66,7 +74,7 @@ class WasReset:
 
 
 # A change to a session other than training (``CallObserver.session_changed``).
-Change = Froze | HeadReplaced | CheckpointSaved | CheckpointLoaded | WasReset
+Change = Froze | HeadReplaced | OptimizerReplaced | CheckpointSaved | CheckpointLoaded | WasReset
 
 
 class CallObserver(Protocol):
@@ -96,8 +104,8 @@ class CallObserver(Protocol):
         return None
 
     def session_changed(self, session_id: str, change: Change) -> None:
-        """The session was changed other than by training: layers frozen, head replaced, checkpoint
-        written or loaded, reset."""
+        """The session was changed other than by training: layers frozen, head or optimizer replaced,
+        checkpoint written or loaded, reset."""
         return None
 
     def session_closed(self, session_id: str, ending: Ending = "closed") -> None:

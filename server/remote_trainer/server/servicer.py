@@ -25,7 +25,9 @@ from remote_trainer.engine.errors import TrainerError, Unavailable, invalid
 from remote_trainer.engine.operation import Operation
 from remote_trainer.server.calls import current_call
 from remote_trainer.server.client_tokens import Once
-from remote_trainer.server.events import CallObserver, CheckpointLoaded, CheckpointSaved, Froze, HeadReplaced, WasReset
+from remote_trainer.server.events import (
+    CallObserver, CheckpointLoaded, CheckpointSaved, Froze, HeadReplaced, OptimizerReplaced, WasReset,
+)
 from remote_trainer.server.rpc import Context, operation_of, pushed, streaming, unary
 from remote_trainer.server.sessions import DEFAULT_SESSION_ID, Sessions
 from remote_trainer.server.streams import Emit, StreamBytes
@@ -323,6 +325,7 @@ class TrainerServicer:
                 raise invalid("optimizer", "give the optimizer's kind (and any settings); a new session's default is "
                               "kind SGD with lr 0.01 and momentum 0.9", "NO_OPTIMIZER")
             spec = engine.configure_optimizer(convert.optimizer_spec(request.optimizer), operation=operation)
+        self.observer.session_changed(request.session_id or DEFAULT_SESSION_ID, OptimizerReplaced(spec))
         return pb.ConfigureOptimizerResponse(optimizer=convert.optimizer_config(spec))
 
     @unary

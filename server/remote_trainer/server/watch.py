@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal
 
 from remote_trainer.engine.errors import ResourceExhausted, Unavailable
-from remote_trainer.server.events import CallObserver, Change, Ending
+from remote_trainer.server.events import CallObserver, Change, CheckpointLoaded, Ending, HeadReplaced, OptimizerReplaced, WasReset
 from remote_trainer.server.session_policy import DEFAULT_SESSION_ID
 
 if TYPE_CHECKING:  # the engine's protocol imports torch; the hub only asks a session its learning rate
@@ -153,6 +153,10 @@ class _Session:
     recent: deque[SessionEvent] = field(default_factory=lambda: deque(maxlen=RECENT))
     watchers: set[Watcher] = field(default_factory=set)
     iteration: _Iteration = field(default_factory=_Iteration)
+    # The optimizer's learning rate as last heard (None: ask the session at its next step). Asked
+    # once, then told by the calls that replace the optimizer, so a step costs no call to the
+    # session (with the Ray backend one to its actor); a load, a reset or a new head asks again.
+    learning_rate: float | None = None
 
 
 class SessionEvents(CallObserver):
@@ -233,17 +237,26 @@ class SessionEvents(CallObserver):
             iteration.loss, iteration.grad_norm = loss, grad_norm
 
     def stepped(self, session_id: str, session: Engine, step_count: int) -> None:
-        learning_rate = session.describe().optimizer.lr  # as the call left it (it holds the session's turn)
         now = time.monotonic()
         with self._lock:
+            learning_rate = self._state(session_id).learning_rate
+        if learning_rate is None:  # as the call left it (it holds the session's turn)
+            learning_rate = session.describe().optimizer.lr
+        with self._lock:
             state = self._state(session_id)
+            state.learning_rate = learning_rate
             done, state.iteration = state.iteration, _Iteration()
             seconds = 0.0 if done.started is None else now - done.started
             self._publish(state, Stepped(step_count, done.loss, done.grad_norm, learning_rate, seconds, done.samples))
 
     def session_changed(self, session_id: str, change: Change) -> None:
         with self._lock:
-            self._publish(self._state(session_id), change)
+            state = self._state(session_id)
+            if isinstance(change, OptimizerReplaced):
+                state.learning_rate = change.optimizer.lr
+            elif isinstance(change, (CheckpointLoaded, WasReset, HeadReplaced)):
+                state.learning_rate = None
+            self._publish(state, change)
 
     def session_closed(self, session_id: str, ending: Ending = "closed") -> None:
         with self._lock:
@@ -255,6 +268,9 @@ class SessionEvents(CallObserver):
     def call_finished(self, method: str, session_id: str | None, code: str, seconds: float, reason: str = "") -> None:
         if reason == "SESSION_LOST" and session_id is not None:  # a call met the session's Ray actor gone
             self.session_closed(session_id, "lost")
+        elif reason == "SESSION_RESTARTED":  # the default session made again, fresh: its optimizer too
+            with self._lock:
+                self._state(DEFAULT_SESSION_ID).learning_rate = None
 
     # -- inside the lock -------------------------------------------------------------------------
 

@@ -18,9 +18,9 @@ from collections import deque
 from collections.abc import Iterable, Sequence
 from typing import Any, TextIO
 
-from remote_trainer.client.cli.output import fmt
+from remote_trainer.client.cli.output import fmt, optimizer_text
 from remote_trainer.client.client import Session, TrainerClient
-from remote_trainer.client.types import CheckpointEvent, EndEvent, FreezeEvent, HeadEvent, SessionEvent, StepEvent
+from remote_trainer.client.types import CheckpointEvent, EndEvent, FreezeEvent, HeadEvent, Optimizer, SessionEvent, StepEvent
 
 BARS = "▁▂▃▄▅▆▇█"
 ASCII_BARS = "_.-:=+*#"  # where the terminal cannot print the block characters
@@ -61,6 +61,8 @@ def event_text(event: SessionEvent) -> str:
                 f"{detail.frozen_count} frozen")
     elif isinstance(detail, HeadEvent):
         text = f"new head: {detail.num_classes} classes"
+    elif isinstance(detail, Optimizer):
+        text = "new optimizer: " + optimizer_text(detail)
     elif isinstance(detail, CheckpointEvent):
         if event.kind == "checkpoint_saved":
             text = (f"checkpoint {'written (automatic)' if detail.automatic else 'written'}: {detail.name} at step "

@@ -2441,6 +2441,7 @@ class WatchSessionResponse(_message.Message):
     CHECKPOINT_LOADED_FIELD_NUMBER: _builtins.int
     RESET_FIELD_NUMBER: _builtins.int
     END_FIELD_NUMBER: _builtins.int
+    OPTIMIZER_FIELD_NUMBER: _builtins.int
     sequence: _builtins.int
     """The event's number among the session's events on this server (with the
     Ray backend: on this front-end), from 1, in the order they happened.
@@ -2485,6 +2486,10 @@ class WatchSessionResponse(_message.Message):
     def end(self) -> Global___EndEvent:
         """The watch ends, and why: the last event of the stream."""
 
+    @_builtins.property
+    def optimizer(self) -> Global___OptimizerConfig:
+        """The optimizer was replaced (ConfigureOptimizer): its settings."""
+
     def __init__(
         self,
         *,
@@ -2499,12 +2504,13 @@ class WatchSessionResponse(_message.Message):
         checkpoint_loaded: Global___CheckpointEvent | None = ...,
         reset: Global___ResetEvent | None = ...,
         end: Global___EndEvent | None = ...,
+        optimizer: Global___OptimizerConfig | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["checkpoint_loaded", b"checkpoint_loaded", "checkpoint_saved", b"checkpoint_saved", "end", b"end", "event", b"event", "freeze", b"freeze", "head", b"head", "reset", b"reset", "step", b"step"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["checkpoint_loaded", b"checkpoint_loaded", "checkpoint_saved", b"checkpoint_saved", "end", b"end", "event", b"event", "freeze", b"freeze", "head", b"head", "optimizer", b"optimizer", "reset", b"reset", "step", b"step"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["checkpoint_loaded", b"checkpoint_loaded", "checkpoint_saved", b"checkpoint_saved", "end", b"end", "event", b"event", "freeze", b"freeze", "head", b"head", "missed", b"missed", "recent", b"recent", "reset", b"reset", "sequence", b"sequence", "step", b"step", "unix_seconds", b"unix_seconds"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["checkpoint_loaded", b"checkpoint_loaded", "checkpoint_saved", b"checkpoint_saved", "end", b"end", "event", b"event", "freeze", b"freeze", "head", b"head", "missed", b"missed", "optimizer", b"optimizer", "recent", b"recent", "reset", b"reset", "sequence", b"sequence", "step", b"step", "unix_seconds", b"unix_seconds"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_event: _TypeAlias = _typing.Literal["step", "freeze", "head", "checkpoint_saved", "checkpoint_loaded", "reset", "end"]  # noqa: Y015
+    _WhichOneofReturnType_event: _TypeAlias = _typing.Literal["step", "freeze", "head", "checkpoint_saved", "checkpoint_loaded", "reset", "end", "optimizer"]  # noqa: Y015
     _WhichOneofArgType_event: _TypeAlias = _typing.Literal["event", b"event"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_event) -> _WhichOneofReturnType_event | None: ...
 

@@ -304,7 +304,7 @@ class TrainerServiceServicer:
     def WatchSession(self, request, context):
         """WatchSession sends a session's events as they happen (each optimizer
         step with its loss, gradient norm, learning rate and throughput; freezes,
-        head changes, checkpoints; the session's end), after a few recent ones,
+        head changes, optimizers, checkpoints; the session's end), after a few recent ones,
         until the session ends (its end is the last event) or the server stops.
         It changes nothing. A watcher that reads too slowly misses events and is
         told how many (missed); it never slows the session's calls. Only the

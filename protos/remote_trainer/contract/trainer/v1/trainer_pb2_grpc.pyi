@@ -105,7 +105,7 @@ class TrainerServiceStub:
     WatchSession: _grpc.UnaryStreamMultiCallable[_trainer_pb2.WatchSessionRequest, _trainer_pb2.WatchSessionResponse]
     """WatchSession sends a session's events as they happen (each optimizer
     step with its loss, gradient norm, learning rate and throughput; freezes,
-    head changes, checkpoints; the session's end), after a few recent ones,
+    head changes, optimizers, checkpoints; the session's end), after a few recent ones,
     until the session ends (its end is the last event) or the server stops.
     It changes nothing. A watcher that reads too slowly misses events and is
     told how many (missed); it never slows the session's calls. Only the
@@ -183,7 +183,7 @@ class TrainerServiceAsyncStub(TrainerServiceStub):
     WatchSession: _aio.UnaryStreamMultiCallable[_trainer_pb2.WatchSessionRequest, _trainer_pb2.WatchSessionResponse]  # type: ignore[assignment]
     """WatchSession sends a session's events as they happen (each optimizer
     step with its loss, gradient norm, learning rate and throughput; freezes,
-    head changes, checkpoints; the session's end), after a few recent ones,
+    head changes, optimizers, checkpoints; the session's end), after a few recent ones,
     until the session ends (its end is the last event) or the server stops.
     It changes nothing. A watcher that reads too slowly misses events and is
     told how many (missed); it never slows the session's calls. Only the
@@ -384,7 +384,7 @@ class TrainerServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_abc.Iterator[_trainer_pb2.WatchSessionResponse], _abc.AsyncIterator[_trainer_pb2.WatchSessionResponse]]:
         """WatchSession sends a session's events as they happen (each optimizer
         step with its loss, gradient norm, learning rate and throughput; freezes,
-        head changes, checkpoints; the session's end), after a few recent ones,
+        head changes, optimizers, checkpoints; the session's end), after a few recent ones,
         until the session ends (its end is the last event) or the server stops.
         It changes nothing. A watcher that reads too slowly misses events and is
         told how many (missed); it never slows the session's calls. Only the
