@@ -192,7 +192,9 @@ Where to read it:
   `error.reason is Reason.SESSION_NOT_FOUND` both hold; a reason this SDK does not know (from a newer
   server) stays a plain string;
 - `trainer-client`: the error line ends with the reason in brackets, `NOT_FOUND: ... [SESSION_NOT_FOUND]`;
-- grpcurl: `Details:` prints the ErrorInfo, `"reason":"SESSION_NOT_FOUND"`.
+- grpcurl: `Details:` prints the ErrorInfo, `"reason":"SESSION_NOT_FOUND"`; and
+  `grpcurl -plaintext localhost:50051 describe trainer.v1.ErrorReason` prints this catalogue from the
+  server.
 
 The catalogue is the `ErrorReason` enum of `protos/trainer/v1/errors.proto` (value
 `ERROR_REASON_SESSION_NOT_FOUND` is sent as reason `SESSION_NOT_FOUND`); this page is generated from its
