@@ -27,7 +27,6 @@ from remote_trainer.client.errors import (
     UnknownError,
 )
 from remote_trainer.client.retry import RetryPolicy
-from remote_trainer.contract.reasons import Reason
 from remote_trainer.client.types import (
     BackwardResult,
     CheckpointFile,
@@ -43,6 +42,7 @@ from remote_trainer.client.types import (
     Stats,
     TrainStepResult,
 )
+from remote_trainer.contract.reasons import Reason
 
 __all__ = [
     "AbortedError", "AlreadyExistsError", "BackwardResult", "Cancelled", "CheckpointFile", "DataLossError",

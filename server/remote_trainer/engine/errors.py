@@ -1,7 +1,8 @@
 """Typed domain errors of the training service.
 
 The torch work raises these; ``remote_trainer.server.status`` maps each kind to one gRPC status code in one table.
-This module imports neither grpc nor the generated code, so the engine stays free of transport.
+This module imports neither grpc nor the generated protobuf code, so the engine stays free of transport
+(the catalogue of reasons, ``remote_trainer.contract.reasons``, is plain Python).
 """
 
 from __future__ import annotations
