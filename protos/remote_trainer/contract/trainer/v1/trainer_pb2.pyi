@@ -1026,7 +1026,7 @@ class BackwardRequest(_message.Message):
     """Session to use; empty for the default session."""
     forward_id: _builtins.int
     """The forward to backpropagate through; 0 means the pending one. A
-    forward that is not the pending one is refused.
+    forward that is not the pending one is refused (STALE_FORWARD: docs/errors.md).
     """
     retain_graph: _builtins.bool
     """Keep the graph so that another Backward can run through it."""
@@ -1583,7 +1583,7 @@ class GetGradientsRequest(_message.Message):
     """Element type for transfer: FLOAT32 (unset), FLOAT16 or BFLOAT16."""
     skip_stats: _builtins.bool
     """Leave out the statistics (one pass fewer over the gradients): the
-    elements only. Refused together with stats_only.
+    elements only. Refused together with stats_only (NOTHING_TO_SEND).
     """
     pack_chunks: _builtins.bool
     """Let the server put several consecutive chunks in one response (in
@@ -1734,7 +1734,7 @@ class GetParametersRequest(_message.Message):
     """Also send the buffers (BatchNorm running_mean, running_var, num_batches_tracked)."""
     skip_stats: _builtins.bool
     """Leave out the statistics (one pass fewer over the tensors): the elements
-    only. Refused together with stats_only.
+    only. Refused together with stats_only (NOTHING_TO_SEND).
     """
     pack_chunks: _builtins.bool
     """Let the server put several consecutive chunks in one response (in
@@ -2069,7 +2069,7 @@ class DeleteCheckpointRequest(_message.Message):
     client_token: _builtins.str
     """A token of the client's choosing: a repeat of a delete with the same token
     (a retry whose answer was lost) answers as the first one did, where a new
-    delete of the same name is NOT_FOUND.
+    delete of the same name is NOT_FOUND (CHECKPOINT_NOT_FOUND).
     """
     def __init__(
         self,
