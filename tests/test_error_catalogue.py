@@ -34,6 +34,7 @@ from remote_trainer.contract.trainer.v1 import errors_pb2
 from remote_trainer.engine import errors as engine_errors
 from remote_trainer.server import status
 from tests.test_grpcurl import grpcurl_path
+from tests.test_server_process import start, stop
 
 ROOT = Path(__file__).resolve().parent.parent
 # The code that raises, reads or lists reasons: the contract (not its generated code), the SDK, the server.
@@ -197,11 +198,16 @@ def test_the_generated_catalogue_and_docs_are_current(tmp_path: Path) -> None:
         assert f"| `{reason.value}` | " in doc, reason
 
 
-def test_grpcurl_describes_the_catalogue_with_its_comments(target: str) -> None:
+def test_grpcurl_describes_the_catalogue_with_its_comments() -> None:
     """What docs/errors.md says: ``grpcurl describe trainer.v1.ErrorReason`` prints the catalogue (the
-    server's reflection serves errors.proto with its comments)."""
-    done = subprocess.run([grpcurl_path(), "-plaintext", target, "describe", "trainer.v1.ErrorReason"],
-                          capture_output=True, text=True, timeout=60)
+    server's reflection serves errors.proto with its comments). A server process of its own: this
+    one's imports must not be what puts errors.proto in the server's descriptor pool."""
+    process, port, _ = start("--weights", "random")
+    try:
+        done = subprocess.run([grpcurl_path(), "-plaintext", f"127.0.0.1:{port}", "describe", "trainer.v1.ErrorReason"],
+                              capture_output=True, text=True, timeout=60)
+    finally:
+        stop(process)
     assert done.returncode == 0, done.stderr
     assert "enum ErrorReason {" in done.stdout
     assert "  // Status: NOT_FOUND.\n  // Cause: no session has this id" in done.stdout
