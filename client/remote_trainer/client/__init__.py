@@ -1,4 +1,5 @@
-"""Python SDK of the training service: ``TrainerClient``, ``Session``, results, errors and ``RetryPolicy``.
+"""Python SDK of the training service: ``TrainerClient``, ``Session``, results, errors (with their
+``Reason``: docs/errors.md) and ``RetryPolicy``.
 
 Needs grpcio, protobuf and numpy only; torch tensors are accepted as inputs when torch is installed
 (``remote_trainer.client.remote.RemoteModel``, the server's model as an ``nn.Module``, needs torch).
@@ -41,12 +42,13 @@ from remote_trainer.client.types import (
     Stats,
     TrainStepResult,
 )
+from remote_trainer.contract.reasons import Reason
 
 __all__ = [
     "AbortedError", "AlreadyExistsError", "BackwardResult", "Cancelled", "CheckpointFile", "DataLossError",
     "DeadlineExceededError", "FailedPreconditionError", "FieldViolation", "ForwardResult", "FreezeResult", "Graph", "InputTransform",
     "InternalError", "InvalidArgumentError", "NamedTensor", "NotFoundError", "Optimizer", "OutOfRangeError", "ParameterInfo",
-    "ParameterList", "PermissionDeniedError", "ResourceExhaustedError", "RetryPolicy", "Session", "SessionInfo", "Stats",
+    "ParameterList", "PermissionDeniedError", "Reason", "ResourceExhaustedError", "RetryPolicy", "Session", "SessionInfo", "Stats",
     "TrainerClient", "TrainerError", "TrainStepResult", "UnauthenticatedError", "UnavailableError",
     "UnimplementedError", "UnknownError",
 ]

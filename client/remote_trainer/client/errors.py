@@ -1,7 +1,10 @@
 """One exception class per gRPC status code, carrying the server's ErrorInfo reason.
 
 ``from_rpc_error`` turns a ``grpc.RpcError`` into the matching ``TrainerError`` subclass, chained
-with ``from``. Catch ``TrainerError`` for any failure, or a subclass for one kind.
+with ``from``. Catch ``TrainerError`` for any failure, or a subclass for one kind. ``reason`` is a
+``Reason`` of the catalogue (docs/errors.md): ``error.reason is Reason.SESSION_NOT_FOUND`` and
+``error.reason == "SESSION_NOT_FOUND"`` both hold; a reason the catalogue lacks (a newer server's)
+stays the plain string, and an error without ErrorInfo has the empty reason.
 """
 
 from __future__ import annotations
@@ -12,6 +15,8 @@ from typing import cast
 import grpc
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
+
+from remote_trainer.contract.reasons import Reason, known
 
 
 @dataclass(frozen=True)
@@ -26,6 +31,7 @@ class TrainerError(Exception):
     """A failed call: the status code, the server's message, its reason and details."""
 
     code: grpc.StatusCode = grpc.StatusCode.UNKNOWN
+    reason: Reason | str
 
     def __init__(
         self,
@@ -36,7 +42,7 @@ class TrainerError(Exception):
     ) -> None:
         super().__init__(message)
         self.message = message
-        self.reason = reason
+        self.reason = known(reason)
         self.metadata = metadata or {}
         self.violations = violations
 
