@@ -9,7 +9,7 @@
 # wheels, rather than the CUDA build from PyPI, about 5.5 GB (torch plus the nvidia-* CUDA
 # libraries); it says which it chose and why. Where that index cannot be reached (a network that
 # reaches PyPI only), it says so and installs the build from PyPI after all. --cpu asks for the
-# CPU-only build whatever the host (and fails if it cannot be had), --cuda for the CUDA build.
+# CPU-only build whatever the host (and fails if pip finds none), --cuda for the CUDA build.
 #   scripts/setup.sh [dev] [--cpu | --cuda]
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -52,19 +52,23 @@ step "upgrading pip"
 # torch and torchvision are pinned in server/pyproject.toml (2.14.1 / 0.29.1).
 installed="torch from PyPI"
 if [ -n "$cpu" ]; then
-  installed="CPU-only torch"
   pins=$(grep -oE '"(torch|torchvision)==[^"]+"' server/pyproject.toml | tr -d '"' | tr '\n' ' ')
   step "installing CPU-only $pins from https://download.pytorch.org/whl/cpu"
   # shellcheck disable=SC2086  # the pins are separate arguments
-  if [ "$build" = cpu ]; then
-    .venv/bin/python -m pip install --progress-bar on --index-url https://download.pytorch.org/whl/cpu $pins
-  elif ! .venv/bin/python -m pip install --progress-bar on --retries 1 --timeout 20 \
-      --index-url https://download.pytorch.org/whl/cpu $pins; then
-    # Chosen by itself, not asked for: where only PyPI can be reached, the build from PyPI it is.
-    echo "setup: https://download.pytorch.org/whl/cpu could not be reached: the build from PyPI instead" \
-      "(the CUDA one, about 5.5 GB; it runs on the CPU as well)"
-    installed="torch from PyPI (the CPU-only index could not be reached)"
+  if ! .venv/bin/python -m pip install --progress-bar on --retries 1 --timeout 20 \
+      --index-url https://download.pytorch.org/whl/cpu $pins && [ "$build" = cpu ]; then
+    exit 1  # asked for by --cpu: no other build instead
   fi
+  # What came: the CPU-only build (a +cpu version), or, where that index could not be reached,
+  # whatever pip's other sources had (a mirror of PyPI), or nothing yet (PyPI's, installed below).
+  version=$(.venv/bin/python -c 'import importlib.metadata as m; print(m.version("torch"))' 2>/dev/null || echo "none")
+  case "$version" in
+    *+cpu) installed="CPU-only torch" ;;
+    *) echo "setup: torch $version, not the CPU-only build: https://download.pytorch.org/whl/cpu could not be" \
+         "reached (then PyPI's build, the CUDA one, about 5.5 GB; it runs on the CPU as well), or another" \
+         "build was installed already (remove .venv to start afresh)"
+       installed="torch from PyPI (not the CPU-only build)" ;;
+  esac
 fi
 # The single distribution of earlier versions (remote-trainer) would shadow the namespace: remove it.
 .venv/bin/python -m pip uninstall --quiet --yes remote-trainer 2>/dev/null || true
