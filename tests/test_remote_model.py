@@ -291,6 +291,7 @@ def test_to_and_cuda_say_that_the_model_stays_on_the_server_and_casts_are_refuse
         model.to(memory_format=torch.channels_last)
 
 
+@pytest.mark.filterwarnings("ignore:Using backward\\(\\) with create_graph=True")  # torch's own, about cycles
 def test_backward_with_create_graph_is_refused_before_anything_is_sent(session: Session, rpc_log: RpcLog) -> None:
     """The logits are differentiable once (the backward runs on the server): a double backward or a
     gradient penalty (``create_graph=True``) fails loudly rather than giving gradients with no graph."""
