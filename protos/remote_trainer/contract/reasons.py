@@ -411,6 +411,11 @@ class Reason(enum.StrEnum):
     SESSION_ALIVE = "SESSION_ALIVE"
     """FAILED_PRECONDITION: Raised by the SDK: Session.resume() on a session the server still holds (it
     was not lost). Do: Use the session as it is, or close it first to go back to its checkpoint."""
+    REQUEST_TOO_LARGE = "REQUEST_TOO_LARGE"
+    """RESOURCE_EXHAUSTED: Raised by the SDK before anything is built or sent: an input batch whose
+    bytes alone pass the largest message the client sends (max_message_bytes). Do: Send smaller
+    batches (the server takes at most its --max-message-bytes, --max-batch and
+    --max-input-elements)."""
 
 
 # Each reason's gRPC status code name (``grpc.StatusCode[STATUS[reason]]``).
@@ -530,6 +535,7 @@ STATUS: dict[Reason, str] = {
     Reason.SERVER_UNREACHABLE: "UNAVAILABLE",
     Reason.CLIENT_CALLS_IN_FLIGHT: "DEADLINE_EXCEEDED",
     Reason.SESSION_ALIVE: "FAILED_PRECONDITION",
+    Reason.REQUEST_TOO_LARGE: "RESOURCE_EXHAUSTED",
 }
 
 # Reasons no code raises any more, kept for old clients and the answers old checkpoints recorded.

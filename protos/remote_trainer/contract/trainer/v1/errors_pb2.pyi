@@ -738,6 +738,14 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     holds (it was not lost).
     Do: use the session as it is, or close it first to go back to its checkpoint.
     """
+    ERROR_REASON_REQUEST_TOO_LARGE: _ErrorReason.ValueType  # 116
+    """Status: RESOURCE_EXHAUSTED.
+    Cause: raised by the SDK before anything is built or sent: an input batch
+    whose bytes alone pass the largest message the client sends
+    (max_message_bytes).
+    Do: send smaller batches (the server takes at most its --max-message-bytes,
+    --max-batch and --max-input-elements).
+    """
 
 class ErrorReason(_ErrorReason, metaclass=_ErrorReasonEnumTypeWrapper):
     """ErrorReason names each google.rpc.ErrorInfo reason. Each value's comment
@@ -1445,5 +1453,13 @@ ERROR_REASON_SESSION_ALIVE: ErrorReason.ValueType  # 115
 Cause: raised by the SDK: Session.resume() on a session the server still
 holds (it was not lost).
 Do: use the session as it is, or close it first to go back to its checkpoint.
+"""
+ERROR_REASON_REQUEST_TOO_LARGE: ErrorReason.ValueType  # 116
+"""Status: RESOURCE_EXHAUSTED.
+Cause: raised by the SDK before anything is built or sent: an input batch
+whose bytes alone pass the largest message the client sends
+(max_message_bytes).
+Do: send smaller batches (the server takes at most its --max-message-bytes,
+--max-batch and --max-input-elements).
 """
 Global___ErrorReason: _TypeAlias = ErrorReason  # noqa: Y015
