@@ -5,7 +5,9 @@
 # (`from remote_trainer.contract.trainer.v1 import trainer_pb2`) with no rewriting, while the proto
 # package (and so the wire) stays `trainer.v1`. trainer.binpb is the descriptor set with the proto's
 # comments (source info), which the server's reflection serves so `grpcurl describe` prints them (the
-# _pb2 modules drop comments). The generated files are committed;
+# _pb2 modules drop comments). scripts/gen-errors.py then makes the error catalogue's readable forms
+# from the ErrorReason enum's comments in it: protos/remote_trainer/contract/reasons.py and
+# docs/errors.md. The generated files are committed;
 # `scripts/gen-protos.sh --check` fails when they are not current (CI runs it).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -14,8 +16,10 @@ PY=${PYTHON:-.venv/bin/python}
 PATH="$(dirname "$PY"):$PATH"
 generated=remote_trainer/contract/trainer/v1
 out=protos
+root=.  # where gen-errors.py writes protos/remote_trainer/contract/reasons.py and docs/errors.md
 if [ "${1:-}" = "--check" ]; then
   out=$(mktemp -d)
+  root=$out
   trap 'rm -rf "$out"' EXIT
 fi
 mkdir -p "$out/$generated"
@@ -24,13 +28,19 @@ mkdir -p "$out/$generated"
   --mypy_out="$out" --mypy_grpc_out="$out" \
   --include_source_info --descriptor_set_out="$out/$generated/trainer.binpb" \
   protos/trainer/v1/*.proto >/dev/null
+"$PY" scripts/gen-errors.py "$out/$generated/trainer.binpb" "$root"
 if [ "${1:-}" = "--check" ]; then
-  for f in "$out/$generated"/*; do
-    name=protos/$generated/$(basename "$f")
-    if ! cmp -s "$f" "$name"; then
-      echo "generated code is not current: $name (run scripts/gen-protos.sh)" >&2
+  current() {  # current MADE COMMITTED: fails, naming COMMITTED, when they differ
+    if ! cmp -s "$1" "$2"; then
+      echo "generated code is not current: $2 (run scripts/gen-protos.sh)" >&2
       exit 1
     fi
+  }
+  for f in "$out/$generated"/*; do
+    current "$f" "protos/$generated/$(basename "$f")"
+  done
+  for name in protos/remote_trainer/contract/reasons.py docs/errors.md; do
+    current "$root/$name" "$name"
   done
   echo "generated code is current"
 fi

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import re
 import subprocess
 import sys
@@ -167,7 +168,34 @@ def test_entry_point_help_and_unreachable_server() -> None:
     done = subprocess.run([str(CLI), "--target", "127.0.0.1:1", "--timeout", "5", "health"],
                           capture_output=True, text=True, timeout=60, check=False)
     assert done.returncode == 1 and done.stdout == ""
-    assert done.stderr.startswith("trainer-client: error: UNAVAILABLE: ") and done.stderr.count("\n") == 1
+    assert done.stderr.startswith("trainer-client: error: UNAVAILABLE: no server at 127.0.0.1:1 answered within 5 s") \
+        and done.stderr.count("\n") == 1
+    assert "is it running? (`trainer-server --port 1` starts one there" in done.stderr
 
     done = subprocess.run([str(CLI), "no-such-command"], capture_output=True, text=True, timeout=60, check=False)
     assert done.returncode == 2 and "invalid choice" in done.stderr
+
+
+@pytest.mark.parametrize("args", [["info"], ["step", "-n", "2", "--batch", "2", "--size", "32"]])
+def test_a_reader_that_stops_reading_ends_the_command_quietly(target: str, session: Session, args: list[str]) -> None:
+    """``trainer-client info | head -3``: once the reader has gone, the command stops, with status 0
+    and not a word (no "[Errno 32] Broken pipe", no "Exception ignored")."""
+    read, write = os.pipe()
+    os.close(read)  # the reader has gone before the first line is written
+    try:
+        done = subprocess.run([str(CLI), "--target", target, "--session", session.session_id, *args], stdout=write,
+                              stderr=subprocess.PIPE, text=True, timeout=120, check=False)
+    finally:
+        os.close(write)
+    assert (done.returncode, done.stderr) == (0, "")
+
+
+def test_a_batch_too_large_to_send_is_refused_before_it_is_made(target: str, session: Session) -> None:
+    """100000 images of 3x64x64 float32 are 4.6 GiB: refused at once from the shape, never generated
+    (the command runs with 3 GiB of address space)."""
+    command = f"ulimit -v 3000000; exec {CLI} --target {target} --session {session.session_id} step --batch 100000"
+    done = subprocess.run(["bash", "-c", command], capture_output=True, text=True, timeout=120, check=False)
+    assert (done.returncode, done.stdout) == (1, "")
+    assert done.stderr.startswith("trainer-client: error: RESOURCE_EXHAUSTED: an input of shape [100000, 3, 64, 64] (float32) "
+                                  "is 4,687.5 MiB, over the 512.0 MiB this client sends in one message"), done.stderr
+    assert done.stderr.rstrip().endswith("send smaller batches [REQUEST_TOO_LARGE]") and done.stderr.count("\n") == 1

@@ -1,11 +1,13 @@
 """The rest of trainer-client, run as the console script against a real server: sessions,
 optimizer, zero-grad, checkpoints, predict, reset and train; tables for people and --json for
-scripts, the numbers compared with local PyTorch."""
+scripts, the numbers compared with local PyTorch; and README's command-line walk-through, run as
+written, printing what README shows."""
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 import subprocess
 import sys
@@ -20,11 +22,17 @@ from torch import nn
 from torchvision import transforms
 
 from remote_trainer.client import TrainerClient
+from remote_trainer.client.cli import PROG
 from remote_trainer.server.app import TrainerServer, create_server
 from remote_trainer.server.settings import Settings
 from tests.conftest import WEIGHTS_NAME
+from tests.shown_output import assert_shown
 
 CLI = Path(sys.executable).with_name("trainer-client")
+ROOT = Path(__file__).resolve().parent.parent
+README_TARGET = "localhost:50051"
+# A console block of README's command-line section: ``$ COMMAND`` lines, each followed by what it prints.
+CONSOLE_BLOCK = re.compile(r"<!-- cli: ([\w-]+) -->\n```console\n(.*?)```", re.S)
 
 
 @pytest.fixture(scope="module")
@@ -215,3 +223,52 @@ def test_a_session_for_uint8_images_trained_from_the_shell_equals_local(cli: Any
     status, _, err = cli("step", "--uint8")  # the default session has no transform
     assert status == 1 and "INPUT_TRANSFORM_MISSING" in err
     cli("sessions", "close", sid)
+
+
+# -- README's walk-through -------------------------------------------------------------------------
+
+
+def readme_console_blocks() -> list[tuple[str, list[tuple[str, str]]]]:
+    """(name, [(command, shown output), ...]) of each marked console block of README, in order."""
+    blocks = []
+    for name, body in CONSOLE_BLOCK.findall((ROOT / "README.md").read_text()):
+        steps: list[tuple[str, list[str]]] = []
+        for line in body.splitlines():
+            if line.startswith("$ "):
+                steps.append((line[2:], []))
+            else:
+                steps[-1][1].append(line)
+        blocks.append((name, [(command, "\n".join(lines)) for command, lines in steps]))
+    return blocks
+
+
+@pytest.fixture(scope="module")
+def readme_cli_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TrainerServer]:
+    """A fresh server as README's walk-through starts it, `trainer-server --checkpoint-dir ckpt`:
+    random weights (seed 0), on the CPU (README shows a CPU's numbers)."""
+    running = create_server(Settings(port=0, weights="random", seed=0, device="cpu",
+                                     checkpoint_dir=str(tmp_path_factory.mktemp("ckpt"))))
+    yield running
+    running.stop(None).wait()
+
+
+def test_readme_command_line_walk_through_prints_what_readme_shows(readme_cli_server: TrainerServer, tmp_path: Path) -> None:
+    """Every ``$`` line of README's marked console blocks, run with bash as written (the server's
+    address in $TRAINER_TARGET, ``$SID`` the id ``sessions create`` printed), in order, prints what
+    README shows under it, line by line (session ids, times and dates aside); a command README shows
+    failing fails (status 1), the others succeed."""
+    blocks = readme_console_blocks()
+    assert [name for name, _ in blocks] == ["walk", "sessions"]
+    port = readme_cli_server.port
+    env = {k: v for k, v in os.environ.items() if k not in ("TRAINER_TOKEN", "TRAINER_TARGET")}
+    env.update(PATH=os.pathsep.join([str(CLI.parent), env.get("PATH", "")]), TRAINER_TARGET=f"localhost:{port}")
+    for name, steps in blocks:
+        for command, shown in steps:
+            done = subprocess.run(["bash", "-o", "pipefail", "-c", command], cwd=tmp_path, env=env, capture_output=True,
+                                  text=True, timeout=300, stdin=subprocess.DEVNULL, check=False)
+            printed = (done.stdout + done.stderr).replace(f"localhost:{port}", README_TARGET)
+            failing = f"{PROG}: error:" in shown
+            assert done.returncode == (1 if failing else 0), f"README's {command!r} ended with {done.returncode}:\n{printed}"
+            assert_shown("console", shown, printed, f"README's {name} block, {command!r}")
+            if created := re.match(r"created session ([0-9a-f]{32})", done.stdout):
+                env["SID"] = created[1]

@@ -13,7 +13,7 @@ import pytest
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
-from remote_trainer.client import Optimizer, Session, TrainerClient, TrainerError
+from remote_trainer.client import Optimizer, Reason, Session, TrainerClient, TrainerError
 from remote_trainer.client.errors import from_rpc_error
 from remote_trainer.contract import codec
 from remote_trainer.server.app import create_server
@@ -193,6 +193,7 @@ def test_unknown_and_closed_sessions(client: TrainerClient) -> None:
     with pytest.raises(TrainerError) as err:
         client.session("no-such-session").step()
     assert (err.value.code, err.value.reason) == (NOT_FOUND, "SESSION_NOT_FOUND")
+    assert err.value.reason is Reason.SESSION_NOT_FOUND  # the catalogue's type, from the wire's string
     s = client.create_session(WEIGHTS_NAME)
     s.close()
     s.close()  # idempotent

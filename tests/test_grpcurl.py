@@ -2,7 +2,9 @@
 
 Every ``sh`` block of README's "grpcurl by hand" section is marked ``<!-- grpcurl: NAME -->``; this
 test extracts them from README.md, runs them in order with bash (only ``localhost:50051`` becomes the
-test server's port) and checks what each printed. A README example that breaks fails here.
+test server's port) and checks what each printed: against local PyTorch, and against the output README
+shows right under the block (a ``json`` or ``text`` block), field by field (``shown_output``). A README
+example that breaks, or whose shown output went stale, fails here.
 """
 
 from __future__ import annotations
@@ -25,11 +27,14 @@ from torchvision.models import resnet18
 from remote_trainer.contract.names import IMAGENET_MEAN, IMAGENET_STD
 from remote_trainer.server.app import TrainerServer, create_server
 from remote_trainer.server.settings import Settings
+from tests.shown_output import assert_shown
 
 ROOT = Path(__file__).resolve().parent.parent
 README = ROOT / "README.md"
 SECTION = "## grpcurl by hand"
 MARKED_BLOCK = re.compile(r"<!-- grpcurl: ([\w-]+) -->\n```sh\n(.*?)```", re.S)
+# A marked block and the output shown right under it.
+SHOWN_BLOCK = re.compile(r"<!-- grpcurl: ([\w-]+) -->\n```sh\n(?:(?!```).)*```\n```(json|text)\n(.*?)```", re.S)
 README_TARGET = "localhost:50051"
 
 
@@ -43,6 +48,11 @@ def readme_section() -> str:
 def readme_commands() -> list[tuple[str, str]]:
     """(name, command) of each marked block of the section, in README order."""
     return [(name, body.strip()) for name, body in MARKED_BLOCK.findall(readme_section())]
+
+
+def readme_shown() -> dict[str, tuple[str, str]]:
+    """(kind, text) of the output README shows under a marked block, by the block's name."""
+    return {name: (kind, text) for name, kind, text in SHOWN_BLOCK.findall(readme_section())}
 
 
 def grpcurl_path() -> str:
@@ -73,8 +83,10 @@ def one(text: str) -> dict[str, Any]:
 
 @pytest.fixture(scope="module")
 def readme_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TrainerServer]:
-    """A fresh server as README starts it (random weights, seed 0, a checkpoint folder), on a free port."""
-    running = create_server(Settings(port=0, weights="random", seed=0, checkpoint_dir=str(tmp_path_factory.mktemp("ckpt"))))
+    """A fresh server as README starts it (random weights, seed 0, a checkpoint folder), on a free port,
+    on the CPU (README shows a CPU's numbers and ``"device": "cpu"``)."""
+    running = create_server(Settings(port=0, weights="random", seed=0, device="cpu",
+                                     checkpoint_dir=str(tmp_path_factory.mktemp("ckpt"))))
     yield running
     running.stop(None).wait()
 
@@ -275,6 +287,8 @@ CHECKS: dict[str, Callable[[str, float], None]] = {
 def test_every_shell_block_of_the_section_is_marked_and_checked() -> None:
     section = readme_section()
     assert section.count("```sh\n") == len(readme_commands()), "an unmarked ```sh block in the grpcurl section"
+    outputs = section.count("```json\n") + section.count("```text\n")
+    assert outputs == len(readme_shown()), "an output block in the grpcurl section that is not right under a marked block"
     assert [name for name, _ in readme_commands()] == list(CHECKS)
     for name, command in readme_commands():
         # A block that needs an id from an earlier answer keeps it in a shell variable.
@@ -283,6 +297,7 @@ def test_every_shell_block_of_the_section_is_marked_and_checked() -> None:
 
 def test_readme_grpcurl_commands_run_verbatim(readme_server: TrainerServer, tutorial_loss: float) -> None:
     grpcurl = grpcurl_path()
+    shown = readme_shown()
     env = dict(os.environ, PATH=os.pathsep.join([str(Path(grpcurl).parent), os.environ.get("PATH", "")]))
     for name, command in readme_commands():
         script = command.replace(README_TARGET, f"localhost:{readme_server.port}")
@@ -300,3 +315,6 @@ def test_readme_grpcurl_commands_run_verbatim(readme_server: TrainerServer, tuto
             CHECKS[name](output if failure else done.stdout, tutorial_loss)
         except AssertionError as exc:
             raise AssertionError(f"README block {name!r} printed something unexpected:\n{command}\n{output}") from exc
+        if name in shown:  # what README shows it printing, exactly
+            kind, text = shown[name]
+            assert_shown(kind, text, output if failure else done.stdout, f"README block {name!r}")

@@ -46,7 +46,7 @@ def test_logits_are_kept_up_to_a_byte_bound_and_a_larger_answer_is_not_kept() ->
 
 def test_abandoned_and_unavailable_calls_leave_their_number_free() -> None:
     ledger = Ledger()
-    for error in (Abandoned("gone", "ABANDONED"), Unavailable("later", "X")):
+    for error in (Abandoned("gone", "ABANDONED"), Unavailable("later", "SESSION_UNREACHABLE")):
         def fail(error: Exception = error) -> StepResult:
             raise error
         with pytest.raises(type(error)):
@@ -60,7 +60,7 @@ def test_a_snapshot_holds_the_answers_as_plain_data_and_restores_them() -> None:
     ledger = Ledger()
     op, result = _forward(1)
     ledger.run(op, lambda: result)
-    bad = InvalidArgument("bad input", "BAD_SHAPE")
+    bad = InvalidArgument("bad input", "BAD_INPUT_SHAPE")
 
     def refuse() -> StepResult:
         raise bad
@@ -80,7 +80,7 @@ def test_a_snapshot_holds_the_answers_as_plain_data_and_restores_them() -> None:
     assert replayed.forward_id == 1 and replayed.stats == STATS and torch.equal(replayed.logits, result.logits)
     with pytest.raises(InvalidArgument) as again:
         restored.run(Operation(2, "Step"), lambda: StepResult(1, 1))
-    assert (again.value.message, again.value.reason) == ("bad input", "BAD_SHAPE")
+    assert (again.value.message, again.value.reason) == ("bad input", "BAD_INPUT_SHAPE")
     with pytest.raises(FailedPrecondition) as given_up:
         restored.run(Operation(3, "Step"), lambda: StepResult(1, 1))
     assert given_up.value.reason == "OPERATION_GIVEN_UP"
@@ -95,7 +95,7 @@ def test_a_kept_error_holds_no_traceback_and_each_repeat_raises_a_fresh_one() ->
     big = torch.zeros(1 << 20)
 
     def refuse(x: torch.Tensor = big) -> StepResult:
-        raise InvalidArgument(f"bad input of {x.numel()} numbers", "BAD_SHAPE")
+        raise InvalidArgument(f"bad input of {x.numel()} numbers", "BAD_INPUT_SHAPE")
     with pytest.raises(InvalidArgument) as first:
         ledger.run(Operation(1, "Forward"), refuse)
     kept = ledger._answers[1].error

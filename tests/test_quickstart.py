@@ -89,3 +89,62 @@ def test_tensorboard_dir_without_the_tensorboard_package_is_one_line(tmp_path: P
     assert result.returncode == 2 and "Traceback" not in result.stderr
     (line,) = our_lines(result.stderr)
     assert "cannot start: --tensorboard-dir needs the tensorboard package: pip install tensorboard" in line
+
+
+def test_a_refused_flag_is_one_line_with_a_pointer_to_help_not_the_usage_text(tmp_path: Path) -> None:
+    missing = tmp_path / "ckpt"
+    for args, reason in (
+        (["--checkpoint-dir", str(missing)], f"checkpoint-dir '{missing}' is not a directory (make it first: mkdir -p {missing})"),
+        (["--no-such-flag"], "unrecognized arguments: --no-such-flag"),
+    ):
+        result = start_server(*args)
+        assert result.returncode == 2
+        assert result.stderr == f"trainer-server: error: {reason} (trainer-server --help lists every flag)\n"
+
+
+def test_the_checkpoint_folder_and_files_readmes_examples_write_are_ignored_by_git() -> None:
+    for path in ("ckpt/run.ckpt", "runs/default/events.out", "grads.npz", "gradient-flow.png", "graph.dot", "finetune.png"):
+        done = subprocess.run(["git", "check-ignore", "-q", path], cwd=ROOT, check=False)
+        assert done.returncode == 0, f"{path} is not ignored by git"
+    done = subprocess.run(["git", "check-ignore", "-q", "docs/gradient-flow.png"], cwd=ROOT, check=False)
+    assert done.returncode == 1  # README's own picture, a file of the repository
+
+
+@pytest.fixture
+def setup_copy(tmp_path: Path) -> Path:
+    """A copy of what scripts/setup.sh reads, with .venv already set up for both PyTorch builds (each
+    stamp saying which build it is), so that a run only chooses and reports: it installs nothing."""
+    for name in ("scripts/setup.sh", "pyproject.toml", "protos/pyproject.toml", "server/pyproject.toml", "client/pyproject.toml"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_bytes((ROOT / name).read_bytes())
+    digest = subprocess.run("cat pyproject.toml ./*/pyproject.toml | sha1sum | cut -c1-12", shell=True, cwd=tmp_path,
+                            capture_output=True, text=True, check=True).stdout.strip()
+    (tmp_path / ".venv").mkdir()
+    (tmp_path / f".venv/.installed-server-cpu-{digest}").write_text("CPU-only torch\n")
+    (tmp_path / f".venv/.installed-server-{digest}").write_text("torch from PyPI\n")
+    (tmp_path / "bin").mkdir()
+    return tmp_path
+
+
+def run_setup(copy: Path, *args: str) -> str:
+    """scripts/setup.sh ARGS in ``copy``, with only ``copy/bin`` and the system's folders on the PATH."""
+    done = subprocess.run(["bash", "scripts/setup.sh", *args], cwd=copy, capture_output=True, text=True, timeout=60,
+                          env={"PATH": f"{copy / 'bin'}:/usr/bin:/bin"}, check=False)
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
+@pytest.mark.skipif(Path("/proc/driver/nvidia").exists() or Path("/usr/bin/nvidia-smi").exists(), reason="this host has an NVIDIA driver")
+def test_setup_chooses_the_cpu_build_of_pytorch_on_a_host_without_an_nvidia_gpu_and_says_so(setup_copy: Path) -> None:
+    out = run_setup(setup_copy)
+    assert out.startswith("setup: no NVIDIA GPU here (no nvidia-smi, no /proc/driver/nvidia): the CPU-only build of PyTorch "
+                          "(--cuda for the CUDA one)\n")
+    assert out.endswith("setup: .venv is up to date (server, CPU-only torch)\n")
+    assert run_setup(setup_copy, "--cuda") == "setup: .venv is up to date (server, torch from PyPI)\n"
+    assert run_setup(setup_copy, "--cpu") == "setup: .venv is up to date (server, CPU-only torch)\n"
+    nvidia_smi = setup_copy / "bin/nvidia-smi"  # a driver's tool on the PATH: the CUDA build
+    nvidia_smi.write_text("#!/bin/sh\nexit 0\n")
+    nvidia_smi.chmod(0o755)
+    out = run_setup(setup_copy)
+    assert out.startswith("setup: an NVIDIA GPU driver is here: the CUDA build of PyTorch (--cpu for the CPU-only one)\n")
+    assert out.endswith("setup: .venv is up to date (server, torch from PyPI)\n")

@@ -159,25 +159,6 @@ def test_a_forward_abandoned_after_it_ran_changes_nothing(a: FrontEnd) -> None:
         assert session.forward(rand(2, 3, 32, 32)).forward_id == 1  # the abandoned one was not counted
 
 
-def test_the_memory_budget_holds_for_the_whole_cluster(cluster: Any, data_dir: Path) -> None:
-    """The local backend's budget test (tests/test_hardening.py), on Ray, through a front-end of a
-    namespace of its own (its sessions reserve no CPU nor slot, so they fit beside A's): the second
-    session is refused with the local backend's reason and message, and closing the first makes
-    room. The budget is the registry's: a front-end started with another one refuses to start."""
-    args = front_end_args(cluster, data_dir, "--ray-namespace", "ray-budget-test", "--ray-num-cpus", "0",
-                          "--ray-resources", "", "--memory-budget-bytes", str(ONE_MORE_SESSION))
-    front_end = FrontEnd(args)
-    try:
-        with front_end.connect() as client:
-            check_a_budget_for_one_session(client)
-        other = subprocess.run([sys.executable, "-m", "remote_trainer.server", "--port", "0", *args[:-1], "0"],
-                               capture_output=True, text=True, timeout=120, cwd=ROOT)
-        assert other.returncode == 2, other.stderr[-2000:]
-        assert f"the Ray namespace 'ray-budget-test' already has memory-budget-bytes={ONE_MORE_SESSION}" in other.stderr
-    finally:
-        front_end.stop()
-
-
 def long_forward(front_end: FrontEnd, session: Session) -> tuple[threading.Thread, list[Any]]:
     """A long training forward on ``session`` through ``front_end``, running once this returns."""
     results: list[Any] = []
@@ -245,3 +226,24 @@ def test_sigterm_stops_a_front_end_within_its_grace_while_a_call_waits_on_an_act
             for pid in actors:
                 os.kill(pid, signal.SIGCONT)
         assert session.info().step_count == 0  # the session goes on
+
+
+def test_the_memory_budget_holds_for_the_whole_cluster(cluster: Any, data_dir: Path) -> None:
+    """The local backend's budget test (tests/test_hardening.py), on Ray, through a front-end of a
+    namespace of its own (its sessions reserve no CPU nor slot, so they fit beside A's): the second
+    session is refused with the local backend's reason and message, and closing the first makes
+    room. The budget is the registry's: a front-end started with another one refuses to start.
+    Runs after B is stopped: once it ran, a create on A was refused for want of 0.25 CPU (a CI run;
+    not seen when run alone)."""
+    args = front_end_args(cluster, data_dir, "--ray-namespace", "ray-budget-test", "--ray-num-cpus", "0",
+                          "--ray-resources", "", "--memory-budget-bytes", str(ONE_MORE_SESSION))
+    front_end = FrontEnd(args)
+    try:
+        with front_end.connect() as client:
+            check_a_budget_for_one_session(client)
+        other = subprocess.run([sys.executable, "-m", "remote_trainer.server", "--port", "0", *args[:-1], "0"],
+                               capture_output=True, text=True, timeout=120, cwd=ROOT)
+        assert other.returncode == 2, other.stderr[-2000:]
+        assert f"the Ray namespace 'ray-budget-test' already has memory-budget-bytes={ONE_MORE_SESSION}" in other.stderr
+    finally:
+        front_end.stop()

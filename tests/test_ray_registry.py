@@ -158,6 +158,22 @@ def test_a_lost_default_session_comes_back_and_a_lost_session_is_listed(front_en
         mine.close()
 
 
+def test_a_call_that_reaches_its_actor_after_its_deadline_is_not_run(front_end: Watched) -> None:
+    """A Step that waited for its session's actor past its caller's deadline (behind another
+    front-end's long call) must not be taken. The deadline crosses to the actor as plain data
+    (wall-clock ``until``): sent here with one already passed, the Step is refused (Abandoned) and
+    the step count stays; the same Step with time left runs. Once, a Step so late was taken."""
+    with front_end.connect("tok-carol") as carol, carol.create_session() as session:
+        session.forward(np.zeros((2, 3, 32, 32), np.float32))
+        session.backward("sum", np.ones((2, 1000), np.float32))
+        handle = actor(session.session_id)
+        with pytest.raises(ray.exceptions.RayTaskError, match="was not run: its caller stopped waiting"):
+            ray.get(handle.call.remote("step", (), {}, time.time() - 1))
+        assert session.info().step_count == 0
+        ray.get(handle.call.remote("step", (), {}, time.time() + 60))
+        assert session.info().step_count == 1
+
+
 def test_a_session_with_no_front_end_left_ends_itself(cluster: Any, front_end: Watched) -> None:
     """Its front-end (idle expiry 2 s) dies; the other one never expires sessions: the actor ends
     itself after 3 idle periods and tells the registry, so its owner hears "expired"."""

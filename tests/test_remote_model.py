@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torchvision.models import resnet18
 
 from remote_trainer.client import FailedPreconditionError, NotFoundError, Session, TrainerClient
 from remote_trainer.client.remote import SGD, RemoteModel, RemoteParameter
@@ -234,3 +236,78 @@ def test_the_tutorials_freeze_loop_sends_one_call_and_reading_requires_grad_send
     local.fc.bias.requires_grad_(False)
     F.cross_entropy(local(data), targets).backward()
     assert_grads_match(model, local)
+
+
+# -- no silent traps: what nn.Module does locally is done for real, or refused saying what does ----
+
+
+def test_attribute_access_makes_no_call(session: Session, rpc_log: RpcLog) -> None:
+    """The names are asked once, when the model is made; ``model.fc``, ``hasattr`` (true or false),
+    ``getattr`` with a default, indexing and ``requires_grad`` then send nothing."""
+    model = RemoteModel(session)
+    assert rpc_log.calls == ["ListParameters"]
+    assert hasattr(model, "fc") and hasattr(model, "layer4") and not hasattr(model, "classifier")
+    assert getattr(model, "no_such_module", None) is None
+    assert isinstance(model.layer1[0].conv1.weight, RemoteParameter)
+    assert model.fc.weight.shape == (1000, 512) and model.fc.weight.requires_grad
+    with pytest.raises(AttributeError, match="no parameter or module 'classifier'"):
+        model.classifier
+    assert rpc_log.calls == ["ListParameters"]
+
+
+def test_state_dict_is_the_servers_weights_and_load_state_dict_says_what_loads_them(
+    session: Session, local: nn.Module, tmp_path: Path
+) -> None:
+    model = RemoteModel(session)
+    model(rand(2, 3, 32, 32, seed=8)).sum().backward()
+    model.sgd(lr=0.1).step()                          # weights and BatchNorm statistics the server changed
+    local(rand(2, 3, 32, 32, seed=8)).sum().backward()
+    torch.optim.SGD(local.parameters(), lr=0.1).step()
+    state = model.state_dict()
+    assert list(state) == list(local.state_dict())   # every parameter and buffer, in nn.Module's order
+    for name, value in local.state_dict().items():
+        assert state[name].dtype == value.dtype, name
+        assert_equal_to_local(state[name].numpy(), value)
+    fresh = resnet18()
+    fresh.load_state_dict(state)                      # a local model takes it as it is
+    torch.save(model.state_dict(prefix="remote."), tmp_path / "w.pt")
+    assert next(iter(torch.load(tmp_path / "w.pt", weights_only=True))) == "remote.conv1.weight"
+    with pytest.raises(NotImplementedError, match=r"--data-dir.*RemoteModel\.create\(target, weights='name\.pt'\)"):
+        model.load_state_dict(state)
+
+
+def test_to_and_cuda_say_that_the_model_stays_on_the_server_and_casts_are_refused(session: Session) -> None:
+    model = RemoteModel(session)
+    for move in (lambda: model.to("cpu"), lambda: model.to(torch.device("cuda")), model.cuda, model.cpu,
+                 lambda: model.to("cpu", torch.float32)):
+        with pytest.warns(UserWarning, match="moves nothing: the model stays on the server"):
+            assert move() is model
+    assert model.float() is model and model.to(torch.float32) is model  # float32 it is: nothing to say
+    for cast, hint in ((lambda: model.to(torch.float16), "autocast='fp16'"), (model.half, "autocast='fp16'"),
+                       (model.bfloat16, "autocast='bf16'"), (model.double, "no other dtype")):
+        with pytest.raises(TypeError, match=hint):
+            cast()
+    with pytest.raises(TypeError, match="memory_format='channels_last'"):
+        model.to(memory_format=torch.channels_last)
+
+
+@pytest.mark.filterwarnings("ignore:Using backward\\(\\) with create_graph=True")  # torch's own, about cycles
+def test_backward_with_create_graph_is_refused_before_anything_is_sent(session: Session, rpc_log: RpcLog) -> None:
+    """The logits are differentiable once (the backward runs on the server): a double backward or a
+    gradient penalty (``create_graph=True``) fails loudly rather than giving gradients with no graph."""
+    model = RemoteModel(session)
+    loss = model(rand(2, 3, 32, 32, seed=9)).pow(2).sum()
+    with pytest.raises(RuntimeError, match="differentiable once"):
+        loss.backward(create_graph=True)
+    with pytest.raises(RuntimeError, match="differentiable once"):
+        torch.autograd.grad(model(rand(2, 3, 32, 32, seed=9)).sum(), model._anchor, create_graph=True)
+    assert "Backward" not in rpc_log.calls
+    assert not any(p.has_grad for p in session.list_parameters().parameters)
+
+
+def test_create_takes_the_per_session_options_of_create_session(target: str) -> None:
+    with RemoteModel.create(target, "random", autocast="bf16", memory_format="channels_last",
+                            input_transform="imagenet") as model:
+        info = model.info()
+        assert (info.autocast, info.memory_format) == ("bf16", "channels_last")
+        assert info.input_transform is not None and info.input_transform.mean == (0.485, 0.456, 0.406)

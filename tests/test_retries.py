@@ -295,9 +295,9 @@ def test_a_call_waits_within_its_deadline_for_a_server_that_comes_back(restartin
     with TrainerClient(target, timeout=60) as client, TrainerClient(target, timeout=60, retry=None) as fail_fast:
         assert client.health() == fail_fast.health() == "SERVING"
         servers[0].stop(None).wait()
-        with pytest.raises(UnavailableError) as refused:  # one attempt: the transport's own refusal
+        with pytest.raises(UnavailableError) as refused:  # one attempt: the transport's refusal, said as ours
             fail_fast.session().info()
-        assert refused.value.reason != "SERVER_UNREACHABLE"
+        assert refused.value.reason == "SERVER_UNREACHABLE" and "is it running?" in refused.value.message
         with pytest.raises(UnavailableError) as spent:  # waited its whole deadline; the server never came
             client.session().info(timeout=1.5)
         assert spent.value.reason == "SERVER_UNREACHABLE"

@@ -31,7 +31,7 @@ SCRIPT = textwrap.dedent(
         assert importlib.util.find_spec(absent) is None, f"{absent} is installed on the thin client"
 
     import numpy as np
-    from remote_trainer.client import TrainerClient, TrainerError
+    from remote_trainer.client import Reason, TrainerClient, TrainerError
 
     target, weights, out = sys.argv[1:4]
     with TrainerClient(target) as client:
@@ -47,6 +47,7 @@ SCRIPT = textwrap.dedent(
                 s.backward("sum", labels)
             except TrainerError as exc:
                 reason = exc.reason
+                assert reason is Reason.GRAPH_FREED, repr(reason)
             np.savez(out, data=data, labels=labels, logits=logits, fc_grad=grads["fc.weight"].array,
                      fc_after=s.parameters("fc.weight")["fc.weight"].array, loss=result.loss)
     assert "torch" not in sys.modules and "torchvision" not in sys.modules

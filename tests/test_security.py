@@ -137,3 +137,21 @@ def test_bad_security_settings_are_refused(tmp_path: Path) -> None:
     for argv in (["--tls-cert", str(tmp_path / "missing.crt"), "--tls-key", "x"], ["--tls-client-ca", __file__]):
         with pytest.raises(SystemExit):
             parse_settings(argv, {})
+
+
+def test_the_cli_refused_for_its_token_says_how_to_give_one(
+    secured: TrainerServer, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from remote_trainer.client.cli import main
+
+    monkeypatch.delenv("TRAINER_TOKEN", raising=False)
+    target = ["--target", f"localhost:{secured.port}"]
+    assert main([*target, "info"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("trainer-client: error: UNAUTHENTICATED: ") and err.count("\n") == 1
+    assert err.rstrip().endswith("(this server wants a token: pass --token TOKEN, or set TRAINER_TOKEN)")
+    assert main([*target, "--token", "wrong", "info"]) == 1
+    assert capsys.readouterr().err.rstrip().endswith(
+        "(the token given by --token or $TRAINER_TOKEN was refused: is it one the server was started with?)")
+    monkeypatch.setenv("TRAINER_TOKEN", "tok-bob")
+    assert main(target + ["info"]) == 0

@@ -78,9 +78,10 @@ def test_mismatched_state_dict_is_refused(client: TrainerClient, data_dir: Path)
 def test_symlink_out_of_the_data_dir_is_refused(client: TrainerClient, data_dir: Path, tmp_path: Path) -> None:
     outside = tmp_path / "outside.pt"
     torch.save(resnet18().state_dict(), outside)
-    (data_dir / "link.pt").symlink_to(outside)
+    link = data_dir / f"link-{tmp_path.name}.pt"  # the data folder is shared (this test runs on Ray too)
+    link.symlink_to(outside)
     with pytest.raises(TrainerError) as err:
-        client.create_session("link.pt")
+        client.create_session(link.name)
     assert (err.value.code, err.value.reason) == (grpc.StatusCode.INVALID_ARGUMENT, "PATH_OUTSIDE_DATA_DIR")
 
 

@@ -1,4 +1,5 @@
-"""Python SDK of the training service: ``TrainerClient``, ``Session``, results, errors and ``RetryPolicy``.
+"""Python SDK of the training service: ``TrainerClient``, ``Session``, results, errors (with their
+``Reason``: docs/errors.md) and ``RetryPolicy``.
 
 Needs grpcio, protobuf and numpy only; torch tensors are accepted as inputs when torch is installed
 (``remote_trainer.client.remote.RemoteModel``, the server's model as an ``nn.Module``, needs torch).
@@ -48,12 +49,13 @@ from remote_trainer.client.types import (
     StepEvent,
     TrainStepResult,
 )
+from remote_trainer.contract.reasons import Reason
 
 __all__ = [
     "AbortedError", "AlreadyExistsError", "BackwardResult", "Cancelled", "CheckpointEvent", "CheckpointFile", "DataLossError",
     "DeadlineExceededError", "EndEvent", "FailedPreconditionError", "FieldViolation", "ForwardResult", "FreezeEvent", "FreezeResult",
     "Graph", "HeadEvent", "InputTransform", "InternalError", "InvalidArgumentError", "NamedTensor", "NotFoundError", "Optimizer",
-    "OutOfRangeError", "ParameterInfo", "ParameterList", "PermissionDeniedError", "ResetEvent", "ResourceExhaustedError",
+    "OutOfRangeError", "ParameterInfo", "ParameterList", "PermissionDeniedError", "Reason", "ResetEvent", "ResourceExhaustedError",
     "RetryPolicy", "Session", "SessionEvent", "SessionInfo", "Stats", "StepEvent", "TrainerClient", "TrainerError",
     "TrainStepResult", "UnauthenticatedError", "UnavailableError",
     "UnimplementedError", "UnknownError",

@@ -29,7 +29,6 @@ import grpc
 
 from remote_trainer.client import core
 from remote_trainer.client.auth import async_bearer_token
-from remote_trainer.client.core import MIB
 from remote_trainer.client.errors import TrainerError, from_rpc_error
 from remote_trainer.client.retry import (
     CHANNEL_IN_FLIGHT, Attempts, Operations, Place, RetryPolicy, final, policy_of, waited_too_long,
@@ -48,7 +47,9 @@ from remote_trainer.client.types import (
     SessionInfo,
     TrainStepResult,
 )
-from remote_trainer.contract.names import AutocastName, InputTransformName, LossName, MemoryFormatName, TransferDataType
+from remote_trainer.contract.names import (
+    AutocastName, InputTransformName, LossName, MemoryFormatName, OptimizerName, TransferDataType,
+)
 from remote_trainer.contract.trainer.v1 import trainer_pb2_grpc
 
 R = TypeVar("R")
@@ -79,7 +80,7 @@ class AsyncTrainerClient:
         ca_cert: bytes | None = None,
         client_cert: bytes | None = None,
         client_key: bytes | None = None,
-        max_message_bytes: int = 512 * MIB,
+        max_message_bytes: int = core.MAX_MESSAGE_BYTES,
         options: Iterable[tuple[str, Any]] = (),
         retry: RetryPolicy | None = RetryPolicy(),
     ) -> None:
@@ -90,6 +91,7 @@ class AsyncTrainerClient:
         self._turns: dict[str, asyncio.Condition] = {}  # where calls wait for their turn (retry.IN_FLIGHT)
         self._in_flight = asyncio.Semaphore(CHANNEL_IN_FLIGHT)  # calls in flight (retry.CHANNEL_IN_FLIGHT)
         self._client_id = uuid.uuid4().hex  # sent with each operation number: whose numbers they are
+        self.max_message_bytes = max_message_bytes  # an input batch larger than this is refused before it is sent
         channel_options = core.channel_settings(max_message_bytes, options)
         interceptors = async_bearer_token(token) if token else None
         if tls or ca_cert or client_cert or client_key:
@@ -117,7 +119,7 @@ class AsyncTrainerClient:
         try:
             return await method(request, timeout=self.timeout if timeout is None else timeout)
         except grpc.RpcError as exc:
-            raise from_rpc_error(exc) from exc
+            raise from_rpc_error(exc) from None  # gRPC's error: .rpc_error
 
     async def stream(self, method: Callable[..., Any], request: Any, *, timeout: float | None = None) -> AsyncIterator[Any]:
         """The messages of a server-streaming call, with the deadline, a failure raised as a ``TrainerError``."""
@@ -125,7 +127,7 @@ class AsyncTrainerClient:
             async for response in method(request, timeout=self.timeout if timeout is None else timeout):
                 yield response
         except grpc.RpcError as exc:
-            raise from_rpc_error(exc) from exc
+            raise from_rpc_error(exc) from None  # gRPC's error: .rpc_error
 
     @property
     def retry_policy(self) -> RetryPolicy:
@@ -179,7 +181,7 @@ class AsyncTrainerClient:
                 if pause is None:
                     state = self._channel.get_state(try_to_connect=False)
                     if (last := final(error, attempts, self.target, state)) is not error:
-                        raise last from error
+                        raise last from None  # what was raised: last.rpc_error
                     raise
             await asyncio.sleep(pause)
 
@@ -302,7 +304,7 @@ class AsyncSession:
         self, x: Any, *, eval_mode: bool = False, no_grad: bool = False, stats_only: bool = False, timeout: float | None = None
     ) -> ForwardResult:
         """``model(x)`` on the server (see ``Session.forward``)."""
-        result = await self._call(core.forward(self.session_id, x, eval_mode, no_grad, stats_only), timeout)
+        result = await self._call(core.forward(self.session_id, x, eval_mode, no_grad, stats_only, self._client.max_message_bytes), timeout)
         self._last_forward_id = result.forward_id
         return result
 
@@ -321,7 +323,8 @@ class AsyncSession:
         return_logits: bool = False, timeout: float | None = None,
     ) -> TrainStepResult:
         """One whole training step in one round trip (see ``Session.train_step``)."""
-        result = await self._call(core.train_step(self.session_id, x, loss, labels, zero_grad, grad_norm, return_logits), timeout)
+        result = await self._call(core.train_step(self.session_id, x, loss, labels, zero_grad, grad_norm, return_logits,
+                               self._client.max_message_bytes), timeout)
         self._last_forward_id = result.forward_id
         return result
 
@@ -333,8 +336,12 @@ class AsyncSession:
         """Clears every .grad (to None, or to zeros); returns how many were set."""
         return await self._call(core.zero_grad(self.session_id, set_to_none), timeout)
 
-    async def configure_optimizer(self, optimizer: Optimizer | None = None, *, timeout: float | None = None, **values: Any) -> Optimizer:
-        """Replaces the optimizer: ``await configure_optimizer(kind="adam", lr=1e-3)``."""
+    async def configure_optimizer(
+        self, optimizer: Optimizer | OptimizerName | None = None, *, timeout: float | None = None, **values: Any
+    ) -> Optimizer:
+        """Replaces the optimizer (its state starts anew): ``await configure_optimizer("adam", lr=1e-3)``,
+        ``await configure_optimizer(kind="sgd", lr=1e-2, momentum=0.9)`` or ``await configure_optimizer(Optimizer(...))``;
+        values not given take torch's defaults."""
         return await self._call(core.configure_optimizer(self.session_id, optimizer, values), timeout)
 
     async def freeze(self, *patterns: str, timeout: float | None = None) -> FreezeResult:

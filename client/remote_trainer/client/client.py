@@ -22,7 +22,6 @@ import grpc
 
 from remote_trainer.client import core
 from remote_trainer.client.auth import BearerToken
-from remote_trainer.client.core import MIB
 from remote_trainer.client.errors import TrainerError, from_rpc_error
 from remote_trainer.client.retry import (
     CHANNEL_IN_FLIGHT, Attempts, Operations, Place, RetryPolicy, final, policy_of, waited_too_long,
@@ -41,7 +40,9 @@ from remote_trainer.client.types import (
     SessionInfo,
     TrainStepResult,
 )
-from remote_trainer.contract.names import AutocastName, InputTransformName, LossName, MemoryFormatName, TransferDataType
+from remote_trainer.contract.names import (
+    AutocastName, InputTransformName, LossName, MemoryFormatName, OptimizerName, TransferDataType,
+)
 from remote_trainer.contract.trainer.v1 import trainer_pb2_grpc
 
 R = TypeVar("R")
@@ -73,13 +74,14 @@ class TrainerClient:
         ca_cert: bytes | None = None,
         client_cert: bytes | None = None,
         client_key: bytes | None = None,
-        max_message_bytes: int = 512 * MIB,
+        max_message_bytes: int = core.MAX_MESSAGE_BYTES,
         options: Iterable[tuple[str, Any]] = (),
         retry: RetryPolicy | None = RetryPolicy(),
     ) -> None:
         self.target = target
         self.timeout = timeout
         self._retry = policy_of(retry)
+        self.max_message_bytes = max_message_bytes  # an input batch larger than this is refused before it is sent
         channel_options = core.channel_settings(max_message_bytes, options)
         if tls or ca_cert or client_cert or client_key:
             credentials = grpc.ssl_channel_credentials(ca_cert, client_key, client_cert)
@@ -120,14 +122,14 @@ class TrainerClient:
         try:
             return method(request, timeout=self.timeout if timeout is None else timeout)
         except grpc.RpcError as exc:
-            raise from_rpc_error(exc) from exc
+            raise from_rpc_error(exc) from None  # gRPC's error: .rpc_error
 
     def stream(self, method: Callable[..., Any], request: Any, *, timeout: float | None = None) -> Iterator[Any]:
         """Runs a server-streaming call with the deadline, turning a failure into a ``TrainerError``."""
         try:
             yield from method(request, timeout=self.timeout if timeout is None else timeout)
         except grpc.RpcError as exc:
-            raise from_rpc_error(exc) from exc
+            raise from_rpc_error(exc) from None  # gRPC's error: .rpc_error
 
     @property
     def retry_policy(self) -> RetryPolicy:
@@ -173,7 +175,7 @@ class TrainerClient:
                 pause = attempts.delay(error)
                 if pause is None:
                     if (last := final(error, attempts, self.target, self._state)) is not error:
-                        raise last from error
+                        raise last from None  # what was raised: last.rpc_error
                     raise
             time.sleep(pause)
 
@@ -339,7 +341,7 @@ class Session:
     ) -> ForwardResult:
         """``model(x)`` on the server for a batch (N, 3, H, W), float (sent as float32) or uint8 images
         (numpy or torch, NCHW; on a session with an ``input_transform``); keeps the graph unless ``no_grad``."""
-        result = self._call(core.forward(self.session_id, x, eval_mode, no_grad, stats_only), timeout)
+        result = self._call(core.forward(self.session_id, x, eval_mode, no_grad, stats_only, self._client.max_message_bytes), timeout)
         self._last_forward_id = result.forward_id
         return result
 
@@ -400,7 +402,8 @@ class Session:
         ``forward``, ``backward`` and ``step`` calls bit for bit. ``grad_norm`` also returns the
         gradients' L2 norm (one more pass over them), ``return_logits`` the logits.
         """
-        call = core.train_step(self.session_id, x, loss, labels, zero_grad, grad_norm, return_logits)
+        call = core.train_step(self.session_id, x, loss, labels, zero_grad, grad_norm, return_logits,
+                               self._client.max_message_bytes)
         result = self._call(call, timeout)
         self._last_forward_id = result.forward_id
         return result
@@ -419,8 +422,12 @@ class Session:
         """Clears every .grad (to None, or to zeros); returns how many were set."""
         return self._call(core.zero_grad(self.session_id, set_to_none), timeout)
 
-    def configure_optimizer(self, optimizer: Optimizer | None = None, *, timeout: float | None = None, **values: Any) -> Optimizer:
-        """Replaces the optimizer: ``configure_optimizer(kind="sgd", lr=1e-2, momentum=0.9)``."""
+    def configure_optimizer(
+        self, optimizer: Optimizer | OptimizerName | None = None, *, timeout: float | None = None, **values: Any
+    ) -> Optimizer:
+        """Replaces the optimizer (its state starts anew): ``configure_optimizer("adam", lr=1e-3)``,
+        ``configure_optimizer(kind="sgd", lr=1e-2, momentum=0.9)`` or ``configure_optimizer(Optimizer(...))``;
+        values not given take torch's defaults."""
         return self._call(core.configure_optimizer(self.session_id, optimizer, values), timeout)
 
     def freeze(self, *patterns: str, timeout: float | None = None) -> FreezeResult:

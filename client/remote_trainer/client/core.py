@@ -12,6 +12,7 @@ Needs grpcio, protobuf and numpy only.
 
 from __future__ import annotations
 
+import math
 import uuid
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -22,17 +23,20 @@ import numpy as np
 import numpy.typing as npt
 from grpc_health.v1 import health_pb2
 
-from remote_trainer.client.errors import FailedPreconditionError, NotFoundError, TrainerError
+from remote_trainer.client.errors import FailedPreconditionError, NotFoundError, ResourceExhaustedError, TrainerError
 from remote_trainer.client.types import (
     BackwardResult, CheckpointEvent, CheckpointFile, EndEvent, EventKind, ForwardResult, FreezeEvent, FreezeResult, Graph,
     GraphNode, HeadEvent, InputTransform, NamedTensor, Optimizer, ParameterInfo, ParameterList, ResetEvent, SessionEvent,
     SessionInfo, Stats, StepEvent, TrainStepResult, WatchEndReason,
 )
 from remote_trainer.contract import chunking, codec, names, wire
-from remote_trainer.contract.names import AutocastName, InputTransformName, LossName, MemoryFormatName, TransferDataType
+from remote_trainer.contract.names import (
+    AutocastName, InputTransformName, LossName, MemoryFormatName, OptimizerName, TransferDataType,
+)
 from remote_trainer.contract.trainer.v1 import trainer_pb2 as pb
 
 MIB = 1024 * 1024
+MAX_MESSAGE_BYTES = 512 * MIB  # the largest message a client sends or takes unless told (max_message_bytes)
 SERVICE = "trainer.v1.TrainerService"
 HEALTH_CHECK = "/grpc.health.v1.Health/Check"
 
@@ -224,9 +228,26 @@ def images(x: Any) -> npt.NDArray[Any]:
     return arr if arr.dtype == np.uint8 else as_array(arr, np.float32)
 
 
-def _spliced_input(request: pb.ForwardRequest | pb.TrainStepRequest, x: Any) -> wire.SplicedRequest:
+def check_input_bytes(shape: Iterable[int], dtype: npt.DTypeLike, max_message_bytes: int) -> None:
+    """Refuses, before anything is built or sent, an input batch whose bytes alone pass the largest
+    message this client sends (``max_message_bytes``): gRPC would refuse it only once it is built and
+    serialised (a batch of 100000 images, 5 GB, takes a minute for that)."""
+    dims = [int(d) for d in shape]
+    nbytes = math.prod(dims) * np.dtype(dtype).itemsize
+    if nbytes > max_message_bytes:
+        raise ResourceExhaustedError(
+            f"an input of shape {dims} ({np.dtype(dtype).name}) is {nbytes / MIB:,.1f} MiB, over the {max_message_bytes / MIB:,.1f} "
+            "MiB this client sends in one message (max_message_bytes); the server takes at most its --max-message-bytes "
+            "(256 MiB unless set), --max-batch images (256) and --max-input-elements: send smaller batches",
+            "REQUEST_TOO_LARGE", {"limit": str(max_message_bytes)},
+        )
+
+
+def _spliced_input(request: pb.ForwardRequest | pb.TrainStepRequest, x: Any, max_message_bytes: int) -> wire.SplicedRequest:
     """``request`` with the batch ``x`` as its input (``images``), its bytes sent beside the message."""
-    raw = codec.encode_header_into(request.input.tensor, images(x))
+    batch = images(x)
+    check_input_bytes(batch.shape, batch.dtype, max_message_bytes)
+    raw = codec.encode_header_into(request.input.tensor, batch)
     path, _ = wire.raw_input_path(type(request))
     return wire.SplicedRequest(request, path, raw)
 
@@ -376,12 +397,14 @@ def describe_session(session_id: str) -> Call[SessionInfo]:
     return Call(_path("DescribeSession"), pb.DescribeSessionRequest(session_id=session_id), lambda r: session_info(r.session))
 
 
-def forward(session_id: str, x: Any, eval_mode: bool, no_grad: bool, stats_only: bool) -> Call[ForwardResult]:
+def forward(
+    session_id: str, x: Any, eval_mode: bool, no_grad: bool, stats_only: bool, max_message_bytes: int = MAX_MESSAGE_BYTES
+) -> Call[ForwardResult]:
     request = pb.ForwardRequest(
         session_id=session_id, eval_mode=eval_mode, no_grad=no_grad,
         output_format=pb.OUTPUT_FORMAT_STATS_ONLY if stats_only else pb.OUTPUT_FORMAT_RAW,
     )
-    return Call(_path("Forward"), _spliced_input(request, x),
+    return Call(_path("Forward"), _spliced_input(request, x, max_message_bytes),
                 lambda r: ForwardResult(r.forward_id, _logits(r), stats(r.logits_stats)))
 
 
@@ -406,12 +429,13 @@ def backward(
 
 
 def train_step(
-    session_id: str, x: Any, loss: LossName, labels: Any, zero_grad: bool, grad_norm: bool, return_logits: bool
+    session_id: str, x: Any, loss: LossName, labels: Any, zero_grad: bool, grad_norm: bool, return_logits: bool,
+    max_message_bytes: int = MAX_MESSAGE_BYTES,
 ) -> Call[TrainStepResult]:
     request = pb.TrainStepRequest(session_id=session_id, zero_grad=zero_grad, return_grad_norm=grad_norm,
                                   return_logits=return_logits)
     _fill_loss(request.loss, loss, labels)
-    return Call(_path("TrainStep"), _spliced_input(request, x), lambda r: TrainStepResult(
+    return Call(_path("TrainStep"), _spliced_input(request, x, max_message_bytes), lambda r: TrainStepResult(
         r.forward_id, r.loss, stats(r.logits_stats), r.step_count, r.parameters_updated,
         r.grad_norm if r.HasField("grad_norm") else None, _logits(r),
     ))
@@ -427,7 +451,16 @@ def zero_grad(session_id: str, set_to_none: bool) -> Call[int]:
     return Call(_path("ZeroGrad"), request, lambda r: int(r.parameters_cleared))
 
 
-def configure_optimizer(session_id: str, config: Optimizer | None, values: dict[str, Any]) -> Call[Optimizer]:
+def configure_optimizer(session_id: str, config: Optimizer | OptimizerName | None, values: dict[str, Any]) -> Call[Optimizer]:
+    """``config`` is an ``Optimizer``, or its kind ("sgd", "adam", "adamw") with ``values`` beside it."""
+    if isinstance(config, str):
+        if "kind" in values:
+            raise ValueError(f"configure_optimizer({config!r}, kind={values['kind']!r}): give the kind once")
+        config = Optimizer(config, **values)  # a bad kind: _optimizer_message says which
+    elif config is not None and values:
+        raise ValueError(f"configure_optimizer(Optimizer(...), {', '.join(values)}=...): give an Optimizer or values, not both")
+    elif config is not None and not isinstance(config, Optimizer):
+        raise TypeError(f"configure_optimizer takes an Optimizer or a kind name ('sgd', 'adam', 'adamw'), got {config!r}")
     request = pb.ConfigureOptimizerRequest(session_id=session_id, optimizer=_optimizer_message(config or Optimizer(**values)))
     return Call(_path("ConfigureOptimizer"), request, lambda r: optimizer(r.optimizer))
 

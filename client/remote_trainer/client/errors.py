@@ -1,7 +1,16 @@
 """One exception class per gRPC status code, carrying the server's ErrorInfo reason.
 
-``from_rpc_error`` turns a ``grpc.RpcError`` into the matching ``TrainerError`` subclass, chained
-with ``from``. Catch ``TrainerError`` for any failure, or a subclass for one kind.
+``from_rpc_error`` turns a ``grpc.RpcError`` into the matching ``TrainerError`` subclass. Catch
+``TrainerError`` for any failure, or a subclass for one kind. ``reason`` is a ``Reason`` of the
+catalogue (docs/errors.md): ``error.reason is Reason.SESSION_NOT_FOUND`` and
+``error.reason == "SESSION_NOT_FOUND"`` both hold; a reason the catalogue lacks (a newer server's)
+stays the plain string, and an error without ErrorInfo has the empty reason. The SDK raises it
+``from None``, so an uncaught one prints its own traceback and one line, not gRPC's internals above
+it; the ``grpc.RpcError`` it came from stays reachable as ``.rpc_error``.
+
+There is no ``CancelledError`` here: CANCELLED is ``Cancelled`` (as google-api-core names it), so
+that ``from remote_trainer.client import *`` or ``except CancelledError`` never means this SDK's
+class where asyncio's was meant.
 """
 
 from __future__ import annotations
@@ -12,6 +21,8 @@ from typing import cast
 import grpc
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
+
+from remote_trainer.contract.reasons import Reason, known
 
 
 @dataclass(frozen=True)
@@ -26,6 +37,9 @@ class TrainerError(Exception):
     """A failed call: the status code, the server's message, its reason and details."""
 
     code: grpc.StatusCode = grpc.StatusCode.UNKNOWN
+    reason: Reason | str
+    rpc_error: grpc.RpcError | None = None
+    """The failed call as gRPC raised it (None for an error the SDK made itself)."""
 
     def __init__(
         self,
@@ -36,7 +50,7 @@ class TrainerError(Exception):
     ) -> None:
         super().__init__(message)
         self.message = message
-        self.reason = reason
+        self.reason = known(reason)
         self.metadata = metadata or {}
         self.violations = violations
 
@@ -145,4 +159,6 @@ def from_rpc_error(error: grpc.RpcError) -> TrainerError:
             elif detail.Unpack(bad):
                 violations.extend(FieldViolation(v.field, v.description) for v in bad.field_violations)
     cls = _BY_CODE.get(code, UnknownError)
-    return cls(message, reason, metadata, tuple(violations))
+    result = cls(message, reason, metadata, tuple(violations))
+    result.rpc_error = error
+    return result

@@ -58,10 +58,7 @@ def plot_gradient_flow(source: Any, path: str | Path, *patterns: str, title: str
     ``Session.gradients``) or the dict that ``Session.gradients`` returned.
     """
     try:
-        import matplotlib
-
-        matplotlib.use("Agg")  # files only: no display needed
-        import matplotlib.pyplot as plt
+        from matplotlib.figure import Figure  # drawn without pyplot: the caller's backend (a notebook's) is left alone
     except ImportError as exc:
         raise MatplotlibNotFoundError(
             "the gradient-flow picture needs matplotlib: pip install matplotlib (the SDK's plot extra)"
@@ -70,7 +67,8 @@ def plot_gradient_flow(source: Any, path: str | Path, *patterns: str, title: str
     flow = gradient_flow(grads)
     n = len(flow.names)
     positions = list(range(n))
-    figure, axes = plt.subplots(figsize=(max(8.0, 0.22 * n + 2), 5.5), layout="constrained")
+    figure = Figure(figsize=(max(8.0, 0.22 * n + 2), 5.5), layout="constrained")
+    axes = figure.add_subplot()
     tiny = 1e-30  # a zero gradient still shows on the log scale, as a sliver
     axes.bar([p - 0.2 for p in positions], [max(v or 0.0, tiny) if v is not None else 0.0 for v in flow.norms],
              width=0.4, color=NORM_COLOR, label="gradient norm")
@@ -90,6 +88,5 @@ def plot_gradient_flow(source: Any, path: str | Path, *patterns: str, title: str
     axes.set_title(f"{title}: {with_grad} of {n} parameters have a gradient (grey: none)")
     axes.grid(axis="y", alpha=0.3)
     axes.legend(loc="upper right")
-    figure.savefig(path, dpi=100)
-    plt.close(figure)
+    figure.savefig(path, dpi=100)  # a Figure of its own, no pyplot: nothing to close, no backend switched
     return flow

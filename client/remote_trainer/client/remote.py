@@ -32,9 +32,11 @@ this module).
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+import warnings
+from collections import OrderedDict
+from collections.abc import Iterable, Iterator, Mapping
 from types import TracebackType
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 from torch import nn
@@ -43,7 +45,7 @@ from remote_trainer.client.client import Session, TrainerClient
 from remote_trainer.client.remote_handles import RemoteModule, RemoteParameter, to_tensor
 from remote_trainer.client.retry import RetryPolicy
 from remote_trainer.client.types import BackwardResult, Graph, InputTransform, Optimizer, ParameterList, SessionInfo
-from remote_trainer.contract.names import InputTransformName
+from remote_trainer.contract.names import AutocastName, InputTransformName, MemoryFormatName
 
 __all__ = ["Adam", "RemoteModel", "RemoteModule", "RemoteOptimizer", "RemoteParameter", "SGD"]
 
@@ -63,6 +65,16 @@ class _RemoteLogits(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, grad_output: torch.Tensor) -> tuple[None, None, None, None]:
+        # Differentiable once, as ``@once_differentiable`` marks a function: the backward runs on the
+        # server, so there is no graph of it here to differentiate again. That decorator alone would
+        # not say so (this function returns no gradient to wrap), hence the explicit refusal: grad
+        # mode is on inside a backward exactly when ``create_graph=True`` asked for its graph.
+        if torch.is_grad_enabled():
+            raise RuntimeError(
+                "RemoteModel's logits are differentiable once: backward(create_graph=True) (double backward, gradient "
+                "penalties, higher-order gradients) needs a graph of the backward pass, which runs on the server and "
+                "stays there; nothing was sent. Call backward() without create_graph."
+            )
         model: RemoteModel = ctx.model
         gradient = grad_output.detach().to("cpu", torch.float32).numpy()
         fused = model._step_on_backward
@@ -83,6 +95,14 @@ class RemoteModel(nn.Module):
     client; ``RemoteModel.create(target, weights=...)`` makes a new session, closed by ``close()``
     (or on leaving a ``with`` block). Calls are retried by the client's ``retry_policy``; ``retry``
     is that of the client a model opens itself (from a target string).
+
+    Making one asks the server for the model's parameter names (one ``ListParameters``), so that
+    reading an attribute (``model.fc``, ``hasattr(model, "layer4")``) never makes a call; only
+    reading a value (``.grad``, ``.data``) or calling a method does. What ``nn.Module`` does
+    locally is said, never silently skipped: ``state_dict()`` fetches the server's weights,
+    ``load_state_dict()`` refuses (no call uploads weights into a session) and says what does,
+    ``.to(device)``/``.cuda()``/``.cpu()`` warn that the model stays on the server, and casts to
+    another dtype refuse with a pointer to ``autocast``.
     """
 
     last_backward: BackwardResult | None
@@ -100,7 +120,12 @@ class RemoteModel(nn.Module):
             if isinstance(target, str):
                 target = self._own_client = TrainerClient(target, timeout=timeout, retry=retry)
             self._session = target.session(session_id)
-        self._parameters_cache: ParameterList | None = None
+        try:  # the names attribute access looks in, asked once here (never by ``model.fc`` or hasattr)
+            self._parameters_cache: ParameterList = self._session.list_parameters()
+        except BaseException:
+            if self._own_client is not None:
+                self._own_client.close()
+            raise
         # requires_grad as the server last said it, and the changes made here not yet sent.
         self._known_requires_grad: dict[str, bool] | None = None
         self._pending_requires_grad: dict[str, bool] = {}
@@ -121,24 +146,35 @@ class RemoteModel(nn.Module):
         num_classes: int = 0,
         seed: int = 0,
         optimizer: Optimizer | None = None,
+        autocast: AutocastName | None = None,
+        memory_format: MemoryFormatName | None = None,
         input_transform: InputTransform | InputTransformName | None = None,
         timeout: float = 120.0,
         retry: RetryPolicy | None = RetryPolicy(),
     ) -> RemoteModel:
-        """A new session on the server ("random" seeded weights, "imagenet", or a file in its data dir).
-        ``input_transform`` ("imagenet", "scale" or an ``InputTransform``) lets ``model(x)`` take uint8
-        images, normalised on the server (``TrainerClient.create_session``)."""
+        """A new session on the server ("random" seeded weights, "imagenet", or a file in its data dir),
+        with the per-session options of ``TrainerClient.create_session``: ``autocast`` ("off", "bf16",
+        "fp16") and ``memory_format`` ("contiguous", "channels_last"; None: the server's setting), and
+        ``input_transform`` ("imagenet", "scale" or an ``InputTransform``), which lets ``model(x)`` take
+        uint8 images, normalised on the server."""
         own = TrainerClient(target, timeout=timeout, retry=retry) if isinstance(target, str) else None
         client = own or target
-        assert isinstance(client, TrainerClient)
+        if not isinstance(client, TrainerClient):
+            raise TypeError(f"RemoteModel.create takes a target address or a TrainerClient, got {type(target).__name__}")
+        session: Session | None = None
         try:
             session = client.create_session(weights, num_classes=num_classes, seed=seed, optimizer=optimizer,
+                                            autocast=autocast, memory_format=memory_format,
                                             input_transform=input_transform)
+            model = cls(session)
         except BaseException:
-            if own is not None:
-                own.close()
+            try:
+                if session is not None:
+                    session.close()
+            finally:
+                if own is not None:
+                    own.close()
             raise
-        model = cls(session)
         model._own_client = own
         model._own_session = True
         return model
@@ -192,7 +228,8 @@ class RemoteModel(nn.Module):
     # -- parameters ------------------------------------------------------------------------------
 
     def _parameter_list(self, refresh: bool = False) -> ParameterList:
-        if refresh or self._parameters_cache is None:
+        """The parameters as the server last listed them (at construction, or since), asked anew on ``refresh``."""
+        if refresh:
             self._parameters_cache = self.session.list_parameters()
         return self._parameters_cache
 
@@ -208,10 +245,11 @@ class RemoteModel(nn.Module):
         raise AttributeError(f"the remote model has no parameter or module {name!r}")
 
     def __getattr__(self, name: str) -> Any:
+        """``model.fc``, ``model.layer4``: a handle, from the names known since construction (no call)."""
         try:
             return super().__getattr__(name)
         except AttributeError:
-            if name.startswith("_"):
+            if name.startswith("_") or "_parameters_cache" not in self.__dict__:
                 raise
         return self._handle(name)
 
@@ -320,6 +358,80 @@ class RemoteModel(nn.Module):
             if t.array is not None
         }
 
+    def state_dict(  # type: ignore[override]
+        self, *args: Any, destination: dict[str, Any] | None = None, prefix: str = "", keep_vars: bool = False
+    ) -> dict[str, Any]:
+        """The server's weights and buffers as torch tensors (copies, fetched now in one GetParameters
+        stream), by ``nn.Module``'s names: ``resnet18().load_state_dict(model.state_dict())`` works,
+        and so does ``torch.save(model.state_dict(), "name.pt")``. ``nn.Module``'s own would be empty."""
+        if args:
+            raise TypeError("RemoteModel.state_dict() takes keyword arguments only (destination=, prefix=)")
+        result: dict[str, Any] = OrderedDict() if destination is None else destination
+        fetched = self.fetch_state_dict()  # the parameters in model order, then the buffers
+        by_module: dict[str, list[str]] = {}  # nn.Module's order: each module's parameters, then its buffers
+        for name in fetched:
+            by_module.setdefault(name.rpartition(".")[0], []).append(name)
+        for names in by_module.values():
+            for name in names:
+                result[prefix + name] = fetched[name]
+        return result
+
+    def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False) -> Any:
+        """Refused: no call of the service uploads weights into a running session. What does: save them
+        where the server reads weight files and make a session on them, ``torch.save(state_dict,
+        "name.pt")`` in the server's ``--data-dir``, then ``RemoteModel.create(target, weights="name.pt")``;
+        or ``model.session.load_checkpoint(name)`` for a checkpoint the server saved."""
+        raise NotImplementedError(
+            "RemoteModel.load_state_dict: the weights cannot be uploaded into a running session (no call of the "
+            "service takes them). Save them in the server's --data-dir, torch.save(state_dict, 'name.pt'), and make "
+            "a session on them: RemoteModel.create(target, weights='name.pt'); or load a checkpoint the server saved: "
+            "model.session.load_checkpoint(name)"
+        )
+
+    # -- where the model is: on the server, whatever .to() says ---------------------------------
+
+    def to(self, *args: Any, **kwargs: Any) -> RemoteModel:
+        """Moves nothing: the model's weights stay on the server, on its device (``info().device``),
+        and the logits come back on the device of the input (``model(x.to("cuda"))`` gives logits on
+        the GPU). A device warns saying so; another dtype is refused (``autocast`` is the server's
+        mixed precision); ``memory_format`` points to ``RemoteModel.create(memory_format=...)``."""
+        device, dtype, _, memory_format = torch._C._nn._parse_to(*args, **kwargs)
+        if dtype is not None and dtype != torch.float32:
+            self._refuse_dtype(str(dtype).removeprefix("torch."))
+        if memory_format is not None:
+            raise TypeError(
+                f"RemoteModel.to(memory_format={memory_format}): the server lays out the weights; make the session with "
+                "RemoteModel.create(..., memory_format='channels_last')"
+            )
+        if device is not None:
+            self._stays(f"to({str(device)!r})")
+        return self
+
+    def cuda(self, device: Any = None) -> RemoteModel:
+        """Moves nothing (see ``to``): warns that the model stays on the server."""
+        self._stays("cuda()")
+        return self
+
+    def cpu(self) -> RemoteModel:
+        """Moves nothing (see ``to``): warns that the model stays on the server."""
+        self._stays("cpu()")
+        return self
+
+    @staticmethod
+    def _stays(call: str) -> None:
+        warnings.warn(
+            f"RemoteModel.{call} moves nothing: the model stays on the server, on the server's device "
+            "(model.info().device); the logits come back on the device of the input you pass",
+            UserWarning, stacklevel=3,
+        )
+
+    @staticmethod
+    def _refuse_dtype(dtype: str) -> NoReturn:
+        hint = {"float16": "fp16", "bfloat16": "bf16"}.get(dtype)
+        how = (f"for mixed precision make the session with RemoteModel.create(..., autocast={hint!r})" if hint
+               else "no other dtype is offered")
+        raise TypeError(f"the server's model is float32 and cannot be cast to {dtype}: {how}")
+
     # -- the rest ------------------------------------------------------------------------------
 
     def info(self) -> SessionInfo:
@@ -346,6 +458,24 @@ class RemoteModel(nn.Module):
 
     def extra_repr(self) -> str:
         return f"session={self._session.session_id or 'default'!r}"
+
+    # Last in the class: a method named ``float`` would shadow the type in the annotations after it.
+
+    def float(self) -> RemoteModel:
+        """Nothing to do: the server's weights are float32."""
+        return self
+
+    def half(self) -> RemoteModel:
+        """Refused: see ``to``."""
+        self._refuse_dtype("float16")
+
+    def bfloat16(self) -> RemoteModel:
+        """Refused: see ``to``."""
+        self._refuse_dtype("bfloat16")
+
+    def double(self) -> RemoteModel:
+        """Refused: see ``to``."""
+        self._refuse_dtype("float64")
 
 
 class RemoteOptimizer:

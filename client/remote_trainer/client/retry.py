@@ -153,17 +153,36 @@ class Attempts:
         return None if left is not None and pause >= left else pause
 
 
+# What gRPC says when it found no server at the address (connection refused, no such host).
+_NO_SERVER = ("failed to connect to all addresses", "Connection refused", "DNS resolution failed", "Failed to connect")
+
+
 def final(error: TrainerError, attempts: Attempts, target: str, state: grpc.ChannelConnectivity) -> TrainerError:
-    """The error to raise after the last attempt: as it came, except that an attempt that waited
-    for a connection (``wait_for_ready``) until its deadline, the connection still not READY,
-    was never sent: UNAVAILABLE ``SERVER_UNREACHABLE`` says so, where DEADLINE_EXCEEDED would
-    suggest a slow server."""
-    if error.code is not grpc.StatusCode.DEADLINE_EXCEEDED or not attempts.policy.wait_for_ready:
-        return error
-    if state is grpc.ChannelConnectivity.READY:
-        return error
-    within = f" within {attempts.timeout:g} s" if attempts.timeout is not None else ""
-    return UnavailableError(f"could not connect to {target}{within} (the connection is {state.name})", "SERVER_UNREACHABLE")
+    """The error to raise after the last attempt: as it came, except when no server answered at all.
+    An attempt that waited for a connection (``wait_for_ready``) until its deadline, the connection
+    still not READY, was never sent (DEADLINE_EXCEEDED would suggest a slow server), and one that
+    failed fast is gRPC's "failed to connect to all addresses": both become UNAVAILABLE
+    ``SERVER_UNREACHABLE``, saying which address and what to check (``unreachable``)."""
+    if error.code is grpc.StatusCode.DEADLINE_EXCEEDED and attempts.policy.wait_for_ready:
+        if state is grpc.ChannelConnectivity.READY:
+            return error
+        within = f" within {attempts.timeout:g} s" if attempts.timeout is not None else ""
+        return unreachable(target, f"{within} (the connection is {state.name})", error)
+    if error.code is grpc.StatusCode.UNAVAILABLE and not error.reason and any(t in error.message for t in _NO_SERVER):
+        return unreachable(target, f" ({error.message})", error)
+    return error
+
+
+def unreachable(target: str, detail: str, error: TrainerError) -> UnavailableError:
+    """UNAVAILABLE ``SERVER_UNREACHABLE``: no server at ``target`` answered; is one running there?"""
+    port = target.rpartition(":")[2]
+    start = f"trainer-server --port {port}" if port.isdigit() else "trainer-server"
+    result = UnavailableError(
+        f"no server at {target} answered{detail}: is it running? (`{start}` starts one there; or is the address wrong?)",
+        "SERVER_UNREACHABLE",
+    )
+    result.rpc_error = error.rpc_error
+    return result
 
 
 @dataclass

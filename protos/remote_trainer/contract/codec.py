@@ -16,6 +16,7 @@ import numpy as np
 import numpy.typing as npt
 
 from remote_trainer.contract.names import Distribution, LossName, OptimizerName
+from remote_trainer.contract.reasons import require
 from remote_trainer.contract.trainer.v1 import trainer_pb2 as pb
 
 # Wire data type -> numpy dtype of the raw bytes (bfloat16: its bit pattern).
@@ -73,9 +74,10 @@ DISTRIBUTION_NAMES: dict[int, Distribution] = {code: name for name, code in DIST
 
 
 class CodecError(ValueError):
-    """A wire tensor that cannot be decoded; ``reason`` is an UPPER_SNAKE_CASE constant."""
+    """A wire tensor that cannot be decoded; ``reason`` is one of the catalogue's (``reasons``)."""
 
     def __init__(self, message: str, reason: str) -> None:
+        require(reason)
         super().__init__(message)
         self.reason = reason
 

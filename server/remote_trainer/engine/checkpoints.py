@@ -69,7 +69,7 @@ def checkpoint_path(name: str, checkpoint_dir: str, owner: str = "") -> Path:
     """The file of checkpoint ``name`` in the checkpoint directory (in the owner's own folder when
     tokens are in use, so one token cannot read or overwrite another's checkpoints)."""
     if not checkpoint_dir:
-        raise FailedPrecondition("this server has no checkpoint directory (--checkpoint-dir)", "NO_CHECKPOINT_DIR")
+        raise FailedPrecondition("this server has no checkpoint directory: start it with --checkpoint-dir DIR (an existing folder)", "NO_CHECKPOINT_DIR")
     directory = owner_folder(checkpoint_dir, owner)
     with os_errors("the checkpoint folder"):
         directory.mkdir(exist_ok=True)

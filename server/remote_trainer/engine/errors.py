@@ -1,12 +1,15 @@
 """Typed domain errors of the training service.
 
 The torch work raises these; ``remote_trainer.server.status`` maps each kind to one gRPC status code in one table.
-This module imports neither grpc nor the generated code, so the engine stays free of transport.
+This module imports neither grpc nor the generated protobuf code, so the engine stays free of transport
+(the catalogue of reasons, ``remote_trainer.contract.reasons``, is plain Python).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+
+from remote_trainer.contract.reasons import require
 
 
 @dataclass(frozen=True)
@@ -21,7 +24,9 @@ class FieldViolation:
 class TrainerError(Exception):
     """Base of every error a client can cause or meet.
 
-    ``reason`` is an UPPER_SNAKE_CASE constant that clients can branch on (google.rpc.ErrorInfo).
+    ``reason`` is an UPPER_SNAKE_CASE constant that clients can branch on (google.rpc.ErrorInfo), one
+    of the catalogue's (``remote_trainer.contract.reasons``, docs/errors.md): an error made with any
+    other fails where it is made, so the first test that raises it shows it.
     """
 
     message: str
@@ -30,6 +35,7 @@ class TrainerError(Exception):
     metadata: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        require(self.reason)
         super().__init__(self.message)
 
     def __str__(self) -> str:

@@ -64,6 +64,7 @@ class TrainerServer:
     training_log: TrainingLog | None = None
     _stopping: threading.Event = field(default_factory=threading.Event)
     _stopped: threading.Event = field(default_factory=threading.Event)
+    housekeeping: threading.Thread | None = None  # expiry (and, with Ray, the cluster's housekeeping)
 
     def enter_graceful_shutdown(self) -> None:
         """Reports NOT_SERVING on the health service (what SIGTERM does first)."""
@@ -140,7 +141,8 @@ def create_server(settings: Settings, clock: Callable[[], float] = time.monotoni
     running = TrainerServer(server, port, health_servicer, store, metrics, servicer, loop, metrics_port, training_log)
     if settings.session_idle_seconds or settings.pending_graph_seconds or settings.backend == "ray":
         # With Ray also the cluster's housekeeping: abandoned reservations and their actors.
-        threading.Thread(target=_expire_sessions, args=(running,), name="session-expiry", daemon=True).start()
+        running.housekeeping = threading.Thread(target=_expire_sessions, args=(running,), name="session-expiry", daemon=True)
+        running.housekeeping.start()
     log.info(
         "listening on %s:%d (%s backend, device %s, weights %s, %s, %s)", settings.host, port, settings.backend,
         default.device, default.weights,
@@ -402,4 +404,8 @@ def serve(settings: Settings, signals: StopSignals | None = None) -> None:
     # thread wakes now and then to let it: asleep until the server stops, it never would.
     while not running.wait(timeout=0.2):
         pass
+    if running.housekeeping is not None:
+        # Not cut off midway by the interpreter's exit: with Ray, a call into a shut-down Ray worker
+        # ends the process with status 1 ("the core worker has already been shutdown").
+        running.housekeeping.join(timeout=settings.grace_seconds + 5)
     log.info("stopped")

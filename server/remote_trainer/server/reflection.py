@@ -1,4 +1,5 @@
-"""Server reflection that serves trainer.proto with its comments.
+"""Server reflection that serves trainer.proto (and errors.proto, the catalogue of error reasons) with
+their comments.
 
 The generated ``_pb2`` modules keep no source info, so reflection built on them would send
 descriptors without comments and ``grpcurl describe`` would print bare fields. scripts/gen-protos.sh
@@ -16,9 +17,11 @@ import grpc
 from google.protobuf import descriptor_pb2, descriptor_pool
 from grpc_reflection.v1alpha import reflection
 
-from remote_trainer.contract.trainer.v1 import trainer_pb2
+from remote_trainer.contract.trainer.v1 import errors_pb2, trainer_pb2  # noqa: F401 (errors_pb2: see below)
 
 DESCRIPTOR_SET = Path(trainer_pb2.__file__).with_name("trainer.binpb")
+# errors_pb2 is imported for its effect: it puts errors.proto in the default pool, so that
+# `grpcurl describe trainer.v1.ErrorReason` finds the catalogue of reasons.
 
 
 class _FileWithSource:

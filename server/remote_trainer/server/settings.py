@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
 from collections.abc import Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from remote_trainer.contract.names import AUTOCAST_MODES, MEMORY_FORMATS
 from remote_trainer.engine.limits import Limits
@@ -228,6 +229,14 @@ _HELP = {
 }
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, except that a refusal is one line, the reason and where to read more, not the
+    usage text (some 60 flags) with the reason under it."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} ({self.prog} --help lists every flag)\n")
+
+
 def env_name(field_name: str) -> str:
     """The environment twin of a setting: ``max_batch`` -> ``TRAINER_MAX_BATCH``."""
     return "TRAINER_" + field_name.upper()
@@ -236,7 +245,7 @@ def env_name(field_name: str) -> str:
 def parse_settings(argv: Sequence[str] | None = None, environ: dict[str, str] | None = None) -> Settings:
     """Settings from flags, then environment variables, then defaults."""
     env = os.environ if environ is None else environ
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="trainer-server",
         description="gRPC training service holding a torchvision resnet18. "
         "Every flag can also be set by the environment variable named in brackets.",
@@ -302,7 +311,7 @@ def validate(settings: Settings) -> list[str]:
     for name in ("data_dir", "checkpoint_dir"):
         value = getattr(settings, name)
         if value and not Path(value).is_dir():
-            problems.append(f"{name.replace('_', '-')} {value!r} is not a directory")
+            problems.append(f"{name.replace('_', '-')} {value!r} is not a directory (make it first: mkdir -p {shlex.quote(value)})")
     for name in ("tokens_file", "tls_cert", "tls_key", "tls_client_ca"):
         value = getattr(settings, name)
         if value and not Path(value).is_file():

@@ -19,6 +19,7 @@ from google.protobuf import any_pb2
 from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
+from remote_trainer.contract.reasons import require
 from remote_trainer.engine.errors import (
     Abandoned,
     DeadlineExceeded,
@@ -72,7 +73,8 @@ def short(text: str, limit: int = MAX_MESSAGE) -> str:
 
 def to_status(code: grpc.StatusCode, message: str, reason: str, error: TrainerError | None = None) -> grpc.Status:
     """A rich status: code, message, ErrorInfo and, for field errors, BadRequest; every text cut
-    to a size that arrives whole (``short``)."""
+    to a size that arrives whole (``short``). ``reason`` must be in the catalogue (docs/errors.md)."""
+    require(reason)
     metadata = list((error.metadata if error else {}).items())[:MAX_ITEMS]
     info = error_details_pb2.ErrorInfo(
         reason=short(reason, MAX_VALUE), domain=DOMAIN, metadata={short(k, MAX_VALUE): short(v, MAX_VALUE) for k, v in metadata}

@@ -4,7 +4,7 @@ Sessions, training steps and runs, gradients, freezing, heads, the optimizer, ch
 predictions, the autograd graph, and a live view of a session's training (``watch``). Needs only the SDK's dependencies (no torch). Every command works on
 the server's default session unless ``--session`` names another; output is tables for people, or
 JSON with ``--json``. A failed call prints one line, ``trainer-client: error: ...``, and exits with
-status 1 (2 for a bad command line).
+status 1 (2 for a bad command line); a reader that stops reading (``| head``) ends it quietly, status 0.
 
 This module holds the command line (the global flags and every command's flags, in the order
 ``--help`` lists them) and ``main``; the commands live by group in ``sessions``, ``training``,
@@ -18,6 +18,8 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+
+import grpc
 
 from remote_trainer.client.cli.checkpoints import cmd_checkpoint
 from remote_trainer.client.cli.inspect import cmd_grads, cmd_graph, cmd_predict
@@ -229,9 +231,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             ca_cert=pem(args.ca_cert), client_cert=pem(args.client_cert), client_key=pem(args.client_key),
         ) as client:
             status: int = args.run(client, client.session(args.session), args)
-            return status
+        sys.stdout.flush()  # here, not at exit, so that a reader who left (| head) is met below
+        return status
     except TrainerError as exc:
         message = str(exc)
+        if exc.code is grpc.StatusCode.UNAUTHENTICATED:
+            message += (" (the token given by --token or $TRAINER_TOKEN was refused: is it one the server was started with?)"
+                        if args.token else " (this server wants a token: pass --token TOKEN, or set TRAINER_TOKEN)")
+    except BrokenPipeError:
+        return reader_gone()
     except (OSError, ValueError, RuntimeError) as exc:
         message = str(exc) or type(exc).__name__
     except KeyboardInterrupt:
@@ -239,3 +247,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
     print_error(message)
     return 1
+
+
+def reader_gone() -> int:
+    """What a command does when whoever read its output stopped (``trainer-client info | head -3``):
+    it stops too, quietly, with status 0, as ``head`` asked for no more. What is left in stdout's
+    buffer is dropped: Python's flush at exit would raise BrokenPipeError again."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+    return 0

@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from remote_trainer.client import core
 from remote_trainer.client.cli.output import ProgressBar, fmt, one_line, print_json, table
 from remote_trainer.client.client import Session, TrainerClient
 
@@ -46,11 +47,12 @@ def _cycling(x: npt.NDArray[Any], y: npt.NDArray[Any], size: int) -> Batches:
     return batch
 
 
-def _generated(args: argparse.Namespace, classes: int) -> Batches:
+def _generated(args: argparse.Namespace, classes: int, max_message_bytes: int) -> Batches:
     """Uniform random images (like torch.rand; with ``--uint8``, uint8 pixels 0-255) and labels for
-    ``args.loss``, seeded by ``args.seed``."""
+    ``args.loss``, seeded by ``args.seed``. A batch too large to send is refused here, before any is made."""
     rng = np.random.default_rng(args.seed)
     shape = (args.batch, 3, args.size, args.size)
+    core.check_input_bytes(shape, np.uint8 if args.uint8 else np.float32, max_message_bytes)
 
     def batch(i: int) -> Batch:
         x = rng.integers(0, 256, shape, dtype=np.uint8) if args.uint8 else rng.random(shape, dtype=np.float32)
@@ -101,7 +103,7 @@ def cmd_step(client: TrainerClient, session: Session, args: argparse.Namespace) 
         raise ValueError("give both --data and --labels, or neither (then both are generated)")
     if data is not None and labels is not None and len(data) != len(labels):
         raise ValueError(f"--data has {len(data)} samples but --labels has {len(labels)}")
-    batches = _cycling(data, labels, args.batch) if data is not None and labels is not None else _generated(args, classes)
+    batches = _cycling(data, labels, args.batch) if data is not None and labels is not None else _generated(args, classes, client.max_message_bytes)
     records = _train(session, args, batches, show_step_count=True)
     if args.json:
         print_json(records)
@@ -119,7 +121,7 @@ def cmd_train(client: TrainerClient, session: Session, args: argparse.Namespace)
         images = data[0] if data[0].dtype == np.uint8 else data[0].astype(np.float32, copy=False)
         batches = _cycling(images, data[1], args.batch)
     else:
-        batches = _generated(args, classes)
+        batches = _generated(args, classes, client.max_message_bytes)
     started = time.monotonic()
     records = _train(session, args, batches, show_step_count=False)
     losses = [r["loss"] for r in records]

@@ -7,6 +7,11 @@ training step at a time (forward, backward, optimizer step) by thin clients.
 Every RPC works on a session: one model with its own optimizer, gradients
 and pending forward graph. A request whose session_id is empty uses the
 server's default session, built from the server's flags.
+
+A refused call changes nothing and answers a status whose details carry a
+google.rpc.ErrorInfo (domain "trainer.v1"): its reason is one of the
+ErrorReason catalogue's (errors.proto). docs/errors.md lists every reason
+with its status code, what causes it and what to do.
 """
 
 from collections import abc as _abc
@@ -575,7 +580,7 @@ class Operation(_message.Message):
     and answers a repeat of a number it ran with the answer it gave, without
     running it again. A call that ends DEADLINE_EXCEEDED, CANCELLED or
     UNAVAILABLE did not use its number (a retry runs it); any other answer
-    did. See docs/reliability.md.
+    did. See docs/reliability.md (and docs/errors.md for each reason).
     """
 
     DESCRIPTOR: _descriptor.Descriptor
@@ -770,7 +775,7 @@ class CreateSessionRequest(_message.Message):
     def input_transform(self) -> Global___InputTransform:
         """Turn uint8 inputs into the model's input on the device (4x fewer bytes
         on the wire than float32 images). Unset: off, and uint8 inputs are
-        refused (INVALID_ARGUMENT INPUT_TRANSFORM_MISSING).
+        refused (INVALID_ARGUMENT INPUT_TRANSFORM_MISSING: docs/errors.md).
         """
 
     def __init__(
@@ -1053,7 +1058,7 @@ class BackwardRequest(_message.Message):
     """Session to use; empty for the default session."""
     forward_id: _builtins.int
     """The forward to backpropagate through; 0 means the pending one. A
-    forward that is not the pending one is refused.
+    forward that is not the pending one is refused (STALE_FORWARD: docs/errors.md).
     """
     retain_graph: _builtins.bool
     """Keep the graph so that another Backward can run through it."""
@@ -1176,7 +1181,7 @@ class StepRequest(_message.Message):
     Equal to the session's count: the step is taken. One less: the step was
     already taken (its answer was lost), so nothing is done and the current
     count is answered with parameters_updated 0. Otherwise FAILED_PRECONDITION
-    STEP_COUNT_MISMATCH. Unset: always step.
+    STEP_COUNT_MISMATCH (docs/errors.md). Unset: always step.
     """
     @_builtins.property
     def operation(self) -> Global___Operation:
@@ -1610,7 +1615,7 @@ class GetGradientsRequest(_message.Message):
     """Element type for transfer: FLOAT32 (unset), FLOAT16 or BFLOAT16."""
     skip_stats: _builtins.bool
     """Leave out the statistics (one pass fewer over the gradients): the
-    elements only. Refused together with stats_only.
+    elements only. Refused together with stats_only (NOTHING_TO_SEND).
     """
     pack_chunks: _builtins.bool
     """Let the server put several consecutive chunks in one response (in
@@ -1761,7 +1766,7 @@ class GetParametersRequest(_message.Message):
     """Also send the buffers (BatchNorm running_mean, running_var, num_batches_tracked)."""
     skip_stats: _builtins.bool
     """Leave out the statistics (one pass fewer over the tensors): the elements
-    only. Refused together with stats_only.
+    only. Refused together with stats_only (NOTHING_TO_SEND).
     """
     pack_chunks: _builtins.bool
     """Let the server put several consecutive chunks in one response (in
@@ -1974,7 +1979,7 @@ class SaveCheckpointRequest(_message.Message):
     An existing checkpoint of that name is replaced atomically. A save that
     would take the caller's checkpoints past the server's quota
     (--max-checkpoint-bytes) is refused RESOURCE_EXHAUSTED CHECKPOINT_QUOTA
-    and writes nothing; the file it replaces counts as freed.
+    (docs/errors.md) and writes nothing; the file it replaces counts as freed.
     """
     def __init__(
         self,
@@ -2096,7 +2101,7 @@ class DeleteCheckpointRequest(_message.Message):
     client_token: _builtins.str
     """A token of the client's choosing: a repeat of a delete with the same token
     (a retry whose answer was lost) answers as the first one did, where a new
-    delete of the same name is NOT_FOUND.
+    delete of the same name is NOT_FOUND (CHECKPOINT_NOT_FOUND).
     """
     def __init__(
         self,

@@ -28,6 +28,7 @@ if _version_not_supported:
 class TrainerServiceStub:
     """TrainerService runs PyTorch's autograd tutorial remotely: Forward,
     Backward, Step and the calls around them, on sessions held by the server.
+    Errors and their reasons: docs/errors.md.
     """
 
     def __init__(self, channel):
@@ -146,6 +147,7 @@ class TrainerServiceStub:
 class TrainerServiceServicer:
     """TrainerService runs PyTorch's autograd tutorial remotely: Forward,
     Backward, Step and the calls around them, on sessions held by the server.
+    Errors and their reasons: docs/errors.md.
     """
 
     def CreateSession(self, request, context):
@@ -433,6 +435,7 @@ def add_TrainerServiceServicer_to_server(servicer, server):
 class TrainerService:
     """TrainerService runs PyTorch's autograd tutorial remotely: Forward,
     Backward, Step and the calls around them, on sessions held by the server.
+    Errors and their reasons: docs/errors.md.
     """
 
     @staticmethod

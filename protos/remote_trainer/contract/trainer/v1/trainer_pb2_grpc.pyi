@@ -7,6 +7,11 @@ training step at a time (forward, backward, optimizer step) by thin clients.
 Every RPC works on a session: one model with its own optimizer, gradients
 and pending forward graph. A request whose session_id is empty uses the
 server's default session, built from the server's flags.
+
+A refused call changes nothing and answers a status whose details carry a
+google.rpc.ErrorInfo (domain "trainer.v1"): its reason is one of the
+ErrorReason catalogue's (errors.proto). docs/errors.md lists every reason
+with its status code, what causes it and what to do.
 """
 
 from collections import abc as _abc
@@ -35,6 +40,7 @@ GRPC_VERSION: str
 class TrainerServiceStub:
     """TrainerService runs PyTorch's autograd tutorial remotely: Forward,
     Backward, Step and the calls around them, on sessions held by the server.
+    Errors and their reasons: docs/errors.md.
     """
 
     @_typing.overload
@@ -116,6 +122,7 @@ class TrainerServiceStub:
 class TrainerServiceAsyncStub(TrainerServiceStub):
     """TrainerService runs PyTorch's autograd tutorial remotely: Forward,
     Backward, Step and the calls around them, on sessions held by the server.
+    Errors and their reasons: docs/errors.md.
     """
 
     def __init__(self, channel: _aio.Channel) -> None: ...
@@ -193,6 +200,7 @@ class TrainerServiceAsyncStub(TrainerServiceStub):
 class TrainerServiceServicer(metaclass=_abc_1.ABCMeta):
     """TrainerService runs PyTorch's autograd tutorial remotely: Forward,
     Backward, Step and the calls around them, on sessions held by the server.
+    Errors and their reasons: docs/errors.md.
     """
 
     @_abc_1.abstractmethod
