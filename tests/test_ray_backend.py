@@ -11,7 +11,8 @@ that need a bare address run on the server's own Ray, tests/test_ray_own.py); se
 the nodes; a session made through one front-end is trained through the other, and survives a
 front-end restart; ownership and the session limits hold across front-ends; a killed node makes its
 sessions UNAVAILABLE SESSION_LOST within seconds (naming the last checkpoint), and ends their
-watches saying so, while the others go on; and a session restored from that checkpoint on the surviving node continues bit-identically.
+watches saying so, while the others go on; and a session restored from that checkpoint on the
+surviving node continues bit-identically.
 Select with ``-m ray``. The front-end's proxy alone, without a cluster: tests/test_ray_proxy.py.
 """
 
@@ -210,6 +211,9 @@ NOT_ON_RAY = {
     "test_imagenet_weights_from_the_hub_cache": "the engine's loader with a patched hub cache, in this process",
     "test_bad_weights_flag_fails_at_startup": "a local server that must not start",
     "test_the_tutorials_freeze_loop_sends_one_call_and_reading_requires_grad_sends_none":
+        "counts the calls in the log of a server in this process (rpc_log); the SDK sends the same calls "
+        "whatever the backend",
+    "test_attribute_access_makes_no_call":
         "counts the calls in the log of a server in this process (rpc_log); the SDK sends the same calls "
         "whatever the backend",
     "test_only_the_sessions_owner_may_watch_it": "a local server of its own with tokens (watch_server); ownership "
