@@ -216,6 +216,8 @@ NOT_ON_RAY = {
     "test_attribute_access_makes_no_call":
         "counts the calls in the log of a server in this process (rpc_log); the SDK sends the same calls "
         "whatever the backend",
+    "test_backward_with_create_graph_is_refused_before_anything_is_sent":
+        "counts the calls in the log of a server in this process (rpc_log); the SDK refuses it before any call",
     "test_only_the_sessions_owner_may_watch_it": "a local server of its own with tokens (watch_server); ownership "
                                                  "is the store's, checked as for DescribeSession on both backends",
     "test_watchers_are_bounded_and_hold_no_worker": "a local server of its own with small limits (watch_server); the "
