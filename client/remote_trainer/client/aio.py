@@ -149,11 +149,11 @@ class AsyncTrainerClient:
         turns = self._turns.setdefault(operations.session_id or "default", asyncio.Condition())
         try:
             if not operations.may_start(place.index):
-                async with turns:
-                    try:
-                        await asyncio.wait_for(turns.wait_for(lambda: operations.may_start(place.index)), attempts.remaining())
-                    except TimeoutError:
-                        raise waited_too_long() from None
+                try:
+                    async with asyncio.timeout(attempts.remaining()), turns:
+                        await turns.wait_for(lambda: operations.may_start(place.index))
+                except TimeoutError:
+                    raise waited_too_long() from None
             if not operations.known:  # a handle on an existing session: where does its numbering stand?
                 info = await self._send(core.describe_session(operations.session_id), timeout=attempts.remaining())
                 operations.begin(info.next_operation, info.operation_epoch)
@@ -189,7 +189,8 @@ class AsyncTrainerClient:
         """One attempt, through ``call`` or ``stream``: a stream that fails midway is read again
         from its start by the next attempt."""
         try:
-            await asyncio.wait_for(self._in_flight.acquire(), timeout)
+            async with asyncio.timeout(timeout):  # (wait_for could lose a slot taken as it timed out)
+                await self._in_flight.acquire()
         except TimeoutError:
             raise waited_too_long(CHANNEL_IN_FLIGHT, "on the client's channel") from None
         try:
