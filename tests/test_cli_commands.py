@@ -1,7 +1,7 @@
 """The rest of trainer-client, run as the console script against a real server: sessions,
 optimizer, zero-grad, checkpoints, predict, reset and train; tables for people and --json for
-scripts, the numbers compared with local PyTorch; and README's command-line walk-through, run as
-written, printing what README shows."""
+scripts, the numbers compared with local PyTorch; and docs/cli.md's command-line walk-through, run as
+written, printing what the page shows (README's one command-line example is the walk-through's start)."""
 
 from __future__ import annotations
 
@@ -31,7 +31,8 @@ from tests.shown_output import assert_shown
 CLI = Path(sys.executable).with_name("trainer-client")
 ROOT = Path(__file__).resolve().parent.parent
 README_TARGET = "localhost:50051"
-# A console block of README's command-line section: ``$ COMMAND`` lines, each followed by what it prints.
+# A console block of docs/cli.md: ``$ COMMAND`` lines, each followed by what it prints.
+CLI_PAGE = ROOT / "docs" / "cli.md"
 CONSOLE_BLOCK = re.compile(r"<!-- cli: ([\w-]+) -->\n```console\n(.*?)```", re.S)
 
 
@@ -225,13 +226,13 @@ def test_a_session_for_uint8_images_trained_from_the_shell_equals_local(cli: Any
     cli("sessions", "close", sid)
 
 
-# -- README's walk-through -------------------------------------------------------------------------
+# -- docs/cli.md's walk-through -----------------------------------------------------------------------
 
 
 def readme_console_blocks() -> list[tuple[str, list[tuple[str, str]]]]:
-    """(name, [(command, shown output), ...]) of each marked console block of README, in order."""
+    """(name, [(command, shown output), ...]) of each marked console block of docs/cli.md, in order."""
     blocks = []
-    for name, body in CONSOLE_BLOCK.findall((ROOT / "README.md").read_text()):
+    for name, body in CONSOLE_BLOCK.findall(CLI_PAGE.read_text()):
         steps: list[tuple[str, list[str]]] = []
         for line in body.splitlines():
             if line.startswith("$ "):
@@ -244,19 +245,28 @@ def readme_console_blocks() -> list[tuple[str, list[tuple[str, str]]]]:
 
 @pytest.fixture(scope="module")
 def readme_cli_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TrainerServer]:
-    """A fresh server as README's walk-through starts it, `trainer-server --checkpoint-dir ckpt`:
-    random weights (seed 0), on the CPU (README shows a CPU's numbers)."""
+    """A fresh server as docs/cli.md's walk-through starts it, `trainer-server --checkpoint-dir ckpt`:
+    random weights (seed 0), on the CPU (the page shows a CPU's numbers)."""
     running = create_server(Settings(port=0, weights="random", seed=0, device="cpu",
                                      checkpoint_dir=str(tmp_path_factory.mktemp("ckpt"))))
     yield running
     running.stop(None).wait()
 
 
-def test_readme_command_line_walk_through_prints_what_readme_shows(readme_cli_server: TrainerServer, tmp_path: Path) -> None:
-    """Every ``$`` line of README's marked console blocks, run with bash as written (the server's
+def test_readmes_command_line_example_is_the_start_of_the_walk_through() -> None:
+    """README shows the first commands of docs/cli.md's walk block, output included; the walk-through
+    run below checks them."""
+    found = re.search(r"<!-- example from docs/cli.md -->\n```console\n(.*?)```", (ROOT / "README.md").read_text(), re.S)
+    assert found, "README has no console block marked 'example from docs/cli.md'"
+    walk = re.search(r"<!-- cli: walk -->\n```console\n(.*?)```", CLI_PAGE.read_text(), re.S)
+    assert walk and walk[1].startswith(found[1]), f"README's command-line example is not the start of docs/cli.md's walk block:\n{found[1]}"
+
+
+def test_cli_page_walk_through_prints_what_the_page_shows(readme_cli_server: TrainerServer, tmp_path: Path) -> None:
+    """Every ``$`` line of docs/cli.md's marked console blocks, run with bash as written (the server's
     address in $TRAINER_TARGET, ``$SID`` the id ``sessions create`` printed), in order, prints what
-    README shows under it, line by line (session ids, times and dates aside); a command README shows
-    failing fails (status 1), the others succeed."""
+    the page shows under it, line by line (session ids, times and dates aside); a command the page
+    shows failing fails (status 1), the others succeed."""
     blocks = readme_console_blocks()
     assert [name for name, _ in blocks] == ["walk", "sessions"]
     port = readme_cli_server.port
@@ -268,7 +278,7 @@ def test_readme_command_line_walk_through_prints_what_readme_shows(readme_cli_se
                                   text=True, timeout=300, stdin=subprocess.DEVNULL, check=False)
             printed = (done.stdout + done.stderr).replace(f"localhost:{port}", README_TARGET)
             failing = f"{PROG}: error:" in shown
-            assert done.returncode == (1 if failing else 0), f"README's {command!r} ended with {done.returncode}:\n{printed}"
-            assert_shown("console", shown, printed, f"README's {name} block, {command!r}")
+            assert done.returncode == (1 if failing else 0), f"docs/cli.md's {command!r} ended with {done.returncode}:\n{printed}"
+            assert_shown("console", shown, printed, f"docs/cli.md's {name} block, {command!r}")
             if created := re.match(r"created session ([0-9a-f]{32})", done.stdout):
                 env["SID"] = created[1]

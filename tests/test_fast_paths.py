@@ -229,24 +229,24 @@ def test_a_server_with_pin_memory_on_this_cpu_does_not_start() -> None:
     assert re.search(r"cannot start: pin-memory needs a CUDA device .* this session's device is cpu", done.stderr), done.stderr
 
 
-# -- README's examples, run verbatim ------------------------------------------------------------------
+# -- docs/configuration.md's examples, run verbatim ------------------------------------------------------
 
 
-def readme_block(marker: str) -> str:
-    found = re.search(rf"<!-- fast-paths: {marker} -->\n```\w+\n(.*?)```", (ROOT / "README.md").read_text(), re.S)
-    assert found, f"README has no block marked fast-paths: {marker}"
+def page_block(marker: str) -> str:
+    found = re.search(rf"<!-- fast-paths: {marker} -->\n```\w+\n(.*?)```", (ROOT / "docs" / "configuration.md").read_text(), re.S)
+    assert found, f"docs/configuration.md has no block marked fast-paths: {marker}"
     return found.group(1)
 
 
-def test_readme_fast_path_examples_run_verbatim(server: TrainerServer, client: TrainerClient) -> None:
+def test_configuration_page_fast_path_examples_run_verbatim(server: TrainerServer, client: TrainerClient) -> None:
     port = f"localhost:{server.port}"
-    done = subprocess.run([sys.executable, "-c", readme_block("sdk").replace("localhost:50051", port)],
+    done = subprocess.run([sys.executable, "-c", page_block("sdk").replace("localhost:50051", port)],
                           cwd=ROOT, capture_output=True, text=True, timeout=120, check=False)
     assert done.returncode == 0, done.stderr
     assert done.stdout.splitlines()[0] == "bf16 channels_last"
     float(done.stdout.splitlines()[1])  # the loss
     grpcurl = Path(sys.executable).with_name("grpcurl")
-    command = readme_block("grpcurl").strip()
+    command = page_block("grpcurl").strip()
     assert command.startswith("grpcurl ")
     done = subprocess.run(["bash", "-euo", "pipefail", "-c", command.replace("localhost:50051", port)], cwd=ROOT,
                           env={**os.environ, "PATH": f"{grpcurl.parent}{os.pathsep}{os.environ.get('PATH', '')}"},

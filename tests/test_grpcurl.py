@@ -1,10 +1,11 @@
-"""README's grpcurl commands, run verbatim with the real grpcurl binary against a live server.
+"""docs/grpcurl.md's commands, run verbatim with the real grpcurl binary against a live server.
 
-Every ``sh`` block of README's "grpcurl by hand" section is marked ``<!-- grpcurl: NAME -->``; this
-test extracts them from README.md, runs them in order with bash (only ``localhost:50051`` becomes the
-test server's port) and checks what each printed: against local PyTorch, and against the output README
-shows right under the block (a ``json`` or ``text`` block), field by field (``shown_output``). A README
-example that breaks, or whose shown output went stale, fails here.
+Every ``sh`` block of docs/grpcurl.md ("grpcurl by hand") is marked ``<!-- grpcurl: NAME -->``; this
+test extracts them from the page, runs them in order with bash (only ``localhost:50051`` becomes the
+test server's port) and checks what each printed: against local PyTorch, and against the output the
+page shows right under the block (a ``json`` or ``text`` block), field by field (``shown_output``). An
+example that breaks, or whose shown output went stale, fails here; README's one grpcurl example is one
+of the page's blocks, word for word, output included.
 """
 
 from __future__ import annotations
@@ -31,28 +32,27 @@ from tests.shown_output import assert_shown
 
 ROOT = Path(__file__).resolve().parent.parent
 README = ROOT / "README.md"
-SECTION = "## grpcurl by hand"
+PAGE = ROOT / "docs" / "grpcurl.md"
+# README's one grpcurl example: a block of the page and the output shown under it.
+README_EXAMPLE = re.compile(r"<!-- example from docs/grpcurl.md -->\n(```sh\n(?:(?!```).)*```\n```json\n.*?```\n)", re.S)
 MARKED_BLOCK = re.compile(r"<!-- grpcurl: ([\w-]+) -->\n```sh\n(.*?)```", re.S)
 # A marked block and the output shown right under it.
 SHOWN_BLOCK = re.compile(r"<!-- grpcurl: ([\w-]+) -->\n```sh\n(?:(?!```).)*```\n```(json|text)\n(.*?)```", re.S)
 README_TARGET = "localhost:50051"
 
 
-def readme_section() -> str:
-    text = README.read_text()
-    start = text.index(SECTION)
-    end = text.find("\n## ", start + len(SECTION))
-    return text[start : end if end != -1 else len(text)]
+def page_text() -> str:
+    return PAGE.read_text()
 
 
-def readme_commands() -> list[tuple[str, str]]:
-    """(name, command) of each marked block of the section, in README order."""
-    return [(name, body.strip()) for name, body in MARKED_BLOCK.findall(readme_section())]
+def page_commands() -> list[tuple[str, str]]:
+    """(name, command) of each marked block of the page, in the page's order."""
+    return [(name, body.strip()) for name, body in MARKED_BLOCK.findall(page_text())]
 
 
-def readme_shown() -> dict[str, tuple[str, str]]:
-    """(kind, text) of the output README shows under a marked block, by the block's name."""
-    return {name: (kind, text) for name, kind, text in SHOWN_BLOCK.findall(readme_section())}
+def page_shown() -> dict[str, tuple[str, str]]:
+    """(kind, text) of the output the page shows under a marked block, by the block's name."""
+    return {name: (kind, text) for name, kind, text in SHOWN_BLOCK.findall(page_text())}
 
 
 def grpcurl_path() -> str:
@@ -83,8 +83,8 @@ def one(text: str) -> dict[str, Any]:
 
 @pytest.fixture(scope="module")
 def readme_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TrainerServer]:
-    """A fresh server as README starts it (random weights, seed 0, a checkpoint folder), on a free port,
-    on the CPU (README shows a CPU's numbers and ``"device": "cpu"``)."""
+    """A fresh server as docs/grpcurl.md starts it (random weights, seed 0, a checkpoint folder), on a free port,
+    on the CPU (the page shows a CPU's numbers and ``"device": "cpu"``)."""
     running = create_server(Settings(port=0, weights="random", seed=0, device="cpu",
                                      checkpoint_dir=str(tmp_path_factory.mktemp("ckpt"))))
     yield running
@@ -94,7 +94,7 @@ def readme_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TrainerS
 @pytest.fixture(scope="module")
 def tutorial_loss() -> float:
     """The tutorial's loss in local PyTorch, with the server's weights (random, seed 0) and the
-    inputs the README's commands generate (seeds 1 and 2)."""
+    inputs the page's commands generate (seeds 1 and 2)."""
     torch.manual_seed(0)
     model = resnet18()
     data = torch.rand((1, 3, 64, 64), generator=torch.Generator().manual_seed(1))
@@ -255,7 +255,7 @@ def check_reset(out: str, loss: float) -> None:
     assert "step_count" not in session and "frozen_parameters" not in session  # 0: left out by proto3 JSON
 
 
-# README's blocks, in README order, with what each must print; "error..." ones must exit non-zero.
+# The page's blocks, in the page's order, with what each must print; "error..." ones must exit non-zero.
 CHECKS: dict[str, Callable[[str, float], None]] = {
     "list": check_list,
     "describe": check_describe,
@@ -284,22 +284,30 @@ CHECKS: dict[str, Callable[[str, float], None]] = {
 }
 
 
-def test_every_shell_block_of_the_section_is_marked_and_checked() -> None:
-    section = readme_section()
-    assert section.count("```sh\n") == len(readme_commands()), "an unmarked ```sh block in the grpcurl section"
+def test_every_shell_block_of_the_page_is_marked_and_checked() -> None:
+    section = page_text()
+    assert section.count("```sh\n") == len(page_commands()), "an unmarked ```sh block in docs/grpcurl.md"
     outputs = section.count("```json\n") + section.count("```text\n")
-    assert outputs == len(readme_shown()), "an output block in the grpcurl section that is not right under a marked block"
-    assert [name for name, _ in readme_commands()] == list(CHECKS)
-    for name, command in readme_commands():
+    assert outputs == len(page_shown()), "an output block in docs/grpcurl.md that is not right under a marked block"
+    assert [name for name, _ in page_commands()] == list(CHECKS)
+    for name, command in page_commands():
         # A block that needs an id from an earlier answer keeps it in a shell variable.
         assert command.startswith(("grpcurl -plaintext ", "SESSION=$(grpcurl -plaintext ")) and README_TARGET in command, name
 
 
-def test_readme_grpcurl_commands_run_verbatim(readme_server: TrainerServer, tutorial_loss: float) -> None:
+def test_readmes_grpcurl_example_is_a_block_of_the_page_output_included() -> None:
+    """README shows one of the page's blocks; the page's run below checks its output."""
+    found = README_EXAMPLE.search(README.read_text())
+    assert found, "README has no grpcurl block marked 'example from docs/grpcurl.md'"
+    assert re.search(r"<!-- grpcurl: [\w-]+ -->\n" + re.escape(found.group(1)), page_text()), (
+        f"README's grpcurl example is not a block of docs/grpcurl.md with the same shown output:\n{found.group(1)}")
+
+
+def test_page_grpcurl_commands_run_verbatim(readme_server: TrainerServer, tutorial_loss: float) -> None:
     grpcurl = grpcurl_path()
-    shown = readme_shown()
+    shown = page_shown()
     env = dict(os.environ, PATH=os.pathsep.join([str(Path(grpcurl).parent), os.environ.get("PATH", "")]))
-    for name, command in readme_commands():
+    for name, command in page_commands():
         script = command.replace(README_TARGET, f"localhost:{readme_server.port}")
         done = subprocess.run(
             ["bash", "-euo", "pipefail", "-c", script], cwd=ROOT, env=env, capture_output=True, text=True,
@@ -310,11 +318,11 @@ def test_readme_grpcurl_commands_run_verbatim(readme_server: TrainerServer, tuto
         if failure:
             assert done.returncode != 0, f"{name}: expected a failure\n{output}"
         else:
-            assert done.returncode == 0, f"README block {name!r} failed ({done.returncode}):\n{command}\n{output}"
+            assert done.returncode == 0, f"docs/grpcurl.md block {name!r} failed ({done.returncode}):\n{command}\n{output}"
         try:
             CHECKS[name](output if failure else done.stdout, tutorial_loss)
         except AssertionError as exc:
-            raise AssertionError(f"README block {name!r} printed something unexpected:\n{command}\n{output}") from exc
-        if name in shown:  # what README shows it printing, exactly
+            raise AssertionError(f"docs/grpcurl.md block {name!r} printed something unexpected:\n{command}\n{output}") from exc
+        if name in shown:  # what the page shows it printing, exactly
             kind, text = shown[name]
-            assert_shown(kind, text, output if failure else done.stdout, f"README block {name!r}")
+            assert_shown(kind, text, output if failure else done.stdout, f"docs/grpcurl.md block {name!r}")

@@ -228,11 +228,11 @@ def test_the_transform_travels_with_the_session(checkpoint_server: TrainerServer
             np.testing.assert_array_equal(again.forward(batch, eval_mode=True).logits, expected)
 
 
-def test_readme_images_example_runs_verbatim(target: str) -> None:
-    """README's example, run as it is written: the transform described, and the step's loss equal to
+def test_configuration_page_images_example_runs_verbatim(target: str) -> None:
+    """docs/configuration.md's example, run as it is written: the transform described, and the step's loss equal to
     local PyTorch's on ToTensor() + Normalize() of the same images (the session's weights: random, seed 0)."""
-    found = re.search(r"<!-- images: sdk -->\n```python\n(.*?)```", (ROOT / "README.md").read_text(), re.S)
-    assert found, "README has no block marked images: sdk"
+    found = re.search(r"<!-- images: sdk -->\n```python\n(.*?)```", (ROOT / "docs" / "configuration.md").read_text(), re.S)
+    assert found, "docs/configuration.md has no block marked images: sdk"
     done = subprocess.run([sys.executable, "-c", found.group(1).replace("localhost:50051", target)], cwd=ROOT,
                           capture_output=True, text=True, timeout=120, check=False)
     assert done.returncode == 0, done.stderr
