@@ -237,13 +237,16 @@ class Operations:
     def may_start(self, place: int) -> bool:
         """Whether the call at ``place`` may be sent: fewer than ``IN_FLIGHT`` places before it are unfinished."""
         with self._lock:
-            return place < self._oldest + IN_FLIGHT
+            return self._has_room(place)
 
     def wait_turn(self, place: int, timeout: float | None) -> None:
         """Blocks until ``may_start(place)`` (the sync face); DEADLINE_EXCEEDED when ``timeout`` passes first."""
         with self._turns:
-            if not self._turns.wait_for(lambda: place < self._oldest + IN_FLIGHT, timeout):
+            if not self._turns.wait_for(lambda: self._has_room(place), timeout):
                 raise waited_too_long()
+
+    def _has_room(self, place: int) -> bool:  # under the lock
+        return place < self._oldest + IN_FLIGHT
 
     def finish(self, place: int) -> None:
         """The call at ``place`` has ended: the calls waiting for their turn may go."""

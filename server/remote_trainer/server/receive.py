@@ -67,10 +67,6 @@ class ReceiveGate:
             if not users[0]:
                 del self._callers[caller]
 
-    def callers(self) -> int:
-        """How many callers have a request being received or waiting to be (for the tests)."""
-        return len(self._callers)
-
 
 def slots_for(max_receiving_bytes: int, max_message_bytes: int) -> tuple[int, int]:
     """Receiving slots in all and for one caller: as many largest requests as the budget holds (at
