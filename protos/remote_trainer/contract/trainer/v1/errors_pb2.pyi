@@ -769,6 +769,33 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     with their last event saying WATCH_END_SERVER_STOPPING).
     Do: watch again once the server (or another front-end) serves.
     """
+    ERROR_REASON_SHARED_MEMORY_UNAVAILABLE: _ErrorReason.ValueType  # 121
+    """Status: FAILED_PRECONDITION.
+    Cause: OpenSharedMemory on a server started without --allow-shared-memory
+    (the default), or a call that names the shared-memory region on a session
+    that has none open (OpenSharedMemory first).
+    Do: start the server with --allow-shared-memory (docs/shared-memory.md),
+    or send tensors in the messages (the SDK's default).
+    """
+    ERROR_REASON_SHARED_MEMORY_TOO_LARGE: _ErrorReason.ValueType  # 122
+    """Status: RESOURCE_EXHAUSTED.
+    Cause: OpenSharedMemory asked for more bytes than --max-shared-memory-bytes.
+    ErrorInfo metadata "limit" says how many.
+    Do: ask for fewer bytes, or start the server with a larger limit.
+    """
+    ERROR_REASON_SHARED_MEMORY_TOO_SMALL: _ErrorReason.ValueType  # 123
+    """Status: RESOURCE_EXHAUSTED.
+    Cause: GetGradients or GetParameters with shared_memory whose elements do
+    not fit in the session's region. ErrorInfo metadata "needed_bytes" says
+    how many they need.
+    Do: open a larger region (OpenSharedMemory again), or ask for fewer tensors.
+    """
+    ERROR_REASON_BAD_SHARED_TENSOR: _ErrorReason.ValueType  # 124
+    """Status: INVALID_ARGUMENT.
+    Cause: a SharedTensor whose offset and bytes lie (partly) outside the
+    session's region, or OpenSharedMemory with a size below 1.
+    Do: write the tensor inside the region; ask for a size of at least 1.
+    """
 
 class ErrorReason(_ErrorReason, metaclass=_ErrorReasonEnumTypeWrapper):
     """ErrorReason names each google.rpc.ErrorInfo reason. Each value's comment
@@ -1507,5 +1534,32 @@ ERROR_REASON_SERVER_STOPPING: ErrorReason.ValueType  # 120
 Cause: WatchSession while the server is stopping (the watches open then end
 with their last event saying WATCH_END_SERVER_STOPPING).
 Do: watch again once the server (or another front-end) serves.
+"""
+ERROR_REASON_SHARED_MEMORY_UNAVAILABLE: ErrorReason.ValueType  # 121
+"""Status: FAILED_PRECONDITION.
+Cause: OpenSharedMemory on a server started without --allow-shared-memory
+(the default), or a call that names the shared-memory region on a session
+that has none open (OpenSharedMemory first).
+Do: start the server with --allow-shared-memory (docs/shared-memory.md),
+or send tensors in the messages (the SDK's default).
+"""
+ERROR_REASON_SHARED_MEMORY_TOO_LARGE: ErrorReason.ValueType  # 122
+"""Status: RESOURCE_EXHAUSTED.
+Cause: OpenSharedMemory asked for more bytes than --max-shared-memory-bytes.
+ErrorInfo metadata "limit" says how many.
+Do: ask for fewer bytes, or start the server with a larger limit.
+"""
+ERROR_REASON_SHARED_MEMORY_TOO_SMALL: ErrorReason.ValueType  # 123
+"""Status: RESOURCE_EXHAUSTED.
+Cause: GetGradients or GetParameters with shared_memory whose elements do
+not fit in the session's region. ErrorInfo metadata "needed_bytes" says
+how many they need.
+Do: open a larger region (OpenSharedMemory again), or ask for fewer tensors.
+"""
+ERROR_REASON_BAD_SHARED_TENSOR: ErrorReason.ValueType  # 124
+"""Status: INVALID_ARGUMENT.
+Cause: a SharedTensor whose offset and bytes lie (partly) outside the
+session's region, or OpenSharedMemory with a size below 1.
+Do: write the tensor inside the region; ask for a size of at least 1.
 """
 Global___ErrorReason: _TypeAlias = ErrorReason  # noqa: Y015

@@ -402,6 +402,7 @@ class TensorInput(_message.Message):
     TENSOR_FIELD_NUMBER: _builtins.int
     VALUES_FIELD_NUMBER: _builtins.int
     GENERATE_FIELD_NUMBER: _builtins.int
+    SHARED_MEMORY_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def tensor(self) -> Global___Tensor:
         """Raw bytes: the canonical, fast form."""
@@ -414,22 +415,64 @@ class TensorInput(_message.Message):
     def generate(self) -> Global___TensorGenerator:
         """Generated on the server from a small spec."""
 
+    @_builtins.property
+    def shared_memory(self) -> Global___SharedTensor:
+        """In the session's shared-memory region (OpenSharedMemory), for a client
+        on the server's host. The server copies the elements out when the call
+        begins; the region may be written again once the call has answered.
+        """
+
     def __init__(
         self,
         *,
         tensor: Global___Tensor | None = ...,
         values: Global___TensorValues | None = ...,
         generate: Global___TensorGenerator | None = ...,
+        shared_memory: Global___SharedTensor | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["generate", b"generate", "source", b"source", "tensor", b"tensor", "values", b"values"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["generate", b"generate", "shared_memory", b"shared_memory", "source", b"source", "tensor", b"tensor", "values", b"values"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["generate", b"generate", "source", b"source", "tensor", b"tensor", "values", b"values"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["generate", b"generate", "shared_memory", b"shared_memory", "source", b"source", "tensor", b"tensor", "values", b"values"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_source: _TypeAlias = _typing.Literal["tensor", "values", "generate"]  # noqa: Y015
+    _WhichOneofReturnType_source: _TypeAlias = _typing.Literal["tensor", "values", "generate", "shared_memory"]  # noqa: Y015
     _WhichOneofArgType_source: _TypeAlias = _typing.Literal["source", b"source"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_source) -> _WhichOneofReturnType_source | None: ...
 
 Global___TensorInput: _TypeAlias = TensorInput  # noqa: Y015
+
+@_typing.final
+class SharedTensor(_message.Message):
+    """SharedTensor is a tensor in the session's shared-memory region: its raw
+    elements, row-major (C order), little-endian, as in Tensor.raw_data.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    OFFSET_FIELD_NUMBER: _builtins.int
+    SHAPE_FIELD_NUMBER: _builtins.int
+    DATA_TYPE_FIELD_NUMBER: _builtins.int
+    offset: _builtins.int
+    """Byte offset of the first element from the region's start."""
+    data_type: Global___DataType.ValueType
+    """Element type."""
+    @_builtins.property
+    def shape(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """Size of each dimension, outermost first."""
+
+    def __init__(
+        self,
+        *,
+        offset: _builtins.int = ...,
+        shape: _abc.Iterable[_builtins.int] | None = ...,
+        data_type: Global___DataType.ValueType = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["data_type", b"data_type", "offset", b"offset", "shape", b"shape"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SharedTensor: _TypeAlias = SharedTensor  # noqa: Y015
 
 @_typing.final
 class TensorStats(_message.Message):
@@ -1607,6 +1650,7 @@ class GetGradientsRequest(_message.Message):
     TRANSFER_DATA_TYPE_FIELD_NUMBER: _builtins.int
     SKIP_STATS_FIELD_NUMBER: _builtins.int
     PACK_CHUNKS_FIELD_NUMBER: _builtins.int
+    SHARED_MEMORY_FIELD_NUMBER: _builtins.int
     session_id: _builtins.str
     """Session to use; empty for the default session."""
     stats_only: _builtins.bool
@@ -1624,6 +1668,13 @@ class GetGradientsRequest(_message.Message):
     46.8 MB, come in 50 responses instead of 98; statistics only, in one).
     Unset, every response carries one chunk in `chunk`.
     """
+    shared_memory: _builtins.bool
+    """Write the elements into the session's shared-memory region
+    (OpenSharedMemory) instead of the messages: the stream then carries each
+    tensor's metadata in one chunk with its shared_memory_offset, all in one
+    response. RESOURCE_EXHAUSTED (SHARED_MEMORY_TOO_SMALL) when they do not
+    fit in the region.
+    """
     @_builtins.property
     def patterns(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Name patterns as in FreezeLayers; empty means every parameter. Each
@@ -1639,10 +1690,11 @@ class GetGradientsRequest(_message.Message):
         transfer_data_type: Global___DataType.ValueType = ...,
         skip_stats: _builtins.bool = ...,
         pack_chunks: _builtins.bool = ...,
+        shared_memory: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["pack_chunks", b"pack_chunks", "patterns", b"patterns", "session_id", b"session_id", "skip_stats", b"skip_stats", "stats_only", b"stats_only", "transfer_data_type", b"transfer_data_type"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["pack_chunks", b"pack_chunks", "patterns", b"patterns", "session_id", b"session_id", "shared_memory", b"shared_memory", "skip_stats", b"skip_stats", "stats_only", b"stats_only", "transfer_data_type", b"transfer_data_type"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1666,6 +1718,7 @@ class TensorChunk(_message.Message):
     TOTAL_BYTES_FIELD_NUMBER: _builtins.int
     DATA_FIELD_NUMBER: _builtins.int
     LAST_FIELD_NUMBER: _builtins.int
+    SHARED_MEMORY_OFFSET_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """Qualified parameter (or buffer) name."""
     data_type: Global___DataType.ValueType
@@ -1682,6 +1735,12 @@ class TensorChunk(_message.Message):
     """This piece of the raw bytes."""
     last: _builtins.bool
     """Whether this is the tensor's last chunk."""
+    shared_memory_offset: _builtins.int
+    """With shared_memory in the request: the byte offset from the start of
+    the session's shared-memory region at which the tensor's total_bytes of
+    raw elements lie (then data is empty and the tensor comes in one chunk).
+    The region holds them until the session's next call.
+    """
     @_builtins.property
     def shape(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
         """Size of each dimension (first chunk only)."""
@@ -1702,10 +1761,11 @@ class TensorChunk(_message.Message):
         total_bytes: _builtins.int = ...,
         data: _builtins.bytes = ...,
         last: _builtins.bool = ...,
+        shared_memory_offset: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["stats", b"stats"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["data", b"data", "data_type", b"data_type", "last", b"last", "name", b"name", "offset", b"offset", "present", b"present", "shape", b"shape", "stats", b"stats", "total_bytes", b"total_bytes"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["data", b"data", "data_type", b"data_type", "last", b"last", "name", b"name", "offset", b"offset", "present", b"present", "shape", b"shape", "shared_memory_offset", b"shared_memory_offset", "stats", b"stats", "total_bytes", b"total_bytes"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1756,6 +1816,7 @@ class GetParametersRequest(_message.Message):
     INCLUDE_BUFFERS_FIELD_NUMBER: _builtins.int
     SKIP_STATS_FIELD_NUMBER: _builtins.int
     PACK_CHUNKS_FIELD_NUMBER: _builtins.int
+    SHARED_MEMORY_FIELD_NUMBER: _builtins.int
     session_id: _builtins.str
     """Session to use; empty for the default session."""
     stats_only: _builtins.bool
@@ -1775,6 +1836,10 @@ class GetParametersRequest(_message.Message):
     46.8 MB, come in 50 responses instead of 98; statistics only, in one).
     Unset, every response carries one chunk in `chunk`.
     """
+    shared_memory: _builtins.bool
+    """Write the elements into the session's shared-memory region, as
+    GetGradientsRequest.shared_memory.
+    """
     @_builtins.property
     def patterns(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Name patterns as in FreezeLayers; empty means every parameter."""
@@ -1789,10 +1854,11 @@ class GetParametersRequest(_message.Message):
         include_buffers: _builtins.bool = ...,
         skip_stats: _builtins.bool = ...,
         pack_chunks: _builtins.bool = ...,
+        shared_memory: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["include_buffers", b"include_buffers", "pack_chunks", b"pack_chunks", "patterns", b"patterns", "session_id", b"session_id", "skip_stats", b"skip_stats", "stats_only", b"stats_only", "transfer_data_type", b"transfer_data_type"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["include_buffers", b"include_buffers", "pack_chunks", b"pack_chunks", "patterns", b"patterns", "session_id", b"session_id", "shared_memory", b"shared_memory", "skip_stats", b"skip_stats", "stats_only", b"stats_only", "transfer_data_type", b"transfer_data_type"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -2718,3 +2784,72 @@ class EndEvent(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___EndEvent: _TypeAlias = EndEvent  # noqa: Y015
+
+@_typing.final
+class OpenSharedMemoryRequest(_message.Message):
+    """OpenSharedMemoryRequest asks for a shared-memory region for a session."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SESSION_ID_FIELD_NUMBER: _builtins.int
+    SIZE_BYTES_FIELD_NUMBER: _builtins.int
+    session_id: _builtins.str
+    """Session to use; empty for the default session."""
+    size_bytes: _builtins.int
+    """Size of the region in bytes: at least the largest input or output the
+    client will pass through it (resnet18's 62 gradients in float32: 46.8 MB),
+    at most the server's --max-shared-memory-bytes. A session has one region:
+    opening another replaces it.
+    """
+    def __init__(
+        self,
+        *,
+        session_id: _builtins.str = ...,
+        size_bytes: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["session_id", b"session_id", "size_bytes", b"size_bytes"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___OpenSharedMemoryRequest: _TypeAlias = OpenSharedMemoryRequest  # noqa: Y015
+
+@_typing.final
+class OpenSharedMemoryResponse(_message.Message):
+    """OpenSharedMemoryResponse says where to fetch the region."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TICKET_FIELD_NUMBER: _builtins.int
+    SOCKET_ADDRESS_FIELD_NUMBER: _builtins.int
+    SIZE_BYTES_FIELD_NUMBER: _builtins.int
+    TICKET_SECONDS_FIELD_NUMBER: _builtins.int
+    ticket: _builtins.str
+    """Single-use secret, valid for a few seconds: sent (as ASCII) on
+    socket_address, it is answered with the region's file descriptor
+    (SCM_RIGHTS) to mmap with MAP_SHARED, size_bytes long.
+    """
+    socket_address: _builtins.str
+    """The server's Unix-domain socket for tickets, in the Linux abstract
+    namespace: the name after its leading NUL byte.
+    """
+    size_bytes: _builtins.int
+    """Size of the region in bytes."""
+    ticket_seconds: _builtins.float
+    """Seconds the ticket stays valid."""
+    def __init__(
+        self,
+        *,
+        ticket: _builtins.str = ...,
+        socket_address: _builtins.str = ...,
+        size_bytes: _builtins.int = ...,
+        ticket_seconds: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["size_bytes", b"size_bytes", "socket_address", b"socket_address", "ticket", b"ticket", "ticket_seconds", b"ticket_seconds"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___OpenSharedMemoryResponse: _TypeAlias = OpenSharedMemoryResponse  # noqa: Y015

@@ -142,6 +142,11 @@ class TrainerServiceStub:
                 request_serializer=remote__trainer_dot_contract_dot_trainer_dot_v1_dot_trainer__pb2.WatchSessionRequest.SerializeToString,
                 response_deserializer=remote__trainer_dot_contract_dot_trainer_dot_v1_dot_trainer__pb2.WatchSessionResponse.FromString,
                 _registered_method=True)
+        self.OpenSharedMemory = channel.unary_unary(
+                '/trainer.v1.TrainerService/OpenSharedMemory',
+                request_serializer=remote__trainer_dot_contract_dot_trainer_dot_v1_dot_trainer__pb2.OpenSharedMemoryRequest.SerializeToString,
+                response_deserializer=remote__trainer_dot_contract_dot_trainer_dot_v1_dot_trainer__pb2.OpenSharedMemoryResponse.FromString,
+                _registered_method=True)
 
 
 class TrainerServiceServicer:
@@ -316,6 +321,21 @@ class TrainerServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def OpenSharedMemory(self, request, context):
+        """OpenSharedMemory gives the session a shared-memory region, for a client
+        on the server's host (docs/shared-memory.md): one flat buffer through
+        which Forward and TrainStep inputs (TensorInput.shared_memory) and
+        GetGradients and GetParameters elements (shared_memory in their
+        requests) travel instead of inside the messages. It answers a single-use
+        ticket that the client redeems on the server's local socket for the
+        region's file descriptor. Only when the server allows it
+        (--allow-shared-memory); not through grpcurl (it cannot take a file
+        descriptor).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_TrainerServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -423,6 +443,11 @@ def add_TrainerServiceServicer_to_server(servicer, server):
                     servicer.WatchSession,
                     request_deserializer=remote__trainer_dot_contract_dot_trainer_dot_v1_dot_trainer__pb2.WatchSessionRequest.FromString,
                     response_serializer=remote__trainer_dot_contract_dot_trainer_dot_v1_dot_trainer__pb2.WatchSessionResponse.SerializeToString,
+            ),
+            'OpenSharedMemory': grpc.unary_unary_rpc_method_handler(
+                    servicer.OpenSharedMemory,
+                    request_deserializer=remote__trainer_dot_contract_dot_trainer_dot_v1_dot_trainer__pb2.OpenSharedMemoryRequest.FromString,
+                    response_serializer=remote__trainer_dot_contract_dot_trainer_dot_v1_dot_trainer__pb2.OpenSharedMemoryResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -995,6 +1020,33 @@ class TrainerService:
             '/trainer.v1.TrainerService/WatchSession',
             remote__trainer_dot_contract_dot_trainer_dot_v1_dot_trainer__pb2.WatchSessionRequest.SerializeToString,
             remote__trainer_dot_contract_dot_trainer_dot_v1_dot_trainer__pb2.WatchSessionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def OpenSharedMemory(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/trainer.v1.TrainerService/OpenSharedMemory',
+            remote__trainer_dot_contract_dot_trainer_dot_v1_dot_trainer__pb2.OpenSharedMemoryRequest.SerializeToString,
+            remote__trainer_dot_contract_dot_trainer_dot_v1_dot_trainer__pb2.OpenSharedMemoryResponse.FromString,
             options,
             channel_credentials,
             insecure,

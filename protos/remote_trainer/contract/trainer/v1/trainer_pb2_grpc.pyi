@@ -117,6 +117,17 @@ class TrainerServiceStub:
     told how many (missed); it never slows the session's calls. Only the
     session's owner may watch it, as for every call (docs/watch.md).
     """
+    OpenSharedMemory: _grpc.UnaryUnaryMultiCallable[_trainer_pb2.OpenSharedMemoryRequest, _trainer_pb2.OpenSharedMemoryResponse]
+    """OpenSharedMemory gives the session a shared-memory region, for a client
+    on the server's host (docs/shared-memory.md): one flat buffer through
+    which Forward and TrainStep inputs (TensorInput.shared_memory) and
+    GetGradients and GetParameters elements (shared_memory in their
+    requests) travel instead of inside the messages. It answers a single-use
+    ticket that the client redeems on the server's local socket for the
+    region's file descriptor. Only when the server allows it
+    (--allow-shared-memory); not through grpcurl (it cannot take a file
+    descriptor).
+    """
 
 @_typing.type_check_only
 class TrainerServiceAsyncStub(TrainerServiceStub):
@@ -195,6 +206,17 @@ class TrainerServiceAsyncStub(TrainerServiceStub):
     It changes nothing. A watcher that reads too slowly misses events and is
     told how many (missed); it never slows the session's calls. Only the
     session's owner may watch it, as for every call (docs/watch.md).
+    """
+    OpenSharedMemory: _aio.UnaryUnaryMultiCallable[_trainer_pb2.OpenSharedMemoryRequest, _trainer_pb2.OpenSharedMemoryResponse]  # type: ignore[assignment]
+    """OpenSharedMemory gives the session a shared-memory region, for a client
+    on the server's host (docs/shared-memory.md): one flat buffer through
+    which Forward and TrainStep inputs (TensorInput.shared_memory) and
+    GetGradients and GetParameters elements (shared_memory in their
+    requests) travel instead of inside the messages. It answers a single-use
+    ticket that the client redeems on the server's local socket for the
+    region's file descriptor. Only when the server allows it
+    (--allow-shared-memory); not through grpcurl (it cannot take a file
+    descriptor).
     """
 
 class TrainerServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -397,6 +419,23 @@ class TrainerServiceServicer(metaclass=_abc_1.ABCMeta):
         It changes nothing. A watcher that reads too slowly misses events and is
         told how many (missed); it never slows the session's calls. Only the
         session's owner may watch it, as for every call (docs/watch.md).
+        """
+
+    @_abc_1.abstractmethod
+    def OpenSharedMemory(
+        self,
+        request: _trainer_pb2.OpenSharedMemoryRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_trainer_pb2.OpenSharedMemoryResponse, _abc.Awaitable[_trainer_pb2.OpenSharedMemoryResponse]]:
+        """OpenSharedMemory gives the session a shared-memory region, for a client
+        on the server's host (docs/shared-memory.md): one flat buffer through
+        which Forward and TrainStep inputs (TensorInput.shared_memory) and
+        GetGradients and GetParameters elements (shared_memory in their
+        requests) travel instead of inside the messages. It answers a single-use
+        ticket that the client redeems on the server's local socket for the
+        region's file descriptor. Only when the server allows it
+        (--allow-shared-memory); not through grpcurl (it cannot take a file
+        descriptor).
         """
 
 def add_TrainerServiceServicer_to_server(servicer: TrainerServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
