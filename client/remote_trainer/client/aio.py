@@ -28,6 +28,7 @@ from typing import Any, TypeVar
 import grpc
 
 from remote_trainer.client import core
+from remote_trainer.client import shared_memory as shm
 from remote_trainer.client.auth import async_bearer_token
 from remote_trainer.client.errors import TrainerError, from_rpc_error
 from remote_trainer.client.retry import (
@@ -218,14 +219,22 @@ class AsyncTrainerClient:
     async def create_session(
         self, weights: str = "random", *, num_classes: int = 0, optimizer: Optimizer | None = None, seed: int = 0,
         autocast: AutocastName | None = None, memory_format: MemoryFormatName | None = None,
-        input_transform: InputTransform | InputTransformName | None = None, timeout: float | None = None,
+        input_transform: InputTransform | InputTransformName | None = None, shared_memory: bool | int = False,
+        timeout: float | None = None,
     ) -> AsyncSession:
         """A new session (see ``TrainerClient.create_session``); ``async with`` it to close it on exit.
         Its ``created_info`` is the ``SessionInfo`` the server answered with."""
         call = core.create_session(weights, num_classes, optimizer, seed, autocast, memory_format, input_transform)
         info = await self._send(call, timeout=timeout)
         self._operations_of(info.session_id).begin(info.next_operation, info.operation_epoch)
-        return AsyncSession(self, info.session_id, created_info=info)
+        session = AsyncSession(self, info.session_id, created_info=info)
+        if shared_memory:
+            try:
+                await session.use_shared_memory(shm.size_of(shared_memory), timeout=timeout)
+            except BaseException:
+                await session.close(timeout=timeout)
+                raise
+        return session
 
     async def list_sessions(self, *, timeout: float | None = None) -> list[SessionInfo]:
         """The default session, then this token's own sessions, oldest first."""
@@ -251,6 +260,8 @@ class AsyncSession:
         self._closed = False
         self._last_forward_id = 0  # of the last Forward or TrainStep made through this handle
         self._operations = client._operations_of(session_id)
+        self._shared: shm.SharedRegion | None = None  # use_shared_memory's region
+        self._shared_lock = asyncio.Lock()  # one call at a time writes or reads the region
 
     @property
     def next_operation(self) -> int | None:
@@ -259,6 +270,29 @@ class AsyncSession:
 
     async def _call(self, call: core.Call[R] | core.StreamCall[R], timeout: float | None) -> R:
         return await self._client._send(call, timeout=timeout, operations=self._operations)
+
+    async def _shared_call(self, build: Callable[[shm.SharedRegion], core.Call[R] | core.StreamCall[R]],
+                           timeout: float | None) -> R:
+        """A call through the region, which it holds from writing its input to reading its answer."""
+        async with self._shared_lock:
+            if self._shared is None:
+                raise shm.gone()
+            return await self._call(build(self._shared), timeout)
+
+    async def use_shared_memory(self, size_bytes: int = shm.DEFAULT_BYTES, *, timeout: float | None = None) -> None:
+        """Gives the session a shared-memory region (see ``Session.use_shared_memory``)."""
+        grant = await self._call(shm.open_region(self.session_id, size_bytes), timeout)
+        region = await asyncio.to_thread(shm.SharedRegion.fetch, grant)
+        async with self._shared_lock:
+            old, self._shared = self._shared, region
+        if old is not None:
+            old.close()
+
+    async def _drop_shared_memory(self) -> None:
+        async with self._shared_lock:
+            old, self._shared = self._shared, None
+        if old is not None:
+            old.close()
 
     async def __aenter__(self) -> AsyncSession:
         return self
@@ -273,6 +307,7 @@ class AsyncSession:
         await self._call(core.close_session(self.session_id), timeout)
         self._closed = True
         self._client._operations.pop(self.session_id, None)
+        await self._drop_shared_memory()
 
     async def info(self, *, timeout: float | None = None) -> SessionInfo:
         """What the session holds (and where its numbering stands: see ``Session.info``)."""
@@ -305,7 +340,11 @@ class AsyncSession:
         self, x: Any, *, eval_mode: bool = False, no_grad: bool = False, stats_only: bool = False, timeout: float | None = None
     ) -> ForwardResult:
         """``model(x)`` on the server (see ``Session.forward``)."""
-        result = await self._call(core.forward(self.session_id, x, eval_mode, no_grad, stats_only, self._client.max_message_bytes), timeout)
+        if self._shared is not None and self._shared.fits(x):
+            result = await self._shared_call(lambda region: shm.forward(
+                self.session_id, region, x, eval_mode, no_grad, stats_only), timeout)
+        else:
+            result = await self._call(core.forward(self.session_id, x, eval_mode, no_grad, stats_only, self._client.max_message_bytes), timeout)
         self._last_forward_id = result.forward_id
         return result
 
@@ -324,8 +363,12 @@ class AsyncSession:
         return_logits: bool = False, timeout: float | None = None,
     ) -> TrainStepResult:
         """One whole training step in one round trip (see ``Session.train_step``)."""
-        result = await self._call(core.train_step(self.session_id, x, loss, labels, zero_grad, grad_norm, return_logits,
-                               self._client.max_message_bytes), timeout)
+        if self._shared is not None and self._shared.fits(x):
+            result = await self._shared_call(lambda region: shm.train_step(
+                self.session_id, region, x, loss, labels, zero_grad, grad_norm, return_logits), timeout)
+        else:
+            result = await self._call(core.train_step(self.session_id, x, loss, labels, zero_grad, grad_norm, return_logits,
+                                   self._client.max_message_bytes), timeout)
         self._last_forward_id = result.forward_id
         return result
 
@@ -366,6 +409,9 @@ class AsyncSession:
         timeout: float | None = None,
     ) -> dict[str, NamedTensor]:
         """The .grad of every parameter (or those matching ``patterns``), by name (see ``Session.gradients``)."""
+        if self._shared is not None and not stats_only:
+            return await self._shared_call(lambda region: shm.gradients(
+                self.session_id, region, patterns, stats_only, dtype, stats), timeout)
         return await self._call(core.gradients(self.session_id, patterns, stats_only, dtype, stats), timeout)
 
     async def parameters(
@@ -373,6 +419,9 @@ class AsyncSession:
         stats: bool = True, timeout: float | None = None,
     ) -> dict[str, NamedTensor]:
         """The values of every parameter (or those matching ``patterns``), and buffers if asked."""
+        if self._shared is not None and not stats_only:
+            return await self._shared_call(lambda region: shm.parameters(
+                self.session_id, region, patterns, stats_only, dtype, include_buffers, stats), timeout)
         call = core.parameters(self.session_id, patterns, stats_only, dtype, include_buffers, stats)
         return await self._call(call, timeout)
 

@@ -21,6 +21,7 @@ from typing import Any, TypeVar
 import grpc
 
 from remote_trainer.client import core
+from remote_trainer.client import shared_memory as shm
 from remote_trainer.client.auth import BearerToken
 from remote_trainer.client.errors import TrainerError, from_rpc_error
 from remote_trainer.client.retry import (
@@ -229,6 +230,7 @@ class TrainerClient:
         autocast: AutocastName | None = None,
         memory_format: MemoryFormatName | None = None,
         input_transform: InputTransform | InputTransformName | None = None,
+        shared_memory: bool | int = False,
         timeout: float | None = None,
     ) -> Session:
         """A new session: "random" (seeded) weights, "imagenet", or a weights file in the server's data dir.
@@ -241,11 +243,21 @@ class TrainerClient:
         (ImageNet's mean and std), "scale" (``ToTensor()`` alone) or an ``InputTransform``; None:
         off (uint8 inputs refused, INPUT_TRANSFORM_MISSING). The handle's ``created_info`` is the
         ``SessionInfo`` the server answered with. Use it as a context manager to close it on exit.
+
+        ``shared_memory`` (True, or a size in bytes) gives the session a shared-memory region at once
+        (``Session.use_shared_memory``); the session is closed again when that is refused.
         """
         call = core.create_session(weights, num_classes, optimizer, seed, autocast, memory_format, input_transform)
         info = self._send(call, timeout=timeout)
         self._operations_of(info.session_id).begin(info.next_operation, info.operation_epoch)
-        return Session(self, info.session_id, created_info=info)
+        session = Session(self, info.session_id, created_info=info)
+        if shared_memory:
+            try:
+                session.use_shared_memory(shm.size_of(shared_memory), timeout=timeout)
+            except BaseException:
+                session.close(timeout=timeout)
+                raise
+        return session
 
     def list_sessions(self, *, timeout: float | None = None) -> list[SessionInfo]:
         """The sessions this client's token may use: the default session first (``is_default``),
@@ -285,6 +297,8 @@ class Session:
         self._closed = False
         self._last_forward_id = 0  # of the last Forward or TrainStep made through this handle
         self._operations = client._operations_of(session_id)
+        self._shared: shm.SharedRegion | None = None  # use_shared_memory's region
+        self._shared_lock = threading.Lock()  # one call at a time writes or reads the region
 
     @property
     def next_operation(self) -> int | None:
@@ -293,6 +307,35 @@ class Session:
 
     def _call(self, call: core.Call[R] | core.StreamCall[R], timeout: float | None) -> R:
         return self._client._send(call, timeout=timeout, operations=self._operations)
+
+    def _shared_call(self, build: Callable[[shm.SharedRegion], core.Call[R] | core.StreamCall[R]],
+                     timeout: float | None) -> R:
+        """A call through the region, which it holds from writing its input to reading its answer."""
+        with self._shared_lock:
+            if self._shared is None:
+                raise shm.gone()
+            return self._call(build(self._shared), timeout)
+
+    def use_shared_memory(self, size_bytes: int = shm.DEFAULT_BYTES, *, timeout: float | None = None) -> None:
+        """Gives the session a shared-memory region of ``size_bytes`` (replacing any it had), for a
+        client on the server's host: from then on ``forward`` and ``train_step`` inputs that fit in
+        it, and ``gradients`` and ``parameters``, pass through it instead of gRPC messages, the
+        results the same bit for bit (and copies, not views of the region). The server must allow it
+        (``--allow-shared-memory 1``, else ``FailedPreconditionError`` SHARED_MEMORY_UNAVAILABLE) and
+        bounds the size (``--max-shared-memory-bytes``, SHARED_MEMORY_TOO_LARGE). The region goes
+        when the session closes (docs/shared-memory.md)."""
+        grant = self._call(shm.open_region(self.session_id, size_bytes), timeout)
+        region = shm.SharedRegion.fetch(grant)
+        with self._shared_lock:
+            old, self._shared = self._shared, region
+        if old is not None:
+            old.close()
+
+    def _drop_shared_memory(self) -> None:
+        with self._shared_lock:
+            old, self._shared = self._shared, None
+        if old is not None:
+            old.close()
 
     def __enter__(self) -> Session:
         return self
@@ -307,6 +350,7 @@ class Session:
         self._call(core.close_session(self.session_id), timeout)
         self._closed = True  # only now: a close that failed (a timeout, say) can be tried again
         self._client._operations.pop(self.session_id, None)
+        self._drop_shared_memory()
 
     def info(self, *, timeout: float | None = None) -> SessionInfo:
         """What the session holds (and, for a handle that has not numbered a call yet, where its
@@ -341,7 +385,11 @@ class Session:
     ) -> ForwardResult:
         """``model(x)`` on the server for a batch (N, 3, H, W), float (sent as float32) or uint8 images
         (numpy or torch, NCHW; on a session with an ``input_transform``); keeps the graph unless ``no_grad``."""
-        result = self._call(core.forward(self.session_id, x, eval_mode, no_grad, stats_only, self._client.max_message_bytes), timeout)
+        if self._shared is not None and self._shared.fits(x):
+            result = self._shared_call(lambda region: shm.forward(
+                self.session_id, region, x, eval_mode, no_grad, stats_only), timeout)
+        else:
+            result = self._call(core.forward(self.session_id, x, eval_mode, no_grad, stats_only, self._client.max_message_bytes), timeout)
         self._last_forward_id = result.forward_id
         return result
 
@@ -402,9 +450,13 @@ class Session:
         ``forward``, ``backward`` and ``step`` calls bit for bit. ``grad_norm`` also returns the
         gradients' L2 norm (one more pass over them), ``return_logits`` the logits.
         """
-        call = core.train_step(self.session_id, x, loss, labels, zero_grad, grad_norm, return_logits,
-                               self._client.max_message_bytes)
-        result = self._call(call, timeout)
+        if self._shared is not None and self._shared.fits(x):
+            result = self._shared_call(lambda region: shm.train_step(
+                self.session_id, region, x, loss, labels, zero_grad, grad_norm, return_logits), timeout)
+        else:
+            call = core.train_step(self.session_id, x, loss, labels, zero_grad, grad_norm, return_logits,
+                                   self._client.max_message_bytes)
+            result = self._call(call, timeout)
         self._last_forward_id = result.forward_id
         return result
 
@@ -454,6 +506,9 @@ class Session:
 
         ``stats=False`` leaves out the statistics (one pass fewer over the gradients on the server).
         """
+        if self._shared is not None and not stats_only:
+            return self._shared_call(lambda region: shm.gradients(
+                self.session_id, region, patterns, stats_only, dtype, stats), timeout)
         return self._call(core.gradients(self.session_id, patterns, stats_only, dtype, stats), timeout)
 
     def parameters(
@@ -462,6 +517,9 @@ class Session:
     ) -> dict[str, NamedTensor]:
         """The values of every parameter (or those matching ``patterns``), and buffers if asked
         (``stats=False``: without statistics)."""
+        if self._shared is not None and not stats_only:
+            return self._shared_call(lambda region: shm.parameters(
+                self.session_id, region, patterns, stats_only, dtype, include_buffers, stats), timeout)
         call = core.parameters(self.session_id, patterns, stats_only, dtype, include_buffers, stats)
         return self._call(call, timeout)
 

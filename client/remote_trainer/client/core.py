@@ -404,8 +404,11 @@ def forward(
         session_id=session_id, eval_mode=eval_mode, no_grad=no_grad,
         output_format=pb.OUTPUT_FORMAT_STATS_ONLY if stats_only else pb.OUTPUT_FORMAT_RAW,
     )
-    return Call(_path("Forward"), _spliced_input(request, x, max_message_bytes),
-                lambda r: ForwardResult(r.forward_id, _logits(r), stats(r.logits_stats)))
+    return Call(_path("Forward"), _spliced_input(request, x, max_message_bytes), forward_result)
+
+
+def forward_result(r: pb.ForwardResponse) -> ForwardResult:
+    return ForwardResult(r.forward_id, _logits(r), stats(r.logits_stats))
 
 
 def backward(
@@ -435,10 +438,12 @@ def train_step(
     request = pb.TrainStepRequest(session_id=session_id, zero_grad=zero_grad, return_grad_norm=grad_norm,
                                   return_logits=return_logits)
     _fill_loss(request.loss, loss, labels)
-    return Call(_path("TrainStep"), _spliced_input(request, x, max_message_bytes), lambda r: TrainStepResult(
-        r.forward_id, r.loss, stats(r.logits_stats), r.step_count, r.parameters_updated,
-        r.grad_norm if r.HasField("grad_norm") else None, _logits(r),
-    ))
+    return Call(_path("TrainStep"), _spliced_input(request, x, max_message_bytes), train_step_result)
+
+
+def train_step_result(r: pb.TrainStepResponse) -> TrainStepResult:
+    return TrainStepResult(r.forward_id, r.loss, stats(r.logits_stats), r.step_count, r.parameters_updated,
+                           r.grad_norm if r.HasField("grad_norm") else None, _logits(r))
 
 
 def step(session_id: str, expected_step_count: int | None) -> Call[int]:

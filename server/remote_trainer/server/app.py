@@ -36,6 +36,7 @@ from remote_trainer.server.rpc import Undecodable, rpc_kind
 from remote_trainer.server.servicer import ServicerOptions, TrainerServicer
 from remote_trainer.server.sessions import DEFAULT_SESSION_ID, Sessions, SessionStore
 from remote_trainer.server.settings import Settings
+from remote_trainer.server.shared_memory import SharedMemory
 from remote_trainer.server.signals import StopSignals
 from remote_trainer.server.tensorboard import TrainingLog
 from remote_trainer.server.watch import SessionEvents
@@ -118,7 +119,8 @@ def create_server(settings: Settings, clock: Callable[[], float] = time.monotoni
     training_log = TrainingLog(settings.tensorboard_dir, settings.tensorboard_histograms_every) if settings.tensorboard_dir else None
     watchers = SessionEvents(settings.max_watchers, settings.max_watchers_per_session, settings.watch_buffer_events)
     observer = Observers(metrics, watchers, *([] if training_log is None else [training_log]))
-    servicer = TrainerServicer(store, limits, servicer_options(settings), auth, observer, watchers, budget)
+    shared_memory = SharedMemory(settings.max_shared_memory_bytes) if settings.allow_shared_memory else None
+    servicer = TrainerServicer(store, limits, servicer_options(settings), auth, observer, watchers, budget, shared_memory)
 
     loop = asyncio.new_event_loop()
     threading.Thread(target=loop.run_forever, name="grpc-aio", daemon=True).start()

@@ -23,7 +23,7 @@ from remote_trainer.engine.optimizer import OptimizerSpec
 from remote_trainer.engine.results import Graph, NamedTensor, ParameterInfo, SessionDescription, Stats
 from remote_trainer.engine.tensors import generate
 from remote_trainer.engine.transforms import InputTransform
-from remote_trainer.engine.errors import Abandoned, ResourceExhausted, invalid
+from remote_trainer.engine.errors import Abandoned, FailedPrecondition, ResourceExhausted, invalid
 from remote_trainer.server.events import CheckpointLoaded, CheckpointSaved, Froze, HeadReplaced, OptimizerReplaced, WasReset
 from remote_trainer.server.watch import Ended, SessionEvent, Stepped
 from remote_trainer.contract.trainer.v1 import trainer_pb2 as pb
@@ -86,14 +86,20 @@ class LargeInput(Generic[M]):
 INPUT_PATHS = {name: wire.raw_input_path(cls) for name, cls in (("Forward", pb.ForwardRequest), ("TrainStep", pb.TrainStepRequest))}
 
 
+# Where a SharedTensor's bytes are: its header and a view of the session's region (server/shared_memory.py).
+SharedInput = Callable[[pb.SharedTensor, str], tuple[pb.Tensor, memoryview]]
+
+
 def input_tensor(
-    msg: pb.TensorInput, field: str, max_elements: int, integer: bool = False, raw: memoryview | None = None
+    msg: pb.TensorInput, field: str, max_elements: int, integer: bool = False, raw: memoryview | None = None,
+    shared: SharedInput | None = None,
 ) -> tuple[torch.Tensor, bool]:
     """The tensor a ``TensorInput`` carries, and whether it was written as numbers (or generated).
 
     ``integer`` asks for int64 from numbers and zeros/ones (class indices). Size limits are checked
     from the shape before anything is allocated. ``raw`` is the tensor's bytes when they were cut
-    out of the request (``LargeInput``).
+    out of the request (``LargeInput``); ``shared`` finds a ``SharedTensor``'s bytes in the session's
+    shared-memory region (None: it has none, SHARED_MEMORY_UNAVAILABLE).
     """
     source = msg.WhichOneof("source")
     if source is None:
@@ -104,6 +110,19 @@ def input_tensor(
             tensor = torch.from_numpy(codec.decode(msg.tensor, raw))
             if msg.tensor.data_type == pb.DATA_TYPE_BFLOAT16:
                 tensor = tensor.to(torch.bfloat16)  # exact: the codec widened bfloat16 to float32
+            return tensor, False
+        if source == "shared_memory":
+            if shared is None:
+                raise FailedPrecondition(f"{field} names the session's shared-memory region, and it has none: "
+                                         "call OpenSharedMemory first", "SHARED_MEMORY_UNAVAILABLE")
+            _check_size(msg.shared_memory.shape, field, max_elements)
+            header, view = shared(msg.shared_memory, field)
+            # A copy, made now: the client may write the region again once the call has answered,
+            # while the forward's graph still holds its input.
+            tensor = torch.from_numpy(np.array(codec.decode(header, view)))
+            del view
+            if header.data_type == pb.DATA_TYPE_BFLOAT16:
+                tensor = tensor.to(torch.bfloat16)
             return tensor, False
         if source == "values":
             _check_size(msg.values.shape, field, max_elements)

@@ -30,6 +30,7 @@ from remote_trainer.server.events import (
 )
 from remote_trainer.server.rpc import Context, operation_of, pushed, streaming, unary
 from remote_trainer.server.sessions import DEFAULT_SESSION_ID, Sessions
+from remote_trainer.server.shared_memory import TICKET_SECONDS, SharedMemory, TensorWriter, unavailable
 from remote_trainer.server.streams import Emit, StreamBytes
 from remote_trainer.server.watch import RECENT, SessionEvents
 from remote_trainer.contract.names import AUTOCAST_MODES, MEMORY_FORMATS
@@ -76,8 +77,10 @@ class TrainerServicer:
         observer: CallObserver,
         watchers: SessionEvents,
         budget: MemoryBudget = UNLIMITED,
+        shared_memory: SharedMemory | None = None,
     ) -> None:
         self._store = store
+        self._shared_memory = shared_memory  # None: OpenSharedMemory refused (--allow-shared-memory off)
         self._budget = budget
         self._model_options = options.model
         self._limits = limits
@@ -107,13 +110,36 @@ class TrainerServicer:
         return self._dispatcher.busy(session_id)
 
     def close(self) -> None:
-        """Stops the worker threads once their current work is done."""
+        """Stops the worker threads once their current work is done, and unmaps every shared-memory region."""
         self._dispatcher.close()
+        if self._shared_memory is not None:
+            self._shared_memory.close_all()
 
     def forget_sessions(self, session_ids: list[str]) -> None:
         """Reports sessions the store has closed (expired ones) as closed."""
         for session_id in session_ids:
+            self._close_shared_memory(session_id)
             self.observer.session_closed(session_id, "expired")
+
+    def _close_shared_memory(self, session_id: str) -> None:
+        if self._shared_memory is not None:
+            self._shared_memory.close(session_id)
+
+    def _shared_input(self, session_id: str) -> convert.SharedInput | None:
+        """Where a SharedTensor of the session's input is read from (None: no region)."""
+        region = self._shared_memory.find(session_id or DEFAULT_SESSION_ID) if self._shared_memory is not None else None
+        return region.input if region is not None else None
+
+    def _through_shared_memory(self, session_id: str, emit: Emit,
+                               encode: Callable[[TensorWriter], list[pb.TensorChunk]]) -> None:
+        """A GetGradients/GetParameters stream with shared_memory: the elements written into the
+        session's region, their chunks (no data) in one response."""
+        if self._shared_memory is None:
+            raise unavailable("this server does not allow shared memory (trainer-server --allow-shared-memory 1)")
+        writer = TensorWriter(self._shared_memory.region(session_id or DEFAULT_SESSION_ID))
+        chunks = encode(writer)
+        writer.check()
+        emit(pb.GetGradientsResponse(chunks=chunks))  # GetParametersResponse has the same fields
 
     def _session(self, session_id: str, context: Context) -> Engine:
         return self._store.get(session_id, caller(self._auth, context))
@@ -194,6 +220,7 @@ class TrainerServicer:
     def CloseSession(self, request: pb.CloseSessionRequest, context: Context) -> pb.CloseSessionResponse:
         def close() -> str:
             self._store.close(request.session_id, caller(self._auth, context))
+            self._close_shared_memory(request.session_id)
             self.observer.session_closed(request.session_id)
             return request.session_id
 
@@ -219,7 +246,8 @@ class TrainerServicer:
         fmt = request.output_format
         if fmt not in pb.OutputFormat.values():
             raise invalid("output_format", f"unknown output_format {fmt}", "BAD_OUTPUT_FORMAT")
-        x, as_numbers = convert.input_tensor(request.input, "input", self._limits.max_input_elements, raw=raw)
+        shared = self._shared_input(request.session_id) if request.input.HasField("shared_memory") else None
+        x, as_numbers = convert.input_tensor(request.input, "input", self._limits.max_input_elements, raw=raw, shared=shared)
         as_values = fmt == pb.OUTPUT_FORMAT_VALUES or fmt == pb.OUTPUT_FORMAT_UNSPECIFIED and as_numbers
         # Numbers travel as 8-byte doubles, raw logits as 4-byte floats; 64 KiB for the rest of the message.
         budget = None if fmt == pb.OUTPUT_FORMAT_STATS_ONLY else (self._max_message_bytes - 65536) // (8 if as_values else 4)
@@ -352,6 +380,11 @@ class TrainerServicer:
         # Every response is written in wire form under the session's lock, straight from the
         # gradients' memory (one copy, no snapshot), and sent while the next tensors are written.
         engine = self._session(request.session_id, context)
+        if request.shared_memory:
+            self._through_shared_memory(request.session_id, emit, lambda writer: engine.encode_gradients(
+                list(request.patterns), request.stats_only, convert.transfer_dtype(request.transfer_data_type), writer,
+                with_stats=not request.skip_stats))
+            return
         send = convert.ChunkSender(emit, self._chunk_bytes, request.pack_chunks, current_call().still_wanted)
         engine.encode_gradients(
             list(request.patterns), request.stats_only, convert.transfer_dtype(request.transfer_data_type), send,
@@ -362,6 +395,11 @@ class TrainerServicer:
     @streaming
     def GetParameters(self, request: pb.GetParametersRequest, context: Context, emit: Emit) -> None:
         engine = self._session(request.session_id, context)
+        if request.shared_memory:
+            self._through_shared_memory(request.session_id, emit, lambda writer: engine.encode_parameters(
+                list(request.patterns), request.stats_only, convert.transfer_dtype(request.transfer_data_type),
+                request.include_buffers, writer, with_stats=not request.skip_stats))
+            return
         send = convert.ChunkSender(emit, self._chunk_bytes, request.pack_chunks, current_call().still_wanted)
         engine.encode_parameters(
             list(request.patterns), request.stats_only, convert.transfer_dtype(request.transfer_data_type),
@@ -435,7 +473,8 @@ class TrainerServicer:
             raise invalid("loss.function", f"unknown loss function {request.loss.function}: "
                           "use SUM_DIFFERENCE, CROSS_ENTROPY or MSE", "UNKNOWN_LOSS")
         max_elements = self._limits.max_input_elements
-        x, _ = convert.input_tensor(request.input, "input", max_elements, raw=raw)
+        shared = self._shared_input(request.session_id) if request.input.HasField("shared_memory") else None
+        x, _ = convert.input_tensor(request.input, "input", max_elements, raw=raw, shared=shared)
         labels, _ = convert.input_tensor(request.loss.labels, "loss.labels", max_elements, integer=loss == "cross_entropy")
         zero_grad = request.zero_grad if request.HasField("zero_grad") else True
         budget = (self._max_message_bytes - 65536) // 4 if request.return_logits else None
@@ -457,6 +496,19 @@ class TrainerServicer:
         if request.return_logits:
             response.logits.CopyFrom(convert.output_tensor(result.logits))
         return response
+
+    @unary
+    def OpenSharedMemory(self, request: pb.OpenSharedMemoryRequest, context: Context) -> pb.OpenSharedMemoryResponse:
+        engine = self._session(request.session_id, context)  # only who may use the session gets its region
+        if self._shared_memory is None:
+            raise unavailable("this server does not allow shared memory (trainer-server --allow-shared-memory 1, "
+                              "with --backend local)")
+        self._shared_memory.check_size(request.size_bytes)
+        self._budget.check(engine, request.size_bytes, "a shared-memory region")
+        ticket, region = self._shared_memory.open(request.session_id or DEFAULT_SESSION_ID, request.size_bytes)
+        self._budget.keep(region, region.size)  # counted in the server's budget while the region lives
+        return pb.OpenSharedMemoryResponse(ticket=ticket, socket_address=self._shared_memory.address,
+                                           size_bytes=region.size, ticket_seconds=TICKET_SECONDS)
 
     @pushed
     async def WatchSession(self, request: pb.WatchSessionRequest,

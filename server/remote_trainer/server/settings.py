@@ -78,6 +78,10 @@ class Settings:
     # Seconds a numbered call that arrived before the numbers below it waits for them (then it is
     # refused OPERATION_OUT_OF_ORDER): how far a pipelining client's calls may be reordered in transit.
     operation_order_wait_seconds: float = 10.0
+    # Shared memory for clients on this host (docs/shared-memory.md): off unless 1; each session's
+    # region holds at most max_shared_memory_bytes, counted in the memory budget. Local backend only.
+    allow_shared_memory: int = 0
+    max_shared_memory_bytes: int = 256 * MIB
     # Seconds that in-flight calls get to finish on SIGTERM.
     grace_seconds: float = 10.0
     # Python logging level name.
@@ -197,6 +201,8 @@ _HELP = {
     "max_watchers_per_session": "most WatchSession streams open at once on one session",
     "watch_buffer_events": "events kept for a watcher that has not read them (then the oldest are dropped, and it is told)",
     "operation_order_wait_seconds": "seconds a numbered call waits for the lower numbers that have not arrived",
+    "allow_shared_memory": "1: clients on this host may ask for a shared-memory region per session (OpenSharedMemory; local backend only)",
+    "max_shared_memory_bytes": "largest shared-memory region of one session, in bytes (counted in the memory budget)",
     "grace_seconds": "seconds in-flight calls get to finish on SIGTERM",
     "log_level": "DEBUG | INFO | WARNING | ERROR",
     "tokens": "accepted bearer tokens, comma-separated, each TOKEN or NAME:TOKEN (empty: no authentication)",
@@ -290,6 +296,13 @@ def validate(settings: Settings) -> list[str]:
         problems.append("cudnn-benchmark must be 0 or 1")
     if settings.pin_memory not in (0, 1):
         problems.append("pin-memory must be 0 or 1")
+    if settings.allow_shared_memory not in (0, 1):
+        problems.append("allow-shared-memory must be 0 or 1")
+    if settings.allow_shared_memory and settings.backend != "local":
+        problems.append("allow-shared-memory needs --backend local (a session in a Ray actor is in another process, "
+                        "maybe on another host)")
+    if settings.max_shared_memory_bytes < 1:
+        problems.append("max-shared-memory-bytes must be at least 1")
     # Whether "auto" finds a GPU is known once torch is imported: the session's engine refuses
     # pin-memory on a CPU device then (PIN_MEMORY_NEEDS_CUDA), which stops the server at startup.
     if settings.pin_memory and (settings.device == "cpu" or settings.backend == "ray" and settings.device == "auto"

@@ -1,0 +1,256 @@
+"""Shared memory for clients on the server's host: one region a session, handed over as a file descriptor.
+
+A region is an anonymous memory file (``memfd_create``): it has no name in any filesystem, so no
+one can guess or open it, and it lives only while some process maps it or holds its descriptor (a
+server killed with SIGKILL leaves nothing behind, in ``/dev/shm`` or elsewhere). It is sealed at its
+size (``F_SEAL_GROW``, ``F_SEAL_SHRINK``), so a client can neither take more memory through it nor
+shrink it under the server's mapping. ``OpenSharedMemory`` (which only the session's owner may call,
+as every call on a session) makes the region and answers a ticket: 256 random bits, good once and
+for ``TICKET_SECONDS``. The client sends the ticket on the server's Unix-domain socket, named at
+random in the Linux abstract namespace (again nothing in a filesystem, gone with the process), and
+gets the descriptor back (``SCM_RIGHTS``); a wrong, used or expired ticket gets ``NO`` and nothing.
+
+Through the region travel Forward and TrainStep inputs (``SharedTensor``; the server copies them out
+when the call begins) and GetGradients and GetParameters elements (written by the server at
+``ALIGN``-ed offsets from the start, described by the stream's chunks). The region is a scratch
+area of the session's calls: what one call wrote is good until the next call. The server unmaps it
+when the session closes or expires, or the server stops; the client unmaps its own mapping.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+import math
+import mmap
+import os
+import secrets
+import socket
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from remote_trainer.contract import codec
+from remote_trainer.engine.errors import FailedPrecondition, ResourceExhausted, invalid
+from remote_trainer.engine.results import NamedTensor
+from remote_trainer.server import convert
+from remote_trainer.contract.trainer.v1 import trainer_pb2 as pb
+
+log = logging.getLogger(__name__)
+
+TICKET_SECONDS = 10.0  # how long a ticket may wait to be redeemed
+REDEEM_SECONDS = 2.0  # how long a connection to the ticket socket may take to send its ticket
+MAX_REDEEMING = 16  # connections to the ticket socket served at once (more are closed at once)
+ALIGN = 64  # tensors written by the server start at multiples of this many bytes
+TICKET_BYTES = 32  # 256 random bits, sent as 64 hex digits
+
+
+def unavailable(why: str) -> FailedPrecondition:
+    """SHARED_MEMORY_UNAVAILABLE: the server does not allow shared memory, or the session has none."""
+    return FailedPrecondition(why, "SHARED_MEMORY_UNAVAILABLE")
+
+
+class Region:
+    """One session's region: the sealed memory file and the server's mapping of it."""
+
+    def __init__(self, size: int) -> None:
+        fd = os.memfd_create("trainer-shared-memory", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+        try:
+            os.ftruncate(fd, size)
+            fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL)
+            self.map: mmap.mmap = mmap.mmap(fd, size)
+        except BaseException:
+            os.close(fd)
+            raise
+        self.fd = fd  # -1 once closed
+        self.size = size
+
+    def close(self) -> None:
+        """Closes the descriptor and unmaps the region (a call still holding a view of it keeps the
+        mapping until that view goes)."""
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+        try:
+            self.map.close()
+        except BufferError:  # a call's view of it is still alive: unmapped when the last one goes
+            log.debug("shared-memory region closed while a call still views it")
+
+    def input(self, msg: pb.SharedTensor, field: str) -> tuple[pb.Tensor, memoryview]:
+        """The header and bytes of a ``SharedTensor`` (a view of the region: the caller copies)."""
+        header = pb.Tensor(shape=msg.shape, data_type=msg.data_type)
+        try:
+            size = math.prod(codec.check_shape(msg.shape)) * codec.raw_dtype(msg.data_type).itemsize
+        except codec.CodecError as exc:
+            raise invalid(f"{field}.shared_memory", f"{field}: {exc}", exc.reason) from exc
+        if msg.offset < 0 or msg.offset + size > self.size:
+            raise invalid(f"{field}.shared_memory.offset", f"{field}: {size} bytes at offset {msg.offset} do not lie inside "
+                          f"the session's shared-memory region of {self.size} bytes", "BAD_SHARED_TENSOR")
+        return header, memoryview(self.map)[msg.offset : msg.offset + size]
+
+
+class TensorWriter:
+    """The ``encode`` of GetGradients/GetParameters through a region: each tensor's elements are
+    copied to the next ``ALIGN``-ed offset and described by a chunk without data. Past the region's
+    end nothing more is written but the bytes are still counted, so ``check`` can say how many were
+    needed."""
+
+    def __init__(self, region: Region) -> None:
+        self._region = region
+        self.end = 0  # bytes of the region the tensors take, so far
+
+    def __call__(self, item: NamedTensor) -> pb.TensorChunk:
+        chunk = pb.TensorChunk(name=item.name, shape=item.shape, present=item.present, last=True)
+        if item.stats is not None:
+            chunk.stats.CopyFrom(convert.stats_message(item.stats))
+        t = item.tensor
+        if not item.present:
+            chunk.data_type = pb.DATA_TYPE_FLOAT32
+            return chunk
+        if t is None:  # statistics only
+            return chunk
+        nbytes = t.numel() * t.element_size()
+        offset = -(-self.end // ALIGN) * ALIGN
+        chunk.data_type = convert.TORCH_TO_WIRE[t.dtype]  # type: ignore[assignment]
+        chunk.total_bytes = nbytes
+        chunk.shared_memory_offset = offset
+        self.end = offset + nbytes
+        if nbytes and self.end <= self._region.size:
+            target = torch.frombuffer(self._region.map, dtype=t.dtype, count=t.numel(), offset=offset)
+            target.copy_(t.reshape(-1))
+            del target
+        return chunk
+
+    def check(self) -> None:
+        """Refuses (SHARED_MEMORY_TOO_SMALL) when the tensors did not fit."""
+        if self.end > self._region.size:
+            raise ResourceExhausted(
+                f"the tensors need {self.end} bytes of shared memory, and the session's region has {self._region.size}: "
+                "open a larger one (OpenSharedMemory) or ask for fewer tensors",
+                "SHARED_MEMORY_TOO_SMALL", metadata={"needed_bytes": str(self.end), "limit": str(self._region.size)},
+            )
+
+
+@dataclass
+class _Ticket:
+    region: Region
+    expires: float
+
+
+class SharedMemory:
+    """The sessions' regions, their tickets, and the socket on which tickets are redeemed."""
+
+    def __init__(self, max_bytes: int, clock: Callable[[], float] = time.monotonic) -> None:
+        self.max_bytes = max_bytes
+        self._clock = clock
+        self._lock = threading.Lock()  # the tables, and a descriptor while it is sent
+        self._regions: dict[str, Region] = {}
+        self._tickets: dict[str, _Ticket] = {}
+        self._redeeming = threading.BoundedSemaphore(MAX_REDEEMING)
+        self.address = "remote-trainer-" + secrets.token_hex(16)
+        self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        self._listener.bind("\0" + self.address)  # the abstract namespace: no file anywhere
+        self._listener.listen(MAX_REDEEMING)
+        self._closed = False
+        threading.Thread(target=self._accept, name="shared-memory-tickets", daemon=True).start()
+
+    def check_size(self, size: int) -> None:
+        """Refuses a region of ``size`` bytes: below 1 (BAD_SHARED_TENSOR), over the limit (SHARED_MEMORY_TOO_LARGE)."""
+        if size < 1:
+            raise invalid("size_bytes", f"size_bytes must be at least 1, got {size}", "BAD_SHARED_TENSOR")
+        if size > self.max_bytes:
+            raise ResourceExhausted(
+                f"a shared-memory region of {size} bytes is over the limit max_shared_memory_bytes={self.max_bytes}",
+                "SHARED_MEMORY_TOO_LARGE", metadata={"limit": str(self.max_bytes)},
+            )
+
+    def open(self, session_id: str, size: int) -> tuple[str, Region]:
+        """A new region of ``size`` bytes for the session (replacing the one it had) and its ticket."""
+        self.check_size(size)
+        region = Region(size)
+        ticket = secrets.token_hex(TICKET_BYTES)
+        now = self._clock()
+        with self._lock:
+            old = self._regions.pop(session_id, None)
+            self._regions[session_id] = region
+            for key in [k for k, t in self._tickets.items() if t.expires <= now or t.region is old]:
+                del self._tickets[key]
+            self._tickets[ticket] = _Ticket(region, now + TICKET_SECONDS)
+            if old is not None:
+                old.close()
+        log.info("session %s: shared-memory region of %d bytes opened", session_id, size)
+        return ticket, region
+
+    def find(self, session_id: str) -> Region | None:
+        """The session's region, if it has one."""
+        with self._lock:
+            return self._regions.get(session_id)
+
+    def region(self, session_id: str) -> Region:
+        """The session's region; SHARED_MEMORY_UNAVAILABLE when it has none."""
+        with self._lock:
+            region = self._regions.get(session_id)
+        if region is None:
+            raise unavailable(f"session {session_id!r} has no shared-memory region: call OpenSharedMemory first")
+        return region
+
+    def close(self, session_id: str) -> None:
+        """Unmaps the session's region, if it has one (the session closed or expired)."""
+        with self._lock:
+            region = self._regions.pop(session_id, None)
+            if region is None:
+                return
+            for key in [k for k, t in self._tickets.items() if t.region is region]:
+                del self._tickets[key]
+            region.close()
+        log.info("session %s: shared-memory region closed", session_id)
+
+    def close_all(self) -> None:
+        """Stops taking tickets and unmaps every region (the server stops)."""
+        with self._lock:
+            self._closed = True
+            regions = list(self._regions.values())
+            self._regions.clear()
+            self._tickets.clear()
+            for region in regions:
+                region.close()
+        self._listener.shutdown(socket.SHUT_RDWR)
+        self._listener.close()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                connection, _ = self._listener.accept()
+            except OSError:
+                return  # closed
+            if not self._redeeming.acquire(blocking=False):
+                connection.close()  # too many at once: a client tries again
+                continue
+            threading.Thread(target=self._redeem, args=(connection,), name="shared-memory-ticket", daemon=True).start()
+
+    def _redeem(self, connection: socket.socket) -> None:
+        """Reads one ticket; answers OK with the region's descriptor, or NO."""
+        try:
+            with connection:
+                connection.settimeout(REDEEM_SECONDS)
+                received = b""
+                while len(received) < 2 * TICKET_BYTES:
+                    piece = connection.recv(2 * TICKET_BYTES - len(received))
+                    if not piece:
+                        break
+                    received += piece
+                ticket = received.decode("ascii", "replace")
+                now = self._clock()
+                with self._lock:  # so that the descriptor cannot be closed (and its number reused) while sent
+                    found = None if self._closed else self._tickets.pop(ticket, None)
+                    if found is not None and found.expires > now and found.region.fd >= 0:
+                        socket.send_fds(connection, [b"OK"], [found.region.fd])
+                        return
+                connection.sendall(b"NO")
+        except OSError as exc:
+            log.debug("shared-memory ticket connection failed: %s", exc)
+        finally:
+            self._redeeming.release()

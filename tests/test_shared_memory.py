@@ -1,0 +1,254 @@
+"""The co-located fast path (docs/shared-memory.md): a session's shared-memory region, through real
+server processes. The same numbers as the gRPC path (bit for bit) and local PyTorch; refused unless
+the server allows it and within its bound; only the session's owner gets the region, with a ticket
+good once; nothing left after close, expiry or SIGKILL."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+import torch
+
+from remote_trainer.client import TrainerClient
+from remote_trainer.client import shared_memory as shm
+from remote_trainer.client.errors import FailedPreconditionError, NotFoundError, ResourceExhaustedError
+from remote_trainer.contract.trainer.v1 import trainer_pb2 as pb
+from tests.conftest import WEIGHTS_NAME, assert_equal_to_local, rand
+from tests.test_server_process import ServerLog, start, stop
+
+MIB = 1024 * 1024
+TOKENS = "alice:token-alice,bob:token-bob"
+MEMFD = "memfd:trainer-shared-memory"
+
+
+@pytest.fixture(scope="module")
+def shared(data_dir: Path) -> Iterator[tuple[subprocess.Popen[str], int, ServerLog]]:
+    """A server that allows shared memory, at most 64 MiB a session, with two tokens."""
+    proc, port, log = start("--weights", str(data_dir / WEIGHTS_NAME), "--data-dir", str(data_dir), "--tokens", TOKENS,
+                            "--allow-shared-memory", "1", "--max-shared-memory-bytes", str(64 * MIB))
+    yield proc, port, log
+    stop(proc)
+
+
+def client_of(port: int, token: str) -> TrainerClient:
+    return TrainerClient(f"localhost:{port}", token=token, timeout=120)
+
+
+def memfds(pid: int) -> tuple[int, int]:
+    """How many descriptors and mappings of region memory files process ``pid`` holds."""
+    fds = 0
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            fds += os.readlink(f"/proc/{pid}/fd/{fd}").startswith(f"/{MEMFD}")
+        except OSError:
+            pass  # closed meanwhile
+    with open(f"/proc/{pid}/maps") as maps:
+        mapped = sum(MEMFD in line for line in maps)
+    return fds, mapped
+
+
+def redeem(address: str, ticket: bytes) -> tuple[bytes, list[int]]:
+    """What the server's ticket socket answers to ``ticket``: its message and the descriptors it sent."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as connection:
+        connection.settimeout(10)
+        connection.connect("\0" + address)
+        connection.sendall(ticket)
+        connection.shutdown(socket.SHUT_WR)
+        answer, fds, _, _ = socket.recv_fds(connection, 16, 4)
+    return answer, fds
+
+
+def test_values_equal_the_grpc_path_and_local_pytorch(
+    shared: tuple[subprocess.Popen[str], int, ServerLog], local: torch.nn.Module
+) -> None:
+    _, port, _ = shared
+    with client_of(port, "token-alice") as client, client.create_session(WEIGHTS_NAME, shared_memory=True) as fast:
+        plain = client.session(fast.session_id)  # the same session, through gRPC messages
+        x = rand(4, 3, 64, 64, seed=3)
+        through_shm = fast.forward(x, eval_mode=True, no_grad=True).logits
+        through_grpc = plain.forward(x, eval_mode=True, no_grad=True).logits
+        assert through_shm is not None and np.array_equal(through_shm, through_grpc)
+        local.eval()
+        with torch.no_grad():
+            assert_equal_to_local(through_shm, local(torch.from_numpy(x)))
+
+        labels = np.array([1, 5, 7, 9])
+        fast.forward(x)
+        fast.backward("cross_entropy", labels)
+        local.train()
+        torch.nn.functional.cross_entropy(local(torch.from_numpy(x)), torch.from_numpy(labels)).backward()
+        expected = dict(local.named_parameters())
+        for dtype in ("float32", "float16", "bfloat16"):
+            grads, sent = fast.gradients(dtype=dtype), plain.gradients(dtype=dtype)
+            assert list(grads) == list(sent) == list(expected)
+            for name, g in grads.items():
+                assert g.array is not None and g.array.dtype == sent[name].array.dtype  # type: ignore[union-attr]
+                assert np.array_equal(g.array, sent[name].array) and g.stats == sent[name].stats, name
+        for name, g in fast.gradients().items():
+            assert_equal_to_local(g.array, expected[name].grad)  # type: ignore[arg-type]
+        values, sent = fast.parameters(include_buffers=True), plain.parameters(include_buffers=True)
+        assert list(values) == list(sent) and len(values) > len(expected)
+        for name, v in values.items():
+            assert np.array_equal(v.array, sent[name].array) and v.stats == sent[name].stats, name  # type: ignore[arg-type]
+        state = local.state_dict()
+        for name, v in values.items():
+            assert_equal_to_local(v.array, state[name].float())
+        assert fast.gradients(stats_only=True) == plain.gradients(stats_only=True)  # statistics only: no region needed
+
+        # A whole step with its input in the region, against a local step.
+        optimizer = torch.optim.SGD(local.parameters(), lr=0.01, momentum=0.9)
+        optimizer.zero_grad()
+        fast.train_step(x, "cross_entropy", labels)
+        torch.nn.functional.cross_entropy(local(torch.from_numpy(x)), torch.from_numpy(labels)).backward()
+        optimizer.step()
+        for name, v in fast.parameters().items():
+            assert_equal_to_local(v.array, dict(local.named_parameters())[name])
+
+
+def test_refused_when_the_server_does_not_allow_it(client: TrainerClient) -> None:
+    """The in-process test server runs with the default, --allow-shared-memory 0."""
+    before = len(client.list_sessions())
+    with pytest.raises(FailedPreconditionError) as refused:
+        client.create_session(WEIGHTS_NAME, shared_memory=True)
+    assert refused.value.reason == "SHARED_MEMORY_UNAVAILABLE" and "--allow-shared-memory" in str(refused.value)
+    assert len(client.list_sessions()) == before  # the session made for it was closed again
+    request = pb.ForwardRequest(input=pb.TensorInput(shared_memory=pb.SharedTensor(shape=[1, 3, 8, 8],
+                                                                                   data_type=pb.DATA_TYPE_FLOAT32)))
+    with pytest.raises(grpc.RpcError) as error:
+        client.stub.Forward(request)
+    assert error.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "OpenSharedMemory" in str(error.value.details())
+
+
+def test_bounded_in_size(shared: tuple[subprocess.Popen[str], int, ServerLog]) -> None:
+    _, port, _ = shared
+    with client_of(port, "token-alice") as client, client.create_session(WEIGHTS_NAME) as session:
+        with pytest.raises(ResourceExhaustedError) as refused:
+            session.use_shared_memory(64 * MIB + 1)
+        assert refused.value.reason == "SHARED_MEMORY_TOO_LARGE" and refused.value.metadata["limit"] == str(64 * MIB)
+        session.use_shared_memory(1 * MIB)  # room for a small batch, not for 46.8 MB of gradients
+        session.forward(rand(2, 3, 32, 32))
+        session.backward("sum", np.zeros((2, 1000), np.float32))
+        with pytest.raises(ResourceExhaustedError) as small:
+            session.gradients()
+        assert small.value.reason == "SHARED_MEMORY_TOO_SMALL" and int(small.value.metadata["needed_bytes"]) > 46 * 10**6
+        assert session.gradients("layer1.0.*")["layer1.0.conv1.weight"].array is not None  # what fits comes through
+        plain = client.session(session.session_id)
+        for x in (rand(8, 3, 64, 64), rand(4, 3, 160, 160)):  # 393 KB through the region; 1.2 MB in the message
+            fast = session.forward(x, eval_mode=True, no_grad=True).logits
+            assert np.array_equal(fast, plain.forward(x, eval_mode=True, no_grad=True).logits)  # type: ignore[arg-type]
+        request = pb.ForwardRequest(session_id=session.session_id, no_grad=True, input=pb.TensorInput(
+            shared_memory=pb.SharedTensor(offset=MIB - 100, shape=[1, 3, 8, 8], data_type=pb.DATA_TYPE_FLOAT32)))
+        with pytest.raises(grpc.RpcError) as outside:
+            client.stub.Forward(request)
+        assert outside.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "inside" in str(outside.value.details())
+
+
+def test_only_the_session_owner_gets_the_region_once(shared: tuple[subprocess.Popen[str], int, ServerLog]) -> None:
+    _, port, _ = shared
+    with client_of(port, "token-alice") as alice, client_of(port, "token-bob") as bob, \
+            alice.create_session(WEIGHTS_NAME) as session:
+        with pytest.raises(grpc.RpcError) as stranger:  # another token: the session does not exist for it
+            bob.stub.OpenSharedMemory(pb.OpenSharedMemoryRequest(session_id=session.session_id, size_bytes=MIB))
+        assert stranger.value.code() == grpc.StatusCode.NOT_FOUND
+        grant = alice.stub.OpenSharedMemory(pb.OpenSharedMemoryRequest(session_id=session.session_id, size_bytes=MIB))
+        assert len(grant.ticket) == 64 and grant.size_bytes == MIB
+        assert redeem(grant.socket_address, b"0" * 64) == (b"NO", [])  # a guessed ticket
+        assert redeem(grant.socket_address, b"") == (b"NO", [])  # a connection with none
+        answer, fds = redeem(grant.socket_address, grant.ticket.encode())
+        assert answer == b"OK" and len(fds) == 1
+        try:
+            assert os.fstat(fds[0]).st_size == MIB and os.readlink(f"/proc/self/fd/{fds[0]}").startswith(f"/{MEMFD}")
+        finally:
+            os.close(fds[0])
+        assert redeem(grant.socket_address, grant.ticket.encode()) == (b"NO", [])  # replayed: used once already
+        # Bob's own grant for his own session opens that session's region only, never Alice's.
+        with bob.create_session(WEIGHTS_NAME) as his:
+            theirs = bob.stub.OpenSharedMemory(pb.OpenSharedMemoryRequest(session_id=his.session_id, size_bytes=2 * MIB))
+            answer, fds = redeem(theirs.socket_address, theirs.ticket.encode())
+            assert answer == b"OK" and os.fstat(fds[0]).st_size == 2 * MIB
+            os.close(fds[0])
+        # A ticket of a region replaced since is void.
+        old = alice.stub.OpenSharedMemory(pb.OpenSharedMemoryRequest(session_id=session.session_id, size_bytes=MIB))
+        alice.stub.OpenSharedMemory(pb.OpenSharedMemoryRequest(session_id=session.session_id, size_bytes=MIB))
+        assert redeem(old.socket_address, old.ticket.encode()) == (b"NO", [])
+
+
+def test_the_region_is_sealed_at_its_size(shared: tuple[subprocess.Popen[str], int, ServerLog]) -> None:
+    """A client can neither grow the region past the server's bound nor shrink it under the server's mapping."""
+    _, port, _ = shared
+    with client_of(port, "token-alice") as client, client.create_session(WEIGHTS_NAME) as session:
+        grant = client.stub.OpenSharedMemory(pb.OpenSharedMemoryRequest(session_id=session.session_id, size_bytes=MIB))
+        _, fds = redeem(grant.socket_address, grant.ticket.encode())
+        try:
+            for size in (2 * MIB, 0):
+                with pytest.raises(PermissionError):
+                    os.ftruncate(fds[0], size)
+        finally:
+            os.close(fds[0])
+
+
+def test_close_unmaps_the_region_on_the_server(shared: tuple[subprocess.Popen[str], int, ServerLog]) -> None:
+    proc, port, _ = shared
+    before = memfds(proc.pid)
+    with client_of(port, "token-alice") as client:
+        session = client.create_session(WEIGHTS_NAME, shared_memory=4 * MIB)
+        session.forward(rand(1, 3, 32, 32), eval_mode=True, no_grad=True)
+        held = memfds(proc.pid)
+        assert held[0] > before[0] and held[1] == before[1] + 1
+        assert memfds(os.getpid())[1] >= 1  # mapped here too
+        session.close()
+        assert memfds(proc.pid) == before
+        assert memfds(os.getpid()) == (0, 0)  # and unmapped here
+
+
+def test_expiry_and_sigkill_leave_nothing(data_dir: Path) -> None:
+    closed = threading.Event()
+    shm_before = sorted(os.listdir("/dev/shm"))
+    proc, port, _ = start("--weights", str(data_dir / WEIGHTS_NAME), "--data-dir", str(data_dir), "--allow-shared-memory",
+                          "1", "--session-idle-seconds", "1",
+                          on_line=lambda line: closed.set() if "shared-memory region closed" in line else None)
+    try:
+        before = memfds(proc.pid)
+        with TrainerClient(f"localhost:{port}", timeout=120) as client:
+            session = client.create_session(WEIGHTS_NAME, shared_memory=MIB)
+            assert memfds(proc.pid)[1] == before[1] + 1
+            assert closed.wait(60), "the session did not expire"
+            assert memfds(proc.pid) == before
+            with pytest.raises(NotFoundError):
+                session.info()
+            session._drop_shared_memory()
+
+            # Regions held by the server only (tickets never redeemed) and one mapped here too, then SIGKILL.
+            kept = client.create_session(WEIGHTS_NAME)
+            grant = client.stub.OpenSharedMemory(pb.OpenSharedMemoryRequest(session_id=kept.session_id, size_bytes=MIB))
+            region = shm.SharedRegion.fetch(shm.Grant(grant.ticket, grant.socket_address, grant.size_bytes))
+            other = client.create_session(WEIGHTS_NAME)
+            client.stub.OpenSharedMemory(pb.OpenSharedMemoryRequest(session_id=other.session_id, size_bytes=MIB))
+            assert memfds(proc.pid)[1] == before[1] + 2
+            proc.kill()
+            proc.wait()
+            region.map[:4] = b"mine"  # the client's own mapping lives on until it unmaps it...
+            region.close()
+        holders = []  # ...and then no process holds any region
+        for pid in filter(str.isdigit, os.listdir("/proc")):
+            try:
+                if any(memfds(int(pid))):
+                    holders.append(pid)
+            except OSError:
+                pass  # gone, or not ours to read
+        assert holders == []
+        assert sorted(os.listdir("/dev/shm")) == shm_before  # nothing named, anywhere
+        with pytest.raises(ConnectionRefusedError), socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            s.connect("\0" + grant.socket_address)  # the ticket socket went with the process
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
