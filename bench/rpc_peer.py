@@ -121,6 +121,11 @@ def step() -> None:
     _state()[1].step()
 
 
+def take(x: torch.Tensor) -> int:
+    """Receives a tensor and keeps nothing: an upload of its bytes to the peer (its element count back)."""
+    return x.numel()
+
+
 def gradients() -> list[torch.Tensor]:
     """Every parameter's ``.grad`` (float32), in model order (copied to the CPU first on a GPU)."""
     model, _ = _state()
@@ -187,6 +192,9 @@ class Peer:
     def gradients(self) -> list[torch.Tensor]:
         result: list[torch.Tensor] = self._call(gradients)
         return result
+
+    def take(self, x: torch.Tensor) -> int:
+        return int(self._call(take, x))
 
 
 @contextmanager

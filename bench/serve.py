@@ -124,6 +124,8 @@ def main() -> int:
         extra["reuse_buffers_bytes"] = args.reuse_buffers_bytes
     if args.pin_memory:
         extra["pin_memory"] = args.pin_memory
+    if args.backend == "local":  # the rpc section's rows through shared memory (docs/shared-memory.md)
+        extra["allow_shared_memory"] = 1
     settings = Settings(port=0, weights="random", seed=0, device=args.device, max_sessions=args.max_sessions, **extra)
     trainer = create_server(settings)
 

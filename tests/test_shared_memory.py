@@ -113,6 +113,27 @@ def test_values_equal_the_grpc_path_and_local_pytorch(
             assert_equal_to_local(v.array, dict(local.named_parameters())[name])
 
 
+def test_a_replaced_region_is_refused_and_views_are_read_only(shared: tuple[subprocess.Popen[str], int, ServerLog]) -> None:
+    """One region a session: a handle still mapping one replaced since is refused, never answered
+    from its stale mapping; ``views=True`` answers read-only views of the region, equal to copies."""
+    _, port, _ = shared
+    with client_of(port, "token-alice") as client, client.create_session(WEIGHTS_NAME, shared_memory=MIB) as first:
+        x = rand(2, 3, 32, 32)
+        first.forward(x)
+        first.backward("sum", np.ones((2, 1000), np.float32))
+        second = client.session(first.session_id)
+        second.use_shared_memory(64 * MIB, views=True)
+        for stale in (lambda: first.gradients("fc.*"), lambda: first.forward(x, eval_mode=True, no_grad=True)):
+            with pytest.raises(FailedPreconditionError) as refused:
+                stale()
+            assert refused.value.reason == "SHARED_MEMORY_UNAVAILABLE" and "replaced" in str(refused.value)
+        views = second.gradients()
+        copies = client.session(first.session_id).gradients()
+        for name, v in views.items():
+            assert v.array is not None and not v.array.flags.writeable
+            assert np.array_equal(v.array, copies[name].array), name  # type: ignore[arg-type]
+
+
 def test_refused_when_the_server_does_not_allow_it(client: TrainerClient) -> None:
     """The in-process test server runs with the default, --allow-shared-memory 0."""
     before = len(client.list_sessions())
@@ -145,7 +166,8 @@ def test_bounded_in_size(shared: tuple[subprocess.Popen[str], int, ServerLog]) -
             fast = session.forward(x, eval_mode=True, no_grad=True).logits
             assert np.array_equal(fast, plain.forward(x, eval_mode=True, no_grad=True).logits)  # type: ignore[arg-type]
         request = pb.ForwardRequest(session_id=session.session_id, no_grad=True, input=pb.TensorInput(
-            shared_memory=pb.SharedTensor(offset=MIB - 100, shape=[1, 3, 8, 8], data_type=pb.DATA_TYPE_FLOAT32)))
+            shared_memory=pb.SharedTensor(offset=MIB - 100, shape=[1, 3, 8, 8], data_type=pb.DATA_TYPE_FLOAT32,
+                                          region=session._shared.id)))  # type: ignore[union-attr]
         with pytest.raises(grpc.RpcError) as outside:
             client.stub.Forward(request)
         assert outside.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "inside" in str(outside.value.details())
@@ -229,7 +251,7 @@ def test_expiry_and_sigkill_leave_nothing(data_dir: Path) -> None:
             # Regions held by the server only (tickets never redeemed) and one mapped here too, then SIGKILL.
             kept = client.create_session(WEIGHTS_NAME)
             grant = client.stub.OpenSharedMemory(pb.OpenSharedMemoryRequest(session_id=kept.session_id, size_bytes=MIB))
-            region = shm.SharedRegion.fetch(shm.Grant(grant.ticket, grant.socket_address, grant.size_bytes))
+            region = shm.SharedRegion.fetch(shm.Grant(grant.ticket, grant.socket_address, grant.size_bytes, grant.region))
             other = client.create_session(WEIGHTS_NAME)
             client.stub.OpenSharedMemory(pb.OpenSharedMemoryRequest(session_id=other.session_id, size_bytes=MIB))
             assert memfds(proc.pid)[1] == before[1] + 2

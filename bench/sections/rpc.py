@@ -13,7 +13,7 @@ import torch
 
 from bench import rpc_peer
 from bench.launch import Context
-from bench.measure import SideBySide
+from bench.measure import SideBySide, median
 from bench.rows import BYTES, RELATIVE, Figure, Layout, Row, count, rate, ratio, seconds
 from bench.steps import LocalStep, RemoteStep, difference, measure_steps, shape_name, step_inputs
 from remote_trainer.client import TrainerClient
@@ -24,6 +24,8 @@ STEP = Layout("{ours}", "rpc {reference}; PyTorch {local}",
               "reps {reps}; rpc / PyTorch {rpc_vs_local:.3f}, ours / PyTorch {ours_vs_local:.3f}; logits agree to {logits_agree}",
               ratio="{ratio:.3f}")
 GRADIENTS = Layout("{ours} = {ours_rate}", "rpc {reference} = {reference_rate}", "{tensors} tensors, same bytes; values agree to {values_agree}")
+SHARED = Layout("{ours} = {ours_rate}", "rpc {reference} = {reference_rate}",
+                "{what}; values agree with the gRPC path to {values_agree}")
 STEP_CASES = (("train-step", "TrainStep vs rpc one-call step"), ("full", "Forward/Backward/Step vs rpc forward/backward/step calls"))
 
 
@@ -78,6 +80,7 @@ def run(ctx: Context) -> list[Row]:
                     sbs.paired_ratio("ours", "rpc"), STEP,
                 ))
         rows += _gradients(ctx, client, peer)
+        rows += _through_shared_memory(ctx, client, peer)
     print(f"# rpc peer (pid {peer.pid}) exited with code {peer.returncode}", file=sys.stderr, flush=True)
     ctx.children["rpc peer"] = {"pid": peer.pid, "returncode": peer.returncode}
     return rows
@@ -127,4 +130,74 @@ def _gradients(ctx: Context, client: TrainerClient, peer: rpc_peer.Peer) -> list
              "values_agree": Figure(worst, RELATIVE)},
             sbs.paired_ratio(case, "rpc"), GRADIENTS,
         ))
+    return rows
+
+
+def _through_shared_memory(ctx: Context, client: TrainerClient, peer: rpc_peer.Peer) -> list[Row]:
+    """The co-located fast path (docs/shared-memory.md) against the rpc peer, side by side: all
+    gradients and all parameters (float32, with statistics) read from the session's region, against
+    the rpc fetch of all .grad (the same bytes); and a Forward's upload of an ``--upload-shape``
+    batch written into the region (eval, no_grad, statistics only; its time less the server's
+    model time), against an rpc call that sends the peer the same tensor."""
+    x, labels = step_inputs((2, 3, 64, 64))
+    batch = np.random.default_rng(0).random(ctx.args.upload_shape, dtype=np.float32)
+    got: dict[str, Any] = {}
+    with client.create_session("random", seed=0, shared_memory=True) as session:
+        plain = client.session(session.session_id)  # the same session through gRPC messages
+        peer.reset(ctx.args.device)
+        session.forward(x)
+        session.backward("sum", labels)
+        peer.forward(torch.from_numpy(x))
+        peer.backward(torch.from_numpy(labels))
+        session.forward(batch, eval_mode=True, no_grad=True, stats_only=True)  # the model warm at the batch's shape
+        ctx.floors.timings()  # from here, the server's model times are the shared-memory Forwards' only
+
+        def gradients() -> None:
+            got["gradients"] = session.gradients()
+
+        def parameters() -> None:
+            got["parameters"] = session.parameters()
+
+        def rpc_gradients() -> None:
+            got["rpc"] = peer.gradients()
+
+        def upload() -> None:
+            session.forward(batch, eval_mode=True, no_grad=True, stats_only=True)
+
+        reps = ctx.args.transfer_reps
+        sbs = SideBySide(["gradients", "parameters", "upload", "rpc", "rpc-upload"])
+        batch_t = torch.from_numpy(batch)
+        sbs.run({"gradients": gradients, "parameters": parameters, "upload": upload, "rpc": rpc_gradients,
+                 "rpc-upload": lambda: peer.take(batch_t)}, reps=reps, warmup=1)
+        model = ctx.floors.timings().get("engine.forward", [])[-reps:]
+        sent = {"gradients": plain.gradients(), "parameters": plain.parameters()}
+    nbytes = sum(g.nbytes for g in got["rpc"])
+    agree = {name: max(float(np.abs(t.array - sent[name][key].array).max()) for key, t in got[name].items())
+             for name in ("gradients", "parameters")}
+    if [t.array.shape for t in got["gradients"].values()] != [g.shape for g in got["rpc"]]:
+        raise AssertionError("the gradients through shared memory are not the rpc peer's shapes")
+    rest = [w - m for w, m in zip(sbs.times["upload"], model)] if len(model) == reps else [float("nan")]
+    rows = []
+    for case, title, what in (
+        ("gradients", "GetGradients all float32 through shared memory", f"{len(got['rpc'])} tensors, same bytes"),
+        ("parameters", "GetParameters all float32 through shared memory", "same bytes as the gradients"),
+    ):
+        rows.append(Row(
+            "rpc", f"{title} vs rpc fetch of all .grad ({nbytes / 1e6:.1f} MB)",
+            {"ours": seconds(sbs.median(case)), "ours_rate": rate(nbytes, sbs.median(case)), "reference": seconds(sbs.median("rpc")),
+             "reference_rate": rate(nbytes, sbs.median("rpc")), "bytes": Figure(nbytes, BYTES),
+             "values_agree": Figure(agree[case], RELATIVE)},
+            sbs.paired_ratio(case, "rpc"), SHARED, target="<= 0.50", words={"what": what},
+        ))
+    upload_bytes = batch.nbytes
+    rows.append(Row(
+        "rpc", f"Forward upload {shape_name(tuple(ctx.args.upload_shape))} fp32 through shared memory "
+               f"({upload_bytes / 1e6:.1f} MB) vs rpc send of the same tensor",
+        {"ours": seconds(median(rest)), "ours_rate": rate(upload_bytes, median(rest)), "reference": seconds(sbs.median("rpc-upload")),
+         "reference_rate": rate(upload_bytes, sbs.median("rpc-upload")), "bytes": Figure(upload_bytes, BYTES),
+         "values_agree": Figure(0.0, RELATIVE)},
+        median([r / t for r, t in zip(rest, sbs.times["rpc-upload"])]),
+        SHARED, target="<= 0.50",
+        words={"what": f"ours: a Forward's time less the server's model time ({median(model) * 1e3:.1f} ms)"},
+    ))
     return rows

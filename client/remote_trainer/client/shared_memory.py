@@ -45,17 +45,20 @@ class Grant:
     ticket: str
     socket_address: str
     size_bytes: int
+    region: str  # the region's id, named by the calls that use it
 
 
 class SharedRegion:
     """The client's mapping of a session's region."""
 
-    def __init__(self, mapping: mmap.mmap, size: int) -> None:
+    def __init__(self, mapping: mmap.mmap, size: int, region: str, views: bool = False) -> None:
         self.map = mapping
         self.size = size
+        self.id = region
+        self.views = views  # read() answers read-only views of the region instead of a copy
 
     @classmethod
-    def fetch(cls, grant: Grant) -> SharedRegion:
+    def fetch(cls, grant: Grant, views: bool = False) -> SharedRegion:
         """Redeems the grant's ticket on the server's socket and maps the region it answers with."""
         try:
             with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as connection:
@@ -73,13 +76,17 @@ class SharedRegion:
             raise FailedPreconditionError("the server refused the shared-memory ticket (used, expired or unknown)",
                                           "SHARED_MEMORY_UNAVAILABLE")
         try:
-            return cls(mmap.mmap(fds[0], grant.size_bytes), grant.size_bytes)
+            return cls(mmap.mmap(fds[0], grant.size_bytes), grant.size_bytes, grant.region, views)
         finally:
             os.close(fds[0])
 
     def close(self) -> None:
-        """Unmaps the region on this side (the server unmaps its own when the session closes)."""
-        self.map.close()
+        """Unmaps the region on this side (the server unmaps its own when the session closes); with
+        views still alive, once the last of them goes."""
+        try:
+            self.map.close()
+        except BufferError:
+            pass
 
     def fits(self, x: Any) -> bool:
         """Whether the input batch ``x`` fits in the region (else it goes in the message)."""
@@ -92,26 +99,40 @@ class SharedRegion:
         if arr.size:
             np.frombuffer(self.map, dtype=arr.dtype, count=arr.size).reshape(arr.shape)[...] = arr
         target.offset = 0
+        target.region = self.id
         target.shape[:] = arr.shape
         target.data_type = pb.DATA_TYPE_UINT8 if arr.dtype == np.uint8 else pb.DATA_TYPE_FLOAT32
 
-    def read(self, chunk: pb.TensorChunk) -> npt.NDArray[Any]:
-        """A copy of the tensor a chunk describes (shared_memory_offset, total_bytes)."""
-        end = chunk.shared_memory_offset + chunk.total_bytes
-        if chunk.shared_memory_offset < 0 or end > self.size:
-            raise ValueError(f"the server described {chunk.name} outside the region ({end} > {self.size} bytes)")
-        header = pb.Tensor(shape=chunk.shape, data_type=chunk.data_type)
-        view = memoryview(self.map)[chunk.shared_memory_offset:end]
-        try:
-            return np.array(codec.decode(header, view))
-        finally:
-            view.release()
+    def read(self, chunks: list[pb.TensorChunk]) -> list[npt.NDArray[Any] | None]:
+        """The tensors the chunks describe (at shared_memory_offset, total_bytes each; None for an
+        absent one), copied out of the region in one piece: each array is a view of that one private
+        copy, never of the region. With ``views``, read-only views of the region itself (no copy),
+        good until the session's next call through the region overwrites them."""
+        present = [c for c in chunks if c.present]
+        end = max((c.shared_memory_offset + c.total_bytes for c in present), default=0)
+        if end > self.size or any(c.shared_memory_offset < 0 for c in present):
+            raise ValueError(f"the server described tensors outside the region ({end} > {self.size} bytes)")
+        if self.views:
+            copy = np.frombuffer(self.map, np.uint8, end)
+            copy.flags.writeable = False
+        else:
+            copy = np.empty(end, np.uint8)
+            if end:
+                copy[:] = np.frombuffer(self.map, np.uint8, end)
+        out: list[npt.NDArray[Any] | None] = []
+        for chunk in chunks:
+            if not chunk.present:
+                out.append(None)
+                continue
+            header = pb.Tensor(shape=chunk.shape, data_type=chunk.data_type)
+            out.append(codec.decode(header, copy[chunk.shared_memory_offset:chunk.shared_memory_offset + chunk.total_bytes].data))
+        return out
 
 
 def open_region(session_id: str, size_bytes: int) -> core.Call[Grant]:
     request = pb.OpenSharedMemoryRequest(session_id=session_id, size_bytes=size_bytes)
     return core.Call(core._path("OpenSharedMemory"), request,
-                     lambda r: Grant(r.ticket, r.socket_address, int(r.size_bytes)))
+                     lambda r: Grant(r.ticket, r.socket_address, int(r.size_bytes), r.region))
 
 
 def forward(session_id: str, region: SharedRegion, x: Any, eval_mode: bool, no_grad: bool,
@@ -142,13 +163,11 @@ def _unspliced(request: pb.ForwardRequest | pb.TrainStepRequest) -> wire.Spliced
 
 def _read_all(region: SharedRegion, with_data: bool) -> Any:
     def parse(responses: Iterable[core.ChunkResponse]) -> dict[str, NamedTensor]:
-        out = {}
-        for response in responses:
-            for chunk, _ in response:
-                array = region.read(chunk) if with_data and chunk.present else None
-                out[chunk.name] = NamedTensor(chunk.name, tuple(chunk.shape), chunk.present,
-                                              core.stats(chunk.stats) if chunk.HasField("stats") else None, array)
-        return out
+        chunks = [chunk for response in responses for chunk, _ in response]
+        arrays = region.read(chunks) if with_data else [None] * len(chunks)
+        return {chunk.name: NamedTensor(chunk.name, tuple(chunk.shape), chunk.present,
+                                        core.stats(chunk.stats) if chunk.HasField("stats") else None, array)
+                for chunk, array in zip(chunks, arrays)}
     return parse
 
 
@@ -157,7 +176,7 @@ def gradients(session_id: str, region: SharedRegion, patterns: Iterable[str], st
     """``core.gradients`` with the elements in the region (read when the stream ends: hold the region until then)."""
     request = pb.GetGradientsRequest(session_id=session_id, patterns=list(patterns), stats_only=stats_only,
                                      transfer_data_type=core._transfer_type(dtype), skip_stats=not with_stats,
-                                     shared_memory=True)
+                                     shared_memory_region=region.id)
     return core.StreamCall(core._path("GetGradients"), request, _read_all(region, not stats_only))
 
 
@@ -166,7 +185,7 @@ def parameters(session_id: str, region: SharedRegion, patterns: Iterable[str], s
     """``core.parameters`` with the elements in the region."""
     request = pb.GetParametersRequest(session_id=session_id, patterns=list(patterns), stats_only=stats_only,
                                       transfer_data_type=core._transfer_type(dtype), include_buffers=include_buffers,
-                                      skip_stats=not with_stats, shared_memory=True)
+                                      skip_stats=not with_stats, shared_memory_region=region.id)
     return core.StreamCall(core._path("GetParameters"), request, _read_all(region, not stats_only))
 
 

@@ -432,17 +432,17 @@ class Reason(enum.StrEnum):
     front-end) serves."""
     SHARED_MEMORY_UNAVAILABLE = "SHARED_MEMORY_UNAVAILABLE"
     """FAILED_PRECONDITION: OpenSharedMemory on a server started without --allow-shared-memory (the
-    default), or a call that names the shared-memory region on a session that has none open
-    (OpenSharedMemory first). Do: Start the server with --allow-shared-memory
+    default), or a call that names a shared-memory region the session does not have (none opened, or
+    replaced by a later OpenSharedMemory). Do: Start the server with --allow-shared-memory
     (docs/shared-memory.md), or send tensors in the messages (the SDK's default)."""
     SHARED_MEMORY_TOO_LARGE = "SHARED_MEMORY_TOO_LARGE"
     """RESOURCE_EXHAUSTED: OpenSharedMemory asked for more bytes than --max-shared-memory-bytes.
     ErrorInfo metadata "limit" says how many. Do: Ask for fewer bytes, or start the server with a
     larger limit."""
     SHARED_MEMORY_TOO_SMALL = "SHARED_MEMORY_TOO_SMALL"
-    """RESOURCE_EXHAUSTED: GetGradients or GetParameters with shared_memory whose elements do not fit
-    in the session's region. ErrorInfo metadata "needed_bytes" says how many they need. Do: Open a
-    larger region (OpenSharedMemory again), or ask for fewer tensors."""
+    """RESOURCE_EXHAUSTED: GetGradients or GetParameters with shared_memory_region whose elements do
+    not fit in the session's region. ErrorInfo metadata "needed_bytes" says how many they need. Do:
+    Open a larger region (OpenSharedMemory again), or ask for fewer tensors."""
     BAD_SHARED_TENSOR = "BAD_SHARED_TENSOR"
     """INVALID_ARGUMENT: A SharedTensor whose offset and bytes lie (partly) outside the session's
     region, or OpenSharedMemory with a size below 1. Do: Write the tensor inside the region; ask for

@@ -125,18 +125,20 @@ class TrainerServicer:
         if self._shared_memory is not None:
             self._shared_memory.close(session_id)
 
-    def _shared_input(self, session_id: str) -> convert.SharedInput | None:
-        """Where a SharedTensor of the session's input is read from (None: no region)."""
-        region = self._shared_memory.find(session_id or DEFAULT_SESSION_ID) if self._shared_memory is not None else None
-        return region.input if region is not None else None
+    def _shared_input(self, session_id: str, msg: pb.TensorInput) -> convert.SharedInput | None:
+        """Where the input's SharedTensor is read from: the session's region it names (None: the
+        server allows none)."""
+        if self._shared_memory is None:
+            return None
+        return self._shared_memory.region(session_id or DEFAULT_SESSION_ID, msg.shared_memory.region).input
 
-    def _through_shared_memory(self, session_id: str, emit: Emit,
+    def _through_shared_memory(self, session_id: str, region_id: str, emit: Emit,
                                encode: Callable[[TensorWriter], list[pb.TensorChunk]]) -> None:
         """A GetGradients/GetParameters stream with shared_memory: the elements written into the
         session's region, their chunks (no data) in one response."""
         if self._shared_memory is None:
             raise unavailable("this server does not allow shared memory (trainer-server --allow-shared-memory 1)")
-        writer = TensorWriter(self._shared_memory.region(session_id or DEFAULT_SESSION_ID))
+        writer = TensorWriter(self._shared_memory.region(session_id or DEFAULT_SESSION_ID, region_id))
         chunks = encode(writer)
         writer.check()
         emit(pb.GetGradientsResponse(chunks=chunks))  # GetParametersResponse has the same fields
@@ -246,7 +248,7 @@ class TrainerServicer:
         fmt = request.output_format
         if fmt not in pb.OutputFormat.values():
             raise invalid("output_format", f"unknown output_format {fmt}", "BAD_OUTPUT_FORMAT")
-        shared = self._shared_input(request.session_id) if request.input.HasField("shared_memory") else None
+        shared = self._shared_input(request.session_id, request.input) if request.input.HasField("shared_memory") else None
         x, as_numbers = convert.input_tensor(request.input, "input", self._limits.max_input_elements, raw=raw, shared=shared)
         as_values = fmt == pb.OUTPUT_FORMAT_VALUES or fmt == pb.OUTPUT_FORMAT_UNSPECIFIED and as_numbers
         # Numbers travel as 8-byte doubles, raw logits as 4-byte floats; 64 KiB for the rest of the message.
@@ -380,8 +382,8 @@ class TrainerServicer:
         # Every response is written in wire form under the session's lock, straight from the
         # gradients' memory (one copy, no snapshot), and sent while the next tensors are written.
         engine = self._session(request.session_id, context)
-        if request.shared_memory:
-            self._through_shared_memory(request.session_id, emit, lambda writer: engine.encode_gradients(
+        if request.shared_memory_region:
+            self._through_shared_memory(request.session_id, request.shared_memory_region, emit, lambda writer: engine.encode_gradients(
                 list(request.patterns), request.stats_only, convert.transfer_dtype(request.transfer_data_type), writer,
                 with_stats=not request.skip_stats))
             return
@@ -395,8 +397,8 @@ class TrainerServicer:
     @streaming
     def GetParameters(self, request: pb.GetParametersRequest, context: Context, emit: Emit) -> None:
         engine = self._session(request.session_id, context)
-        if request.shared_memory:
-            self._through_shared_memory(request.session_id, emit, lambda writer: engine.encode_parameters(
+        if request.shared_memory_region:
+            self._through_shared_memory(request.session_id, request.shared_memory_region, emit, lambda writer: engine.encode_parameters(
                 list(request.patterns), request.stats_only, convert.transfer_dtype(request.transfer_data_type),
                 request.include_buffers, writer, with_stats=not request.skip_stats))
             return
@@ -473,7 +475,7 @@ class TrainerServicer:
             raise invalid("loss.function", f"unknown loss function {request.loss.function}: "
                           "use SUM_DIFFERENCE, CROSS_ENTROPY or MSE", "UNKNOWN_LOSS")
         max_elements = self._limits.max_input_elements
-        shared = self._shared_input(request.session_id) if request.input.HasField("shared_memory") else None
+        shared = self._shared_input(request.session_id, request.input) if request.input.HasField("shared_memory") else None
         x, _ = convert.input_tensor(request.input, "input", max_elements, raw=raw, shared=shared)
         labels, _ = convert.input_tensor(request.loss.labels, "loss.labels", max_elements, integer=loss == "cross_entropy")
         zero_grad = request.zero_grad if request.HasField("zero_grad") else True
@@ -508,7 +510,7 @@ class TrainerServicer:
         ticket, region = self._shared_memory.open(request.session_id or DEFAULT_SESSION_ID, request.size_bytes)
         self._budget.keep(region, region.size)  # counted in the server's budget while the region lives
         return pb.OpenSharedMemoryResponse(ticket=ticket, socket_address=self._shared_memory.address,
-                                           size_bytes=region.size, ticket_seconds=TICKET_SECONDS)
+                                           size_bytes=region.size, ticket_seconds=TICKET_SECONDS, region=region.id)
 
     @pushed
     async def WatchSession(self, request: pb.WatchSessionRequest,

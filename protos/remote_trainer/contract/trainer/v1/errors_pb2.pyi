@@ -772,8 +772,8 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     ERROR_REASON_SHARED_MEMORY_UNAVAILABLE: _ErrorReason.ValueType  # 121
     """Status: FAILED_PRECONDITION.
     Cause: OpenSharedMemory on a server started without --allow-shared-memory
-    (the default), or a call that names the shared-memory region on a session
-    that has none open (OpenSharedMemory first).
+    (the default), or a call that names a shared-memory region the session
+    does not have (none opened, or replaced by a later OpenSharedMemory).
     Do: start the server with --allow-shared-memory (docs/shared-memory.md),
     or send tensors in the messages (the SDK's default).
     """
@@ -785,7 +785,7 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     """
     ERROR_REASON_SHARED_MEMORY_TOO_SMALL: _ErrorReason.ValueType  # 123
     """Status: RESOURCE_EXHAUSTED.
-    Cause: GetGradients or GetParameters with shared_memory whose elements do
+    Cause: GetGradients or GetParameters with shared_memory_region whose elements do
     not fit in the session's region. ErrorInfo metadata "needed_bytes" says
     how many they need.
     Do: open a larger region (OpenSharedMemory again), or ask for fewer tensors.
@@ -1538,8 +1538,8 @@ Do: watch again once the server (or another front-end) serves.
 ERROR_REASON_SHARED_MEMORY_UNAVAILABLE: ErrorReason.ValueType  # 121
 """Status: FAILED_PRECONDITION.
 Cause: OpenSharedMemory on a server started without --allow-shared-memory
-(the default), or a call that names the shared-memory region on a session
-that has none open (OpenSharedMemory first).
+(the default), or a call that names a shared-memory region the session
+does not have (none opened, or replaced by a later OpenSharedMemory).
 Do: start the server with --allow-shared-memory (docs/shared-memory.md),
 or send tensors in the messages (the SDK's default).
 """
@@ -1551,7 +1551,7 @@ Do: ask for fewer bytes, or start the server with a larger limit.
 """
 ERROR_REASON_SHARED_MEMORY_TOO_SMALL: ErrorReason.ValueType  # 123
 """Status: RESOURCE_EXHAUSTED.
-Cause: GetGradients or GetParameters with shared_memory whose elements do
+Cause: GetGradients or GetParameters with shared_memory_region whose elements do
 not fit in the session's region. ErrorInfo metadata "needed_bytes" says
 how many they need.
 Do: open a larger region (OpenSharedMemory again), or ask for fewer tensors.

@@ -451,10 +451,16 @@ class SharedTensor(_message.Message):
     OFFSET_FIELD_NUMBER: _builtins.int
     SHAPE_FIELD_NUMBER: _builtins.int
     DATA_TYPE_FIELD_NUMBER: _builtins.int
+    REGION_FIELD_NUMBER: _builtins.int
     offset: _builtins.int
     """Byte offset of the first element from the region's start."""
     data_type: Global___DataType.ValueType
     """Element type."""
+    region: _builtins.str
+    """The region's id (OpenSharedMemoryResponse.region): refused
+    (SHARED_MEMORY_UNAVAILABLE) when the session's region is another one
+    (replaced since), so that a stale mapping is never read.
+    """
     @_builtins.property
     def shape(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
         """Size of each dimension, outermost first."""
@@ -465,10 +471,11 @@ class SharedTensor(_message.Message):
         offset: _builtins.int = ...,
         shape: _abc.Iterable[_builtins.int] | None = ...,
         data_type: Global___DataType.ValueType = ...,
+        region: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["data_type", b"data_type", "offset", b"offset", "shape", b"shape"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["data_type", b"data_type", "offset", b"offset", "region", b"region", "shape", b"shape"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1650,7 +1657,7 @@ class GetGradientsRequest(_message.Message):
     TRANSFER_DATA_TYPE_FIELD_NUMBER: _builtins.int
     SKIP_STATS_FIELD_NUMBER: _builtins.int
     PACK_CHUNKS_FIELD_NUMBER: _builtins.int
-    SHARED_MEMORY_FIELD_NUMBER: _builtins.int
+    SHARED_MEMORY_REGION_FIELD_NUMBER: _builtins.int
     session_id: _builtins.str
     """Session to use; empty for the default session."""
     stats_only: _builtins.bool
@@ -1668,12 +1675,13 @@ class GetGradientsRequest(_message.Message):
     46.8 MB, come in 50 responses instead of 98; statistics only, in one).
     Unset, every response carries one chunk in `chunk`.
     """
-    shared_memory: _builtins.bool
-    """Write the elements into the session's shared-memory region
-    (OpenSharedMemory) instead of the messages: the stream then carries each
-    tensor's metadata in one chunk with its shared_memory_offset, all in one
-    response. RESOURCE_EXHAUSTED (SHARED_MEMORY_TOO_SMALL) when they do not
-    fit in the region.
+    shared_memory_region: _builtins.str
+    """Set: write the elements into the session's shared-memory region, the
+    one with this id (OpenSharedMemoryResponse.region; another, or none:
+    SHARED_MEMORY_UNAVAILABLE), instead of the messages. The stream then
+    carries each tensor's metadata in one chunk with its
+    shared_memory_offset, all in one response. RESOURCE_EXHAUSTED
+    (SHARED_MEMORY_TOO_SMALL) when they do not fit in the region.
     """
     @_builtins.property
     def patterns(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
@@ -1690,11 +1698,11 @@ class GetGradientsRequest(_message.Message):
         transfer_data_type: Global___DataType.ValueType = ...,
         skip_stats: _builtins.bool = ...,
         pack_chunks: _builtins.bool = ...,
-        shared_memory: _builtins.bool = ...,
+        shared_memory_region: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["pack_chunks", b"pack_chunks", "patterns", b"patterns", "session_id", b"session_id", "shared_memory", b"shared_memory", "skip_stats", b"skip_stats", "stats_only", b"stats_only", "transfer_data_type", b"transfer_data_type"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["pack_chunks", b"pack_chunks", "patterns", b"patterns", "session_id", b"session_id", "shared_memory_region", b"shared_memory_region", "skip_stats", b"skip_stats", "stats_only", b"stats_only", "transfer_data_type", b"transfer_data_type"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1736,7 +1744,7 @@ class TensorChunk(_message.Message):
     last: _builtins.bool
     """Whether this is the tensor's last chunk."""
     shared_memory_offset: _builtins.int
-    """With shared_memory in the request: the byte offset from the start of
+    """With shared_memory_region in the request: the byte offset from the start of
     the session's shared-memory region at which the tensor's total_bytes of
     raw elements lie (then data is empty and the tensor comes in one chunk).
     The region holds them until the session's next call.
@@ -1816,7 +1824,7 @@ class GetParametersRequest(_message.Message):
     INCLUDE_BUFFERS_FIELD_NUMBER: _builtins.int
     SKIP_STATS_FIELD_NUMBER: _builtins.int
     PACK_CHUNKS_FIELD_NUMBER: _builtins.int
-    SHARED_MEMORY_FIELD_NUMBER: _builtins.int
+    SHARED_MEMORY_REGION_FIELD_NUMBER: _builtins.int
     session_id: _builtins.str
     """Session to use; empty for the default session."""
     stats_only: _builtins.bool
@@ -1836,9 +1844,9 @@ class GetParametersRequest(_message.Message):
     46.8 MB, come in 50 responses instead of 98; statistics only, in one).
     Unset, every response carries one chunk in `chunk`.
     """
-    shared_memory: _builtins.bool
-    """Write the elements into the session's shared-memory region, as
-    GetGradientsRequest.shared_memory.
+    shared_memory_region: _builtins.str
+    """Set: write the elements into the session's shared-memory region of this
+    id, as GetGradientsRequest.shared_memory_region.
     """
     @_builtins.property
     def patterns(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
@@ -1854,11 +1862,11 @@ class GetParametersRequest(_message.Message):
         include_buffers: _builtins.bool = ...,
         skip_stats: _builtins.bool = ...,
         pack_chunks: _builtins.bool = ...,
-        shared_memory: _builtins.bool = ...,
+        shared_memory_region: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["include_buffers", b"include_buffers", "pack_chunks", b"pack_chunks", "patterns", b"patterns", "session_id", b"session_id", "shared_memory", b"shared_memory", "skip_stats", b"skip_stats", "stats_only", b"stats_only", "transfer_data_type", b"transfer_data_type"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["include_buffers", b"include_buffers", "pack_chunks", b"pack_chunks", "patterns", b"patterns", "session_id", b"session_id", "shared_memory_region", b"shared_memory_region", "skip_stats", b"skip_stats", "stats_only", b"stats_only", "transfer_data_type", b"transfer_data_type"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -2825,6 +2833,7 @@ class OpenSharedMemoryResponse(_message.Message):
     SOCKET_ADDRESS_FIELD_NUMBER: _builtins.int
     SIZE_BYTES_FIELD_NUMBER: _builtins.int
     TICKET_SECONDS_FIELD_NUMBER: _builtins.int
+    REGION_FIELD_NUMBER: _builtins.int
     ticket: _builtins.str
     """Single-use secret, valid for a few seconds: sent (as ASCII) on
     socket_address, it is answered with the region's file descriptor
@@ -2838,6 +2847,11 @@ class OpenSharedMemoryResponse(_message.Message):
     """Size of the region in bytes."""
     ticket_seconds: _builtins.float
     """Seconds the ticket stays valid."""
+    region: _builtins.str
+    """The region's id, named by the calls that use it (SharedTensor.region,
+    shared_memory_region): a region replaced by a later OpenSharedMemory is
+    refused, never read stale.
+    """
     def __init__(
         self,
         *,
@@ -2845,10 +2859,11 @@ class OpenSharedMemoryResponse(_message.Message):
         socket_address: _builtins.str = ...,
         size_bytes: _builtins.int = ...,
         ticket_seconds: _builtins.float = ...,
+        region: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["size_bytes", b"size_bytes", "socket_address", b"socket_address", "ticket", b"ticket", "ticket_seconds", b"ticket_seconds"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["region", b"region", "size_bytes", b"size_bytes", "socket_address", b"socket_address", "ticket", b"ticket", "ticket_seconds", b"ticket_seconds"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -325,7 +325,7 @@ class TrainerServiceServicer:
         """OpenSharedMemory gives the session a shared-memory region, for a client
         on the server's host (docs/shared-memory.md): one flat buffer through
         which Forward and TrainStep inputs (TensorInput.shared_memory) and
-        GetGradients and GetParameters elements (shared_memory in their
+        GetGradients and GetParameters elements (shared_memory_region in their
         requests) travel instead of inside the messages. It answers a single-use
         ticket that the client redeems on the server's local socket for the
         region's file descriptor. Only when the server allows it
