@@ -16,7 +16,7 @@ from bench.launch import Context
 from bench.measure import SideBySide, median
 from bench.rows import BYTES, RELATIVE, Figure, Layout, Row, count, rate, ratio, seconds
 from bench.steps import LocalStep, RemoteStep, difference, measure_steps, shape_name, step_inputs
-from remote_trainer.client import TrainerClient
+from remote_trainer.client import Session, TrainerClient
 
 EMPTY_CALL = Layout("{ours}", "{reference}", "one round trip on loopback (rpc: TensorPipe uv transport, basic channel; "
                     "torch threads on the peer: {peer_threads})")
@@ -135,69 +135,82 @@ def _gradients(ctx: Context, client: TrainerClient, peer: rpc_peer.Peer) -> list
 
 def _through_shared_memory(ctx: Context, client: TrainerClient, peer: rpc_peer.Peer) -> list[Row]:
     """The co-located fast path (docs/shared-memory.md) against the rpc peer, side by side: all
-    gradients and all parameters (float32, with statistics) read from the session's region, against
-    the rpc fetch of all .grad (the same bytes); and a Forward's upload of an ``--upload-shape``
-    batch written into the region (eval, no_grad, statistics only; its time less the server's
-    model time), against an rpc call that sends the peer the same tensor."""
+    gradients (with statistics, and without: rpc sends none) and all parameters, float32, read from
+    a session's region as copies (the SDK's default) and as views (``views=True``), against the rpc
+    fetch of all .grad (the same bytes); then a Forward's upload of an ``--upload-shape`` batch
+    written into the region (eval, no_grad, statistics only; its time less the server's model
+    time), against an rpc call that sends the peer the same tensor."""
     x, labels = step_inputs((2, 3, 64, 64))
-    batch = np.random.default_rng(0).random(ctx.args.upload_shape, dtype=np.float32)
     got: dict[str, Any] = {}
-    with client.create_session("random", seed=0, shared_memory=True) as session:
-        plain = client.session(session.session_id)  # the same session through gRPC messages
+    with client.create_session("random", seed=0, shared_memory=True) as session, \
+            client.create_session("random", seed=0) as viewed:
+        viewed.use_shared_memory(views=True)
         peer.reset(ctx.args.device)
-        session.forward(x)
-        session.backward("sum", labels)
+        for s in (session, viewed):  # the same gradients in both sessions and on the peer
+            s.forward(x)
+            s.backward("sum", labels)
         peer.forward(torch.from_numpy(x))
         peer.backward(torch.from_numpy(labels))
-        session.forward(batch, eval_mode=True, no_grad=True, stats_only=True)  # the model warm at the batch's shape
-        ctx.floors.timings()  # from here, the server's model times are the shared-memory Forwards' only
-
-        def gradients() -> None:
-            got["gradients"] = session.gradients()
-
-        def parameters() -> None:
-            got["parameters"] = session.parameters()
-
-        def rpc_gradients() -> None:
-            got["rpc"] = peer.gradients()
-
-        def upload() -> None:
-            session.forward(batch, eval_mode=True, no_grad=True, stats_only=True)
-
-        reps = ctx.args.transfer_reps
-        sbs = SideBySide(["gradients", "parameters", "upload", "rpc", "rpc-upload"])
-        batch_t = torch.from_numpy(batch)
-        sbs.run({"gradients": gradients, "parameters": parameters, "upload": upload, "rpc": rpc_gradients,
-                 "rpc-upload": lambda: peer.take(batch_t)}, reps=reps, warmup=1)
-        model = ctx.floors.timings().get("engine.forward", [])[-reps:]
-        sent = {"gradients": plain.gradients(), "parameters": plain.parameters()}
+        fetches = {
+            "gradients": lambda: session.gradients(), "gradients-no-stats": lambda: session.gradients(stats=False),
+            "views-no-stats": lambda: viewed.gradients(stats=False), "parameters": lambda: session.parameters(),
+            "rpc": peer.gradients,
+        }
+        sbs = SideBySide(list(fetches))
+        sbs.run({name: (lambda name=name, fetch=fetch: got.__setitem__(name, fetch())) for name, fetch in fetches.items()},
+                reps=ctx.args.transfer_reps, warmup=1)
+        sent = {"gradients": client.session(session.session_id).gradients(),
+                "parameters": client.session(session.session_id).parameters()}
+        views = {name: t.array.copy() for name, t in viewed.gradients(stats=False).items() if t.array is not None}
+        upload_rows = _shared_memory_upload(ctx, session, peer)
     nbytes = sum(g.nbytes for g in got["rpc"])
-    agree = {name: max(float(np.abs(t.array - sent[name][key].array).max()) for key, t in got[name].items())
-             for name in ("gradients", "parameters")}
     if [t.array.shape for t in got["gradients"].values()] != [g.shape for g in got["rpc"]]:
         raise AssertionError("the gradients through shared memory are not the rpc peer's shapes")
-    rest = [w - m for w, m in zip(sbs.times["upload"], model)] if len(model) == reps else [float("nan")]
+    agree = {name: max(float(np.abs(t.array - sent[name][key].array).max()) for key, t in got[name].items())
+             for name in ("gradients", "parameters")}
+    agree["views"] = max(float(np.abs(views[key] - t.array).max()) for key, t in sent["gradients"].items())
     rows = []
-    for case, title, what in (
-        ("gradients", "GetGradients all float32 through shared memory", f"{len(got['rpc'])} tensors, same bytes"),
-        ("parameters", "GetParameters all float32 through shared memory", "same bytes as the gradients"),
+    for case, title, what, same in (
+        ("gradients", "GetGradients all float32 through shared memory (copies, with statistics)",
+         f"{len(got['rpc'])} tensors, same bytes", "gradients"),
+        ("gradients-no-stats", "GetGradients all float32 through shared memory (copies, stats=False)", "rpc sends no statistics either",
+         "gradients"),
+        ("views-no-stats", "GetGradients all float32 through shared memory (views=True, stats=False)",
+         "read-only views of the region, good until the session's next call", "views"),
+        ("parameters", "GetParameters all float32 through shared memory (copies, with statistics)", "same bytes as the gradients",
+         "parameters"),
     ):
         rows.append(Row(
             "rpc", f"{title} vs rpc fetch of all .grad ({nbytes / 1e6:.1f} MB)",
             {"ours": seconds(sbs.median(case)), "ours_rate": rate(nbytes, sbs.median(case)), "reference": seconds(sbs.median("rpc")),
              "reference_rate": rate(nbytes, sbs.median("rpc")), "bytes": Figure(nbytes, BYTES),
-             "values_agree": Figure(agree[case], RELATIVE)},
+             "values_agree": Figure(agree[same], RELATIVE)},
             sbs.paired_ratio(case, "rpc"), SHARED, target="<= 0.50", words={"what": what},
         ))
-    upload_bytes = batch.nbytes
-    rows.append(Row(
+    return rows + upload_rows
+
+
+def _shared_memory_upload(ctx: Context, session: Session, peer: rpc_peer.Peer) -> list[Row]:
+    """A Forward's upload through the session's region against an rpc send of the same tensor."""
+    batch = np.random.default_rng(0).random(ctx.args.upload_shape, dtype=np.float32)
+    batch_t = torch.from_numpy(batch)
+    plain = session._client.session(session.session_id)
+    via_grpc = plain.forward(batch, eval_mode=True, no_grad=True).logits  # warms the model at the batch's shape too
+    via_shm = session.forward(batch, eval_mode=True, no_grad=True).logits
+    agree = float(np.abs(via_shm - via_grpc).max()) if via_shm is not None and via_grpc is not None else float("nan")
+    ctx.floors.timings()  # from here, the server's model times are the shared-memory Forwards' only
+    reps = ctx.args.upload_reps
+    sbs = SideBySide(["upload", "rpc-upload"])
+    sbs.run({"upload": lambda: session.forward(batch, eval_mode=True, no_grad=True, stats_only=True),
+             "rpc-upload": lambda: peer.take(batch_t)}, reps=reps, warmup=1)
+    model = ctx.floors.timings().get("engine.forward", [])[-reps:]
+    rest = [w - m for w, m in zip(sbs.times["upload"], model)] if len(model) == reps else [float("nan")]
+    return [Row(
         "rpc", f"Forward upload {shape_name(tuple(ctx.args.upload_shape))} fp32 through shared memory "
-               f"({upload_bytes / 1e6:.1f} MB) vs rpc send of the same tensor",
-        {"ours": seconds(median(rest)), "ours_rate": rate(upload_bytes, median(rest)), "reference": seconds(sbs.median("rpc-upload")),
-         "reference_rate": rate(upload_bytes, sbs.median("rpc-upload")), "bytes": Figure(upload_bytes, BYTES),
-         "values_agree": Figure(0.0, RELATIVE)},
-        median([r / t for r, t in zip(rest, sbs.times["rpc-upload"])]),
-        SHARED, target="<= 0.50",
-        words={"what": f"ours: a Forward's time less the server's model time ({median(model) * 1e3:.1f} ms)"},
-    ))
-    return rows
+               f"({batch.nbytes / 1e6:.1f} MB) vs rpc send of the same tensor",
+        {"ours": seconds(median(rest)), "ours_rate": rate(batch.nbytes, median(rest)), "reference": seconds(sbs.median("rpc-upload")),
+         "reference_rate": rate(batch.nbytes, sbs.median("rpc-upload")), "bytes": Figure(batch.nbytes, BYTES),
+         "values_agree": Figure(agree, RELATIVE)},
+        median([r / t for r, t in zip(rest, sbs.times["rpc-upload"])]), SHARED, target="<= 0.50",
+        words={"what": f"ours: a Forward's time less the server's model time ({median(model) * 1e3:.1f} ms); logits as via gRPC"},
+    )]

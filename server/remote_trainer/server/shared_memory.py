@@ -67,6 +67,7 @@ class Region:
             raise
         self.fd = fd  # -1 once closed
         self.size = size
+        self.id = secrets.token_hex(8)  # named by the calls that use it: a replaced region is refused
 
     def close(self) -> None:
         """Closes the descriptor and unmaps the region (a call still holding a view of it keeps the
@@ -184,17 +185,15 @@ class SharedMemory:
         log.info("session %s: shared-memory region of %d bytes opened", session_id, size)
         return ticket, region
 
-    def find(self, session_id: str) -> Region | None:
-        """The session's region, if it has one."""
-        with self._lock:
-            return self._regions.get(session_id)
-
-    def region(self, session_id: str) -> Region:
-        """The session's region; SHARED_MEMORY_UNAVAILABLE when it has none."""
+    def region(self, session_id: str, region_id: str) -> Region:
+        """The session's region of id ``region_id``; SHARED_MEMORY_UNAVAILABLE when it has none, or another."""
         with self._lock:
             region = self._regions.get(session_id)
         if region is None:
             raise unavailable(f"session {session_id!r} has no shared-memory region: call OpenSharedMemory first")
+        if region.id != region_id:
+            raise unavailable(f"shared-memory region {region_id!r} is not session {session_id!r}'s (replaced by a later "
+                              "OpenSharedMemory?): use the session's current region")
         return region
 
     def close(self, session_id: str) -> None:
