@@ -6,8 +6,10 @@ good once; nothing left after close, expiry or SIGKILL."""
 from __future__ import annotations
 
 import os
+import re
 import socket
 import subprocess
+import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,7 +24,7 @@ from remote_trainer.client import shared_memory as shm
 from remote_trainer.client.errors import FailedPreconditionError, NotFoundError, ResourceExhaustedError
 from remote_trainer.contract.trainer.v1 import trainer_pb2 as pb
 from tests.conftest import WEIGHTS_NAME, assert_equal_to_local, rand
-from tests.test_server_process import ServerLog, start, stop
+from tests.test_server_process import ROOT, ServerLog, start, stop
 
 MIB = 1024 * 1024
 TOKENS = "alice:token-alice,bob:token-bob"
@@ -132,6 +134,23 @@ def test_a_replaced_region_is_refused_and_views_are_read_only(shared: tuple[subp
         for name, v in views.items():
             assert v.array is not None and not v.array.flags.writeable
             assert np.array_equal(v.array, copies[name].array), name  # type: ignore[arg-type]
+
+
+def test_an_answer_kept_is_never_written_over(shared: tuple[subprocess.Popen[str], int, ServerLog]) -> None:
+    """The SDK copies answers into buffers it reuses once nothing views them: answers still held stay as they came."""
+    _, port, _ = shared
+    with client_of(port, "token-alice") as client, client.create_session(WEIGHTS_NAME, shared_memory=True) as s:
+        held, expected = [], []
+        for seed in range(4):
+            s.forward(rand(2, 3, 32, 32, seed=seed))
+            s.backward("sum", np.ones((2, 1000), np.float32))
+            answer = s.gradients("fc.*")
+            held.append(answer["fc.weight"].array)
+            expected.append(answer["fc.weight"].array.copy())  # type: ignore[union-attr]
+            s.gradients("fc.*")  # an answer dropped at once: its buffer is free again
+        for got, want in zip(held, expected):
+            assert np.array_equal(got, want)
+        assert not np.array_equal(expected[0], expected[1])  # the gradients did change
 
 
 def test_refused_when_the_server_does_not_allow_it(client: TrainerClient) -> None:
@@ -274,3 +293,14 @@ def test_expiry_and_sigkill_leave_nothing(data_dir: Path) -> None:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_the_page_example_runs_verbatim(shared: tuple[subprocess.Popen[str], int, ServerLog]) -> None:
+    """docs/shared-memory.md's SDK example, against the test server (its address and a token put in)."""
+    _, port, _ = shared
+    found = re.search(r"<!-- shared-memory: sdk -->\n```python\n(.*?)```", (ROOT / "docs" / "shared-memory.md").read_text(), re.S)
+    assert found, "docs/shared-memory.md has no block marked shared-memory: sdk"
+    code = found.group(1).replace('TrainerClient("localhost:50051")', f'TrainerClient("localhost:{port}", token="token-alice")')
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "62 (1000, 512)"

@@ -18,6 +18,7 @@ from __future__ import annotations
 import mmap
 import os
 import socket
+import sys
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -36,6 +37,7 @@ from remote_trainer.contract.trainer.v1 import trainer_pb2 as pb
 # or a float32 batch of 64 at 3 x 224 x 224 (38.5 MB).
 DEFAULT_BYTES = 64 * core.MIB
 FETCH_SECONDS = 5.0  # the most the socket exchange may take
+KEPT_BUFFERS = 2  # answer buffers a region keeps for reuse
 
 
 @dataclass(frozen=True)
@@ -56,6 +58,10 @@ class SharedRegion:
         self.size = size
         self.id = region
         self.views = views  # read() answers read-only views of the region instead of a copy
+        # The buffers of the last answers' copies: one that no array views any more is written
+        # again (warm pages, no page faults), so a loop that keeps only its latest answer copies
+        # into memory already mapped; two, so that the answer being replaced may still be alive.
+        self._buffers: list[npt.NDArray[np.uint8]] = []
 
     @classmethod
     def fetch(cls, grant: Grant, views: bool = False) -> SharedRegion:
@@ -116,7 +122,7 @@ class SharedRegion:
             copy = np.frombuffer(self.map, np.uint8, end)
             copy.flags.writeable = False
         else:
-            copy = np.empty(end, np.uint8)
+            copy = self._buffer(end)
             if end:
                 copy[:] = np.frombuffer(self.map, np.uint8, end)
         out: list[npt.NDArray[Any] | None] = []
@@ -127,6 +133,18 @@ class SharedRegion:
             header = pb.Tensor(shape=chunk.shape, data_type=chunk.data_type)
             out.append(codec.decode(header, copy[chunk.shared_memory_offset:chunk.shared_memory_offset + chunk.total_bytes].data))
         return out
+
+
+    def _buffer(self, size: int) -> npt.NDArray[np.uint8]:
+        """``size`` bytes to copy an answer into: a kept buffer nothing else refers to any more
+        (no array of an earlier answer views it), else a new one, kept for later."""
+        for buffer in self._buffers:
+            # Referred to by the list, this loop and getrefcount's argument only: free.
+            if sys.getrefcount(buffer) <= 3 and buffer.size >= size:
+                return buffer[:size]
+        fresh = np.empty(size, np.uint8)
+        self._buffers = [*self._buffers[-(KEPT_BUFFERS - 1):], fresh]
+        return fresh[:size]
 
 
 def open_region(session_id: str, size_bytes: int) -> core.Call[Grant]:
