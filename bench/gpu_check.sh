@@ -4,7 +4,7 @@
 # the server's pinned host buffers), then the step-overhead benchmark at (32, 3, 224, 224) and
 # (1, 3, 64, 64) with the server and local PyTorch on CUDA, side by side, every case (separate
 # calls, TrainStep, the two-round-trip client loss), and the step and transfers once more with
-# --pin-memory 1.
+# --pin-memory 1; then the rpc section, whose last rows go through shared memory (issue 21 item 4).
 # Needs a Python with protos/, server/ and client/ installed and a CUDA build of torch (scripts/setup.sh, or
 # PYTHON=/path/to/python). About 5-7 minutes on one H100; writes its log to ${OUT:-.}/gpu_check.log.
 #   bench/gpu_check.sh            # everything
@@ -34,4 +34,9 @@ export PYTHONUNBUFFERED=1
   "$PY" -m bench --device cuda --pin-memory --sections step,grads,upload --sizes 32x3x224x224 --cases full,train-step \
     --reps "${STEP_REPS:-20}" --min-reps 5 --seconds-per-case 20 --warmup 3 --transfer-reps 10 \
     --json "${OUT:-.}/gpu_bench_pinned.json"
+
+  echo "== the co-located fast path on cuda (docs/shared-memory.md): gradients, parameters and a Forward's upload through"
+  echo "== a session's shared-memory region (host memory: the server copies from the device into it) against torch.distributed.rpc"
+  "$PY" -m bench --device cuda --sections rpc --sizes 1x3x64x64 --reps 5 --min-reps 3 --transfer-reps 10 --upload-reps 5 \
+    --json "${OUT:-.}/gpu_bench_shared_memory.json"
 } 2>&1 | tee "$LOG"
