@@ -5,6 +5,7 @@ good once; nothing left after close, expiry or SIGKILL."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import re
 import socket
@@ -20,6 +21,7 @@ import pytest
 import torch
 
 from remote_trainer.client import TrainerClient
+from remote_trainer.client.aio import AsyncTrainerClient
 from remote_trainer.client import shared_memory as shm
 from remote_trainer.client.errors import FailedPreconditionError, NotFoundError, ResourceExhaustedError
 from remote_trainer.contract.trainer.v1 import trainer_pb2 as pb
@@ -151,6 +153,31 @@ def test_an_answer_kept_is_never_written_over(shared: tuple[subprocess.Popen[str
         for got, want in zip(held, expected):
             assert np.array_equal(got, want)
         assert not np.array_equal(expected[0], expected[1])  # the gradients did change
+
+
+def test_the_asyncio_face_goes_through_the_region_too(shared: tuple[subprocess.Popen[str], int, ServerLog]) -> None:
+    _, port, _ = shared
+
+    async def run() -> tuple[np.ndarray | None, dict[str, np.ndarray | None], dict[str, np.ndarray | None]]:
+        async with AsyncTrainerClient(f"localhost:{port}", token="token-alice", timeout=120) as client:
+            session = await client.create_session(WEIGHTS_NAME, shared_memory=True)
+            try:
+                assert session._shared is not None
+                x = rand(2, 3, 32, 32)
+                logits = (await session.forward(x, eval_mode=True, no_grad=True)).logits
+                await session.forward(x)
+                await session.backward("sum", np.ones((2, 1000), np.float32))
+                fast = {k: t.array for k, t in (await session.gradients()).items()}
+                plain = {k: t.array for k, t in (await client.session(session.session_id).gradients()).items()}
+                return logits, fast, plain
+            finally:
+                await session.close()
+                assert session._shared is None
+
+    logits, fast, plain = asyncio.run(run())
+    with client_of(port, "token-alice") as client, client.create_session(WEIGHTS_NAME) as sync:
+        assert np.array_equal(logits, sync.forward(rand(2, 3, 32, 32), eval_mode=True, no_grad=True).logits)  # type: ignore[arg-type]
+    assert list(fast) == list(plain) and all(np.array_equal(fast[k], plain[k]) for k in fast)  # type: ignore[arg-type]
 
 
 def test_refused_when_the_server_does_not_allow_it(client: TrainerClient) -> None:
