@@ -25,6 +25,10 @@ from remote_trainer.client.aio import AsyncTrainerClient
 from remote_trainer.client import shared_memory as shm
 from remote_trainer.client.errors import FailedPreconditionError, NotFoundError, ResourceExhaustedError
 from remote_trainer.contract.trainer.v1 import trainer_pb2 as pb
+from remote_trainer.engine.budget import model_bytes
+from remote_trainer.server.app import create_server
+from remote_trainer.server.settings import Settings
+from remote_trainer.server.shared_memory import TICKET_SECONDS, SharedMemory
 from tests.conftest import WEIGHTS_NAME, assert_equal_to_local, rand
 from tests.test_server_process import ROOT, ServerLog, start, stop
 
@@ -247,6 +251,37 @@ def test_only_the_session_owner_gets_the_region_once(shared: tuple[subprocess.Po
         old = alice.stub.OpenSharedMemory(pb.OpenSharedMemoryRequest(session_id=session.session_id, size_bytes=MIB))
         alice.stub.OpenSharedMemory(pb.OpenSharedMemoryRequest(session_id=session.session_id, size_bytes=MIB))
         assert redeem(old.socket_address, old.ticket.encode()) == (b"NO", [])
+
+
+def test_an_expired_ticket_gets_nothing() -> None:
+    """Tickets are good for TICKET_SECONDS (the store's clock moved, not slept through)."""
+    now = [0.0]
+    memory = SharedMemory(MIB, clock=lambda: now[0])
+    try:
+        ticket, _ = memory.open("s", MIB)
+        now[0] += TICKET_SECONDS + 0.1
+        assert redeem(memory.address, ticket.encode()) == (b"NO", [])
+        ticket, _ = memory.open("s", MIB)
+        now[0] += TICKET_SECONDS - 0.1
+        answer, fds = redeem(memory.address, ticket.encode())
+        assert answer == b"OK" and len(fds) == 1
+        os.close(fds[0])
+    finally:
+        memory.close_all()
+
+
+def test_a_region_counts_in_the_memory_budget(data_dir: Path) -> None:
+    """A region is refused when the session's memory budget cannot hold it too."""
+    running = create_server(Settings(port=0, weights=str(data_dir / WEIGHTS_NAME), data_dir=str(data_dir), allow_shared_memory=1,
+                                     session_memory_bytes=model_bytes(1000) + 4 * MIB))
+    try:
+        with TrainerClient(f"localhost:{running.port}", timeout=120) as client, client.create_session(WEIGHTS_NAME) as session:
+            with pytest.raises(ResourceExhaustedError) as refused:
+                session.use_shared_memory(8 * MIB)
+            assert refused.value.reason == "SESSION_MEMORY_BUDGET"
+            session.use_shared_memory(2 * MIB)
+    finally:
+        running.stop(None).wait()
 
 
 def test_the_region_is_sealed_at_its_size(shared: tuple[subprocess.Popen[str], int, ServerLog]) -> None:
