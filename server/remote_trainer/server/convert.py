@@ -99,7 +99,7 @@ def input_tensor(
     ``integer`` asks for int64 from numbers and zeros/ones (class indices). Size limits are checked
     from the shape before anything is allocated. ``raw`` is the tensor's bytes when they were cut
     out of the request (``LargeInput``); ``shared`` finds a ``SharedTensor``'s bytes in the session's
-    shared-memory region (None: it has none, SHARED_MEMORY_UNAVAILABLE).
+    shared-memory region (None: the server allows none, SHARED_MEMORY_UNAVAILABLE).
     """
     source = msg.WhichOneof("source")
     if source is None:
@@ -113,8 +113,8 @@ def input_tensor(
             return tensor, False
         if source == "shared_memory":
             if shared is None:
-                raise FailedPrecondition(f"{field} names the session's shared-memory region, and it has none: "
-                                         "call OpenSharedMemory first", "SHARED_MEMORY_UNAVAILABLE")
+                raise FailedPrecondition(f"{field} is in a shared-memory region, and this server allows none "
+                                         "(trainer-server --allow-shared-memory 1)", "SHARED_MEMORY_UNAVAILABLE")
             _check_size(msg.shared_memory.shape, field, max_elements)
             header, view = shared(msg.shared_memory, field)
             # A copy, made now: the client may write the region again once the call has answered,
