@@ -18,7 +18,7 @@ from collections.abc import Callable
 
 import torch
 
-from bench.launch import Context, open_floors, start_server
+from bench.launch import Context, open_floors, start_server, start_standalone_floors
 from bench.measure import cpu_model, load_average
 from bench.rows import Row
 from bench.sections import concurrency, grads, memory, ray, rpc, step, upload
@@ -108,7 +108,8 @@ def _run(args: argparse.Namespace) -> int:
     print(header, flush=True)
     max_sessions = max(16, max(args.clients, default=1) + 2)
     with start_server(args.device, max_sessions, args.chunk_bytes, args.threads, reuse_buffers_bytes=args.reuse_buffers_bytes,
-                      pin_memory=args.pin_memory) as server, open_floors(server) as floors:
+                      pin_memory=args.pin_memory) as server, start_standalone_floors() as standalone, \
+            open_floors(server, standalone) as floors:
         ctx = Context(args, server, floors)
         for section, run in RUNNERS.items():
             if section in args.sections:
