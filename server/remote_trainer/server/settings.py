@@ -48,8 +48,10 @@ class Settings:
     max_input_elements: int = Limits.max_input_elements
     # Largest batch (N) of a Forward.
     max_batch: int = Limits.max_batch
-    # Data bytes per chunk in GetGradients/GetParameters streams.
-    chunk_bytes: int = 1 * MIB
+    # Data bytes per chunk in GetGradients/GetParameters streams: just under gRPC's default 4 MiB
+    # receive limit, so a client with default options (grpcurl) reads every response, and few
+    # responses, each of which costs both sides a write, a read and a wake-up (docs/benchmarks.md).
+    chunk_bytes: int = 4 * MIB - 64 * 1024
     # Worker threads running the calls' torch work; each session uses at most one at a time, and calls
     # waiting (for their request, their session or a slow reader) hold none.
     max_workers: int = 16
