@@ -63,7 +63,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--concurrency-seconds", type=float, default=10.0)
     p.add_argument("--cycles", type=int, default=1000, help="create/step/close cycles of the memory section (0: none)")
     p.add_argument("--device", default="cpu", help="cpu or cuda: where the server and the local reference run")
-    p.add_argument("--chunk-bytes", type=int, default=0, help="the server's stream chunk size (0: its default, 1 MiB)")
+    p.add_argument("--chunk-bytes", type=int, default=0, help="the server's stream chunk size (0: its default, 4 MiB - 64 KiB)")
     p.add_argument("--threads", type=int, default=0,
                    help="torch intra-op threads on both sides (0: torch's default, one per core)")
     p.add_argument("--reuse-buffers-bytes", type=int, default=0, help="the server's --reuse-buffers-bytes (0: its default, off)")

@@ -146,7 +146,7 @@ class Settings:
     # Gradient histograms every N steps (0: none); each copies every gradient to the CPU.
     tensorboard_histograms_every: int = 10
     # glibc keeps freed buffers up to this size for reuse (mallopt M_MMAP_THRESHOLD, and a trim
-    # threshold 8 times it) instead of mapping every 1 MiB message fresh and page-faulting it in:
+    # threshold 8 times it) instead of mapping every large message fresh and page-faulting it in:
     # tensor streams run faster. Off by default: large buffers then come from the heap rather
     # than page-aligned maps, and some CPU kernels round differently with other alignments, so
     # results drift from a local PyTorch process in the last bits (docs/benchmarks.md). Closing a
