@@ -18,8 +18,8 @@ import json
 import os
 import sys
 import threading
-from concurrent import futures
 from collections.abc import AsyncIterator, Callable, Iterator
+from concurrent import futures
 from typing import Any
 
 import grpc
@@ -175,7 +175,7 @@ class RawClient:
 
 def serve_standalone(kind: str, max_message_bytes: int) -> None:
     """Serves the floor (``sync``: a threaded grpc server; ``aio``: grpc.aio on this process's event
-    loop) on a free loopback port until standard input closes; prints the port first."""
+    loop) on a free loopback port until standard input closes; prints its port once it serves."""
     floor = RawFloor(lambda: {})  # no timings recorded here: Timings answers an empty record
     options: list[tuple[str, Any]] = [("grpc.max_receive_message_length", max_message_bytes),
                                       ("grpc.max_send_message_length", max_message_bytes), ("grpc.so_reuseport", 0)]
@@ -186,8 +186,9 @@ def serve_standalone(kind: str, max_message_bytes: int) -> None:
     if kind == "sync":
         server = grpc.server(futures.ThreadPoolExecutor(max_workers=4), options=options)
         server.add_generic_rpc_handlers((floor.handler(),))
-        announce(server.add_insecure_port("127.0.0.1:0"))
+        port = server.add_insecure_port("127.0.0.1:0")
         server.start()
+        announce(port)
         sys.stdin.read()
         server.stop(None)
         return
@@ -195,8 +196,9 @@ def serve_standalone(kind: str, max_message_bytes: int) -> None:
     async def serve() -> None:
         server = grpc.aio.server(options=options)
         server.add_generic_rpc_handlers((AioRawFloor(floor).handler(),))
-        announce(server.add_insecure_port("127.0.0.1:0"))
+        port = server.add_insecure_port("127.0.0.1:0")
         await server.start()
+        announce(port)
         await asyncio.get_running_loop().run_in_executor(None, sys.stdin.read)
         await server.stop(None)
 
