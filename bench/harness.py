@@ -18,7 +18,7 @@ from collections.abc import Callable
 
 import torch
 
-from bench.launch import Context, open_floors, start_server
+from bench.launch import Context, open_floors, start_server, start_standalone_floors
 from bench.measure import cpu_model, load_average
 from bench.rows import Row
 from bench.sections import concurrency, grads, memory, ray, rpc, step, upload
@@ -63,7 +63,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--concurrency-seconds", type=float, default=10.0)
     p.add_argument("--cycles", type=int, default=1000, help="create/step/close cycles of the memory section (0: none)")
     p.add_argument("--device", default="cpu", help="cpu or cuda: where the server and the local reference run")
-    p.add_argument("--chunk-bytes", type=int, default=0, help="the server's stream chunk size (0: its default, 1 MiB)")
+    p.add_argument("--chunk-bytes", type=int, default=0, help="the server's stream chunk size (0: its default, 4 MiB - 64 KiB)")
     p.add_argument("--threads", type=int, default=0,
                    help="torch intra-op threads on both sides (0: torch's default, one per core)")
     p.add_argument("--reuse-buffers-bytes", type=int, default=0, help="the server's --reuse-buffers-bytes (0: its default, off)")
@@ -108,7 +108,8 @@ def _run(args: argparse.Namespace) -> int:
     print(header, flush=True)
     max_sessions = max(16, max(args.clients, default=1) + 2)
     with start_server(args.device, max_sessions, args.chunk_bytes, args.threads, reuse_buffers_bytes=args.reuse_buffers_bytes,
-                      pin_memory=args.pin_memory) as server, open_floors(server) as floors:
+                      pin_memory=args.pin_memory) as server, start_standalone_floors() as standalone, \
+            open_floors(server, standalone) as floors:
         ctx = Context(args, server, floors)
         for section, run in RUNNERS.items():
             if section in args.sections:

@@ -1,16 +1,25 @@
 """The raw gRPC floor: a plain generic handler with no model and no protobuf, only bytes.
 
-It runs in the benchmark's server process beside the trainer server, with the same message-size
-options, so ``GetGradients`` and ``Forward`` are compared with what gRPC itself costs for the same
-bytes in the same run. It also hands out the server-side timings that ``bench.serve`` records.
+It runs in two places. In the benchmark's server process beside the trainer server, with the same
+message-size options (``bench.serve``), where it also hands out the server-side timings recorded
+there: that measures what the trainer adds over the same stack in the same process. And on its own,
+as a user's own raw gRPC server would run it: ``python -m bench.raw --server sync|aio`` serves it
+from a process of its own that imports neither torch nor the trainer, prints one JSON line with its
+port and pid, and serves until its standard input closes. The standalone floor is the honest one
+(the in-process one shares a process, its GIL and its allocator with the trainer server); the
+benchmark starts both variants beside the trainer server (``bench.launch``).
 """
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import json
+import os
+import sys
 import threading
 from collections.abc import AsyncIterator, Callable, Iterator
+from concurrent import futures
 from typing import Any
 
 import grpc
@@ -162,3 +171,48 @@ class RawClient:
     def timings(self) -> dict[str, list[float]]:
         """Server-side durations recorded since the last call (and clears them)."""
         return dict(json.loads(self._timings(b"", timeout=30)))
+
+
+def serve_standalone(kind: str, max_message_bytes: int) -> None:
+    """Serves the floor (``sync``: a threaded grpc server; ``aio``: grpc.aio on this process's event
+    loop) on a free loopback port until standard input closes; prints its port once it serves."""
+    floor = RawFloor(lambda: {})  # no timings recorded here: Timings answers an empty record
+    options: list[tuple[str, Any]] = [("grpc.max_receive_message_length", max_message_bytes),
+                                      ("grpc.max_send_message_length", max_message_bytes), ("grpc.so_reuseport", 0)]
+
+    def announce(port: int) -> None:
+        print(json.dumps({"port": port, "pid": os.getpid(), "torch": "torch" in sys.modules}), flush=True)
+
+    if kind == "sync":
+        server = grpc.server(futures.ThreadPoolExecutor(max_workers=4), options=options)
+        server.add_generic_rpc_handlers((floor.handler(),))
+        port = server.add_insecure_port("127.0.0.1:0")
+        server.start()
+        announce(port)
+        sys.stdin.read()
+        server.stop(None)
+        return
+
+    async def serve() -> None:
+        server = grpc.aio.server(options=options)
+        server.add_generic_rpc_handlers((AioRawFloor(floor).handler(),))
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        announce(port)
+        await asyncio.get_running_loop().run_in_executor(None, sys.stdin.read)
+        await server.stop(None)
+
+    asyncio.run(serve())
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.raw", description="the raw gRPC floor, in a process of its own")
+    parser.add_argument("--server", choices=("sync", "aio"), required=True)
+    parser.add_argument("--max-message-bytes", type=int, default=256 * MIB, help="the trainer server's message-size limit")
+    args = parser.parse_args()
+    serve_standalone(args.server, args.max_message_bytes)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -69,6 +69,12 @@ def test_quick_benchmark_prints_every_section(tmp_path: Path) -> None:
     assert "fp32" in fp32_upload["case"] and "uint8" in uint8_upload["case"], (fp32_upload, uint8_upload)
     assert figure(uint8_upload, "request_bytes") < 0.3 * figure(uint8_upload, "fp32_request_bytes"), uint8_upload
     assert figure(uint8_upload, "logits_agree") < 1e-4, uint8_upload
+    # The gradient and upload rows compare with the raw floor served by a process of its own (the
+    # faster of its sync and aio variants, named in the row); the in-process floors are in the note.
+    floored = [r for r in rows if r["section"] in ("grads", "upload") and "statistics-only" not in r["case"]]
+    assert len(floored) == 6, floored
+    for row in floored:
+        assert row["words"]["floor"] in ("sync", "aio") and row["text"]["reference"].startswith("standalone"), row
     # torch.distributed.rpc beside us: the empty call, the one-call and the separate-call step at the
     # quick size, both gradient fetches; the same logits and gradients as local PyTorch and ours,
     # and the peer process shut down cleanly.

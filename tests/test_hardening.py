@@ -190,14 +190,15 @@ def test_the_sdk_refuses_casts_that_change_values_and_truncated_streams(client: 
             session.backward("cross_entropy", labels)
     # Nothing reached the server: the pending forward is still there and unused.
     assert session.backward("cross_entropy", [1.0, 2.0]).forward_id == first.forward_id  # whole floats are fine
-    # A real stream of parameters (1 MiB chunks: fc.weight's 2 MB spans two), cut inside fc.weight.
-    request = pb.GetParametersRequest(session_id=session.session_id, patterns=["fc"])
+    # A real stream of parameters (chunks just under 4 MiB: the 9.4 MB weight spans three), cut inside that weight.
+    weight = "layer4.1.conv2.weight"
+    request = pb.GetParametersRequest(session_id=session.session_id, patterns=[weight, "fc.bias"])
     messages = [r.chunk for r in client.stub.GetParameters(request, timeout=60)]
-    assert [(m.name, m.last) for m in messages] == [("fc.weight", False), ("fc.weight", True), ("fc.bias", True)]
+    assert [(m.name, m.last) for m in messages] == [(weight, False), (weight, False), (weight, True), ("fc.bias", True)]
     whole = core.named_tensors([(m, m.data) for m in messages], True)
-    assert list(whole) == ["fc.weight", "fc.bias"]
-    cut = [m for m in messages if m.name == "fc.weight"][:-1]  # the stream ends before fc.weight's last chunk
-    with pytest.raises(ValueError, match="ended inside tensor 'fc.weight'"):
+    assert list(whole) == [weight, "fc.bias"]
+    cut = [m for m in messages if m.name == weight][:-1]  # the stream ends before the weight's last chunk
+    with pytest.raises(ValueError, match=f"ended inside tensor '{weight}'"):
         core.named_tensors([(m, m.data) for m in cut], True)
 
 

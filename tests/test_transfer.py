@@ -5,17 +5,20 @@ from __future__ import annotations
 
 import threading
 
+import grpc
 import numpy as np
 import pytest
 import torch
 from torch import nn
 
-from remote_trainer.client import InvalidArgumentError, Session
+from remote_trainer.client import InvalidArgumentError, Session, core
 from remote_trainer.contract import wire
 from remote_trainer.contract.trainer.v1 import trainer_pb2 as pb
+from remote_trainer.contract.trainer.v1 import trainer_pb2_grpc as pb_grpc
 from remote_trainer.engine.errors import Abandoned
 from remote_trainer.engine.results import NamedTensor
 from remote_trainer.server import convert
+from remote_trainer.server.settings import Settings
 from tests.conftest import assert_equal_to_local, rand
 
 
@@ -60,13 +63,13 @@ def test_an_absent_gradient_stays_absent_without_statistics(session: Session) ->
 
 def test_packed_streams_carry_the_same_chunks_in_fewer_responses(session: Session) -> None:
     """pack_chunks (what the SDK asks for): the same chunks, in the same order, as the stream of one
-    chunk per response, small tensors sharing responses of at most the chunk size (1 MiB here);
-    with statistics only, the whole stream is one response."""
+    chunk per response, small tensors sharing responses of at most the chunk size (the server's
+    default here); with statistics only, the whole stream is one response."""
     session.freeze("layer1")  # some gradients absent, so the stream has absent chunks too
     session.forward(rand(2, 3, 64, 64))
     session.backward("sum", rand(2, 1000))
     stub = session._client.stub
-    chunk_bytes = 1 << 20
+    chunk_bytes = Settings.chunk_bytes
     for rpc, request in ((stub.GetGradients, pb.GetGradientsRequest), (stub.GetParameters, pb.GetParametersRequest)):
         for stats_only in (False, True):
             plain = list(rpc(request(session_id=session.session_id, stats_only=stats_only), timeout=60))
@@ -76,6 +79,24 @@ def test_packed_streams_carry_the_same_chunks_in_fewer_responses(session: Sessio
             assert [c for r in packed for c in r.chunks] == [r.chunk for r in plain]
             assert all(r.ByteSize() <= chunk_bytes or len(r.chunks) == 1 for r in packed)
             assert len(packed) == 1 if stats_only else len(packed) < len(plain) * 0.6
+
+
+def test_a_client_with_grpc_default_limits_reads_every_tensor_stream(target: str, session: Session) -> None:
+    """The server's chunks are as large as fit gRPC's default 4 MiB receive limit, so a client that
+    sets no message limit (grpcurl, a plain generated stub) reads the largest tensors' streams,
+    packed or not, and gets the same bytes as the SDK."""
+    session.forward(rand(2, 3, 64, 64))
+    session.backward("sum", rand(2, 1000))
+    expected = session.parameters("layer4.1.conv2", stats=False)["layer4.1.conv2.weight"].array
+    with grpc.insecure_channel(target) as channel:  # gRPC's defaults: 4 MiB the largest message received
+        stub = pb_grpc.TrainerServiceStub(channel)
+        for rpc, request in ((stub.GetGradients, pb.GetGradientsRequest), (stub.GetParameters, pb.GetParametersRequest)):
+            for packed in (False, True):
+                responses = list(rpc(request(session_id=session.session_id, pack_chunks=packed), timeout=60))
+                assert max(r.ByteSize() for r in responses) > 3 * 1024 * 1024  # the limit is approached, not avoided
+        got = core.named_tensors(((c, c.data) for r in stub.GetParameters(pb.GetParametersRequest(
+            session_id=session.session_id, patterns=["layer4.1.conv2"], pack_chunks=True), timeout=60) for c in r.chunks), True)
+    assert expected is not None and np.array_equal(got["layer4.1.conv2.weight"].array, expected)
 
 
 def test_a_stream_sends_its_first_tensors_while_later_ones_are_encoded(session: Session, monkeypatch: pytest.MonkeyPatch) -> None:

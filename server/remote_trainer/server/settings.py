@@ -48,8 +48,10 @@ class Settings:
     max_input_elements: int = Limits.max_input_elements
     # Largest batch (N) of a Forward.
     max_batch: int = Limits.max_batch
-    # Data bytes per chunk in GetGradients/GetParameters streams.
-    chunk_bytes: int = 1 * MIB
+    # Data bytes per chunk in GetGradients/GetParameters streams: just under gRPC's default 4 MiB
+    # receive limit, so a client with default options (grpcurl) reads every response, and few
+    # responses, each of which costs both sides a write, a read and a wake-up (docs/benchmarks.md).
+    chunk_bytes: int = 4 * MIB - 64 * 1024
     # Worker threads running the calls' torch work; each session uses at most one at a time, and calls
     # waiting (for their request, their session or a slow reader) hold none.
     max_workers: int = 16
@@ -148,7 +150,7 @@ class Settings:
     # Gradient histograms every N steps (0: none); each copies every gradient to the CPU.
     tensorboard_histograms_every: int = 10
     # glibc keeps freed buffers up to this size for reuse (mallopt M_MMAP_THRESHOLD, and a trim
-    # threshold 8 times it) instead of mapping every 1 MiB message fresh and page-faulting it in:
+    # threshold 8 times it) instead of mapping every large message fresh and page-faulting it in:
     # tensor streams run faster. Off by default: large buffers then come from the heap rather
     # than page-aligned maps, and some CPU kernels round differently with other alignments, so
     # results drift from a local PyTorch process in the last bits (docs/benchmarks.md). Closing a

@@ -99,8 +99,10 @@ class Outbox:
         when one is not taken within ``timeout`` seconds, ``ReaderGone`` when the call ended first."""
         while (message := await self._queue.get()) is not _END:
             try:
-                await asyncio.wait_for(context.write(message), timeout)
-            except asyncio.TimeoutError:
+                # asyncio.timeout, not wait_for: no task of its own for each message.
+                async with asyncio.timeout(timeout):
+                    await context.write(message)
+            except TimeoutError:
                 raise SlowReader() from None
             except Exception as exc:  # gRPC's own (ExecuteBatchError): the call is over, no status can follow
                 raise ReaderGone() from exc
