@@ -133,14 +133,18 @@ def _steps(args: argparse.Namespace, client: TrainerClient, raw: RawClient) -> d
         for name in ("fp32", "uint8"):
             out[f"step_{name}"], out[f"step_{name}_raw"] = s.median(name), s.median(f"raw-{name}")
             out[f"step_{name}_torch"] = median(torch_times[name])
-            out[f"step_{name}_rest"] = median([w - t for w, t in zip(s.times[name], torch_times[name])])
-        out["step_saves"] = median([a - b for a, b in zip(s.times["fp32"], s.times["uint8"])])
+        # What uint8 saves of the transfer: the rest (wall minus the server's torch time) of fp32 less uint8's.
+        rests = {name: [w - t for w, t in zip(s.times[name], torch_times[name])] for name in ("fp32", "uint8")}
+        for name in ("fp32", "uint8"):
+            out[f"step_{name}_rest"] = median(rests[name])
+        out["step_saves"] = median([a - b for a, b in zip(rests["fp32"], rests["uint8"])])
         # The gradients the last step left, as float32 and float16.
         got: dict[str, Any] = {}
         grads = {dtype: fp32.gradients(dtype=dtype) for dtype in ("float32", "float16")}
-        sizes = {dtype: sum(t.array.nbytes for t in g.values() if t.array is not None) for dtype, g in grads.items()}
-        worst = max(float(np.abs(grads["float16"][n].array.astype(np.float32) - t.array).max()) / max(1e-12, float(np.abs(t.array).max()))
-                    for n, t in grads["float32"].items() if t.array is not None)
+        arrays = {dtype: {n: t.array for n, t in g.items() if t.array is not None} for dtype, g in grads.items()}
+        sizes = {dtype: sum(a.nbytes for a in by_name.values()) for dtype, by_name in arrays.items()}
+        worst = max(float(np.abs(arrays["float16"][n].astype(np.float32) - a).max()) / max(1e-12, float(np.abs(a).max()))
+                    for n, a in arrays["float32"].items())
         g = SideBySide(["fp32", "fp16", "raw-fp32", "raw-fp16"])
         g.run({"fp32": lambda: got.update(a=fp32.gradients(dtype="float32")), "fp16": lambda: got.update(b=fp32.gradients(dtype="float16")),
                "raw-fp32": lambda: raw.download(sizes["float32"], MIB), "raw-fp16": lambda: raw.download(sizes["float16"], MIB)},

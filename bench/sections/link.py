@@ -3,9 +3,10 @@ namespaces joined by an emulated link of each ``--links`` rate and round-trip ti
 netem on a veth pair where the kernel has it, else a user-space forwarder between two TUN devices).
 A server of its own runs in namespace A (``ip netns exec A python -m bench.serve``), the measuring
 client in B (``python -m bench.link_client``). Each figure stands against the link's own limit:
-bytes / bandwidth + round trips (for a step, plus the server's torch time of that step), the
-nominal figures of the link; the link's calibration rows say what it really carries. Ratio: ours /
-the limit (1.0 = the link's speed)."""
+bytes / bandwidth + round trips, from the link's nominal figures; the link's calibration rows (a TCP
+ping-pong, a bulk TCP receive) say what it really carries. Ratio: ours / the limit (1.0 = the
+link's speed); for a TrainStep, its rest (all but the server's torch time of that step) / the
+limit of its request's bytes."""
 
 from __future__ import annotations
 
@@ -27,12 +28,12 @@ ROUND_TRIP = Layout("{ours}", "nominal {reference}", "TCP one-byte ping-pong; li
 BULK = Layout("{ours} = {ours_rate}", "{reference} (bytes / {nominal_rate} + 1 RTT)", "raw TCP receive; the link carries "
               "{carried:.2f} of its nominal rate")
 EMPTY_CALL = Layout("{ours}", "1 RTT {reference}", "raw aio unary over the link {raw}")
-STEP = Layout("{ours}", "{reference} = torch {torch} + {transfer}", "request {request}; the rest (all but the server's torch "
-              "time) {rest} against the link's {transfer} (bytes / bandwidth + 1 RTT); raw aio unary of the input {raw}; "
+STEP = Layout("{ours}: torch {torch} + rest {rest}", "torch + {reference} (bytes / bandwidth + 1 RTT)",
+              "request {request}; the rest is all but the server's torch time; raw aio unary of the input {raw}; "
               "logits agree with local PyTorch to {logits_agree}", ratio="{ratio:.2f}")
-STEP_UINT8 = Layout("{ours}", "{reference} = torch {torch} + {transfer}", "request {request}; rest {rest} against the link's "
-                    "{transfer}; raw aio unary {raw}; saves {saves} a step against fp32 (the link's limit: {limit_saves})",
-                    ratio="{ratio:.2f}")
+STEP_UINT8 = Layout("{ours}: torch {torch} + rest {rest}", "torch + {reference} (bytes / bandwidth + 1 RTT)",
+                    "request {request}; raw aio unary {raw}; saves {saves} of rest a step against fp32 (the link's limit: "
+                    "{limit_saves}); torch includes ToTensor+Normalize", ratio="{ratio:.2f}")
 GRADIENTS = Layout("{ours} = {ours_rate}", "{reference} (bytes / bandwidth + 1 RTT)", "raw aio 1 MiB stream over the link "
                    "{raw} = {raw_rate}")
 GRADIENTS_FP16 = Layout("{ours} = {ours_rate}", "{reference} (bytes / bandwidth + 1 RTT)", "raw aio 1 MiB stream over the link "
@@ -104,14 +105,13 @@ def _rows(ctx: Context, spec: LinkSpec, kind: str, how: str, m: dict[str, Any]) 
     shape = shape_name(ctx.args.link_shape)
     for dtype, layout in (("fp32", STEP), ("uint8", STEP_UINT8)):
         transfer = spec.limit(m[f"request_{dtype}"])
-        limit = m[f"step_{dtype}_torch"] + transfer
-        figures = {"ours": seconds(m[f"step_{dtype}"]), "reference": seconds(limit), "torch": seconds(m[f"step_{dtype}_torch"]),
-                   "transfer": seconds(transfer), "rest": seconds(m[f"step_{dtype}_rest"]), "raw": seconds(m[f"step_{dtype}_raw"]),
+        figures = {"ours": seconds(m[f"step_{dtype}"]), "reference": seconds(transfer), "torch": seconds(m[f"step_{dtype}_torch"]),
+                   "rest": seconds(m[f"step_{dtype}_rest"]), "raw": seconds(m[f"step_{dtype}_raw"]),
                    "request": Figure(m[f"request_{dtype}"], BYTES), "logits_agree": Figure(m["logits_agree"], RELATIVE)}
         if dtype == "uint8":
             figures |= {"saves": seconds(m["step_saves"]),
                         "limit_saves": seconds(spec.limit(m["request_fp32"]) - spec.limit(m["request_uint8"]))}
-        rows.append(Row("link", f"{name}: TrainStep {dtype} {shape}", figures, m[f"step_{dtype}"] / limit, layout))
+        rows.append(Row("link", f"{name}: TrainStep {dtype} {shape}", figures, m[f"step_{dtype}_rest"] / transfer, layout))
     for dtype, label in (("fp32", "float32"), ("fp16", "float16")):
         nbytes = m[f"grads_{dtype}_bytes"]
         figures = {"ours": seconds(m[f"grads_{dtype}"]), "ours_rate": rate(nbytes, m[f"grads_{dtype}"]),
