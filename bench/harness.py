@@ -21,15 +21,17 @@ import torch
 from bench.launch import Context, open_floors, start_server, start_standalone_floors
 from bench.measure import cpu_model, load_average
 from bench.rows import Row
-from bench.sections import concurrency, grads, memory, ray, rpc, step, upload
+from bench.link import parse_spec
+from bench.sections import concurrency, grads, link, memory, ray, rpc, step, upload
 from bench.steps import CASES
 
 # Every section, in the order it runs: a module of bench/sections with run(ctx) -> rows.
 RUNNERS: dict[str, Callable[[Context], list[Row]]] = {
     "step": step.run, "grads": grads.run, "upload": upload.run, "concurrency": concurrency.run,
-    "memory": memory.run, "rpc": rpc.run, "ray": ray.run}
-# Run only when asked for (--sections ...,ray): starts a second server with a Ray of its own.
-OPTIONAL_SECTIONS = ("ray",)
+    "memory": memory.run, "rpc": rpc.run, "ray": ray.run, "link": link.run}
+# Run only when asked for (--sections ...,ray): ray starts a second server with a Ray of its own;
+# link (root and `ip` only) a server in a network namespace of its own behind an emulated link.
+OPTIONAL_SECTIONS = ("ray", "link")
 SECTIONS = tuple(name for name in RUNNERS if name not in OPTIONAL_SECTIONS)  # the default set
 COLUMNS = ("section", "case", "ours", "reference", "ratio", "target", "note")
 
@@ -44,11 +46,19 @@ def parse_shape(text: str) -> tuple[int, int, int, int]:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0] if __doc__ else None)
     p.add_argument("--sections", default=",".join(SECTIONS),
-                   help=f"comma-separated subset of {','.join(SECTIONS + OPTIONAL_SECTIONS)} (default: all but ray)")
+                   help=f"comma-separated subset of {','.join(SECTIONS + OPTIONAL_SECTIONS)} (default: all but ray and link)")
     p.add_argument("--sizes", type=lambda s: [parse_shape(t) for t in s.split(",")],
                    default=[(1, 3, 64, 64), (8, 3, 224, 224), (32, 3, 224, 224)], help="step input shapes, NxCxHxW,...")
     p.add_argument("--ray-sizes", type=lambda s: [parse_shape(t) for t in s.split(",")],
                    default=[(1, 3, 64, 64), (32, 3, 224, 224)], help="step input shapes of the ray section")
+    p.add_argument("--links", type=lambda s: [parse_spec(t) for t in s.split(",")],
+                   default=[parse_spec("1gbit:2ms"), parse_spec("10gbit:0.2ms")], help="the link section's links, RATE:RTT,...")
+    p.add_argument("--link-kind", choices=("auto", "netem", "tun"), default="auto",
+                   help="how the link section makes its link (auto: netem where the kernel has it, else tun)")
+    p.add_argument("--link-shape", type=parse_shape, default=(32, 3, 224, 224), help="the link section's TrainStep input shape")
+    p.add_argument("--link-step-reps", type=int, default=5, help="repetitions of the link section's TrainStep")
+    p.add_argument("--link-pings", type=int, default=100, help="round trips of the link section's ping-pong and empty call")
+    p.add_argument("--link-bulk-bytes", type=int, default=50_000_000, help="bytes of the link section's bulk TCP calibration")
     p.add_argument("--cases", type=lambda s: s.split(","), default=list(CASES), help=f"step cases, a subset of {','.join(CASES)}")
     p.add_argument("--reps", type=int, default=30, help="most measured repetitions of a step case")
     p.add_argument("--min-reps", type=int, default=5, help="fewest measured repetitions of a step case")
@@ -77,6 +87,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.upload_reps = 2
         args.upload_shape, args.clients, args.shared_clients = (2, 3, 64, 64), [1, 2], 2
         args.concurrency_seconds, args.cycles, args.seconds_per_case = 0.5, 3, 1.0
+        args.links, args.link_shape, args.link_step_reps, args.link_pings, args.link_bulk_bytes = (
+            [parse_spec("1gbit:2ms")], (2, 3, 64, 64), 2, 10, 5_000_000)
     args.sections = [s for s in args.sections.split(",") if s]
     unknown = set(args.sections) - set(SECTIONS + OPTIONAL_SECTIONS) or set(args.cases) - set(CASES)
     if unknown:

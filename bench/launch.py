@@ -35,11 +35,12 @@ class Server:
 @contextmanager
 def start_server(
     device: str, max_sessions: int, chunk_bytes: int = 0, threads: int = 0, backend: str = "local", reuse_buffers_bytes: int = 0,
-    pin_memory: bool = False,
+    pin_memory: bool = False, host: str = "127.0.0.1", prefix: tuple[str, ...] = (),
 ) -> Iterator[Server]:
-    """Runs ``python -m bench.serve`` and yields its addresses; stops it by closing its stdin."""
+    """Runs ``python -m bench.serve`` (after ``prefix``: ``ip netns exec NS`` runs it in a network
+    namespace, listening on ``host``) and yields its addresses; stops it by closing its stdin."""
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    cmd = [sys.executable, "-m", "bench.serve", "--device", device, "--max-sessions", str(max_sessions)]
+    cmd = [*prefix, sys.executable, "-m", "bench.serve", "--device", device, "--max-sessions", str(max_sessions), "--host", host]
     if chunk_bytes:
         cmd += ["--chunk-bytes", str(chunk_bytes)]
     if threads:
@@ -57,8 +58,8 @@ def start_server(
         if not line:
             raise RuntimeError(f"the benchmark server did not start (exit code {process.wait()})")
         info = json.loads(line)
-        yield Server(process, f"127.0.0.1:{info['trainer_port']}", f"127.0.0.1:{info['raw_port']}",
-                     f"127.0.0.1:{info['raw_aio_port']}", int(info["pid"]))
+        yield Server(process, f"{host}:{info['trainer_port']}", f"{host}:{info['raw_port']}",
+                     f"{host}:{info['raw_aio_port']}", int(info["pid"]))
     finally:
         stop_child(process, timeout=30)
 

@@ -115,8 +115,8 @@ class AioRawFloor:
         )
 
 
-def start_aio_floor(floor: RawFloor, options: list[tuple[str, Any]]) -> tuple[int, Callable[[], None]]:
-    """Serves ``AioRawFloor`` on a free loopback port from an event loop of its own (a daemon thread,
+def start_aio_floor(floor: RawFloor, options: list[tuple[str, Any]], host: str = "127.0.0.1") -> tuple[int, Callable[[], None]]:
+    """Serves ``AioRawFloor`` on a free port of ``host`` from an event loop of its own (a daemon thread,
     as the trainer server runs); returns the port and a function that stops it."""
     loop = asyncio.new_event_loop()
     threading.Thread(target=loop.run_forever, name="raw-aio", daemon=True).start()
@@ -124,7 +124,7 @@ def start_aio_floor(floor: RawFloor, options: list[tuple[str, Any]]) -> tuple[in
     async def start() -> tuple[grpc.aio.Server, int]:
         server = grpc.aio.server(options=options)
         server.add_generic_rpc_handlers((AioRawFloor(floor).handler(),))
-        port = server.add_insecure_port("127.0.0.1:0")
+        port = server.add_insecure_port(f"{host}:0")
         await server.start()
         return server, port
 

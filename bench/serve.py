@@ -1,6 +1,6 @@
 """The benchmark's server process: the trainer server and the raw floor, each on a free loopback port.
 
-``python -m bench.serve [--device cpu|cuda] [--max-sessions N]`` prints one JSON line with both ports
+``python -m bench.serve [--device cpu|cuda] [--max-sessions N] [--host ADDRESS]`` prints one JSON line with both ports
 and its pid, then serves until its standard input closes. The engine's forward/backward/step and the
 servicer's Forward/Backward/Step are wrapped with timers, so the benchmark can split a remote call
 into the torch work and the rest (transport, encoding, decoding); the raw floor's ``Timings`` call
@@ -101,6 +101,7 @@ def main() -> int:
     parser.add_argument("--backend", default="local", help="local, or ray: sessions in actors of a Ray started here")
     parser.add_argument("--reuse-buffers-bytes", type=int, default=0, help="the server's setting (0: its default, off)")
     parser.add_argument("--pin-memory", type=int, default=0, help="the server's setting (1: pinned host buffers; CUDA only)")
+    parser.add_argument("--host", default="127.0.0.1", help="the address the trainer server and the raw floors listen on")
     args = parser.parse_args()
     if args.backend == "ray":  # before anything imports ray: keep the local Ray on 127.0.0.1
         os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
@@ -126,15 +127,15 @@ def main() -> int:
         extra["pin_memory"] = args.pin_memory
     if args.backend == "local":  # the rpc section's rows through shared memory (docs/shared-memory.md)
         extra["allow_shared_memory"] = 1
-    settings = Settings(port=0, weights="random", seed=0, device=args.device, max_sessions=args.max_sessions, **extra)
+    settings = Settings(host=args.host, port=0, weights="random", seed=0, device=args.device, max_sessions=args.max_sessions, **extra)
     trainer = create_server(settings)
 
     floor = RawFloor(take_timings)
     raw_server = grpc.server(futures.ThreadPoolExecutor(max_workers=settings.max_workers), options=server_options(settings))
     raw_server.add_generic_rpc_handlers((floor.handler(),))
-    raw_port = raw_server.add_insecure_port("127.0.0.1:0")
+    raw_port = raw_server.add_insecure_port(f"{args.host}:0")
     raw_server.start()
-    raw_aio_port, stop_aio_floor = start_aio_floor(floor, server_options(settings))
+    raw_aio_port, stop_aio_floor = start_aio_floor(floor, server_options(settings), args.host)
 
     print(json.dumps({"trainer_port": trainer.port, "raw_port": raw_port, "raw_aio_port": raw_aio_port,
                       "pid": os.getpid(), "log": log_file}), flush=True)

@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 
 from bench.harness import SECTIONS
+from bench.link import unavailable
 from bench.rows import MIB, Figure, Layout, Row, seconds
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -110,3 +111,39 @@ def test_quick_benchmark_ray_section(tmp_path: Path) -> None:
     assert run.returncode == 0, run.stderr[-3000:]
     rows = json.loads(out.read_text())["rows"]
     assert [r["section"] for r in rows] == ["ray"] * 3, rows
+
+
+@pytest.mark.slow
+def test_quick_benchmark_link_section(tmp_path: Path) -> None:
+    """The optional link section: a server in one network namespace, the client in another, joined by
+    an emulated 1 Gbit/s, 2 ms link; the link delays and shapes as it claims, the uint8 and float16
+    paths carry fewer bytes over it, and nothing the section made is left behind."""
+    why = unavailable()
+    if why:
+        pytest.skip(why)
+    before = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, check=True).stdout
+    out = tmp_path / "rows.json"
+    run = subprocess.run(
+        [sys.executable, "-m", "bench", "--quick", "--threads", "1", "--sections", "link", "--json", str(out)],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    rows = {r["case"].split(": ", 1)[1]: r for r in json.loads(out.read_text())["rows"]}
+    assert [r["section"] for r in rows.values()] == ["link"] * 7, rows
+    # The link delays by its round trip (never less) and carries no more than its rate.
+    rtt, bulk = rows["round trip"], rows["bulk TCP 5 MB"]
+    assert 2e-3 <= figure(rtt, "ours") < 20e-3, rtt
+    assert figure(bulk, "carried") <= 1.05, bulk
+    assert figure(rows["empty call DescribeSession"], "ours") >= 2e-3, rows
+    # The same logits as local PyTorch on both input paths; a quarter of the bytes as uint8.
+    fp32_step, uint8_step = rows["TrainStep fp32 2x3x64x64"], rows["TrainStep uint8 2x3x64x64"]
+    assert figure(fp32_step, "logits_agree") < 1e-4, fp32_step
+    assert figure(uint8_step, "request") < 0.3 * figure(fp32_step, "request"), uint8_step
+    # Gradients as float16: half the bytes of float32, the same values to float16's precision, and
+    # neither faster than the link allows.
+    fp32_grads, fp16_grads = rows["GetGradients float32 (46.8 MB)"], rows["GetGradients float16 (23.4 MB)"]
+    assert figure(fp16_grads, "fp16_agree") < 1e-2, fp16_grads
+    for row in (fp32_grads, fp16_grads):
+        assert row["ratio"] >= 0.95, row
+    after = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, check=True).stdout
+    assert after == before, (before, after)
