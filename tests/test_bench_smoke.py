@@ -88,8 +88,6 @@ def test_quick_benchmark_prints_every_section(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 @pytest.mark.ray
-@pytest.mark.skip(reason="quarantined: in 2 of 4 full CI runs of stop 24 its GetGradients through the server's own "
-                  "Ray failed OwnerDiedError or hung past 300 s (never when run alone, 6 runs); open, see stop 24's note")
 def test_quick_benchmark_ray_section(tmp_path: Path) -> None:
     """The optional ray section (a second server with a one-node Ray of its own) runs and cleans up."""
     out = tmp_path / "rows.json"
