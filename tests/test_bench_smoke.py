@@ -97,4 +97,4 @@ def test_quick_benchmark_ray_section(tmp_path: Path) -> None:
     )
     assert run.returncode == 0, run.stderr[-3000:]
     rows = json.loads(out.read_text())["rows"]
-    assert [r["section"] for r in rows] == ["ray"] * 3, rows
+    assert [r["section"] for r in rows] == ["ray"] * 4, rows  # the empty call, the step, the input's trip, the gradients
