@@ -98,3 +98,5 @@ def test_quick_benchmark_ray_section(tmp_path: Path) -> None:
     assert run.returncode == 0, run.stderr[-3000:]
     rows = json.loads(out.read_text())["rows"]
     assert [r["section"] for r in rows] == ["ray"] * 4, rows  # the empty call, the step, the input's trip, the gradients
+    # Each hop beside what the issue allows it: one copy of the payload, timed in the same run, and 1 ms a call.
+    assert all(figure(r, "copy") > 0 for r in rows[1:]) and all(math.isfinite(figure(r, "hop")) for r in rows if "hop" in r["figures"]), rows

@@ -46,9 +46,6 @@ class FakeStore:
     def wait(self, engine: RayEngine, ref: object) -> object:
         return ref
 
-    def by_reference(self, packed: object) -> object:
-        return packed
-
     def checkpointed(self, engine: RayEngine, path: str, step_count: int) -> None:
         self.checkpoints.append((path, step_count))
 

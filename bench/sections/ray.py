@@ -22,7 +22,7 @@ PER_CALL = 1e-3
 EMPTY_CALL = Layout("{ours}", "{reference}", "one actor call adds {hop}; hop / allowed {hop_vs_allowed:.2f} (allowed {allowed})")
 STEP = Layout("{ours}", "local backend {reference}; PyTorch {pytorch}",
               "reps {reps}; ray / PyTorch {ray_vs_pytorch:.3f}; the hop adds {hop} a step (3 actor calls, input {input} "
-              "by reference); hop / allowed {hop_vs_allowed:.2f} (one copy {copy} + 3 x 1 ms)", ratio="{ratio:.3f}")
+              "through the object store); hop / allowed {hop_vs_allowed:.2f} (one copy {copy} + 3 x 1 ms)", ratio="{ratio:.3f}")
 INPUT = Layout("hop {ours}", "allowed {reference}",
                "ray {ray}, local backend {local}: a Forward the engine refuses at once (rank 5), so the call is the input's trip "
                "alone; one copy {copy} + 1 ms", ratio="{ratio:.2f}")

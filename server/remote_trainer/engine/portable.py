@@ -64,21 +64,6 @@ def unpack(value: Any) -> Any:
     return _walk(value, unpack)
 
 
-def nbytes(value: Any) -> int:
-    """The bytes of the arrays in a packed ``value`` (the payload a process boundary carries)."""
-    total = 0
-
-    def visit(item: Any) -> Any:
-        nonlocal total
-        if isinstance(item, PortableArray):
-            total += item.array.nbytes
-            return item
-        return _walk(item, visit)
-
-    visit(value)
-    return total
-
-
 def _walk(value: Any, fn: Any) -> Any:
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
         changes = {f.name: fn(getattr(value, f.name)) for f in dataclasses.fields(value)}

@@ -1,8 +1,7 @@
 """``RayEngine``: a session held by a Ray actor, behind the ``Engine`` protocol, in the front-end.
 
 Every method of the protocol is one actor call through one forwarder, ``RayEngine._call``: its
-arguments packed (tensors as numpy arrays, ``engine/portable.py``; large ones put into the object
-store once and passed by reference, ``RaySessionStore.by_reference``), ``ray.get`` with the store's
+arguments packed (tensors as numpy arrays, ``engine/portable.py``), ``ray.get`` with the store's
 timeout, and an actor that failed or does not answer told as the domain error that says so
 (``RaySessionStore.wait``). The class names each forwarded method once, as ``Forwarded(Engine.x)``:
 its signature and result type are the protocol's, so ``mypy --strict`` checks the calls on the proxy
@@ -103,9 +102,7 @@ class RayEngine:
             check_wanted(bound.arguments.pop("still_wanted", None), method.not_run)
             sent = (bound.args[1:], bound.kwargs)
         until = wall_deadline(current_call())
-        store = self._store
-        ref = self._handle.call.remote(method.name, store.by_reference(portable.pack(sent[0])),
-                                       store.by_reference(portable.pack(sent[1])), until)
+        ref = self._handle.call.remote(method.name, portable.pack(sent[0]), portable.pack(sent[1]), until)
         result: R = portable.unpack(self._store.wait(self, ref))
         return result
 

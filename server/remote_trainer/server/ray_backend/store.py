@@ -33,7 +33,7 @@ import ray
 import torch
 from ray.exceptions import ActorUnavailableError, GetTimeoutError, RayActorError, RayTaskError, TaskCancelledError
 
-from remote_trainer.engine import checkpoints, portable
+from remote_trainer.engine import checkpoints
 from remote_trainer.engine.budget import model_bytes
 from remote_trainer.engine.errors import Abandoned, FailedPrecondition, NotFound, ResourceExhausted, Unavailable
 from remote_trainer.engine.limits import Limits
@@ -61,9 +61,6 @@ REGISTRY_TIMEOUT = 30.0
 GONE_POLL = 0.1
 # A CreateSession that finds no room answers this long before its deadline, so its client hears why.
 ANSWER_MARGIN = 0.5
-# A call's arguments whose arrays hold more than this go by reference (``by_reference``); Ray's own
-# limit for an argument carried in the task message (max_direct_call_object_size, 100 KiB).
-INLINE_BYTES = 100 * 1024
 # Housekeeping's questions to a session's actor; one busy with a call that long is not idle.
 HOUSEKEEPING_TIMEOUT = 10.0
 
@@ -328,15 +325,6 @@ class RaySessionStore:
                 "(the call may still be running)",
                 "SESSION_TIMEOUT",
             ) from None
-
-    @staticmethod
-    def by_reference(packed: Any) -> Any:
-        """A call's packed arguments as they go to its actor: as they are, or, when their arrays hold
-        more than ``INLINE_BYTES``, a reference to them in the object store, put there by one copy
-        (the actor gets the value, its arrays read-only views of that memory). Passed by value, Ray
-        serializes such an argument and then copies it into the store: about twice the time for a
-        19.3 MB input (docs/benchmarks.md, the Ray hop)."""
-        return ray.put(packed) if portable.nbytes(packed) > INLINE_BYTES else packed
 
     def checkpointed(self, engine: RayEngine, path: str, step_count: int) -> None:
         """Tells the registry the session's latest checkpoint, named as the owner names it."""
