@@ -99,8 +99,6 @@ def test_quick_benchmark_prints_every_section(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 @pytest.mark.ray
-@pytest.mark.skip(reason="quarantined: in 2 of 4 full CI runs of stop 24 its GetGradients through the server's own "
-                  "Ray failed OwnerDiedError or hung past 300 s (never when run alone, 6 runs); open, see stop 24's note")
 def test_quick_benchmark_ray_section(tmp_path: Path) -> None:
     """The optional ray section (a second server with a one-node Ray of its own) runs and cleans up."""
     out = tmp_path / "rows.json"
@@ -110,7 +108,9 @@ def test_quick_benchmark_ray_section(tmp_path: Path) -> None:
     )
     assert run.returncode == 0, run.stderr[-3000:]
     rows = json.loads(out.read_text())["rows"]
-    assert [r["section"] for r in rows] == ["ray"] * 3, rows
+    assert [r["section"] for r in rows] == ["ray"] * 4, rows  # the empty call, the step, the input's trip, the gradients
+    # Each hop beside what the issue allows it: one copy of the payload, timed in the same run, and 1 ms a call.
+    assert all(figure(r, "copy") > 0 for r in rows[1:]) and all(math.isfinite(figure(r, "hop")) for r in rows if "hop" in r["figures"]), rows
 
 
 @pytest.mark.slow

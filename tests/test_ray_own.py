@@ -21,12 +21,13 @@ from pathlib import Path  # noqa: E402
 from typing import Any  # noqa: E402
 
 import grpc  # noqa: E402
+import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 from remote_trainer.client import TrainerClient, TrainerError  # noqa: E402
-from tests.conftest import WEIGHTS_NAME  # noqa: E402
+from tests.conftest import WEIGHTS_NAME, rand  # noqa: E402
 from tests.test_concurrency import run_isolation  # noqa: E402
 from tests.test_ray_backend import fixtures_of, ray_cases, run_local_test  # noqa: E402
 from tests.test_server_process import ServerLog, start, stop  # noqa: E402
@@ -76,3 +77,23 @@ def test_a_local_test_that_needs_an_address(
             return
         with client.create_session(WEIGHTS_NAME) as session:
             run_local_test(test, parameters, {**fixtures, "session": session})
+
+
+def test_an_input_through_the_object_store_trains_bit_identically(own: tuple[str, ServerLog], local: nn.Module) -> None:
+    """An input over Ray's limit for arguments carried in the task message (100 KiB): Ray puts it into
+    the object store (one copy) and the actor computes on a read-only view of that memory; logits,
+    the loss and every gradient are local PyTorch's to the last bit (the server's own Ray computes
+    with its threads). The other fidelity tests send smaller inputs, carried in the message."""
+    data, labels = rand(8, 3, 64, 64, seed=3), rand(8, 1000, seed=4)
+    assert data.nbytes > 100 * 1024
+    with TrainerClient(own[0], timeout=120) as client, client.create_session(WEIGHTS_NAME) as session:
+        logits = session.forward(data).logits
+        result = session.backward("sum", labels)
+        gradients = session.gradients()
+    prediction = local(torch.from_numpy(data))
+    loss = (prediction - torch.from_numpy(labels)).sum()
+    loss.backward()
+    np.testing.assert_array_equal(logits, prediction.detach().numpy())
+    assert result.loss == loss.item()
+    for name, parameter in local.named_parameters():
+        np.testing.assert_array_equal(gradients[name].array, parameter.grad.numpy(), err_msg=name)

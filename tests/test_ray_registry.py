@@ -7,7 +7,8 @@ Proven here: a killed registry restarts with its table (sessions reachable, limi
 whose front-ends are all gone ends itself; an actor whose front-end died before committing it is
 killed by the next front-end's housekeeping; a lost default session comes back fresh for the call
 that needs it, and a lost session is listed as lost; a front-end that a token-authenticated cluster
-refuses stops at once, saying why. Select with ``-m ray``.
+refuses stops at once, saying why; a server with no ``--ray-address`` starts a Ray of its own even
+while this cluster is the machine's latest and named by ``RAY_ADDRESS``. Select with ``-m ray``.
 """
 
 from __future__ import annotations
@@ -32,7 +33,8 @@ import pytest  # noqa: E402
 
 from remote_trainer.client import TrainerClient, TrainerError  # noqa: E402
 from tests.test_ray_backend import NODE, expect_error  # noqa: E402
-from tests.test_server_process import ROOT, start  # noqa: E402
+from remote_trainer.server.settings import LOCAL_RAY_NAMESPACE  # noqa: E402
+from tests.test_server_process import ROOT, start, stop  # noqa: E402
 
 cluster_utils = pytest.importorskip("ray.cluster_utils")
 ray = pytest.importorskip("ray")
@@ -212,6 +214,23 @@ def test_an_actor_whose_front_end_died_creating_it_is_killed(cluster: Any, front
     front_end.wait_for(rf"session {reserved[0]} was never committed")
     with pytest.raises(ray.exceptions.RayActorError):
         ray.get(handle.__ray_ready__.remote(), timeout=60)
+
+
+def test_a_server_without_an_address_never_joins_a_ray_already_on_the_machine(cluster: Any) -> None:
+    """This cluster is the machine's latest Ray (``ray.cluster_utils`` wrote its address to Ray's temp
+    dir, as ``ray start`` does) and RAY_ADDRESS names it (as a test's or a user's shell may): a server
+    with no ``--ray-address`` still starts a one-node Ray of its own, so nothing of it is on this
+    cluster. A bare ``ray.init()`` would join it, and the server's sessions would die with another
+    test's cluster (the bench smoke's ray section failed so in full CI runs)."""
+    process, port, _ = start("--backend", "ray", "--weights", "random", env={"RAY_ADDRESS": cluster.address})
+    try:
+        with TrainerClient(f"localhost:{port}", timeout=120) as client:
+            device = client.session().info().device
+        assert not any(node["NodeID"] in device for node in ray.nodes()), device
+        with pytest.raises(ValueError):
+            ray.get_actor("session-registry", namespace=LOCAL_RAY_NAMESPACE)
+    finally:
+        stop(process)
 
 
 TOKEN_HEAD = """

@@ -139,7 +139,11 @@ class RaySessionStore:
                 ray.init(address=settings.ray_address, namespace=settings.ray_namespace,
                          log_to_driver=False, logging_level=logging.WARNING)
             else:  # a one-node Ray for this front-end alone, on loopback
-                ray.init(namespace=settings.ray_namespace, include_dashboard=False, _node_ip_address="127.0.0.1",
+                # "local", not None: ray.init() without an address joins the cluster in RAY_ADDRESS or
+                # the last one started on this machine (/tmp/ray/ray_current_cluster, which any
+                # ``ray start`` or test cluster writes), and this server's sessions would live and die
+                # with someone else's cluster.
+                ray.init(address="local", namespace=settings.ray_namespace, include_dashboard=False, _node_ip_address="127.0.0.1",
                          log_to_driver=False, logging_level=logging.WARNING)
                 settings = _sized_for_own_ray(settings)
         registry_class: Any = ray.remote(SessionRegistry)
