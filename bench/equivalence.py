@@ -6,8 +6,8 @@ CUDA only) and in local PyTorch on the same device with the same weights and inp
 losses, every gradient and every parameter afterwards must agree within the stated tolerance. Then
 sessions that choose their own fast path on that server (CreateSession's autocast bf16 and fp16,
 memory_format channels_last) against local PyTorch on the same fast path; and, in local PyTorch,
-bf16 autocast and channels_last against fp32 (what the fast paths cost in accuracy). Exits 1 when a
-check fails.
+bf16 autocast and channels_last against fp32 (what the fast paths cost in accuracy); then issue 21's
+uint8 images and shared-memory region. Exits 1 when a check fails.
 """
 
 from __future__ import annotations
@@ -171,6 +171,55 @@ def session_fast_paths(device: str, shape: tuple[int, int, int, int], pin_memory
     return ok
 
 
+def issue21_paths(device: str, shape: tuple[int, int, int, int], pin_memory: bool = False) -> bool:
+    """Issue 21's paths on ``device``: uint8 images through a session with the ImageNet input transform
+    against local ``ToTensor()`` + ``Normalize()`` on the same device (logits and every gradient,
+    within TOLERANCE); and a session's shared-memory region (the input, the gradients and the
+    parameters through it) against the same session's gRPC path: equal bit for bit."""
+    dev = torch.device(device)
+    tol = TOLERANCE[dev.type]
+    rng = np.random.default_rng(0)
+    pixels = rng.integers(0, 256, size=shape, dtype=np.uint8)
+    labels = rng.random((shape[0], 1000), dtype=np.float32)
+    mean = torch.tensor([0.485, 0.456, 0.406], device=dev).view(1, 3, 1, 1)
+    std = torch.tensor([0.229, 0.224, 0.225], device=dev).view(1, 3, 1, 1)
+    local = LocalStep("full", dev).model
+    x = (torch.from_numpy(pixels).to(dev).float() / 255 - mean) / std  # ToTensor() then Normalize()
+    expected_logits = local(x)
+    (expected_logits - torch.from_numpy(labels).to(dev)).sum().backward()
+    ok = True
+    with start_server(device, 4, pin_memory=pin_memory) as server, TrainerClient(server.target, timeout=600) as client:
+        with client.create_session("random", seed=0, input_transform="imagenet") as session:
+            logits = session.forward(pixels).logits
+            session.backward("sum", labels)
+            grads = session.gradients()
+            assert logits is not None
+            worst = relative(logits, expected_logits.detach().cpu().numpy())
+            for name, p in local.named_parameters():
+                g = grads[name].array
+                assert p.grad is not None and g is not None
+                worst = max(worst, relative(g, p.grad.cpu().numpy()))
+            print(f"uint8 images, input_transform=imagenet: logits and {len(grads)} gradients against local "
+                  f"ToTensor()+Normalize() differ by at most {worst:.2e} (tolerance {tol:.0e})")
+            ok &= worst <= tol
+        x32 = rng.random(shape, dtype=np.float32)
+        answers = {}
+        for shared in (False, True):
+            with client.create_session("random", seed=0, shared_memory=shared) as session:
+                logits = session.forward(x32).logits
+                session.backward("sum", labels)
+                answers[shared] = (logits, session.gradients(), session.parameters())
+        (l0, g0, p0), (l1, g1, p1) = answers[False], answers[True]
+        assert l0 is not None and l1 is not None
+        same = bool(np.array_equal(l0, l1)) and g0.keys() == g1.keys() and p0.keys() == p1.keys()
+        same &= all(np.array_equal(g0[n].array, g1[n].array) for n in g0)  # type: ignore[arg-type]
+        same &= all(np.array_equal(p0[n].array, p1[n].array) for n in p0)  # type: ignore[arg-type]
+        print(f"shared memory: input, {len(g1)} gradients and {len(p1)} parameters through the region "
+              f"{'equal' if same else 'DIFFER FROM'} the gRPC path bit for bit")
+        ok &= same
+    return ok
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.equivalence", description=__doc__.split("\n\n")[0] if __doc__ else None)
     parser.add_argument("--device", default="cpu")
@@ -185,6 +234,7 @@ def main(argv: list[str] | None = None) -> int:
     ok = server_vs_local(args.device, args.steps, shape, args.pin_memory)
     ok &= session_fast_paths(args.device, shape, args.pin_memory)
     ok &= precision_options(args.device, shape)
+    ok &= issue21_paths(args.device, shape, args.pin_memory)
     print("equivalence: PASS" if ok else "equivalence: FAIL")
     return 0 if ok else 1
 

@@ -4,9 +4,12 @@
 # the server's pinned host buffers), then the step-overhead benchmark at (32, 3, 224, 224) and
 # (1, 3, 64, 64) with the server and local PyTorch on CUDA, side by side, every case (separate
 # calls, TrainStep, the two-round-trip client loss), and the step and transfers once more with
-# --pin-memory 1; then the rpc section, whose last rows go through shared memory (issue 21 item 4).
+# --pin-memory 1; then the rpc section, whose last rows go through shared memory (issue 21 item 4),
+# and the ray section on CUDA (issue 21 item 5: each actor a share of the GPU). The equivalence check
+# covers issue 21's uint8 images (ImageNet transform on the device) and the shared-memory region;
+# the grads and upload sections measure against the standalone raw floor and carry the uint8 upload.
 # Needs a Python with protos/, server/ and client/ installed and a CUDA build of torch (scripts/setup.sh, or
-# PYTHON=/path/to/python). About 5-7 minutes on one H100; writes its log to ${OUT:-.}/gpu_check.log.
+# PYTHON=/path/to/python). About 8-10 minutes on one H100 (estimated: not yet run with the issue 21 parts); writes its log to ${OUT:-.}/gpu_check.log.
 #   bench/gpu_check.sh            # everything
 #   STEP_REPS=5 bench/gpu_check.sh  # fewer repetitions
 set -euo pipefail
@@ -39,4 +42,8 @@ export PYTHONUNBUFFERED=1
   echo "== a session's shared-memory region (host memory: the server copies from the device into it) against torch.distributed.rpc"
   "$PY" -m bench --device cuda --sections rpc --sizes 1x3x64x64 --reps 5 --min-reps 3 --transfer-reps 10 --upload-reps 5 \
     --json "${OUT:-.}/gpu_bench_shared_memory.json"
+
+  echo "== the Ray hop on cuda (issue 21 item 5): a session in an actor holding a share of the GPU against the local backend"
+  "$PY" -m bench --device cuda --sections ray --ray-sizes 1x3x64x64,32x3x224x224 --reps 10 --min-reps 3 --seconds-per-case 20 \
+    --json "${OUT:-.}/gpu_bench_ray.json"
 } 2>&1 | tee "$LOG"

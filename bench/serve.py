@@ -121,6 +121,8 @@ def main() -> int:
         import torch
 
         extra.update(backend="ray", ray_num_cpus=float(torch.get_num_threads()))
+        if args.device.startswith("cuda"):  # each actor its share of the GPU (the server sizes it to max-sessions)
+            extra["ray_num_gpus"] = 1.0
     if args.reuse_buffers_bytes:
         extra["reuse_buffers_bytes"] = args.reuse_buffers_bytes
     if args.pin_memory:
