@@ -33,7 +33,7 @@ from remote_trainer.engine.operation import Operation
 from remote_trainer.engine.inputs import check_input, check_logits_size
 from remote_trainer.engine.limits import MAX_CLASSES, Limits
 from remote_trainer.engine.losses import backpropagate, backward_from_loss, check_labels
-from remote_trainer.engine.models import ModelSpec, head_of, new_head, set_trainable
+from remote_trainer.engine.models import ModelSpec, head_of, new_head, set_mode, set_trainable
 from remote_trainer.engine.optimizer import OptimizerSpec
 from remote_trainer.engine.pending import Pending, require_graph, revertible
 from remote_trainer.engine.results import (BackwardResult, CheckpointInfo, ForwardResult, FreezeResult, Graph, NamedTensor,
@@ -250,7 +250,7 @@ class SessionEngine:
             if zero_grad:
                 self._model.zero_grad(set_to_none=True)
             self._pending = None  # as a Forward does: the pending forward is replaced (and its graph freed)
-            self._model.train(True)
+            set_mode(self._model, True)
             logits = self._placement.run(self._model, x)
             self._forward_count += 1
             fid = self._forward_count
