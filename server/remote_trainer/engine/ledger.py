@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import functools
 import secrets
 import threading
 from collections import OrderedDict

@@ -2,7 +2,8 @@
 
 ``@unary`` and ``@streaming`` run the method (blocking torch work) on a worker thread, one call at a
 time per session, while waiting for the request, for the session or for a slow reader holds no
-thread. ``@pushed`` serves a stream that waits for what it sends (a watch): the method is an async
+thread; a unary method marked ``@at_once`` (it answers from memory) runs on the event loop instead
+when its session is free. ``@pushed`` serves a stream that waits for what it sends (a watch): the method is an async
 generator on the event loop, which holds no thread and no session turn. What all three do
 around the method is one context manager, ``_served``: the call is timed, reported to the servicer's
 observer and logged in one line (method, session, status, duration), and any error goes through the
