@@ -54,6 +54,10 @@ class SideBySide:
         """Median over repetitions of time(a) / time(b): robust to load that drifts during the run."""
         return median([x / y for x, y in zip(self.times[a], self.times[b])])
 
+    def paired_difference(self, a: str, b: str) -> float:
+        """Median over repetitions of time(a) - time(b), in seconds: what ``a`` adds to ``b``."""
+        return median([x - y for x, y in zip(self.times[a], self.times[b])])
+
 
 def load_average() -> str:
     one, five, fifteen = os.getloadavg()

@@ -64,6 +64,8 @@ def test_quick_benchmark_prints_every_section(tmp_path: Path) -> None:
     assert len(step_rows) == 8, step_rows  # the empty call, the numbered call and six cases at the quick size
     for row in step_rows[2:]:
         assert figure(row, "logits_agree") < 1e-4, row
+    # The empty call against issue 21's target: what it adds to the raw aio unary, in the same run.
+    assert step_rows[0]["target"] == "<= +0.30 ms" and figure(step_rows[0], "added") > 0, step_rows[0]
     # The upload of fp32 images and, beside it, of the same images as uint8 (a quarter of the bytes on
     # the wire), normalised on the server as local ToTensor() + Normalize() does.
     fp32_upload, uint8_upload = [r for r in rows if r["section"] == "upload"]

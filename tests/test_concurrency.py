@@ -2,18 +2,22 @@
 
 from __future__ import annotations
 
+import asyncio
 import threading
 from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 from torch import nn
 from torchvision.models import resnet18
 
-from remote_trainer.client import Session, TrainerClient
-from remote_trainer.server.app import TrainerServer
+from remote_trainer.client import DeadlineExceededError, Session, TrainerClient
+from remote_trainer.server.app import TrainerServer, create_server
+from remote_trainer.server.settings import Settings
 from tests.conftest import WEIGHTS_NAME, assert_equal_to_local, rand
 
 
@@ -189,3 +193,37 @@ def test_the_engine_runs_one_call_at_a_time(local: nn.Module) -> None:
         for f in [pool.submit(engine.forward, x) for _ in range(4)]:
             f.result(timeout=600)
     assert detector.most_inside == 1
+
+
+def test_an_empty_call_on_a_free_session_needs_no_worker_and_a_busy_one_keeps_its_turn(data_dir: Path) -> None:
+    """DescribeSession on a session with no call running or waiting is answered on the event loop
+    (``@at_once``, server/rpc.py): it answers while the server's one worker thread is held. On a
+    session whose turn is held it waits for that turn, as every call does."""
+    running = create_server(Settings(port=0, weights=str(data_dir / WEIGHTS_NAME), data_dir=str(data_dir), max_workers=1))
+    release, held = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        held.set()
+        release.wait(60)
+
+    try:
+        with TrainerClient(f"localhost:{running.port}", timeout=60) as client:
+            # The one worker held by work on no session: the free default session still answers.
+            worker = asyncio.run_coroutine_threadsafe(running.servicer.run(None, hold), running.loop)
+            assert held.wait(60)
+            assert client.session().info(timeout=10).step_count == 0
+            release.set()
+            worker.result(60)
+            # The default session's turn held: its DescribeSession waits behind it.
+            release.clear()
+            held.clear()
+            turn = asyncio.run_coroutine_threadsafe(running.servicer.run("", hold), running.loop)
+            assert held.wait(60)
+            with pytest.raises(DeadlineExceededError):
+                client.session().info(timeout=1)
+            release.set()
+            turn.result(60)
+            assert client.session().info(timeout=10).step_count == 0
+    finally:
+        release.set()
+        running.stop(None).wait()

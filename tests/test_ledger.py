@@ -44,6 +44,28 @@ def test_logits_are_kept_up_to_a_byte_bound_and_a_larger_answer_is_not_kept() ->
     assert ledger.run(Operation(5, "Forward"), lambda: result).replayed
 
 
+def test_the_byte_bound_forgets_exactly_the_oldest_answers_past_it_also_after_a_restore() -> None:
+    """The ledger keeps a running total of its answers' tensor bytes (not walked on every call):
+    64 bytes hold four 16-byte answers, so a fifth forgets the first and only the first, and a ledger
+    restored from a snapshot goes on counting from what it holds."""
+    ledger = Ledger(keep_tensor_bytes=64)
+    for n in range(1, 6):
+        op, result = _forward(n)
+        ledger.run(op, lambda result=result: result)
+    with pytest.raises(FailedPrecondition) as forgotten:
+        ledger.run(Operation(1, "Forward"), lambda: _forward(1)[1])
+    assert forgotten.value.reason == "OPERATION_FORGOTTEN"
+    assert [ledger.run(Operation(n, "Forward"), lambda: _forward(99)[1]).forward_id for n in (2, 3, 4, 5)] == [2, 3, 4, 5]
+    restored = Ledger(keep_tensor_bytes=64)
+    restored.restore(ledger.snapshot())()
+    op, result = _forward(6)
+    restored.run(op, lambda: result)
+    with pytest.raises(FailedPrecondition) as also_forgotten:
+        restored.run(Operation(2, "Forward"), lambda: _forward(2)[1])
+    assert also_forgotten.value.reason == "OPERATION_FORGOTTEN"
+    assert [restored.run(Operation(n, "Forward"), lambda: _forward(99)[1]).forward_id for n in (3, 4, 5, 6)] == [3, 4, 5, 6]
+
+
 def test_abandoned_and_unavailable_calls_leave_their_number_free() -> None:
     ledger = Ledger()
     for error in (Abandoned("gone", "ABANDONED"), Unavailable("later", "SESSION_UNREACHABLE")):

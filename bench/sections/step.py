@@ -14,7 +14,10 @@ from bench.steps import LocalStep, RemoteStep, difference, measure_steps, shape_
 from remote_trainer.client import TrainerClient
 from remote_trainer.contract.trainer.v1 import trainer_pb2 as pb
 
-EMPTY_CALL = Layout("{ours}", "{reference}", "one round trip on loopback; raw sync-server unary {raw_sync}")
+EMPTY_CALL = Layout("{ours}", "{reference}", "adds {added} (median of paired differences; target: at most 0.3 ms more); "
+                    "one round trip on loopback; raw sync-server unary {raw_sync}")
+# Issue 21: an empty call within 0.3 ms of the raw grpc.aio unary in the same run (a difference, not a ratio).
+EMPTY_CALL_TARGET = "<= +0.30 ms"
 NUMBERED = Layout("{ours}", "{reference}", "the SDK numbers it; the server orders it and records its answer (docs/reliability.md)")
 STEP = Layout("{ours}", "{reference}", "reps {reps}; server torch {server_torch}, rest {rest}; logits agree to {logits_agree}",
               ratio="{ratio:.3f}")
@@ -31,8 +34,8 @@ def run(ctx: Context) -> list[Row]:
         s.run({"ours": lambda: default.info(), "raw-aio": raw.aio.ping, "raw": raw.sync.ping}, reps=200, warmup=20)
         rows.append(Row("step", "empty call: DescribeSession vs raw aio unary",
                         {"ours": seconds(s.median("ours")), "reference": seconds(s.median("raw-aio")),
-                         "raw_sync": seconds(s.median("raw"))},
-                        s.paired_ratio("ours", "raw-aio"), EMPTY_CALL))
+                         "raw_sync": seconds(s.median("raw")), "added": seconds(s.paired_difference("ours", "raw-aio"))},
+                        s.paired_ratio("ours", "raw-aio"), EMPTY_CALL, target=EMPTY_CALL_TARGET))
         # What exactly-once adds to a call: a ZeroGrad numbered by the SDK (ordered and recorded on
         # the server) against the same call unnumbered through the raw stub.
         z = SideBySide(["numbered", "unnumbered"])
@@ -67,12 +70,14 @@ def run(ctx: Context) -> list[Row]:
 
 
 def target(case: str, shape: tuple[int, ...]) -> str:
-    """The ratio issue 5 asked for, at the two shapes it named."""
+    """The ratio issue 5 asked for, at the two shapes it named (issue 21's for ``frozen`` at 1x3x64x64)."""
     if shape == (32, 3, 224, 224):
         return "<= 1.02"
     if shape != (1, 3, 64, 64):
         return ""
-    return "<= 1.03" if case == "train-step" else "<= 1.08" if case in ("full", "frozen", "client-loss") else ""
+    if case == "frozen":
+        return "<= 1.15"  # issue 21: separate cheap calls, where the calls' own cost shows most
+    return "<= 1.03" if case == "train-step" else "<= 1.08" if case in ("full", "client-loss") else ""
 
 
 def engine_step_time(engine: dict[str, list[float]], steps: int) -> float:

@@ -57,7 +57,9 @@ class _Answer:
     kept: bool = True
     given_up: bool = False  # superseded before it arrived: never run
 
+    @functools.cached_property
     def tensor_bytes(self) -> int:
+        """The bytes of the tensors it keeps (counted once: the ledger keeps a running total)."""
         return _tensor_bytes(self.result) if self.kept else 0
 
 
@@ -87,6 +89,7 @@ class Ledger:
         self._answers: OrderedDict[int, _Answer] = OrderedDict()
         self._keep_answers = keep_answers
         self._keep_tensor_bytes = keep_tensor_bytes
+        self._kept_bytes = 0  # tensor_bytes of the answers kept, kept up to date by _record (not walked each call)
 
     def run(self, operation: Operation, work: Callable[[], T]) -> T:
         """``work()`` as operation ``operation.number``: run when it is the next number, answered from
@@ -203,17 +206,23 @@ class Ledger:
         return result
 
     def _kept(self, operation: Operation, result: Any) -> _Answer:
-        if _tensor_bytes(result) > self._keep_tensor_bytes:
+        answer = _Answer(operation.method, operation.client, result=result)
+        if answer.tensor_bytes > self._keep_tensor_bytes:
             return _Answer(operation.method, operation.client, kept=False)
-        return _Answer(operation.method, operation.client, result=result)
+        return answer
 
     def _record(self, number: int, answer: _Answer) -> None:
+        """Keeps ``answer`` as number's; then forgets the oldest answers past ``keep_answers`` or past
+        ``keep_tensor_bytes`` of tensors."""
+        replaced = self._answers.get(number)
+        if replaced is not None:
+            self._kept_bytes -= replaced.tensor_bytes
         self._answers[number] = answer
+        self._kept_bytes += answer.tensor_bytes
         self.next_number = number + 1
-        while len(self._answers) > self._keep_answers:
-            self._answers.popitem(last=False)
-        while sum(a.tensor_bytes() for a in self._answers.values()) > self._keep_tensor_bytes:
-            self._answers.popitem(last=False)
+        while len(self._answers) > self._keep_answers or self._kept_bytes > self._keep_tensor_bytes:
+            _, dropped = self._answers.popitem(last=False)
+            self._kept_bytes -= dropped.tensor_bytes
 
 
     # -- in a checkpoint ---------------------------------------------------------------------------
@@ -239,6 +248,7 @@ class Ledger:
         def put_back() -> None:
             with self.lock:
                 self.next_number, self.epoch, self._answers = next_number, epoch, answers
+                self._kept_bytes = sum(a.tensor_bytes for a in answers.values())
 
         return put_back
 

@@ -57,6 +57,14 @@ def new_head(in_features: int, num_classes: int, seed: int) -> nn.Linear:
         return nn.Linear(in_features, num_classes)
 
 
+def set_mode(model: nn.Module, train: bool) -> None:
+    """``model.train(train)``, skipped when the model is in that mode already: ``train()`` walks every
+    module (~0.1 ms for resnet18 a forward), and the engine only ever sets the mode of the whole
+    model, so the root's flag is every module's."""
+    if model.training != train:
+        model.train(train)
+
+
 def head_of(model: nn.Module) -> nn.Linear:
     """The classifier head ``model.fc`` (an nn.Linear in every model this server builds)."""
     head = model.fc

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from remote_trainer.engine.errors import FailedPrecondition
+from remote_trainer.engine.models import set_mode
 
 
 @dataclass
@@ -72,13 +73,13 @@ def revertible(model: nn.Module, train: bool, copy_buffers: bool) -> Iterator[No
     statistics in place)."""
     originals = _swap_in_buffer_copies(model) if copy_buffers else []
     was_training = model.training
-    model.train(train)
+    set_mode(model, train)
     try:
         yield
     except BaseException:
         for module, name, buffer in originals:
             module._buffers[name] = buffer
-        model.train(was_training)
+        set_mode(model, was_training)
         raise
 
 

@@ -33,7 +33,7 @@ from remote_trainer.engine.operation import Operation
 from remote_trainer.engine.inputs import check_input, check_logits_size
 from remote_trainer.engine.limits import MAX_CLASSES, Limits
 from remote_trainer.engine.losses import backpropagate, backward_from_loss, check_labels
-from remote_trainer.engine.models import ModelSpec, head_of, new_head, set_trainable
+from remote_trainer.engine.models import ModelSpec, head_of, new_head, set_mode, set_trainable
 from remote_trainer.engine.optimizer import OptimizerSpec
 from remote_trainer.engine.pending import Pending, require_graph, revertible
 from remote_trainer.engine.results import (BackwardResult, CheckpointInfo, ForwardResult, FreezeResult, Graph, NamedTensor,
@@ -63,6 +63,7 @@ class SessionEngine:
         optimizer.validate()
         self._placement = Placement(device, autocast, channels_last, pin_memory, input_transform)
         self._placement.validate()
+        self._listed: tuple[nn.Module, nn.Module, list[nn.Parameter]] | None = None  # _parameters()' list, of (model, head)
         self._lock = DescribedLock(self._describe)  # describe() never waits for a call that holds it
         self.ledger = Ledger()  # taken before self._lock, never after it
         self._model = self._placement.place(model)
@@ -170,7 +171,7 @@ class SessionEngine:
                     "GRAPH_FREED",
                 )
                 self._keep_budget()
-            grads = [p.grad for p in self._model.parameters() if p.grad is not None]
+            grads = [p.grad for p in self._parameters() if p.grad is not None]
             norm = global_norm(grads) if grad_norm else None
             if not step:
                 return BackwardResult(pending.forward_id, loss_value, len(grads), norm)
@@ -240,7 +241,7 @@ class SessionEngine:
             classes = head_of(self._model).out_features
             labels = check_labels(loss, labels, (x.shape[0], classes), self._head_note)
             check_logits_size(x.shape[0], classes, max_logits_elements)
-            if not any(p.requires_grad for p in self._model.parameters()):
+            if not any(p.requires_grad for p in self._parameters()):
                 raise FailedPrecondition("every parameter is frozen: a training step has nothing to train", "NO_TRAINABLE_PARAMETERS")
             n, _, h, w = x.shape
             self._budget.check(self, forward_bytes(n, h, w, classes, keeps_graph=True), f"a training step of {n} image(s) of {h}x{w}")
@@ -249,14 +250,14 @@ class SessionEngine:
             if zero_grad:
                 self._model.zero_grad(set_to_none=True)
             self._pending = None  # as a Forward does: the pending forward is replaced (and its graph freed)
-            self._model.train(True)
+            set_mode(self._model, True)
             logits = self._placement.run(self._model, x)
             self._forward_count += 1
             fid = self._forward_count
             root = backward_from_loss(loss, logits, labels, self._placement, self._head_note)
             self._pending = Pending(fid, None, f"the graph of forward {fid} was freed by TrainStep's backward", "GRAPH_FREED")
             self._keep_budget()
-            norm = global_norm([p.grad for p in self._model.parameters() if p.grad is not None]) if grad_norm else None
+            norm = global_norm([p.grad for p in self._parameters() if p.grad is not None]) if grad_norm else None
             step_count, updated = self._step()
             out = logits.detach().float()
             return TrainStepResult(fid, float(root), out.to("cpu"), tensor_stats(out), step_count, updated, norm)
@@ -265,7 +266,7 @@ class SessionEngine:
     def zero_grad(self, set_to_none: bool = True, *, operation: Operation | None = None) -> int:
         """Clears every parameter's .grad; returns how many had one."""
         with self._lock:
-            cleared = sum(1 for p in self._model.parameters() if p.grad is not None)
+            cleared = sum(1 for p in self._parameters() if p.grad is not None)
             self._model.zero_grad(set_to_none=set_to_none)
             return cleared
 
@@ -461,8 +462,18 @@ class SessionEngine:
         """What the session holds: now, or while a call holds the session, as the last call left it (never waits)."""
         return self._lock.now_or_last()
 
+    def _parameters(self) -> list[nn.Parameter]:
+        """The model's parameters, listed again only when the model or its head (the one part ever
+        replaced) is another: listing them walks every module (~60 us for resnet18 on a 2.8 GHz
+        core), and the session is described each time a call lets it go."""
+        model = self._model
+        head = head_of(model)
+        if self._listed is None or self._listed[0] is not model or self._listed[1] is not head:
+            self._listed = (model, head, list(model.parameters()))
+        return self._listed[2]
+
     def _describe(self) -> SessionDescription:
-        params = list(self._model.parameters())
+        params = self._parameters()
         trainable = sum(1 for p in params if p.requires_grad)
         return SessionDescription(
             model="resnet18",

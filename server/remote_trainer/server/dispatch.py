@@ -81,6 +81,8 @@ class Dispatcher:
         """Waits until the session expects ``number`` (or a later one: a repeat), ``give_up_at``, or
         ``ASK_AGAIN`` seconds (then the engine is asked again: another front-end may have run the
         missing numbers)."""
+        if self._expected.get(session_id, number) >= number:
+            return  # its turn already (the usual case): no waiting, no task for the timeout
         heard = self._condition()
         async with heard:
             expected = self._expected.get(session_id, number)

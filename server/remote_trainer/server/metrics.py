@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from typing import Any
 from wsgiref.simple_server import WSGIServer
 
 import torch
@@ -33,6 +34,10 @@ class Metrics(CallObserver):
         Gauge("trainer_sessions_open", "Sessions open, the default one included", registry=self.registry).set_function(
             lambda: float(sessions_open())
         )
+        # Each metric's child per label values, found once: ``labels()`` takes a lock and builds keys
+        # on every call, and this is on every call's path.
+        self._finished: dict[tuple[str, str], tuple[Any, Any]] = {}
+        self._bytes: dict[tuple[bool, str], Any] = {}
         if torch.cuda.is_available():
             Gauge("trainer_device_memory_bytes", "CUDA memory allocated by tensors", registry=self.registry).set_function(
                 lambda: float(torch.cuda.memory_allocated())
@@ -40,16 +45,26 @@ class Metrics(CallObserver):
 
     def call_finished(self, method: str, session_id: str | None, code: str, seconds: float, reason: str = "") -> None:
         """Counts one finished call."""
-        self._requests.labels(method, code).inc()
-        self._latency.labels(method).observe(seconds)
+        children = self._finished.get((method, code))
+        if children is None:
+            children = self._finished[(method, code)] = (self._requests.labels(method, code), self._latency.labels(method))
+        requests, latency = children
+        requests.inc()
+        latency.observe(seconds)
 
     def received(self, method: str, size: int) -> None:
         """Counts the bytes of one request message."""
-        self._received.labels(method).inc(size)
+        self._count_bytes(False, method, size)
 
     def sent(self, method: str, size: int) -> None:
         """Counts the bytes of one response message."""
-        self._sent.labels(method).inc(size)
+        self._count_bytes(True, method, size)
+
+    def _count_bytes(self, sent: bool, method: str, size: int) -> None:
+        child = self._bytes.get((sent, method))
+        if child is None:
+            child = self._bytes[(sent, method)] = (self._sent if sent else self._received).labels(method)
+        child.inc(size)
 
     def serve(self, host: str, port: int) -> int:
         """Serves /metrics over HTTP; returns the port (a free one when ``port`` is 0)."""

@@ -2,7 +2,8 @@
 
 ``@unary`` and ``@streaming`` run the method (blocking torch work) on a worker thread, one call at a
 time per session, while waiting for the request, for the session or for a slow reader holds no
-thread. ``@pushed`` serves a stream that waits for what it sends (a watch): the method is an async
+thread; a unary method marked ``@at_once`` (it answers from memory) runs on the event loop instead
+when its session is free. ``@pushed`` serves a stream that waits for what it sends (a watch): the method is an async
 generator on the event loop, which holds no thread and no session turn. What all three do
 around the method is one context manager, ``_served``: the call is timed, reported to the servicer's
 observer and logged in one line (method, session, status, duration), and any error goes through the
@@ -24,7 +25,7 @@ import grpc
 
 from remote_trainer.engine.errors import Abandoned, DeadlineExceeded, InvalidArgument, TrainerError
 from remote_trainer.engine.operation import Operation
-from remote_trainer.server.calls import Call, call_of, run_as
+from remote_trainer.server.calls import Call, call_of, in_call, run_as
 from remote_trainer.server.events import CallObserver
 from remote_trainer.server.receive import Missing, Unreceived
 from remote_trainer.server.status import status_for
@@ -61,6 +62,11 @@ class Servicer(Protocol):
     stream_bytes: StreamBytes
 
     async def run(self, session_id: str | None, work: Callable[[], T], operation: Operation | None = None) -> T: ...
+
+    def free(self, session_id: str) -> bool:
+        """Whether work that never waits may run on the session here and now, on the event loop:
+        sessions in this process, none of the session's calls running or waiting."""
+        ...
 
 
 @dataclass(frozen=True)
@@ -163,14 +169,30 @@ def _run(servicer: Servicer, method: str, request: Any, call: Call, work: Callab
     return run_as(call, functools.partial(servicer.run, session_id, operation=operation_of(request, method)), logged)
 
 
+def at_once(method: Callable[[S, Req, Context], Resp]) -> Callable[[S, Req, Context], Resp]:
+    """Marks a unary servicer method (under ``@unary``) whose work answers from memory and never
+    waits (DescribeSession): when its session is free (``Servicer.free``) it runs on the event loop,
+    saving the hop to a worker thread and back, which is most of what an empty call costs beyond
+    gRPC's own. Run there, nothing else can run meanwhile, so it keeps its place in the session's
+    order; on a busy session (or sessions elsewhere: Ray) it takes its turn as any other call."""
+    method.at_once = True  # type: ignore[attr-defined]
+    return method
+
+
 def unary(method: Callable[[S, Req, Context], Resp]) -> Callable[[S, Req, Context], Coroutine[Any, Any, Resp]]:
     """Serves a unary servicer method: its answer is the method's return value."""
+    quick = getattr(method, "at_once", False)
 
     @functools.wraps(method)
     async def wrapper(self: S, request: Req, context: Context) -> Resp:
         call = call_of(context)
         async with _served(self, method.__name__, request, context, call):
-            response = await _run(self, method.__name__, request, call, functools.partial(method, self, request, context))
+            work = functools.partial(method, self, request, context)
+            session_id = _session_of(request)
+            if quick and session_id is not None and self.free(session_id):
+                response = in_call(call, work)
+            else:
+                response = await _run(self, method.__name__, request, call, work)
         return response
 
     wrapper.rpc_kind = UNARY_UNARY  # type: ignore[attr-defined]

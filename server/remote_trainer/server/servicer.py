@@ -28,7 +28,7 @@ from remote_trainer.server.client_tokens import Once
 from remote_trainer.server.events import (
     CallObserver, CheckpointLoaded, CheckpointSaved, Froze, HeadReplaced, OptimizerReplaced, WasReset,
 )
-from remote_trainer.server.rpc import Context, operation_of, pushed, streaming, unary
+from remote_trainer.server.rpc import Context, at_once, operation_of, pushed, streaming, unary
 from remote_trainer.server.sessions import DEFAULT_SESSION_ID, Sessions
 from remote_trainer.server.shared_memory import TICKET_SECONDS, SharedMemory, TensorWriter, unavailable
 from remote_trainer.server.streams import Emit, StreamBytes
@@ -104,6 +104,10 @@ class TrainerServicer:
         """Runs a method's blocking work on a worker thread, one call at a time per session, numbered
         calls in their number's order."""
         return await self._dispatcher.run(session_id, work, operation)
+
+    def free(self, session_id: str) -> bool:
+        """Whether work that never waits may run on the session now, on the event loop (``@at_once``)."""
+        return self._store.in_process and not self._dispatcher.busy(session_id)
 
     def busy(self, session_id: str) -> bool:
         """Whether a call is running or waiting on the session (then it is not idle)."""
@@ -231,6 +235,7 @@ class TrainerServicer:
         return pb.CloseSessionResponse(session_id=closed)
 
     @unary
+    @at_once
     def DescribeSession(self, request: pb.DescribeSessionRequest, context: Context) -> pb.DescribeSessionResponse:
         description = self._session(request.session_id, context).describe()
         return pb.DescribeSessionResponse(session=self._info(request.session_id, description))

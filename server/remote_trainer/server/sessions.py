@@ -48,6 +48,10 @@ EngineFactory = Callable[[ModelSpec, OptimizerSpec], Engine]
 class Sessions(Protocol):
     """What the servicer needs of a session store, whichever backend holds the sessions."""
 
+    # Whether the sessions live in this process, so that finding one and its ``describe()`` answer
+    # from memory without waiting (the servicer then answers DescribeSession on its event loop).
+    in_process: bool
+
     @property
     def idle_seconds(self) -> float: ...
 
@@ -95,6 +99,8 @@ class _Entry:
 
 class SessionStore:
     """Holds sessions by id, with their owners; enforces the session limits and idle expiry."""
+
+    in_process = True
 
     def __init__(
         self,

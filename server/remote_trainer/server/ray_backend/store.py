@@ -92,6 +92,8 @@ class RaySessionStore:
     registry, sessions in their actors. It caches actor handles (a session's owner never changes).
     """
 
+    in_process = False  # every session is a Ray actor: finding and describing one are remote calls
+
     def __init__(
         self, settings: Settings, limits: Limits, registry: Any, default_model: ModelSpec, torch_threads: int = 0
     ) -> None:
