@@ -10,9 +10,11 @@ for ``TICKET_SECONDS``. The client sends the ticket on the server's Unix-domain 
 random in the Linux abstract namespace (again nothing in a filesystem, gone with the process), and
 gets the descriptor back (``SCM_RIGHTS``); a wrong, used or expired ticket gets ``NO`` and nothing.
 
-Through the region travel Forward and TrainStep inputs (``SharedTensor``; the server copies them out
-when the call begins) and GetGradients and GetParameters elements (written by the server at
-``ALIGN``-ed offsets from the start, described by the stream's chunks). The region is a scratch
+Through the region travel Forward and TrainStep inputs (``SharedTensor``; read from the region
+during the call, and copied out when it begins by a Forward that keeps its graph for Backward:
+``convert.input_tensor``'s ``borrow``) and GetGradients and GetParameters elements (written by the
+server at ``ALIGN``-ed offsets from the start, described by the stream's chunks, sent as they are
+written: ``TensorWriter``). The region is a scratch
 area of the session's calls: what one call wrote is good until the next call. The server unmaps it
 when the session closes or expires, or the server stops; the client unmaps its own mapping.
 """
