@@ -14,9 +14,9 @@ Through the region travel Forward and TrainStep inputs (``SharedTensor``; read f
 during the call, and copied out when it begins by a Forward that keeps its graph for Backward:
 ``convert.input_tensor``'s ``borrow``) and GetGradients and GetParameters elements (written by the
 server at ``ALIGN``-ed offsets from the start, described by the stream's chunks, sent as they are
-written: ``TensorWriter``). The region is a scratch
-area of the session's calls: what one call wrote is good until the next call. The server unmaps it
-when the session closes or expires, or the server stops; the client unmaps its own mapping.
+written: ``TensorWriter``). The region is a scratch area of the session's calls: what one call
+wrote is good until the next call. The server unmaps it when the session closes or expires, or the
+server stops; the client unmaps its own mapping.
 """
 
 from __future__ import annotations
