@@ -121,6 +121,24 @@ def test_values_equal_the_grpc_path_and_local_pytorch(
             assert_equal_to_local(v.array, dict(local.named_parameters())[name])
 
 
+def test_a_training_forward_keeps_its_input_when_the_region_is_written_again(
+    shared: tuple[subprocess.Popen[str], int, ServerLog], local: torch.nn.Module
+) -> None:
+    """A no_grad Forward and a TrainStep read their input from the region itself, but a Forward
+    that keeps its graph keeps a copy: conv1's weight gradient needs the input at Backward, and the
+    region is written in between (here by GetParameters, over the input's bytes)."""
+    _, port, _ = shared
+    with client_of(port, "token-alice") as client, client.create_session(WEIGHTS_NAME, shared_memory=True) as fast:
+        x, labels = rand(4, 3, 64, 64, seed=11), np.array([3, 1, 4, 1])
+        fast.forward(x)
+        fast.parameters()  # 46.8 MB written from the region's start, where the input was
+        fast.backward("cross_entropy", labels)
+        local.train()
+        torch.nn.functional.cross_entropy(local(torch.from_numpy(x)), torch.from_numpy(labels)).backward()
+        grads = fast.gradients("conv1.weight")
+        assert_equal_to_local(grads["conv1.weight"].array, local.conv1.weight.grad)  # type: ignore[arg-type]
+
+
 def test_a_replaced_region_is_refused_and_views_are_read_only(shared: tuple[subprocess.Popen[str], int, ServerLog]) -> None:
     """One region a session: a handle still mapping one replaced since is refused, never answered
     from its stale mapping; ``views=True`` answers read-only views of the region, equal to copies."""
@@ -221,6 +239,12 @@ def test_bounded_in_size(shared: tuple[subprocess.Popen[str], int, ServerLog]) -
         with pytest.raises(grpc.RpcError) as outside:
             client.stub.Forward(request)
         assert outside.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "inside" in str(outside.value.details())
+        session.use_shared_memory(30 * MIB)  # the first 16 MiB or more are sent before the rest is found not to fit
+        with pytest.raises(ResourceExhaustedError) as small:
+            session.gradients()
+        assert small.value.reason == "SHARED_MEMORY_TOO_SMALL" and int(small.value.metadata["needed_bytes"]) > 46 * 10**6
+        assert np.array_equal(session.gradients("fc.*")["fc.bias"].array,  # type: ignore[arg-type]
+                              client.session(session.session_id).gradients("fc.*")["fc.bias"].array)  # type: ignore[arg-type]
 
 
 def test_only_the_session_owner_gets_the_region_once(shared: tuple[subprocess.Popen[str], int, ServerLog]) -> None:

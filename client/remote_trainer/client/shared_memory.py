@@ -109,42 +109,59 @@ class SharedRegion:
         target.shape[:] = arr.shape
         target.data_type = pb.DATA_TYPE_UINT8 if arr.dtype == np.uint8 else pb.DATA_TYPE_FLOAT32
 
-    def read(self, chunks: list[pb.TensorChunk]) -> list[npt.NDArray[Any] | None]:
+    def answer(self) -> npt.NDArray[np.uint8] | None:
+        """Where an answer's tensors are copied as their chunks arrive (``take``): the region's size
+        of private memory (None with ``views``: nothing is copied)."""
+        return None if self.views else self._buffer()
+
+    def take(self, chunks: list[pb.TensorChunk], answer: npt.NDArray[np.uint8] | None) -> None:
+        """Copies the bytes of the tensors the chunks describe (one response's: the server sends
+        them as it writes them) into ``answer``, at their offsets, in one piece."""
+        start, end = self._span(chunks)
+        if answer is not None and end > start:
+            answer[start:end] = np.frombuffer(self.map, np.uint8, end - start, start)
+
+    def read(self, chunks: list[pb.TensorChunk], answer: npt.NDArray[np.uint8] | None) -> list[npt.NDArray[Any] | None]:
         """The tensors the chunks describe (at shared_memory_offset, total_bytes each; None for an
-        absent one), copied out of the region in one piece: each array is a view of that one private
-        copy, never of the region. With ``views``, read-only views of the region itself (no copy),
-        good until the session's next call through the region overwrites them."""
-        present = [c for c in chunks if c.present]
-        end = max((c.shared_memory_offset + c.total_bytes for c in present), default=0)
-        if end > self.size or any(c.shared_memory_offset < 0 for c in present):
-            raise ValueError(f"the server described tensors outside the region ({end} > {self.size} bytes)")
-        if self.views:
-            copy = np.frombuffer(self.map, np.uint8, end)
-            copy.flags.writeable = False
+        absent one): views of ``answer``, the private copy ``take`` made, never of the region. With
+        ``views`` (``answer`` None), read-only views of the region itself (no copy), good until the
+        session's next call through the region overwrites them."""
+        _, end = self._span(chunks)
+        if answer is None:
+            source = np.frombuffer(self.map, np.uint8, end)
+            source.flags.writeable = False
         else:
-            copy = self._buffer(end)
-            if end:
-                copy[:] = np.frombuffer(self.map, np.uint8, end)
+            source = answer[:end]
         out: list[npt.NDArray[Any] | None] = []
         for chunk in chunks:
             if not chunk.present:
                 out.append(None)
                 continue
             header = pb.Tensor(shape=chunk.shape, data_type=chunk.data_type)
-            out.append(codec.decode(header, copy[chunk.shared_memory_offset:chunk.shared_memory_offset + chunk.total_bytes].data))
+            out.append(codec.decode(header, source[chunk.shared_memory_offset:chunk.shared_memory_offset + chunk.total_bytes].data))
         return out
 
+    def _span(self, chunks: list[pb.TensorChunk]) -> tuple[int, int]:
+        """Where the present tensors the chunks describe lie in the region: from, to (0, 0 for none)."""
+        present = [c for c in chunks if c.present]
+        if not present:
+            return 0, 0
+        start = min(c.shared_memory_offset for c in present)
+        end = max(c.shared_memory_offset + c.total_bytes for c in present)
+        if end > self.size or start < 0:
+            raise ValueError(f"the server described tensors outside the region ({start} to {end} of {self.size} bytes)")
+        return start, end
 
-    def _buffer(self, size: int) -> npt.NDArray[np.uint8]:
-        """``size`` bytes to copy an answer into: a kept buffer nothing else refers to any more
-        (no array of an earlier answer views it), else a new one, kept for later."""
+    def _buffer(self) -> npt.NDArray[np.uint8]:
+        """The region's size of memory to copy an answer into: a kept buffer nothing else refers to
+        any more (no array of an earlier answer views it), else a new one, kept for later."""
         for buffer in self._buffers:
             # Referred to by the list, this loop and getrefcount's argument only: free.
-            if sys.getrefcount(buffer) <= 3 and buffer.size >= size:
-                return buffer[:size]
-        fresh = np.empty(size, np.uint8)
+            if sys.getrefcount(buffer) <= 3:
+                return buffer
+        fresh = np.empty(self.size, np.uint8)  # pages are taken only where answers are written
         self._buffers = [*self._buffers[-(KEPT_BUFFERS - 1):], fresh]
-        return fresh[:size]
+        return fresh
 
 
 def open_region(session_id: str, size_bytes: int) -> core.Call[Grant]:
@@ -181,8 +198,15 @@ def _unspliced(request: pb.ForwardRequest | pb.TrainStepRequest) -> wire.Spliced
 
 def _read_all(region: SharedRegion, with_data: bool) -> Any:
     def parse(responses: Iterable[core.ChunkResponse]) -> dict[str, NamedTensor]:
-        chunks = [chunk for response in responses for chunk, _ in response]
-        arrays = region.read(chunks) if with_data else [None] * len(chunks)
+        # Each response's tensors are copied out as it arrives, while the server writes the next ones.
+        answer = region.answer() if with_data else None
+        chunks: list[pb.TensorChunk] = []
+        for response in responses:
+            got = [chunk for chunk, _ in response]
+            if with_data:
+                region.take(got, answer)
+            chunks += got
+        arrays = region.read(chunks, answer) if with_data else [None] * len(chunks)
         return {chunk.name: NamedTensor(chunk.name, tuple(chunk.shape), chunk.present,
                                         core.stats(chunk.stats) if chunk.HasField("stats") else None, array)
                 for chunk, array in zip(chunks, arrays)}

@@ -88,18 +88,21 @@ INPUT_PATHS = {name: wire.raw_input_path(cls) for name, cls in (("Forward", pb.F
 
 # Where a SharedTensor's bytes are: its header and a view of the session's region (server/shared_memory.py).
 SharedInput = Callable[[pb.SharedTensor, str], tuple[pb.Tensor, memoryview]]
+SHARED_ALIGN = 64  # a borrowed SharedTensor starts at a multiple of this many bytes (else it is copied)
 
 
 def input_tensor(
     msg: pb.TensorInput, field: str, max_elements: int, integer: bool = False, raw: memoryview | None = None,
-    shared: SharedInput | None = None,
+    shared: SharedInput | None = None, borrow: bool = False,
 ) -> tuple[torch.Tensor, bool]:
     """The tensor a ``TensorInput`` carries, and whether it was written as numbers (or generated).
 
     ``integer`` asks for int64 from numbers and zeros/ones (class indices). Size limits are checked
     from the shape before anything is allocated. ``raw`` is the tensor's bytes when they were cut
     out of the request (``LargeInput``); ``shared`` finds a ``SharedTensor``'s bytes in the session's
-    shared-memory region (None: the server allows none, SHARED_MEMORY_UNAVAILABLE).
+    shared-memory region (None: the server allows none, SHARED_MEMORY_UNAVAILABLE). ``borrow`` lets
+    that tensor view the region itself rather than a copy, for a call that keeps nothing of its input
+    once it has answered (the client may write the region again then).
     """
     source = msg.WhichOneof("source")
     if source is None:
@@ -117,10 +120,13 @@ def input_tensor(
                                          "(trainer-server --allow-shared-memory 1)", "SHARED_MEMORY_UNAVAILABLE")
             _check_size(msg.shared_memory.shape, field, max_elements)
             header, view = shared(msg.shared_memory, field)
-            # A copy, made now: the client may write the region again once the call has answered,
-            # while the forward's graph still holds its input.
-            tensor = torch.from_numpy(np.array(codec.decode(header, view)))
+            array = codec.decode(header, view)  # a view of the region (bfloat16: widened, a copy)
             del view
+            if not (borrow and msg.shared_memory.offset % SHARED_ALIGN == 0):
+                # A copy, made now: the client may write the region again once the call has answered,
+                # while a forward's graph still holds its input (for conv1's weight gradient).
+                array = np.array(array)
+            tensor = torch.from_numpy(array)
             if header.data_type == pb.DATA_TYPE_BFLOAT16:
                 tensor = tensor.to(torch.bfloat16)
             return tensor, False

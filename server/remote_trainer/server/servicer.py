@@ -137,15 +137,14 @@ class TrainerServicer:
         return self._shared_memory.region(session_id or DEFAULT_SESSION_ID, msg.shared_memory.region).input
 
     def _through_shared_memory(self, session_id: str, region_id: str, emit: Emit,
-                               encode: Callable[[TensorWriter], list[pb.TensorChunk]]) -> None:
+                               encode: Callable[[TensorWriter], object]) -> None:
         """A GetGradients/GetParameters stream with shared_memory: the elements written into the
-        session's region, their chunks (no data) in one response."""
+        session's region, their chunks (no data) sent as they are written (``TensorWriter``)."""
         if self._shared_memory is None:
             raise unavailable("this server does not allow shared memory (trainer-server --allow-shared-memory 1)")
-        writer = TensorWriter(self._shared_memory.region(session_id or DEFAULT_SESSION_ID, region_id))
-        chunks = encode(writer)
-        writer.check()
-        emit(pb.GetGradientsResponse(chunks=chunks))  # GetParametersResponse has the same fields
+        writer = TensorWriter(self._shared_memory.region(session_id or DEFAULT_SESSION_ID, region_id), emit)
+        encode(writer)
+        writer.finish()
 
     def _session(self, session_id: str, context: Context) -> Engine:
         return self._store.get(session_id, caller(self._auth, context))
@@ -254,7 +253,9 @@ class TrainerServicer:
         if fmt not in pb.OutputFormat.values():
             raise invalid("output_format", f"unknown output_format {fmt}", "BAD_OUTPUT_FORMAT")
         shared = self._shared_input(request.session_id, request.input) if request.input.HasField("shared_memory") else None
-        x, as_numbers = convert.input_tensor(request.input, "input", self._limits.max_input_elements, raw=raw, shared=shared)
+        # A forward without a graph keeps nothing of its input once it answers: it may read the region itself.
+        x, as_numbers = convert.input_tensor(request.input, "input", self._limits.max_input_elements, raw=raw, shared=shared,
+                                             borrow=request.no_grad)
         as_values = fmt == pb.OUTPUT_FORMAT_VALUES or fmt == pb.OUTPUT_FORMAT_UNSPECIFIED and as_numbers
         # Numbers travel as 8-byte doubles, raw logits as 4-byte floats; 64 KiB for the rest of the message.
         budget = None if fmt == pb.OUTPUT_FORMAT_STATS_ONLY else (self._max_message_bytes - 65536) // (8 if as_values else 4)
@@ -481,7 +482,8 @@ class TrainerServicer:
                           "use SUM_DIFFERENCE, CROSS_ENTROPY or MSE", "UNKNOWN_LOSS")
         max_elements = self._limits.max_input_elements
         shared = self._shared_input(request.session_id, request.input) if request.input.HasField("shared_memory") else None
-        x, _ = convert.input_tensor(request.input, "input", max_elements, raw=raw, shared=shared)
+        # The step's backward frees its graph within the call: nothing keeps the input once it answers.
+        x, _ = convert.input_tensor(request.input, "input", max_elements, raw=raw, shared=shared, borrow=True)
         labels, _ = convert.input_tensor(request.loss.labels, "loss.labels", max_elements, integer=loss == "cross_entropy")
         zero_grad = request.zero_grad if request.HasField("zero_grad") else True
         budget = (self._max_message_bytes - 65536) // 4 if request.return_logits else None
