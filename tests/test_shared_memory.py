@@ -6,6 +6,7 @@ good once; nothing left after close, expiry or SIGKILL."""
 from __future__ import annotations
 
 import asyncio
+import mmap
 import os
 import re
 import socket
@@ -23,7 +24,8 @@ import torch
 from remote_trainer.client import TrainerClient
 from remote_trainer.client.aio import AsyncTrainerClient
 from remote_trainer.client import shared_memory as shm
-from remote_trainer.client.errors import FailedPreconditionError, NotFoundError, ResourceExhaustedError
+from remote_trainer.client.errors import FailedPreconditionError, NotFoundError, ResourceExhaustedError, from_rpc_error
+from remote_trainer.client.types import NamedTensor
 from remote_trainer.contract.trainer.v1 import trainer_pb2 as pb
 from remote_trainer.engine.budget import model_bytes
 from remote_trainer.server.app import create_server
@@ -33,21 +35,29 @@ from tests.conftest import WEIGHTS_NAME, assert_equal_to_local, rand
 from tests.test_server_process import ROOT, ServerLog, start, stop
 
 MIB = 1024 * 1024
+LIMIT = 160 * MIB  # the test server's --max-shared-memory-bytes: room for the SDK's default region (144 MiB)
 TOKENS = "alice:token-alice,bob:token-bob"
 MEMFD = "memfd:trainer-shared-memory"
 
 
 @pytest.fixture(scope="module")
 def shared(data_dir: Path) -> Iterator[tuple[subprocess.Popen[str], int, ServerLog]]:
-    """A server that allows shared memory, at most 64 MiB a session, with two tokens."""
+    """A server that allows shared memory, at most LIMIT a session, with two tokens."""
     proc, port, log = start("--weights", str(data_dir / WEIGHTS_NAME), "--data-dir", str(data_dir), "--tokens", TOKENS,
-                            "--allow-shared-memory", "1", "--max-shared-memory-bytes", str(64 * MIB))
+                            "--allow-shared-memory", "1", "--max-shared-memory-bytes", str(LIMIT))
     yield proc, port, log
     stop(proc)
 
 
 def client_of(port: int, token: str) -> TrainerClient:
     return TrainerClient(f"localhost:{port}", token=token, timeout=120)
+
+
+def in_region(answer: dict[str, NamedTensor]) -> bool:
+    """Whether every array of the answer is a view of a shared-memory mapping (the answer came through
+    the region, not in gRPC messages)."""
+    return all(isinstance(t.array, np.ndarray) and isinstance(t.array.base, np.ndarray)
+               and isinstance(getattr(t.array.base.base, "obj", None), mmap.mmap) for t in answer.values() if t.present)
 
 
 def memfds(pid: int) -> tuple[int, int]:
@@ -96,14 +106,16 @@ def test_values_equal_the_grpc_path_and_local_pytorch(
         expected = dict(local.named_parameters())
         for dtype in ("float32", "float16", "bfloat16"):
             grads, sent = fast.gradients(dtype=dtype), plain.gradients(dtype=dtype)
+            assert in_region(grads) == (dtype != "bfloat16") and not in_region(sent)  # bfloat16 is widened: a copy
             assert list(grads) == list(sent) == list(expected)
             for name, g in grads.items():
                 assert g.array is not None and g.array.dtype == sent[name].array.dtype  # type: ignore[union-attr]
                 assert np.array_equal(g.array, sent[name].array) and g.stats == sent[name].stats, name
         for name, g in fast.gradients().items():
             assert_equal_to_local(g.array, expected[name].grad)  # type: ignore[arg-type]
+        del grads
         values, sent = fast.parameters(include_buffers=True), plain.parameters(include_buffers=True)
-        assert list(values) == list(sent) and len(values) > len(expected)
+        assert in_region(values) and list(values) == list(sent) and len(values) > len(expected)
         for name, v in values.items():
             assert np.array_equal(v.array, sent[name].array) and v.stats == sent[name].stats, name  # type: ignore[arg-type]
         state = local.state_dict()
@@ -126,12 +138,13 @@ def test_a_training_forward_keeps_its_input_when_the_region_is_written_again(
 ) -> None:
     """A no_grad Forward and a TrainStep read their input from the region itself, but a Forward
     that keeps its graph keeps a copy: conv1's weight gradient needs the input at Backward, and the
-    region is written in between (here by GetParameters, over the input's bytes)."""
+    input area may be written in between (here by the test, with other bytes)."""
     _, port, _ = shared
     with client_of(port, "token-alice") as client, client.create_session(WEIGHTS_NAME, shared_memory=True) as fast:
         x, labels = rand(4, 3, 64, 64, seed=11), np.array([3, 1, 4, 1])
         fast.forward(x)
-        fast.parameters()  # 46.8 MB written from the region's start, where the input was
+        assert fast._shared is not None
+        fast._shared.map[:x.nbytes] = b"\x7f" * x.nbytes  # the input's bytes, written over
         fast.backward("cross_entropy", labels)
         local.train()
         torch.nn.functional.cross_entropy(local(torch.from_numpy(x)), torch.from_numpy(labels)).backward()
@@ -139,42 +152,90 @@ def test_a_training_forward_keeps_its_input_when_the_region_is_written_again(
         assert_equal_to_local(grads["conv1.weight"].array, local.conv1.weight.grad)  # type: ignore[arg-type]
 
 
-def test_a_replaced_region_is_refused_and_views_are_read_only(shared: tuple[subprocess.Popen[str], int, ServerLog]) -> None:
+def test_a_replaced_region_is_refused(shared: tuple[subprocess.Popen[str], int, ServerLog]) -> None:
     """One region a session: a handle still mapping one replaced since is refused, never answered
-    from its stale mapping; ``views=True`` answers read-only views of the region, equal to copies."""
+    from its stale mapping."""
     _, port, _ = shared
     with client_of(port, "token-alice") as client, client.create_session(WEIGHTS_NAME, shared_memory=MIB) as first:
         x = rand(2, 3, 32, 32)
         first.forward(x)
         first.backward("sum", np.ones((2, 1000), np.float32))
         second = client.session(first.session_id)
-        second.use_shared_memory(64 * MIB, views=True)
+        second.use_shared_memory()
         for stale in (lambda: first.gradients("fc.*"), lambda: first.forward(x, eval_mode=True, no_grad=True)):
             with pytest.raises(FailedPreconditionError) as refused:
                 stale()
             assert refused.value.reason == "SHARED_MEMORY_UNAVAILABLE" and "replaced" in str(refused.value)
         views = second.gradients()
         copies = client.session(first.session_id).gradients()
+        assert in_region(views)
         for name, v in views.items():
-            assert v.array is not None and not v.array.flags.writeable
             assert np.array_equal(v.array, copies[name].array), name  # type: ignore[arg-type]
 
 
-def test_an_answer_kept_is_never_written_over(shared: tuple[subprocess.Popen[str], int, ServerLog]) -> None:
-    """The SDK copies answers into buffers it reuses once nothing views them: answers still held stay as they came."""
+def test_an_answer_held_is_never_written_over(shared: tuple[subprocess.Popen[str], int, ServerLog]) -> None:
+    """Answers are views of an answer area of the region, which the server writes only when a
+    request names it, and the SDK names only areas no live array lies in: an answer held stays as it
+    came (and writable) through any number of later calls; with every answer area held, the next
+    answers come in gRPC messages; once dropped, an area is used again."""
     _, port, _ = shared
     with client_of(port, "token-alice") as client, client.create_session(WEIGHTS_NAME, shared_memory=True) as s:
-        held, expected = [], []
-        for seed in range(4):
+        def step(seed: int) -> None:
             s.forward(rand(2, 3, 32, 32, seed=seed))
             s.backward("sum", np.ones((2, 1000), np.float32))
-            answer = s.gradients("fc.*")
-            held.append(answer["fc.weight"].array)
-            expected.append(answer["fc.weight"].array.copy())  # type: ignore[union-attr]
-            s.gradients("fc.*")  # an answer dropped at once: its buffer is free again
-        for got, want in zip(held, expected):
-            assert np.array_equal(got, want)
-        assert not np.array_equal(expected[0], expected[1])  # the gradients did change
+
+        step(0)
+        held = s.gradients()
+        assert in_region(held)
+        expected = {name: t.array.copy() for name, t in held.items()}  # type: ignore[union-attr]
+        later = []
+        for seed in range(1, 4):
+            step(seed)
+            later.append(s.gradients())
+            assert not np.array_equal(later[-1]["fc.weight"].array, expected["fc.weight"])  # the gradients did change
+        assert in_region(later[0]) and not in_region(later[1]) and not in_region(later[2])  # two answer areas
+        for name, t in held.items():
+            assert np.array_equal(t.array, expected[name]), name  # type: ignore[arg-type]
+        weight = held["fc.weight"].array
+        assert weight is not None and weight.flags.writeable
+        weight[0, 0] = 1234.5  # the user's own to change
+        assert held["fc.weight"].array[0, 0] == 1234.5  # type: ignore[index]
+        del later, t, weight
+        assert in_region(s.gradients())  # the area of the answers dropped is used again
+        for name, t in held.items():
+            if name != "fc.weight":
+                assert np.array_equal(t.array, expected[name]), name  # type: ignore[arg-type]
+
+
+def test_a_bad_answer_area_is_refused_and_nothing_written(shared: tuple[subprocess.Popen[str], int, ServerLog]) -> None:
+    """An answer area not inside the region, or not at a multiple of 64: INVALID_ARGUMENT
+    BAD_SHARED_TENSOR, and not a byte of the region written."""
+    _, port, _ = shared
+    with client_of(port, "token-alice") as client, client.create_session(WEIGHTS_NAME, shared_memory=4 * MIB) as s:
+        s.forward(rand(2, 3, 32, 32))
+        s.backward("sum", np.ones((2, 1000), np.float32))
+        region = s._shared
+        assert region is not None
+        region.map[:] = b"\xa5" * region.size
+        for offset, size in ((-64, MIB), (32, MIB), (4 * MIB, 0), (3 * MIB, 2 * MIB), (0, -1)):
+            for request in (pb.GetGradientsRequest(session_id=s.session_id, patterns=["fc.*"], shared_memory_region=region.id,
+                                                   shared_memory_area_offset=offset, shared_memory_area_bytes=size),
+                            pb.GetParametersRequest(session_id=s.session_id, patterns=["fc.*"], shared_memory_region=region.id,
+                                                    shared_memory_area_offset=offset, shared_memory_area_bytes=size)):
+                call = client.stub.GetGradients if isinstance(request, pb.GetGradientsRequest) else client.stub.GetParameters
+                with pytest.raises(grpc.RpcError) as refused:
+                    list(call(request))  # type: ignore[operator]
+                error = from_rpc_error(refused.value)
+                assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT and error.reason == "BAD_SHARED_TENSOR", (offset, size)
+                assert "inside" in str(error)
+        assert region.map[:] == b"\xa5" * region.size
+        # A good area is written, and only there.
+        answer = list(client.stub.GetGradients(pb.GetGradientsRequest(
+            session_id=s.session_id, patterns=["fc.bias"], shared_memory_region=region.id,
+            shared_memory_area_offset=MIB, shared_memory_area_bytes=64 * 1024)))
+        chunk = answer[0].chunks[0]
+        assert chunk.shared_memory_offset == MIB and chunk.total_bytes == 4000
+        assert region.map[:MIB] == b"\xa5" * MIB and region.map[MIB + 4000:] == b"\xa5" * (region.size - MIB - 4000)
 
 
 def test_the_asyncio_face_goes_through_the_region_too(shared: tuple[subprocess.Popen[str], int, ServerLog]) -> None:
@@ -220,9 +281,9 @@ def test_bounded_in_size(shared: tuple[subprocess.Popen[str], int, ServerLog]) -
     _, port, _ = shared
     with client_of(port, "token-alice") as client, client.create_session(WEIGHTS_NAME) as session:
         with pytest.raises(ResourceExhaustedError) as refused:
-            session.use_shared_memory(64 * MIB + 1)
-        assert refused.value.reason == "SHARED_MEMORY_TOO_LARGE" and refused.value.metadata["limit"] == str(64 * MIB)
-        session.use_shared_memory(1 * MIB)  # room for a small batch, not for 46.8 MB of gradients
+            session.use_shared_memory(LIMIT + 1)
+        assert refused.value.reason == "SHARED_MEMORY_TOO_LARGE" and refused.value.metadata["limit"] == str(LIMIT)
+        session.use_shared_memory(3 * MIB)  # areas of 1 MiB: room for a small batch, not for 46.8 MB of gradients
         session.forward(rand(2, 3, 32, 32))
         session.backward("sum", np.zeros((2, 1000), np.float32))
         with pytest.raises(ResourceExhaustedError) as small:
@@ -230,16 +291,16 @@ def test_bounded_in_size(shared: tuple[subprocess.Popen[str], int, ServerLog]) -
         assert small.value.reason == "SHARED_MEMORY_TOO_SMALL" and int(small.value.metadata["needed_bytes"]) > 46 * 10**6
         assert session.gradients("layer1.0.*")["layer1.0.conv1.weight"].array is not None  # what fits comes through
         plain = client.session(session.session_id)
-        for x in (rand(8, 3, 64, 64), rand(4, 3, 160, 160)):  # 393 KB through the region; 1.2 MB in the message
+        for x in (rand(8, 3, 64, 64), rand(4, 3, 160, 160)):  # 393 KB through the input area; 1.2 MB in the message
             fast = session.forward(x, eval_mode=True, no_grad=True).logits
             assert np.array_equal(fast, plain.forward(x, eval_mode=True, no_grad=True).logits)  # type: ignore[arg-type]
         request = pb.ForwardRequest(session_id=session.session_id, no_grad=True, input=pb.TensorInput(
-            shared_memory=pb.SharedTensor(offset=MIB - 100, shape=[1, 3, 8, 8], data_type=pb.DATA_TYPE_FLOAT32,
+            shared_memory=pb.SharedTensor(offset=3 * MIB - 100, shape=[1, 3, 8, 8], data_type=pb.DATA_TYPE_FLOAT32,
                                           region=session._shared.id)))  # type: ignore[union-attr]
         with pytest.raises(grpc.RpcError) as outside:
             client.stub.Forward(request)
         assert outside.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "inside" in str(outside.value.details())
-        session.use_shared_memory(30 * MIB)  # the first 16 MiB or more are sent before the rest is found not to fit
+        session.use_shared_memory(60 * MIB)  # 20 MiB areas: the first 16 MiB are sent before the rest is found not to fit
         with pytest.raises(ResourceExhaustedError) as small:
             session.gradients()
         assert small.value.reason == "SHARED_MEMORY_TOO_SMALL" and int(small.value.metadata["needed_bytes"]) > 46 * 10**6

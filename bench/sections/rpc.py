@@ -5,6 +5,7 @@ every ``--sizes`` shape, and the fetch of all gradients. Ratio: ours / rpc."""
 
 from __future__ import annotations
 
+import mmap
 import sys
 from typing import Any
 
@@ -135,57 +136,57 @@ def _gradients(ctx: Context, client: TrainerClient, peer: rpc_peer.Peer) -> list
 
 def _through_shared_memory(ctx: Context, client: TrainerClient, peer: rpc_peer.Peer) -> list[Row]:
     """The co-located fast path (docs/shared-memory.md) against the rpc peer, side by side: all
-    gradients (with statistics, and without: rpc sends none) and all parameters, float32, read from
-    a session's region as copies (the SDK's default) and as views (``views=True``), against the rpc
-    fetch of all .grad (the same bytes); then a Forward's upload of an ``--upload-shape`` batch
+    gradients (with statistics, and without: rpc sends none) and all parameters, float32, answered
+    as views of an answer area of the session's region (no copy; each answer dropped once timed, so
+    the next names the area again), against the rpc fetch of all .grad (the same bytes); then a Forward's upload of an ``--upload-shape`` batch
     written into the region (eval, no_grad, statistics only; its time less the server's model
     time), against an rpc call that sends the peer the same tensor."""
     x, labels = step_inputs((2, 3, 64, 64))
-    with client.create_session("random", seed=0, shared_memory=True) as session, \
-            client.create_session("random", seed=0) as viewed:
-        viewed.use_shared_memory(views=True)
+    with client.create_session("random", seed=0, shared_memory=True) as session:
         peer.reset(ctx.args.device)
-        for s in (session, viewed):  # the same gradients in both sessions and on the peer
-            s.forward(x)
-            s.backward("sum", labels)
+        session.forward(x)  # the same gradients in the session and on the peer
+        session.backward("sum", labels)
         peer.forward(torch.from_numpy(x))
         peer.backward(torch.from_numpy(labels))
         fetches = {
             "gradients": lambda: session.gradients(), "gradients-no-stats": lambda: session.gradients(stats=False),
-            "views-no-stats": lambda: viewed.gradients(stats=False), "parameters": lambda: session.parameters(),
-            "rpc": peer.gradients,
+            "parameters": lambda: session.parameters(), "rpc": peer.gradients,
         }
         sbs = SideBySide(list(fetches))
-        # Each answer is dropped once timed, as by a loop that keeps only its latest: the SDK then
-        # copies into a buffer it kept (warm pages); the rpc peer's answer is freed the same way.
+        # Each answer is dropped once timed, as by a loop that keeps only its latest: its answer
+        # area is free again for the next; the rpc peer's answer is freed the same way.
         sbs.run(fetches, reps=ctx.args.transfer_reps, warmup=1)
-        got: dict[str, Any] = {name: fetch() for name, fetch in fetches.items()}  # the answers compared below
-        sent = {"gradients": client.session(session.session_id).gradients(),
-                "parameters": client.session(session.session_id).parameters()}
-        views = {name: t.array.copy() for name, t in viewed.gradients(stats=False).items() if t.array is not None}
+        rpc_grads = peer.gradients()
+        grpc = client.session(session.session_id)  # a handle without the region: the gRPC path
+        sent = {"gradients": grpc.gradients(), "parameters": grpc.parameters()}
+        agree: dict[str, float] = {}
+        for name, fetch in fetches.items():  # one answer at a time, each compared with the gRPC path's
+            if name == "rpc":
+                continue
+            got = fetch()
+            same = sent["parameters" if name == "parameters" else "gradients"]
+            if not all(isinstance(t.array, np.ndarray) and isinstance(t.array.base, np.ndarray)
+                       and isinstance(getattr(t.array.base.base, "obj", None), mmap.mmap) for t in got.values()):
+                raise AssertionError(f"{name}: the answer did not come through the region")
+            agree[name] = max(float(np.abs(t.array - same[key].array).max()) for key, t in got.items())
+            if name == "gradients" and [t.array.shape for t in got.values()] != [g.shape for g in rpc_grads]:
+                raise AssertionError("the gradients through shared memory are not the rpc peer's shapes")
+            del got
         upload_rows = _shared_memory_upload(ctx, session, peer)
-    nbytes = sum(g.nbytes for g in got["rpc"])
-    if [t.array.shape for t in got["gradients"].values()] != [g.shape for g in got["rpc"]]:
-        raise AssertionError("the gradients through shared memory are not the rpc peer's shapes")
-    agree = {name: max(float(np.abs(t.array - sent[name][key].array).max()) for key, t in got[name].items())
-             for name in ("gradients", "parameters")}
-    agree["views"] = max(float(np.abs(views[key] - t.array).max()) for key, t in sent["gradients"].items())
+    nbytes = sum(g.nbytes for g in rpc_grads)
     rows = []
-    for case, title, what, same in (
-        ("gradients", "GetGradients all float32 through shared memory (copies, with statistics)",
-         f"{len(got['rpc'])} tensors, same bytes", "gradients"),
-        ("gradients-no-stats", "GetGradients all float32 through shared memory (copies, stats=False)", "rpc sends no statistics either",
-         "gradients"),
-        ("views-no-stats", "GetGradients all float32 through shared memory (views=True, stats=False)",
-         "read-only views of the region, good until the session's next call", "views"),
-        ("parameters", "GetParameters all float32 through shared memory (copies, with statistics)", "same bytes as the gradients",
-         "parameters"),
+    for case, title, what in (
+        ("gradients", "GetGradients all float32 through shared memory (views, with statistics)",
+         f"{len(rpc_grads)} tensors, same bytes"),
+        ("gradients-no-stats", "GetGradients all float32 through shared memory (views, stats=False)",
+         "rpc sends no statistics either"),
+        ("parameters", "GetParameters all float32 through shared memory (views, with statistics)", "same bytes as the gradients"),
     ):
         rows.append(Row(
             "rpc", f"{title} vs rpc fetch of all .grad ({nbytes / 1e6:.1f} MB)",
             {"ours": seconds(sbs.median(case)), "ours_rate": rate(nbytes, sbs.median(case)), "reference": seconds(sbs.median("rpc")),
              "reference_rate": rate(nbytes, sbs.median("rpc")), "bytes": Figure(nbytes, BYTES),
-             "values_agree": Figure(agree[same], RELATIVE)},
+             "values_agree": Figure(agree[case], RELATIVE)},
             sbs.paired_ratio(case, "rpc"), SHARED, target="<= 0.50", words={"what": what},
         ))
     return rows + upload_rows

@@ -280,11 +280,11 @@ class AsyncSession:
             return await self._call(build(self._shared), timeout)
 
     async def use_shared_memory(
-        self, size_bytes: int = shm.DEFAULT_BYTES, *, views: bool = False, timeout: float | None = None
+        self, size_bytes: int = shm.DEFAULT_BYTES, *, timeout: float | None = None
     ) -> None:
         """Gives the session a shared-memory region (see ``Session.use_shared_memory``)."""
         grant = await self._call(shm.open_region(self.session_id, size_bytes), timeout)
-        region = await asyncio.to_thread(shm.SharedRegion.fetch, grant, views)
+        region = await asyncio.to_thread(shm.SharedRegion.fetch, grant)
         async with self._shared_lock:
             old, self._shared = self._shared, region
         if old is not None:

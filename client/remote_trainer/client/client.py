@@ -317,22 +317,21 @@ class Session:
             return self._call(build(self._shared), timeout)
 
     def use_shared_memory(
-        self, size_bytes: int = shm.DEFAULT_BYTES, *, views: bool = False, timeout: float | None = None
+        self, size_bytes: int = shm.DEFAULT_BYTES, *, timeout: float | None = None
     ) -> None:
         """Gives the session a shared-memory region of ``size_bytes`` (replacing any it had), for a
         client on the server's host: from then on ``forward`` and ``train_step`` inputs that fit in
-        it, and ``gradients`` and ``parameters``, pass through it instead of gRPC messages, the
-        results the same bit for bit (and copies, not views of the region). The server must allow it
-        (``--allow-shared-memory 1``, else ``FailedPreconditionError`` SHARED_MEMORY_UNAVAILABLE) and
-        bounds the size (``--max-shared-memory-bytes``, SHARED_MEMORY_TOO_LARGE). The region goes
-        when the session closes (docs/shared-memory.md).
-
-        ``views=True`` makes ``gradients`` and ``parameters`` answer read-only views of the region
-        instead of copies (about half the time for resnet18's 46.8 MB on a 2-core CPU): each is good
-        only until the session's next call through the region (forward, train_step, gradients,
-        parameters) writes over it; copy what you keep (``array.copy()``)."""
+        a third of it (the input area), and ``gradients`` and ``parameters`` that fit in a third
+        (an answer area), pass through it instead of gRPC messages, the results the same bit for
+        bit. Their arrays are writable views of the region that stay as they came while you hold
+        them (the server writes an answer area only when this handle names it, and it names only
+        one no live array lies in; with both held, the answer comes in gRPC messages). The server
+        must allow it (``--allow-shared-memory 1``, else ``FailedPreconditionError``
+        SHARED_MEMORY_UNAVAILABLE) and bounds the size (``--max-shared-memory-bytes``,
+        SHARED_MEMORY_TOO_LARGE). The region goes when the session closes, the arrays still held
+        keep this side's mapping (docs/shared-memory.md)."""
         grant = self._call(shm.open_region(self.session_id, size_bytes), timeout)
-        region = shm.SharedRegion.fetch(grant, views)
+        region = shm.SharedRegion.fetch(grant)
         with self._shared_lock:
             old, self._shared = self._shared, region
         if old is not None:

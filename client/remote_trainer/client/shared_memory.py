@@ -5,9 +5,12 @@ region (``OpenSharedMemory``, with the client's token: only who may use the sess
 redeems the single-use ticket it answers on the server's local socket for the region's file
 descriptor (``SharedRegion.fetch``) and maps it. From then on the session's ``forward`` and
 ``train_step`` write their input into the region, and ``gradients`` and ``parameters`` read the
-tensors the server wrote there, instead of sending the bytes in gRPC messages; what they return is
-a copy, never a view of the region (which the next call overwrites). docs/shared-memory.md says
-what the server must allow and what each side guarantees.
+tensors the server wrote there, instead of sending the bytes in gRPC messages. The region is cut in
+``AREAS`` equal areas: the first for inputs, the others for answers. What ``gradients`` and
+``parameters`` return are (writable) views of an answer area, which no later call writes while
+any of them is alive: each request names the area the server must write, and the SDK names only
+one that no live array lies in (``SharedRegion.claim``), else the call goes through gRPC messages.
+docs/shared-memory.md says what the server must allow and what each side guarantees.
 
 As in ``core``, the functions that build calls do no I/O; ``SharedRegion.fetch`` is the one place
 that talks to the socket.
@@ -18,7 +21,7 @@ from __future__ import annotations
 import mmap
 import os
 import socket
-import sys
+import weakref
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -33,11 +36,14 @@ from remote_trainer.contract import codec, wire
 from remote_trainer.contract.names import LossName, TransferDataType
 from remote_trainer.contract.trainer.v1 import trainer_pb2 as pb
 
-# A region's size unless told: all of resnet18's float32 gradients or parameters and buffers (46.8 MB),
-# or a float32 batch of 64 at 3 x 224 x 224 (38.5 MB).
-DEFAULT_BYTES = 64 * core.MIB
+# A region is cut in this many equal areas: the first for inputs, the others for answers (so an
+# answer held while the next one comes needs no copy; with every answer area held, gRPC messages).
+AREAS = 3
+ALIGN = 64  # areas start at multiples of this many bytes (as the server requires)
+# A region's size unless told: three areas of 48 MiB, each room for all of resnet18's float32
+# gradients or parameters and buffers (46.8 MB) or a float32 batch of 64 at 3 x 224 x 224 (38.5 MB).
+DEFAULT_BYTES = AREAS * 48 * core.MIB
 FETCH_SECONDS = 5.0  # the most the socket exchange may take
-KEPT_BUFFERS = 2  # answer buffers a region keeps for reuse
 
 
 @dataclass(frozen=True)
@@ -51,20 +57,21 @@ class Grant:
 
 
 class SharedRegion:
-    """The client's mapping of a session's region."""
+    """The client's mapping of a session's region, and which of its answer areas answers still use."""
 
-    def __init__(self, mapping: mmap.mmap, size: int, region: str, views: bool = False) -> None:
+    def __init__(self, mapping: mmap.mmap, size: int, region: str) -> None:
         self.map = mapping
         self.size = size
         self.id = region
-        self.views = views  # read() answers read-only views of the region instead of a copy
-        # The buffers of the last answers' copies: one that no array views any more is written
-        # again (warm pages, no page faults), so a loop that keeps only its latest answer copies
-        # into memory already mapped; two, so that the answer being replaced may still be alive.
-        self._buffers: list[npt.NDArray[np.uint8]] = []
+        self.area_bytes = size // AREAS // ALIGN * ALIGN
+        # The answer areas (1 to AREAS - 1) that arrays of an answer still lie in: each answer's
+        # arrays are views of one base array over its area, whose finalizer frees the area when
+        # the last of them goes. Added to and read under the session handle's lock; freed by the
+        # garbage collector from any thread (set.add and discard are atomic).
+        self._held: set[int] = set()
 
     @classmethod
-    def fetch(cls, grant: Grant, views: bool = False) -> SharedRegion:
+    def fetch(cls, grant: Grant) -> SharedRegion:
         """Redeems the grant's ticket on the server's socket and maps the region it answers with."""
         try:
             with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as connection:
@@ -82,25 +89,25 @@ class SharedRegion:
             raise FailedPreconditionError("the server refused the shared-memory ticket (used, expired or unknown)",
                                           "SHARED_MEMORY_UNAVAILABLE")
         try:
-            return cls(mmap.mmap(fds[0], grant.size_bytes), grant.size_bytes, grant.region, views)
+            return cls(mmap.mmap(fds[0], grant.size_bytes), grant.size_bytes, grant.region)
         finally:
             os.close(fds[0])
 
     def close(self) -> None:
         """Unmaps the region on this side (the server unmaps its own when the session closes); with
-        views still alive, once the last of them goes."""
+        answers still alive, once the last of them goes."""
         try:
             self.map.close()
         except BufferError:
             pass
 
     def fits(self, x: Any) -> bool:
-        """Whether the input batch ``x`` fits in the region (else it goes in the message)."""
-        return core.images(x).nbytes <= self.size
+        """Whether the input batch ``x`` fits in the input area (else it goes in the message)."""
+        return core.images(x).nbytes <= self.area_bytes
 
     def write(self, x: Any, target: pb.SharedTensor) -> None:
-        """Copies the input batch ``x`` (as ``core.images`` sends it) to the region's start, and
-        describes it in ``target``."""
+        """Copies the input batch ``x`` (as ``core.images`` sends it) to the input area (the
+        region's start), and describes it in ``target``."""
         arr = np.ascontiguousarray(core.images(x))
         if arr.size:
             np.frombuffer(self.map, dtype=arr.dtype, count=arr.size).reshape(arr.shape)[...] = arr
@@ -109,59 +116,37 @@ class SharedRegion:
         target.shape[:] = arr.shape
         target.data_type = pb.DATA_TYPE_UINT8 if arr.dtype == np.uint8 else pb.DATA_TYPE_FLOAT32
 
-    def answer(self) -> npt.NDArray[np.uint8] | None:
-        """Where an answer's tensors are copied as their chunks arrive (``take``): the region's size
-        of private memory (None with ``views``: nothing is copied)."""
-        return None if self.views else self._buffer()
+    def claim(self) -> int | None:
+        """An answer area no live array lies in (None: all are held, or too small to be of use)."""
+        if self.area_bytes == 0:
+            return None
+        return next((area for area in range(1, AREAS) if area not in self._held), None)
 
-    def take(self, chunks: list[pb.TensorChunk], answer: npt.NDArray[np.uint8] | None) -> None:
-        """Copies the bytes of the tensors the chunks describe (one response's: the server sends
-        them as it writes them) into ``answer``, at their offsets, in one piece."""
-        start, end = self._span(chunks)
-        if answer is not None and end > start:
-            answer[start:end] = np.frombuffer(self.map, np.uint8, end - start, start)
-
-    def read(self, chunks: list[pb.TensorChunk], answer: npt.NDArray[np.uint8] | None) -> list[npt.NDArray[Any] | None]:
+    def read(self, area: int, chunks: list[pb.TensorChunk]) -> list[npt.NDArray[Any] | None]:
         """The tensors the chunks describe (at shared_memory_offset, total_bytes each; None for an
-        absent one): views of ``answer``, the private copy ``take`` made, never of the region. With
-        ``views`` (``answer`` None), read-only views of the region itself (no copy), good until the
-        session's next call through the region overwrites them."""
-        _, end = self._span(chunks)
-        if answer is None:
-            source = np.frombuffer(self.map, np.uint8, end)
-            source.flags.writeable = False
-        else:
-            source = answer[:end]
+        absent one), as views of the answer ``area`` the server wrote them in: writable, and held
+        (no later request names the area) until the last of them goes."""
+        start = area * self.area_bytes
+        base = np.frombuffer(self.map, np.uint8, self.area_bytes, start)
         out: list[npt.NDArray[Any] | None] = []
         for chunk in chunks:
             if not chunk.present:
                 out.append(None)
                 continue
-            header = pb.Tensor(shape=chunk.shape, data_type=chunk.data_type)
-            out.append(codec.decode(header, source[chunk.shared_memory_offset:chunk.shared_memory_offset + chunk.total_bytes].data))
+            offset = chunk.shared_memory_offset - start
+            if offset < 0 or offset + chunk.total_bytes > self.area_bytes:
+                raise ValueError(f"the server described a tensor outside the answer area ({chunk.total_bytes} bytes at "
+                                 f"{chunk.shared_memory_offset}, the area is {self.area_bytes} bytes at {start})")
+            shape = tuple(chunk.shape)
+            array = base[offset:offset + chunk.total_bytes].view(codec.raw_dtype(chunk.data_type)).reshape(shape)
+            out.append(codec.bf16_bits_to_float32(array) if chunk.data_type == pb.DATA_TYPE_BFLOAT16 else array)
+        self._held.add(area)
+        weakref.finalize(base, self._held.discard, area)
         return out
 
-    def _span(self, chunks: list[pb.TensorChunk]) -> tuple[int, int]:
-        """Where the present tensors the chunks describe lie in the region: from, to (0, 0 for none)."""
-        present = [c for c in chunks if c.present]
-        if not present:
-            return 0, 0
-        start = min(c.shared_memory_offset for c in present)
-        end = max(c.shared_memory_offset + c.total_bytes for c in present)
-        if end > self.size or start < 0:
-            raise ValueError(f"the server described tensors outside the region ({start} to {end} of {self.size} bytes)")
-        return start, end
-
-    def _buffer(self) -> npt.NDArray[np.uint8]:
-        """The region's size of memory to copy an answer into: a kept buffer nothing else refers to
-        any more (no array of an earlier answer views it), else a new one, kept for later."""
-        for buffer in self._buffers:
-            # Referred to by the list, this loop and getrefcount's argument only: free.
-            if sys.getrefcount(buffer) <= 3:
-                return buffer
-        fresh = np.empty(self.size, np.uint8)  # pages are taken only where answers are written
-        self._buffers = [*self._buffers[-(KEPT_BUFFERS - 1):], fresh]
-        return fresh
+    def request_area(self, area: int) -> tuple[int, int]:
+        """The request's shared_memory_area_offset and _bytes for answer ``area``."""
+        return area * self.area_bytes, self.area_bytes
 
 
 def open_region(session_id: str, size_bytes: int) -> core.Call[Grant]:
@@ -196,17 +181,10 @@ def _unspliced(request: pb.ForwardRequest | pb.TrainStepRequest) -> wire.Spliced
     return wire.SplicedRequest(request, (), memoryview(b""))
 
 
-def _read_all(region: SharedRegion, with_data: bool) -> Any:
+def _read_all(region: SharedRegion, area: int | None) -> Any:
     def parse(responses: Iterable[core.ChunkResponse]) -> dict[str, NamedTensor]:
-        # Each response's tensors are copied out as it arrives, while the server writes the next ones.
-        answer = region.answer() if with_data else None
-        chunks: list[pb.TensorChunk] = []
-        for response in responses:
-            got = [chunk for chunk, _ in response]
-            if with_data:
-                region.take(got, answer)
-            chunks += got
-        arrays = region.read(chunks, answer) if with_data else [None] * len(chunks)
+        chunks = [chunk for response in responses for chunk, _ in response]
+        arrays = region.read(area, chunks) if area is not None else [None] * len(chunks)
         return {chunk.name: NamedTensor(chunk.name, tuple(chunk.shape), chunk.present,
                                         core.stats(chunk.stats) if chunk.HasField("stats") else None, array)
                 for chunk, array in zip(chunks, arrays)}
@@ -215,20 +193,31 @@ def _read_all(region: SharedRegion, with_data: bool) -> Any:
 
 def gradients(session_id: str, region: SharedRegion, patterns: Iterable[str], stats_only: bool, dtype: TransferDataType,
               with_stats: bool) -> core.StreamCall[dict[str, NamedTensor]]:
-    """``core.gradients`` with the elements in the region (read when the stream ends: hold the region until then)."""
+    """``core.gradients`` with the elements in a free answer area of the region (read when the
+    stream ends: hold the region until then); with none free, ``core.gradients`` itself."""
+    area = None if stats_only else region.claim()
+    if area is None and not stats_only:
+        return core.gradients(session_id, patterns, stats_only, dtype, with_stats)
     request = pb.GetGradientsRequest(session_id=session_id, patterns=list(patterns), stats_only=stats_only,
                                      transfer_data_type=core._transfer_type(dtype), skip_stats=not with_stats,
                                      shared_memory_region=region.id)
-    return core.StreamCall(core._path("GetGradients"), request, _read_all(region, not stats_only))
+    if area is not None:
+        request.shared_memory_area_offset, request.shared_memory_area_bytes = region.request_area(area)
+    return core.StreamCall(core._path("GetGradients"), request, _read_all(region, area))
 
 
 def parameters(session_id: str, region: SharedRegion, patterns: Iterable[str], stats_only: bool, dtype: TransferDataType,
                include_buffers: bool, with_stats: bool) -> core.StreamCall[dict[str, NamedTensor]]:
-    """``core.parameters`` with the elements in the region."""
+    """``core.parameters`` with the elements in a free answer area of the region, as ``gradients``."""
+    area = None if stats_only else region.claim()
+    if area is None and not stats_only:
+        return core.parameters(session_id, patterns, stats_only, dtype, include_buffers, with_stats)
     request = pb.GetParametersRequest(session_id=session_id, patterns=list(patterns), stats_only=stats_only,
                                       transfer_data_type=core._transfer_type(dtype), include_buffers=include_buffers,
                                       skip_stats=not with_stats, shared_memory_region=region.id)
-    return core.StreamCall(core._path("GetParameters"), request, _read_all(region, not stats_only))
+    if area is not None:
+        request.shared_memory_area_offset, request.shared_memory_area_bytes = region.request_area(area)
+    return core.StreamCall(core._path("GetParameters"), request, _read_all(region, area))
 
 
 def gone() -> FailedPreconditionError:

@@ -136,13 +136,15 @@ class TrainerServicer:
             return None
         return self._shared_memory.region(session_id or DEFAULT_SESSION_ID, msg.shared_memory.region).input
 
-    def _through_shared_memory(self, session_id: str, region_id: str, emit: Emit,
-                               encode: Callable[[TensorWriter], object]) -> None:
+    def _through_shared_memory(self, session_id: str, request: pb.GetGradientsRequest | pb.GetParametersRequest,
+                               emit: Emit, encode: Callable[[TensorWriter], object]) -> None:
         """A GetGradients/GetParameters stream with shared_memory: the elements written into the
         session's region, their chunks (no data) sent as they are written (``TensorWriter``)."""
         if self._shared_memory is None:
             raise unavailable("this server does not allow shared memory (trainer-server --allow-shared-memory 1)")
-        writer = TensorWriter(self._shared_memory.region(session_id or DEFAULT_SESSION_ID, region_id), emit)
+        region = self._shared_memory.region(session_id or DEFAULT_SESSION_ID, request.shared_memory_region)
+        area = region.area(request.shared_memory_area_offset, request.shared_memory_area_bytes)
+        writer = TensorWriter(region, area, emit)
         encode(writer)
         writer.finish()
 
@@ -389,7 +391,7 @@ class TrainerServicer:
         # gradients' memory (one copy, no snapshot), and sent while the next tensors are written.
         engine = self._session(request.session_id, context)
         if request.shared_memory_region:
-            self._through_shared_memory(request.session_id, request.shared_memory_region, emit, lambda writer: engine.encode_gradients(
+            self._through_shared_memory(request.session_id, request, emit, lambda writer: engine.encode_gradients(
                 list(request.patterns), request.stats_only, convert.transfer_dtype(request.transfer_data_type), writer,
                 with_stats=not request.skip_stats))
             return
@@ -404,7 +406,7 @@ class TrainerServicer:
     def GetParameters(self, request: pb.GetParametersRequest, context: Context, emit: Emit) -> None:
         engine = self._session(request.session_id, context)
         if request.shared_memory_region:
-            self._through_shared_memory(request.session_id, request.shared_memory_region, emit, lambda writer: engine.encode_parameters(
+            self._through_shared_memory(request.session_id, request, emit, lambda writer: engine.encode_parameters(
                 list(request.patterns), request.stats_only, convert.transfer_dtype(request.transfer_data_type),
                 request.include_buffers, writer, with_stats=not request.skip_stats))
             return

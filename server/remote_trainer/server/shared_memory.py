@@ -13,9 +13,9 @@ gets the descriptor back (``SCM_RIGHTS``); a wrong, used or expired ticket gets 
 Through the region travel Forward and TrainStep inputs (``SharedTensor``; read from the region
 during the call, and copied out when it begins by a Forward that keeps its graph for Backward:
 ``convert.input_tensor``'s ``borrow``) and GetGradients and GetParameters elements (written by the
-server at ``ALIGN``-ed offsets from the start, described by the stream's chunks, sent as they are
-written: ``TensorWriter``). The region is a scratch area of the session's calls: what one call
-wrote is good until the next call. The server unmaps it when the session closes or expires, or the
+server at ``ALIGN``-ed offsets within the area the request names, described by the stream's chunks, sent as they are
+written: ``TensorWriter``). What a call wrote is good until a later call names the same area (the
+client picks areas no answer it still holds lies in) or writes an input over it. The server unmaps it when the session closes or expires, or the
 server stops; the client unmaps its own mapping.
 """
 
@@ -96,6 +96,17 @@ class Region:
                           f"the session's shared-memory region of {self.size} bytes", "BAD_SHARED_TENSOR")
         return header, memoryview(self.map)[msg.offset : msg.offset + size]
 
+    def area(self, offset: int, size: int) -> tuple[int, int]:
+        """Where a GetGradients/GetParameters answer may be written: the request's
+        ``shared_memory_area_offset`` and ``_bytes`` (0: to the region's end) as from, to; refused
+        (BAD_SHARED_TENSOR) unless inside the region and ``ALIGN``-ed."""
+        end = self.size if size == 0 else offset + size
+        if offset < 0 or size < 0 or offset % ALIGN or offset >= self.size or end > self.size:
+            raise invalid("shared_memory_area_offset", f"the answer area of {size} bytes at offset {offset} does not lie "
+                          f"inside the session's shared-memory region of {self.size} bytes at a multiple of {ALIGN}",
+                          "BAD_SHARED_TENSOR")
+        return offset, end
+
 
 class TensorWriter:
     """The ``encode`` of GetGradients/GetParameters through a region: each tensor's elements are
@@ -104,13 +115,14 @@ class TensorWriter:
     copies them out while the next ones are written. Past the region's end nothing more is written
     or sent but the bytes are still counted, so ``finish`` can say how many were needed."""
 
-    def __init__(self, region: Region, emit: Callable[[pb.GetGradientsResponse], None]) -> None:
+    def __init__(self, region: Region, area: tuple[int, int], emit: Callable[[pb.GetGradientsResponse], None]) -> None:
         self._region = region
+        self._start, self._limit = area  # the request's area (``Region.area``): nothing outside it is written
         self._emit = emit
         self._chunks: list[pb.TensorChunk] = []  # written, not sent yet
         self._unsent = 0  # their bytes
         self._sent = False  # whether a response went out
-        self.end = 0  # bytes of the region the tensors take, so far
+        self.end = self._start  # where the tensors written so far end
 
     def __call__(self, item: NamedTensor) -> None:
         chunk = pb.TensorChunk(name=item.name, shape=item.shape, present=item.present, last=True)
@@ -129,7 +141,7 @@ class TensorWriter:
         chunk.total_bytes = nbytes
         chunk.shared_memory_offset = offset
         self.end = offset + nbytes
-        if self.end > self._region.size:
+        if self.end > self._limit:
             return
         if nbytes:
             # Bytes to bytes: numpy's copy of contiguous bytes is one memcpy (about twice as fast
@@ -144,11 +156,12 @@ class TensorWriter:
     def finish(self) -> None:
         """Sends the chunks not sent yet (at least one response in all); refuses
         (SHARED_MEMORY_TOO_SMALL) when the tensors did not fit."""
-        if self.end > self._region.size:
+        if self.end > self._limit:
+            needed, limit = self.end - self._start, self._limit - self._start
             raise ResourceExhausted(
-                f"the tensors need {self.end} bytes of shared memory, and the session's region has {self._region.size}: "
-                "open a larger one (OpenSharedMemory) or ask for fewer tensors",
-                "SHARED_MEMORY_TOO_SMALL", metadata={"needed_bytes": str(self.end), "limit": str(self._region.size)},
+                f"the tensors need {needed} bytes of shared memory, and the answer area has {limit}: "
+                "open a larger region (OpenSharedMemory) or ask for fewer tensors",
+                "SHARED_MEMORY_TOO_SMALL", metadata={"needed_bytes": str(needed), "limit": str(limit)},
             )
         if self._chunks or not self._sent:
             self._send()

@@ -1658,6 +1658,8 @@ class GetGradientsRequest(_message.Message):
     SKIP_STATS_FIELD_NUMBER: _builtins.int
     PACK_CHUNKS_FIELD_NUMBER: _builtins.int
     SHARED_MEMORY_REGION_FIELD_NUMBER: _builtins.int
+    SHARED_MEMORY_AREA_OFFSET_FIELD_NUMBER: _builtins.int
+    SHARED_MEMORY_AREA_BYTES_FIELD_NUMBER: _builtins.int
     session_id: _builtins.str
     """Session to use; empty for the default session."""
     stats_only: _builtins.bool
@@ -1681,8 +1683,18 @@ class GetGradientsRequest(_message.Message):
     SHARED_MEMORY_UNAVAILABLE), instead of the messages. The stream then
     carries each tensor's metadata in one chunk with its
     shared_memory_offset, all in one response. RESOURCE_EXHAUSTED
-    (SHARED_MEMORY_TOO_SMALL) when they do not fit in the region.
+    (SHARED_MEMORY_TOO_SMALL) when they do not fit in the area below.
     """
+    shared_memory_area_offset: _builtins.int
+    """With shared_memory_region: the area of the region the server writes,
+    from this byte offset (a multiple of 64) for shared_memory_area_bytes
+    bytes (0: to the region's end); nothing outside it is written. An area
+    not inside the region, or not aligned: INVALID_ARGUMENT
+    (BAD_SHARED_TENSOR), nothing written. A client that holds earlier answers
+    as views of the region names an area none of them lies in.
+    """
+    shared_memory_area_bytes: _builtins.int
+    """The area's length in bytes (0: to the region's end)."""
     @_builtins.property
     def patterns(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Name patterns as in FreezeLayers; empty means every parameter. Each
@@ -1699,10 +1711,12 @@ class GetGradientsRequest(_message.Message):
         skip_stats: _builtins.bool = ...,
         pack_chunks: _builtins.bool = ...,
         shared_memory_region: _builtins.str = ...,
+        shared_memory_area_offset: _builtins.int = ...,
+        shared_memory_area_bytes: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["pack_chunks", b"pack_chunks", "patterns", b"patterns", "session_id", b"session_id", "shared_memory_region", b"shared_memory_region", "skip_stats", b"skip_stats", "stats_only", b"stats_only", "transfer_data_type", b"transfer_data_type"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["pack_chunks", b"pack_chunks", "patterns", b"patterns", "session_id", b"session_id", "shared_memory_area_bytes", b"shared_memory_area_bytes", "shared_memory_area_offset", b"shared_memory_area_offset", "shared_memory_region", b"shared_memory_region", "skip_stats", b"skip_stats", "stats_only", b"stats_only", "transfer_data_type", b"transfer_data_type"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1746,8 +1760,9 @@ class TensorChunk(_message.Message):
     shared_memory_offset: _builtins.int
     """With shared_memory_region in the request: the byte offset from the start of
     the session's shared-memory region at which the tensor's total_bytes of
-    raw elements lie (then data is empty and the tensor comes in one chunk).
-    The region holds them until the session's next call.
+    raw elements lie (then data is empty and the tensor comes in one chunk),
+    inside the request's area. The area holds them until a later call names
+    it (or, for an input, writes over it).
     """
     @_builtins.property
     def shape(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
@@ -1825,6 +1840,8 @@ class GetParametersRequest(_message.Message):
     SKIP_STATS_FIELD_NUMBER: _builtins.int
     PACK_CHUNKS_FIELD_NUMBER: _builtins.int
     SHARED_MEMORY_REGION_FIELD_NUMBER: _builtins.int
+    SHARED_MEMORY_AREA_OFFSET_FIELD_NUMBER: _builtins.int
+    SHARED_MEMORY_AREA_BYTES_FIELD_NUMBER: _builtins.int
     session_id: _builtins.str
     """Session to use; empty for the default session."""
     stats_only: _builtins.bool
@@ -1848,6 +1865,12 @@ class GetParametersRequest(_message.Message):
     """Set: write the elements into the session's shared-memory region of this
     id, as GetGradientsRequest.shared_memory_region.
     """
+    shared_memory_area_offset: _builtins.int
+    """The area of the region to write, as
+    GetGradientsRequest.shared_memory_area_offset.
+    """
+    shared_memory_area_bytes: _builtins.int
+    """The area's length, as GetGradientsRequest.shared_memory_area_bytes."""
     @_builtins.property
     def patterns(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Name patterns as in FreezeLayers; empty means every parameter."""
@@ -1863,10 +1886,12 @@ class GetParametersRequest(_message.Message):
         skip_stats: _builtins.bool = ...,
         pack_chunks: _builtins.bool = ...,
         shared_memory_region: _builtins.str = ...,
+        shared_memory_area_offset: _builtins.int = ...,
+        shared_memory_area_bytes: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["include_buffers", b"include_buffers", "pack_chunks", b"pack_chunks", "patterns", b"patterns", "session_id", b"session_id", "shared_memory_region", b"shared_memory_region", "skip_stats", b"skip_stats", "stats_only", b"stats_only", "transfer_data_type", b"transfer_data_type"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["include_buffers", b"include_buffers", "pack_chunks", b"pack_chunks", "patterns", b"patterns", "session_id", b"session_id", "shared_memory_area_bytes", b"shared_memory_area_bytes", "shared_memory_area_offset", b"shared_memory_area_offset", "shared_memory_region", b"shared_memory_region", "skip_stats", b"skip_stats", "stats_only", b"stats_only", "transfer_data_type", b"transfer_data_type"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
