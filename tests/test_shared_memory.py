@@ -300,7 +300,7 @@ def test_bounded_in_size(shared: tuple[subprocess.Popen[str], int, ServerLog]) -
         with pytest.raises(grpc.RpcError) as outside:
             client.stub.Forward(request)
         assert outside.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "inside" in str(outside.value.details())
-        session.use_shared_memory(60 * MIB)  # 20 MiB areas: the first 16 MiB are sent before the rest is found not to fit
+        session.use_shared_memory(60 * MIB)  # 20 MiB areas: the first tensors are written before the rest is found not to fit
         with pytest.raises(ResourceExhaustedError) as small:
             session.gradients()
         assert small.value.reason == "SHARED_MEMORY_TOO_SMALL" and int(small.value.metadata["needed_bytes"]) > 46 * 10**6

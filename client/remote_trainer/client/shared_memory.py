@@ -137,8 +137,9 @@ class SharedRegion:
             if offset < 0 or offset + chunk.total_bytes > self.area_bytes:
                 raise ValueError(f"the server described a tensor outside the answer area ({chunk.total_bytes} bytes at "
                                  f"{chunk.shared_memory_offset}, the area is {self.area_bytes} bytes at {start})")
-            shape = tuple(chunk.shape)
-            array = base[offset:offset + chunk.total_bytes].view(codec.raw_dtype(chunk.data_type)).reshape(shape)
+            array: npt.NDArray[Any] = np.ndarray(tuple(chunk.shape), codec.raw_dtype(chunk.data_type), base, offset)
+            if array.nbytes != chunk.total_bytes:
+                raise ValueError(f"{chunk.name}: {chunk.total_bytes} bytes described for shape {list(chunk.shape)}")
             out.append(codec.bf16_bits_to_float32(array) if chunk.data_type == pb.DATA_TYPE_BFLOAT16 else array)
         self._held.add(area)
         weakref.finalize(base, self._held.discard, area)

@@ -139,7 +139,7 @@ class TrainerServicer:
     def _through_shared_memory(self, session_id: str, request: pb.GetGradientsRequest | pb.GetParametersRequest,
                                emit: Emit, encode: Callable[[TensorWriter], object]) -> None:
         """A GetGradients/GetParameters stream with shared_memory: the elements written into the
-        session's region, their chunks (no data) sent as they are written (``TensorWriter``)."""
+        request's area of the session's region, their chunks (no data) sent in one response (``TensorWriter``)."""
         if self._shared_memory is None:
             raise unavailable("this server does not allow shared memory (trainer-server --allow-shared-memory 1)")
         region = self._shared_memory.region(session_id or DEFAULT_SESSION_ID, request.shared_memory_region)

@@ -13,10 +13,10 @@ gets the descriptor back (``SCM_RIGHTS``); a wrong, used or expired ticket gets 
 Through the region travel Forward and TrainStep inputs (``SharedTensor``; read from the region
 during the call, and copied out when it begins by a Forward that keeps its graph for Backward:
 ``convert.input_tensor``'s ``borrow``) and GetGradients and GetParameters elements (written by the
-server at ``ALIGN``-ed offsets within the area the request names, described by the stream's chunks, sent as they are
-written: ``TensorWriter``). What a call wrote is good until a later call names the same area (the
-client picks areas no answer it still holds lies in) or writes an input over it. The server unmaps it when the session closes or expires, or the
-server stops; the client unmaps its own mapping.
+server at ``ALIGN``-ed offsets within the area the request names, described by the chunks of the
+stream's one response: ``TensorWriter``). What a call wrote is good until a later call names the
+same area (the client names only areas no answer it still holds lies in). The server unmaps the
+region when the session closes or expires, or the server stops; the client unmaps its own mapping.
 """
 
 from __future__ import annotations
@@ -49,7 +49,6 @@ REDEEM_SECONDS = 2.0  # how long a connection to the ticket socket may take to s
 MAX_REDEEMING = 16  # connections to the ticket socket served at once (more are closed at once)
 ALIGN = 64  # tensors written by the server start at multiples of this many bytes
 TICKET_BYTES = 32  # 256 random bits, sent as 64 hex digits
-GROUP_BYTES = 16 * 1024 * 1024  # a GetGradients/GetParameters response goes out once this many bytes are written
 
 
 def unavailable(why: str) -> FailedPrecondition:
@@ -110,25 +109,23 @@ class Region:
 
 class TensorWriter:
     """The ``encode`` of GetGradients/GetParameters through a region: each tensor's elements are
-    copied to the next ``ALIGN``-ed offset and described by a chunk without data. The chunks go out
-    in a response as soon as ``GROUP_BYTES`` are written since the last one, so that the client
-    copies them out while the next ones are written. Past the region's end nothing more is written
-    or sent but the bytes are still counted, so ``finish`` can say how many were needed."""
+    copied to the next ``ALIGN``-ed offset of the request's area and described by a chunk without
+    data, all in one response, sent by ``finish`` (the client reads the tensors where they lie, so
+    nothing is gained by sending some earlier: one message costs less than several). Past the
+    area's end nothing more is written but the bytes are still counted, so ``finish`` can say how
+    many were needed."""
 
     def __init__(self, region: Region, area: tuple[int, int], emit: Callable[[pb.GetGradientsResponse], None]) -> None:
         self._region = region
         self._start, self._limit = area  # the request's area (``Region.area``): nothing outside it is written
         self._emit = emit
-        self._chunks: list[pb.TensorChunk] = []  # written, not sent yet
-        self._unsent = 0  # their bytes
-        self._sent = False  # whether a response went out
+        self._response = pb.GetGradientsResponse()  # GetParametersResponse has the same fields
         self.end = self._start  # where the tensors written so far end
 
     def __call__(self, item: NamedTensor) -> None:
-        chunk = pb.TensorChunk(name=item.name, shape=item.shape, present=item.present, last=True)
+        chunk = self._response.chunks.add(name=item.name, shape=item.shape, present=item.present, last=True)
         if item.stats is not None:
             chunk.stats.CopyFrom(convert.stats_message(item.stats))
-        self._chunks.append(chunk)
         t = item.tensor
         if not item.present:
             chunk.data_type = pb.DATA_TYPE_FLOAT32
@@ -149,13 +146,9 @@ class TensorWriter:
             target = np.frombuffer(self._region.map, np.uint8, nbytes, offset)
             np.copyto(target, t.reshape(-1).view(torch.uint8).numpy())
             del target
-        self._unsent += nbytes
-        if self._unsent >= GROUP_BYTES:
-            self._send()
 
     def finish(self) -> None:
-        """Sends the chunks not sent yet (at least one response in all); refuses
-        (SHARED_MEMORY_TOO_SMALL) when the tensors did not fit."""
+        """Sends the response; refuses (SHARED_MEMORY_TOO_SMALL) when the tensors did not fit."""
         if self.end > self._limit:
             needed, limit = self.end - self._start, self._limit - self._start
             raise ResourceExhausted(
@@ -163,14 +156,7 @@ class TensorWriter:
                 "open a larger region (OpenSharedMemory) or ask for fewer tensors",
                 "SHARED_MEMORY_TOO_SMALL", metadata={"needed_bytes": str(needed), "limit": str(limit)},
             )
-        if self._chunks or not self._sent:
-            self._send()
-
-    def _send(self) -> None:
-        self._emit(pb.GetGradientsResponse(chunks=self._chunks))  # GetParametersResponse has the same fields
-        self._chunks = []
-        self._unsent = 0
-        self._sent = True
+        self._emit(self._response)
 
 
 @dataclass
