@@ -441,12 +441,15 @@ class Reason(enum.StrEnum):
     larger limit."""
     SHARED_MEMORY_TOO_SMALL = "SHARED_MEMORY_TOO_SMALL"
     """RESOURCE_EXHAUSTED: GetGradients or GetParameters with shared_memory_region whose elements do
-    not fit in the session's region. ErrorInfo metadata "needed_bytes" says how many they need. Do:
-    Open a larger region (OpenSharedMemory again), or ask for fewer tensors."""
+    not fit in the area of the session's region it names. ErrorInfo metadata "needed_bytes" says how
+    many they need. Do: Name a larger area, or open a larger region (OpenSharedMemory again), or ask
+    for fewer tensors."""
     BAD_SHARED_TENSOR = "BAD_SHARED_TENSOR"
     """INVALID_ARGUMENT: A SharedTensor whose offset and bytes lie (partly) outside the session's
-    region, or OpenSharedMemory with a size below 1. Do: Write the tensor inside the region; ask for
-    a size of at least 1."""
+    region; a GetGradients or GetParameters answer area (shared_memory_area_offset, _bytes) not
+    inside the region or not at a multiple of 64; or OpenSharedMemory with a size below 1. Do: Write
+    the tensor inside the region; name an area inside it, at a multiple of 64; ask for a size of at
+    least 1."""
 
 
 # Each reason's gRPC status code name (``grpc.StatusCode[STATUS[reason]]``).

@@ -786,15 +786,19 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     ERROR_REASON_SHARED_MEMORY_TOO_SMALL: _ErrorReason.ValueType  # 123
     """Status: RESOURCE_EXHAUSTED.
     Cause: GetGradients or GetParameters with shared_memory_region whose elements do
-    not fit in the session's region. ErrorInfo metadata "needed_bytes" says
-    how many they need.
-    Do: open a larger region (OpenSharedMemory again), or ask for fewer tensors.
+    not fit in the area of the session's region it names. ErrorInfo metadata
+    "needed_bytes" says how many they need.
+    Do: name a larger area, or open a larger region (OpenSharedMemory again),
+    or ask for fewer tensors.
     """
     ERROR_REASON_BAD_SHARED_TENSOR: _ErrorReason.ValueType  # 124
     """Status: INVALID_ARGUMENT.
     Cause: a SharedTensor whose offset and bytes lie (partly) outside the
-    session's region, or OpenSharedMemory with a size below 1.
-    Do: write the tensor inside the region; ask for a size of at least 1.
+    session's region; a GetGradients or GetParameters answer area
+    (shared_memory_area_offset, _bytes) not inside the region or not at a
+    multiple of 64; or OpenSharedMemory with a size below 1.
+    Do: write the tensor inside the region; name an area inside it, at a
+    multiple of 64; ask for a size of at least 1.
     """
 
 class ErrorReason(_ErrorReason, metaclass=_ErrorReasonEnumTypeWrapper):
@@ -1552,14 +1556,18 @@ Do: ask for fewer bytes, or start the server with a larger limit.
 ERROR_REASON_SHARED_MEMORY_TOO_SMALL: ErrorReason.ValueType  # 123
 """Status: RESOURCE_EXHAUSTED.
 Cause: GetGradients or GetParameters with shared_memory_region whose elements do
-not fit in the session's region. ErrorInfo metadata "needed_bytes" says
-how many they need.
-Do: open a larger region (OpenSharedMemory again), or ask for fewer tensors.
+not fit in the area of the session's region it names. ErrorInfo metadata
+"needed_bytes" says how many they need.
+Do: name a larger area, or open a larger region (OpenSharedMemory again),
+or ask for fewer tensors.
 """
 ERROR_REASON_BAD_SHARED_TENSOR: ErrorReason.ValueType  # 124
 """Status: INVALID_ARGUMENT.
 Cause: a SharedTensor whose offset and bytes lie (partly) outside the
-session's region, or OpenSharedMemory with a size below 1.
-Do: write the tensor inside the region; ask for a size of at least 1.
+session's region; a GetGradients or GetParameters answer area
+(shared_memory_area_offset, _bytes) not inside the region or not at a
+multiple of 64; or OpenSharedMemory with a size below 1.
+Do: write the tensor inside the region; name an area inside it, at a
+multiple of 64; ask for a size of at least 1.
 """
 Global___ErrorReason: _TypeAlias = ErrorReason  # noqa: Y015
