@@ -81,10 +81,10 @@ def test_quick_benchmark_prints_every_section(tmp_path: Path) -> None:
     # torch.distributed.rpc beside us: the empty call, the one-call and the separate-call step at the
     # quick size, both gradient fetches; the same logits and gradients as local PyTorch and ours,
     # and the peer process shut down cleanly.
-    # Then the same through shared memory (docs/shared-memory.md): gradients three ways, parameters,
-    # and a Forward's upload, equal to the gRPC path.
+    # Then the same through shared memory (docs/shared-memory.md): gradients with and without
+    # statistics, parameters, and a Forward's upload, equal to the gRPC path.
     rpc_rows = [r for r in rows if r["section"] == "rpc"]
-    assert len(rpc_rows) == 10, rpc_rows
+    assert len(rpc_rows) == 9, rpc_rows
     for row in rpc_rows[1:3]:
         assert figure(row, "logits_agree") < 1e-4, row
     for row in rpc_rows[3:5]:
