@@ -107,7 +107,7 @@ def test_a_stream_sends_its_first_tensors_while_later_ones_are_encoded(session: 
     waited: list[bool] = []
     original = convert.wire_chunks
 
-    def wire_chunks(item: NamedTensor, chunk_bytes: int, packed: bool = False) -> list[wire.Serialized]:
+    def wire_chunks(item: NamedTensor, chunk_bytes: int, packed: bool = False) -> list[wire.Pieces]:
         if item.name == "layer4.1.bn2.bias":
             waited.append(first_arrived.wait(timeout=20))
         return original(item, chunk_bytes, packed)

@@ -3,7 +3,7 @@
 Large tensors would otherwise be copied several times by protobuf on their way through a message,
 so a few messages are written and read here directly: a request whose batch travels spliced after
 it (``SplicedRequest``), the server's cut of that batch out of the received bytes (``cut_field``),
-tensor stream responses in wire form (``chunk_response``, ``Packer``, ``Serialized``) and the SDK's
+tensor stream responses in wire form (``chunk_pieces``, ``Packer``, ``Serialized``) and the SDK's
 reader of them (``split_chunk_response``). What they write is the proto's wire form, which any
 protobuf parser reads; they read anything a protobuf serialiser writes, and leave layouts they do
 not follow to protobuf's own parser. Field numbers come from the generated descriptors.
@@ -179,37 +179,55 @@ def _cut(
 # the data is copied once into the message, and read back as a view of the received bytes.
 
 
-def chunk_response(head: pb.TensorChunk, data: memoryview, packed: bool) -> Serialized:
+class Pieces:
+    """A response's wire bytes not yet joined: ``parts`` in order, ``size`` bytes in all. Views of a
+    tensor's memory may be among them, so it is joined (``join``, ``Packer.flush``) while that
+    memory still holds what it should: the one copy of the data into the response happens there."""
+
+    __slots__ = ("parts", "size")
+
+    def __init__(self, parts: list[bytes | memoryview], size: int) -> None:
+        self.parts = parts
+        self.size = size
+
+    def join(self) -> Serialized:
+        return Serialized(b"".join(self.parts))
+
+
+def chunk_pieces(head: pb.TensorChunk, data: memoryview, packed: bool) -> Pieces:
     """A response carrying one chunk: ``head`` (a ``TensorChunk`` without its data) followed by
-    ``data``, copied once. ``packed`` puts the chunk in the response's ``chunks`` field instead of
-    ``chunk``, ready for a ``Packer``."""
+    ``data``, not yet copied. ``packed`` puts the chunk in the response's ``chunks`` field instead
+    of ``chunk``, ready for a ``Packer``."""
     tag = _varint((_CHUNKS_FIELD if packed else _CHUNK_FIELD) << 3 | _LEN)
     head_bytes = head.SerializeToString()
     size = data.nbytes
     data_head = _varint(_DATA_FIELD << 3 | _LEN) + _varint(size) if size else b""
-    parts: list[bytes | memoryview] = [tag, _varint(len(head_bytes) + len(data_head) + size), head_bytes, data_head]
+    length = _varint(len(head_bytes) + len(data_head) + size)
+    parts: list[bytes | memoryview] = [tag, length, head_bytes, data_head]
     if size:
         parts.append(data)
-    return Serialized(b"".join(parts))
+    return Pieces(parts, len(tag) + len(length) + len(head_bytes) + len(data_head) + size)
 
 
 class Packer:
     """Joins responses made with ``packed`` (each one element of ``chunks``) while together they
     stay within ``limit`` bytes: protobuf appends every occurrence of a repeated field, so the
-    joined bytes are one response whose ``chunks`` are theirs in order. A response of ``limit``
-    bytes or more goes alone and is not copied. One response at a time, so a stream can send
-    what is complete while later tensors are still being encoded."""
+    joined bytes are one response whose ``chunks`` are theirs in order. Each group is joined once,
+    straight from its pieces (each chunk's data copied once); a response of ``limit`` bytes or more
+    goes alone. One response at a time, so a stream can send what is complete while later tensors
+    are still being encoded; the pieces it holds are views, so the last group must be flushed
+    before the memory they view changes."""
 
     def __init__(self, limit: int) -> None:
         self._limit = limit
-        self._group: list[bytes] = []
+        self._group: list[bytes | memoryview] = []
         self._size = 0
 
-    def add(self, message: Serialized) -> Serialized | None:
+    def add(self, message: Pieces) -> Serialized | None:
         """Takes ``message``; returns the response it completes (the group before it), if any."""
-        done = self.flush() if self._group and self._size + len(message.data) > self._limit else None
-        self._group.append(message.data)
-        self._size += len(message.data)
+        done = self.flush() if self._group and self._size + message.size > self._limit else None
+        self._group += message.parts
+        self._size += message.size
         return done
 
     def flush(self) -> Serialized | None:
@@ -217,7 +235,7 @@ class Packer:
         if not self._group:
             return None
         group, self._group, self._size = self._group, [], 0
-        return Serialized(group[0] if len(group) == 1 else b"".join(group))
+        return Serialized(b"".join(group))
 
 
 def split_chunk_response(data: bytes) -> list[tuple[pb.TensorChunk, memoryview]]:

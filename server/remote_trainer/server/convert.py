@@ -194,10 +194,10 @@ def transfer_dtype(code: int) -> torch.dtype:
     return _TRANSFER_TYPES[code]
 
 
-def wire_chunks(item: NamedTensor, chunk_bytes: int, packed: bool = False) -> list[wire.Serialized]:
-    """A named tensor as GetGradients/GetParameters responses in wire form, its data copied once
-    from the tensor's memory (the caller holds the session's lock while this reads it); ``packed``
-    for a stream whose responses a ``wire.Packer`` joins (the request's pack_chunks)."""
+def wire_chunks(item: NamedTensor, chunk_bytes: int, packed: bool = False) -> list[wire.Pieces]:
+    """A named tensor as GetGradients/GetParameters responses in wire form, not yet joined: their
+    pieces view the tensor's memory (the caller holds the session's lock until they are joined);
+    ``packed`` for a stream whose responses a ``wire.Packer`` joins (the request's pack_chunks)."""
     if not item.present:
         return chunking.encode_chunk_wire(item.name, None, item.shape, pb.DATA_TYPE_FLOAT32, None, chunk_bytes, packed)
     t = item.tensor
@@ -208,9 +208,11 @@ def wire_chunks(item: NamedTensor, chunk_bytes: int, packed: bool = False) -> li
 
 class ChunkSender:
     """The ``encode`` of a tensor stream that sends as it goes: each tensor becomes its responses in
-    wire form (``wire_chunks``), handed to ``emit`` at once, packed when the request asked
-    (``pack_chunks``); ``finish`` sends the last packed response. Once the stream's client is gone
-    (``still_wanted``), the next tensor raises ``Abandoned`` instead of being encoded."""
+    wire form (``wire_chunks``), each joined (its data copied once) and handed to ``emit`` at once,
+    or packed when the request asked (``pack_chunks``): then a group is joined when it is full, and
+    ``finish``, the engine's ``done``, joins and sends the last one while the session's lock still
+    holds the tensors it views. Once the stream's client is gone (``still_wanted``), the next
+    tensor raises ``Abandoned`` instead of being encoded."""
 
     def __init__(
         self, emit: Callable[[wire.Serialized], None], chunk_bytes: int, packed: bool, still_wanted: Callable[[], bool]
@@ -223,8 +225,8 @@ class ChunkSender:
     def __call__(self, item: NamedTensor) -> None:
         if not self._still_wanted():
             raise Abandoned("the stream's client went away; the rest of it was not made", "ABANDONED")
-        for message in wire_chunks(item, self._chunk_bytes, self._packer is not None):
-            done = self._packer.add(message) if self._packer is not None else message
+        for pieces in wire_chunks(item, self._chunk_bytes, self._packer is not None):
+            done = self._packer.add(pieces) if self._packer is not None else pieces.join()
             if done is not None:
                 self._emit(done)
 

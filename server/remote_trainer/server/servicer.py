@@ -390,9 +390,8 @@ class TrainerServicer:
         send = convert.ChunkSender(emit, self._chunk_bytes, request.pack_chunks, current_call().still_wanted)
         engine.encode_gradients(
             list(request.patterns), request.stats_only, convert.transfer_dtype(request.transfer_data_type), send,
-            with_stats=not request.skip_stats,
+            with_stats=not request.skip_stats, done=send.finish,
         )
-        send.finish()
 
     @streaming
     def GetParameters(self, request: pb.GetParametersRequest, context: Context, emit: Emit) -> None:
@@ -405,9 +404,8 @@ class TrainerServicer:
         send = convert.ChunkSender(emit, self._chunk_bytes, request.pack_chunks, current_call().still_wanted)
         engine.encode_parameters(
             list(request.patterns), request.stats_only, convert.transfer_dtype(request.transfer_data_type),
-            request.include_buffers, send, with_stats=not request.skip_stats,
+            request.include_buffers, send, with_stats=not request.skip_stats, done=send.finish,
         )
-        send.finish()
 
     @unary
     def GetGraph(self, request: pb.GetGraphRequest, context: Context) -> pb.GetGraphResponse:
