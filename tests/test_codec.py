@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import math
 
 import numpy as np
@@ -441,3 +442,26 @@ def test_fuzz_the_sdks_chunk_reader_reads_any_bytes_as_protobuf_does(data: bytes
     expected = ([response.chunk] if response.HasField("chunk") else []) + list(response.chunks)
     got = wire.split_chunk_response(data)
     assert [(_chunk_without_data(c)[0], bytes(view)) for c, view in got] == [_chunk_without_data(c) for c in expected]
+
+
+def test_responses_with_parts_written_in_place_join_to_the_same_bytes_without_a_copy() -> None:
+    """``wire.Fill`` parts (a cast written straight into the response) join with the others into
+    the bytes ``bytes.join`` would make; the response is filled in place through ``io.BytesIO``,
+    whose ``getvalue`` hands over its buffer without a copy once no view of it is left (CPython's
+    behaviour this relies on for speed, checked here so that a change of it is noticed)."""
+    payload = bytes(range(200)) * 50
+
+    def fill(dest: memoryview) -> None:
+        dest[:] = payload
+
+    parts: list[wire.Part] = [b"head", memoryview(b"view"), wire.Fill(len(payload), fill), b"tail"]
+    joined = wire.Pieces(parts, 12 + len(payload)).join().data
+    assert joined == b"headview" + payload + b"tail"
+    packer = wire.Packer(1 << 20)
+    assert packer.add(wire.Pieces(parts, 12 + len(payload))) is None and packer.add(wire.Pieces([b"more"], 4)) is None
+    flushed = packer.flush()
+    assert flushed is not None and flushed.data == joined + b"more"
+    out = io.BytesIO(bytes(16))
+    with out.getbuffer() as view:
+        view[:4] = b"abcd"
+    assert out.getvalue() is out.getvalue()

@@ -22,7 +22,7 @@ from remote_trainer.contract.trainer.v1 import trainer_pb2 as pb
 
 def encode_chunk_wire(
     name: str,
-    raw: bytes | memoryview | None,
+    raw: bytes | memoryview | wire.Source | None,
     shape: Iterable[int],
     data_type: int,
     stats: pb.TensorStats | None,
@@ -31,7 +31,8 @@ def encode_chunk_wire(
 ) -> list[wire.Pieces]:
     """One named tensor as GetGradients/GetParameters responses in wire form, one chunk of at most
     ``chunk_bytes`` of data each, not yet joined: each response's pieces view ``raw`` (the tensor's
-    memory), copied once when they are joined (``wire.Pieces.join``, ``wire.Packer``).
+    memory), copied once when they are joined (``wire.Pieces.join``, ``wire.Packer``); or, for a
+    ``wire.Source``, written there by it (a cast straight into the response).
 
     ``raw`` None means the tensor is absent (a parameter with no .grad): one chunk says so.
     ``raw`` empty bytes (stats only, or a tensor with no elements) gives one chunk with metadata.
@@ -42,7 +43,7 @@ def encode_chunk_wire(
         absent.shape.extend(shape)
         return [wire.chunk_pieces(absent, memoryview(b""), packed)]
     out = []
-    view = memoryview(raw).cast("B")
+    view = raw if isinstance(raw, wire.Source) else memoryview(raw).cast("B")
     total = view.nbytes
     offset = 0
     first = True
@@ -56,7 +57,8 @@ def encode_chunk_wire(
             chunk.total_bytes = total
             if stats is not None:
                 chunk.stats.CopyFrom(stats)
-        out.append(wire.chunk_pieces(chunk, view[offset:end], packed))
+        data = view.slice(offset, end) if isinstance(view, wire.Source) else view[offset:end]
+        out.append(wire.chunk_pieces(chunk, data, packed))
         offset = end
         first = False
     return out

@@ -11,6 +11,8 @@ not follow to protobuf's own parser. Field numbers come from the generated descr
 
 from __future__ import annotations
 
+import io
+from collections.abc import Callable
 from typing import Any
 
 from google.protobuf.descriptor import Descriptor
@@ -179,31 +181,81 @@ def _cut(
 # the data is copied once into the message, and read back as a view of the received bytes.
 
 
+class Fill:
+    """``nbytes`` of a response that ``write`` puts straight into their place in it (given a
+    writable view of exactly those bytes) instead of being copied from a bytes-like part: a cast,
+    say, that writes its result there rather than into a tensor of its own first."""
+
+    __slots__ = ("nbytes", "write")
+
+    def __init__(self, nbytes: int, write: Callable[[memoryview], None]) -> None:
+        self.nbytes = nbytes
+        self.write = write
+
+
+class Source:
+    """A tensor's wire bytes made as they are written (``Fill``), for ``chunking.encode_chunk_wire``
+    in place of a view of bytes that exist already."""
+
+    nbytes: int
+
+    def slice(self, start: int, end: int) -> Fill:
+        """Bytes ``start`` to ``end`` of the tensor's wire form."""
+        raise NotImplementedError
+
+
+Part = bytes | memoryview | Fill
+
+
 class Pieces:
     """A response's wire bytes not yet joined: ``parts`` in order, ``size`` bytes in all. Views of a
-    tensor's memory may be among them, so it is joined (``join``, ``Packer.flush``) while that
-    memory still holds what it should: the one copy of the data into the response happens there."""
+    tensor's memory (or ``Fill`` parts that read it) may be among them, so it is joined (``join``,
+    ``Packer.flush``) while that memory still holds what it should: the one copy of the data into
+    the response happens there."""
 
     __slots__ = ("parts", "size")
 
-    def __init__(self, parts: list[bytes | memoryview], size: int) -> None:
+    def __init__(self, parts: list[Part], size: int) -> None:
         self.parts = parts
         self.size = size
 
     def join(self) -> Serialized:
-        return Serialized(b"".join(self.parts))
+        return Serialized(_join(self.parts, self.size))
 
 
-def chunk_pieces(head: pb.TensorChunk, data: memoryview, packed: bool) -> Pieces:
+def _join(parts: list[Part], size: int) -> bytes:
+    """``parts`` as one ``bytes`` (what gRPC sends), each byte written once. Without ``Fill`` parts,
+    ``bytes.join``. With them, the bytes object is filled in place through ``io.BytesIO``: made
+    from zeroed bytes of the right size that nothing else refers to, its buffer is written through
+    ``getbuffer`` and returned by ``getvalue`` as it is, with no copy (CPython shares the buffer
+    when no view of it is left: ``tests/test_codec.py`` checks that this still holds)."""
+    if not any(isinstance(p, Fill) for p in parts):
+        return b"".join(parts)  # type: ignore[arg-type]
+    out = io.BytesIO(bytes(size))
+    with out.getbuffer() as view:
+        pos = 0
+        for part in parts:
+            n = part.nbytes if isinstance(part, (Fill, memoryview)) else len(part)
+            if isinstance(part, Fill):
+                part.write(view[pos : pos + n])
+            else:
+                view[pos : pos + n] = part
+            pos += n
+    if pos != size:
+        raise ValueError(f"the parts hold {pos} bytes, not {size}")
+    return out.getvalue()
+
+
+def chunk_pieces(head: pb.TensorChunk, data: memoryview | Fill, packed: bool) -> Pieces:
     """A response carrying one chunk: ``head`` (a ``TensorChunk`` without its data) followed by
-    ``data``, not yet copied. ``packed`` puts the chunk in the response's ``chunks`` field instead
+    ``data``, not yet copied (or written). ``packed`` puts the chunk in the response's ``chunks`` field instead
     of ``chunk``, ready for a ``Packer``."""
     tag = _varint((_CHUNKS_FIELD if packed else _CHUNK_FIELD) << 3 | _LEN)
     head_bytes = head.SerializeToString()
     size = data.nbytes
     data_head = _varint(_DATA_FIELD << 3 | _LEN) + _varint(size) if size else b""
     length = _varint(len(head_bytes) + len(data_head) + size)
-    parts: list[bytes | memoryview] = [tag, length, head_bytes, data_head]
+    parts: list[Part] = [tag, length, head_bytes, data_head]
     if size:
         parts.append(data)
     return Pieces(parts, len(tag) + len(length) + len(head_bytes) + len(data_head) + size)
@@ -220,7 +272,7 @@ class Packer:
 
     def __init__(self, limit: int) -> None:
         self._limit = limit
-        self._group: list[bytes | memoryview] = []
+        self._group: list[Part] = []
         self._size = 0
 
     def add(self, message: Pieces) -> Serialized | None:
@@ -234,8 +286,8 @@ class Packer:
         """The response of what was taken and not yet returned, if anything was."""
         if not self._group:
             return None
-        group, self._group, self._size = self._group, [], 0
-        return Serialized(b"".join(group))
+        group, size, self._group, self._size = self._group, self._size, [], 0
+        return Serialized(_join(group, size))
 
 
 def split_chunk_response(data: bytes) -> list[tuple[pb.TensorChunk, memoryview]]:

@@ -136,15 +136,16 @@ class RayEngine:
 
     # The tensors come out of the actor as arrays in the object store (a snapshot there, read here
     # without a copy), then ``encode`` and ``done`` run here: they never cross the process boundary.
+    # ``casts`` changes nothing: the actor sends each tensor cast to ``dtype`` already.
     def encode_gradients(
         self, patterns: list[str], stats_only: bool, dtype: torch.dtype, encode: Callable[[NamedTensor], T],
-        with_stats: bool = True, done: Callable[[], None] | None = None,
+        with_stats: bool = True, done: Callable[[], None] | None = None, casts: bool = False,
     ) -> list[T]:
         return _encoded(self.gradients(patterns, stats_only, dtype, with_stats), encode, done)
 
     def encode_parameters(
         self, patterns: list[str], stats_only: bool, dtype: torch.dtype, include_buffers: bool, encode: Callable[[NamedTensor], T],
-        with_stats: bool = True, done: Callable[[], None] | None = None,
+        with_stats: bool = True, done: Callable[[], None] | None = None, casts: bool = False,
     ) -> list[T]:
         return _encoded(self.parameters(patterns, stats_only, dtype, include_buffers, with_stats), encode, done)
 
