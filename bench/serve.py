@@ -26,7 +26,7 @@ from typing import Any, TypeVar
 import grpc
 
 from bench.raw import RawFloor, start_aio_floor
-from remote_trainer.server.app import create_server
+from remote_trainer.server.app import create_server, freeze_startup_objects
 from remote_trainer.engine.session import SessionEngine
 from remote_trainer.server.servicer import TrainerServicer
 from remote_trainer.server.settings import Settings
@@ -131,6 +131,7 @@ def main() -> int:
         extra["allow_shared_memory"] = 1
     settings = Settings(host=args.host, port=0, weights="random", seed=0, device=args.device, max_sessions=args.max_sessions, **extra)
     trainer = create_server(settings)
+    freeze_startup_objects()  # as trainer-server does
 
     floor = RawFloor(take_timings)
     raw_server = grpc.server(futures.ThreadPoolExecutor(max_workers=settings.max_workers), options=server_options(settings))

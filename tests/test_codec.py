@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import math
 
 import numpy as np
@@ -99,7 +100,7 @@ def test_chunks_reassemble(size: int) -> None:
     stats = pb.TensorStats(norm=1.0)
     sent = chunking.encode_chunk_wire("w", memoryview(array).cast("B"), array.shape, pb.DATA_TYPE_FLOAT32, stats, 4096)
     sent += chunking.encode_chunk_wire("g", None, (3,), pb.DATA_TYPE_FLOAT32, None, 4096)
-    chunks = [c for s in sent for c in wire.split_chunk_response(s.data)]
+    chunks = [c for s in sent for c in wire.split_chunk_response(s.join().data)]
     assert all(len(data) <= 4096 for _, data in chunks) and chunks[-2][0].last
     out = list(chunking.assemble_split_chunks(chunks))
     assert [t.name for t in out] == ["w", "g"]
@@ -125,13 +126,13 @@ def test_wire_chunks_are_the_protobuf_messages_and_read_back(size: int) -> None:
     expected = [
         pb.GetGradientsResponse(chunk=c) for c in [*_protobuf_chunks("w", array.tobytes(), array.shape, stats), *_protobuf_chunks("g", None, (3,))]
     ]
-    assert [pb.GetGradientsResponse.FromString(w.data) for w in sent] == expected
+    assert [pb.GetGradientsResponse.FromString(w.join().data) for w in sent] == expected
     for message in expected:
         [(chunk, data)] = wire.split_chunk_response(message.SerializeToString())
         assert bytes(data) == message.chunk.data
         chunk.data = bytes(data)
         assert chunk == message.chunk
-    out = list(chunking.assemble_split_chunks(c for w in sent for c in wire.split_chunk_response(w.data)))
+    out = list(chunking.assemble_split_chunks(c for w in sent for c in wire.split_chunk_response(w.join().data)))
     np.testing.assert_array_equal(out[0].array, array)
     assert out[0].stats == stats and not out[1].present
 
@@ -142,7 +143,7 @@ def test_packed_chunks_are_the_protobuf_messages_and_read_back(limit: int) -> No
     with protobuf into ``chunks`` holding exactly the chunks of the unpacked stream, in order, and
     the SDK's reader gets the same tensors back; a response at the limit is sent as it is."""
     tensors = [np.arange(n, dtype=np.float32) for n in (3000, 1, 0, 40, 2000)]
-    sent: list[wire.Serialized] = []
+    sent: list[wire.Pieces] = []
     expected: list[pb.TensorChunk] = []
     for i, t in enumerate(tensors):
         raw = memoryview(t).cast("B")
@@ -441,3 +442,26 @@ def test_fuzz_the_sdks_chunk_reader_reads_any_bytes_as_protobuf_does(data: bytes
     expected = ([response.chunk] if response.HasField("chunk") else []) + list(response.chunks)
     got = wire.split_chunk_response(data)
     assert [(_chunk_without_data(c)[0], bytes(view)) for c, view in got] == [_chunk_without_data(c) for c in expected]
+
+
+def test_responses_with_parts_written_in_place_join_to_the_same_bytes_without_a_copy() -> None:
+    """``wire.Fill`` parts (a cast written straight into the response) join with the others into
+    the bytes ``bytes.join`` would make; the response is filled in place through ``io.BytesIO``,
+    whose ``getvalue`` hands over its buffer without a copy once no view of it is left (CPython's
+    behaviour this relies on for speed, checked here so that a change of it is noticed)."""
+    payload = bytes(range(200)) * 50
+
+    def fill(dest: memoryview) -> None:
+        dest[:] = payload
+
+    parts: list[wire.Part] = [b"head", memoryview(b"view"), wire.Fill(len(payload), fill), b"tail"]
+    joined = wire.Pieces(parts, 12 + len(payload)).join().data
+    assert joined == b"headview" + payload + b"tail"
+    packer = wire.Packer(1 << 20)
+    assert packer.add(wire.Pieces(parts, 12 + len(payload))) is None and packer.add(wire.Pieces([b"more"], 4)) is None
+    flushed = packer.flush()
+    assert flushed is not None and flushed.data == joined + b"more"
+    out = io.BytesIO(bytes(16))
+    with out.getbuffer() as view:
+        view[:4] = b"abcd"
+    assert out.getvalue() is out.getvalue()

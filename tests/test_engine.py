@@ -169,3 +169,19 @@ def test_uint8_images_need_an_input_transform_and_it_travels_in_checkpoints() ->
     assert SessionState.from_dict(old_file).input_transform is None
     with pytest.raises(ValueError, match="std must be finite and > 0"):
         SessionState.from_dict({**state.to_dict(), "input_transform": {"mean": [0.5] * 3, "std": [0.0] * 3}})
+
+
+def test_streams_done_runs_after_the_last_tensor_while_the_lock_is_held() -> None:
+    """``done`` of encode_gradients/encode_parameters comes after the last ``encode`` and before the
+    session's lock is let go: a packed stream joins its last response there, from views of the
+    session's own tensors, which a call waiting for the lock could otherwise change first."""
+    engine, _ = engine_and_local()
+    engine.forward(torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(1)))
+    engine.backward(loss="cross_entropy", labels=torch.tensor([1, 9]))
+    for encode in (
+        lambda enc, done: engine.encode_gradients(["fc"], False, torch.float32, enc, done=done),
+        lambda enc, done: engine.encode_parameters(["fc"], False, torch.float32, False, enc, done=done),
+    ):
+        seen: list[str] = []
+        encode(lambda item: seen.append(item.name), lambda: seen.append(f"done, locked={engine._lock._lock.locked()}"))
+        assert seen == ["fc.weight", "fc.bias", "done, locked=True"]

@@ -73,6 +73,20 @@ def memfds(pid: int) -> tuple[int, int]:
     return fds, mapped
 
 
+def region_inodes(pid: int) -> set[int]:
+    """The inodes of the region memory files process ``pid`` holds, by descriptor or mapping."""
+    inodes = set()
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            if os.readlink(f"/proc/{pid}/fd/{fd}").startswith(f"/{MEMFD}"):
+                inodes.add(os.stat(f"/proc/{pid}/fd/{fd}").st_ino)
+        except OSError:
+            pass  # closed meanwhile
+    with open(f"/proc/{pid}/maps") as maps:
+        inodes |= {int(line.split()[4]) for line in maps if MEMFD in line}
+    return inodes
+
+
 def redeem(address: str, ticket: bytes) -> tuple[bytes, list[int]]:
     """What the server's ticket socket answers to ``ticket``: its message and the descriptors it sent."""
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as connection:
@@ -421,14 +435,16 @@ def test_expiry_and_sigkill_leave_nothing(data_dir: Path) -> None:
             other = client.create_session(WEIGHTS_NAME)
             client.stub.OpenSharedMemory(pb.OpenSharedMemoryRequest(session_id=other.session_id, size_bytes=MIB))
             assert memfds(proc.pid)[1] == before[1] + 2
+            regions = region_inodes(proc.pid)
+            assert len(regions) == 2, regions
             proc.kill()
             proc.wait()
             region.map[:4] = b"mine"  # the client's own mapping lives on until it unmaps it...
             region.close()
-        holders = []  # ...and then no process holds any region
+        holders = []  # ...and then no process holds any of the server's regions (other tests' may live on)
         for pid in filter(str.isdigit, os.listdir("/proc")):
             try:
-                if any(memfds(int(pid))):
+                if region_inodes(int(pid)) & regions:
                     holders.append(pid)
             except OSError:
                 pass  # gone, or not ours to read

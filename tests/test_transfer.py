@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from remote_trainer.client import InvalidArgumentError, Session, core
-from remote_trainer.contract import wire
+from remote_trainer.contract import chunking, wire
 from remote_trainer.contract.trainer.v1 import trainer_pb2 as pb
 from remote_trainer.contract.trainer.v1 import trainer_pb2_grpc as pb_grpc
 from remote_trainer.engine.errors import Abandoned
@@ -107,10 +107,10 @@ def test_a_stream_sends_its_first_tensors_while_later_ones_are_encoded(session: 
     waited: list[bool] = []
     original = convert.wire_chunks
 
-    def wire_chunks(item: NamedTensor, chunk_bytes: int, packed: bool = False) -> list[wire.Serialized]:
+    def wire_chunks(item: NamedTensor, chunk_bytes: int, packed: bool = False, dtype: torch.dtype | None = None) -> list[wire.Pieces]:
         if item.name == "layer4.1.bn2.bias":
             waited.append(first_arrived.wait(timeout=20))
-        return original(item, chunk_bytes, packed)
+        return original(item, chunk_bytes, packed, dtype)
 
     monkeypatch.setattr(convert, "wire_chunks", wire_chunks)
     session.forward(rand(2, 3, 64, 64))
@@ -135,3 +135,22 @@ def test_a_stream_whose_client_left_stops_encoding_at_the_next_tensor() -> None:
     with pytest.raises(Abandoned):
         send(tensor)
     assert len(sent) == 1
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("chunk_bytes", [4096, 4097])
+def test_a_cast_written_into_the_responses_equals_torch_cast(dtype: torch.dtype, chunk_bytes: int) -> None:
+    """A float32 tensor sent as float16 or bfloat16 is cast straight into the responses
+    (``convert.CastInto``, chunks ending on elements), or, for a chunk size that would cut an
+    element, cast first: either way the bytes of ``Tensor.to``, packed or not."""
+    t = torch.randn(5000, generator=torch.Generator().manual_seed(3)) * 1000
+    item = NamedTensor("w", (5000,), t, None)
+    want = t.to(dtype).float().numpy()
+    for packed in (False, True):
+        sent: list[wire.Serialized] = []
+        send = convert.ChunkSender(sent.append, chunk_bytes, packed, lambda: True, dtype)
+        send(item)
+        send.finish()
+        [got] = chunking.assemble_split_chunks(c for s in sent for c in wire.split_chunk_response(s.data))
+        assert got.data_type == convert.TORCH_TO_WIRE[dtype] and got.array is not None
+        np.testing.assert_array_equal(np.asarray(got.array, np.float32), want)

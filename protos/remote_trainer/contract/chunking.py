@@ -3,7 +3,7 @@
 GetGradients and GetParameters answer with a stream of chunks, each tensor's in order: its first
 chunk carries the tensor's shape, data type, size and statistics, every chunk a slice of its raw
 bytes (``codec``'s layout), and its last chunk says so. The server writes the chunks straight into
-responses in wire form (``wire.chunk_response``), the SDK reads them back (``wire.split_chunk_response``)
+responses in wire form (``wire.chunk_pieces``), the SDK reads them back (``wire.split_chunk_response``)
 and assembles them here.
 """
 
@@ -22,15 +22,17 @@ from remote_trainer.contract.trainer.v1 import trainer_pb2 as pb
 
 def encode_chunk_wire(
     name: str,
-    raw: bytes | memoryview | None,
+    raw: bytes | memoryview | wire.Source | None,
     shape: Iterable[int],
     data_type: int,
     stats: pb.TensorStats | None,
     chunk_bytes: int,
     packed: bool = False,
-) -> list[wire.Serialized]:
+) -> list[wire.Pieces]:
     """One named tensor as GetGradients/GetParameters responses in wire form, one chunk of at most
-    ``chunk_bytes`` of data each, copied once from ``raw`` (a view of the tensor's memory).
+    ``chunk_bytes`` of data each, not yet joined: each response's pieces view ``raw`` (the tensor's
+    memory), copied once when they are joined (``wire.Pieces.join``, ``wire.Packer``); or, for a
+    ``wire.Source``, written there by it (a cast straight into the response).
 
     ``raw`` None means the tensor is absent (a parameter with no .grad): one chunk says so.
     ``raw`` empty bytes (stats only, or a tensor with no elements) gives one chunk with metadata.
@@ -39,9 +41,9 @@ def encode_chunk_wire(
     if raw is None:
         absent = pb.TensorChunk(name=name, data_type=data_type, present=False, last=True)  # type: ignore[arg-type]
         absent.shape.extend(shape)
-        return [wire.chunk_response(absent, memoryview(b""), packed)]
+        return [wire.chunk_pieces(absent, memoryview(b""), packed)]
     out = []
-    view = memoryview(raw).cast("B")
+    view = raw if isinstance(raw, wire.Source) else memoryview(raw).cast("B")
     total = view.nbytes
     offset = 0
     first = True
@@ -55,7 +57,8 @@ def encode_chunk_wire(
             chunk.total_bytes = total
             if stats is not None:
                 chunk.stats.CopyFrom(stats)
-        out.append(wire.chunk_response(chunk, view[offset:end], packed))
+        data = view.slice(offset, end) if isinstance(view, wire.Source) else view[offset:end]
+        out.append(wire.chunk_pieces(chunk, data, packed))
         offset = end
         first = False
     return out

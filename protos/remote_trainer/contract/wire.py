@@ -3,7 +3,7 @@
 Large tensors would otherwise be copied several times by protobuf on their way through a message,
 so a few messages are written and read here directly: a request whose batch travels spliced after
 it (``SplicedRequest``), the server's cut of that batch out of the received bytes (``cut_field``),
-tensor stream responses in wire form (``chunk_response``, ``Packer``, ``Serialized``) and the SDK's
+tensor stream responses in wire form (``chunk_pieces``, ``Packer``, ``Serialized``) and the SDK's
 reader of them (``split_chunk_response``). What they write is the proto's wire form, which any
 protobuf parser reads; they read anything a protobuf serialiser writes, and leave layouts they do
 not follow to protobuf's own parser. Field numbers come from the generated descriptors.
@@ -11,6 +11,8 @@ not follow to protobuf's own parser. Field numbers come from the generated descr
 
 from __future__ import annotations
 
+import io
+from collections.abc import Callable
 from typing import Any
 
 from google.protobuf.descriptor import Descriptor
@@ -179,45 +181,113 @@ def _cut(
 # the data is copied once into the message, and read back as a view of the received bytes.
 
 
-def chunk_response(head: pb.TensorChunk, data: memoryview, packed: bool) -> Serialized:
+class Fill:
+    """``nbytes`` of a response that ``write`` puts straight into their place in it (given a
+    writable view of exactly those bytes) instead of being copied from a bytes-like part: a cast,
+    say, that writes its result there rather than into a tensor of its own first."""
+
+    __slots__ = ("nbytes", "write")
+
+    def __init__(self, nbytes: int, write: Callable[[memoryview], None]) -> None:
+        self.nbytes = nbytes
+        self.write = write
+
+
+class Source:
+    """A tensor's wire bytes made as they are written (``Fill``), for ``chunking.encode_chunk_wire``
+    in place of a view of bytes that exist already."""
+
+    nbytes: int
+
+    def slice(self, start: int, end: int) -> Fill:
+        """Bytes ``start`` to ``end`` of the tensor's wire form."""
+        raise NotImplementedError
+
+
+Part = bytes | memoryview | Fill
+
+
+class Pieces:
+    """A response's wire bytes not yet joined: ``parts`` in order, ``size`` bytes in all. Views of a
+    tensor's memory (or ``Fill`` parts that read it) may be among them, so it is joined (``join``,
+    ``Packer.flush``) while that memory still holds what it should: the one copy of the data into
+    the response happens there."""
+
+    __slots__ = ("parts", "size")
+
+    def __init__(self, parts: list[Part], size: int) -> None:
+        self.parts = parts
+        self.size = size
+
+    def join(self) -> Serialized:
+        return Serialized(_join(self.parts, self.size))
+
+
+def _join(parts: list[Part], size: int) -> bytes:
+    """``parts`` as one ``bytes`` (what gRPC sends), each byte written once. Without ``Fill`` parts,
+    ``bytes.join``. With them, the bytes object is filled in place through ``io.BytesIO``: made
+    from zeroed bytes of the right size that nothing else refers to, its buffer is written through
+    ``getbuffer`` and returned by ``getvalue`` as it is, with no copy (CPython shares the buffer
+    when no view of it is left: ``tests/test_codec.py`` checks that this still holds)."""
+    if not any(isinstance(p, Fill) for p in parts):
+        return b"".join(parts)  # type: ignore[arg-type]
+    out = io.BytesIO(bytes(size))
+    with out.getbuffer() as view:
+        pos = 0
+        for part in parts:
+            n = part.nbytes if isinstance(part, (Fill, memoryview)) else len(part)
+            if isinstance(part, Fill):
+                part.write(view[pos : pos + n])
+            else:
+                view[pos : pos + n] = part
+            pos += n
+    if pos != size:
+        raise ValueError(f"the parts hold {pos} bytes, not {size}")
+    return out.getvalue()
+
+
+def chunk_pieces(head: pb.TensorChunk, data: memoryview | Fill, packed: bool) -> Pieces:
     """A response carrying one chunk: ``head`` (a ``TensorChunk`` without its data) followed by
-    ``data``, copied once. ``packed`` puts the chunk in the response's ``chunks`` field instead of
-    ``chunk``, ready for a ``Packer``."""
+    ``data``, not yet copied (or written). ``packed`` puts the chunk in the response's ``chunks`` field instead
+    of ``chunk``, ready for a ``Packer``."""
     tag = _varint((_CHUNKS_FIELD if packed else _CHUNK_FIELD) << 3 | _LEN)
     head_bytes = head.SerializeToString()
     size = data.nbytes
     data_head = _varint(_DATA_FIELD << 3 | _LEN) + _varint(size) if size else b""
-    parts: list[bytes | memoryview] = [tag, _varint(len(head_bytes) + len(data_head) + size), head_bytes, data_head]
+    length = _varint(len(head_bytes) + len(data_head) + size)
+    parts: list[Part] = [tag, length, head_bytes, data_head]
     if size:
         parts.append(data)
-    return Serialized(b"".join(parts))
+    return Pieces(parts, len(tag) + len(length) + len(head_bytes) + len(data_head) + size)
 
 
 class Packer:
     """Joins responses made with ``packed`` (each one element of ``chunks``) while together they
     stay within ``limit`` bytes: protobuf appends every occurrence of a repeated field, so the
-    joined bytes are one response whose ``chunks`` are theirs in order. A response of ``limit``
-    bytes or more goes alone and is not copied. One response at a time, so a stream can send
-    what is complete while later tensors are still being encoded."""
+    joined bytes are one response whose ``chunks`` are theirs in order. Each group is joined once,
+    straight from its pieces (each chunk's data copied once); a response of ``limit`` bytes or more
+    goes alone. One response at a time, so a stream can send what is complete while later tensors
+    are still being encoded; the pieces it holds are views, so the last group must be flushed
+    before the memory they view changes."""
 
     def __init__(self, limit: int) -> None:
         self._limit = limit
-        self._group: list[bytes] = []
+        self._group: list[Part] = []
         self._size = 0
 
-    def add(self, message: Serialized) -> Serialized | None:
+    def add(self, message: Pieces) -> Serialized | None:
         """Takes ``message``; returns the response it completes (the group before it), if any."""
-        done = self.flush() if self._group and self._size + len(message.data) > self._limit else None
-        self._group.append(message.data)
-        self._size += len(message.data)
+        done = self.flush() if self._group and self._size + message.size > self._limit else None
+        self._group += message.parts
+        self._size += message.size
         return done
 
     def flush(self) -> Serialized | None:
         """The response of what was taken and not yet returned, if anything was."""
         if not self._group:
             return None
-        group, self._group, self._size = self._group, [], 0
-        return Serialized(group[0] if len(group) == 1 else b"".join(group))
+        group, size, self._group, self._size = self._group, self._size, [], 0
+        return Serialized(_join(group, size))
 
 
 def split_chunk_response(data: bytes) -> list[tuple[pb.TensorChunk, memoryview]]:

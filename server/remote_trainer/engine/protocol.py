@@ -112,12 +112,12 @@ class Engine(Protocol):
 
     def encode_gradients(
         self, patterns: list[str], stats_only: bool, dtype: torch.dtype, encode: Callable[[NamedTensor], T],
-        with_stats: bool = True,
+        with_stats: bool = True, done: Callable[[], None] | None = None, casts: bool = False,
     ) -> list[T]: ...
 
     def encode_parameters(
         self, patterns: list[str], stats_only: bool, dtype: torch.dtype, include_buffers: bool, encode: Callable[[NamedTensor], T],
-        with_stats: bool = True,
+        with_stats: bool = True, done: Callable[[], None] | None = None, casts: bool = False,
     ) -> list[T]: ...
 
     def graph(self) -> Graph: ...

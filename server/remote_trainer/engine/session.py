@@ -423,23 +423,27 @@ class SessionEngine:
 
     def encode_gradients(
         self, patterns: list[str], stats_only: bool, dtype: torch.dtype, encode: Callable[[NamedTensor], T],
-        with_stats: bool = True,
+        with_stats: bool = True, done: Callable[[], None] | None = None, casts: bool = False,
     ) -> list[T]:
         """``encode`` of each .grad matching ``patterns``, in order, called under the session's lock
         with the tensor's own memory when it is already on the CPU in ``dtype`` (no snapshot copy):
-        what ``encode`` returns or sends must not keep that tensor. ``encode`` may send each result
-        before the next tensor is read. ``with_stats`` False skips the statistics."""
-        return self._snapshot(patterns, stats_only, dtype, lambda p: p.grad, False, encode, with_stats)
+        what ``encode`` returns or sends must not keep that tensor, except until ``done``, called
+        after the last ``encode`` and still under the lock. ``encode`` may send each result before
+        the next tensor is read. ``with_stats`` False skips the statistics. ``casts``: ``encode``
+        casts floating tensors to ``dtype`` itself as it copies them, so one already on the CPU
+        comes in its own type and memory rather than as a cast copy."""
+        return self._snapshot(patterns, stats_only, dtype, lambda p: p.grad, False, encode, with_stats, done, casts)
 
     def encode_parameters(
         self, patterns: list[str], stats_only: bool, dtype: torch.dtype, include_buffers: bool, encode: Callable[[NamedTensor], T],
-        with_stats: bool = True,
+        with_stats: bool = True, done: Callable[[], None] | None = None, casts: bool = False,
     ) -> list[T]:
         """``encode_gradients`` for parameter values (and buffers)."""
-        return self._snapshot(patterns, stats_only, dtype, lambda p: p, include_buffers, encode, with_stats)
+        return self._snapshot(patterns, stats_only, dtype, lambda p: p, include_buffers, encode, with_stats, done, casts)
 
     def _snapshot(self, patterns: list[str], stats_only: bool, dtype: torch.dtype, pick: Callable[[torch.Tensor], torch.Tensor | None],
-                  include_buffers: bool, encode: Callable[[NamedTensor], T], with_stats: bool = True) -> list[T]:
+                  include_buffers: bool, encode: Callable[[NamedTensor], T], with_stats: bool = True,
+                  done: Callable[[], None] | None = None, casts: bool = False) -> list[T]:
         """``encode`` of each tensor ``pick`` chooses, under the lock (``encode_gradients``)."""
         if stats_only and not with_stats:
             raise invalid("skip_stats", "skip_stats with stats_only would send nothing", "NOTHING_TO_SEND")
@@ -447,7 +451,10 @@ class SessionEngine:
             chosen = Selection.of(self._model, patterns, pick, include_buffers)
             copies = 0 if stats_only else chosen.copy_bytes(dtype)
             self._budget.check(self, copies, f"a snapshot of {len(chosen.names)} tensor(s)")
-            return chosen.encode(encode, stats_only, dtype, with_stats, self._placement)
+            out = chosen.encode(encode, stats_only, dtype, with_stats, self._placement, casts)
+            if done is not None:
+                done()
+            return out
 
     def graph(self) -> Graph:
         """The autograd graph of the pending forward, from the logits' grad_fn to the leaf parameters."""

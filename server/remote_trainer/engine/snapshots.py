@@ -55,11 +55,13 @@ class Selection:
         return sum(v.numel() * (dtype.itemsize if v.is_floating_point() else v.element_size()) for v in self.values.values())
 
     def encode(
-        self, encode: Callable[[NamedTensor], T], stats_only: bool, dtype: torch.dtype, with_stats: bool, placement: Placement
+        self, encode: Callable[[NamedTensor], T], stats_only: bool, dtype: torch.dtype, with_stats: bool, placement: Placement,
+        casts: bool = False,
     ) -> list[T]:
         """``encode`` of each tensor, in order: one that is absent as not present; with its data on
         the CPU in ``dtype`` unless ``stats_only`` (the tensor's own memory when it is there already:
-        no copy); with its statistics when ``with_stats``."""
+        no copy; with ``casts``, a tensor on the CPU in its own type, which ``encode`` casts as it
+        copies); with its statistics when ``with_stats``."""
         # When data goes out, on the CPU each tensor's statistics are taken right before it is
         # encoded, so that a caller sending as it encodes starts with the first tensors while
         # later ones are read; otherwise all at once (fewer calls, one synchronisation).
@@ -78,6 +80,11 @@ class Selection:
             if not stats_only:
                 # On the CPU in the transfer type: a copy only when it is elsewhere or in another type.
                 target = dtype if value.is_floating_point() else value.dtype
-                view = staged[name] if staged is not None else value.to("cpu", target).contiguous()
+                if staged is not None:
+                    view = staged[name]
+                elif casts and value.device.type == "cpu":
+                    view = value.contiguous()
+                else:
+                    view = value.to("cpu", target).contiguous()
             out.append(encode(NamedTensor(name, tuple(value.shape), view, stats)))
         return out

@@ -200,37 +200,70 @@ def transfer_dtype(code: int) -> torch.dtype:
     return _TRANSFER_TYPES[code]
 
 
-def wire_chunks(item: NamedTensor, chunk_bytes: int, packed: bool = False) -> list[wire.Serialized]:
-    """A named tensor as GetGradients/GetParameters responses in wire form, its data copied once
-    from the tensor's memory (the caller holds the session's lock while this reads it); ``packed``
-    for a stream whose responses a ``wire.Packer`` joins (the request's pack_chunks)."""
+class CastInto(wire.Source):
+    """A contiguous CPU tensor's elements in ``dtype`` (float16 or bfloat16) as wire bytes, each
+    slice cast by torch straight into its place in the response: no tensor of the cast values
+    first, so the cast is the one copy of the data (the same conversion as ``Tensor.to``)."""
+
+    def __init__(self, t: torch.Tensor, dtype: torch.dtype) -> None:
+        self._flat = t.reshape(-1)
+        self._dtype = dtype
+        self.nbytes = t.numel() * dtype.itemsize
+
+    def slice(self, start: int, end: int) -> wire.Fill:
+        size = self._dtype.itemsize
+        if start % size or end % size:
+            raise ValueError(f"a slice of {self._dtype} must start and end on an element, not {start}:{end}")
+        source, dtype = self._flat[start // size : end // size], self._dtype
+
+        def write(dest: memoryview) -> None:
+            torch.frombuffer(dest, dtype=dtype).copy_(source)
+
+        return wire.Fill(end - start, write)
+
+
+def wire_chunks(item: NamedTensor, chunk_bytes: int, packed: bool = False, dtype: torch.dtype | None = None) -> list[wire.Pieces]:
+    """A named tensor as GetGradients/GetParameters responses in wire form, not yet joined: their
+    pieces view the tensor's memory (the caller holds the session's lock until they are joined);
+    ``packed`` for a stream whose responses a ``wire.Packer`` joins (the request's pack_chunks).
+    A floating tensor not yet in ``dtype`` (the engine left the cast to the encoder: its
+    ``casts``) is cast as it is written into the responses (``CastInto``)."""
     if not item.present:
         return chunking.encode_chunk_wire(item.name, None, item.shape, pb.DATA_TYPE_FLOAT32, None, chunk_bytes, packed)
     t = item.tensor
-    data_type = TORCH_TO_WIRE[t.dtype] if t is not None else pb.DATA_TYPE_UNSPECIFIED
     stats = stats_message(item.stats) if item.stats is not None else None
-    return chunking.encode_chunk_wire(item.name, raw_view(t) if t is not None else b"", item.shape, data_type, stats, chunk_bytes, packed)
+    if t is None:
+        return chunking.encode_chunk_wire(item.name, b"", item.shape, pb.DATA_TYPE_UNSPECIFIED, stats, chunk_bytes, packed)
+    if dtype is None or not t.is_floating_point() or t.dtype == dtype:
+        return chunking.encode_chunk_wire(item.name, raw_view(t), item.shape, TORCH_TO_WIRE[t.dtype], stats, chunk_bytes, packed)
+    # Chunks end on elements when chunk_bytes allows (it always does but for odd settings).
+    data = CastInto(t, dtype) if chunk_bytes % dtype.itemsize == 0 else raw_view(t.to(dtype))
+    return chunking.encode_chunk_wire(item.name, data, item.shape, TORCH_TO_WIRE[dtype], stats, chunk_bytes, packed)
 
 
 class ChunkSender:
     """The ``encode`` of a tensor stream that sends as it goes: each tensor becomes its responses in
-    wire form (``wire_chunks``), handed to ``emit`` at once, packed when the request asked
-    (``pack_chunks``); ``finish`` sends the last packed response. Once the stream's client is gone
-    (``still_wanted``), the next tensor raises ``Abandoned`` instead of being encoded."""
+    wire form (``wire_chunks``, floating tensors cast to ``dtype`` there), each joined (its data
+    copied once) and handed to ``emit`` at once, or packed when the request asked (``pack_chunks``):
+    then a group is joined when it is full, and ``finish``, the engine's ``done``, joins and sends
+    the last one while the session's lock still holds the tensors it views. Once the stream's client
+    is gone (``still_wanted``), the next tensor raises ``Abandoned`` instead of being encoded."""
 
     def __init__(
-        self, emit: Callable[[wire.Serialized], None], chunk_bytes: int, packed: bool, still_wanted: Callable[[], bool]
+        self, emit: Callable[[wire.Serialized], None], chunk_bytes: int, packed: bool, still_wanted: Callable[[], bool],
+        dtype: torch.dtype | None = None,
     ) -> None:
         self._emit = emit
         self._chunk_bytes = chunk_bytes
         self._packer = wire.Packer(chunk_bytes) if packed else None
         self._still_wanted = still_wanted
+        self._dtype = dtype
 
     def __call__(self, item: NamedTensor) -> None:
         if not self._still_wanted():
             raise Abandoned("the stream's client went away; the rest of it was not made", "ABANDONED")
-        for message in wire_chunks(item, self._chunk_bytes, self._packer is not None):
-            done = self._packer.add(message) if self._packer is not None else message
+        for pieces in wire_chunks(item, self._chunk_bytes, self._packer is not None, self._dtype):
+            done = self._packer.add(pieces) if self._packer is not None else pieces.join()
             if done is not None:
                 self._emit(done)
 

@@ -388,19 +388,19 @@ class TrainerServicer:
     @streaming
     def GetGradients(self, request: pb.GetGradientsRequest, context: Context, emit: Emit) -> None:
         # Every response is written in wire form under the session's lock, straight from the
-        # gradients' memory (one copy, no snapshot), and sent while the next tensors are written.
+        # gradients' memory (one copy, no snapshot; a cast to float16 or bfloat16 is that copy),
+        # and sent while the next tensors are written.
         engine = self._session(request.session_id, context)
         if request.shared_memory_region:
             self._through_shared_memory(request.session_id, request, emit, lambda writer: engine.encode_gradients(
                 list(request.patterns), request.stats_only, convert.transfer_dtype(request.transfer_data_type), writer,
                 with_stats=not request.skip_stats))
             return
-        send = convert.ChunkSender(emit, self._chunk_bytes, request.pack_chunks, current_call().still_wanted)
+        dtype = convert.transfer_dtype(request.transfer_data_type)
+        send = convert.ChunkSender(emit, self._chunk_bytes, request.pack_chunks, current_call().still_wanted, dtype)
         engine.encode_gradients(
-            list(request.patterns), request.stats_only, convert.transfer_dtype(request.transfer_data_type), send,
-            with_stats=not request.skip_stats,
+            list(request.patterns), request.stats_only, dtype, send, with_stats=not request.skip_stats, done=send.finish, casts=True,
         )
-        send.finish()
 
     @streaming
     def GetParameters(self, request: pb.GetParametersRequest, context: Context, emit: Emit) -> None:
@@ -410,12 +410,12 @@ class TrainerServicer:
                 list(request.patterns), request.stats_only, convert.transfer_dtype(request.transfer_data_type),
                 request.include_buffers, writer, with_stats=not request.skip_stats))
             return
-        send = convert.ChunkSender(emit, self._chunk_bytes, request.pack_chunks, current_call().still_wanted)
+        dtype = convert.transfer_dtype(request.transfer_data_type)
+        send = convert.ChunkSender(emit, self._chunk_bytes, request.pack_chunks, current_call().still_wanted, dtype)
         engine.encode_parameters(
-            list(request.patterns), request.stats_only, convert.transfer_dtype(request.transfer_data_type),
-            request.include_buffers, send, with_stats=not request.skip_stats,
+            list(request.patterns), request.stats_only, dtype, request.include_buffers, send, with_stats=not request.skip_stats,
+            done=send.finish, casts=True,
         )
-        send.finish()
 
     @unary
     def GetGraph(self, request: pb.GetGraphRequest, context: Context) -> pb.GetGraphResponse:

@@ -135,18 +135,26 @@ class RayEngine:
         return result
 
     # The tensors come out of the actor as arrays in the object store (a snapshot there, read here
-    # without a copy), then ``encode`` runs here: it never crosses the process boundary.
+    # without a copy), then ``encode`` and ``done`` run here: they never cross the process boundary.
+    # ``casts`` changes nothing: the actor sends each tensor cast to ``dtype`` already.
     def encode_gradients(
         self, patterns: list[str], stats_only: bool, dtype: torch.dtype, encode: Callable[[NamedTensor], T],
-        with_stats: bool = True,
+        with_stats: bool = True, done: Callable[[], None] | None = None, casts: bool = False,
     ) -> list[T]:
-        return [encode(item) for item in self.gradients(patterns, stats_only, dtype, with_stats)]
+        return _encoded(self.gradients(patterns, stats_only, dtype, with_stats), encode, done)
 
     def encode_parameters(
         self, patterns: list[str], stats_only: bool, dtype: torch.dtype, include_buffers: bool, encode: Callable[[NamedTensor], T],
-        with_stats: bool = True,
+        with_stats: bool = True, done: Callable[[], None] | None = None, casts: bool = False,
     ) -> list[T]:
-        return [encode(item) for item in self.parameters(patterns, stats_only, dtype, include_buffers, with_stats)]
+        return _encoded(self.parameters(patterns, stats_only, dtype, include_buffers, with_stats), encode, done)
+
+
+def _encoded(items: list[NamedTensor], encode: Callable[[NamedTensor], T], done: Callable[[], None] | None) -> list[T]:
+    out = [encode(item) for item in items]
+    if done is not None:
+        done()
+    return out
 
 
 # The engine methods a front-end calls on a session actor, and all that the actor runs.
