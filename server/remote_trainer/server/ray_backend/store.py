@@ -287,7 +287,7 @@ class RaySessionStore:
                 handle: Any = ray.get_actor(actor_name(sid), namespace=self._namespace)
                 idle = float(self._await(handle.idle_seconds.remote(), Call(), HOUSEKEEPING_TIMEOUT))
                 if self._pending_seconds and idle > self._pending_seconds:
-                    self._await(handle.call.remote("drop_pending", (f"unused for {idle:.0f} s (pending_graph_seconds)",), {}),
+                    self._await(handle.call.remote(("drop_pending", (f"unused for {idle:.0f} s (pending_graph_seconds)",), {}, None)),
                                 Call(), HOUSEKEEPING_TIMEOUT)
             except (ValueError, RayActorError, GetTimeoutError):
                 continue  # lost (told to its next caller) or not answering: not idle
