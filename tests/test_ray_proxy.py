@@ -17,7 +17,7 @@ from remote_trainer.engine.protocol import Engine
 from remote_trainer.engine.checkpoints import Quota
 from remote_trainer.engine.results import CheckpointInfo
 from remote_trainer.server.calls import Call, in_call
-from remote_trainer.server.ray_backend.proxy import FORWARDED, RayEngine
+from remote_trainer.server.ray_backend.proxy import FORWARDED, RayEngine, Request
 from remote_trainer.server.settings import parse_settings
 from tests.test_layout import loaded_after
 
@@ -31,7 +31,8 @@ class FakeActor:
         self.answer = answer
         self.call = self
 
-    def remote(self, method: str, args: tuple[Any, ...], kwargs: dict[str, Any], until: float | None) -> object:
+    def remote(self, request: Request) -> object:
+        method, args, kwargs, until = request
         self.calls.append((method, portable.unpack(args), portable.unpack(kwargs)))
         self.deadlines.append(until)
         return portable.pack(self.answer)
