@@ -116,12 +116,13 @@ class SessionActor:
                 self._engine = SessionEngine.from_spec(model, optimizer, limits, budget, keep_initial_state)
             return self._placed(self._engine.describe()), self._actor_id
 
-    def call(self, request: Request) -> Any:
+    def call(self, sealed: Any) -> Any:
         """``engine.method(*args, **kwargs)`` with tensors packed as numpy arrays both ways, unless
         the caller's deadline ``until`` (``time.time()``) passed while it waited to run. The request
-        is one object (``proxy.Request``): Ray serialises each argument of a call on its own. The
+        is one object (``proxy.Request``, sealed: ``portable.seal``), and so is the answer. The
         gradients and parameters are copied into the object store under the session's lock, straight
         from the tensors' memory: that copy is the snapshot, handed back as ``InStore``."""
+        request: Request = portable.unseal(sealed)
         method, args, kwargs, until = request
         if self._engine is None or method not in FORWARDED:
             raise FailedPrecondition(f"session actor cannot run {method!r} (not built, or not an engine method)", "SESSION_NOT_READY")
@@ -129,20 +130,19 @@ class SessionActor:
         outcome = wanted.outcome()
         if outcome is not None:
             raise Abandoned(f"{method} was not run: its caller stopped waiting before the session was free", outcome)
-        unpacked = portable.unpack(kwargs)
         if method in CHECKED:
-            unpacked["still_wanted"] = wanted
+            kwargs["still_wanted"] = wanted
         use = method not in HOUSEKEEPING
         self._count(use, +1)
         try:
             if method in COPIED:
-                return _into_store(self._engine, method, portable.unpack(args), unpacked)
-            result = getattr(self._engine, method)(*portable.unpack(args), **unpacked)
+                return _into_store(self._engine, method, args, kwargs)
+            result = getattr(self._engine, method)(*args, **kwargs)
         finally:
             self._count(use, -1)
         if isinstance(result, SessionDescription):
             result = self._placed(result)
-        return portable.pack(result)
+        return portable.seal(result)
 
     def _count(self, use: bool, change: int) -> None:
         """A call of the session starts (+1) or ends (-1): both are use, for the idle clock."""

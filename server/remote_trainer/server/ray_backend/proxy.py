@@ -43,8 +43,8 @@ T = TypeVar("T")
 
 
 # What a front-end sends with each actor call, as one object (Ray serialises each argument on its
-# own): the engine method's name, its packed positional and keyword arguments, and the caller's
-# deadline (``wall_deadline``).
+# own), sealed (``portable.seal``: pickled here unless it holds tensors): the engine method's name,
+# its positional and keyword arguments, and the caller's deadline (``wall_deadline``).
 Request = tuple[str, tuple[Any, ...], dict[str, Any], "float | None"]
 
 
@@ -116,11 +116,11 @@ class RayEngine:
             bound = method.signature.bind(self, *args, **kwargs)
             check_wanted(bound.arguments.pop("still_wanted", None), method.not_run)
             sent = (bound.args[1:], bound.kwargs)
-        request: Request = (method.name, portable.pack(sent[0]), portable.pack(sent[1]), wall_deadline(current_call()))
-        answer = self._store.wait(self, self._handle.call.remote(request))
+        request: Request = (method.name, sent[0], sent[1], wall_deadline(current_call()))
+        answer = self._store.wait(self, self._handle.call.remote(portable.seal(request)))
         if isinstance(answer, InStore):  # a snapshot the actor put into the object store: read in place
             answer = self._store.wait(self, answer.ref)
-        result: R = portable.unpack(answer)
+        result: R = portable.unseal(answer)
         return result
 
     forward = Forwarded(Engine.forward, not_run="the forward was not run")

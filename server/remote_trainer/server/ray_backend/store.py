@@ -33,7 +33,7 @@ import ray
 import torch
 from ray.exceptions import ActorUnavailableError, GetTimeoutError, RayActorError, RayTaskError, TaskCancelledError
 
-from remote_trainer.engine import checkpoints
+from remote_trainer.engine import checkpoints, portable
 from remote_trainer.engine.budget import model_bytes
 from remote_trainer.engine.errors import Abandoned, FailedPrecondition, NotFound, ResourceExhausted, Unavailable
 from remote_trainer.engine.limits import Limits
@@ -287,7 +287,7 @@ class RaySessionStore:
                 handle: Any = ray.get_actor(actor_name(sid), namespace=self._namespace)
                 idle = float(self._await(handle.idle_seconds.remote(), Call(), HOUSEKEEPING_TIMEOUT))
                 if self._pending_seconds and idle > self._pending_seconds:
-                    self._await(handle.call.remote(("drop_pending", (f"unused for {idle:.0f} s (pending_graph_seconds)",), {}, None)),
+                    self._await(handle.call.remote(portable.seal(("drop_pending", (f"unused for {idle:.0f} s (pending_graph_seconds)",), {}, None))),
                                 Call(), HOUSEKEEPING_TIMEOUT)
             except (ValueError, RayActorError, GetTimeoutError):
                 continue  # lost (told to its next caller) or not answering: not idle
