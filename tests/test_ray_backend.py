@@ -249,18 +249,19 @@ def fixtures_of(test: Callable[..., None]) -> set[str]:
 
 
 def cases(test: Callable[..., None]) -> list[Any]:
-    """``test`` as cases of ``run_local_test``: one per case of its own parametrize (the local ids)."""
+    """``test`` as cases of ``run_local_test``: one per case of its own parametrize (the local ids;
+    several parametrize marks: every combination)."""
     name = test.__name__.removeprefix("test_")
     marks = [mark for mark in getattr(test, "pytestmark", []) if mark.name == "parametrize"]
-    if not marks:
-        return [pytest.param(test, {}, id=name)]
-    (mark,) = marks
-    names = [n.strip() for n in mark.args[0].split(",")] if isinstance(mark.args[0], str) else list(mark.args[0])
-    ids = mark.kwargs.get("ids")
-    found = []
-    for index, value in enumerate(mark.args[1]):
-        values = value if len(names) > 1 else (value,)
-        found.append(pytest.param(test, dict(zip(names, values)), id=f"{name}[{ids[index] if ids else index}]"))
+    found = [pytest.param(test, {}, id=name)]
+    for mark in marks:
+        names = [n.strip() for n in mark.args[0].split(",")] if isinstance(mark.args[0], str) else list(mark.args[0])
+        ids = mark.kwargs.get("ids")
+        found = [
+            pytest.param(test, {**case.values[1], **dict(zip(names, value if len(names) > 1 else (value,)))},
+                         id=f"{case.id}[{ids[index] if ids else index}]")
+            for case in found for index, value in enumerate(mark.args[1])
+        ]
     return found
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 
@@ -15,9 +16,9 @@ from remote_trainer.engine import portable
 from remote_trainer.engine.errors import Abandoned
 from remote_trainer.engine.protocol import Engine
 from remote_trainer.engine.checkpoints import Quota
-from remote_trainer.engine.results import CheckpointInfo
+from remote_trainer.engine.results import CheckpointInfo, NamedTensor
 from remote_trainer.server.calls import Call, in_call
-from remote_trainer.server.ray_backend.proxy import FORWARDED, RayEngine
+from remote_trainer.server.ray_backend.proxy import FORWARDED, InStore, RayEngine, Request
 from remote_trainer.server.settings import parse_settings
 from tests.test_layout import loaded_after
 
@@ -28,23 +29,29 @@ class FakeActor:
     def __init__(self, answer: object = None) -> None:
         self.calls: list[tuple[str, tuple[Any, ...], dict[str, Any]]] = []
         self.deadlines: list[float | None] = []
+        self.sent: list[object] = []  # as sealed
         self.answer = answer
         self.call = self
 
-    def remote(self, method: str, args: tuple[Any, ...], kwargs: dict[str, Any], until: float | None) -> object:
-        self.calls.append((method, portable.unpack(args), portable.unpack(kwargs)))
+    def remote(self, sealed: object) -> object:
+        self.sent.append(sealed)
+        request: Request = portable.unseal(sealed)
+        method, args, kwargs, until = request
+        self.calls.append((method, args, kwargs))
         self.deadlines.append(until)
-        return portable.pack(self.answer)
+        return self.answer if isinstance(self.answer, InStore) else portable.seal(self.answer)  # as the actor answers
 
 
 class FakeStore:
-    """The store's side of the proxy: ``wait`` returns what the actor answered."""
+    """The store's side of the proxy: ``wait`` returns what the actor answered (or what ``objects``
+    holds under that name: the object store)."""
 
     def __init__(self) -> None:
         self.checkpoints: list[tuple[str, int]] = []
+        self.objects: dict[str, object] = {}
 
     def wait(self, engine: RayEngine, ref: object) -> object:
-        return ref
+        return self.objects[ref] if isinstance(ref, str) else ref
 
     def checkpointed(self, engine: RayEngine, path: str, step_count: int) -> None:
         self.checkpoints.append((path, step_count))
@@ -72,6 +79,31 @@ def test_the_proxy_sends_the_arguments_as_given_and_returns_the_answer() -> None
     method, args, kwargs = actor.calls[1]
     assert (method, args, sorted(kwargs)) == ("backward", (3,), ["grad_norm", "labels"])
     assert kwargs["grad_norm"] is False and torch.equal(kwargs["labels"], x)  # a tensor again, past the actor
+
+
+def test_a_call_without_tensors_crosses_as_bytes_and_tensors_as_arrays_read_in_place() -> None:
+    """A small call is pickled by the proxy (Ray carries bytes as they are, cheaper than its own
+    serialiser); one with tensors is handed to Ray with them as numpy arrays, and an answer's arrays
+    come back as tensors over the same memory (no copy)."""
+    answer = torch.arange(6.0)
+    engine, actor, _ = proxy(answer=[answer])
+    engine.zero_grad(False)
+    engine.backward(3, labels=torch.ones(2, 3))
+    assert isinstance(actor.sent[0], bytes) and not isinstance(actor.sent[1], bytes)
+    sealed = portable.seal([answer])
+    assert not isinstance(sealed, bytes) and np.shares_memory(portable.unseal(sealed)[0].numpy(), answer.numpy())
+
+
+def test_a_snapshot_the_actor_left_in_the_object_store_is_encoded_from_there() -> None:
+    """GetGradients and GetParameters on Ray: the actor copies the tensors into the object store (its
+    answer names them there) and the front-end encodes them from there, without a copy."""
+    grad = torch.arange(4.0)
+    engine, actor, store = proxy(answer=InStore("snapshot"))
+    store.objects["snapshot"] = portable.seal([NamedTensor("fc.bias", (4,), grad, None)])
+    encoded = engine.encode_gradients([], False, torch.float32, lambda item: item)
+    assert actor.calls == [("gradients", ([], False, torch.float32, True), {})]
+    assert [item.name for item in encoded] == ["fc.bias"] and encoded[0].tensor is not None
+    assert np.shares_memory(encoded[0].tensor.numpy(), grad.numpy())
 
 
 def test_the_proxy_asks_still_wanted_before_sending_and_never_sends_it() -> None:

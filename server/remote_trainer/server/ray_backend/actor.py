@@ -17,6 +17,7 @@ clock drives the actor's own expiry (``watchdog.py``), which thus never ends a b
 
 from __future__ import annotations
 
+import inspect
 import threading
 import time
 from dataclasses import dataclass, replace
@@ -27,17 +28,34 @@ import torch
 
 from remote_trainer.engine import portable
 from remote_trainer.engine.budget import MemoryBudget, default_total_bytes
+from remote_trainer.engine.device import device_memory
 from remote_trainer.engine.errors import Abandoned, FailedPrecondition
 from remote_trainer.engine.limits import Limits
 from remote_trainer.engine.models import ModelSpec, resolve_device
 from remote_trainer.engine.optimizer import OptimizerSpec
-from remote_trainer.engine.results import SessionDescription
+from remote_trainer.engine.results import NamedTensor, SessionDescription
 from remote_trainer.engine.session import SessionEngine
 from remote_trainer.server.ray_backend import watchdog
-from remote_trainer.server.ray_backend.proxy import CHECKED, FORWARDED
+from remote_trainer.server.ray_backend.proxy import CHECKED, FORWARDED, InStore, Request
 
 # The front-ends' housekeeping, which is no use of the session (it does not reset the idle clock).
 HOUSEKEEPING = frozenset({"drop_pending"})
+# The engine methods whose tensors go into the object store under the session's lock, with no
+# snapshot in the actor's own memory first: the engine's encoding method for each (``_into_store``).
+COPIED = {"gradients": "encode_gradients", "parameters": "encode_parameters"}
+
+
+@device_memory
+def _into_store(engine: SessionEngine, method: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> InStore:
+    """What ``engine.method(*args, **kwargs)`` would snapshot, copied into Ray's object store instead,
+    once, straight from the tensors' own memory: the engine's ``encode_*`` hands them over under the
+    session's lock and ``done``, still under it, puts them all (that copy is the snapshot)."""
+    arguments = inspect.signature(getattr(engine, method)).bind(*args, **kwargs)
+    arguments.apply_defaults()
+    items: list[NamedTensor] = []
+    put: list[Any] = []
+    getattr(engine, COPIED[method])(**arguments.arguments, encode=items.append, done=lambda: put.append(ray.put(portable.pack(items))))
+    return InStore(put[0])
 
 
 @dataclass(frozen=True)
@@ -98,27 +116,33 @@ class SessionActor:
                 self._engine = SessionEngine.from_spec(model, optimizer, limits, budget, keep_initial_state)
             return self._placed(self._engine.describe()), self._actor_id
 
-    def call(self, method: str, args: tuple[Any, ...], kwargs: dict[str, Any], until: float | None = None) -> Any:
+    def call(self, sealed: Any) -> Any:
         """``engine.method(*args, **kwargs)`` with tensors packed as numpy arrays both ways, unless
-        the caller's deadline ``until`` (``time.time()``) passed while it waited to run."""
+        the caller's deadline ``until`` (``time.time()``) passed while it waited to run. The request
+        is one object (``proxy.Request``, sealed: ``portable.seal``), and so is the answer. The
+        gradients and parameters are copied into the object store under the session's lock, straight
+        from the tensors' memory: that copy is the snapshot, handed back as ``InStore``."""
+        request: Request = portable.unseal(sealed)
+        method, args, kwargs, until = request
         if self._engine is None or method not in FORWARDED:
             raise FailedPrecondition(f"session actor cannot run {method!r} (not built, or not an engine method)", "SESSION_NOT_READY")
         wanted = Wanted(until)
         outcome = wanted.outcome()
         if outcome is not None:
             raise Abandoned(f"{method} was not run: its caller stopped waiting before the session was free", outcome)
-        unpacked = portable.unpack(kwargs)
         if method in CHECKED:
-            unpacked["still_wanted"] = wanted
+            kwargs["still_wanted"] = wanted
         use = method not in HOUSEKEEPING
         self._count(use, +1)
         try:
-            result = getattr(self._engine, method)(*portable.unpack(args), **unpacked)
+            if method in COPIED:
+                return _into_store(self._engine, method, args, kwargs)
+            result = getattr(self._engine, method)(*args, **kwargs)
         finally:
             self._count(use, -1)
         if isinstance(result, SessionDescription):
             result = self._placed(result)
-        return portable.pack(result)
+        return portable.seal(result)
 
     def _count(self, use: bool, change: int) -> None:
         """A call of the session starts (+1) or ends (-1): both are use, for the idle clock."""

@@ -22,6 +22,7 @@ from __future__ import annotations
 import inspect
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Concatenate, Generic, ParamSpec, TypeVar, overload
 
 import torch
@@ -39,6 +40,20 @@ if TYPE_CHECKING:
 P = ParamSpec("P")
 R = TypeVar("R")
 T = TypeVar("T")
+
+
+# What a front-end sends with each actor call, as one object (Ray serialises each argument on its
+# own), sealed (``portable.seal``: pickled here unless it holds tensors): the engine method's name,
+# its positional and keyword arguments, and the caller's deadline (``wall_deadline``).
+Request = tuple[str, tuple[Any, ...], dict[str, Any], "float | None"]
+
+
+@dataclass(frozen=True)
+class InStore:
+    """An actor's answer left in the object store (``ray.put`` by the actor): the front-end reads it
+    there, without a copy."""
+
+    ref: Any  # ray.ObjectRef
 
 
 def wall_deadline(call: Call) -> float | None:
@@ -101,9 +116,11 @@ class RayEngine:
             bound = method.signature.bind(self, *args, **kwargs)
             check_wanted(bound.arguments.pop("still_wanted", None), method.not_run)
             sent = (bound.args[1:], bound.kwargs)
-        until = wall_deadline(current_call())
-        ref = self._handle.call.remote(method.name, portable.pack(sent[0]), portable.pack(sent[1]), until)
-        result: R = portable.unpack(self._store.wait(self, ref))
+        request: Request = (method.name, sent[0], sent[1], wall_deadline(current_call()))
+        answer = self._store.wait(self, self._handle.call.remote(portable.seal(request)))
+        if isinstance(answer, InStore):  # a snapshot the actor put into the object store: read in place
+            answer = self._store.wait(self, answer.ref)
+        result: R = portable.unseal(answer)
         return result
 
     forward = Forwarded(Engine.forward, not_run="the forward was not run")
@@ -134,9 +151,10 @@ class RayEngine:
         self._store.checkpointed(self, path, result.step_count)
         return result
 
-    # The tensors come out of the actor as arrays in the object store (a snapshot there, read here
-    # without a copy), then ``encode`` and ``done`` run here: they never cross the process boundary.
-    # ``casts`` changes nothing: the actor sends each tensor cast to ``dtype`` already.
+    # The tensors come out of the actor as arrays in the object store: the actor copies them there
+    # under the session's lock, straight from their memory (that copy is the snapshot); they are read
+    # here without a copy, then ``encode`` and ``done`` run here: they never cross the process
+    # boundary. ``casts`` changes nothing: the actor sends each tensor cast to ``dtype`` already.
     def encode_gradients(
         self, patterns: list[str], stats_only: bool, dtype: torch.dtype, encode: Callable[[NamedTensor], T],
         with_stats: bool = True, done: Callable[[], None] | None = None, casts: bool = False,

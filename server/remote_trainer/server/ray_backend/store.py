@@ -33,7 +33,7 @@ import ray
 import torch
 from ray.exceptions import ActorUnavailableError, GetTimeoutError, RayActorError, RayTaskError, TaskCancelledError
 
-from remote_trainer.engine import checkpoints
+from remote_trainer.engine import checkpoints, portable
 from remote_trainer.engine.budget import model_bytes
 from remote_trainer.engine.errors import Abandoned, FailedPrecondition, NotFound, ResourceExhausted, Unavailable
 from remote_trainer.engine.limits import Limits
@@ -45,7 +45,7 @@ from remote_trainer.server.ray_backend.access import check_access
 from remote_trainer.server.calls import Call, current_call
 from remote_trainer.server.ray_backend.actor import SessionActor
 from remote_trainer.server.ray_backend.lost import Described, lost_description, lost_error
-from remote_trainer.server.ray_backend.proxy import RayEngine, check_wanted
+from remote_trainer.server.ray_backend.proxy import RayEngine, Request, check_wanted
 from remote_trainer.server.ray_backend.registry import HEAD_NODE_RESOURCE, REGISTRY_NAME, Record, SessionRegistry, actor_name
 from remote_trainer.server.ray_backend.watchdog import SELF_EXPIRY_FACTOR
 from remote_trainer.server.session_policy import DEFAULT_SESSION_ID, SessionLimits, check_closable, may_use, missing
@@ -287,8 +287,8 @@ class RaySessionStore:
                 handle: Any = ray.get_actor(actor_name(sid), namespace=self._namespace)
                 idle = float(self._await(handle.idle_seconds.remote(), Call(), HOUSEKEEPING_TIMEOUT))
                 if self._pending_seconds and idle > self._pending_seconds:
-                    self._await(handle.call.remote("drop_pending", (f"unused for {idle:.0f} s (pending_graph_seconds)",), {}),
-                                Call(), HOUSEKEEPING_TIMEOUT)
+                    request: Request = ("drop_pending", (f"unused for {idle:.0f} s (pending_graph_seconds)",), {}, None)
+                    self._await(handle.call.remote(portable.seal(request)), Call(), HOUSEKEEPING_TIMEOUT)
             except (ValueError, RayActorError, GetTimeoutError):
                 continue  # lost (told to its next caller) or not answering: not idle
             if sid == DEFAULT_SESSION_ID or not self._idle_seconds:
