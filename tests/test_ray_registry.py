@@ -31,6 +31,7 @@ import grpc  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
+from remote_trainer.engine import portable  # noqa: E402
 from remote_trainer.client import TrainerClient, TrainerError  # noqa: E402
 from tests.test_ray_backend import NODE, expect_error  # noqa: E402
 from remote_trainer.server.settings import LOCAL_RAY_NAMESPACE  # noqa: E402
@@ -170,9 +171,9 @@ def test_a_call_that_reaches_its_actor_after_its_deadline_is_not_run(front_end: 
         session.backward("sum", np.ones((2, 1000), np.float32))
         handle = actor(session.session_id)
         with pytest.raises(ray.exceptions.RayTaskError, match="was not run: its caller stopped waiting"):
-            ray.get(handle.call.remote("step", (), {}, time.time() - 1))
+            ray.get(handle.call.remote(portable.seal(("step", (), {}, time.time() - 1))))
         assert session.info().step_count == 0
-        ray.get(handle.call.remote("step", (), {}, time.time() + 60))
+        ray.get(handle.call.remote(portable.seal(("step", (), {}, time.time() + 60))))
         assert session.info().step_count == 1
 
 
