@@ -369,6 +369,41 @@ def test_an_expired_ticket_gets_nothing() -> None:
         memory.close_all()
 
 
+def test_connections_that_stall_on_the_ticket_socket_do_not_lock_others_out() -> None:
+    """Anyone on the host may connect to the ticket socket: 16 connections (all its slots) that
+    trickle a byte at a time, never a whole ticket, are closed REDEEM_SECONDS after each connected,
+    and one user holds at most a few slots at once, so a client with a good ticket still gets its
+    region (retrying while the socket is busy). Once, a trickle reset the timeout at each byte and
+    held every slot for as long as it went on."""
+    memory = SharedMemory(MIB)
+    stop_trickling = threading.Event()
+    closed_by_server = []
+
+    def trickle() -> None:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as connection:
+            connection.connect("\0" + memory.address)
+            try:
+                while not stop_trickling.wait(0.25):  # a byte every quarter second: never a whole ticket
+                    connection.sendall(b"0")
+            except OSError:
+                closed_by_server.append(True)
+
+    tricklers = [threading.Thread(target=trickle) for _ in range(16)]
+    try:
+        for thread in tricklers:
+            thread.start()
+        ticket, region = memory.open("s", MIB)
+        mapped = shm.SharedRegion.fetch(shm.Grant(ticket, memory.address, MIB, region.id))
+        assert mapped.size == MIB
+        mapped.close()
+    finally:
+        stop_trickling.set()
+        for thread in tricklers:
+            thread.join()
+        memory.close_all()
+    assert closed_by_server, "no stalled connection was ever closed by the server"
+
+
 def test_a_region_counts_in_the_memory_budget(data_dir: Path) -> None:
     """A region is refused when the session's memory budget cannot hold it too."""
     running = create_server(Settings(port=0, weights=str(data_dir / WEIGHTS_NAME), data_dir=str(data_dir), allow_shared_memory=1,

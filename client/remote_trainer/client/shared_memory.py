@@ -21,6 +21,7 @@ from __future__ import annotations
 import mmap
 import os
 import socket
+import time
 import weakref
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -73,16 +74,31 @@ class SharedRegion:
     @classmethod
     def fetch(cls, grant: Grant) -> SharedRegion:
         """Redeems the grant's ticket on the server's socket and maps the region it answers with."""
-        try:
-            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as connection:
-                connection.settimeout(FETCH_SECONDS)
-                connection.connect("\0" + grant.socket_address)
-                connection.sendall(grant.ticket.encode("ascii"))
-                answer, fds, _, _ = socket.recv_fds(connection, 16, 1)
-        except OSError as exc:
-            raise FailedPreconditionError(
-                f"cannot reach the server's shared-memory socket ({exc}): shared memory works only for a client on the "
-                "server's host, in its network namespace", "SHARED_MEMORY_UNAVAILABLE") from exc
+        until = time.monotonic() + FETCH_SECONDS
+        pause = 0.01
+        while True:
+            try:
+                with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as connection:
+                    connection.settimeout(max(0.01, until - time.monotonic()))
+                    connection.connect("\0" + grant.socket_address)
+                    connection.sendall(grant.ticket.encode("ascii"))
+                    answer, fds, _, _ = socket.recv_fds(connection, 16, 1, socket.MSG_CMSG_CLOEXEC)
+            except (ConnectionResetError, BrokenPipeError):  # closed before it read the ticket: as below
+                answer, fds = b"", []
+            except OSError as exc:
+                raise FailedPreconditionError(
+                    f"cannot reach the server's shared-memory socket ({exc}): shared memory works only for a client on the "
+                    "server's host, in its network namespace", "SHARED_MEMORY_UNAVAILABLE") from exc
+            if answer or fds:
+                break
+            # Closed without an answer: the server was serving too many connections (its ticket was
+            # not read, so it is still good). Again, a little later, until FETCH_SECONDS have passed.
+            if time.monotonic() + pause > until:
+                raise FailedPreconditionError(
+                    f"the server's shared-memory socket was busy for {FETCH_SECONDS:g} s (too many connections at "
+                    "once, perhaps another user's): try again", "SHARED_MEMORY_UNAVAILABLE")
+            time.sleep(pause)
+            pause = min(0.2, pause * 2)
         if answer != b"OK" or len(fds) != 1:
             for fd in fds:
                 os.close(fd)

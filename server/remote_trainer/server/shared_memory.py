@@ -28,6 +28,7 @@ import mmap
 import os
 import secrets
 import socket
+import struct
 import threading
 import time
 from collections.abc import Callable
@@ -47,6 +48,7 @@ log = logging.getLogger(__name__)
 TICKET_SECONDS = 10.0  # how long a ticket may wait to be redeemed
 REDEEM_SECONDS = 2.0  # how long a connection to the ticket socket may take to send its ticket
 MAX_REDEEMING = 16  # connections to the ticket socket served at once (more are closed at once)
+MAX_REDEEMING_PER_USER = 4  # of which one user (the peer's uid, SO_PEERCRED) may hold at most this many
 ALIGN = 64  # tensors written by the server start at multiples of this many bytes
 TICKET_BYTES = 32  # 256 random bits, sent as 64 hex digits
 
@@ -175,6 +177,7 @@ class SharedMemory:
         self._regions: dict[str, Region] = {}
         self._tickets: dict[str, _Ticket] = {}
         self._redeeming = threading.BoundedSemaphore(MAX_REDEEMING)
+        self._redeeming_by_user: dict[int, int] = {}  # connections being served, by the peer's uid
         self.address = "remote-trainer-" + secrets.token_hex(16)
         self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
         self._listener.bind("\0" + self.address)  # the abstract namespace: no file anywhere
@@ -249,18 +252,30 @@ class SharedMemory:
                 connection, _ = self._listener.accept()
             except OSError:
                 return  # closed
-            if not self._redeeming.acquire(blocking=False):
-                connection.close()  # too many at once: a client tries again
-                continue
-            threading.Thread(target=self._redeem, args=(connection,), name="shared-memory-ticket", daemon=True).start()
+            # Anyone on the host may connect (the name is listed in /proc/net/unix): one user holds at
+            # most MAX_REDEEMING_PER_USER of the slots, each for at most REDEEM_SECONDS in all, so a
+            # user who connects and stalls cannot keep the others' tickets from being redeemed.
+            _, uid, _ = struct.unpack("3i", connection.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i")))
+            with self._lock:
+                taken = self._redeeming_by_user.get(uid, 0)
+                if taken >= MAX_REDEEMING_PER_USER or not self._redeeming.acquire(blocking=False):
+                    connection.close()  # too many at once: the client tries again
+                    continue
+                self._redeeming_by_user[uid] = taken + 1
+            threading.Thread(target=self._redeem, args=(connection, uid), name="shared-memory-ticket", daemon=True).start()
 
-    def _redeem(self, connection: socket.socket) -> None:
-        """Reads one ticket; answers OK with the region's descriptor, or NO."""
+    def _redeem(self, connection: socket.socket, uid: int) -> None:
+        """Reads one ticket within REDEEM_SECONDS of the connection; answers OK with the region's
+        descriptor, or NO."""
         try:
             with connection:
-                connection.settimeout(REDEEM_SECONDS)
+                until = time.monotonic() + REDEEM_SECONDS  # for the whole ticket, not each piece of it
                 received = b""
                 while len(received) < 2 * TICKET_BYTES:
+                    left = until - time.monotonic()
+                    if left <= 0:
+                        break
+                    connection.settimeout(left)
                     piece = connection.recv(2 * TICKET_BYTES - len(received))
                     if not piece:
                         break
@@ -276,4 +291,8 @@ class SharedMemory:
         except OSError as exc:
             log.debug("shared-memory ticket connection failed: %s", exc)
         finally:
+            with self._lock:
+                self._redeeming_by_user[uid] -= 1
+                if not self._redeeming_by_user[uid]:
+                    del self._redeeming_by_user[uid]
             self._redeeming.release()
