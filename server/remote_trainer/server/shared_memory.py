@@ -255,7 +255,11 @@ class SharedMemory:
             # Anyone on the host may connect (the name is listed in /proc/net/unix): one user holds at
             # most MAX_REDEEMING_PER_USER of the slots, each for at most REDEEM_SECONDS in all, so a
             # user who connects and stalls cannot keep the others' tickets from being redeemed.
-            _, uid, _ = struct.unpack("3i", connection.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i")))
+            try:
+                _, uid, _ = struct.unpack("3i", connection.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i")))
+            except OSError:
+                connection.close()  # gone already
+                continue
             with self._lock:
                 taken = self._redeeming_by_user.get(uid, 0)
                 if taken >= MAX_REDEEMING_PER_USER or not self._redeeming.acquire(blocking=False):
