@@ -309,8 +309,8 @@ def test_only_the_sessions_owner_may_watch_it(watch_server: TrainerServer) -> No
 def test_watchers_are_bounded_and_hold_no_worker(watch_server: TrainerServer) -> None:
     """Two watchers a session and three in all, past which RESOURCE_EXHAUSTED says which limit; the
     server's one worker thread still trains while three watches wait."""
-    with connect(watch_server, "alice") as alice, alice.create_session(WEIGHTS_NAME) as a, \
-            alice.create_session(WEIGHTS_NAME) as b:
+    with connect(watch_server, "alice") as alice:  # the channel outlives the watches: closing it would cancel them
+        a, b = alice.create_session(WEIGHTS_NAME), alice.create_session(WEIGHTS_NAME)
         a.step()
         b.step()
         on_a = [Reader(a.watch(recent=1, timeout=WATCH_SECONDS)) for _ in range(PER_SESSION)]
@@ -325,11 +325,13 @@ def test_watchers_are_bounded_and_hold_no_worker(watch_server: TrainerServer) ->
             next(iter(b.watch(timeout=REFUSED_SECONDS)))
         assert in_all.value.reason == "TOO_MANY_WATCHERS" and "max_watchers=3" in in_all.value.message
         result = a.train_step(rand(1, 3, 64, 64), "cross_entropy", np.array([7]), timeout=60)  # the one worker is free
-    for reader in on_a:
-        events = reader.rest()
-        assert step_of(events[0]).loss == result.loss
-        assert_ended(events, "session_closed")
-    assert_ended(on_b.rest(), "session_closed")
+        b.close()
+        a.close()
+        for reader in on_a:
+            events = reader.rest()
+            assert step_of(events[0]).loss == result.loss
+            assert_ended(events, "session_closed")
+        assert_ended(on_b.rest(), "session_closed")
     assert watch_server.servicer.watchers.watching() == 0  # each gone before its stream's status was sent
 
 
