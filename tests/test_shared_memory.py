@@ -21,16 +21,16 @@ import numpy as np
 import pytest
 import torch
 
-from remote_trainer.client import TrainerClient
+from remote_trainer.client import Session, TrainerClient
 from remote_trainer.client.aio import AsyncTrainerClient
 from remote_trainer.client import shared_memory as shm
 from remote_trainer.client.errors import FailedPreconditionError, NotFoundError, ResourceExhaustedError, from_rpc_error
 from remote_trainer.client.types import NamedTensor
 from remote_trainer.contract.trainer.v1 import trainer_pb2 as pb
 from remote_trainer.engine.budget import model_bytes
-from remote_trainer.server.app import create_server
+from remote_trainer.server.app import TrainerServer, create_server
 from remote_trainer.server.settings import Settings
-from remote_trainer.server.shared_memory import TICKET_SECONDS, SharedMemory
+from remote_trainer.server.shared_memory import TICKET_SECONDS, Region, SharedMemory
 from tests.conftest import WEIGHTS_NAME, assert_equal_to_local, rand
 from tests.test_server_process import ROOT, ServerLog, start, stop
 
@@ -416,6 +416,125 @@ def test_a_region_counts_in_the_memory_budget(data_dir: Path) -> None:
             session.use_shared_memory(2 * MIB)
     finally:
         running.stop(None).wait()
+
+
+@pytest.fixture(scope="module")
+def budgeted(data_dir: Path) -> Iterator[TrainerServer]:
+    """An in-process server whose budgets bind: a session holds at most its model and 8 MiB more,
+    the server at most three models (the default session and two more) and 8 MiB more."""
+    running = create_server(Settings(port=0, weights=str(data_dir / WEIGHTS_NAME), data_dir=str(data_dir),
+                                     allow_shared_memory=1, session_memory_bytes=model_bytes(1000) + 8 * MIB,
+                                     memory_budget_bytes=3 * model_bytes(1000) + 8 * MIB))
+    yield running
+    running.stop(None).wait()
+
+
+def test_a_region_counts_in_the_sessions_own_budget(budgeted: TrainerServer) -> None:
+    """The region is part of what the session holds: a forward that fits beside the model alone but
+    not beside model and region is refused SESSION_MEMORY_BUDGET (once, the region was counted
+    beside the session's budget, not in it)."""
+    with TrainerClient(f"localhost:{budgeted.port}", timeout=120) as client, \
+            client.create_session(WEIGHTS_NAME, shared_memory=7 * MIB) as session:
+        with pytest.raises(ResourceExhaustedError) as refused:
+            session.forward(rand(4, 3, 32, 32))  # about 1.9 MiB of graph: model + 7 MiB + that > model + 8 MiB
+        assert refused.value.reason == "SESSION_MEMORY_BUDGET"
+        session.forward(rand(2, 3, 32, 32))  # about 0.96 MiB: fits beside the region
+
+
+def test_a_replaced_region_stays_counted_until_the_session_ends(budgeted: TrainerServer) -> None:
+    """The server cannot see whether the client still maps a region it replaced (the pages live as
+    long as someone does), so a replaced region stays counted, in the session's budget and the
+    server's, until the session ends: replacing again and again is refused once the budget is full,
+    the session's current region untouched; closing the session gives it all back. Once, a replaced
+    region left the count when the server let go of it, and a client could so pin any amount."""
+    with TrainerClient(f"localhost:{budgeted.port}", timeout=120) as client:
+        first = client.create_session(WEIGHTS_NAME, shared_memory=3 * MIB)
+        other = client.create_session(WEIGHTS_NAME)
+        try:
+            first.use_shared_memory(3 * MIB)  # 6 MiB counted for the session: the old region may still be mapped
+            region = first._shared
+            with pytest.raises(ResourceExhaustedError) as again:
+                first.use_shared_memory(3 * MIB)  # 9 MiB: over the session's 8
+            assert again.value.reason == "SESSION_MEMORY_BUDGET"
+            assert first._shared is region  # the refused call changed nothing: the current region still serves
+            x = rand(2, 3, 32, 32)
+            assert np.array_equal(first.forward(x, eval_mode=True, no_grad=True).logits,  # type: ignore[arg-type]
+                                  client.session(first.session_id).forward(x, eval_mode=True, no_grad=True).logits)
+            with pytest.raises(ResourceExhaustedError) as server:
+                other.use_shared_memory(3 * MIB)  # the server's budget: 6 MiB of the first session + 3 > 8
+            assert server.value.reason == "SERVER_MEMORY_BUDGET"
+            first.close()
+            other.use_shared_memory(8 * MIB)  # the first session's regions, replaced one included, counted no more
+        finally:
+            first.close()
+            other.close()
+
+
+def test_two_regions_opened_at_once_are_checked_together(budgeted: TrainerServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two sessions open regions at the same moment that together are over the server's budget
+    (5 + 5 MiB of 8): at most one gets its region, the other is refused SERVER_MEMORY_BUDGET. Each
+    call waits, where it makes its region, for the other to get there too (or to be refused): once
+    the budget was checked, then the region made, then counted, and both calls passed the check
+    before either was counted."""
+    making = threading.Barrier(2)
+    real_open = SharedMemory.open
+
+    def open_together(self: SharedMemory, session_id: str, size: int) -> tuple[str, Region]:
+        try:
+            making.wait(timeout=60)
+        except threading.BrokenBarrierError:
+            pass  # the other call was refused before it got here
+        return real_open(self, session_id, size)
+
+    monkeypatch.setattr(SharedMemory, "open", open_together)
+    with TrainerClient(f"localhost:{budgeted.port}", timeout=120) as client:
+        sessions = [client.create_session(WEIGHTS_NAME) for _ in range(2)]
+        outcomes: list[str] = []
+
+        def open_region(session: Session) -> None:
+            try:
+                session.use_shared_memory(5 * MIB)
+                outcomes.append("opened")
+            except ResourceExhaustedError as exc:
+                outcomes.append(exc.reason)
+                making.abort()  # the other call need not wait for this one
+
+        threads = [threading.Thread(target=open_region, args=(s,)) for s in sessions]
+        try:
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join()
+        finally:
+            for session in sessions:
+                session.close()
+    assert sorted(outcomes) == ["SERVER_MEMORY_BUDGET", "opened"]
+
+
+def test_the_default_session_gets_no_region(shared: tuple[subprocess.Popen[str], int, ServerLog]) -> None:
+    """Every caller may use the default session, so a region there would be any caller's to replace:
+    refused with its own reason, by the server and so by both faces of the SDK (never a silent
+    fall-back to gRPC messages)."""
+    _, port, _ = shared
+    with client_of(port, "token-alice") as client:
+        for session_id in ("", "default"):
+            with pytest.raises(grpc.RpcError) as refused:
+                client.stub.OpenSharedMemory(pb.OpenSharedMemoryRequest(session_id=session_id, size_bytes=MIB))
+            assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+            assert from_rpc_error(refused.value).reason == "SHARED_MEMORY_DEFAULT_SESSION"
+        with pytest.raises(FailedPreconditionError) as sdk:
+            client.session().use_shared_memory(MIB)
+        assert sdk.value.reason == "SHARED_MEMORY_DEFAULT_SESSION" and "session of your own" in str(sdk.value)
+
+    async def run() -> str:
+        async with AsyncTrainerClient(f"localhost:{port}", token="token-alice", timeout=120) as aio:
+            try:
+                await aio.session().use_shared_memory(MIB)
+            except FailedPreconditionError as exc:
+                return exc.reason
+        return "opened"
+
+    assert asyncio.run(run()) == "SHARED_MEMORY_DEFAULT_SESSION"
 
 
 def test_the_region_is_sealed_at_its_size(shared: tuple[subprocess.Popen[str], int, ServerLog]) -> None:

@@ -328,8 +328,11 @@ class Session:
         one no live array lies in; with both held, the answer comes in gRPC messages). The server
         must allow it (``--allow-shared-memory 1``, else ``FailedPreconditionError``
         SHARED_MEMORY_UNAVAILABLE) and bounds the size (``--max-shared-memory-bytes``,
-        SHARED_MEMORY_TOO_LARGE). The region goes when the session closes, the arrays still held
-        keep this side's mapping (docs/shared-memory.md)."""
+        SHARED_MEMORY_TOO_LARGE); the default session gets none (``FailedPreconditionError``
+        SHARED_MEMORY_DEFAULT_SESSION: use a session of your own). Each region counts in the
+        session's memory budget until the session closes, a replaced one too
+        (SESSION_MEMORY_BUDGET when it cannot). The region goes when the session closes, the arrays
+        still held keep this side's mapping (docs/shared-memory.md)."""
         grant = self._call(shm.open_region(self.session_id, size_bytes), timeout)
         region = shm.SharedRegion.fetch(grant)
         with self._shared_lock:

@@ -313,8 +313,10 @@ class Reason(enum.StrEnum):
     or ask the operator for a larger budget."""
     SESSION_MEMORY_BUDGET = "SESSION_MEMORY_BUDGET"
     """RESOURCE_EXHAUSTED: The call would take this session's memory over --session-memory-bytes
-    (estimated before allocating). ErrorInfo metadata "limit" and "needed_bytes" give the figures.
-    Do: Send a smaller batch, or ask the operator for a larger limit."""
+    (estimated before allocating; the session's shared-memory regions count in it, replaced ones
+    too, until the session ends). ErrorInfo metadata "limit" and "needed_bytes" give the figures.
+    Do: Send a smaller batch, use a new session rather than replacing a shared-memory region again,
+    or ask the operator for a larger limit."""
     BAD_OPERATION_NUMBER = "BAD_OPERATION_NUMBER"
     """INVALID_ARGUMENT: An operation number outside 1 to 2^62, or one that would give up more than
     2^20 numbers at once (docs/reliability.md). Do: Number a session's calls from its next_operation
@@ -450,6 +452,10 @@ class Reason(enum.StrEnum):
     inside the region or not at a multiple of 64; or OpenSharedMemory with a size below 1. Do: Write
     the tensor inside the region; name an area inside it, at a multiple of 64; ask for a size of at
     least 1."""
+    SHARED_MEMORY_DEFAULT_SESSION = "SHARED_MEMORY_DEFAULT_SESSION"
+    """FAILED_PRECONDITION: OpenSharedMemory on the default session, which every caller may use: a
+    region there would be any caller's to replace. Do: Create a session of your own (CreateSession)
+    and open the region on it."""
 
 
 # Each reason's gRPC status code name (``grpc.StatusCode[STATUS[reason]]``).
@@ -578,6 +584,7 @@ STATUS: dict[Reason, str] = {
     Reason.SHARED_MEMORY_TOO_LARGE: "RESOURCE_EXHAUSTED",
     Reason.SHARED_MEMORY_TOO_SMALL: "RESOURCE_EXHAUSTED",
     Reason.BAD_SHARED_TENSOR: "INVALID_ARGUMENT",
+    Reason.SHARED_MEMORY_DEFAULT_SESSION: "FAILED_PRECONDITION",
 }
 
 # Reasons no code raises any more, kept for old clients and the answers old checkpoints recorded.

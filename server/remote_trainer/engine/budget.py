@@ -4,8 +4,10 @@ Each session holds an estimate of what it keeps (weights, gradients, optimizer s
 forward's graph); a call that is about to allocate more (a model, a new head, a forward's
 activations, a snapshot of parameters) first asks ``use()``, which refuses with RESOURCE_EXHAUSTED
 naming the limit when the session (``session_memory_bytes``) or the whole server on its device
-(``memory_budget_bytes``) would go over. Estimates, not measurements: simple, explicit and made
-before anything is allocated. The figures are resnet18's, measured on CPU (docs/deployment.md).
+(``memory_budget_bytes``) would go over. What a session holds beside its estimate (its shared-memory
+regions) is checked and counted in one step by ``hold()``, until the session goes. Estimates, not
+measurements: simple, explicit and made before anything is allocated. The figures are resnet18's,
+measured on CPU (docs/deployment.md).
 """
 
 from __future__ import annotations
@@ -87,11 +89,25 @@ class MemoryBudget:
         # expired, dropped) leaves by itself.
         self._kept: weakref.WeakKeyDictionary[object, int] = weakref.WeakKeyDictionary()
         self._in_use: weakref.WeakKeyDictionary[object, int] = weakref.WeakKeyDictionary()
+        # What each session holds beside its own estimate (its shared-memory regions), until it goes.
+        self._held: weakref.WeakKeyDictionary[object, int] = weakref.WeakKeyDictionary()
 
     def keep(self, holder: object, size: int) -> None:
         """Records what ``holder`` (a session) keeps from now on."""
         with self._lock:
             self._kept[holder] = size
+
+    def hold(self, holder: object, extra: int, what: str) -> None:
+        """Checks ``extra`` bytes more for ``holder`` and, in the same step (no other check between),
+        counts them as held beside its own estimate until ``holder`` goes or ``let_go`` gives them back."""
+        with self._lock:
+            self._check(holder, extra, what)
+            self._held[holder] = self._held.get(holder, 0) + extra
+
+    def let_go(self, holder: object, size: int) -> None:
+        """Gives back ``size`` bytes that ``hold`` counted for ``holder``."""
+        with self._lock:
+            self._held[holder] = self._held.get(holder, 0) - size
 
     def check(self, holder: object, extra: int, what: str) -> None:
         """Refuses ``what`` when ``extra`` more bytes would take ``holder`` or the server over its limit."""
@@ -99,14 +115,14 @@ class MemoryBudget:
             self._check(holder, extra, what)
 
     def _check(self, holder: object, extra: int, what: str) -> None:
-        mine = self._kept.get(holder, 0) + self._in_use.get(holder, 0)
+        mine = self._kept.get(holder, 0) + self._in_use.get(holder, 0) + self._held.get(holder, 0)
         if mine + extra > self.session_bytes:
             raise ResourceExhausted(
                 f"{what} would need about {_gib(extra)} more, and the session holds about {_gib(mine)}: over the limit "
                 f"session_memory_bytes={self.session_bytes} ({_gib(self.session_bytes)})",
                 "SESSION_MEMORY_BUDGET", metadata={"limit": str(self.session_bytes), "needed_bytes": str(extra)},
             )
-        everyone = sum(self._kept.values()) + sum(self._in_use.values())
+        everyone = sum(self._kept.values()) + sum(self._in_use.values()) + sum(self._held.values())
         if everyone + extra > self.total_bytes:
             raise over_budget(what, extra, everyone, self.total_bytes)
 

@@ -30,7 +30,7 @@ from remote_trainer.server.events import (
 )
 from remote_trainer.server.rpc import Context, at_once, operation_of, pushed, streaming, unary
 from remote_trainer.server.sessions import DEFAULT_SESSION_ID, Sessions
-from remote_trainer.server.shared_memory import TICKET_SECONDS, SharedMemory, TensorWriter, unavailable
+from remote_trainer.server.shared_memory import TICKET_SECONDS, SharedMemory, TensorWriter, on_default_session, unavailable
 from remote_trainer.server.streams import Emit, StreamBytes
 from remote_trainer.server.watch import RECENT, SessionEvents
 from remote_trainer.contract.names import AUTOCAST_MODES, MEMORY_FORMATS
@@ -514,10 +514,17 @@ class TrainerServicer:
         if self._shared_memory is None:
             raise unavailable("this server does not allow shared memory (trainer-server --allow-shared-memory 1, "
                               "with --backend local)")
+        if (request.session_id or DEFAULT_SESSION_ID) == DEFAULT_SESSION_ID:
+            raise on_default_session()
         self._shared_memory.check_size(request.size_bytes)
-        self._budget.check(engine, request.size_bytes, "a shared-memory region")
-        ticket, region = self._shared_memory.open(request.session_id or DEFAULT_SESSION_ID, request.size_bytes)
-        self._budget.keep(region, region.size)  # counted in the server's budget while the region lives
+        # Counted in the session's and the server's budgets, checked and counted in one step, until the
+        # session ends: a region replaced later stays counted, since its client may still map it.
+        self._budget.hold(engine, request.size_bytes, "a shared-memory region")
+        try:
+            ticket, region = self._shared_memory.open(request.session_id, request.size_bytes)
+        except BaseException:
+            self._budget.let_go(engine, request.size_bytes)
+            raise
         return pb.OpenSharedMemoryResponse(ticket=ticket, socket_address=self._shared_memory.address,
                                            size_bytes=region.size, ticket_seconds=TICKET_SECONDS, region=region.id)
 

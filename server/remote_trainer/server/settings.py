@@ -81,7 +81,8 @@ class Settings:
     # refused OPERATION_OUT_OF_ORDER): how far a pipelining client's calls may be reordered in transit.
     operation_order_wait_seconds: float = 10.0
     # Shared memory for clients on this host (docs/shared-memory.md): off unless 1; each session's
-    # region holds at most max_shared_memory_bytes, counted in the memory budget. Local backend only.
+    # region holds at most max_shared_memory_bytes, counted in the session's and the server's memory
+    # budgets until the session ends (replaced regions too). Not on the default session. Local backend only.
     allow_shared_memory: int = 0
     max_shared_memory_bytes: int = 256 * MIB
     # Seconds that in-flight calls get to finish on SIGTERM.

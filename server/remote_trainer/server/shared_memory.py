@@ -5,10 +5,11 @@ one can guess or open it, and it lives only while some process maps it or holds 
 server killed with SIGKILL leaves nothing behind, in ``/dev/shm`` or elsewhere). It is sealed at its
 size (``F_SEAL_GROW``, ``F_SEAL_SHRINK``), so a client can neither take more memory through it nor
 shrink it under the server's mapping. ``OpenSharedMemory`` (which only the session's owner may call,
-as every call on a session) makes the region and answers a ticket: 256 random bits, good once and
-for ``TICKET_SECONDS``. The client sends the ticket on the server's Unix-domain socket, named at
-random in the Linux abstract namespace (again nothing in a filesystem, gone with the process), and
-gets the descriptor back (``SCM_RIGHTS``); a wrong, used or expired ticket gets ``NO`` and nothing.
+as every call on a session, and never on the default session, which every caller may use) makes the
+region, counted in the memory budget until the session ends (a replaced region too: its client may
+still map it), and answers a ticket: 256 random bits, good once and for ``TICKET_SECONDS``. The
+client sends the ticket on the server's Unix-domain socket, named at random in the Linux abstract
+namespace (again nothing in a filesystem, gone with the process), and gets the descriptor back (``SCM_RIGHTS``); a wrong, used or expired ticket gets ``NO`` and nothing.
 
 Through the region travel Forward and TrainStep inputs (``SharedTensor``; read from the region
 during the call, and copied out when it begins by a Forward that keeps its graph for Backward:
@@ -56,6 +57,14 @@ TICKET_BYTES = 32  # 256 random bits, sent as 64 hex digits
 def unavailable(why: str) -> FailedPrecondition:
     """SHARED_MEMORY_UNAVAILABLE: the server does not allow shared memory, or the session has none."""
     return FailedPrecondition(why, "SHARED_MEMORY_UNAVAILABLE")
+
+
+def on_default_session() -> FailedPrecondition:
+    """SHARED_MEMORY_DEFAULT_SESSION: the default session gets no region (every caller may use it, so any
+    caller could replace a region there)."""
+    return FailedPrecondition("the default session, which every caller may use, gets no shared-memory region (any "
+                              "caller could replace it): create a session of your own and open the region there",
+                              "SHARED_MEMORY_DEFAULT_SESSION")
 
 
 class Region:

@@ -565,9 +565,11 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     ERROR_REASON_SESSION_MEMORY_BUDGET: _ErrorReason.ValueType  # 88
     """Status: RESOURCE_EXHAUSTED.
     Cause: the call would take this session's memory over
-    --session-memory-bytes (estimated before allocating). ErrorInfo metadata
-    "limit" and "needed_bytes" give the figures.
-    Do: send a smaller batch, or ask the operator for a larger limit.
+    --session-memory-bytes (estimated before allocating; the session's
+    shared-memory regions count in it, replaced ones too, until the session
+    ends). ErrorInfo metadata "limit" and "needed_bytes" give the figures.
+    Do: send a smaller batch, use a new session rather than replacing a
+    shared-memory region again, or ask the operator for a larger limit.
     """
     ERROR_REASON_BAD_OPERATION_NUMBER: _ErrorReason.ValueType  # 89
     """Status: INVALID_ARGUMENT.
@@ -799,6 +801,12 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     multiple of 64; or OpenSharedMemory with a size below 1.
     Do: write the tensor inside the region; name an area inside it, at a
     multiple of 64; ask for a size of at least 1.
+    """
+    ERROR_REASON_SHARED_MEMORY_DEFAULT_SESSION: _ErrorReason.ValueType  # 125
+    """Status: FAILED_PRECONDITION.
+    Cause: OpenSharedMemory on the default session, which every caller may
+    use: a region there would be any caller's to replace.
+    Do: create a session of your own (CreateSession) and open the region on it.
     """
 
 class ErrorReason(_ErrorReason, metaclass=_ErrorReasonEnumTypeWrapper):
@@ -1335,9 +1343,11 @@ operator for a larger budget.
 ERROR_REASON_SESSION_MEMORY_BUDGET: ErrorReason.ValueType  # 88
 """Status: RESOURCE_EXHAUSTED.
 Cause: the call would take this session's memory over
---session-memory-bytes (estimated before allocating). ErrorInfo metadata
-"limit" and "needed_bytes" give the figures.
-Do: send a smaller batch, or ask the operator for a larger limit.
+--session-memory-bytes (estimated before allocating; the session's
+shared-memory regions count in it, replaced ones too, until the session
+ends). ErrorInfo metadata "limit" and "needed_bytes" give the figures.
+Do: send a smaller batch, use a new session rather than replacing a
+shared-memory region again, or ask the operator for a larger limit.
 """
 ERROR_REASON_BAD_OPERATION_NUMBER: ErrorReason.ValueType  # 89
 """Status: INVALID_ARGUMENT.
@@ -1569,5 +1579,11 @@ session's region; a GetGradients or GetParameters answer area
 multiple of 64; or OpenSharedMemory with a size below 1.
 Do: write the tensor inside the region; name an area inside it, at a
 multiple of 64; ask for a size of at least 1.
+"""
+ERROR_REASON_SHARED_MEMORY_DEFAULT_SESSION: ErrorReason.ValueType  # 125
+"""Status: FAILED_PRECONDITION.
+Cause: OpenSharedMemory on the default session, which every caller may
+use: a region there would be any caller's to replace.
+Do: create a session of your own (CreateSession) and open the region on it.
 """
 Global___ErrorReason: _TypeAlias = ErrorReason  # noqa: Y015

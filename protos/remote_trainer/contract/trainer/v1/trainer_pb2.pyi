@@ -2827,12 +2827,16 @@ class OpenSharedMemoryRequest(_message.Message):
     SESSION_ID_FIELD_NUMBER: _builtins.int
     SIZE_BYTES_FIELD_NUMBER: _builtins.int
     session_id: _builtins.str
-    """Session to use; empty for the default session."""
+    """Session to use: one of the caller's own (CreateSession); the default
+    session, which every caller may use, gets no region
+    (SHARED_MEMORY_DEFAULT_SESSION).
+    """
     size_bytes: _builtins.int
     """Size of the region in bytes: at least the largest input or output the
     client will pass through it (resnet18's 62 gradients in float32: 46.8 MB),
     at most the server's --max-shared-memory-bytes. A session has one region:
-    opening another replaces it.
+    opening another replaces it, and the replaced one stays counted in the
+    session's and the server's memory budgets until the session ends.
     """
     def __init__(
         self,
