@@ -37,6 +37,7 @@ import time
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 
 ADDRESS_A, ADDRESS_B = "10.201.0.1", "10.201.0.2"  # inside the namespaces only
 MTU = 65000
@@ -110,6 +111,7 @@ def _ip(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
 def open_link(spec: LinkSpec, kind: str = "auto") -> Iterator[Link]:
     """Two namespaces joined by ``spec``'s link: ``kind`` netem, tun, or auto (netem where the
     kernel has it, else tun). Removes everything it made on exit."""
+    _remove_orphans()
     tag = f"rtlink{os.getpid()}"
     ns_a, ns_b = f"{tag}a", f"{tag}b"
     with ExitStack() as made:
@@ -126,6 +128,15 @@ def open_link(spec: LinkSpec, kind: str = "auto") -> Iterator[Link]:
             why = "tc could not add netem here" if kind == "auto" else "asked for"
             link = _tun_link(spec, ns_a, ns_b, tag, made, why)
         yield link
+
+
+def _remove_orphans() -> None:
+    """Namespaces an earlier run left behind (it was killed: SIGKILL runs no clean-up) are removed:
+    ``rtlink<PID>a``/``b`` whose process is gone. Their devices and forwarder went with the run."""
+    for line in _ip("netns", "list").stdout.splitlines():
+        found = re.fullmatch(r"rtlink(\d+)[ab]", line.split(" ", 1)[0])
+        if found and not Path(f"/proc/{found.group(1)}").exists():
+            _ip("netns", "del", found.group(0), check=False)
 
 
 def _try_netem(spec: LinkSpec, ns_a: str, ns_b: str, tag: str) -> Link | None:

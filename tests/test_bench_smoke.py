@@ -124,6 +124,11 @@ def test_quick_benchmark_link_section(tmp_path: Path) -> None:
     if why:
         pytest.skip(why)
     before = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, check=True).stdout
+    # What a killed run leaves behind (SIGKILL runs no clean-up): a namespace named for its pid, gone.
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    orphan = f"rtlink{dead.pid}a"
+    subprocess.run(["ip", "netns", "add", orphan], check=True)
     out = tmp_path / "rows.json"
     run = subprocess.run(
         [sys.executable, "-m", "bench", "--quick", "--threads", "1", "--sections", "link", "--json", str(out)],
@@ -148,4 +153,4 @@ def test_quick_benchmark_link_section(tmp_path: Path) -> None:
     for row in (fp32_grads, fp16_grads):
         assert row["ratio"] >= 0.95, row
     after = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, check=True).stdout
-    assert after == before, (before, after)
+    assert after == before, (before, after)  # the orphan removed, nothing of this run's left
