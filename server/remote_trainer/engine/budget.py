@@ -88,17 +88,30 @@ class MemoryBudget:
         self._kept: weakref.WeakKeyDictionary[object, int] = weakref.WeakKeyDictionary()
         self._in_use: weakref.WeakKeyDictionary[object, int] = weakref.WeakKeyDictionary()
 
-    def keep(self, holder: object, size: int) -> None:
-        """Records what ``holder`` (a session) keeps from now on."""
+    def keep(self, holder: object, size: int, graph: int = 0) -> None:
+        """Records what ``holder`` keeps from now on: ``size`` bytes (a session's model state, or a
+        shared-memory region) and ``graph`` (a session's pending forward's graph)."""
         with self._lock:
-            self._kept[holder] = size
+            self._kept[holder] = size + graph
 
     def check(self, holder: object, extra: int, what: str) -> None:
         """Refuses ``what`` when ``extra`` more bytes would take ``holder`` or the server over its limit."""
         with self._lock:
             self._check(holder, extra, what)
 
+    def check_model(self, holder: object, extra: int, what: str) -> None:
+        """``check`` for a new model state of a session (a new head, a checkpoint's model), whose size
+        ``keep`` then records: here the same; a Ray session's actor checks the cluster's budget too
+        (``ray_backend/registry.py``, ``ClusterBudget``)."""
+        self.check(holder, extra, what)
+
     def _check(self, holder: object, extra: int, what: str) -> None:
+        self._check_session(holder, extra, what)
+        everyone = sum(self._kept.values()) + sum(self._in_use.values())
+        if everyone + extra > self.total_bytes:
+            raise over_budget(what, extra, everyone, self.total_bytes)
+
+    def _check_session(self, holder: object, extra: int, what: str) -> None:
         mine = self._kept.get(holder, 0) + self._in_use.get(holder, 0)
         if mine + extra > self.session_bytes:
             raise ResourceExhausted(
@@ -106,9 +119,6 @@ class MemoryBudget:
                 f"session_memory_bytes={self.session_bytes} ({_gib(self.session_bytes)})",
                 "SESSION_MEMORY_BUDGET", metadata={"limit": str(self.session_bytes), "needed_bytes": str(extra)},
             )
-        everyone = sum(self._kept.values()) + sum(self._in_use.values())
-        if everyone + extra > self.total_bytes:
-            raise over_budget(what, extra, everyone, self.total_bytes)
 
     @contextlib.contextmanager
     def use(self, holder: object, extra: int, what: str) -> Iterator[None]:
