@@ -12,13 +12,14 @@ import sys
 import threading
 import urllib.request
 from pathlib import Path
+from typing import Any
 
 import grpc
 import numpy as np
 import pytest
 
 from remote_trainer.engine import checkpoints
-from remote_trainer.engine.budget import model_bytes
+from remote_trainer.engine.budget import head_bytes, model_bytes
 from remote_trainer.engine.models import ModelSpec
 from remote_trainer.engine.optimizer import OptimizerSpec
 from remote_trainer.engine.session import SessionEngine
@@ -456,6 +457,64 @@ def test_a_server_wide_budget_for_one_more_session() -> None:
     try:
         with TrainerClient(f"localhost:{running.port}", timeout=120) as client:
             check_a_budget_for_one_session(client)
+    finally:
+        running.stop(None).wait()
+
+
+def check_a_session_counts_as_a_fresh_one_of_its_shape(client: TrainerClient) -> None:
+    """The body both backends run (tests/test_ray_limits.py on a Ray cluster), on a server started
+    with ``--memory-budget-bytes ONE_MORE_SESSION`` and a checkpoint folder: ReplaceHead and
+    LoadCheckpoint are checked against all sessions' memory and leave the session counted as a fresh
+    session of its new shape would be; one over the budget is refused, saying what all the sessions
+    hold, and changes nothing; closing the session frees what it was last counted."""
+    gib = lambda n: f"{n / 2**30:.2f} GiB"  # noqa: E731
+    m = model_bytes(1000)
+
+    def held() -> int:
+        """What the server counts its sessions as holding, as a create that cannot fit (~1 GB) says."""
+        with pytest.raises(TrainerError) as err:
+            client.create_session(num_classes=MAX_CLASSES)
+        assert (err.value.code, err.value.reason) == (grpc.StatusCode.RESOURCE_EXHAUSTED, "SERVER_MEMORY_BUDGET"), err.value
+        return int(err.value.metadata["held_bytes"])
+
+    def refused(call: Any, what: str, needed: int, holding: int) -> None:
+        with pytest.raises(TrainerError) as err:
+            call()
+        assert (err.value.code, err.value.reason) == (grpc.StatusCode.RESOURCE_EXHAUSTED, "SERVER_MEMORY_BUDGET"), err.value
+        assert err.value.message == (
+            f"{what} would need about {gib(needed)} more, and the server's sessions hold about {gib(holding)} "
+            f"({gib(ONE_MORE_SESSION - holding)} free): over the limit memory_budget_bytes={ONE_MORE_SESSION} "
+            f"({gib(ONE_MORE_SESSION)})"
+        ), err.value.message
+        said = {key: err.value.metadata.get(key) for key in ("limit", "needed_bytes", "held_bytes")}  # and next_operation
+        assert said == {"limit": str(ONE_MORE_SESSION), "needed_bytes": str(needed), "held_bytes": str(holding)}
+
+    assert held() == m  # the default session
+    with client.create_session() as first:
+        assert held() == 2 * m
+        # ~90 MB are free: a head of 20,000 classes (~160 MB beside the old one) is refused, nothing changed.
+        refused(lambda: first.replace_head(20_000), "a head of 20000 classes", head_bytes(20_000), 2 * m)
+        assert first.info().num_classes == 1000 and held() == 2 * m
+        assert first.replace_head(10).num_classes == 10
+        assert held() == m + model_bytes(10)  # as a fresh session of 10 classes
+        first.save_checkpoint("ten")
+        # A checkpoint's model is built beside the session's: no room for one.
+        refused(lambda: first.load_checkpoint("ten"), "loading a checkpoint", model_bytes(10), m + model_bytes(10))
+        assert first.info().num_classes == 10 and held() == m + model_bytes(10)
+    assert held() == m  # closed: what it was last counted is free
+    default = client.session()  # it has room to load the checkpoint: counted as 10 classes, then as it started
+    assert default.load_checkpoint("ten").num_classes == 10
+    assert held() == model_bytes(10)
+    assert default.reset().num_classes == 1000
+    assert held() == m
+
+
+def test_a_new_head_or_checkpoint_is_counted_as_a_fresh_session_of_its_shape(tmp_path: Path) -> None:
+    running = create_server(Settings(port=0, weights="random", memory_budget_bytes=ONE_MORE_SESSION,
+                                     checkpoint_dir=str(tmp_path)))
+    try:
+        with TrainerClient(f"localhost:{running.port}", timeout=120) as client:
+            check_a_session_counts_as_a_fresh_one_of_its_shape(client)
     finally:
         running.stop(None).wait()
 

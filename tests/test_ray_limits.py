@@ -11,7 +11,8 @@ pending forward, BatchNorm statistics as they were); a Step whose deadline passe
 behind another front-end's call is not taken; expiry leaves a session busy with another front-end's
 call alone (and the graph of a forward that just ended); SIGTERM stops a front-end within its grace
 while its call waits on an actor that does not answer; ``--memory-budget-bytes`` holds for the whole
-cluster as on the local backend (one test body for both, in tests/test_hardening.py). The local
+cluster as on the local backend, for a new session and for a session's new head or checkpoint
+(one test body for both backends each, in tests/test_hardening.py). The local
 backend's twins of the abandoned calls: tests/test_aio.py and tests/test_reliability.py.
 """
 
@@ -39,7 +40,9 @@ import torch  # noqa: E402
 
 from remote_trainer.client import Session, TrainerClient, TrainerError  # noqa: E402
 from tests.conftest import WEIGHTS_NAME, rand  # noqa: E402
-from tests.test_hardening import ONE_MORE_SESSION, check_a_budget_for_one_session  # noqa: E402
+from tests.test_hardening import (  # noqa: E402
+    ONE_MORE_SESSION, check_a_budget_for_one_session, check_a_session_counts_as_a_fresh_one_of_its_shape,
+)
 from tests.test_server_process import ROOT, start, stop  # noqa: E402
 
 cluster_utils = pytest.importorskip("ray.cluster_utils")
@@ -228,22 +231,37 @@ def test_sigterm_stops_a_front_end_within_its_grace_while_a_call_waits_on_an_act
         assert session.info().step_count == 0  # the session goes on
 
 
-def test_the_memory_budget_holds_for_the_whole_cluster(cluster: Any, data_dir: Path) -> None:
-    """The local backend's budget test (tests/test_hardening.py), on Ray, through a front-end of a
-    namespace of its own (its sessions reserve no CPU nor slot, so they fit beside A's): the second
-    session is refused with the local backend's reason and message, and closing the first makes
-    room. The budget is the registry's: a front-end started with another one refuses to start.
-    Runs after B is stopped: once it ran, a create on A was refused for want of 0.25 CPU (a CI run;
-    not seen when run alone)."""
+@pytest.fixture(scope="module")
+def budgeted(cluster: Any, data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[FrontEnd, list[str]]]:
+    """A front-end of a namespace of its own with ``--memory-budget-bytes ONE_MORE_SESSION`` (its
+    sessions reserve no CPU nor slot, so they fit beside A's), and its arguments, the budget last.
+    Started by the budget tests, which run after B is stopped: once it ran, a create on A was
+    refused for want of 0.25 CPU (a CI run; not seen when run alone)."""
     args = front_end_args(cluster, data_dir, "--ray-namespace", "ray-budget-test", "--ray-num-cpus", "0",
-                          "--ray-resources", "", "--memory-budget-bytes", str(ONE_MORE_SESSION))
+                          "--ray-resources", "", "--checkpoint-dir", str(tmp_path_factory.mktemp("checkpoints")),
+                          "--memory-budget-bytes", str(ONE_MORE_SESSION))
     front_end = FrontEnd(args)
-    try:
-        with front_end.connect() as client:
-            check_a_budget_for_one_session(client)
-        other = subprocess.run([sys.executable, "-m", "remote_trainer.server", "--port", "0", *args[:-1], "0"],
-                               capture_output=True, text=True, timeout=120, cwd=ROOT)
-        assert other.returncode == 2, other.stderr[-2000:]
-        assert f"the Ray namespace 'ray-budget-test' already has memory-budget-bytes={ONE_MORE_SESSION}" in other.stderr
-    finally:
-        front_end.stop()
+    yield front_end, args
+    front_end.stop()
+
+
+def test_the_memory_budget_holds_for_the_whole_cluster(budgeted: tuple[FrontEnd, list[str]]) -> None:
+    """The local backend's budget test (tests/test_hardening.py), on Ray: the second session is
+    refused with the local backend's reason and message, and closing the first makes room. The
+    budget is the registry's: a front-end started with another one refuses to start."""
+    front_end, args = budgeted
+    with front_end.connect() as client:
+        check_a_budget_for_one_session(client)
+    other = subprocess.run([sys.executable, "-m", "remote_trainer.server", "--port", "0", *args[:-1], "0"],
+                           capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert other.returncode == 2, other.stderr[-2000:]
+    assert f"the Ray namespace 'ray-budget-test' already has memory-budget-bytes={ONE_MORE_SESSION}" in other.stderr
+
+
+def test_a_new_head_or_checkpoint_is_counted_by_the_registry(budgeted: tuple[FrontEnd, list[str]]) -> None:
+    """The local backend's test of ReplaceHead and LoadCheckpoint against the budget
+    (tests/test_hardening.py), on Ray: each session's actor checks a new model state against the
+    whole cluster's budget and the registry recounts it."""
+    front_end, _ = budgeted
+    with front_end.connect() as client:
+        check_a_session_counts_as_a_fresh_one_of_its_shape(client)

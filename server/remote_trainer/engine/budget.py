@@ -92,10 +92,11 @@ class MemoryBudget:
         # What each session holds beside its own estimate (its shared-memory regions), until it goes.
         self._held: weakref.WeakKeyDictionary[object, int] = weakref.WeakKeyDictionary()
 
-    def keep(self, holder: object, size: int) -> None:
-        """Records what ``holder`` (a session) keeps from now on."""
+    def keep(self, holder: object, size: int, graph: int = 0) -> None:
+        """Records what ``holder`` keeps from now on: ``size`` bytes (a session's model state) and
+        ``graph`` (its pending forward's graph)."""
         with self._lock:
-            self._kept[holder] = size
+            self._kept[holder] = size + graph
 
     def hold(self, holder: object, extra: int, what: str) -> None:
         """Checks ``extra`` bytes more for ``holder`` and, in the same step (no other check between),
@@ -114,7 +115,19 @@ class MemoryBudget:
         with self._lock:
             self._check(holder, extra, what)
 
+    def check_model(self, holder: object, extra: int, what: str) -> None:
+        """``check`` for a new model state of a session (a new head, a checkpoint's model), whose size
+        ``keep`` then records: here the same; a Ray session's actor checks the cluster's budget too
+        (``ray_backend/registry.py``, ``ClusterBudget``)."""
+        self.check(holder, extra, what)
+
     def _check(self, holder: object, extra: int, what: str) -> None:
+        self._check_session(holder, extra, what)
+        everyone = sum(self._kept.values()) + sum(self._in_use.values()) + sum(self._held.values())
+        if everyone + extra > self.total_bytes:
+            raise over_budget(what, extra, everyone, self.total_bytes)
+
+    def _check_session(self, holder: object, extra: int, what: str) -> None:
         mine = self._kept.get(holder, 0) + self._in_use.get(holder, 0) + self._held.get(holder, 0)
         if mine + extra > self.session_bytes:
             raise ResourceExhausted(
@@ -122,9 +135,6 @@ class MemoryBudget:
                 f"session_memory_bytes={self.session_bytes} ({_gib(self.session_bytes)})",
                 "SESSION_MEMORY_BUDGET", metadata={"limit": str(self.session_bytes), "needed_bytes": str(extra)},
             )
-        everyone = sum(self._kept.values()) + sum(self._in_use.values()) + sum(self._held.values())
-        if everyone + extra > self.total_bytes:
-            raise over_budget(what, extra, everyone, self.total_bytes)
 
     @contextlib.contextmanager
     def use(self, holder: object, extra: int, what: str) -> Iterator[None]:

@@ -84,7 +84,7 @@ class SessionEngine:
     def _keep_budget(self) -> None:
         """Tells the memory budget what the session keeps now: its model state and pending graph."""
         pending = self._pending.kept_bytes if self._pending is not None else 0
-        self._budget.keep(self, model_bytes(head_of(self._model).out_features) + pending)
+        self._budget.keep(self, model_bytes(head_of(self._model).out_features), pending)
 
     @classmethod
     def from_spec(cls, model: ModelSpec, optimizer: OptimizerSpec, limits: Limits, budget: MemoryBudget = UNLIMITED,
@@ -305,7 +305,7 @@ class SessionEngine:
         if num_classes < 1 or num_classes > MAX_CLASSES:
             raise invalid("num_classes", f"num_classes must be in 1..{MAX_CLASSES}, got {num_classes}", "BAD_NUM_CLASSES")
         with self._lock:
-            self._budget.check(self, head_bytes(num_classes), f"a head of {num_classes} classes")
+            self._budget.check_model(self, head_bytes(num_classes), f"a head of {num_classes} classes")
             head = new_head(head_of(self._model).in_features, num_classes, seed)
             before = head_of(self._model).out_features
             self._model.fc = head.to(self._device)
@@ -373,7 +373,7 @@ class SessionEngine:
 
     def _restore(self, state: SessionState) -> SessionDescription:
         try:
-            self._budget.check(self, model_bytes(state.num_classes), "loading a checkpoint")
+            self._budget.check_model(self, model_bytes(state.num_classes), "loading a checkpoint")
             model, optimizer = state.build(self._model, self._device)
         except (KeyError, TypeError, ValueError, RuntimeError) as exc:
             raise invalid("name", f"the checkpoint does not fit this session: {exc}", "BAD_CHECKPOINT") from exc

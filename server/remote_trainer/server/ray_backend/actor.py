@@ -27,7 +27,7 @@ import ray
 import torch
 
 from remote_trainer.engine import portable
-from remote_trainer.engine.budget import MemoryBudget, default_total_bytes
+from remote_trainer.engine.budget import default_total_bytes
 from remote_trainer.engine.device import device_memory
 from remote_trainer.engine.errors import Abandoned, FailedPrecondition
 from remote_trainer.engine.limits import Limits
@@ -37,6 +37,7 @@ from remote_trainer.engine.results import NamedTensor, SessionDescription
 from remote_trainer.engine.session import SessionEngine
 from remote_trainer.server.ray_backend import watchdog
 from remote_trainer.server.ray_backend.proxy import CHECKED, FORWARDED, InStore, Request
+from remote_trainer.server.ray_backend.registry import ClusterBudget
 
 # The front-ends' housekeeping, which is no use of the session (it does not reset the idle clock).
 HOUSEKEEPING = frozenset({"drop_pending"})
@@ -88,6 +89,8 @@ class SessionActor:
 
     def build(
         self,
+        registry: Any,
+        session_id: str,
         model: ModelSpec,
         optimizer: OptimizerSpec,
         limits: Limits,
@@ -97,22 +100,25 @@ class SessionActor:
         memory_bytes: int = 0,
         torch_threads: int = 0,
     ) -> tuple[SessionDescription, str]:
-        """Builds the engine (once: a second front-end starting the default session finds it built);
-        returns its description and this actor's id. The default session keeps its initial state
-        (for ResetSession). ``expire_after`` > 0: the actor ends itself after that long without a
-        call (``watchdog.py``; ``idle_seconds`` reads 0 while a call runs). ``memory_bytes`` > 0: what the
-        cluster's memory budget had free for the session when it was reserved (the registry's): the
-        budget of this process is no larger. ``torch_threads`` > 0: the session computes with that
-        many torch threads (else Ray's OMP_NUM_THREADS: the CPUs the actor reserves, at least one)."""
+        """Builds the engine of session ``session_id`` (once: a second front-end starting the default
+        session finds it built); returns its description and this actor's id. The default session
+        keeps its initial state (for ResetSession). ``expire_after`` > 0: the actor ends itself after
+        that long without a call (``watchdog.py``; ``idle_seconds`` reads 0 while a call runs).
+        ``memory_bytes`` > 0: what the cluster's memory budget had free for the session when it was
+        reserved (the registry's): the budget of this process is no larger; a new head or a
+        checkpoint's model is checked against the cluster's budget and recounted by ``registry``
+        (the registry actor's handle; ``registry.ClusterBudget``). ``torch_threads`` > 0: the
+        session computes with that many torch threads (else Ray's OMP_NUM_THREADS: the CPUs the
+        actor reserves, at least one)."""
         with self._build_lock:
             if self._engine is None:
                 if torch_threads:
                     torch.set_num_threads(torch_threads)
                 watchdog.watch(self.idle_seconds, expire_after)
-                # A budget of this actor's own process: the session's limit, within most of the node's
-                # memory and what the cluster's budget had free for it.
-                total = default_total_bytes(resolve_device(model.device))
-                budget = MemoryBudget(min(total, memory_bytes) if memory_bytes else total, session_memory_bytes)
+                # The session's limit, within most of the node's memory and what the cluster's budget
+                # has free for it; its model's size is the registry's to count.
+                budget = ClusterBudget(default_total_bytes(resolve_device(model.device)), session_memory_bytes, memory_bytes,
+                                       registry, session_id, self._actor_id)
                 self._engine = SessionEngine.from_spec(model, optimizer, limits, budget, keep_initial_state)
             return self._placed(self._engine.describe()), self._actor_id
 

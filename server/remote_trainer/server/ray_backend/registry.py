@@ -6,7 +6,9 @@ session limits (in all, and per token) and the memory budget (``--memory-budget-
 estimates of the held sessions' models, ``engine/budget.py``) hold across the cluster without races;
 it also remembers lost sessions, so that any front-end, even one started after the loss, answers
 SESSION_LOST with the session's last checkpoint instead of "unknown session". It imports ray but
-not torch (the head node may have none).
+not torch (the head node may have none). A session's model that changes size (``ReplaceHead``,
+``LoadCheckpoint``, ``ResetSession``) is checked against the budget and recounted here by the
+session's actor, through ``ClusterBudget``, so that a session counts as a fresh one of its shape would.
 
 It is no single point of failure: every change is written to the GCS key-value store (as Ray Serve's
 controller keeps its state) before the call returns, and the actor restarts without limit
@@ -18,14 +20,18 @@ its bound and the actor it may have started is killed (``housekeeping``).
 from __future__ import annotations
 
 import json
+import logging
 import secrets
 import time
 from dataclasses import asdict, dataclass
+from typing import Any
 
 import ray
+from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 from ray.experimental import internal_kv
 
-from remote_trainer.engine.budget import over_budget
+from remote_trainer.engine.budget import MemoryBudget, over_budget
+from remote_trainer.engine.errors import Unavailable
 from remote_trainer.server.session_policy import DEFAULT_SESSION_ID, REMEMBERED, Expired, SessionLimits
 
 REGISTRY_NAME = "session-registry"
@@ -34,6 +40,12 @@ HEAD_NODE_RESOURCE = "node:__internal_head__"
 
 HELD = ("creating", "live")  # the states that count against the limits
 TABLE_KEY = "sessions"  # the registry's table in the GCS key-value store, in a namespace of the deployment's
+# Registry calls are small; a registry that does not answer within this (its restarts included) is
+# reported unavailable.
+REGISTRY_TIMEOUT = 30.0
+
+# The package's logger: the log lines name the Ray backend, whichever of its modules writes them.
+log = logging.getLogger(__package__)
 
 
 def kv_namespace(namespace: str) -> str:
@@ -99,6 +111,24 @@ class SessionRegistry:
         self._records[session_id] = Record(owner, "creating", now, stale_at=now + stale_after, model_bytes=model_bytes)
         self._save()
         return session_id, total - held
+
+    def grow(self, session_id: str, extra: int, what: str) -> int:
+        """Refuses ``what`` (a new model state of ``session_id``: a head, a checkpoint's model) when
+        ``extra`` more bytes would take the held sessions over the budget, as the local backend checks
+        it (the session's present model counted, since it lives while the new one is built); else the
+        bytes the other held sessions leave free for ``session_id``. It reserves nothing: the new size
+        is ``resized`` once made, as the local backend's ``MemoryBudget.keep``."""
+        total, held = self._total(), self._held("")
+        if held + extra > total:
+            raise over_budget(what, extra, held, total)
+        return total - self._held(session_id)
+
+    def resized(self, session_id: str, actor_id: str, model_bytes: int) -> None:
+        """The model of ``session_id`` (held by actor ``actor_id``) now keeps ``model_bytes``."""
+        record = self._records.get(session_id)
+        if record is not None and record.state in HELD and record.actor_id == actor_id:
+            record.model_bytes = model_bytes
+            self._save()
 
     def room(self, session_id: str) -> int:
         """The bytes of the memory budget that the held sessions but ``session_id`` leave free."""
@@ -230,3 +260,64 @@ class SessionRegistry:
         if table != self._saved:  # housekeeping mostly changes nothing
             internal_kv._internal_kv_put(TABLE_KEY, table, overwrite=True, namespace=self._kv_namespace)
             self._saved = table
+
+
+def cause(exc: RayTaskError) -> BaseException:
+    """The exception an actor raised (a domain error with all its fields), or the wrapper itself."""
+    raised = getattr(exc, "cause", None)
+    return raised if isinstance(raised, BaseException) else exc
+
+
+def ask(registry: Any, method: str, *args: Any) -> Any:
+    """The result of registry call ``method(*args)``. A call that the registry's death cut off is
+    sent again (a new call waits while the registry restarts), within ``REGISTRY_TIMEOUT`` in all:
+    a reservation made twice that way is dropped as abandoned. A domain error the registry raised is
+    raised as is."""
+    deadline = time.monotonic() + REGISTRY_TIMEOUT
+    while True:
+        try:
+            return ray.get(getattr(registry, method).remote(*args), timeout=max(0.0, deadline - time.monotonic()))
+        except RayTaskError as exc:
+            raise cause(exc) from None
+        except RayActorError:
+            if time.monotonic() < deadline:
+                log.info("the session registry restarts; %s is sent again", method)
+                time.sleep(0.1)  # a dead registry answers at once: do not spin while it restarts
+                continue
+        except GetTimeoutError:
+            pass
+        raise Unavailable("the session registry of the Ray cluster does not answer", "REGISTRY_UNAVAILABLE")
+
+
+class ClusterBudget(MemoryBudget):
+    """The budget a session's actor gives its engine. The session's calls count against its own
+    process: the session's limit, and a total of what the cluster's budget leaves the session within
+    ``node_bytes`` (most of the node's memory). A new model state (``check_model``: a new head, a
+    checkpoint's model) is checked against the cluster's budget, the registry's, as the local
+    backend checks it against its process's, and its size once made (``keep``) is recorded there:
+    the registry counts the session as a fresh session of its shape, and frees that when it closes."""
+
+    def __init__(self, node_bytes: int, session_bytes: int, room: int, registry: Any, session_id: str, actor_id: str) -> None:
+        """``room``: what the cluster's budget had free for the session when it was reserved (0: not known)."""
+        super().__init__(min(node_bytes, room) if room else node_bytes, session_bytes)
+        self._node_bytes = node_bytes
+        self._registry = registry
+        self._session_id = session_id
+        self._actor_id = actor_id
+        self._model: int | None = None  # the size the registry has for the model (the store records the first)
+
+    def check_model(self, holder: object, extra: int, what: str) -> None:
+        with self._lock:
+            self._check_session(holder, extra, what)
+        room: int = ask(self._registry, "grow", self._session_id, extra, what)
+        with self._lock:  # what the cluster's budget leaves the session now bounds its calls from here on
+            self.total_bytes = min(self._node_bytes, room)
+
+    def keep(self, holder: object, size: int, graph: int = 0) -> None:
+        if self._model is not None and size != self._model:
+            try:
+                ask(self._registry, "resized", self._session_id, self._actor_id, size)
+            except Unavailable:  # the session has changed: the call is not failed for its count
+                log.warning("the registry could not be told the new size of session %s; it counts the old one", self._session_id)
+        self._model = size
+        super().keep(holder, size, graph)

@@ -46,7 +46,7 @@ from remote_trainer.server.calls import Call, current_call
 from remote_trainer.server.ray_backend.actor import SessionActor
 from remote_trainer.server.ray_backend.lost import Described, lost_description, lost_error
 from remote_trainer.server.ray_backend.proxy import RayEngine, Request, check_wanted
-from remote_trainer.server.ray_backend.registry import HEAD_NODE_RESOURCE, REGISTRY_NAME, Record, SessionRegistry, actor_name
+from remote_trainer.server.ray_backend.registry import HEAD_NODE_RESOURCE, REGISTRY_NAME, Record, SessionRegistry, actor_name, ask, cause
 from remote_trainer.server.ray_backend.watchdog import SELF_EXPIRY_FACTOR
 from remote_trainer.server.session_policy import DEFAULT_SESSION_ID, SessionLimits, check_closable, may_use, missing
 from remote_trainer.server.settings import LOCAL_RAY_NAMESPACE, Settings, ray_resources
@@ -54,21 +54,12 @@ from remote_trainer.server.settings import LOCAL_RAY_NAMESPACE, Settings, ray_re
 # The package's logger: the log lines name the Ray backend, whichever of its modules writes them.
 log = logging.getLogger(__package__)
 
-# Registry calls are small; a registry that does not answer within this (its restarts included) is
-# reported unavailable.
-REGISTRY_TIMEOUT = 30.0
 # How often a call waiting on an actor looks whether its client went away (Call.gone has no callback).
 GONE_POLL = 0.1
 # A CreateSession that finds no room answers this long before its deadline, so its client hears why.
 ANSWER_MARGIN = 0.5
 # Housekeeping's questions to a session's actor; one busy with a call that long is not idle.
 HOUSEKEEPING_TIMEOUT = 10.0
-
-
-def _cause(exc: RayTaskError) -> BaseException:
-    """The exception the actor raised (a domain error with all its fields), or the wrapper itself."""
-    cause = getattr(exc, "cause", None)
-    return cause if isinstance(cause, BaseException) else exc
 
 
 def _object_store(settings: Settings) -> dict[str, Any]:
@@ -243,7 +234,7 @@ class RaySessionStore:
         try:
             handle = self._actor.options(name=actor_name(sid), **self._options).remote()
             log.info("session %s reserved; its actor is starting", sid)
-            description, actor_id = self._build(handle, model, optimizer, expire_after=SELF_EXPIRY_FACTOR * self._idle_seconds,
+            description, actor_id = self._build(handle, sid, model, optimizer, expire_after=SELF_EXPIRY_FACTOR * self._idle_seconds,
                                                 memory_bytes=room)
             check_wanted(still_wanted, "the session was built but dropped")  # no one could use or close it
             if not self._ask("commit", sid, actor_id, model_bytes(description.num_classes)):
@@ -321,7 +312,7 @@ class RaySessionStore:
         try:
             return self._await(ref, current_call())
         except RayTaskError as exc:  # the engine raised: a domain error (or a bug, told as INTERNAL)
-            raise _cause(exc) from None
+            raise cause(exc) from None
         except ActorUnavailableError:  # not known dead yet: may be a passing network fault
             raise Unavailable(
                 f"session {engine.session_id} cannot be reached now: the Ray node holding it does not answer "
@@ -371,7 +362,7 @@ class RaySessionStore:
             name=actor_name(DEFAULT_SESSION_ID), get_if_exists=True, **self._options
         ).remote()
         try:
-            description, actor_id = self._build(handle, self._default_model, OptimizerSpec.tutorial(), keep_initial_state=True,
+            description, actor_id = self._build(handle, DEFAULT_SESSION_ID, self._default_model, OptimizerSpec.tutorial(), keep_initial_state=True,
                                                 memory_bytes=self._ask("room", DEFAULT_SESSION_ID))
         except BaseException:
             ray.kill(handle)  # so that a front-end started with corrected settings builds it anew
@@ -392,14 +383,14 @@ class RaySessionStore:
             )
 
     def _build(
-        self, handle: Any, model: ModelSpec, optimizer: OptimizerSpec, keep_initial_state: bool = False,
+        self, handle: Any, session_id: str, model: ModelSpec, optimizer: OptimizerSpec, keep_initial_state: bool = False,
         expire_after: float = 0.0, memory_bytes: int = 0,
     ) -> tuple[SessionDescription, str]:
-        """Builds the session in its actor, whose memory budget is ``memory_bytes`` (what the cluster's
-        budget had free for it) at most."""
+        """Builds session ``session_id`` in its actor, whose memory budget is ``memory_bytes`` (what the
+        cluster's budget had free for it) at most."""
         call, started = current_call(), time.monotonic()
-        ref = handle.build.remote(model, optimizer, self._limits, keep_initial_state, self._session_memory_bytes, expire_after,
-                                  memory_bytes, self._torch_threads)
+        ref = handle.build.remote(self._registry, session_id, model, optimizer, self._limits, keep_initial_state, self._session_memory_bytes,
+                                  expire_after, memory_bytes, self._torch_threads)
         try:
             try:
                 built: tuple[SessionDescription, str] = self._await(ref, call, margin=ANSWER_MARGIN)
@@ -412,7 +403,7 @@ class RaySessionStore:
                 built = self._await(ref, call)
             return built
         except RayTaskError as exc:
-            raise _cause(exc) from None
+            raise cause(exc) from None
         except RayActorError:
             raise Unavailable("the session's actor died while it was being built", "SESSION_LOST") from None
 
@@ -459,23 +450,8 @@ class RaySessionStore:
         )
 
     def _ask(self, method: str, *args: Any) -> Any:
-        """The result of registry call ``method(*args)``. A call that the registry's death cut off is
-        sent again (a new call waits while the registry restarts), within ``REGISTRY_TIMEOUT`` in all:
-        a reservation made twice that way is dropped as abandoned."""
-        deadline = time.monotonic() + REGISTRY_TIMEOUT
-        while True:
-            try:
-                return ray.get(getattr(self._registry, method).remote(*args), timeout=max(0.0, deadline - time.monotonic()))
-            except RayTaskError as exc:
-                raise _cause(exc) from None
-            except RayActorError:
-                if time.monotonic() < deadline:
-                    log.info("the session registry restarts; %s is sent again", method)
-                    time.sleep(0.1)  # a dead registry answers at once: do not spin while it restarts
-                    continue
-            except GetTimeoutError:
-                pass
-            raise Unavailable("the session registry of the Ray cluster does not answer", "REGISTRY_UNAVAILABLE")
+        """The result of registry call ``method(*args)`` (``registry.ask``: retried while it restarts)."""
+        return ask(self._registry, method, *args)
 
     def _exists(self, session_id: str) -> bool:
         try:
