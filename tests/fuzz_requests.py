@@ -4,13 +4,14 @@ aimed at the server's default session (the victim).
 Random shapes (negative, empty, huge, too many dimensions), data types (unknown enum values too), raw
 byte lengths that do not match, the three input forms (raw ``Tensor``, ``TensorValues``,
 ``TensorGenerator``), patterns, session and forward ids, loss functions, optimizer values (NaN,
-infinite, negative), output formats, transfer types and option combinations; plus payloads that are
-not protobuf at all. ``requests()`` draws one ``(method, request)``; ``describe`` prints one.
+infinite, negative), output formats, transfer types and option combinations, checkpoint names, watches'
+``recent`` and shared-memory sizes; plus payloads that are not protobuf at all. ``requests()`` draws one ``(method, request)``; ``describe`` prints one.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -281,52 +282,96 @@ def _create(draw: st.DrawFn, sid: str) -> Request:
     return "CreateSession", request
 
 
+def _session_only(method: str) -> Callable[[st.DrawFn, str], Request]:
+    """A request of ``method`` that carries only a session id."""
+    def build(draw: st.DrawFn, sid: str) -> Request:
+        if method in ("Step", "ResetSession") and draw(st.booleans()):
+            sid = draw(st.text(min_size=1, max_size=8))  # they always succeed on the victim: often elsewhere
+        return method, getattr(pb, method + "Request")(session_id=sid)
+    return build
+
+
+def _zero_grad(draw: st.DrawFn, sid: str) -> Request:
+    request = pb.ZeroGradRequest(session_id=sid if draw(st.booleans()) else draw(st.text(min_size=1, max_size=8)))
+    if draw(st.booleans()):
+        request.set_to_none = draw(st.booleans())
+    return "ZeroGrad", request
+
+
+def _gradients(draw: st.DrawFn, sid: str) -> Request:
+    return "GetGradients", pb.GetGradientsRequest(
+        session_id=sid, patterns=draw(patterns), stats_only=draw(st.booleans()),
+        transfer_data_type=draw(transfer_types),  # type: ignore[arg-type]
+    )
+
+
+def _parameters(draw: st.DrawFn, sid: str) -> Request:
+    return "GetParameters", pb.GetParametersRequest(
+        session_id=sid, patterns=draw(patterns), stats_only=draw(st.booleans()),
+        transfer_data_type=draw(transfer_types), include_buffers=draw(st.booleans()),  # type: ignore[arg-type]
+    )
+
+
+# Checkpoint names: a few that are taken (so that loads and deletes find files), and what must be refused.
+checkpoint_names = st.one_of(
+    st.sampled_from(["fuzz.ckpt", "fuzz.ckpt", "fuzz", "other.ckpt"]),
+    st.sampled_from(["", ".", "..", "../x.ckpt", "/etc/passwd", "a/b.ckpt", "a\\b", "a\x00b", ".hidden", "x" * 300, " "]),
+    st.text(max_size=20),
+)
+
+
+def _watch(draw: st.DrawFn, sid: str) -> Request:
+    request = pb.WatchSessionRequest(session_id=sid)
+    # Never 0: the victim has events (a watch of recent ones answers at once, and the fuzzer then
+    # ends it), while a watch of none would wait for the victim's next event.
+    recent = draw(st.one_of(st.none(), st.sampled_from([1, 16, 17, 100, 2**31, 2**32 - 1]), st.integers(1, 2**32 - 1)))
+    if recent is not None:
+        request.recent = recent
+    return "WatchSession", request
+
+
+# Every RPC of TrainerService and what draws its requests (tests/test_fuzz.py checks the names
+# against the service's descriptor, so a new RPC cannot be left out), with how often it is drawn.
+BUILDERS: dict[str, tuple[int, Callable[[st.DrawFn, str], Request]]] = {
+    "Forward": (3, _forward),
+    "Backward": (3, _backward),
+    "TrainStep": (2, _train_step),
+    "Step": (1, _session_only("Step")),
+    "ZeroGrad": (1, _zero_grad),
+    "ConfigureOptimizer": (2, _configure),
+    "FreezeLayers": (2, lambda draw, sid: ("FreezeLayers", pb.FreezeLayersRequest(
+        session_id=sid, patterns=draw(patterns), unfreeze=draw(st.booleans())))),
+    "ReplaceHead": (1, lambda draw, sid: ("ReplaceHead", pb.ReplaceHeadRequest(
+        session_id=sid, num_classes=draw(num_classes), seed=draw(int64s)))),
+    "ListParameters": (1, _session_only("ListParameters")),
+    "DescribeSession": (1, _session_only("DescribeSession")),
+    "GetGradients": (2, _gradients),
+    "GetParameters": (2, _parameters),
+    "GetGraph": (1, _session_only("GetGraph")),
+    "CreateSession": (1, _create),
+    "CloseSession": (1, _session_only("CloseSession")),
+    "ResetSession": (1, _session_only("ResetSession")),
+    "ListSessions": (1, lambda draw, sid: ("ListSessions", pb.ListSessionsRequest())),
+    "SaveCheckpoint": (1, lambda draw, sid: ("SaveCheckpoint", pb.SaveCheckpointRequest(
+        session_id=sid, name=draw(checkpoint_names)))),
+    "LoadCheckpoint": (1, lambda draw, sid: ("LoadCheckpoint", pb.LoadCheckpointRequest(
+        session_id=sid, name=draw(checkpoint_names)))),
+    "DeleteCheckpoint": (1, lambda draw, sid: ("DeleteCheckpoint", pb.DeleteCheckpointRequest(
+        name=draw(checkpoint_names), client_token=draw(st.one_of(st.just(""), st.text(max_size=80)))))),
+    "WatchSession": (1, _watch),
+    "OpenSharedMemory": (1, lambda draw, sid: ("OpenSharedMemory", pb.OpenSharedMemoryRequest(
+        session_id=sid, size_bytes=draw(st.one_of(st.sampled_from([1, 4096, 1 << 16, (1 << 16) + 1, 0, -1]), int64s))))),
+}
+_DRAWN = [name for name, (weight, _) in BUILDERS.items() for _ in range(weight)] + ["garbage"]
+
+
 @st.composite
 def requests(draw: st.DrawFn) -> Request:
-    """One request to any RPC of TrainerService."""
+    """One request to any RPC of TrainerService, or bytes that are not a request."""
     sid = draw(session_ids)
-    method = draw(st.sampled_from([
-        "Forward", "Forward", "Forward", "Backward", "Backward", "Backward", "Step", "ZeroGrad", "ConfigureOptimizer",
-        "ConfigureOptimizer", "FreezeLayers", "FreezeLayers", "ReplaceHead", "ListParameters", "DescribeSession",
-        "GetGradients", "GetGradients", "GetParameters", "GetParameters", "GetGraph", "CreateSession", "CloseSession",
-        "ResetSession", "ListSessions", "TrainStep", "TrainStep", "garbage",
-    ]))
-    if method == "Forward":
-        return _forward(draw, sid)
-    if method == "Backward":
-        return _backward(draw, sid)
-    if method == "TrainStep":
-        return _train_step(draw, sid)
-    if method == "ConfigureOptimizer":
-        return _configure(draw, sid)
-    if method == "CreateSession":
-        return _create(draw, sid)
-    if method == "ListSessions":
-        return method, pb.ListSessionsRequest()
-    if method in ("Step", "DescribeSession", "ListParameters", "GetGraph", "CloseSession", "ResetSession"):
-        # Steps, zero_grads and resets always succeed on the victim, so they mostly go elsewhere.
-        if method in ("Step", "ResetSession") and draw(st.booleans()):
-            sid = draw(st.text(min_size=1, max_size=8))
-        return method, getattr(pb, method + "Request")(session_id=sid)
-    if method == "ZeroGrad":
-        request = pb.ZeroGradRequest(session_id=sid if draw(st.booleans()) else draw(st.text(min_size=1, max_size=8)))
-        if draw(st.booleans()):
-            request.set_to_none = draw(st.booleans())
-        return method, request
-    if method == "FreezeLayers":
-        return method, pb.FreezeLayersRequest(session_id=sid, patterns=draw(patterns), unfreeze=draw(st.booleans()))
-    if method == "ReplaceHead":
-        return method, pb.ReplaceHeadRequest(session_id=sid, num_classes=draw(num_classes), seed=draw(int64s))
-    if method == "GetGradients":
-        return method, pb.GetGradientsRequest(
-            session_id=sid, patterns=draw(patterns), stats_only=draw(st.booleans()),
-            transfer_data_type=draw(transfer_types),  # type: ignore[arg-type]
-        )
-    if method == "GetParameters":
-        return method, pb.GetParametersRequest(
-            session_id=sid, patterns=draw(patterns), stats_only=draw(st.booleans()),
-            transfer_data_type=draw(transfer_types), include_buffers=draw(st.booleans()),  # type: ignore[arg-type]
-        )
+    method = draw(st.sampled_from(_DRAWN))
+    if method != "garbage":
+        return BUILDERS[method][1](draw, sid)
     # Bytes that are not a valid message of the method they are sent to.
     target = draw(st.sampled_from(["Forward", "Backward", "FreezeLayers", "CreateSession", "GetGradients", "TrainStep"]))
     payload = draw(st.one_of(st.binary(min_size=1, max_size=64), st.sampled_from([b"\xff", b"\x0a\xff\xff\xff\xff\x0f", b"\x12\x05ab"])))

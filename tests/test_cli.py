@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -174,6 +175,27 @@ def test_entry_point_help_and_unreachable_server() -> None:
 
     done = subprocess.run([str(CLI), "no-such-command"], capture_output=True, text=True, timeout=60, check=False)
     assert done.returncode == 2 and "invalid choice" in done.stderr
+
+
+def test_a_port_nothing_listens_on_is_told_within_the_connect_budget() -> None:
+    """The real CLI with its default deadline (120 s a call) pointed at a port where nothing listens:
+    it waits for the server only --connect-timeout (5 s), then says there is none and exits 1."""
+    with socket.socket() as held:  # bound and never listening: connections are refused, and no one else takes it
+        held.bind(("127.0.0.1", 0))
+        target = f"127.0.0.1:{held.getsockname()[1]}"
+        process = subprocess.Popen([str(CLI), "--target", target, "info"], stdout=subprocess.PIPE,
+                                   stderr=subprocess.PIPE, text=True)
+        try:
+            out, err = process.communicate(timeout=60)  # its exit; far less than the calls' 120 s
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.communicate()
+            raise
+    assert process.returncode == 1 and out == ""
+    assert err.startswith(f"trainer-client: error: UNAVAILABLE: no server at {target} answered within 5 s") \
+        and err.count("\n") == 1, err
+    assert "--connect-timeout SECONDS" in subprocess.run([str(CLI), "--help"], capture_output=True, text=True,
+                                                         timeout=60, check=True).stdout
 
 
 @pytest.mark.parametrize("args", [["info"], ["step", "-n", "2", "--batch", "2", "--size", "32"]])

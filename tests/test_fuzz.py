@@ -1,10 +1,12 @@
 """Fuzzing: thousands of malformed or random requests to a live server, none of which may hurt it.
 
-Hypothesis draws runs of requests over every RPC of TrainerService: random shapes (negative, empty,
+Hypothesis draws runs of requests over every RPC of TrainerService (the table in
+tests/fuzz_requests.py, checked against the service's descriptor): random shapes (negative, empty,
 huge, too many dimensions), data types (unknown enum values too), raw byte lengths that do not match,
 the three input forms (raw ``Tensor``, ``TensorValues``, ``TensorGenerator``), patterns, session and
 forward ids, loss functions, optimizer values (NaN, infinite, negative), output formats, transfer
-types and option combinations; plus a few requests that are not protobuf at all. Properties:
+types and option combinations, checkpoint names, watches and shared-memory sizes; plus a few requests
+that are not protobuf at all. Properties:
 
 - a client's mistake never gets INTERNAL or UNKNOWN (those mean the server broke);
 - the server keeps serving (health SERVING after every run);
@@ -35,11 +37,11 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from remote_trainer.client import Session, TrainerClient
+from remote_trainer.client import Session, TrainerClient, core
 from remote_trainer.server.app import TrainerServer, create_server
 from remote_trainer.server.settings import Settings
 from tests.conftest import rand
-from tests.fuzz_requests import INT64_MAX, MAX_BATCH, MAX_ELEMENTS, Request, describe, requests
+from tests.fuzz_requests import BUILDERS, INT64_MAX, MAX_BATCH, MAX_ELEMENTS, Request, describe, requests
 from tests.test_errors import State, assert_same_state, state_of
 from remote_trainer.contract.trainer.v1 import trainer_pb2 as pb
 
@@ -51,10 +53,14 @@ Code = grpc.StatusCode
 CLIENT_ERRORS = {
     Code.INVALID_ARGUMENT, Code.NOT_FOUND, Code.FAILED_PRECONDITION, Code.RESOURCE_EXHAUSTED, Code.OUT_OF_RANGE,
 }
-# Calls that may change a session when they succeed; the others only read.
-# (CreateSession and CloseSession never touch the victim: the default session cannot be closed.)
-MUTATING = {"Forward", "Backward", "Step", "ZeroGrad", "ConfigureOptimizer", "FreezeLayers", "ReplaceHead", "ResetSession", "TrainStep"}
-STREAMING = {"GetGradients", "GetParameters"}
+TRAINER_SERVICE = pb.DESCRIPTOR.services_by_name["TrainerService"]
+# Calls that may change a session when they succeed: those the SDK numbers; the others only read it
+# (SaveCheckpoint, DeleteCheckpoint and OpenSharedMemory change files and regions, not the session;
+# CreateSession and CloseSession never touch the victim: the default session cannot be closed).
+MUTATING = {method.rsplit("/", 1)[1] for method in core.NUMBERED}
+STREAMING = {method.name for method in TRAINER_SERVICE.methods if method.server_streaming}
+# A stream that ends only with its session: the fuzzer takes its first answer, then cancels it.
+ENDLESS = {"WatchSession"}
 
 # -- the live server and the session state -----------------------------------------------------------
 
@@ -90,7 +96,11 @@ class Fuzzer:
         rpc = make(SERVICE + name, request_serializer=None, response_deserializer=None)
         payload = request if garbage else request.SerializeToString()
         try:
-            if streaming:
+            if name in ENDLESS:
+                responses = rpc(payload, timeout=120)
+                next(responses)  # accepted: the recent events came (an error is raised here instead)
+                responses.cancel()
+            elif streaming:
                 for _ in rpc(payload, timeout=120):
                     pass
             else:
@@ -135,10 +145,12 @@ class Fuzzer:
 
 
 @pytest.fixture(scope="module")
-def fuzz_server() -> Iterator[TrainerServer]:
+def fuzz_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TrainerServer]:
+    """Checkpoints within a quota of about two of them, shared-memory regions of at most 1 MiB."""
     running = create_server(Settings(
         port=0, weights="random", max_sessions=4, max_batch=MAX_BATCH, max_input_elements=MAX_ELEMENTS,
-        log_level="WARNING",
+        checkpoint_dir=str(tmp_path_factory.mktemp("fuzz-checkpoints")), max_checkpoint_bytes=256 * 1024 * 1024,
+        allow_shared_memory=1, max_shared_memory_bytes=1024 * 1024, log_level="WARNING",
     ))
     yield running
     running.stop(None).wait()
@@ -198,6 +210,13 @@ class ServerErrors(logging.Handler):
 
     def last(self) -> str:
         return self.records[-1] if self.records else "(no traceback logged)"
+
+
+def test_the_fuzz_draws_every_rpc_of_the_service() -> None:
+    """The fuzz's table of RPCs is the service's, read from its descriptor: a new RPC fails this
+    until the fuzz draws its requests."""
+    assert set(BUILDERS) == {method.name for method in TRAINER_SERVICE.methods}
+    assert MUTATING <= set(BUILDERS) and ENDLESS <= STREAMING
 
 
 def check(fuzzer: Fuzzer, run: list[Request]) -> None:

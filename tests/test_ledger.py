@@ -2,13 +2,21 @@
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
+import io
+import typing
+
 import pytest
 import torch
 
 from remote_trainer.engine.errors import Abandoned, FailedPrecondition, InvalidArgument, TrainerError, Unavailable
 from remote_trainer.engine.ledger import Ledger
 from remote_trainer.engine.operation import Operation
-from remote_trainer.engine.results import ForwardResult, Stats, StepResult
+from remote_trainer.engine.optimizer import OptimizerSpec
+from remote_trainer.engine.protocol import Engine
+from remote_trainer.engine.results import ForwardResult, SessionDescription, Stats, StepResult
+from remote_trainer.engine.transforms import InputTransform
 
 STATS = Stats(1.0, 0.0, 1.0, 0.5, 0, 4)
 
@@ -91,7 +99,6 @@ def test_a_snapshot_holds_the_answers_as_plain_data_and_restores_them() -> None:
     ledger.run(Operation(4, "ZeroGrad", supersede=True), lambda: 3)
     snapshot = ledger.snapshot()
     # torch.load(weights_only=True) reads a checkpoint: plain types and tensors only.
-    import io
     buffer = io.BytesIO()
     torch.save(snapshot, buffer)
     buffer.seek(0)
@@ -140,3 +147,35 @@ def test_a_bug_uses_its_number_as_internal() -> None:
     with pytest.raises(TrainerError) as repeat:
         ledger.run(Operation(1, "Step"), lambda: StepResult(1, 1))
     assert repeat.value.reason == "INTERNAL" and ledger.next_number == 2
+
+
+def test_every_numbered_answer_but_zero_grads_says_when_it_is_a_repeat() -> None:
+    """The servicer tells its observers (watchers, metrics, TensorBoard) of a change only when it
+    was made, not when its repeat is answered from the record: each numbered call's answer has the
+    ``replayed`` field the ledger sets on a repeat. ZeroGrad's count is the one exception: no
+    observer hears of a ZeroGrad."""
+    numbered = {name: typing.get_type_hints(method)["return"] for name, method in vars(Engine).items()
+                if callable(method) and "operation" in inspect.signature(method).parameters and name != "refuse"}
+    assert {"forward", "backward", "step", "train_step", "configure_optimizer", "freeze", "replace_head",
+            "load_checkpoint", "reset", "zero_grad"} <= set(numbered)
+    assert numbered.pop("zero_grad") is int
+    for name, answer in numbered.items():
+        assert dataclasses.is_dataclass(answer) and "replayed" in {f.name for f in dataclasses.fields(answer)}, name
+
+
+def test_a_session_description_with_an_input_transform_is_kept_through_a_snapshot() -> None:
+    """The answer of a ReplaceHead, ConfigureOptimizer, LoadCheckpoint or ResetSession describes the
+    session, its input transform included: a checkpoint holding one reads back, and its repeat is
+    answered as a repeat."""
+    described = SessionDescription("resnet18", "w.pt", "cpu", 10, OptimizerSpec.tutorial(), 0, 0, 62, 0,
+                                   input_transform=InputTransform.imagenet())
+    ledger = Ledger()
+    assert ledger.run(Operation(1, "ReplaceHead"), lambda: described) is described
+    buffer = io.BytesIO()
+    torch.save(ledger.snapshot(), buffer)
+    buffer.seek(0)
+    restored = Ledger()
+    restored.restore(torch.load(buffer, weights_only=True))()
+    again = restored.run(Operation(1, "ReplaceHead"), lambda: described)
+    assert again.replayed and again.input_transform == InputTransform.imagenet()
+    assert dataclasses.replace(again, replayed=False) == described

@@ -223,6 +223,9 @@ NOT_ON_RAY = {
     "test_watchers_are_bounded_and_hold_no_worker": "a local server of its own with small limits (watch_server); the "
                                                     "limits and the hub are the front-end's on both backends",
     "test_checkpoints_and_expiry_end_to_end": "moves the clock of a local server's store (watch_server)",
+    "test_a_repeated_load_or_reset_is_told_to_watchers_once":
+        "a local server of its own with a checkpoint folder and its default session (watch_server); the repeats "
+        "of the other numbered calls run on Ray (test_a_repeated_call_is_answered_and_told_to_watchers_once)",
     "test_a_stopping_server_ends_every_watch_at_once": "starts and stops a local server of its own",
     "test_the_grpcurl_recipe_of_the_docs_runs_as_written": "starts a fresh local server, as the docs' recipe expects",
 }

@@ -46,6 +46,8 @@ from remote_trainer.client.aio import AsyncTrainerClient
 from remote_trainer.client.errors import (
     InvalidArgumentError, NotFoundError, ResourceExhaustedError, UnauthenticatedError,
 )
+from remote_trainer.contract import codec
+from remote_trainer.contract.trainer.v1 import trainer_pb2 as pb
 from remote_trainer.server.app import TrainerServer, create_server
 from remote_trainer.server.settings import Settings
 from tests.conftest import WEIGHTS_NAME, rand
@@ -174,6 +176,55 @@ def test_each_step_arrives_with_the_numbers_its_call_returned(client: TrainerCli
     assert events[4].detail == HeadEvent(10)
     assert events[5].detail == replaced and replaced.lr == 0.05
     assert_ended(events, "session_closed")
+
+
+def test_a_repeated_call_is_answered_and_told_to_watchers_once(client: TrainerClient, local: nn.Module) -> None:
+    """Each numbered call that watchers hear of (TrainStep; Forward then Backward with step; Step;
+    FreezeLayers, ReplaceHead, ConfigureOptimizer; ZeroGrad, which they do not), sent twice with
+    the same operation number, as the SDK's retry after a lost answer does: the repeat is answered
+    from the session's record with the first answer, and the watch gets one event per call, not two."""
+    x, classes = rand(2, 3, 32, 32), np.array([4, 8])
+    stub = client.stub
+    with client.create_session(WEIGHTS_NAME) as session:
+        session.step()  # no gradients yet: changes no weight
+        reader = Reader(session.watch(recent=1, timeout=WATCH_SECONDS))
+        assert step_of(reader.next()).step_count == 1  # in place
+        number = session.info().next_operation
+
+        def twice(method: Any, request: Any) -> Any:
+            """``request`` as operation ``number`` (the next), sent twice: the same answer both times."""
+            nonlocal number
+            request.operation.number = number
+            number += 1
+            first = client.call(method, request)
+            assert client.call(method, request) == first
+            return first
+
+        def tensor(array: np.ndarray) -> pb.TensorInput:
+            return pb.TensorInput(tensor=codec.encode(array))
+
+        sid = session.session_id
+        cross_entropy = pb.Loss(function=pb.LOSS_FUNCTION_CROSS_ENTROPY, labels=tensor(classes))
+        stepped = twice(stub.TrainStep, pb.TrainStepRequest(session_id=sid, input=tensor(x), loss=cross_entropy))
+        forward = twice(stub.Forward, pb.ForwardRequest(session_id=sid, input=tensor(x)))
+        twice(stub.Backward, pb.BackwardRequest(session_id=sid, forward_id=forward.forward_id, loss=cross_entropy, step=True))
+        twice(stub.Step, pb.StepRequest(session_id=sid))
+        frozen = twice(stub.FreezeLayers, pb.FreezeLayersRequest(session_id=sid, patterns=["layer1"]))
+        twice(stub.ReplaceHead, pb.ReplaceHeadRequest(session_id=sid, num_classes=10, seed=1))
+        twice(stub.ConfigureOptimizer, pb.ConfigureOptimizerRequest(session_id=sid, optimizer=pb.OptimizerConfig(
+            kind=pb.OPTIMIZER_KIND_SGD, lr=0.05)))
+        twice(stub.ZeroGrad, pb.ZeroGradRequest(session_id=sid))
+        assert session.info().step_count == 4  # each step ran once
+    events = trained(reader.rest())
+    assert_follows(events)
+    assert [e.kind for e in events] == ["step", "step", "step", "freeze", "head", "optimizer", "end"]
+    assert [step_of(e).step_count for e in events[:3]] == [2, 3, 4]
+    assert step_of(events[0]).loss == stepped.loss
+    assert events[3].detail == FreezeEvent(["layer1"], False, len(frozen.changed), len(frozen.trainable), frozen.frozen_count)
+    assert len(frozen.changed) > 0  # the first FreezeLayers froze them; its repeat's answer says the same
+    local.train()
+    expected = F.cross_entropy(local(torch.from_numpy(x)), torch.from_numpy(classes))
+    assert stepped.loss == pytest.approx(expected.item(), rel=1e-5)
 
 
 def test_a_late_watcher_sees_where_the_run_is(client: TrainerClient) -> None:
@@ -362,6 +413,44 @@ def test_checkpoints_and_expiry_end_to_end(watch_server: TrainerServer, clock: F
     assert (automatic.name, automatic.step_count) == (f"auto-{session.session_id}.ckpt", CHECKPOINT_EVERY)
     assert back == CheckpointEvent("watched.ckpt", loaded.step_count, 0, False) and loaded.step_count == 1
     assert_ended(events, "session_expired")
+
+
+def test_a_repeated_load_or_reset_is_told_to_watchers_once(watch_server: TrainerServer) -> None:
+    """LoadCheckpoint and ResetSession (the default session's), each sent twice with the same
+    operation number: the repeat is answered with the first answer and watchers hear of it once.
+    The calls of test_a_repeated_call_is_answered_and_told_to_watchers_once that need a checkpoint
+    directory and the default session."""
+    with connect(watch_server, "alice") as alice:
+        def twice(method: Any, request: Any, number: int) -> Any:
+            request.operation.number = number
+            first = alice.call(method, request)
+            assert alice.call(method, request) == first
+            return first
+
+        with alice.create_session(WEIGHTS_NAME) as session:
+            session.step()
+            reader = Reader(session.watch(recent=1, timeout=WATCH_SECONDS))
+            reader.next()  # in place
+            session.save_checkpoint("repeated.ckpt")
+            session.step()  # step 2, and its automatic checkpoint
+            loaded = twice(alice.stub.LoadCheckpoint, pb.LoadCheckpointRequest(session_id=session.session_id, name="repeated.ckpt"),
+                           session.info().next_operation)
+            assert loaded.session.step_count == session.info().step_count == 1
+        events = reader.rest()
+        assert [e.kind for e in events] == ["checkpoint_saved", "step", "checkpoint_saved", "checkpoint_loaded", "end"]
+        assert events[3].detail == CheckpointEvent("repeated.ckpt", 1, 0, False)
+
+        default = alice.session()
+        default.step()
+        watch = Reader(default.watch(recent=1, timeout=WATCH_SECONDS))
+        watch.next()  # in place
+        number = default.info().next_operation
+        twice(alice.stub.ResetSession, pb.ResetSessionRequest(), number)
+        # Then a step, numbered after the reset (this client's SDK numbers the session no more: the
+        # stub's calls took numbers it does not know of).
+        alice.call(alice.stub.Step, pb.StepRequest(operation=pb.Operation(number=number + 1)))
+        assert watch.next().detail == ResetEvent()
+        assert step_of(watch.next()).step_count == 1  # the step came next: no second reset between
 
 
 def test_a_stopping_server_ends_every_watch_at_once() -> None:

@@ -267,9 +267,10 @@ def _bare(error: TrainerError) -> TrainerError:
 def _answer_types() -> dict[str, type]:
     from remote_trainer.engine import results
     from remote_trainer.engine.optimizer import OptimizerSpec
+    from remote_trainer.engine.transforms import InputTransform
 
     kinds: list[type] = [results.ForwardResult, results.BackwardResult, results.TrainStepResult, results.StepResult,
-                         results.FreezeResult, results.SessionDescription, results.Stats, OptimizerSpec]
+                         results.FreezeResult, results.SessionDescription, results.Stats, OptimizerSpec, InputTransform]
     return {kind.__name__: kind for kind in kinds}
 
 

@@ -98,6 +98,7 @@ class FreezeResult:
     changed: list[str]
     trainable: list[str]
     frozen_count: int
+    replayed: bool = False  # the answer of an operation that ran before (engine/ledger.py), not run again
 
 
 @dataclass(frozen=True)
@@ -140,6 +141,9 @@ class SessionDescription:
     next_operation: int = 1  # the number the session expects on its next numbered call (engine/ledger.py)
     operation_epoch: str = ""  # the identity of that numbering
     input_transform: InputTransform | None = None  # what uint8 inputs become before the model (None: refused)
+    # As the answer of a numbered call (ReplaceHead, ConfigureOptimizer, LoadCheckpoint, ResetSession):
+    # the answer of an operation that ran before (engine/ledger.py), not run again.
+    replayed: bool = False
 
 
 @dataclass(frozen=True)

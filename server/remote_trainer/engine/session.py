@@ -284,13 +284,13 @@ class SessionEngine:
 
     @numbered
     @device_memory
-    def configure_optimizer(self, spec: OptimizerSpec, *, operation: Operation | None = None) -> OptimizerSpec:
-        """Replaces the optimizer (its state starts anew)."""
+    def configure_optimizer(self, spec: OptimizerSpec, *, operation: Operation | None = None) -> SessionDescription:
+        """Replaces the optimizer (its state starts anew); the session as it is then (its ``optimizer``: ``spec``)."""
         spec.validate()
         with self._lock:
             self._optimizer = spec.build(self._model.parameters())
             self._spec = spec
-            return spec
+            return self._describe()
 
     @numbered
     def freeze(self, patterns: list[str], unfreeze: bool = False, *, operation: Operation | None = None) -> FreezeResult:

@@ -362,23 +362,26 @@ class TrainerServicer:
                 # It would have meant torch's SGD(lr=0.001), unlike a session's default: say which one instead.
                 raise invalid("optimizer", "give the optimizer's kind (and any settings); a new session's default is "
                               "kind SGD with lr 0.01 and momentum 0.9", "NO_OPTIMIZER")
-            spec = engine.configure_optimizer(convert.optimizer_spec(request.optimizer), operation=operation)
-        self.observer.session_changed(request.session_id or DEFAULT_SESSION_ID, OptimizerReplaced(spec))
-        return pb.ConfigureOptimizerResponse(optimizer=convert.optimizer_config(spec))
+            configured = engine.configure_optimizer(convert.optimizer_spec(request.optimizer), operation=operation)
+        if not configured.replayed:
+            self.observer.session_changed(request.session_id or DEFAULT_SESSION_ID, OptimizerReplaced(configured.optimizer))
+        return pb.ConfigureOptimizerResponse(optimizer=convert.optimizer_config(configured.optimizer))
 
     @unary
     def FreezeLayers(self, request: pb.FreezeLayersRequest, context: Context) -> pb.FreezeLayersResponse:
         result = self._session(request.session_id, context).freeze(list(request.patterns), unfreeze=request.unfreeze,
                                                                    operation=operation_of(request, "FreezeLayers"))
-        self.observer.session_changed(request.session_id or DEFAULT_SESSION_ID, Froze(
-            tuple(request.patterns), request.unfreeze, len(result.changed), len(result.trainable), result.frozen_count))
+        if not result.replayed:
+            self.observer.session_changed(request.session_id or DEFAULT_SESSION_ID, Froze(
+                tuple(request.patterns), request.unfreeze, len(result.changed), len(result.trainable), result.frozen_count))
         return pb.FreezeLayersResponse(changed=result.changed, trainable=result.trainable, frozen_count=result.frozen_count)
 
     @unary
     def ReplaceHead(self, request: pb.ReplaceHeadRequest, context: Context) -> pb.ReplaceHeadResponse:
         description = self._session(request.session_id, context).replace_head(
             request.num_classes, request.seed, operation=operation_of(request, "ReplaceHead"))
-        self.observer.session_changed(request.session_id or DEFAULT_SESSION_ID, HeadReplaced(description.num_classes))
+        if not description.replayed:
+            self.observer.session_changed(request.session_id or DEFAULT_SESSION_ID, HeadReplaced(description.num_classes))
         return pb.ReplaceHeadResponse(session=self._info(request.session_id, description))
 
     @unary
@@ -435,8 +438,9 @@ class TrainerServicer:
         operation = operation_of(request, "LoadCheckpoint")
         with self._numbered(engine, operation):
             description = engine.load_checkpoint(str(self._checkpoint_path(request.name, context)), operation=operation)
-        self.observer.session_changed(request.session_id or DEFAULT_SESSION_ID,
-                                      CheckpointLoaded(request.name, description.step_count))
+        if not description.replayed:
+            self.observer.session_changed(request.session_id or DEFAULT_SESSION_ID,
+                                          CheckpointLoaded(request.name, description.step_count))
         return pb.LoadCheckpointResponse(session=self._info(request.session_id, description))
 
     @unary
@@ -455,7 +459,8 @@ class TrainerServicer:
     @unary
     def ResetSession(self, request: pb.ResetSessionRequest, context: Context) -> pb.ResetSessionResponse:
         description = self._session(request.session_id, context).reset(operation=operation_of(request, "ResetSession"))
-        self.observer.session_changed(request.session_id or DEFAULT_SESSION_ID, WasReset())
+        if not description.replayed:
+            self.observer.session_changed(request.session_id or DEFAULT_SESSION_ID, WasReset())
         return pb.ResetSessionResponse(session=self._info(request.session_id, description))
 
     @unary

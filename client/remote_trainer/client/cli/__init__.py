@@ -3,7 +3,8 @@
 Sessions, training steps and runs, gradients, freezing, heads, the optimizer, checkpoints,
 predictions, the autograd graph, and a live view of a session's training (``watch``). Needs only the SDK's dependencies (no torch). Every command works on
 the server's default session unless ``--session`` names another; output is tables for people, or
-JSON with ``--json``. A failed call prints one line, ``trainer-client: error: ...``, and exits with
+JSON with ``--json``. A command first waits for the server at most ``--connect-timeout`` seconds (5),
+so a wrong address is told at once; then each call has ``--timeout`` (120), retries included. A failed call prints one line, ``trainer-client: error: ...``, and exits with
 status 1 (2 for a bad command line); a reader that stops reading (``| head``) ends it quietly, status 0.
 
 This module holds the command line (the global flags and every command's flags, in the order
@@ -34,6 +35,8 @@ from remote_trainer.contract.names import AUTOCAST_MODES, INPUT_TRANSFORMS, MEMO
 __all__ = ["DEFAULT_TARGET", "PROG", "ProgressBar", "build_parser", "main"]
 
 DEFAULT_TARGET = "localhost:50051"
+# Seconds a command waits for the server to answer at all before it says there is none (--connect-timeout).
+CONNECT_TIMEOUT = 5.0
 
 _LOSSES = ("sum", "cross_entropy", "mse")
 
@@ -65,6 +68,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help=f"server address (default: $TRAINER_TARGET or {DEFAULT_TARGET})")
     parser.add_argument("--session", default="", metavar="ID", help="session id (default: the server's default session)")
     parser.add_argument("--timeout", type=float, default=120.0, metavar="SECONDS", help="deadline of each call (default: 120)")
+    parser.add_argument("--connect-timeout", type=float, default=CONNECT_TIMEOUT, metavar="SECONDS",
+                        help="how long to wait for the server before the command (its health check): none answering by "
+                             f"then is UNAVAILABLE, no server at TARGET (default: {CONNECT_TIMEOUT:g}); once it answered, a "
+                             "dropped connection is waited for and the call retried within --timeout")
     parser.add_argument("--token", default=os.environ.get("TRAINER_TOKEN"),
                         help="bearer token for a server that requires one (default: $TRAINER_TOKEN)")
     parser.add_argument("--tls", action="store_true", help="use TLS with the system's root certificates")
@@ -230,6 +237,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             args.target, timeout=args.timeout, token=args.token, tls=args.tls,
             ca_cert=pem(args.ca_cert), client_cert=pem(args.client_cert), client_key=pem(args.client_key),
         ) as client:
+            # A wrong address is told within the connect budget, not after --timeout: the health check
+            # waits for the connection that long (UNAVAILABLE SERVER_UNREACHABLE when none came).
+            client.health(timeout=args.connect_timeout)
             status: int = args.run(client, client.session(args.session), args)
         sys.stdout.flush()  # here, not at exit, so that a reader who left (| head) is met below
         return status
