@@ -41,57 +41,14 @@ MAX_SESSIONS = 3
 
 
 @pytest.fixture(scope="module")
-def own_server(data_dir: Path) -> Iterator[tuple[int, str, ServerLog]]:
-    """A server on a Ray of its own (no --ray-address): its pid, its address and its log."""
+def own(data_dir: Path) -> Iterator[tuple[str, ServerLog]]:
+    """A server on a Ray of its own (no --ray-address): its address and its log."""
     process, port, log = start("--backend", "ray", "--weights", str(data_dir / WEIGHTS_NAME), "--data-dir", str(data_dir),
                                "--max-sessions", str(MAX_SESSIONS))
     try:
-        yield process.pid, f"localhost:{port}", log
+        yield f"localhost:{port}", log
     finally:
         stop(process)
-
-
-@pytest.fixture(scope="module")
-def own(own_server: tuple[int, str, ServerLog]) -> tuple[str, ServerLog]:
-    """The server on a Ray of its own: its address and its log."""
-    return own_server[1], own_server[2]
-
-
-def descendants(pid: int) -> list[int]:
-    """Every process below ``pid``, read from /proc."""
-    children: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue  # gone meanwhile
-            children.setdefault(parent, []).append(int(entry.name))
-    found, todo = [], [pid]
-    while todo:
-        below = children.get(todo.pop(), [])
-        found += below
-        todo += below
-    return found
-
-
-def test_its_own_ray_has_a_bounded_object_store_touched_at_start(own_server: tuple[int, str, ServerLog]) -> None:
-    """--ray-object-store-bytes (1 GiB by default): the server's own raylet holds an object store of
-    that size whose memory is already in place (resident shared memory), so a tensor's first trips
-    through it copy rather than page-fault (Ray's default store: 30 % of RAM, untouched)."""
-    raylets = []
-    for pid in descendants(own_server[0]):
-        try:
-            command = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-            status = Path(f"/proc/{pid}/status").read_text()
-        except OSError:
-            continue
-        if command and command[0].endswith(b"raylet"):
-            raylets.append((command, int(status.split("RssShmem:")[1].split()[0]) * 1024))
-    assert len(raylets) == 1, raylets
-    command, resident = raylets[0]
-    assert f"--object_store_memory={1024 ** 3}".encode() in command
-    assert resident >= 1024 ** 3
 
 
 def test_its_own_ray_holds_max_sessions_the_default_included_and_trains_two_at_once(

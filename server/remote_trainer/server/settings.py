@@ -143,11 +143,6 @@ class Settings:
     # How Ray places new sessions: "spread" (over the nodes, round robin) or "default" (Ray's own:
     # fill a node first).
     ray_scheduling: str = "spread"
-    # Bytes of the object store of a Ray this server starts itself (no ray_address), taken and
-    # touched once at start: a store the size of Ray's default (30 % of RAM) hands out fresh pages for
-    # most of its first pass, and a tensor's hop then costs page faults, not a copy. A joined
-    # cluster's store is its own (``ray start --object-store-memory``). 0: Ray's default, untouched.
-    ray_object_store_bytes: int = 1024 * MIB
     # Seconds a call on a session actor (or its creation) may take before it is reported UNAVAILABLE.
     ray_timeout: float = 600.0
     # Directory of TensorBoard event files, a run per session (loss, grad norm, lr, step time,
@@ -236,8 +231,6 @@ _HELP = {
     "ray_num_gpus": "GPUs each session's actor reserves (a fraction shares one GPU)",
     "ray_resources": "custom Ray resources each session reserves, NAME=AMOUNT,...",
     "ray_scheduling": "spread | default: how Ray places sessions over the nodes",
-    "ray_object_store_bytes": "object store of a Ray this server starts itself, taken and touched at start so a tensor's hop "
-                              "copies, not page-faults (0: Ray's default, 30%% of RAM, untouched; a joined cluster's is its own)",
     "ray_timeout": "seconds a call on a session actor may take before it is UNAVAILABLE",
     "tensorboard_dir": "write TensorBoard event files here, a run per session (empty: off; needs tensorboard)",
     "tensorboard_histograms_every": "gradient histograms in the TensorBoard files every N steps (0: none)",
@@ -366,8 +359,6 @@ def validate(settings: Settings) -> list[str]:
     if settings.backend == "ray" and settings.ray_address and not settings.ray_namespace:
         problems.append("ray-namespace is required with ray-address: name this deployment (its front-ends share the "
                         "namespace, another deployment on the cluster uses another), e.g. --ray-namespace trainer-prod")
-    if settings.ray_object_store_bytes and settings.ray_object_store_bytes < 75 * MIB:
-        problems.append("ray-object-store-bytes must be 0 (Ray's default) or at least 78643200 (Ray's own minimum, 75 MiB)")
     if settings.ray_scheduling not in ("spread", "default"):
         problems.append(f"ray-scheduling {settings.ray_scheduling!r} is not spread or default")
     try:

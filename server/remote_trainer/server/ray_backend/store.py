@@ -62,17 +62,6 @@ ANSWER_MARGIN = 0.5
 HOUSEKEEPING_TIMEOUT = 10.0
 
 
-def _object_store(settings: Settings) -> dict[str, Any]:
-    """``ray.init`` arguments for the object store of a Ray this server starts: bounded, and its
-    memory touched at start (Ray's ``preallocate_plasma_memory``). Measured here (2-core VM, a 47 MB
-    array returned by an actor 100 times): Ray's default store gave 20 ms a call for its first 20
-    calls and stretches of 75 ms after; 1 GiB touched at start, 15 ms for its first pass (each
-    process maps the pages once) and 6.5 ms after, against a 3.3 ms copy."""
-    if not settings.ray_object_store_bytes:
-        return {}
-    return {"object_store_memory": settings.ray_object_store_bytes, "_system_config": {"preallocate_plasma_memory": True}}
-
-
 def _sized_for_own_ray(settings: Settings) -> Settings:
     """On a Ray this server started itself (as many CPUs and GPUs as the machine), each session
     reserves at most its share, so that it holds ``--max-sessions`` as the local backend would. The
@@ -148,7 +137,7 @@ class RaySessionStore:
                 # ``ray start`` or test cluster writes), and this server's sessions would live and die
                 # with someone else's cluster.
                 ray.init(address="local", namespace=settings.ray_namespace, include_dashboard=False, _node_ip_address="127.0.0.1",
-                         log_to_driver=False, logging_level=logging.WARNING, **_object_store(settings))
+                         log_to_driver=False, logging_level=logging.WARNING)
                 settings = _sized_for_own_ray(settings)
         registry_class: Any = ray.remote(SessionRegistry)
         registry = registry_class.options(
