@@ -27,6 +27,7 @@ from remote_trainer.server.app import TrainerServer, create_server
 from remote_trainer.server.settings import Settings
 from tests.conftest import WEIGHTS_NAME, rand
 from tests.server_events import blocking_forward, waiting_for
+from tests.test_watch import WATCH_SECONDS, Reader, trained
 
 BATCH = (2, 3, 64, 64)
 
@@ -301,6 +302,57 @@ def test_a_resumed_session_goes_on_numbering_and_answers_what_its_checkpoint_saw
             np.testing.assert_array_equal(other[name], original[name], err_msg=name)
     finally:
         stub.CloseSession(pb.CloseSessionRequest(session_id=resumed.session_id), timeout=60)
+
+
+def test_a_checkpoint_of_the_previous_release_answers_its_repeats(
+    stub: pb_grpc.TrainerServiceStub, sid: str, checkpoint_dir: Path
+) -> None:
+    """The release before answers carried ``replayed`` kept ConfigureOptimizer's answer as its
+    OptimizerSpec alone (now the session's description), and FreezeResult and the description
+    without ``replayed``. A session resumed from a checkpoint that release wrote answers a repeat of
+    each with the first answer (a ConfigureOptimizer's was INTERNAL) and tells its watchers nothing
+    again."""
+    optimizer = pb.OptimizerConfig(kind=pb.OPTIMIZER_KIND_ADAM, lr=0.25)
+
+    def calls(session_id: str) -> list[pb.ConfigureOptimizerResponse | pb.FreezeLayersResponse | pb.ReplaceHeadResponse]:
+        """Operations 1, 2 and 3 on the session: their answers."""
+        return [
+            stub.ConfigureOptimizer(pb.ConfigureOptimizerRequest(session_id=session_id, optimizer=optimizer, operation=_op(1)),
+                                    timeout=60),
+            stub.FreezeLayers(pb.FreezeLayersRequest(session_id=session_id, patterns=["layer1"], operation=_op(2)), timeout=60),
+            stub.ReplaceHead(pb.ReplaceHeadRequest(session_id=session_id, num_classes=10, seed=1, operation=_op(3)), timeout=60),
+        ]
+
+    answers = calls(sid)
+    stub.SaveCheckpoint(pb.SaveCheckpointRequest(session_id=sid, name="previous-release.ckpt"), timeout=120)
+    path = checkpoint_dir / "previous-release.ckpt"
+    content = torch.load(path, weights_only=True)
+    kept = {number: answer for number, answer in content["operations"]["answers"]}  # as plain data (engine/ledger.py)
+    assert [kept[n]["result"]["type"] for n in (1, 2, 3)] == ["SessionDescription", "FreezeResult", "SessionDescription"]
+    # The file as that release wrote it: what it kept, as ledger.py's _plain writes it.
+    kept[1]["result"] = kept[1]["result"]["optimizer"]
+    assert kept[1]["result"]["type"] == "OptimizerSpec"
+    del kept[2]["result"]["replayed"], kept[3]["result"]["replayed"]
+    torch.save(content, path)
+
+    resumed = stub.CreateSession(pb.CreateSessionRequest(resume_from="previous-release.ckpt"), timeout=120).session
+    rid = resumed.session_id
+    with TrainerClient(stub.target, timeout=120) as client:  # type: ignore[attr-defined]
+        try:
+            assert (resumed.next_operation, resumed.num_classes) == (4, 10)
+            stub.Step(pb.StepRequest(session_id=rid, operation=_op(4)), timeout=60)  # an event to begin the watch with
+            reader = Reader(client.session(rid).watch(recent=1, timeout=WATCH_SECONDS))
+            reader.next()  # the watch is in place
+            answers[2].session.session_id = rid  # type: ignore[union-attr]
+            assert calls(rid) == answers  # the repeats: answered from the record
+            # Steps 4 and 5 (the session had taken none): nothing else ran.
+            assert stub.Step(pb.StepRequest(session_id=rid, operation=_op(5)), timeout=60).step_count == 2
+            described = _describe(stub, rid)
+            assert (described.next_operation, described.optimizer.kind, described.optimizer.lr) == (6, optimizer.kind, 0.25)
+        finally:
+            stub.CloseSession(pb.CloseSessionRequest(session_id=rid), timeout=60)
+        # The repeats told no watcher anything: after the watch began, the step (5) and the end only.
+        assert [e.kind for e in trained(reader.rest())] == ["step", "end"]
 
 
 def test_create_and_close_by_client_token_happen_once(stub: pb_grpc.TrainerServiceStub) -> None:

@@ -19,6 +19,8 @@ from remote_trainer.engine.results import ForwardResult, SessionDescription, Sta
 from remote_trainer.engine.transforms import InputTransform
 
 STATS = Stats(1.0, 0.0, 1.0, 0.5, 0, 4)
+# A session as a checkpoint restored it: what a restored ledger is put back with (Ledger.restore).
+RESTORED = SessionDescription("resnet18", "w.pt", "cpu", 10, OptimizerSpec.tutorial(), 0, 0, 62, 0)
 
 
 def _forward(number: int, elements: int = 4) -> tuple[Operation, ForwardResult]:
@@ -65,7 +67,7 @@ def test_the_byte_bound_forgets_exactly_the_oldest_answers_past_it_also_after_a_
     assert forgotten.value.reason == "OPERATION_FORGOTTEN"
     assert [ledger.run(Operation(n, "Forward"), lambda: _forward(99)[1]).forward_id for n in (2, 3, 4, 5)] == [2, 3, 4, 5]
     restored = Ledger(keep_tensor_bytes=64)
-    restored.restore(ledger.snapshot())()
+    restored.restore(ledger.snapshot())(RESTORED)
     op, result = _forward(6)
     restored.run(op, lambda: result)
     with pytest.raises(FailedPrecondition) as also_forgotten:
@@ -103,7 +105,7 @@ def test_a_snapshot_holds_the_answers_as_plain_data_and_restores_them() -> None:
     torch.save(snapshot, buffer)
     buffer.seek(0)
     restored = Ledger()
-    restored.restore(torch.load(buffer, weights_only=True))()
+    restored.restore(torch.load(buffer, weights_only=True))(RESTORED)
     assert restored.next_number == 5
     replayed = restored.run(op, lambda: _forward(9)[1])
     assert replayed.forward_id == 1 and replayed.stats == STATS and torch.equal(replayed.logits, result.logits)
@@ -175,7 +177,7 @@ def test_a_session_description_with_an_input_transform_is_kept_through_a_snapsho
     torch.save(ledger.snapshot(), buffer)
     buffer.seek(0)
     restored = Ledger()
-    restored.restore(torch.load(buffer, weights_only=True))()
+    restored.restore(torch.load(buffer, weights_only=True))(RESTORED)
     again = restored.run(Operation(1, "ReplaceHead"), lambda: described)
     assert again.replayed and again.input_transform == InputTransform.imagenet()
     assert dataclasses.replace(again, replayed=False) == described

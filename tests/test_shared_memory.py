@@ -9,11 +9,13 @@ import asyncio
 import mmap
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
 import threading
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import grpc
@@ -24,7 +26,9 @@ import torch
 from remote_trainer.client import Session, TrainerClient
 from remote_trainer.client.aio import AsyncTrainerClient
 from remote_trainer.client import shared_memory as shm
-from remote_trainer.client.errors import FailedPreconditionError, NotFoundError, ResourceExhaustedError, from_rpc_error
+from remote_trainer.client.errors import (
+    FailedPreconditionError, NotFoundError, ResourceExhaustedError, UnavailableError, from_rpc_error,
+)
 from remote_trainer.client.types import NamedTensor
 from remote_trainer.contract.trainer.v1 import trainer_pb2 as pb
 from remote_trainer.engine.budget import model_bytes
@@ -563,6 +567,49 @@ def test_close_unmaps_the_region_on_the_server(shared: tuple[subprocess.Popen[st
         session.close()
         assert memfds(proc.pid) == before
         assert memfds(os.getpid()) == here  # and unmapped here
+
+
+@pytest.mark.parametrize("grace", ["30", "0"])
+def test_a_call_through_the_region_in_flight_when_the_server_stops(data_dir: Path, local: torch.nn.Module, grace: str) -> None:
+    """SIGTERM while a TrainStep reads its input from the region (the server's log says it runs):
+    with 30 s of grace it finishes, with local PyTorch's loss (the server closes its regions only
+    once the calls in flight have ended); with none it ends UNAVAILABLE, as every call a stopping
+    server cuts off (gRPC's own "Cancelling all calls"), never INTERNAL. The server exits 0 both times."""
+    x, labels = rand(16, 3, 224, 224, seed=7), np.arange(16) % 10
+    running = threading.Event()
+
+    def on_line(line: str) -> None:
+        if "rpc=TrainStep" in line and " running" in line:
+            running.set()
+
+    proc, port, log = start("--weights", str(data_dir / WEIGHTS_NAME), "--data-dir", str(data_dir), "--allow-shared-memory", "1",
+                            "--grace-seconds", grace, "--log-level", "DEBUG", on_line=on_line)
+    try:
+        # No retries: the first answer is the one asserted (the SDK would retry UNAVAILABLE).
+        with TrainerClient(f"localhost:{port}", timeout=120, retry=None) as client, ThreadPoolExecutor(1) as pool:
+            session = client.create_session(WEIGHTS_NAME, shared_memory=True)  # not closed: the server is gone by then
+            step = pool.submit(session.train_step, x, "cross_entropy", labels)
+            assert running.wait(120)
+            proc.send_signal(signal.SIGTERM)
+            if grace == "30":
+                local.train()
+                expected = torch.nn.functional.cross_entropy(local(torch.from_numpy(x)), torch.from_numpy(labels))
+                assert step.result(120).loss == pytest.approx(expected.item(), rel=1e-5)
+            else:
+                with pytest.raises(UnavailableError) as cut:
+                    step.result(120)
+                assert cut.value.code == grpc.StatusCode.UNAVAILABLE, cut.value
+        assert proc.wait(timeout=120) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    whole = log.whole()
+    # The TrainStep was in flight when the signal came: it ran before it (and with grace, ended OK after it).
+    lines = [line for line in whole if "received SIGTERM" in line or "rpc=TrainStep" in line]
+    assert "running" in lines[0] and "received SIGTERM" in lines[1], lines
+    assert grace == "0" or "status=OK" in lines[2], lines
+    assert not [line for line in whole if "INTERNAL" in line or "Traceback" in line], whole
 
 
 def test_expiry_and_sigkill_leave_nothing(data_dir: Path) -> None:

@@ -28,13 +28,16 @@ import threading
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, ParamSpec, Protocol, TypeVar, cast
+from typing import TYPE_CHECKING, Any, ParamSpec, Protocol, TypeVar, cast
 
 import torch
 
 from remote_trainer.engine import errors
 from remote_trainer.engine.errors import Abandoned, FailedPrecondition, InvalidArgument, TrainerError, Unavailable
 from remote_trainer.engine.operation import Operation
+
+if TYPE_CHECKING:
+    from remote_trainer.engine.results import SessionDescription
 
 T = TypeVar("T")
 P = ParamSpec("P")
@@ -236,19 +239,22 @@ class Ledger:
                 "answers": [[number, _plain(answer)] for number, answer in self._answers.items()],
             }
 
-    def restore(self, state: dict[str, Any]) -> Callable[[], None]:
+    def restore(self, state: dict[str, Any]) -> Callable[[SessionDescription], None]:
         """Checks what ``snapshot`` made (a bad one raises ValueError, TypeError or KeyError) and
-        returns the change that puts it back, to be made once everything else is checked too."""
+        returns the change that puts it back, to be made once everything else is checked too; it
+        takes the session as the checkpoint restored it, from which an answer kept in the shape of
+        an earlier release is made the current one (``_current``)."""
         next_number = int(state["next_number"])
         epoch = str(state.get("epoch", "")) or secrets.token_hex(8)
         answers = OrderedDict((int(number), _from_plain(plain)) for number, plain in state["answers"])
         if next_number < 1 or any(number >= next_number for number in answers):
             raise ValueError("the checkpoint's operation record is inconsistent")
 
-        def put_back() -> None:
+        def put_back(described: SessionDescription) -> None:
+            current = OrderedDict((number, _current(number, answer, described, epoch)) for number, answer in answers.items())
             with self.lock:
-                self.next_number, self.epoch, self._answers = next_number, epoch, answers
-                self._kept_bytes = sum(a.tensor_bytes for a in answers.values())
+                self.next_number, self.epoch, self._answers = next_number, epoch, current
+                self._kept_bytes = sum(a.tensor_bytes for a in current.values())
 
         return put_back
 
@@ -305,6 +311,24 @@ def _from_plain(plain: dict[str, Any]) -> _Answer:
             {str(k): str(v) for k, v in error["metadata"].items()},
         ),
     )
+
+
+def _current(number: int, answer: _Answer, described: SessionDescription, epoch: str) -> _Answer:
+    """``answer`` (operation ``number``'s, read from a checkpoint) in the shape this release keeps.
+
+    The release before answers carried ``replayed`` kept ConfigureOptimizer's answer as its
+    OptimizerSpec alone; now it is the session's description, whose ``optimizer`` and ``replayed``
+    the servicer reads, so the repeat of such an answer would fail. It becomes ``described`` (the
+    session as the checkpoint restored it) with that optimizer and the numbering the answer had:
+    its ``optimizer`` is all a repeat's ConfigureOptimizerResponse carries. (That release's
+    FreezeResult and SessionDescription lack only ``replayed``, which reads back as False.)"""
+    from remote_trainer.engine.optimizer import OptimizerSpec
+
+    if answer.method == "ConfigureOptimizer" and isinstance(answer.result, OptimizerSpec):
+        result = dataclasses.replace(described, optimizer=answer.result, next_operation=number, operation_epoch=epoch,
+                                     replayed=False)
+        return dataclasses.replace(answer, result=result)
+    return answer
 
 
 def _value(plain: Any) -> Any:

@@ -359,7 +359,7 @@ class SessionEngine:
             raise invalid("resume_from", f"the checkpoint's operation record is unreadable: {exc}", "BAD_CHECKPOINT") from exc
         with self.ledger.lock:
             description = self.restore(state)
-            put_back()
+            put_back(description)
             return replace(description, next_operation=self.ledger.next_number, operation_epoch=self.ledger.epoch)
 
     @device_memory
