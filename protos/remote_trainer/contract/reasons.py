@@ -308,9 +308,10 @@ class Reason(enum.StrEnum):
     does not retry it. Do: Ask the operator to look at the server's disk; try again later."""
     SERVER_MEMORY_BUDGET = "SERVER_MEMORY_BUDGET"
     """RESOURCE_EXHAUSTED: The call would take the memory all sessions hold over the server's
-    --memory-budget-bytes (estimated before allocating). ErrorInfo metadata "limit", "needed_bytes"
-    and "held_bytes" give the figures. Do: Send a smaller batch, close sessions you no longer need,
-    or ask the operator for a larger budget."""
+    --memory-budget-bytes (estimated before allocating; the sessions' shared-memory regions count in
+    it, replaced ones too, until their session ends). ErrorInfo metadata "limit", "needed_bytes" and
+    "held_bytes" give the figures. Do: Send a smaller batch, close sessions you no longer need, or
+    ask the operator for a larger budget."""
     SESSION_MEMORY_BUDGET = "SESSION_MEMORY_BUDGET"
     """RESOURCE_EXHAUSTED: The call would take this session's memory over --session-memory-bytes
     (estimated before allocating; the session's shared-memory regions count in it, replaced ones
@@ -433,10 +434,15 @@ class Reason(enum.StrEnum):
     last event saying WATCH_END_SERVER_STOPPING). Do: Watch again once the server (or another
     front-end) serves."""
     SHARED_MEMORY_UNAVAILABLE = "SHARED_MEMORY_UNAVAILABLE"
-    """FAILED_PRECONDITION: OpenSharedMemory on a server started without --allow-shared-memory (the
+    """FAILED_PRECONDITION: OpenSharedMemory on a server started without --allow-shared-memory 1 (the
     default), or a call that names a shared-memory region the session does not have (none opened, or
-    replaced by a later OpenSharedMemory). Do: Start the server with --allow-shared-memory
-    (docs/shared-memory.md), or send tensors in the messages (the SDK's default)."""
+    replaced by a later OpenSharedMemory). The SDK's use_shared_memory raises it too, itself, when
+    it cannot redeem the ticket: the server's ticket socket cannot be reached (a client on another
+    host or in another network namespace), stayed busy for 5 s, or refused the ticket (used,
+    expired, or its region replaced meanwhile). Do: Operator: start the server with
+    --allow-shared-memory 1 and --backend local (docs/shared-memory.md); client: run on the server's
+    host, in its network namespace, and call use_shared_memory again; or send tensors in the
+    messages (the SDK's default)."""
     SHARED_MEMORY_TOO_LARGE = "SHARED_MEMORY_TOO_LARGE"
     """RESOURCE_EXHAUSTED: OpenSharedMemory asked for more bytes than --max-shared-memory-bytes.
     ErrorInfo metadata "limit" says how many. Do: Ask for fewer bytes, or start the server with a

@@ -557,7 +557,9 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     ERROR_REASON_SERVER_MEMORY_BUDGET: _ErrorReason.ValueType  # 87
     """Status: RESOURCE_EXHAUSTED.
     Cause: the call would take the memory all sessions hold over the server's
-    --memory-budget-bytes (estimated before allocating). ErrorInfo metadata
+    --memory-budget-bytes (estimated before allocating; the sessions'
+    shared-memory regions count in it, replaced ones too, until their session
+    ends). ErrorInfo metadata
     "limit", "needed_bytes" and "held_bytes" give the figures.
     Do: send a smaller batch, close sessions you no longer need, or ask the
     operator for a larger budget.
@@ -773,11 +775,17 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     """
     ERROR_REASON_SHARED_MEMORY_UNAVAILABLE: _ErrorReason.ValueType  # 121
     """Status: FAILED_PRECONDITION.
-    Cause: OpenSharedMemory on a server started without --allow-shared-memory
+    Cause: OpenSharedMemory on a server started without --allow-shared-memory 1
     (the default), or a call that names a shared-memory region the session
-    does not have (none opened, or replaced by a later OpenSharedMemory).
-    Do: start the server with --allow-shared-memory (docs/shared-memory.md),
-    or send tensors in the messages (the SDK's default).
+    does not have (none opened, or replaced by a later OpenSharedMemory). The
+    SDK's use_shared_memory raises it too, itself, when it cannot redeem the
+    ticket: the server's ticket socket cannot be reached (a client on another
+    host or in another network namespace), stayed busy for 5 s, or refused
+    the ticket (used, expired, or its region replaced meanwhile).
+    Do: operator: start the server with --allow-shared-memory 1 and --backend
+    local (docs/shared-memory.md); client: run on the server's host, in its
+    network namespace, and call use_shared_memory again; or send tensors in
+    the messages (the SDK's default).
     """
     ERROR_REASON_SHARED_MEMORY_TOO_LARGE: _ErrorReason.ValueType  # 122
     """Status: RESOURCE_EXHAUSTED.
@@ -1335,7 +1343,9 @@ Do: ask the operator to look at the server's disk; try again later.
 ERROR_REASON_SERVER_MEMORY_BUDGET: ErrorReason.ValueType  # 87
 """Status: RESOURCE_EXHAUSTED.
 Cause: the call would take the memory all sessions hold over the server's
---memory-budget-bytes (estimated before allocating). ErrorInfo metadata
+--memory-budget-bytes (estimated before allocating; the sessions'
+shared-memory regions count in it, replaced ones too, until their session
+ends). ErrorInfo metadata
 "limit", "needed_bytes" and "held_bytes" give the figures.
 Do: send a smaller batch, close sessions you no longer need, or ask the
 operator for a larger budget.
@@ -1551,11 +1561,17 @@ Do: watch again once the server (or another front-end) serves.
 """
 ERROR_REASON_SHARED_MEMORY_UNAVAILABLE: ErrorReason.ValueType  # 121
 """Status: FAILED_PRECONDITION.
-Cause: OpenSharedMemory on a server started without --allow-shared-memory
+Cause: OpenSharedMemory on a server started without --allow-shared-memory 1
 (the default), or a call that names a shared-memory region the session
-does not have (none opened, or replaced by a later OpenSharedMemory).
-Do: start the server with --allow-shared-memory (docs/shared-memory.md),
-or send tensors in the messages (the SDK's default).
+does not have (none opened, or replaced by a later OpenSharedMemory). The
+SDK's use_shared_memory raises it too, itself, when it cannot redeem the
+ticket: the server's ticket socket cannot be reached (a client on another
+host or in another network namespace), stayed busy for 5 s, or refused
+the ticket (used, expired, or its region replaced meanwhile).
+Do: operator: start the server with --allow-shared-memory 1 and --backend
+local (docs/shared-memory.md); client: run on the server's host, in its
+network namespace, and call use_shared_memory again; or send tensors in
+the messages (the SDK's default).
 """
 ERROR_REASON_SHARED_MEMORY_TOO_LARGE: ErrorReason.ValueType  # 122
 """Status: RESOURCE_EXHAUSTED.
