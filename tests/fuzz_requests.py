@@ -6,12 +6,20 @@ byte lengths that do not match, the three input forms (raw ``Tensor``, ``TensorV
 ``TensorGenerator``), patterns, session and forward ids, loss functions, optimizer values (NaN,
 infinite, negative), output formats, transfer types and option combinations, checkpoint names, watches'
 ``recent`` and shared-memory sizes; plus payloads that are not protobuf at all. ``requests()`` draws one ``(method, request)``; ``describe`` prints one.
+
+A call that changes a session is often numbered (``Numbered``: its ``Operation`` is decided when it is
+sent, tests/test_fuzz.py): the session's next number, one ahead (with or without ``supersede``), a
+repeat of an earlier numbered call of the run (the same request, one with a field changed, or another
+request under its number), or a number that is no place at all (0, negative, huge); by the fuzz's
+client, none, another or one with too long an id; in the session's numbering (epoch), none, or a
+wrong one.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -19,6 +27,7 @@ from google.protobuf import text_format
 from hypothesis import strategies as st
 
 from tests.conftest import rand
+from remote_trainer.client import core
 from remote_trainer.contract import codec
 from remote_trainer.contract.trainer.v1 import trainer_pb2 as pb
 
@@ -365,11 +374,90 @@ BUILDERS: dict[str, tuple[int, Callable[[st.DrawFn, str], Request]]] = {
 _DRAWN = [name for name, (weight, _) in BUILDERS.items() for _ in range(weight)] + ["garbage"]
 
 
+# -- operation numbers -------------------------------------------------------------------------------
+
+NUMBERED = {path.rsplit("/", 1)[1] for path in core.NUMBERED}
+FUZZ_CLIENT = "fuzz"  # the client id the fuzz numbers with (the SDK client that primes the victim has its own)
+# Numbers that are no place in a session's order: out of range, or far ahead (past a supersede's
+# 2**20 too), and the smallest ones (run long ago by the SDK client, given up, or forgotten).
+ODD_NUMBERS = [0, -1, 1, 2, 2**20, 2**20 + 2, 2**62, 2**62 + 1, INT64_MAX, INT64_MIN, -(2**62)]
+
+
+@dataclass(frozen=True)
+class Numbering:
+    """How the fuzz numbers one call, decided when it is sent (the session's next number is known then).
+
+    ``place``: "next" (the number the session expects), "ahead" (``value`` past it when that is 1 to
+    2**21, else 1), "repeat" (the
+    earlier numbered call of the run ``value`` back, modulo their count, with its ``request``: "same"
+    (the earlier request again, on the victim named the other way when ``value`` is odd), "altered"
+    (the earlier request with one field changed, ``altered``) or "other" (this request)) or
+    "number" (``value`` itself). ``epoch``: "session" (the victim's numbering), "" (none) or another
+    string (a wrong one).
+    """
+
+    place: str
+    value: int = 0
+    supersede: bool = False
+    client: str = FUZZ_CLIENT
+    epoch: str = "session"
+    request: str = "same"
+
+
+@dataclass(frozen=True)
+class Numbered:
+    """A request of a call that changes a session, numbered as ``numbering`` says when it is sent."""
+
+    request: Any
+    numbering: Numbering
+
+
+numberings = st.builds(
+    Numbering,
+    place=st.sampled_from(["next", "next", "next", "ahead", "repeat", "repeat", "repeat", "number"]),
+    value=st.one_of(st.integers(0, 3), st.sampled_from(ODD_NUMBERS)),
+    supersede=st.integers(0, 3).map(lambda k: k == 0),
+    client=st.one_of(st.just(FUZZ_CLIENT), st.just(FUZZ_CLIENT), st.sampled_from(["", "another", "x" * 64, "x" * 65]),
+                     st.text(max_size=70)),
+    epoch=st.sampled_from(["session", "session", "session", "", "wrong"]),
+    request=st.sampled_from(["same", "same", "altered", "other"]),
+)
+
+
+def altered(method: str, request: Any) -> Any:
+    """A copy of a numbered request with one field changed (ResetSession has none to change)."""
+    copy = type(request)()
+    copy.CopyFrom(request)
+    if method == "Forward":
+        copy.eval_mode = not copy.eval_mode
+    elif method == "Backward":
+        copy.retain_graph = not copy.retain_graph
+    elif method == "TrainStep":
+        copy.return_grad_norm = not copy.return_grad_norm
+    elif method == "Step":
+        copy.expected_step_count ^= 1
+    elif method == "ZeroGrad":
+        copy.set_to_none = not copy.set_to_none
+    elif method == "ConfigureOptimizer":
+        copy.optimizer.amsgrad = not copy.optimizer.amsgrad
+    elif method == "FreezeLayers":
+        copy.unfreeze = not copy.unfreeze
+    elif method == "ReplaceHead":
+        copy.seed ^= 1
+    elif method == "LoadCheckpoint":
+        copy.name += "x"
+    return copy
+
+
 @st.composite
 def requests(draw: st.DrawFn) -> Request:
-    """One request to any RPC of TrainerService, or bytes that are not a request."""
+    """One request to any RPC of TrainerService, or bytes that are not a request; a call that changes
+    a session is numbered one time in two, then mostly on the victim."""
     sid = draw(session_ids)
     method = draw(st.sampled_from(_DRAWN))
+    if method in NUMBERED and draw(st.booleans()):  # mostly on the victim, whose record it checks
+        name, request = BUILDERS[method][1](draw, draw(_victim_ids) if draw(st.integers(0, 4)) else sid)
+        return name, Numbered(request, draw(numberings))
     if method != "garbage":
         return BUILDERS[method][1](draw, sid)
     # Bytes that are not a valid message of the method they are sent to.
@@ -379,6 +467,8 @@ def requests(draw: st.DrawFn) -> Request:
 
 
 def describe(method: str, request: Any) -> str:
+    if isinstance(request, Numbered):
+        return f"{describe(method, request.request)} numbered {request.numbering}"
     if isinstance(request, bytes):
         return f"{method} {request!r}"
     text = text_format.MessageToString(request, as_one_line=True)

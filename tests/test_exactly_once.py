@@ -238,6 +238,34 @@ def test_a_repeat_must_be_the_same_call(stub: pb_grpc.TrainerServiceStub, sid: s
     assert _reason(mismatch.value) == "OPERATION_MISMATCH"
 
 
+def test_a_repeat_that_asks_something_else_is_refused_and_changes_nothing(stub: pb_grpc.TrainerServiceStub, sid: str) -> None:
+    """The same number, RPC and client with other fields is refused, not answered with the first
+    call's answer: another batch (bytes the server cuts out of the message), another option, another
+    bad request. A true repeat (supersede set, the session unchanged) is still answered."""
+    first = stub.TrainStep(_train_step(sid, 1), timeout=120)
+    stub.ZeroGrad(pb.ZeroGradRequest(session_id=sid, set_to_none=False, operation=_op(2)), timeout=60)
+    with pytest.raises(grpc.RpcError) as bad:
+        stub.Forward(pb.ForwardRequest(session_id=sid, output_format=99, operation=_op(3)), timeout=60)  # type: ignore[arg-type]
+    assert _reason(bad.value) == "BAD_OUTPUT_FORMAT"
+    weights = _weights(stub, sid)
+    others = [
+        ("TrainStep", _train_step(sid, 1, seed=5)),
+        ("ZeroGrad", pb.ZeroGradRequest(session_id=sid, set_to_none=True, operation=_op(2))),
+        ("Forward", pb.ForwardRequest(session_id=sid, output_format=98, operation=_op(3))),  # type: ignore[arg-type]
+    ]
+    for method, request in others:
+        with pytest.raises(grpc.RpcError) as other:
+            getattr(stub, method)(request, timeout=120)
+        assert other.value.code() == grpc.StatusCode.INVALID_ARGUMENT, method
+        assert _reason(other.value) == "OPERATION_MISMATCH" and "another" in (other.value.details() or ""), method
+    assert stub.TrainStep(_train_step(sid, 1, supersede=True), timeout=120) == first
+    info = _describe(stub, sid)
+    assert (info.step_count, info.next_operation) == (1, 4)
+    after = _weights(stub, sid)
+    for name, value in weights.items():
+        np.testing.assert_array_equal(after[name], value, err_msg=name)
+
+
 def test_a_number_another_client_used_is_not_answered_with_its_answer(stub: pb_grpc.TrainerServiceStub, sid: str) -> None:
     """Two clients numbering one session collide: the second is refused, not handed the first's answer."""
     mine = stub.TrainStep(_train_step(sid, 1), timeout=120)

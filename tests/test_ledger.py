@@ -181,3 +181,29 @@ def test_a_session_description_with_an_input_transform_is_kept_through_a_snapsho
     again = restored.run(Operation(1, "ReplaceHead"), lambda: described)
     assert again.replayed and again.input_transform == InputTransform.imagenet()
     assert dataclasses.replace(again, replayed=False) == described
+
+
+def test_a_repeat_that_asks_something_else_is_refused_and_not_answered() -> None:
+    """A number used for one request is refused for another request of the same RPC and client (what it
+    asks differs: ``Operation.request``), whatever the first answer was; the record keeps it through a
+    snapshot. A repeat that asks the same is answered."""
+    ledger = Ledger()
+    ledger.run(Operation(1, "Step", request="first"), lambda: StepResult(1, 1))
+    refused = InvalidArgument("bad input", "BAD_INPUT_SHAPE")
+
+    def refuse() -> StepResult:
+        raise refused
+    with pytest.raises(InvalidArgument):
+        ledger.run(Operation(2, "Step", request="second"), refuse)
+    restored = Ledger()
+    restored.restore(ledger.snapshot())()
+    for record in (ledger, restored):
+        for number in (1, 2):
+            with pytest.raises(InvalidArgument) as other:
+                record.run(Operation(number, "Step", request="other"), lambda: StepResult(99, 1))
+            assert other.value.reason == "OPERATION_MISMATCH" and "another Step request" in other.value.message
+        assert record.run(Operation(1, "Step", request="first"), lambda: StepResult(99, 1)) == StepResult(1, 1, replayed=True)
+        # Refused before it could run (a bad field, server/servicer.py): the same answers.
+        assert record.refuse(Operation(1, "Step", request="other"), refused).reason == "OPERATION_MISMATCH"
+        assert record.refuse(Operation(2, "Step", request="second"), InvalidArgument("other labels", "BAD_LABEL_SHAPE")).reason == "BAD_INPUT_SHAPE"
+        assert record.next_number == 3

@@ -338,9 +338,10 @@ class Reason(enum.StrEnum):
     """FAILED_PRECONDITION: A late copy of a numbered call that a later call gave up (supersede): it
     never ran, and never will. Do: Nothing: this number is spent; the client moved on."""
     OPERATION_MISMATCH = "OPERATION_MISMATCH"
-    """INVALID_ARGUMENT: A number the session used for another call: another RPC, or another client
-    numbering the same session. Do: One client numbers a session at a time; a repeat must be the
-    same call."""
+    """INVALID_ARGUMENT: A number the session used for another call: another RPC, another request
+    (other fields, another batch), or another client numbering the same session. Do: One client
+    numbers a session at a time; a repeat must be the same call with the same request; a new call
+    takes the session's next number."""
     OPERATION_ANSWER_NOT_KEPT = "OPERATION_ANSWER_NOT_KEPT"
     """FAILED_PRECONDITION: A repeat of a numbered call that ran, whose answer was too large to keep
     (large logits). Do: Read what you need from the session: the call ran once."""

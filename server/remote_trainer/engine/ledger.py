@@ -55,6 +55,7 @@ class _Answer:
 
     method: str
     client: str = ""
+    request: str = ""  # the digest of what the call asked (Operation.request)
     result: Any = None
     error: TrainerError | None = None
     kept: bool = True
@@ -119,11 +120,19 @@ class Ledger:
     def refuse(self, operation: Operation, error: TrainerError) -> TrainerError:
         """The answer to a request refused before it could run (a bad field): recorded under its number
         when that is the next one, so its repeat is refused the same way; refused as out of order when
-        it came early (it is then tried again in its turn, server/dispatch.py)."""
+        it came early (it is then tried again in its turn, server/dispatch.py). A number used before
+        answers as a repeat would be refused (another request, given up, forgotten) or the refusal
+        it recorded; else (it ran, and this same request is refused now) ``error``."""
         with self.lock:
             number = self._check(operation)
-            if number < self.next_number or isinstance(error, (Abandoned, Unavailable)):
+            if isinstance(error, (Abandoned, Unavailable)):
                 return error
+            if number < self.next_number:
+                try:
+                    answer = self._recorded(operation)
+                except TrainerError as refusal:
+                    return refusal
+                return error if answer.error is None else self._answered(_bare(answer.error))
             if number > self.next_number:
                 self._skip_to(operation)  # OPERATION_OUT_OF_ORDER unless it supersedes
             return self._record_error(operation, error)
@@ -162,7 +171,7 @@ class Ledger:
     def _record_error(self, operation: Operation, error: TrainerError) -> TrainerError:
         """Records ``error`` (a copy without its traceback, which holds the request) as the answer of
         ``operation``; returns the error to raise, saying the number the session expects next."""
-        self._record(operation.number, _Answer(operation.method, operation.client, error=_bare(error)))
+        self._record(operation.number, _Answer(operation.method, operation.client, operation.request, error=_bare(error)))
         return self._answered(_bare(error))
 
     def _answered(self, error: TrainerError) -> TrainerError:
@@ -170,6 +179,24 @@ class Ledger:
         return error
 
     def _repeat(self, operation: Operation) -> Any:
+        """The recorded answer of a number that ran: its result again, or its error raised again."""
+        answer = self._recorded(operation)
+        if answer.error is not None:
+            raise self._answered(_bare(answer.error))
+        if not answer.kept:
+            raise FailedPrecondition(
+                f"operation {operation.number} ({answer.method}) ran; its answer was too large to keep "
+                f"(the session keeps {self._keep_tensor_bytes} bytes of logits)",
+                "OPERATION_ANSWER_NOT_KEPT",
+            )
+        result = answer.result
+        if dataclasses.is_dataclass(result) and any(f.name == "replayed" for f in dataclasses.fields(result)):
+            result = dataclasses.replace(result, replayed=True)  # type: ignore[type-var]
+        return result
+
+    def _recorded(self, operation: Operation) -> _Answer:
+        """The record of a number below the next one, when ``operation`` is its repeat: refused when it is
+        forgotten, was given up, or was another client's, RPC or request."""
         number = operation.number
         answer = self._answers.get(number)
         if answer is None:
@@ -195,23 +222,18 @@ class Ledger:
                 f"operation {number} was a {answer.method}, not a {operation.method}: a repeat must be the same call",
                 "OPERATION_MISMATCH",
             )
-        if answer.error is not None:
-            raise self._answered(_bare(answer.error))
-        if not answer.kept:
-            raise FailedPrecondition(
-                f"operation {number} ({answer.method}) ran; its answer was too large to keep "
-                f"(the session keeps {self._keep_tensor_bytes} bytes of logits)",
-                "OPERATION_ANSWER_NOT_KEPT",
+        if answer.request and operation.request and answer.request != operation.request:
+            raise InvalidArgument(
+                f"operation {number} was another {answer.method} request (its fields differ from this one's): a repeat "
+                "must be the same request; a new call takes the session's next number",
+                "OPERATION_MISMATCH",
             )
-        result = answer.result
-        if dataclasses.is_dataclass(result) and any(f.name == "replayed" for f in dataclasses.fields(result)):
-            result = dataclasses.replace(result, replayed=True)  # type: ignore[type-var]
-        return result
+        return answer
 
     def _kept(self, operation: Operation, result: Any) -> _Answer:
-        answer = _Answer(operation.method, operation.client, result=result)
+        answer = _Answer(operation.method, operation.client, operation.request, result=result)
         if answer.tensor_bytes > self._keep_tensor_bytes:
-            return _Answer(operation.method, operation.client, kept=False)
+            return _Answer(operation.method, operation.client, operation.request, kept=False)
         return answer
 
     def _record(self, number: int, answer: _Answer) -> None:
@@ -286,7 +308,7 @@ _ERRORS = {kind.__name__: kind for kind in (errors.NotFound, errors.InvalidArgum
 
 def _plain(value: Any) -> Any:
     if isinstance(value, _Answer):
-        return {"method": value.method, "client": value.client, "result": _plain(value.result), "kept": value.kept, "given_up": value.given_up,
+        return {"method": value.method, "client": value.client, "request": value.request, "result": _plain(value.result), "kept": value.kept, "given_up": value.given_up,
                 "error": None if value.error is None else _plain_error(value.error)}
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
         return {"type": type(value).__name__, **{f.name: _plain(getattr(value, f.name)) for f in dataclasses.fields(value)}}
@@ -304,7 +326,7 @@ def _plain_error(error: TrainerError) -> dict[str, Any]:
 def _from_plain(plain: dict[str, Any]) -> _Answer:
     error = plain["error"]
     return _Answer(
-        method=str(plain["method"]), client=str(plain.get("client", "")), result=_value(plain["result"]), kept=bool(plain["kept"]), given_up=bool(plain["given_up"]),
+        method=str(plain["method"]), client=str(plain.get("client", "")), request=str(plain.get("request", "")), result=_value(plain["result"]), kept=bool(plain["kept"]), given_up=bool(plain["given_up"]),
         error=None if error is None else _ERRORS[error["kind"]](
             str(error["message"]), str(error["reason"]),
             tuple(errors.FieldViolation(str(f), str(d)) for f, d in error["violations"]),

@@ -245,7 +245,7 @@ class TrainerServicer:
     def Forward(self, received: convert.LargeInput[pb.ForwardRequest], context: Context) -> pb.ForwardResponse:
         request = received.message
         engine = self._session(request.session_id, context)
-        operation = operation_of(request, "Forward")
+        operation = operation_of(request, "Forward", received.raw)
         with self._numbered(engine, operation):
             return self._forward(engine, request, received.raw, operation)
 
@@ -477,7 +477,7 @@ class TrainerServicer:
     def TrainStep(self, received: convert.LargeInput[pb.TrainStepRequest], context: Context) -> pb.TrainStepResponse:
         request = received.message
         engine = self._session(request.session_id, context)
-        operation = operation_of(request, "TrainStep")
+        operation = operation_of(request, "TrainStep", received.raw)
         with self._numbered(engine, operation):
             return self._train_step(engine, request, received.raw, operation, context)
 

@@ -607,9 +607,11 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     """
     ERROR_REASON_OPERATION_MISMATCH: _ErrorReason.ValueType  # 94
     """Status: INVALID_ARGUMENT.
-    Cause: a number the session used for another call: another RPC, or another
-    client numbering the same session.
-    Do: one client numbers a session at a time; a repeat must be the same call.
+    Cause: a number the session used for another call: another RPC, another
+    request (other fields, another batch), or another client numbering the
+    same session.
+    Do: one client numbers a session at a time; a repeat must be the same call
+    with the same request; a new call takes the session's next number.
     """
     ERROR_REASON_OPERATION_ANSWER_NOT_KEPT: _ErrorReason.ValueType  # 95
     """Status: FAILED_PRECONDITION.
@@ -1393,9 +1395,11 @@ Do: nothing: this number is spent; the client moved on.
 """
 ERROR_REASON_OPERATION_MISMATCH: ErrorReason.ValueType  # 94
 """Status: INVALID_ARGUMENT.
-Cause: a number the session used for another call: another RPC, or another
-client numbering the same session.
-Do: one client numbers a session at a time; a repeat must be the same call.
+Cause: a number the session used for another call: another RPC, another
+request (other fields, another batch), or another client numbering the
+same session.
+Do: one client numbers a session at a time; a repeat must be the same call
+with the same request; a new call takes the session's next number.
 """
 ERROR_REASON_OPERATION_ANSWER_NOT_KEPT: ErrorReason.ValueType  # 95
 """Status: FAILED_PRECONDITION.

@@ -628,7 +628,9 @@ class Operation(_message.Message):
     calls in their order whatever order they arrive in (a call waits a bounded
     time for a missing number, then FAILED_PRECONDITION OPERATION_OUT_OF_ORDER),
     and answers a repeat of a number it ran with the answer it gave, without
-    running it again. A call that ends DEADLINE_EXCEEDED, CANCELLED or
+    running it again; a repeat must be the same request (every field but
+    operation and session_id), else it is refused with OPERATION_MISMATCH.
+    A call that ends DEADLINE_EXCEEDED, CANCELLED or
     UNAVAILABLE did not use its number (a retry runs it); any other answer
     did. See docs/reliability.md (and docs/errors.md for each reason).
     """
