@@ -196,7 +196,7 @@ def test_a_repeat_that_asks_something_else_is_refused_and_not_answered() -> None
     with pytest.raises(InvalidArgument):
         ledger.run(Operation(2, "Step", request="second"), refuse)
     restored = Ledger()
-    restored.restore(ledger.snapshot())()
+    restored.restore(ledger.snapshot())(RESTORED)
     for record in (ledger, restored):
         for number in (1, 2):
             with pytest.raises(InvalidArgument) as other:
