@@ -467,3 +467,5 @@ def test_bystander_untouched_and_summary(fuzzer: Fuzzer, bystander: Bystander, c
             print(f"  {key}: {count}")
         print("  numbered calls: " + ", ".join(f"{k} {n}" for k, n in sorted(fuzzer.numbered_answers.items())))
         print("  repeats of answered numbers: " + (", ".join(f"{k} {n}" for k, n in sorted(fuzzer.repeats.items())) or "none"))
+    if EXAMPLES >= 100 and fuzzer.numbered:  # a run as long as CI's checked repeats of both kinds (none would prove nothing)
+        assert fuzzer.repeats["answered again"] and fuzzer.repeats["refused as another request"], fuzzer.repeats

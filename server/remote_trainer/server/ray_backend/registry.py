@@ -121,7 +121,7 @@ class SessionRegistry:
         total, held = self._total(), self._held("")
         if held + extra > total:
             raise over_budget(what, extra, held, total)
-        return total - self._held(session_id)
+        return self.room(session_id)
 
     def resized(self, session_id: str, actor_id: str, model_bytes: int) -> None:
         """The model of ``session_id`` (held by actor ``actor_id``) now keeps ``model_bytes``."""
