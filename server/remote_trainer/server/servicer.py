@@ -20,13 +20,13 @@ from remote_trainer.engine.limits import MAX_CLASSES, Limits
 from remote_trainer.engine.models import ModelSpec
 from remote_trainer.engine.optimizer import OptimizerSpec
 from remote_trainer.engine.protocol import Engine
-from remote_trainer.engine.results import SessionDescription
+from remote_trainer.engine.results import FreezeResult, SessionDescription
 from remote_trainer.engine.errors import TrainerError, Unavailable, invalid
 from remote_trainer.engine.operation import Operation
 from remote_trainer.server.calls import current_call
 from remote_trainer.server.client_tokens import Once
 from remote_trainer.server.events import (
-    CallObserver, CheckpointLoaded, CheckpointSaved, Froze, HeadReplaced, OptimizerReplaced, WasReset,
+    CallObserver, Change, CheckpointLoaded, CheckpointSaved, Froze, HeadReplaced, OptimizerReplaced, WasReset,
 )
 from remote_trainer.server.rpc import Context, at_once, operation_of, pushed, streaming, unary
 from remote_trainer.server.sessions import DEFAULT_SESSION_ID, Sessions
@@ -324,6 +324,13 @@ class TrainerServicer:
             self._after_step(engine, result.step_count, request.session_id, context)
         return pb.StepResponse(step_count=result.step_count, parameters_updated=result.parameters_updated)
 
+    def _changed(self, session_id: str, answer: FreezeResult | SessionDescription, change: Change) -> None:
+        """Tells the observers (watchers, metrics, TensorBoard) of ``change``, made by a call whose
+        ``answer`` this is, unless the answer is a repeat's from the session's record: that call
+        changed nothing."""
+        if not answer.replayed:
+            self.observer.session_changed(session_id or DEFAULT_SESSION_ID, change)
+
     def _after_step(self, engine: Engine, step_count: int, session_id: str, context: Context) -> None:
         """After any call that stepped: the observer is told (TensorBoard), and the automatic
         checkpoint every ``checkpoint_every`` steps."""
@@ -363,25 +370,22 @@ class TrainerServicer:
                 raise invalid("optimizer", "give the optimizer's kind (and any settings); a new session's default is "
                               "kind SGD with lr 0.01 and momentum 0.9", "NO_OPTIMIZER")
             configured = engine.configure_optimizer(convert.optimizer_spec(request.optimizer), operation=operation)
-        if not configured.replayed:
-            self.observer.session_changed(request.session_id or DEFAULT_SESSION_ID, OptimizerReplaced(configured.optimizer))
+        self._changed(request.session_id, configured, OptimizerReplaced(configured.optimizer))
         return pb.ConfigureOptimizerResponse(optimizer=convert.optimizer_config(configured.optimizer))
 
     @unary
     def FreezeLayers(self, request: pb.FreezeLayersRequest, context: Context) -> pb.FreezeLayersResponse:
         result = self._session(request.session_id, context).freeze(list(request.patterns), unfreeze=request.unfreeze,
                                                                    operation=operation_of(request, "FreezeLayers"))
-        if not result.replayed:
-            self.observer.session_changed(request.session_id or DEFAULT_SESSION_ID, Froze(
-                tuple(request.patterns), request.unfreeze, len(result.changed), len(result.trainable), result.frozen_count))
+        self._changed(request.session_id, result, Froze(
+            tuple(request.patterns), request.unfreeze, len(result.changed), len(result.trainable), result.frozen_count))
         return pb.FreezeLayersResponse(changed=result.changed, trainable=result.trainable, frozen_count=result.frozen_count)
 
     @unary
     def ReplaceHead(self, request: pb.ReplaceHeadRequest, context: Context) -> pb.ReplaceHeadResponse:
         description = self._session(request.session_id, context).replace_head(
             request.num_classes, request.seed, operation=operation_of(request, "ReplaceHead"))
-        if not description.replayed:
-            self.observer.session_changed(request.session_id or DEFAULT_SESSION_ID, HeadReplaced(description.num_classes))
+        self._changed(request.session_id, description, HeadReplaced(description.num_classes))
         return pb.ReplaceHeadResponse(session=self._info(request.session_id, description))
 
     @unary
@@ -438,9 +442,7 @@ class TrainerServicer:
         operation = operation_of(request, "LoadCheckpoint")
         with self._numbered(engine, operation):
             description = engine.load_checkpoint(str(self._checkpoint_path(request.name, context)), operation=operation)
-        if not description.replayed:
-            self.observer.session_changed(request.session_id or DEFAULT_SESSION_ID,
-                                          CheckpointLoaded(request.name, description.step_count))
+        self._changed(request.session_id, description, CheckpointLoaded(request.name, description.step_count))
         return pb.LoadCheckpointResponse(session=self._info(request.session_id, description))
 
     @unary
@@ -459,8 +461,7 @@ class TrainerServicer:
     @unary
     def ResetSession(self, request: pb.ResetSessionRequest, context: Context) -> pb.ResetSessionResponse:
         description = self._session(request.session_id, context).reset(operation=operation_of(request, "ResetSession"))
-        if not description.replayed:
-            self.observer.session_changed(request.session_id or DEFAULT_SESSION_ID, WasReset())
+        self._changed(request.session_id, description, WasReset())
         return pb.ResetSessionResponse(session=self._info(request.session_id, description))
 
     @unary
